@@ -1,0 +1,429 @@
+//! RabbitMQ through lapin.
+//!
+//! * Work and parking queues are durable quorum queues; messages persistent.
+//! * Every publish waits for the publisher confirm, and is `mandatory`, so a
+//!   publish to a queue nobody declared is an error rather than a silent drop.
+//! * Retries: one wait queue per delay step with a message TTL, dead-lettering
+//!   (at-least-once) back to the work queue. Debian's RabbitMQ 3.10 has no
+//!   native delayed delivery, and this needs no plugin.
+//! * Consumers use manual ack and a per-consumer prefetch (quorum queues reject
+//!   global QoS), each on its own channel.
+//! * The connection is opened with lapin's auto-recovery: after a broker
+//!   restart or a dropped connection, channels and consumers come back and
+//!   publishes wait for the recovery; unacknowledged deliveries are redelivered
+//!   by the broker.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::OnceCell;
+
+use super::{
+    Acker, Broker, BrokerError, Delivery, Job, JobStream, QueueDepth, QueueNames, RetryPolicy,
+};
+
+/// How long a publish waits for the connection to recover before failing.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+/// The RabbitMQ broker.
+pub struct RabbitBroker {
+    connection: Connection,
+    publisher: Channel,
+    names: QueueNames,
+    retry_steps: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    ops_channel: OnceCell<Channel>,
+    queue_expiry: Option<Duration>,
+}
+
+impl std::fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+fn conn_err(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Connection(e.to_string())
+}
+
+impl RabbitBroker {
+    /// Connects (with auto-recovery) and opens a confirming publisher channel.
+    /// The URL's credentials are never logged.
+    pub async fn connect(url: &str, queue_prefix: &str) -> Result<Self, BrokerError> {
+        let connection =
+            Connection::connect(url, ConnectionProperties::default().enable_auto_recover())
+                .await
+                .map_err(conn_err)?;
+        let publisher = connection.create_channel().await.map_err(conn_err)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(conn_err)?;
+        Ok(Self {
+            connection,
+            publisher,
+            names: QueueNames::new(queue_prefix),
+            retry_steps: Default::default(),
+            ops_channel: OnceCell::new(),
+            queue_expiry: None,
+        })
+    }
+
+    /// Declares queues with `x-expires`: RabbitMQ deletes a queue unused for
+    /// this long. For throw-away prefixes (tests), never for production.
+    pub fn with_queue_expiry(mut self, expiry: Duration) -> Self {
+        self.queue_expiry = Some(expiry);
+        self
+    }
+
+    /// Closes the connection (consumers stop; unacked work is redelivered).
+    pub async fn close(&self) {
+        // A broker that stopped answering must not hold a shutdown forever.
+        let close = self.connection.close(200, "cardpipe shutdown".into());
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+    }
+
+    async fn declare(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        args: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let mut args = args;
+        if let Some(expiry) = self.queue_expiry {
+            let ms = i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), options, args)
+            .await
+            .map_err(conn_err)?;
+        Ok(())
+    }
+
+    async fn publish_to(&self, queue: &str, job: &Job) -> Result<(), BrokerError> {
+        let payload = job.to_bytes();
+        let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+        loop {
+            match self.try_publish(queue, &payload, &job.id).await {
+                Ok(result) => return result,
+                Err(err) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(conn_err(err));
+                    }
+                    tracing::warn!(queue, error = %err, "publish failed; waiting for broker recovery");
+                    let recovered =
+                        tokio::time::timeout(RECOVERY_WAIT, self.publisher.wait_for_recovery(err))
+                            .await;
+                    if !matches!(recovered, Ok(Ok(()))) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One publish attempt. The outer `Err` is a connection problem worth
+    /// retrying after recovery; the inner result is the broker's verdict.
+    async fn try_publish(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        id: &str,
+    ) -> Result<Result<(), BrokerError>, lapin::Error> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(id.into());
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                properties,
+            )
+            .await?
+            .await?;
+        Ok(match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::UnknownQueue(queue.to_owned())),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                queue: queue.to_owned(),
+            }),
+        })
+    }
+
+    async fn ops(&self) -> Result<Channel, BrokerError> {
+        let channel = self
+            .ops_channel
+            .get_or_try_init(|| async { self.connection.create_channel().await.map_err(conn_err) })
+            .await?;
+        Ok(channel.clone())
+    }
+
+    async fn message_count(&self, queue: &str) -> Result<u64, BrokerError> {
+        // A passive declare of a missing queue closes the channel: use a
+        // short-lived one.
+        let channel = self.connection.create_channel().await.map_err(conn_err)?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let result = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await;
+        let _ = channel.close(200, "".into()).await;
+        Ok(u64::from(result.map_err(conn_err)?.message_count()))
+    }
+
+    /// Drains a queue on a throw-away channel without acknowledging; closing
+    /// the channel puts every message back. `keep` picks at most one message
+    /// to acknowledge (remove).
+    async fn browse(
+        &self,
+        queue: &str,
+        keep: Option<&str>,
+    ) -> Result<(Vec<Job>, Option<Job>), BrokerError> {
+        let channel = self.connection.create_channel().await.map_err(conn_err)?;
+        let mut seen = Vec::new();
+        let mut taken = None;
+        loop {
+            let got = channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(conn_err)?;
+            let Some(message) = got else { break };
+            let job = Job::from_bytes(&message.delivery.data)?;
+            if taken.is_none() && keep == Some(job.id.as_str()) {
+                message
+                    .delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(conn_err)?;
+                taken = Some(job);
+            } else {
+                seen.push(job);
+            }
+        }
+        channel.close(200, "".into()).await.map_err(conn_err)?;
+        Ok((seen, taken))
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn declare_stage(&self, stage: &str, policy: &RetryPolicy) -> Result<(), BrokerError> {
+        let channel = self.ops().await?;
+        let work = self.names.work(stage);
+        self.declare(&channel, &work, quorum_args()).await?;
+        self.declare(&channel, &self.names.parked(stage), quorum_args())
+            .await?;
+        for (step, delay) in policy.delays.iter().enumerate() {
+            let mut args = quorum_args();
+            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(work.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            self.declare(&channel, &self.names.retry(stage, step), args)
+                .await?;
+        }
+        self.retry_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stage.to_owned(), policy.delays.len());
+        Ok(())
+    }
+
+    async fn publish(&self, job: &Job) -> Result<(), BrokerError> {
+        self.publish_to(&self.names.work(&job.stage), job).await
+    }
+
+    async fn publish_retry(&self, job: &Job, step: usize) -> Result<(), BrokerError> {
+        let steps = self
+            .retry_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job.stage)
+            .copied()
+            .ok_or_else(|| BrokerError::UnknownQueue(job.stage.clone()))?;
+        let step = step.min(steps.saturating_sub(1));
+        self.publish_to(&self.names.retry(&job.stage, step), job)
+            .await
+    }
+
+    async fn publish_parked(&self, job: &Job) -> Result<(), BrokerError> {
+        self.publish_to(&self.names.parked(&job.stage), job).await
+    }
+
+    async fn consume(&self, stage: &str, prefetch: u16) -> Result<Box<dyn JobStream>, BrokerError> {
+        let channel = self.connection.create_channel().await.map_err(conn_err)?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
+            .await
+            .map_err(conn_err)?;
+        let consumer = channel
+            .basic_consume(
+                self.names.work(stage).into(),
+                format!("cardpipe-{stage}-{}", uuid::Uuid::new_v4()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(conn_err)?;
+        Ok(Box::new(RabbitStream { channel, consumer }))
+    }
+
+    async fn depth(&self, stage: &str) -> Result<QueueDepth, BrokerError> {
+        let steps = self
+            .retry_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stage)
+            .copied()
+            .ok_or_else(|| BrokerError::UnknownQueue(stage.to_owned()))?;
+        let mut retrying = 0;
+        for step in 0..steps {
+            retrying += self.message_count(&self.names.retry(stage, step)).await?;
+        }
+        Ok(QueueDepth {
+            ready: self.message_count(&self.names.work(stage)).await?,
+            retrying,
+            parked: self.message_count(&self.names.parked(stage)).await?,
+        })
+    }
+
+    async fn parked(&self, stage: &str) -> Result<Vec<Job>, BrokerError> {
+        Ok(self.browse(&self.names.parked(stage), None).await?.0)
+    }
+
+    async fn take_parked(&self, stage: &str, job_id: &str) -> Result<Option<Job>, BrokerError> {
+        Ok(self
+            .browse(&self.names.parked(stage), Some(job_id))
+            .await?
+            .1)
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        if self.connection.status().connected() {
+            Ok(())
+        } else {
+            Err(BrokerError::Connection("not connected".into()))
+        }
+    }
+}
+
+struct RabbitStream {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+#[async_trait]
+impl JobStream for RabbitStream {
+    async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        loop {
+            match self.consumer.next().await? {
+                Ok(delivery) => {
+                    let job = match Job::from_bytes(&delivery.data) {
+                        Ok(job) => job,
+                        Err(err) => {
+                            // Not ours: drop it rather than loop on it forever.
+                            tracing::error!(error = %err, "dropping malformed message");
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            continue;
+                        }
+                    };
+                    let redelivered = delivery.redelivered;
+                    return Some(Ok(Delivery::new(
+                        job,
+                        redelivered,
+                        Box::new(RabbitAcker(delivery.acker)),
+                    )));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "consumer interrupted; waiting for broker recovery");
+                    if let Err(err) = self.channel.wait_for_recovery(err).await {
+                        return Some(Err(conn_err(err)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RabbitStream {
+    fn drop(&mut self) {
+        // Closing the channel hands unacknowledged deliveries back to the queue.
+        let channel = self.channel.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = channel.close(200, "consumer dropped".into()).await;
+            });
+        }
+    }
+}
+
+struct RabbitAcker(lapin::Acker);
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(&self) -> Result<bool, BrokerError> {
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(conn_err)
+    }
+
+    async fn requeue(&self) -> Result<bool, BrokerError> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map_err(conn_err)
+    }
+}

@@ -1,0 +1,38 @@
+//! # cardpipe-common
+//!
+//! Everything the stages of the card production pipeline share. A tour:
+//!
+//! * [`domain`]: applications, batches, cards, and the application state
+//!   machine — one checked transition function.
+//! * [`clock`]: the `Clock` every time rule reads; a test clock moves on demand.
+//! * [`broker`]: the message broker trait, with RabbitMQ and in-process
+//!   implementations that share one contract.
+//! * [`store`]: PostgreSQL or SQLite (sqlx), migrations, the transactional
+//!   outbox, leases for exactly-once scheduled work.
+//! * [`objects`]: artifact storage on S3 or the local filesystem, atomic writes.
+//! * [`envelope`] and [`records`]: personal data sealed at rest (envelope
+//!   encryption), the applicant record and biometrics every stage loads.
+//! * [`runtime`]: the stage runtime — consume, handle, commit once, relay, ack —
+//!   with retries, parking, crash recovery and graceful shutdown.
+//! * [`config`]: `pipeline.toml` layered with environment overrides, checked
+//!   apart from building; [`backends`] builds what it names.
+//! * [`cpu`]: the calling thread's CPU clock, so benchmarks report per-core rates.
+//! * [`telemetry`]: logs, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
+//! * [`audit`]: the append-only, hash-chained log of operator and registry actions.
+//!
+//! A stage never learns which backend it runs on: it gets [`runtime::Services`].
+
+pub mod audit;
+pub mod backends;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod cpu;
+pub mod domain;
+pub mod envelope;
+pub mod objects;
+pub mod records;
+pub mod runtime;
+pub mod store;
+pub mod telemetry;
+pub mod testing;

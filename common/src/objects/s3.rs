@@ -1,0 +1,203 @@
+//! Any S3-compatible server through aws-sdk-s3 (MinIO, s3s-fs, moto, AWS).
+//!
+//! Path-style addressing and "checksums only when required" are set because
+//! the default CRC checksums and virtual-host buckets trip S3-compatible
+//! servers. A PutObject is atomic by the S3 contract.
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{ObjectError, ObjectStore, validate_key};
+
+/// Where and how to reach the S3 server.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// Endpoint URL, e.g. `http://127.0.0.1:8014`.
+    pub endpoint: String,
+    /// Region name (any value for most S3-compatible servers).
+    pub region: String,
+    /// The bucket; created at start if missing.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret access key.
+    pub secret_key: SecretString,
+}
+
+/// S3 object store.
+#[derive(Debug, Clone)]
+pub struct S3ObjectStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+fn backend(op: &'static str, key: &str, e: impl std::fmt::Debug) -> ObjectError {
+    // The SDK's Display is terse ("service error"); Debug names the cause.
+    let message = format!("{e:?}");
+    ObjectError::Backend {
+        op,
+        key: key.to_owned(),
+        message: message.chars().take(400).collect(),
+    }
+}
+
+impl S3ObjectStore {
+    /// Builds the client and creates the bucket if it does not exist.
+    pub async fn connect(settings: &S3Settings) -> Result<Self, ObjectError> {
+        let credentials = Credentials::new(
+            &settings.access_key,
+            settings.secret_key.expose_secret(),
+            None,
+            None,
+            "cardpipe-config",
+        );
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&settings.endpoint)
+            .region(Region::new(settings.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(true)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        let store = Self {
+            client: aws_sdk_s3::Client::from_conf(config),
+            bucket: settings.bucket.clone(),
+        };
+        store.ensure_bucket().await?;
+        Ok(store)
+    }
+
+    async fn ensure_bucket(&self) -> Result<(), ObjectError> {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Another replica may have created it meanwhile.
+                if self
+                    .client
+                    .head_bucket()
+                    .bucket(&self.bucket)
+                    .send()
+                    .await
+                    .is_ok()
+                {
+                    Ok(())
+                } else {
+                    Err(backend("create_bucket", &self.bucket, e))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3ObjectStore {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
+        validate_key(key)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| backend("put", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
+        validate_key(key)?;
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let data = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| backend("get", key, e))?;
+                Ok(Some(data.into_bytes()))
+            }
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    Ok(None)
+                } else {
+                    Err(backend("get", key, e))
+                }
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        validate_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| backend("delete", key, e))?;
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, ObjectError> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| backend("list", prefix, e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn ping(&self) -> Result<(), ObjectError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| backend("ping", &self.bucket, e))
+    }
+}

@@ -1,0 +1,306 @@
+//! Prometheus metrics, emitted through typed calls (one method per event) so
+//! names and labels are defined once. Names follow `cardpipe_<name>_<unit>`,
+//! counters end in `_total`; labels are low-cardinality (stage, outcome,
+//! state, topic, queue). The README's metrics catalogue lists them all.
+//!
+//! Gauges that describe the store and the broker (applications per state,
+//! queue depths, outbox lag) are computed at scrape time by
+//! [`Metrics::refresh`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::broker::Broker;
+use crate::clock::{Clock, from_rfc3339};
+use crate::domain::state::ALL_STATES;
+use crate::store::Store;
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// The stage's decision was committed.
+    Done,
+    /// Nothing to do (duplicate or late delivery).
+    Skipped,
+    /// Failed; sent to a retry queue.
+    Retried,
+    /// Failed for good; parked for an operator.
+    Parked,
+}
+
+impl JobOutcome {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Done => "done",
+            JobOutcome::Skipped => "skipped",
+            JobOutcome::Retried => "retried",
+            JobOutcome::Parked => "parked",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageOutcome {
+    stage: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabel {
+    topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    stage: String,
+    queue: String,
+}
+
+/// Job duration buckets (seconds): sub-millisecond store work up to encoder
+/// runs of tens of seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The process's metrics (cheap to clone).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<std::sync::Mutex<Registry>>,
+    jobs: Family<StageOutcome, Counter>,
+    job_duration: Family<StageLabel, Histogram>,
+    in_flight: Family<StageLabel, Gauge>,
+    outbox_published: Family<TopicLabel, Counter>,
+    outbox_failed: Family<TopicLabel, Counter>,
+    outbox_pending: Gauge,
+    outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    applications: Family<StateLabel, Gauge>,
+    queue_depth: Family<QueueLabel, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Decrements the in-flight gauge when the job ends, however it ends.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with the runtime metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cardpipe");
+        let jobs = Family::<StageOutcome, Counter>::default();
+        registry.register("jobs", "Jobs handled, by stage and outcome", jobs.clone());
+        let job_duration = Family::<StageLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(DURATION_BUCKETS)
+        });
+        registry.register_with_unit(
+            "job_duration",
+            "Time from delivery to acknowledgement, by stage",
+            prometheus_client::registry::Unit::Seconds,
+            job_duration.clone(),
+        );
+        let in_flight = Family::<StageLabel, Gauge>::default();
+        registry.register(
+            "jobs_in_flight",
+            "Jobs being handled now, by stage",
+            in_flight.clone(),
+        );
+        let outbox_published = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "outbox_published",
+            "Outbox rows delivered, by topic",
+            outbox_published.clone(),
+        );
+        let outbox_failed = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "outbox_delivery_failures",
+            "Failed outbox deliveries (retried later), by topic",
+            outbox_failed.clone(),
+        );
+        let outbox_pending = Gauge::default();
+        registry.register(
+            "outbox_pending",
+            "Outbox rows not yet delivered",
+            outbox_pending.clone(),
+        );
+        let outbox_oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "outbox_oldest_age",
+            "Age of the oldest undelivered outbox row (outbox lag)",
+            prometheus_client::registry::Unit::Seconds,
+            outbox_oldest_age.clone(),
+        );
+        let applications = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "applications",
+            "Applications in each state",
+            applications.clone(),
+        );
+        let queue_depth = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages in a stage's queues (queue = ready | retrying | parked)",
+            queue_depth.clone(),
+        );
+        Self {
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+            jobs,
+            job_duration,
+            in_flight,
+            outbox_published,
+            outbox_failed,
+            outbox_pending,
+            outbox_oldest_age,
+            applications,
+            queue_depth,
+        }
+    }
+
+    /// Lets a stage register its own metrics in the same registry.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A job started; the guard counts it in flight until dropped.
+    pub fn job_started(&self, stage: &str) -> InFlight {
+        let gauge = self
+            .in_flight
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .clone();
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// A job ended.
+    pub fn job_finished(&self, stage: &str, outcome: JobOutcome, took: Duration) {
+        self.jobs
+            .get_or_create(&StageOutcome {
+                stage: stage.to_owned(),
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+        self.job_duration
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Jobs of `stage` that ended with `outcome` so far.
+    pub fn jobs_total(&self, stage: &str, outcome: JobOutcome) -> u64 {
+        self.jobs
+            .get_or_create(&StageOutcome {
+                stage: stage.to_owned(),
+                outcome: outcome.as_str().to_owned(),
+            })
+            .get()
+    }
+
+    /// An outbox row was delivered.
+    pub fn outbox_published(&self, topic: &str) {
+        self.outbox_published
+            .get_or_create(&TopicLabel {
+                topic: topic.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An outbox delivery failed.
+    pub fn outbox_failed(&self, topic: &str) {
+        self.outbox_failed
+            .get_or_create(&TopicLabel {
+                topic: topic.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Recomputes the gauges that describe the store and the broker.
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        broker: &dyn Broker,
+        stages: &[String],
+        clock: &dyn Clock,
+    ) {
+        if let Ok(counts) = store.count_by_state().await {
+            for state in ALL_STATES {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| *s == state)
+                    .map_or(0, |(_, n)| *n);
+                self.applications
+                    .get_or_create(&StateLabel {
+                        state: state.as_str().to_owned(),
+                    })
+                    .set(n);
+            }
+        }
+        if let Ok((pending, oldest)) = store.outbox_backlog().await {
+            self.outbox_pending.set(pending);
+            let age = oldest
+                .and_then(|t| from_rfc3339(&t).ok())
+                .map_or(0.0, |t| (clock.now() - t).as_seconds_f64().max(0.0));
+            self.outbox_oldest_age.set(age);
+        }
+        for stage in stages {
+            if let Ok(depth) = broker.depth(stage).await {
+                for (queue, n) in [
+                    ("ready", depth.ready),
+                    ("retrying", depth.retrying),
+                    ("parked", depth.parked),
+                ] {
+                    self.queue_depth
+                        .get_or_create(&QueueLabel {
+                            stage: stage.clone(),
+                            queue: queue.to_owned(),
+                        })
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

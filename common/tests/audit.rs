@@ -1,0 +1,128 @@
+//! The audit chain on both store backends: appends link, concurrent appends never fork, and
+//! `verify` names an edited entry, a removed entry and a removed tail.
+
+use cardpipe_common::audit::{self, AuditEvent, AuditProblem};
+use cardpipe_common::clock::SystemClock;
+use cardpipe_common::store::{Dialect, Store};
+use cardpipe_common::testing;
+use serde_json::json;
+
+async fn backends() -> Vec<(Store, Option<tempfile::TempDir>)> {
+    let (sqlite, dir) = testing::sqlite_store().await;
+    vec![(sqlite, Some(dir)), (testing::postgres_store().await, None)]
+}
+
+async fn append(store: &Store, n: usize) {
+    for i in 0..n {
+        audit::record(
+            store,
+            &SystemClock,
+            &AuditEvent {
+                actor: "op1",
+                role: "operator",
+                action: "parked.retry",
+                subject: &format!("app-{i}"),
+                details: json!({ "reason": "operator retry", "n": i }),
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Tampering needs the triggers gone, as it would for a DBA covering tracks.
+async fn drop_guards(store: &Store) {
+    let statements: &[&str] = match store.dialect() {
+        Dialect::Postgres => &["DROP TRIGGER audit_log_no_update ON audit_log"],
+        Dialect::Sqlite => &[
+            "DROP TRIGGER audit_log_no_update",
+            "DROP TRIGGER audit_log_no_delete",
+        ],
+    };
+    for s in statements {
+        sqlx::query(*s).execute(store.pool()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_untouched_chain_verifies_and_concurrent_appends_never_fork() {
+    for (store, _dir) in backends().await {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move { append(&store, 10).await }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let report = audit::verify(&store).await.unwrap();
+        assert_eq!(report.entries, 40, "{:?}", store.dialect());
+        assert!(
+            report.intact(),
+            "{:?}: {:?}",
+            store.dialect(),
+            report.problems
+        );
+        let recent = audit::recent(&store, Some("app-3"), 10).await.unwrap();
+        assert_eq!(recent.len(), 4);
+        assert!(recent.windows(2).all(|w| w[0].seq > w[1].seq));
+    }
+}
+
+#[tokio::test]
+async fn the_log_refuses_update_and_delete() {
+    for (store, _dir) in backends().await {
+        append(&store, 2).await;
+        let update = sqlx::query("UPDATE audit_log SET actor = 'someone' WHERE seq = 1")
+            .execute(store.pool())
+            .await;
+        assert!(update.is_err(), "{:?}: update allowed", store.dialect());
+        let delete = sqlx::query("DELETE FROM audit_log WHERE seq = 1")
+            .execute(store.pool())
+            .await;
+        assert!(delete.is_err(), "{:?}: delete allowed", store.dialect());
+    }
+}
+
+#[tokio::test]
+async fn verify_names_edited_removed_and_truncated_entries() {
+    for (store, _dir) in backends().await {
+        append(&store, 6).await;
+        drop_guards(&store).await;
+
+        sqlx::query(
+            "UPDATE audit_log SET details = '{\"reason\":\"nothing to see\"}' WHERE seq = 2",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        sqlx::query("DELETE FROM audit_log WHERE seq = 4")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM audit_log WHERE seq = 6")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let report = audit::verify(&store).await.unwrap();
+        assert_eq!(
+            report.problems,
+            vec![
+                AuditProblem::Edited { seq: 2 },
+                AuditProblem::Missing { from: 4, to: 4 },
+                AuditProblem::BrokenLink { seq: 5 },
+                AuditProblem::HeadMismatch {
+                    head_seq: 6,
+                    last_seq: 5
+                },
+            ],
+            "{:?}",
+            store.dialect()
+        );
+        assert!(
+            report.problems[0]
+                .to_string()
+                .contains("entry 2 was edited")
+        );
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs and is missing (Debian packages, the
+# pinned S3 server), then starts PostgreSQL, RabbitMQ and the S3 server if they
+# are not running. Idempotent; safe to run before every test run.
+#
+# Cache (outside the clone, reused across runs): $CARDPIPE_CACHE, default
+# /var/tmp/cardpipe. Requires root for apt-get (as on the CI machine).
+set -euo pipefail
+
+CACHE=${CARDPIPE_CACHE:-/var/tmp/cardpipe}
+S3S_VERSION=0.14.1
+S3_PORT=${CARDPIPE_TEST_S3_PORT:-8014}
+mkdir -p "$CACHE"
+
+log() { printf '[services] %s\n' "$*"; }
+
+# --- Debian packages -------------------------------------------------------
+PACKAGES=(
+  postgresql rabbitmq-server                      # store and broker
+  pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc python3-pyscard  # encoders through real pcscd
+  softhsm2 opensc-pkcs11                          # CA keys in a PKCS#11 token
+  openssl libssl-dev pkg-config                   # interop checks, openssl crate
+  prometheus                                      # promtool for alert rule tests
+  chromium chromium-driver fonts-noto-core        # headless console tests (Persian glyphs)
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- PostgreSQL --------------------------------------------------------------
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+fi
+# Drop databases left by earlier test runs (each test makes its own).
+old_dbs=$(psql -h 127.0.0.1 -U postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'cardpipe_test_%'" 2>/dev/null || true)
+for db in $old_dbs; do psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
+
+# --- RabbitMQ ----------------------------------------------------------------
+if ! ss -ltn | grep -q ':5672 '; then
+  log "starting RabbitMQ"
+  rabbitmq-server -detached
+  for _ in $(seq 1 60); do ss -ltn | grep -q ':5672 ' && break; sleep 1; done
+  rabbitmqctl await_startup >/dev/null
+fi
+
+# --- S3-compatible server (s3s-fs, pinned, cached outside the clone) ---------
+S3S="$CACHE/s3s/bin/s3s-fs"
+if [[ ! -x "$S3S" ]]; then
+  log "building s3s-fs $S3S_VERSION into $CACHE/s3s (once, ~3 min)"
+  cargo install "s3s-fs@$S3S_VERSION" --locked --features binary --root "$CACHE/s3s" --quiet
+fi
+if ! ss -ltn | grep -q ":$S3_PORT "; then
+  log "starting s3s-fs on :$S3_PORT"
+  mkdir -p "$CACHE/s3data"
+  nohup "$S3S" --host 127.0.0.1 --port "$S3_PORT" --access-key AKIATEST --secret-key secrettest \
+    "$CACHE/s3data" >"$CACHE/s3s-fs.log" 2>&1 &
+  for _ in $(seq 1 30); do ss -ltn | grep -q ":$S3_PORT " && break; sleep 0.5; done
+fi
+log "PostgreSQL, RabbitMQ and S3 are up"

@@ -1,0 +1,253 @@
+//! `cardpipe encoders simulate | bench`: virtual card encoders behind a real pcscd, and the
+//! encoder-farm benchmark.
+//!
+//! `simulate` starts pcscd with N vpcd virtual readers (card OS behind each, blanks fed
+//! automatically with the configured fault rates and encode time) and keeps them up until
+//! ctrl-c. pcscd serves a private socket; workers must be started with the printed
+//! `PCSCLITE_CSOCK_NAME` (pcsc-lite reads it once, at process start) and
+//! `[encoders] kind = "pcsc"`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_personalize::farm::{self, Farm, FarmSettings, InProcessSource, PcscSource};
+use cardpipe_personalize::simulate::{SimConfig, Simulation, SocketMode};
+use cardpipe_personalize::stage::{EncodersConfig, SECTION};
+use clap::{Args, Subcommand};
+
+/// `cardpipe encoders ...`.
+#[derive(Debug, Subcommand)]
+pub enum EncodersCommand {
+    /// Start N virtual encoders (pcscd + vpcd + the card OS) until ctrl-c.
+    Simulate(SimulateArgs),
+    /// Farm throughput: cards/hour against N × 3600 / t, and utilisation.
+    Bench(BenchArgs),
+}
+
+/// Fault knobs (default: `[encoders]`).
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    /// Simulated encode time per card, ms (slow EEPROM).
+    #[arg(long)]
+    pub encode_time_ms: Option<u64>,
+    /// Share of blanks with a dead chip.
+    #[arg(long)]
+    pub dead_rate: Option<f64>,
+    /// Share of blanks pulled out mid-write.
+    #[arg(long)]
+    pub tear_rate: Option<f64>,
+    /// Per-write failure probability.
+    #[arg(long)]
+    pub write_failure_rate: Option<f64>,
+}
+
+/// `cardpipe encoders simulate`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Number of virtual encoders (1..=32).
+    #[arg(long, default_value_t = 4)]
+    pub count: usize,
+    /// Working directory (reader config, driver copies, socket, pcscd.log); default: a
+    /// fresh temporary directory.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Serve pcsc-lite's default socket instead of a private one (no other pcscd may run).
+    #[arg(long)]
+    pub system_socket: bool,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+/// `cardpipe encoders bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Encoders.
+    #[arg(long, default_value_t = 32)]
+    pub count: usize,
+    /// Encode time per card, ms (the physical t).
+    #[arg(long, default_value_t = 8000)]
+    pub encode_time_ms: u64,
+    /// Time scale (0.01 runs a 8 s card in 80 ms; figures are scaled back).
+    #[arg(long, default_value_t = 0.01)]
+    pub time_scale: f64,
+    /// Cards per encoder.
+    #[arg(long, default_value_t = 10)]
+    pub cards_per_encoder: usize,
+    /// Through real pcscd + vpcd (re-runs cardpipe with PCSCLITE_CSOCK_NAME set).
+    #[arg(long)]
+    pub pcscd: bool,
+    /// Internal: the simulation work directory of a re-run.
+    #[arg(long, hide = true)]
+    pub sim_dir: Option<PathBuf>,
+}
+
+fn section(loaded: &LoadedConfig) -> anyhow::Result<EncodersConfig> {
+    loaded.section(SECTION).map_err(|errors| {
+        anyhow::anyhow!(
+            "{}",
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+fn config(loaded: &LoadedConfig, faults: &FaultArgs) -> anyhow::Result<EncodersConfig> {
+    let mut cfg = section(loaded)?;
+    if let Some(v) = faults.encode_time_ms {
+        cfg.encode_time_ms = v;
+    }
+    if let Some(v) = faults.dead_rate {
+        cfg.dead_rate = v;
+    }
+    if let Some(v) = faults.tear_rate {
+        cfg.tear_rate = v;
+    }
+    if let Some(v) = faults.write_failure_rate {
+        cfg.write_failure_rate = v;
+    }
+    Ok(cfg)
+}
+
+/// Runs `cardpipe encoders ...`.
+pub async fn run(loaded: LoadedConfig, command: EncodersCommand) -> anyhow::Result<()> {
+    match command {
+        EncodersCommand::Simulate(args) => simulate(&loaded, args).await,
+        EncodersCommand::Bench(args) => bench(&loaded, args).await,
+    }
+}
+
+async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<()> {
+    let cfg = config(loaded, &args.faults)?;
+    let (dir, _guard) = match args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("cardpipe-encoders-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let mut sim_cfg = SimConfig::new(args.count, &dir);
+    if args.system_socket {
+        sim_cfg.socket = SocketMode::System;
+    }
+    let stock = cfg.blank_stock(&cfg.master_keys()?);
+    let sim = tokio::task::spawn_blocking(move || Simulation::start(sim_cfg)).await??;
+    sim.auto_feed(stock);
+    println!(
+        "{} virtual encoders up (pcscd pid {:?}):",
+        args.count,
+        sim.pcscd_pid()
+    );
+    for r in sim.readers() {
+        println!("  {r}");
+    }
+    println!("pcscd log: {}", sim.log_path().display());
+    println!("Start workers with [encoders] kind = \"pcsc\" and:");
+    println!(
+        "  export PCSCLITE_CSOCK_NAME={}",
+        sim.socket_path().display()
+    );
+    println!("ctrl-c stops the encoders.");
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    tokio::task::spawn_blocking(move || drop(sim)).await?;
+    Ok(())
+}
+
+async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
+    let mut cfg = section(loaded)?;
+    let master = Arc::new(cfg.master_keys()?);
+    let scaled = Duration::from_secs_f64(args.encode_time_ms as f64 / 1000.0 * args.time_scale);
+    cfg.encode_time_ms = 0;
+    cfg.dead_rate = 0.0;
+    cfg.tear_rate = 0.0;
+    cfg.write_failure_rate = 0.0;
+    let image = Arc::new(cardpipe_personalize::script::sample_image(20_000, 1));
+    let opts = cfg.script();
+    let (apdus, _) = cardpipe_personalize::bench::apdus_per_card(&image, &master, &opts)?;
+    let latency = scaled / apdus.max(1) as u32;
+    let stock = Arc::new(cardpipe_personalize::reader::BlankStock::new(
+        (*master).clone(),
+        0xB0,
+        move |_| cardpipe_personalize::card_os::Faults {
+            apdu_latency: latency,
+            ..cardpipe_personalize::card_os::Faults::none()
+        },
+    ));
+    let settings = FarmSettings {
+        max_consecutive_failures: 1000,
+        acquire_timeout: Duration::from_secs(60),
+    };
+    let mut _sim = None;
+    let farm = if args.pcscd {
+        let Some(dir) = args.sim_dir.clone() else {
+            // pcsc-lite reads PCSCLITE_CSOCK_NAME at process start: re-run with it set.
+            let t = tempfile::Builder::new()
+                .prefix("cardpipe-bench-")
+                .tempdir()?;
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .args(std::env::args_os().skip(1))
+                .arg("--sim-dir")
+                .arg(t.path())
+                .env("PCSCLITE_CSOCK_NAME", t.path().join("run/pcscd.comm"))
+                .status()?;
+            anyhow::ensure!(status.success(), "benchmark run failed: {status}");
+            return Ok(());
+        };
+        let count = args.count;
+        let sim =
+            tokio::task::spawn_blocking(move || Simulation::start(SimConfig::new(count, dir)))
+                .await??;
+        sim.check_client_env()?;
+        sim.auto_feed(stock);
+        _sim = Some(sim);
+        Farm::new(
+            Box::new(PcscSource {
+                insert_timeout: Duration::from_secs(5),
+            }),
+            settings,
+        )
+    } else {
+        Farm::new(Box::new(InProcessSource::new(args.count, stock)), settings)
+    };
+    let n = farm.in_service();
+    anyhow::ensure!(n == args.count, "{n} encoders found, {} wanted", args.count);
+    let cards = args.count * args.cards_per_encoder;
+    let started = Instant::now();
+    let (ok, wall) = farm::drive(&farm, cards, image, master, opts, args.count * 2).await;
+    let _ = started;
+    let busy: f64 = farm
+        .status()
+        .iter()
+        .map(|s| s.busy_time.as_secs_f64())
+        .sum();
+    let utilisation = busy / (n as f64 * wall.as_secs_f64());
+    let real_wall = wall.as_secs_f64() / args.time_scale;
+    let per_hour = ok as f64 * 3600.0 / real_wall;
+    let limit = n as f64 * 3600.0 / (args.encode_time_ms as f64 / 1000.0);
+    println!(
+        "encoder farm ({}): {n} encoders, t = {} ms (scale {}), {apdus} APDUs/card, {ok}/{cards} cards",
+        if args.pcscd {
+            "pcscd + vpcd"
+        } else {
+            "in-process"
+        },
+        args.encode_time_ms,
+        args.time_scale
+    );
+    println!(
+        "  {per_hour:.0} cards/hour vs physical limit {limit:.0} ({:.1} %), encoder utilisation {:.1} % (busy incl. insert/eject)",
+        100.0 * per_hour / limit,
+        100.0 * utilisation
+    );
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! `cardpipe audit`, `cardpipe operators` and `cardpipe ops`: the console's operations on the
+//! command line, with readable tables and a progress bar while watching batches.
+//!
+//! Reading needs only database access. Actions name the operator with `--as LOGIN` (an
+//! operator in the `operators` table): the role is checked and the action audited exactly
+//! as in the console.
+
+use std::io::Read;
+use std::time::Duration;
+
+use cardpipe_common::audit;
+use cardpipe_common::backends;
+use cardpipe_common::clock::SystemClock;
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_common::runtime::Services;
+use cardpipe_common::runtime::parked;
+use cardpipe_console::auth::{self, Operator, Role};
+use cardpipe_console::{actions, data};
+use clap::Subcommand;
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// `cardpipe audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the whole hash chain; exit status 1 and every problem listed when an entry was
+    /// edited or removed.
+    Verify,
+    /// The newest entries, optionally about one subject.
+    List {
+        /// Only entries about this subject (application id, job id, login...).
+        #[arg(long)]
+        subject: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+/// `cardpipe operators ...`
+#[derive(Debug, Subcommand)]
+pub enum OperatorsCommand {
+    /// Add an operator. The password is read from standard input (one line) or, with
+    /// --generate, generated and printed once.
+    Add {
+        /// Login (a-z, 0-9, '.', '_', '-').
+        login: String,
+        /// operator, supervisor or auditor.
+        #[arg(long)]
+        role: String,
+        /// Generate a random password and print it once.
+        #[arg(long)]
+        generate: bool,
+        /// Who adds it (recorded in the audit log); default: the local system user.
+        #[arg(long = "as")]
+        by: Option<String>,
+    },
+    /// List operators and roles.
+    List,
+}
+
+/// `cardpipe ops ...`
+#[derive(Debug, clap::Args)]
+pub struct OpsArgs {
+    /// The operator doing it (needed for actions; checked against the operators table).
+    #[arg(long = "as", global = true, env = "CARDPIPE_OPERATOR")]
+    pub operator: Option<String>,
+    #[command(subcommand)]
+    pub command: OpsCommand,
+}
+
+/// What `cardpipe ops` does.
+#[derive(Debug, Subcommand)]
+pub enum OpsCommand {
+    /// Applications per state, queue depths, throughput, parked work.
+    Status,
+    /// Batches and their progress.
+    Batches {
+        /// How many (newest first).
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Progress bars of batches until their applications rest (or ctrl-c).
+    Watch {
+        /// One batch (default: the five newest).
+        batch: Option<String>,
+        /// Refresh interval, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// Stop after this many refreshes (default: until everything rests).
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
+    /// Parked work: list, or retry / drop / fail one job.
+    Parked {
+        #[command(subcommand)]
+        action: Option<ParkedAction>,
+    },
+    /// Encoders: status, yield and throughput; take one out of service or back.
+    Encoders {
+        #[command(subcommand)]
+        action: Option<EncoderAction>,
+    },
+    /// Possible duplicates waiting for an operator.
+    Adjudications,
+    /// Stock and quality control tables (when the QC stage's tables exist).
+    Stock,
+    /// Shipments and office discrepancy tables (when the delivery stage's tables exist).
+    Shipments,
+}
+
+/// Actions on parked work.
+#[derive(Debug, Subcommand)]
+pub enum ParkedAction {
+    /// List parked jobs (the default).
+    List,
+    /// Send a parked job back to its stage.
+    Retry {
+        /// Job id.
+        job: String,
+    },
+    /// Drop a parked job (supervisor).
+    Drop {
+        /// Job id.
+        job: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Force-fail: drop the job and end the application (supervisor).
+    Fail {
+        /// Job id.
+        job: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Actions on encoders.
+#[derive(Debug, Subcommand)]
+pub enum EncoderAction {
+    /// List encoders (the default).
+    List,
+    /// Take an encoder out of service.
+    Out {
+        /// Encoder (reader) name.
+        name: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Return an encoder to service.
+    In {
+        /// Encoder (reader) name.
+        name: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
+    // Quiet logs: the tables are the output.
+    backends::connect(&loaded.config, std::sync::Arc::new(SystemClock)).await
+}
+
+fn new_table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(headers.iter().map(Cell::new));
+    t
+}
+
+fn num(n: impl ToString) -> Cell {
+    Cell::new(n.to_string()).set_alignment(CellAlignment::Right)
+}
+
+/// `cardpipe audit`.
+pub async fn audit_cmd(loaded: LoadedConfig, command: AuditCommand) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    match command {
+        AuditCommand::Verify => {
+            let report = audit::verify(&services.store).await?;
+            if report.intact() {
+                println!(
+                    "audit log intact: {} entries, every hash and link checks",
+                    report.entries
+                );
+                Ok(())
+            } else {
+                println!(
+                    "audit log BROKEN ({} entries read, {} problems):",
+                    report.entries,
+                    report.problems.len()
+                );
+                for p in &report.problems {
+                    println!("  - {p}");
+                }
+                Err(anyhow::anyhow!(
+                    "the audit chain does not verify ({} problems)",
+                    report.problems.len()
+                ))
+            }
+        }
+        AuditCommand::List { subject, limit } => {
+            let entries =
+                audit::recent(&services.store, subject.as_deref(), limit.clamp(1, 10_000)).await?;
+            let mut t = new_table(&["#", "at", "actor", "role", "action", "subject", "details"]);
+            for e in entries {
+                t.add_row(vec![
+                    num(e.seq),
+                    Cell::new(e.at),
+                    Cell::new(e.actor),
+                    Cell::new(e.role),
+                    Cell::new(e.action),
+                    Cell::new(e.subject),
+                    Cell::new(e.details),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+    }
+}
+
+/// `cardpipe operators`.
+pub async fn operators_cmd(loaded: LoadedConfig, command: OperatorsCommand) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    match command {
+        OperatorsCommand::Add {
+            login,
+            role,
+            generate,
+            by,
+        } => {
+            let role = Role::parse(&role)?;
+            let password = if generate {
+                auth::random_password(20)
+            } else {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                    anyhow::anyhow!("reading the password from standard input: {e}")
+                })?;
+                text.lines().next().unwrap_or("").to_owned()
+            };
+            let by = by.unwrap_or_else(|| {
+                format!(
+                    "system:{}",
+                    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+                )
+            });
+            let by_role = match auth::operator(&services.store, &by).await? {
+                Some(o) => {
+                    o.require_supervisor("adding operators")?;
+                    o.role.as_str()
+                }
+                None if by.starts_with("system:") => "system",
+                None => anyhow::bail!("--as {by}: no such operator"),
+            };
+            auth::add_operator(&services, &login, role, &password, (&by, by_role)).await?;
+            println!("operator {login} added as {}", role.as_str());
+            if generate {
+                println!("password (shown once): {password}");
+            }
+            Ok(())
+        }
+        OperatorsCommand::List => {
+            let mut t = new_table(&["login", "role", "enabled"]);
+            for (login, role, disabled) in auth::operators(&services.store).await? {
+                t.add_row(vec![
+                    Cell::new(login),
+                    Cell::new(role.as_str()),
+                    Cell::new(if disabled { "no" } else { "yes" }),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+    }
+}
+
+async fn acting(services: &Services, login: Option<&str>) -> anyhow::Result<Operator> {
+    let login = login.ok_or_else(|| {
+        anyhow::anyhow!("this action needs --as LOGIN (an operator; see `cardpipe operators list`)")
+    })?;
+    auth::operator(&services.store, login)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("--as {login}: no such (enabled) operator"))
+}
+
+fn batch_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:<38} {bar:40} {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// `cardpipe ops`.
+pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    let who = args.operator.as_deref();
+    match args.command {
+        OpsCommand::Status => {
+            let stages: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
+            let o = data::overview(&services, &stages).await?;
+            let mut t = new_table(&["state", "applications"]);
+            for (s, n) in o.states.iter().filter(|(_, n)| *n > 0) {
+                t.add_row(vec![Cell::new(s.as_str()), num(n)]);
+            }
+            println!("Applications per state\n{t}");
+            if services.broker.kind() != "memory" {
+                let mut t = new_table(&["stage", "ready", "retrying", "parked"]);
+                for (stage, d) in &o.queues {
+                    match d {
+                        Some(d) => t.add_row(vec![
+                            Cell::new(stage),
+                            num(d.ready),
+                            num(d.retrying),
+                            num(d.parked),
+                        ]),
+                        None => t.add_row(vec![
+                            Cell::new(stage),
+                            Cell::new("?"),
+                            Cell::new("?"),
+                            Cell::new("?"),
+                        ]),
+                    };
+                }
+                println!("Queues\n{t}");
+            }
+            let mut t = new_table(&["entered state", "changes (last hour)"]);
+            for (s, n) in &o.throughput_last_hour {
+                t.add_row(vec![Cell::new(s), num(n)]);
+            }
+            println!("Throughput\n{t}");
+            println!("Parked jobs: {}", o.parked);
+            Ok(())
+        }
+        OpsCommand::Batches { limit } => {
+            let list = data::batches(&services, limit.clamp(1, 1000)).await?;
+            let mut t = new_table(&[
+                "batch", "client", "state", "records", "accepted", "rejected", "progress", "states",
+            ]);
+            for b in list {
+                let states = b
+                    .states
+                    .iter()
+                    .map(|(s, n)| format!("{s} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                t.add_row(vec![
+                    Cell::new(&b.id),
+                    Cell::new(&b.client),
+                    Cell::new(&b.state),
+                    num(b.records),
+                    num(b.accepted),
+                    num(b.rejected),
+                    num(format!("{:.0}%", b.fraction() * 100.0)),
+                    Cell::new(states),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        OpsCommand::Watch {
+            batch,
+            every_ms,
+            rounds,
+        } => {
+            let ids: Vec<String> = match batch {
+                Some(b) => vec![b],
+                None => data::batches(&services, 5)
+                    .await?
+                    .into_iter()
+                    .map(|b| b.id)
+                    .collect(),
+            };
+            if ids.is_empty() {
+                println!("no batch to watch");
+                return Ok(());
+            }
+            let multi = MultiProgress::new();
+            let bars: Vec<ProgressBar> = ids
+                .iter()
+                .map(|id| {
+                    let bar = multi.add(ProgressBar::new(1));
+                    bar.set_style(batch_style());
+                    bar.set_prefix(id.clone());
+                    bar
+                })
+                .collect();
+            let mut round = 0u64;
+            loop {
+                let mut all_done = true;
+                for (id, bar) in ids.iter().zip(&bars) {
+                    let Some(b) = data::batch(&services, id).await? else {
+                        bar.abandon_with_message("no such batch");
+                        continue;
+                    };
+                    bar.set_length(b.applications().max(1) as u64);
+                    bar.set_position(b.done().max(0) as u64);
+                    bar.set_message(
+                        b.states
+                            .iter()
+                            .map(|(s, n)| format!("{s} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(" · "),
+                    );
+                    if b.done() < b.applications() || b.applications() == 0 {
+                        all_done = false;
+                    }
+                }
+                round += 1;
+                if all_done || rounds.is_some_and(|r| round >= r) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(every_ms.max(100))) => {}
+                }
+            }
+            for bar in bars {
+                bar.finish();
+            }
+            Ok(())
+        }
+        OpsCommand::Parked { action } => match action.unwrap_or(ParkedAction::List) {
+            ParkedAction::List => {
+                let jobs = parked::list(&services, None).await?;
+                let mut t = new_table(&[
+                    "job",
+                    "stage",
+                    "application",
+                    "attempts",
+                    "parked at",
+                    "last error",
+                ]);
+                for p in &jobs {
+                    t.add_row(vec![
+                        Cell::new(&p.job_id),
+                        Cell::new(&p.stage),
+                        Cell::new(&p.subject),
+                        num(p.attempt),
+                        Cell::new(&p.parked_at),
+                        Cell::new(&p.error),
+                    ]);
+                }
+                println!("{t}\n{} parked", jobs.len());
+                Ok(())
+            }
+            ParkedAction::Retry { job } => {
+                let op = acting(&services, who).await?;
+                let new = actions::parked_retry(&services, &op, &job).await?;
+                println!(
+                    "job {job} sent back to {} as job {} (audited as {})",
+                    new.stage, new.id, op.login
+                );
+                Ok(())
+            }
+            ParkedAction::Drop { job, reason } => {
+                let op = acting(&services, who).await?;
+                let p = actions::parked_drop(&services, &op, &job, &reason).await?;
+                println!(
+                    "job {job} of application {} dropped (audited as {})",
+                    p.subject, op.login
+                );
+                Ok(())
+            }
+            ParkedAction::Fail { job, reason } => {
+                let op = acting(&services, who).await?;
+                let to = actions::parked_fail(&services, &op, &job, &reason).await?;
+                println!(
+                    "job {job} force-failed; the application is now {} (audited as {})",
+                    to.as_str(),
+                    op.login
+                );
+                Ok(())
+            }
+        },
+        OpsCommand::Encoders { action } => match action.unwrap_or(EncoderAction::List) {
+            EncoderAction::List => {
+                let list = data::encoders(&services, None).await?;
+                let mut t = new_table(&[
+                    "encoder",
+                    "service",
+                    "personalized",
+                    "spoiled",
+                    "yield",
+                    "cards last hour",
+                ]);
+                for e in &list {
+                    t.add_row(vec![
+                        Cell::new(&e.name),
+                        Cell::new(if e.in_service {
+                            "in service".to_owned()
+                        } else {
+                            format!("out: {}", e.reason.as_deref().unwrap_or(""))
+                        }),
+                        num(e.personalized),
+                        num(e.spoiled),
+                        num(e
+                            .yield_ratio()
+                            .map_or("—".into(), |y| format!("{:.1}%", y * 100.0))),
+                        num(e.last_hour),
+                    ]);
+                }
+                println!("{t}");
+                Ok(())
+            }
+            EncoderAction::Out { name, reason } => {
+                encoder_service(&services, who, &name, false, &reason).await
+            }
+            EncoderAction::In { name, reason } => {
+                encoder_service(&services, who, &name, true, &reason).await
+            }
+        },
+        OpsCommand::Adjudications => {
+            let list = data::adjudications(&services).await?;
+            let mut t = new_table(&[
+                "application",
+                "registry id",
+                "flagged",
+                "candidates",
+                "best score",
+            ]);
+            for a in &list {
+                t.add_row(vec![
+                    Cell::new(&a.application_id),
+                    Cell::new(&a.registry_id),
+                    Cell::new(&a.flagged_at),
+                    num(a.candidates),
+                    num(format!("{:.1}", a.best_score)),
+                ]);
+            }
+            println!(
+                "{t}\n{} waiting (decide in the console: /console/adjudications)",
+                list.len()
+            );
+            Ok(())
+        }
+        OpsCommand::Stock | OpsCommand::Shipments => {
+            let (area, what) = if matches!(args.command, OpsCommand::Stock) {
+                ("stock", "blank-card stock or quality-control")
+            } else {
+                ("shipments", "shipping or delivery")
+            };
+            let tables = data::area_tables(&services, area).await?;
+            if tables.is_empty() {
+                println!("not available: this installation has no {what} tables yet");
+            }
+            for gt in tables {
+                let headers: Vec<&str> = gt.columns.iter().map(String::as_str).collect();
+                let mut t = new_table(&headers);
+                for r in &gt.rows {
+                    t.add_row(r.iter().map(Cell::new));
+                }
+                println!("{} ({} rows)\n{t}", gt.name, gt.total);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn encoder_service(
+    services: &Services,
+    who: Option<&str>,
+    name: &str,
+    in_service: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let op = acting(services, who).await?;
+    actions::encoder_service(services, None, &op, name, in_service, reason).await?;
+    println!(
+        "encoder {name} {} (applied by every process driving it within seconds; audited as {})",
+        if in_service {
+            "returned to service"
+        } else {
+            "taken out of service"
+        },
+        op.login
+    );
+    Ok(())
+}

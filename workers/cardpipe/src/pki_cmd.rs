@@ -1,0 +1,165 @@
+//! `cardpipe pki init | status | crl | rotate` and `cardpipe bench pki`.
+//!
+//! The CA keys live where `[pki]` says: an encrypted file keystore under `data_dir`
+//! (embedded; passphrase from `pki.passphrase` / CARDPIPE__PKI__PASSPHRASE or generated
+//! once into `data_dir`) or a PKCS#11 token (`keystore = "pkcs11"`; SoftHSM2 needs
+//! SOFTHSM2_CONF in the environment before the process starts). The hierarchy itself
+//! (certificates and key labels) is stored in the database (`ca_hierarchy`).
+
+use std::sync::Arc;
+
+use cardpipe_common::backends;
+use cardpipe_common::clock::SystemClock;
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_keys::ops::{self, RotationOutcome};
+use cardpipe_keys::settings::{KeystoreKind, Pki, PkiConfig};
+use clap::{Args, Subcommand};
+
+/// `cardpipe pki ...`.
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create the CA hierarchy (root CA, citizen issuing CA, Document Signer) in the
+    /// configured keystore and store it in the database; a no-op when one exists.
+    Init,
+    /// Show the hierarchy, each certificate's validity, whether the keystore holds its
+    /// key, and usage counts (certificates, revocations, documents per DS, last CRL).
+    Status,
+    /// Generate and publish a CRL now (crl/issuing-<number>.crl and crl/latest.crl).
+    Crl,
+    /// Roll the Document Signer if the rotation policy says so (or now, with --force).
+    Rotate {
+        /// Rotate even if the policy does not call for it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `cardpipe bench pki`.
+#[derive(Debug, Args)]
+pub struct BenchPkiArgs {
+    /// Credential sets to issue (2 key pairs + 2 certificates + LDS + EF.SOD + 2 wraps each).
+    #[arg(long, default_value_t = 5000)]
+    pub sets: usize,
+    /// Sign with the PKCS#11 token of [pki] (pkcs11_module, pkcs11_token, pkcs11_pin) instead
+    /// of a software keystore; throw-away `bench-*` keys are generated in the token. With
+    /// SoftHSM2, SOFTHSM2_CONF must be set before cardpipe starts.
+    #[arg(long)]
+    pub hsm: bool,
+    /// Create a throw-away SoftHSM2 token and run `--hsm` against it (re-runs cardpipe with
+    /// SOFTHSM2_CONF set).
+    #[arg(long, conflicts_with = "hsm")]
+    pub softhsm_sandbox: bool,
+}
+
+async fn open(
+    loaded: &LoadedConfig,
+) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
+    let config = &loaded.config;
+    let services = backends::connect(config, Arc::new(SystemClock)).await?;
+    let pki = cardpipe_keys::settings::shared(loaded)?;
+    Ok((services, pki))
+}
+
+/// Runs a `pki` subcommand.
+pub async fn run(loaded: LoadedConfig, command: PkiCommand) -> anyhow::Result<()> {
+    let (services, pki) = open(&loaded).await?;
+    match command {
+        PkiCommand::Init => {
+            let (current, created) = pki.init(&services).await?;
+            if created {
+                println!("CA hierarchy created ({})", current.hierarchy.backend);
+            } else {
+                println!(
+                    "a CA hierarchy already exists (version {}); nothing created",
+                    current.version
+                );
+            }
+            print_status(&services, &pki).await?;
+        }
+        PkiCommand::Status => print_status(&services, &pki).await?,
+        PkiCommand::Crl => {
+            let crl = ops::publish_crl(&services, &pki).await?;
+            println!(
+                "CRL number {} published with {} revoked certificate(s): {} and {}",
+                crl.number,
+                crl.revoked,
+                crl.object_key,
+                ops::LATEST_CRL_KEY
+            );
+        }
+        PkiCommand::Rotate { force } => {
+            match ops::rotate_document_signer(&services, &pki, force).await? {
+                RotationOutcome::Rotated { version, label } => {
+                    println!("Document Signer rotated: hierarchy version {version}, key {label}")
+                }
+                other => println!("no rotation: {other:?}"),
+            }
+        }
+    }
+    services.store.close().await;
+    Ok(())
+}
+
+async fn print_status(
+    services: &cardpipe_common::runtime::Services,
+    pki: &Pki,
+) -> anyhow::Result<()> {
+    let Some((version, hierarchy)) =
+        cardpipe_keys::store::current_hierarchy(&services.store).await?
+    else {
+        println!(
+            "no CA hierarchy yet: run `cardpipe pki init` (or start `cardpipe run` with pki.auto_init)"
+        );
+        return Ok(());
+    };
+    let usage =
+        cardpipe_keys::store::usage_counts(&services.store, &hierarchy.document_signer.key_label)
+            .await?;
+    let report = cardpipe_keys::ca::status(
+        pki.keystore().as_ref(),
+        &hierarchy,
+        usage,
+        services.clock.now(),
+    )?;
+    println!("hierarchy version {version}");
+    println!("{report}");
+    for (v, reason, at) in cardpipe_keys::store::hierarchy_versions(&services.store).await? {
+        println!("  version {v}: {reason} at {at}");
+    }
+    if let Some((n, at)) = cardpipe_keys::store::last_crl(&services.store).await? {
+        println!("last CRL: number {n}, published {at}");
+    }
+    Ok(())
+}
+
+/// Runs `cardpipe bench pki`.
+pub fn bench(loaded: &LoadedConfig, args: BenchPkiArgs) -> anyhow::Result<()> {
+    if args.softhsm_sandbox {
+        let dir = tempfile::tempdir()?;
+        let sandbox = cardpipe_keys::keystore::softhsm::SoftHsmSandbox::create(
+            dir.path(),
+            "cardpipe-bench",
+            "12345678",
+            "1234",
+        )?;
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(["bench", "pki", "--hsm", "--sets", &args.sets.to_string()])
+            .envs(sandbox.env())
+            .env("CARDPIPE__PKI__KEYSTORE", "pkcs11")
+            .env("CARDPIPE__PKI__PKCS11_TOKEN", "cardpipe-bench")
+            .env("CARDPIPE__PKI__PKCS11_PIN", "1234")
+            .status()?;
+        anyhow::ensure!(status.success(), "the SoftHSM2 benchmark child failed");
+        return Ok(());
+    }
+    let report = if args.hsm {
+        let mut config = PkiConfig::from_loaded(loaded)?;
+        config.keystore = KeystoreKind::Pkcs11;
+        let store = config.open_keystore(&loaded.config.data_dir)?;
+        cardpipe_keys::bench::run(store, args.sets)?
+    } else {
+        cardpipe_keys::bench::run_software(args.sets)?
+    };
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! One cardpipe process: backends, stage runners, relay, HTTP, signals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cardpipe_common::backends;
+use cardpipe_common::clock::SystemClock;
+use cardpipe_common::config::{LoadedConfig, PipelineConfig};
+use cardpipe_common::domain::ApplicationState;
+use cardpipe_common::domain::state::ALL_STATES;
+use cardpipe_common::runtime::pipeline;
+use cardpipe_common::runtime::relay::Relay;
+use cardpipe_common::store::{Store, redact_url};
+use cardpipe_common::telemetry;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::stages;
+
+/// The store URL without its password.
+pub fn describe_store(config: &PipelineConfig) -> String {
+    redact_url(config.store.url.expose_secret())
+}
+
+/// Applies migrations.
+pub async fn migrate(loaded: LoadedConfig) -> anyhow::Result<()> {
+    let config = &loaded.config;
+    telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
+    let store = Store::connect(config.store.url.expose_secret(), 1).await?;
+    store.migrate().await?;
+    println!("migrations applied to {}", describe_store(config));
+    Ok(())
+}
+
+/// Runs `stage_names` until ctrl-c or SIGTERM, then shuts down gracefully.
+/// Every process serves /metrics, /healthz and /readyz; with `full_http` it
+/// also serves the API and console and runs the time-driven loops.
+pub async fn run(
+    loaded: LoadedConfig,
+    stage_names: Vec<String>,
+    full_http: bool,
+    demo: Option<crate::demo::DemoSpec>,
+) -> anyhow::Result<()> {
+    let config = &loaded.config;
+    if demo.is_some() {
+        // The terminal shows the demo's progress; the log goes to a file beside the data.
+        let path = config.data_dir.join("cardpipe.log");
+        telemetry::init_to_file(
+            config.telemetry.log_format,
+            &config.telemetry.log_filter,
+            &path,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
+        eprintln!("cardpipe: logging to {}", path.display());
+    } else {
+        telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
+    }
+    let services = backends::connect(config, Arc::new(SystemClock)).await?;
+    tracing::info!(
+        store = %describe_store(config),
+        broker = services.broker.kind(),
+        objects = services.objects.kind(),
+        "backends ready"
+    );
+    let built = stages::build(&stage_names, &services, &loaded)?;
+    // States no stage of this process takes work from: where applications come to rest.
+    let resting: Vec<ApplicationState> = ALL_STATES
+        .into_iter()
+        .filter(|s| *s != ApplicationState::Received)
+        .filter(|s| !built.iter().any(|stage| stage.accepts().contains(s)))
+        .collect();
+    let with_settings = built.into_iter().map(|s| {
+        let settings = config.stage_settings(s.name());
+        (s, settings)
+    });
+    let grace = Duration::from_secs(config.runtime.shutdown_grace_seconds);
+    let mut relay = Relay::new(services.clone())
+        .with_poll_interval(Duration::from_millis(config.runtime.relay_poll_ms));
+    for (topic, sink) in stages::outbox_sinks(&services, &loaded)? {
+        relay = relay.with_sink(topic, sink);
+    }
+    let running = pipeline::start(&services, with_settings.collect(), relay, grace).await?;
+
+    let background_stop = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    if full_http {
+        stages::background(&services, &loaded, background_stop.clone(), &mut background)?;
+    }
+    let mut app = cardpipe_common::telemetry::http::router(services.clone(), stage_names.clone());
+    if full_http {
+        app = app.merge(stages::routes(&services, &loaded)?);
+    }
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (http.listen): {e}", config.http.listen)
+        })?;
+    let http_stop = CancellationToken::new();
+    let http = {
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    tracing::info!(listen = %config.http.listen, stages = ?stage_names, "cardpipe running; /metrics /healthz /readyz served");
+
+    let demo_stop = CancellationToken::new();
+    let demo_task = demo.map(|spec| {
+        let (services, stop) = (services.clone(), demo_stop.clone());
+        let registry = cardpipe_intake::config::load(&loaded);
+        tokio::spawn(async move {
+            if let Err(err) =
+                async { crate::demo::run(services, registry?, spec, resting, stop).await }.await
+            {
+                eprintln!("demo: {err:#}");
+            }
+        })
+    });
+
+    wait_for_signal().await;
+    demo_stop.cancel();
+    if let Some(task) = demo_task {
+        let _ = task.await;
+    }
+    tracing::info!("shutting down: no new work; finishing in-flight jobs and flushing the outbox");
+    background_stop.cancel();
+    while let Some(done) = background.join_next().await {
+        if let Ok(Err(err)) = done {
+            tracing::warn!(error = %err, "background loop ended with an error");
+        }
+    }
+    let result = running.shutdown().await;
+    http_stop.cancel();
+    let _ = http.await;
+    services.store.close().await;
+    tracing::info!("stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

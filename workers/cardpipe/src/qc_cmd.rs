@@ -1,0 +1,218 @@
+//! `cardpipe stock receive | report | return | destroy ...`, `cardpipe reprint` and
+//! `cardpipe bench qc`.
+
+use std::sync::Arc;
+
+use cardpipe_common::backends;
+use cardpipe_common::clock::SystemClock;
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_common::domain::ApplicationId;
+use cardpipe_common::runtime::Services;
+use cardpipe_qc::reprint::{self, ReprintReason, Requester};
+use cardpipe_qc::stock::{self, NewLot};
+use clap::{Args, Subcommand};
+
+/// `cardpipe stock ...`.
+#[derive(Debug, Subcommand)]
+pub enum StockCommand {
+    /// Receive a lot of blank cards into the vault (every serial of the range, audited).
+    Receive {
+        /// Supplier.
+        #[arg(long)]
+        supplier: String,
+        /// Chip type.
+        #[arg(long)]
+        chip_type: String,
+        /// Serial prefix printed before the 8-digit number.
+        #[arg(long, default_value = "BLK-")]
+        prefix: String,
+        /// First serial number.
+        #[arg(long)]
+        first: u64,
+        /// Last serial number (inclusive).
+        #[arg(long)]
+        last: u64,
+        /// Lot id (generated when absent).
+        #[arg(long)]
+        lot: Option<String>,
+        /// The receiving operator.
+        #[arg(long)]
+        operator: String,
+    },
+    /// The reconciliation report (per lot, the day from the journal, cross-checks), as JSON;
+    /// exits non-zero when it does not balance.
+    Report {
+        /// Day (YYYY-MM-DD, UTC); default today.
+        #[arg(long)]
+        day: Option<String>,
+    },
+    /// A recalled card came back: consumed → returned.
+    Return {
+        /// The card body serial.
+        serial: String,
+        /// Why it came back.
+        #[arg(long)]
+        reason: String,
+        /// The operator.
+        #[arg(long)]
+        operator: String,
+    },
+    /// Destruction of spoiled and returned cards: `prepare` (first operator), then `witness`
+    /// (a second, different operator).
+    Destroy {
+        #[command(subcommand)]
+        step: DestroyStep,
+    },
+}
+
+/// Destruction sign-offs.
+#[derive(Debug, Subcommand)]
+pub enum DestroyStep {
+    /// First sign-off: every spoiled and returned card (or the serials given) goes into a
+    /// destruction batch.
+    Prepare {
+        /// The first operator.
+        #[arg(long)]
+        operator: String,
+        /// Only these serials.
+        serials: Vec<String>,
+    },
+    /// Second sign-off: the batch is destroyed.
+    Witness {
+        /// The destruction batch id.
+        id: String,
+        /// The second operator (must differ from the first).
+        #[arg(long)]
+        operator: String,
+    },
+}
+
+/// `cardpipe reprint`.
+#[derive(Debug, Args)]
+pub struct ReprintArgs {
+    /// The application (cardpipe id).
+    pub application_id: String,
+    /// damaged, lost_in_transit or data_error.
+    #[arg(long)]
+    pub reason: String,
+    /// The requesting operator.
+    #[arg(long)]
+    pub operator: String,
+}
+
+/// `cardpipe bench qc`.
+#[derive(Debug, Args)]
+pub struct BenchQcArgs {
+    /// Cards to personalize and inspect.
+    #[arg(long, default_value_t = 300)]
+    pub cards: usize,
+    /// Plant a defect (the six kinds in turn) on every n-th card; 0 = none.
+    #[arg(long, default_value_t = 5)]
+    pub defect_every: usize,
+}
+
+async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
+    let services = backends::connect(&loaded.config, Arc::new(SystemClock)).await?;
+    Ok(services)
+}
+
+fn print(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs a stock command.
+pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    match command {
+        StockCommand::Receive {
+            supplier,
+            chip_type,
+            prefix,
+            first,
+            last,
+            lot,
+            operator,
+        } => {
+            let lot = NewLot {
+                lot_id: lot,
+                supplier,
+                chip_type,
+                serial_prefix: prefix,
+                first,
+                last,
+            };
+            print(&stock::receive(&services, &lot, &operator).await?)?;
+        }
+        StockCommand::Report { day } => {
+            let day = day
+                .map(|d| {
+                    time::Date::parse(
+                        &d,
+                        time::macros::format_description!("[year]-[month]-[day]"),
+                    )
+                    .map_err(|_| anyhow::anyhow!("--day must be YYYY-MM-DD, got {d:?}"))
+                })
+                .transpose()?;
+            let r = stock::reconcile(&services, day).await?;
+            print(&r)?;
+            if !r.balanced {
+                anyhow::bail!("blank-card stock does not balance: {} cards", r.imbalance);
+            }
+        }
+        StockCommand::Return {
+            serial,
+            reason,
+            operator,
+        } => {
+            stock::return_card(&services, &serial, &operator, &reason).await?;
+            println!("{serial}: returned");
+        }
+        StockCommand::Destroy { step } => match step {
+            DestroyStep::Prepare { operator, serials } => {
+                let list = (!serials.is_empty()).then_some(serials);
+                print(&stock::prepare_destruction(&services, &operator, list.as_deref()).await?)?;
+            }
+            DestroyStep::Witness { id, operator } => {
+                print(&stock::witness_destruction(&services, &id, &operator).await?)?;
+            }
+        },
+    }
+    services.store.close().await;
+    Ok(())
+}
+
+/// `cardpipe reprint`.
+pub async fn reprint(loaded: LoadedConfig, args: ReprintArgs) -> anyhow::Result<()> {
+    let reason = ReprintReason::parse(&args.reason).ok_or_else(|| {
+        anyhow::anyhow!("--reason must be damaged, lost_in_transit or data_error")
+    })?;
+    let services = connect(&loaded).await?;
+    let out = reprint::request(
+        &services,
+        &ApplicationId(args.application_id),
+        reason,
+        Requester::Operator(&args.operator),
+    )
+    .await?;
+    print(&out)?;
+    services.store.close().await;
+    Ok(())
+}
+
+/// `cardpipe bench qc`.
+pub fn bench(args: BenchQcArgs) -> anyhow::Result<()> {
+    eprintln!(
+        "bench qc: issuing and personalizing {} cards (a defect on every {}th), then inspecting them",
+        args.cards, args.defect_every
+    );
+    let report = cardpipe_qc::bench::run(args.cards, args.defect_every)?;
+    print(&report)?;
+    if report.misjudged > 0 {
+        anyhow::bail!(
+            "{} cards got a verdict other than the defect planted",
+            report.misjudged
+        );
+    }
+    Ok(())
+}

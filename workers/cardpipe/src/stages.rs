@@ -1,0 +1,271 @@
+//! What each stage crate plugs into the binary: stages by name, extra
+//! configuration sections, HTTP routes, background loops (time-driven work)
+//! and outbox sinks. Each crate adds its entries here as it lands.
+
+use std::sync::Arc;
+
+use axum::Router;
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_common::runtime::relay::OutboxSink;
+use cardpipe_common::runtime::{Services, Stage};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Names accepted by `cardpipe worker <stage>` and `[stages.<name>]`.
+pub const NAMES: &[&str] = &["keys", "dedup", "personalize", "qc", "shipping"];
+
+/// Every stage name of this configuration: [`NAMES`] plus the dynamic ones
+/// (`dedup-shard-0..N-1` when `[dedup] scatter = "broker"`).
+pub fn names(config: &LoadedConfig) -> Vec<String> {
+    let mut names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    // Dedup broker scatter: one stage per gallery shard (an invalid [dedup] is reported by
+    // the configuration check and when the dedup stage is built).
+    if let Ok(dedup) = cardpipe_dedup::stage::DedupConfig::from_loaded(config) {
+        names.extend(dedup.shard_stage_names().into_iter().map(str::to_owned));
+    }
+    names
+}
+
+/// Extra top-level configuration sections read by stage crates.
+pub const SECTIONS: &[&str] = &[
+    "pki", "dedup", "encoders", "registry", "console", "delivery", "qc", "stock",
+];
+
+/// Builds the named stages.
+pub fn build(
+    names: &[String],
+    _services: &Services,
+    _config: &LoadedConfig,
+) -> anyhow::Result<Vec<Arc<dyn Stage>>> {
+    let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
+    let mut tray = None;
+    let known = self::names(_config);
+    if let Some(unknown) = names.iter().find(|n| !known.contains(n)) {
+        anyhow::bail!("unknown stage {unknown:?}");
+    }
+    if names.iter().any(|n| n == cardpipe_keys::stage::STAGE_NAME) {
+        let pki = cardpipe_keys::settings::shared(_config)?;
+        stages.push(Arc::new(cardpipe_keys::stage::KeysStage::new(pki)));
+    }
+    {
+        // Dedup: the searching stage and, with the broker scatter, one stage per shard; the
+        // process's engine holds the shards of the shard stages it runs (none for a `dedup`
+        // worker whose searches all go over the broker).
+        use cardpipe_dedup::distributed::{ShardStage, parse_shard_stage};
+        let dedup = names.iter().any(|n| n == cardpipe_dedup::stage::STAGE_NAME);
+        let shard_ks: Vec<u32> = names.iter().filter_map(|n| parse_shard_stage(n)).collect();
+        if dedup || !shard_ks.is_empty() {
+            let config = cardpipe_dedup::stage::DedupConfig::from_loaded(_config)?;
+            let owned = match config.scatter {
+                cardpipe_dedup::stage::ScatterMode::Broker => Some(shard_ks.as_slice()),
+                cardpipe_dedup::stage::ScatterMode::Local => None,
+            };
+            let engine = cardpipe_dedup::stage::shared_with(_config, owned)?;
+            if dedup {
+                stages.push(Arc::new(cardpipe_dedup::stage::DedupStage::new(
+                    engine.clone(),
+                )));
+            }
+            for k in shard_ks {
+                stages.push(Arc::new(ShardStage::new(engine.clone(), k)?));
+            }
+        }
+    }
+    if names
+        .iter()
+        .any(|n| n == cardpipe_personalize::stage::STAGE_NAME)
+    {
+        // [encoders]: in-process card OS encoders (embedded) or PC/SC readers; the farm
+        // re-scans readers in the background.
+        let cfg: cardpipe_personalize::stage::EncodersConfig = _config
+            .section(cardpipe_personalize::stage::SECTION)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    e.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+        let stage = cardpipe_personalize::stage::PersonalizeStage::from_config(
+            &cfg,
+            &_config.config.data_dir,
+            _services,
+        )?
+        // [stock]: blanks are issued from the vault (whitelist; default lot in embedded mode).
+        .with_blank_source(cardpipe_qc::stock::StockSource::new(
+            cardpipe_qc::stock::load(_config)?,
+        ));
+        tray = Some(stage.farm().tray().clone());
+        // Console: show this farm's live state, apply operators' service decisions to it.
+        cardpipe_console::attach_farm(stage.farm().clone());
+        tokio::spawn(cardpipe_console::actions::follow_encoder_decisions(
+            _services.clone(),
+            stage.farm().clone(),
+            std::time::Duration::from_secs(5),
+            CancellationToken::new(),
+        ));
+        stages.push(Arc::new(stage));
+    }
+    if names.iter().any(|n| n == cardpipe_qc::stage::STAGE_NAME) {
+        // [qc]: reads cards back from the personalize farm's output tray in this process.
+        let cfg: cardpipe_personalize::stage::EncodersConfig = _config
+            .section(cardpipe_personalize::stage::SECTION)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    e.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+        let tray = tray.unwrap_or_else(|| {
+            tracing::warn!("qc runs without the personalize stage in this process: in-process cards are not reachable, every card will fail with card_not_found");
+            cardpipe_personalize::tray::OutputTray::new()
+        });
+        stages.push(Arc::new(cardpipe_qc::stage::QcStage::new(
+            tray,
+            cardpipe_keys::settings::shared(_config)?,
+            cfg.pins(),
+            cardpipe_qc::stage::load(_config)?,
+            _services,
+        )));
+    }
+    if names
+        .iter()
+        .any(|n| n == cardpipe_delivery::shipping::STAGE_NAME)
+    {
+        // [delivery]: boxes per pickup office (the offices register is upserted on first use).
+        let delivery = cardpipe_delivery::shared(_services, _config)?;
+        stages.push(Arc::new(cardpipe_delivery::shipping::ShippingStage::new(
+            delivery,
+        )));
+    }
+    Ok(stages)
+}
+
+/// HTTP routes served by `cardpipe run` and `cardpipe serve` (registry API,
+/// console), merged with /metrics, /healthz and /readyz.
+pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Router> {
+    let mut router = Router::new();
+    // Operator console at /console/ (logins, roles, CSRF; adjudication, parked work, encoders,
+    // audit log...). It decides possible duplicates through cardpipe_dedup::adjudication; the
+    // unauthenticated JSON adjudication API is not served.
+    router = router.merge(cardpipe_console::router(
+        _services.clone(),
+        &cardpipe_console::ConsoleConfig::load(_config)?,
+        _config.config.data_dir.clone(),
+        NAMES.iter().map(|s| s.to_string()).collect(),
+        Some(cardpipe_dedup::stage::shared(_config)?),
+    ));
+    // Registry API (bearer tokens from [registry] clients; OpenAPI at /api/openapi.json).
+    router = router.merge(cardpipe_intake::api::router(
+        _services.clone(),
+        cardpipe_intake::config::load(_config)?,
+    ));
+    // Delivery: offices register, box receipt, office change / transfers, handover.
+    router = router.merge(cardpipe_delivery::api::router(
+        cardpipe_delivery::shared(_services, _config)?,
+        _services.clone(),
+    ));
+    // QC reports, blank-card stock (/api/stock/*) and reprints (/api/reprints, registry: /api/v1/reprints).
+    router = router.merge(cardpipe_qc::api::router(
+        _services.clone(),
+        cardpipe_intake::config::load(_config)?,
+        None,
+    ));
+    Ok(router)
+}
+
+/// Outbox sinks besides broker jobs (topic, sink), used by every relay.
+pub fn outbox_sinks(
+    _services: &Services,
+    _config: &LoadedConfig,
+) -> anyhow::Result<Vec<(&'static str, Arc<dyn OutboxSink>)>> {
+    let mut sinks: Vec<(&'static str, Arc<dyn OutboxSink>)> = Vec::new();
+    // Registry withdrawals etc.: {"application_id": .., "cause": "cancelled"}.
+    sinks.push((
+        cardpipe_keys::ops::REVOCATION_TOPIC,
+        Arc::new(cardpipe_keys::ops::RevocationSink::new(_services.clone())),
+    ));
+    // Registry status callbacks (HMAC-signed webhook, [registry.callbacks]).
+    sinks.push((
+        cardpipe_intake::callbacks::CALLBACK_TOPIC,
+        Arc::new(cardpipe_intake::callbacks::WebhookSink::new(
+            cardpipe_intake::config::load(_config)?.callbacks,
+            _services.clock.clone(),
+        )?),
+    ));
+    // Citizen SMS (reminders, voiding notices) through the [delivery.sms] gateway.
+    sinks.push((
+        cardpipe_delivery::reminders::SMS_TOPIC,
+        Arc::new(cardpipe_delivery::reminders::SmsSink::new(
+            cardpipe_delivery::shared(_services, _config)?,
+            _services.clone(),
+        )?),
+    ));
+    // QC passed: destroy the wrapped private keys; QC budget spent: park for an operator.
+    sinks.push((
+        cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
+        Arc::new(cardpipe_qc::stage::KeyDestructionSink::new(
+            _services.clone(),
+        )),
+    ));
+    sinks.push((
+        cardpipe_qc::stage::PARK_TOPIC,
+        Arc::new(cardpipe_qc::stage::ParkSink::new(_services.clone())),
+    ));
+    Ok(sinks)
+}
+
+/// Time-driven loops (release scheduler, reminders, voiding, CRLs...) started
+/// by `cardpipe run` and `cardpipe serve`; each runs exactly once across
+/// replicas through a database lease, and stops when `shutdown` is cancelled.
+pub fn background(
+    _services: &Services,
+    _config: &LoadedConfig,
+    _shutdown: CancellationToken,
+    _tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    // Keys: scheduled CRL publication and age-based Document Signer rotation (leases).
+    {
+        let pki = cardpipe_keys::settings::shared(_config)?;
+        let tick = std::time::Duration::from_secs(pki.config.crl_interval_seconds.clamp(1, 60));
+        _tasks.spawn(cardpipe_keys::ops::background(
+            _services.clone(),
+            pki,
+            tick,
+            _shutdown.clone(),
+        ));
+    }
+    // Intake: release scheduler (lease `intake-release-scheduler`, throttled, urgent first).
+    _tasks.spawn(
+        cardpipe_intake::scheduler::Scheduler::new(
+            _services.clone(),
+            Arc::new(cardpipe_intake::config::load(_config)?),
+        )
+        .run(_shutdown.clone()),
+    );
+    // Delivery: daily dispatch at the cut-off, reminders, daily voiding (lease `delivery-scheduler`).
+    _tasks.spawn(
+        cardpipe_delivery::background::Scheduler::new(
+            cardpipe_delivery::shared(_services, _config)?,
+            _services.clone(),
+        )
+        .run(_shutdown.clone()),
+    );
+    // Stock: periodic reconciliation behind cardpipe_stock_imbalance_cards.
+    {
+        let cfg = cardpipe_qc::stock::load(_config)?;
+        let metrics = cardpipe_qc::stock::StockMetrics::register(&_services.metrics);
+        _tasks.spawn(cardpipe_qc::stock::background(
+            _services.clone(),
+            metrics,
+            std::time::Duration::from_secs(cfg.reconcile_interval_seconds.max(1)),
+            _shutdown.clone(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,710 @@
+//! The operator console in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver, raw W3C WebDriver JSON), against `cardpipe run --demo` after it has carried
+//! a generated nightly batch through every stage on embedded backends.
+//!
+//! Signs in as the first supervisor (password from `var/console-admin-password`), visits every
+//! main page, adjudicates the planted duplicate with both photos shown, retries parked work,
+//! verifies the audit chain; screenshots go to `<target>/console-screenshots/*.png`. Then
+//! `cardpipe audit verify` passes, and catches an entry edited behind the triggers' back.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (tests/services.sh installs them): without
+//! them the test fails and says so.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use base64::Engine;
+use cardpipe_common::store::Store;
+use serde_json::{Value, json};
+use sqlx::Row;
+
+const APPLICANTS: usize = 12;
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn target_dir() -> PathBuf {
+    // <target>/debug/cardpipe → <target>
+    Path::new(env!("CARGO_BIN_EXE_cardpipe"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(dir: &Path, port: u16) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+            .args(["run", "--demo", &APPLICANTS.to_string()])
+            .current_dir(dir)
+            .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("CARDPIPE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cardpipe");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn wait_for(&mut self, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {within:?}; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// chromedriver, stopped on drop.
+struct Driver {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn require(binary: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/lib/chromium"] {
+        let p = Path::new(dir).join(binary);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{binary} is not installed, so the console cannot be tested in a browser. Install it with \
+         `apt-get install -y --no-install-recommends {package}` (tests/services.sh does), then rerun."
+    );
+}
+
+async fn start_driver() -> Driver {
+    let chromedriver = require("chromedriver", "chromium-driver");
+    require("chromium", "chromium");
+    let port = free_port();
+    let child = Command::new(chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let base = format!("http://127.0.0.1:{port}");
+    let driver = Driver { child, base };
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(format!("{}/status", driver.base)).await
+            && r.status().is_success()
+        {
+            return driver;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver did not answer on {}", driver.base);
+}
+
+/// One browser session.
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    shots: PathBuf,
+}
+
+impl Browser {
+    async fn open(driver: &Driver, shots: PathBuf) -> Self {
+        let http = reqwest::Client::new();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1400,1100", "--lang=en-US"]
+            }
+        }}});
+        let r: Value = http
+            .post(format!("{}/session", driver.base))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("chromium did not start a WebDriver session: {r}"))
+            .to_owned();
+        std::fs::create_dir_all(&shots).unwrap();
+        Self {
+            http,
+            session: format!("{}/session/{session}", driver.base),
+            shots,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.session));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        if v["value"].get("error").is_some() {
+            panic!("WebDriver {path}: {}", v["value"]);
+        }
+        v["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+            .await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("finding {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let e = self.find(css).await;
+        self.call(reqwest::Method::GET, &format!("/element/{e}/text"), None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/click"),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    /// Clicks something that navigates (a link, a form's submit button) and waits until the
+    /// page it was on is gone, so the next lookup sees the new page (WebDriver's click does
+    /// not always wait for a form submission's navigation).
+    async fn click_and_wait(&self, css: &str) {
+        let e = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/click"),
+            Some(json!({})),
+        )
+        .await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let r: Value = self
+                .http
+                .get(format!("{}/element/{e}/name", self.session))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let gone = r["value"].get("error").is_some();
+            let ready = self
+                .call(
+                    reqwest::Method::POST,
+                    "/execute/sync",
+                    Some(json!({"script": "return document.readyState", "args": []})),
+                )
+                .await;
+            if gone && ready == "complete" {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "clicking {css} did not lead to a new page"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn source(&self) -> String {
+        self.call(reqwest::Method::GET, "/source", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn url(&self) -> String {
+        self.call(reqwest::Method::GET, "/url", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let b64 = self.call(reqwest::Method::GET, "/screenshot", None).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str().unwrap())
+            .unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "screenshot {name} is not a PNG"
+        );
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn close(self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
+}
+
+async fn store(dir: &Path) -> Store {
+    let url = format!("sqlite:{}", dir.join("var/cardpipe.db").display());
+    Store::connect(&url, 2).await.unwrap()
+}
+
+async fn one(store: &Store, sql: &str) -> Option<String> {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_optional(store.pool())
+        .await
+        .unwrap()
+        .map(|r| r.get::<String, _>(0))
+}
+
+async fn count(store: &Store, sql: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CARDPIPE_CONFIG")
+        .output()
+        .expect("run cardpipe")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_in_headless_chromium_after_a_generated_batch() {
+    let driver = start_driver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut run = Running::start(dir.path(), port);
+    run.wait_for("demo: done", Duration::from_secs(300));
+
+    // The first supervisor's password: in a 0600 file, never in the log.
+    let password_file = dir.path().join("var/console-admin-password");
+    let password = std::fs::read_to_string(&password_file)
+        .expect("var/console-admin-password written at start")
+        .trim()
+        .to_owned();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&password_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "password file mode {mode:o}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("var/cardpipe.log")).unwrap_or_default();
+    assert!(
+        !log.contains(&password),
+        "the admin password appears in the log"
+    );
+
+    let db = store(dir.path()).await;
+    let duplicate = one(
+        &db,
+        "SELECT id FROM applications WHERE state = 'possible_duplicate' ORDER BY id LIMIT 1",
+    )
+    .await
+    .expect("the demo plants a re-enrolment that dedup flags");
+    let duplicate_registry = one(
+        &db,
+        &format!("SELECT registry_id FROM applications WHERE id = '{duplicate}'"),
+    )
+    .await
+    .unwrap();
+    // Parked work to retry: an application at rest, parked at personalization as the runner
+    // records it after the last failed attempt.
+    let resting = one(
+        &db,
+        "SELECT id FROM applications WHERE state NOT IN ('possible_duplicate', 'rejected') ORDER BY id LIMIT 1",
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO parked_jobs (job_id, stage, subject, attempt, error, parked_at)
+         VALUES ('job-e2e-1', 'personalize', $1, 5, 'encoder fault: card removed during write', '2026-01-01T00:00:00.000000Z')",
+    )
+    .bind(&resting)
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let shots = target_dir().join("console-screenshots");
+    let b = Browser::open(&driver, shots.clone()).await;
+
+    // Unauthenticated: redirected to sign in.
+    b.go(&format!("{base}/console/")).await;
+    assert!(
+        b.url().await.ends_with("/console/login"),
+        "{}",
+        b.url().await
+    );
+    b.screenshot("01-login").await;
+
+    // A wrong password is refused (and counted).
+    b.type_into("#login-name", "admin").await;
+    b.type_into("#login-password", "not-the-password").await;
+    b.click_and_wait("#login-submit").await;
+    assert!(b.text("#flash").await.contains("wrong login or password"));
+
+    b.type_into("#login-name", "admin").await;
+    b.type_into("#login-password", &password).await;
+    b.click_and_wait("#login-submit").await;
+    assert!(b.url().await.ends_with("/console/"), "{}", b.url().await);
+    let total: i64 = b.text("#total-applications").await.parse().unwrap();
+    assert!(
+        total > APPLICANTS as i64,
+        "overview counts {total} applications"
+    );
+    assert!(b.source().await.contains("possible_duplicate"));
+    b.screenshot("02-overview").await;
+
+    // Batch detail with its progress.
+    b.click_and_wait("a.batch-link").await;
+    assert!(b.url().await.contains("/console/batches/"));
+    assert!(b.source().await.contains("class=\"bar\""));
+    b.screenshot("03-batch").await;
+
+    // Search by registry id → application detail: history, Persian names RTL, national code masked.
+    b.go(&format!("{base}/console/search")).await;
+    b.type_into("#search-q", &duplicate_registry).await;
+    b.click_and_wait("#search-submit").await;
+    assert!(
+        b.url()
+            .await
+            .ends_with(&format!("/console/applications/{duplicate}"))
+    );
+    let masked = b.text("#national-code").await;
+    assert!(
+        masked.len() == 10
+            && masked.starts_with("******")
+            && masked[6..].bytes().all(|c| c.is_ascii_digit()),
+        "national code shown as {masked:?}"
+    );
+    let page = b.source().await;
+    assert!(
+        page.contains("dir=\"rtl\" lang=\"fa\""),
+        "names not marked RTL"
+    );
+    assert!(b.text("#history").await.contains("possible_duplicate"));
+    b.screenshot("04-application").await;
+
+    // Adjudication: both photos side by side (loaded from the object store), per-finger scores.
+    b.go(&format!("{base}/console/adjudications")).await;
+    b.screenshot("05-adjudications").await;
+    b.click_and_wait(&format!("a.adjudicate-link[href$=\"{duplicate}\"]"))
+        .await;
+    let widths = b
+        .script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        .await;
+    let widths: Vec<i64> = widths
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_i64().unwrap())
+        .collect();
+    assert!(
+        widths.len() >= 2 && widths.iter().all(|w| *w > 0),
+        "photos not shown: {widths:?}"
+    );
+    assert!(b.source().await.contains("right thumb"));
+    b.screenshot("06-adjudication").await;
+    b.click("#decision-cleared").await;
+    b.type_into(
+        "#decision-reason",
+        "different person: faces and fingers differ",
+    )
+    .await;
+    b.click_and_wait("#decision-submit").await;
+    assert!(b.text("#flash").await.contains("decided: cleared"));
+    b.screenshot("07-adjudicated").await;
+    let actor = one(
+        &db,
+        &format!("SELECT actor FROM application_history WHERE application_id = '{duplicate}' AND to_state = 'cleared'"),
+    )
+    .await;
+    assert_eq!(actor.as_deref(), Some("operator:admin"));
+
+    // Parked work: retry.
+    b.go(&format!("{base}/console/parked")).await;
+    assert!(b.source().await.contains("job-e2e-1"));
+    b.screenshot("08-parked").await;
+    b.click_and_wait("form[action$=\"/job-e2e-1/retry\"] button")
+        .await;
+    assert!(
+        b.text("#flash")
+            .await
+            .contains("job job-e2e-1 sent back to personalize")
+    );
+    assert!(!b.source().await.contains("job-e2e-1/retry"));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM parked_jobs WHERE job_id = 'job-e2e-1'"
+        )
+        .await,
+        0
+    );
+
+    // Encoders, stock, shipments.
+    b.go(&format!("{base}/console/encoders")).await;
+    assert!(b.source().await.contains("personalized"));
+    b.screenshot("09-encoders").await;
+    for (page, shot) in [("stock", "10-stock"), ("shipments", "11-shipments")] {
+        b.go(&format!("{base}/console/{page}")).await;
+        let src = b.source().await;
+        assert!(
+            src.contains("id=\"not-available\"") || src.contains("rows"),
+            "{page} page shows neither tables nor 'not available'"
+        );
+        b.screenshot(shot).await;
+    }
+
+    // The audit log: every action above, and an intact chain.
+    b.go(&format!("{base}/console/audit?verify=1")).await;
+    assert!(b.text("#verify-result").await.contains("intact"));
+    let src = b.source().await;
+    for action in [
+        "console.login_failed",
+        "console.login",
+        "dedup.decide",
+        "parked.retry",
+        "operator.add",
+    ] {
+        assert!(src.contains(action), "audit log shows no {action}");
+    }
+    b.screenshot("12-audit").await;
+
+    // Forms without the session's CSRF token are refused.
+    let cookie_less = reqwest::Client::new()
+        .post(format!("{base}/console/parked/job-x/retry"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("csrf=forged")
+        .send()
+        .await
+        .unwrap();
+    assert!(cookie_less.url().path().ends_with("/console/login"));
+
+    b.click_and_wait("header form button").await;
+    assert!(b.url().await.contains("/console/login"));
+    b.close().await;
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cardpipe_console_login_failures_total{reason=\"bad_credentials\"} 1"),
+        "login failure not counted"
+    );
+    run.terminate();
+
+    // The same operations on the command line.
+    let add = cli(
+        dir.path(),
+        &[
+            "operators",
+            "add",
+            "sara",
+            "--role",
+            "operator",
+            "--generate",
+            "--as",
+            "admin",
+        ],
+    );
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    assert!(String::from_utf8_lossy(&add.stdout).contains("password (shown once)"));
+    let status = cli(dir.path(), &["ops", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("Applications per state"),
+        "{text}"
+    );
+    let encoders = cli(dir.path(), &["ops", "encoders"]);
+    assert!(String::from_utf8_lossy(&encoders.stdout).contains("encoder-01"));
+    let batches = cli(dir.path(), &["ops", "batches"]);
+    assert!(String::from_utf8_lossy(&batches.stdout).contains("demo-registry"));
+    sqlx::query(
+        "INSERT INTO parked_jobs (job_id, stage, subject, attempt, error, parked_at)
+         VALUES ('job-e2e-2', 'personalize', $1, 5, 'encoder fault', '2026-01-01T00:00:00.000000Z')",
+    )
+    .bind(&resting)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let listed = cli(dir.path(), &["ops", "parked"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("job-e2e-2"));
+    let refused = cli(
+        dir.path(),
+        &[
+            "ops",
+            "--as",
+            "sara",
+            "parked",
+            "drop",
+            "job-e2e-2",
+            "--reason",
+            "stale",
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs a supervisor"));
+    let retried = cli(
+        dir.path(),
+        &["ops", "--as", "sara", "parked", "retry", "job-e2e-2"],
+    );
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM parked_jobs WHERE job_id = 'job-e2e-2'"
+        )
+        .await,
+        0
+    );
+    let listed = cli(dir.path(), &["audit", "list", "--subject", &resting]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("sara"));
+
+    // `cardpipe audit verify` passes, then catches an entry edited behind the triggers.
+    let ok = cli(dir.path(), &["audit", "verify"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
+    let seq = count(
+        &db,
+        "SELECT MIN(seq) FROM audit_log WHERE action = 'dedup.decide'",
+    )
+    .await;
+    sqlx::query("DROP TRIGGER audit_log_no_update")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE audit_log SET details = '{\"decision\":\"confirmed_duplicate\"}' WHERE seq = $1",
+    )
+    .bind(seq)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let bad = cli(dir.path(), &["audit", "verify"]);
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success(), "tampered chain verified: {out}");
+    assert!(out.contains(&format!("entry {seq} was edited")), "{out}");
+    db.close().await;
+
+    let pngs = std::fs::read_dir(&shots).unwrap().count();
+    assert!(pngs >= 12, "{pngs} screenshots in {}", shots.display());
+    println!("screenshots in {}", shots.display());
+}

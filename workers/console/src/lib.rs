@@ -1,0 +1,123 @@
+//! # cardpipe-console
+//!
+//! The operator console and the operations behind `cardpipe ops`:
+//!
+//! * [`auth`]: operators and roles (operator, supervisor, auditor), argon2id passwords,
+//!   database sessions, the login rate limit, the first supervisor `admin`;
+//! * [`data`]: what operators look at (overview, batches, applications, adjudications,
+//!   encoders, stock and shipments when those tables exist);
+//! * [`actions`]: what operators do (retry / drop / force-fail parked work, adjudicate a
+//!   possible duplicate, take an encoder out of service) — role-checked and audited;
+//! * [`web`]: the server-rendered console under `/console/` (no scripts, no CDN, inline CSS).
+//!
+//! `cardpipe serve` and `cardpipe run` serve it (workers/cardpipe/src/stages.rs `routes`).
+
+pub mod actions;
+pub mod auth;
+pub mod data;
+pub mod html;
+pub mod web;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_common::runtime::Services;
+use cardpipe_personalize::farm::Farm;
+use serde::Deserialize;
+
+/// The configuration section.
+pub const SECTION: &str = "console";
+
+/// `[console]` in pipeline.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Failed logins allowed per login within the window before it is locked for the window.
+    pub login_max_failures: usize,
+    /// The window, seconds.
+    pub login_window_seconds: u64,
+    /// Mark cookies `Secure` (set when the console is served over HTTPS).
+    pub secure_cookies: bool,
+    /// Create the first supervisor `admin` when no operator exists.
+    pub create_admin: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            login_max_failures: 5,
+            login_window_seconds: 900,
+            secure_cookies: false,
+            create_admin: true,
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// Reads `[console]` (defaults when the section is absent).
+    pub fn load(config: &LoadedConfig) -> anyhow::Result<Self> {
+        match config.section::<Self>(SECTION) {
+            Ok(c) => Ok(c),
+            Err(errors)
+                if errors
+                    .iter()
+                    .all(|e| e.key == SECTION && e.message.contains("missing")) =>
+            {
+                Ok(Self::default())
+            }
+            Err(errors) => anyhow::bail!(
+                "{}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+    }
+}
+
+static FARM: Mutex<Option<Arc<Farm>>> = Mutex::new(None);
+
+/// Tells the console which encoder farm this process drives (stages.rs does, when it builds
+/// the personalize stage in the same process).
+pub fn attach_farm(farm: Arc<Farm>) {
+    *FARM.lock().unwrap_or_else(|e| e.into_inner()) = Some(farm);
+}
+
+/// The farm attached to this process, if any.
+pub fn attached_farm() -> Option<Arc<Farm>> {
+    FARM.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The console router for a process: creates the first supervisor if needed (in the
+/// background; the password goes to `<data_dir>/console-admin-password`).
+pub fn router(
+    services: Services,
+    config: &ConsoleConfig,
+    data_dir: std::path::PathBuf,
+    stages: Vec<String>,
+    engine: Option<Arc<cardpipe_dedup::stage::DedupEngine>>,
+) -> axum::Router {
+    let guard = auth::LoginGuard::new(
+        &services,
+        config.login_max_failures,
+        Duration::from_secs(config.login_window_seconds),
+    );
+    if config.create_admin {
+        let s = services.clone();
+        tokio::spawn(async move {
+            if let Err(e) = auth::ensure_admin(&s, &data_dir).await {
+                tracing::error!(error = %e, "could not create the first console supervisor");
+            }
+        });
+    }
+    web::router(web::ConsoleState {
+        services,
+        stages,
+        engine,
+        guard,
+        secure_cookies: config.secure_cookies,
+    })
+}

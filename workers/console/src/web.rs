@@ -1,0 +1,1326 @@
+//! The console's HTTP side: server-rendered pages under `/console/`.
+//!
+//! Every page needs a signed-in operator (session cookie `cardpipe_session`, `HttpOnly;
+//! SameSite=Strict`); every form carries the session's CSRF token (the login form a
+//! double-submit token); every action goes through [`crate::actions`], which checks the role
+//! and audits. Responses carry a strict Content-Security-Policy (no scripts at all, images and
+//! forms from this origin only, inline styles).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use cardpipe_common::audit;
+use cardpipe_common::domain::{ApplicationId, ApplicationState};
+use cardpipe_common::records;
+use cardpipe_common::runtime::Services;
+use cardpipe_common::runtime::parked;
+use cardpipe_dedup::stage::DedupEngine;
+use cardpipe_personalize::farm::Farm;
+use serde::Deserialize;
+
+use crate::actions::{self, ActionError};
+use crate::auth::{self, AuthError, LoginGuard, Session};
+use crate::data;
+use crate::html::{bar, bidi, esc, flash, page, table, url};
+
+/// The session cookie.
+pub const SESSION_COOKIE: &str = "cardpipe_session";
+const LOGIN_CSRF_COOKIE: &str = "cardpipe_login_csrf";
+
+/// What the console needs.
+#[derive(Clone)]
+pub struct ConsoleState {
+    /// Shared services.
+    pub services: Services,
+    /// Stages whose queues the overview shows.
+    pub stages: Vec<String>,
+    /// The dedup engine of this process (a cleared application joins its gallery at once).
+    pub engine: Option<Arc<DedupEngine>>,
+    /// The login guard (rate limit and failure metric).
+    pub guard: LoginGuard,
+    /// Add `Secure` to cookies (behind TLS).
+    pub secure_cookies: bool,
+}
+
+impl std::fmt::Debug for ConsoleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleState")
+            .field("stages", &self.stages)
+            .finish()
+    }
+}
+
+impl ConsoleState {
+    fn farm(&self) -> Option<Arc<Farm>> {
+        crate::attached_farm()
+    }
+}
+
+/// The console routes.
+pub fn router(state: ConsoleState) -> Router {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/console/") }))
+        .route("/console", get(|| async { Redirect::to("/console/") }))
+        .route("/console/", get(overview))
+        .route("/console/login", get(login_form).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/batches/{id}", get(batch))
+        .route("/console/search", get(search))
+        .route("/console/applications/{id}", get(application))
+        .route("/console/adjudications", get(adjudications))
+        .route("/console/adjudications/{id}", get(adjudication))
+        .route("/console/adjudications/{id}/photo/{which}", get(photo))
+        .route("/console/adjudications/{id}/decide", post(decide))
+        .route("/console/parked", get(parked_page))
+        .route("/console/parked/{job}/{action}", post(parked_action))
+        .route("/console/encoders", get(encoders))
+        .route("/console/encoders/service", post(encoder_service))
+        .route("/console/audit", get(audit_page))
+        .route("/console/stock", get(stock))
+        .route("/console/shipments", get(shipments))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(req: axum::extract::Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> String {
+    format!(
+        "{name}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+fn html(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "console");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page(
+            "Error",
+            None,
+            "<h1>Internal error</h1><p>The error was logged.</p>",
+        ),
+    )
+        .into_response()
+}
+
+/// The session of the request, or a redirect to the login page.
+async fn session(st: &ConsoleState, headers: &HeaderMap) -> Result<Session, Response> {
+    let Some(token) = cookie(headers, SESSION_COOKIE) else {
+        return Err(Redirect::to("/console/login").into_response());
+    };
+    match auth::session(&st.services.store, &token, st.services.clock.now()).await {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(Redirect::to("/console/login").into_response()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+fn frame(s: &Session, title: &str, body: &str) -> Response {
+    html(page(
+        title,
+        Some((&s.operator.login, s.operator.role.as_str(), &s.csrf)),
+        body,
+    ))
+}
+
+fn forbidden(s: &Session, message: &str) -> Response {
+    let mut res = frame(
+        s,
+        "Not allowed",
+        &format!(
+            "<h1>Not allowed</h1><p class=\"msg err\">{}</p>",
+            esc(message)
+        ),
+    );
+    *res.status_mut() = StatusCode::FORBIDDEN;
+    res
+}
+
+/// Constant-time comparison of CSRF tokens.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && !a.is_empty()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[allow(clippy::result_large_err)] // the error is the page to answer with
+fn check_csrf(s: &Session, token: &str) -> Result<(), Response> {
+    if same_token(&s.csrf, token) {
+        Ok(())
+    } else {
+        let mut res = frame(
+            s,
+            "Form expired",
+            "<h1>Form expired</h1><p class=\"msg err\">The form's security token does not match \
+             this session (an old page, or a request from another site). Reload the page and try again.</p>",
+        );
+        *res.status_mut() = StatusCode::FORBIDDEN;
+        Err(res)
+    }
+}
+
+fn csrf_field(s: &Session) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&s.csrf)
+    )
+}
+
+/// Redirect after an action, with its outcome as a flash message.
+fn back(to: &str, outcome: Result<String, String>) -> Response {
+    let sep = if to.contains('?') { '&' } else { '?' };
+    let target = match outcome {
+        Ok(m) => format!("{to}{sep}ok={}", url(&m)),
+        Err(m) => format!("{to}{sep}error={}", url(&m)),
+    };
+    Redirect::to(&target).into_response()
+}
+
+fn action_error(e: ActionError) -> String {
+    if let ActionError::Internal(e) = &e {
+        tracing::error!(error = %e, "console action failed");
+        return "internal error (logged); nothing was changed".into();
+    }
+    e.to_string()
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Flash {
+    ok: Option<String>,
+    error: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Login
+
+async fn login_form(State(st): State<ConsoleState>, Query(f): Query<Flash>) -> Response {
+    let token = hex::encode(rand::random::<[u8; 16]>());
+    let body = format!(
+        "<h1>cardpipe console — sign in</h1>{}\
+         <form method=\"post\" action=\"/console/login\" id=\"login\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{token}\">\
+         <p><label>Login<br><input type=\"text\" name=\"login\" id=\"login-name\" autocomplete=\"username\" required></label></p>\
+         <p><label>Password<br><input type=\"password\" name=\"password\" id=\"login-password\" autocomplete=\"current-password\" required></label></p>\
+         <p><button type=\"submit\" id=\"login-submit\">Sign in</button></p></form>",
+        flash(f.ok.as_deref(), f.error.as_deref())
+    );
+    let mut res = html(page("Sign in", None, &body));
+    if let Ok(v) = HeaderValue::from_str(&set_cookie(
+        LOGIN_CSRF_COOKIE,
+        &token,
+        3600,
+        st.secure_cookies,
+    )) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    login: String,
+    password: String,
+    csrf: String,
+}
+
+async fn login(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or_default();
+    if !same_token(&expected, &f.csrf) {
+        return back(
+            "/console/login",
+            Err("the sign-in form expired; please try again".into()),
+        );
+    }
+    let now = st.services.clock.now();
+    let operator = match st
+        .guard
+        .login(&st.services.store, &f.login, &f.password, now)
+        .await
+    {
+        Ok(o) => o,
+        Err(e @ (AuthError::BadCredentials | AuthError::RateLimited(_))) => {
+            let login = f.login.trim().to_ascii_lowercase();
+            let subject = if auth::check_login(&login).is_ok() {
+                login
+            } else {
+                "(invalid login)".into()
+            };
+            let _ = audit::record(
+                &st.services.store,
+                st.services.clock.as_ref(),
+                &audit::AuditEvent {
+                    actor: &subject,
+                    role: "anonymous",
+                    action: "console.login_failed",
+                    subject: &subject,
+                    details: serde_json::json!({
+                        "reason": if matches!(e, AuthError::RateLimited(_)) { "rate_limited" } else { "bad_credentials" }
+                    }),
+                },
+            )
+            .await;
+            return back("/console/login", Err(e.to_string()));
+        }
+        Err(e) => return internal(e),
+    };
+    let (token, session) = match auth::start_session(&st.services.store, &operator.login, now).await
+    {
+        Ok(s) => s,
+        Err(e) => return internal(e),
+    };
+    if let Err(e) = audit::record(
+        &st.services.store,
+        st.services.clock.as_ref(),
+        &audit::AuditEvent {
+            actor: &session.operator.login,
+            role: session.operator.role.as_str(),
+            action: "console.login",
+            subject: &session.operator.login,
+            details: serde_json::json!({}),
+        },
+    )
+    .await
+    {
+        return internal(e);
+    }
+    let mut res = Redirect::to("/console/").into_response();
+    let max_age = auth::SESSION_TTL.as_secs() as i64;
+    for c in [
+        set_cookie(SESSION_COOKIE, &token, max_age, st.secure_cookies),
+        set_cookie(LOGIN_CSRF_COOKIE, "", 0, st.secure_cookies),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
+}
+
+#[derive(Deserialize)]
+struct CsrfOnly {
+    csrf: String,
+}
+
+async fn logout(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfOnly>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_csrf(&s, &f.csrf) {
+        return r;
+    }
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        let _ = auth::end_session(&st.services.store, &token).await;
+    }
+    let _ = audit::record(
+        &st.services.store,
+        st.services.clock.as_ref(),
+        &audit::AuditEvent {
+            actor: &s.operator.login,
+            role: s.operator.role.as_str(),
+            action: "console.logout",
+            subject: &s.operator.login,
+            details: serde_json::json!({}),
+        },
+    )
+    .await;
+    let mut res = back("/console/login", Ok("signed out".into()));
+    if let Ok(v) = HeaderValue::from_str(&set_cookie(SESSION_COOKIE, "", 0, st.secure_cookies)) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+// ---------------------------------------------------------------------------
+// Overview, batches, search, applications
+
+async fn overview(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let o = match data::overview(&st.services, &st.stages).await {
+        Ok(o) => o,
+        Err(e) => return internal(e),
+    };
+    let total: i64 = o.states.iter().map(|(_, n)| n).sum();
+    let mut body = format!(
+        "<h1>Pipeline overview</h1><div class=\"cards\">\
+         <div class=\"card\"><div class=\"n\" id=\"total-applications\">{total}</div>applications</div>\
+         <div class=\"card\"><div class=\"n\">{}</div>possible duplicates</div>\
+         <div class=\"card\"><div class=\"n\" id=\"parked-count\">{}</div>parked jobs</div>\
+         <div class=\"card\"><div class=\"n\">{}</div>state changes in the last hour</div></div>",
+        o.states
+            .iter()
+            .find(|(s, _)| *s == ApplicationState::PossibleDuplicate)
+            .map_or(0, |(_, n)| *n),
+        o.parked,
+        o.throughput_last_hour.iter().map(|(_, n)| n).sum::<i64>(),
+    );
+    body.push_str("<h2>Applications per state</h2>");
+    let rows: Vec<Vec<String>> = o
+        .states
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| vec![esc(s.as_str()), format!("{n}")])
+        .collect();
+    body.push_str(&table(&["state", "applications"], &rows));
+    body.push_str("<h2>Queues</h2>");
+    let rows: Vec<Vec<String>> = o
+        .queues
+        .iter()
+        .map(|(stage, d)| match d {
+            Some(d) => vec![
+                esc(stage),
+                d.ready.to_string(),
+                d.retrying.to_string(),
+                d.parked.to_string(),
+            ],
+            None => vec![esc(stage), "—".into(), "—".into(), "—".into()],
+        })
+        .collect();
+    if rows.is_empty() {
+        body.push_str("<p class=\"muted\">This process runs no stage; queue depths are on the workers' /metrics.</p>");
+    } else {
+        body.push_str(&table(&["stage", "ready", "retrying", "parked"], &rows));
+    }
+    body.push_str("<h2>Throughput (state changes, last hour)</h2>");
+    let rows: Vec<Vec<String>> = o
+        .throughput_last_hour
+        .iter()
+        .map(|(s, n)| vec![esc(s), n.to_string()])
+        .collect();
+    body.push_str(&table(&["entered state", "changes"], &rows));
+    body.push_str("<h2>Batches</h2>");
+    body.push_str(&batch_table(&o.batches));
+    frame(&s, "Overview", &body)
+}
+
+fn batch_table(batches: &[data::BatchProgress]) -> String {
+    let rows: Vec<Vec<String>> = batches
+        .iter()
+        .map(|b| {
+            vec![
+                format!(
+                    "<a href=\"/console/batches/{}\" class=\"batch-link\">{}</a>",
+                    url(&b.id),
+                    esc(&b.id)
+                ),
+                esc(&b.client),
+                esc(&b.state),
+                esc(&b.priority),
+                b.records.to_string(),
+                b.accepted.to_string(),
+                b.rejected.to_string(),
+                bar(b.fraction()),
+                esc(&b.created_at),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "batch", "client", "state", "priority", "records", "accepted", "rejected", "progress",
+            "received",
+        ],
+        &rows,
+    )
+}
+
+async fn batch(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let b = match data::batch(&st.services, &id).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return not_found(&s, "No such batch"),
+        Err(e) => return internal(e),
+    };
+    let apps = match data::batch_applications(&st.services, &id, 500).await {
+        Ok(a) => a,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!("<h1>Batch <code>{}</code></h1>", esc(&b.id));
+    body.push_str(&batch_table(std::slice::from_ref(&b)));
+    body.push_str("<h2>Applications per state</h2>");
+    let rows: Vec<Vec<String>> = b
+        .states
+        .iter()
+        .map(|(s, n)| vec![esc(s), n.to_string()])
+        .collect();
+    body.push_str(&table(&["state", "applications"], &rows));
+    body.push_str(&format!("<h2>Applications (first {})</h2>", apps.len()));
+    let rows: Vec<Vec<String>> = apps
+        .iter()
+        .map(|(id, reg, state, at)| {
+            vec![
+                format!(
+                    "<a href=\"/console/applications/{}\">{}</a>",
+                    url(id),
+                    esc(id)
+                ),
+                esc(reg),
+                esc(state),
+                esc(at),
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &["application", "registry id", "state", "updated"],
+        &rows,
+    ));
+    frame(&s, "Batch", &body)
+}
+
+fn not_found(s: &Session, what: &str) -> Response {
+    let mut res = frame(s, what, &format!("<h1>{}</h1>", esc(what)));
+    *res.status_mut() = StatusCode::NOT_FOUND;
+    res
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+}
+
+async fn search(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(q): Query<SearchQuery>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let query = q.q.unwrap_or_default();
+    let mut body = format!(
+        "<h1>Find an application</h1><form method=\"get\" action=\"/console/search\" class=\"inline\">\
+         <input type=\"text\" name=\"q\" id=\"search-q\" size=\"40\" value=\"{}\" placeholder=\"application id, registry id or tracking code\">\
+         <button type=\"submit\" id=\"search-submit\">Search</button></form>",
+        esc(&query)
+    );
+    if !query.trim().is_empty() {
+        match data::find(&st.services, &query).await {
+            Ok(Some(id)) => {
+                return Redirect::to(&format!("/console/applications/{}", url(id.as_str())))
+                    .into_response();
+            }
+            Ok(None) => body.push_str(&format!(
+                "<p class=\"msg err\">No application with id, registry id or tracking code {}.</p>",
+                esc(query.trim())
+            )),
+            Err(e) => return internal(e),
+        }
+    }
+    frame(&s, "Search", &body)
+}
+
+async fn application(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let v = match data::application(&st.services, &ApplicationId(id.clone())).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return not_found(&s, "No such application"),
+        Err(e) => return internal(e),
+    };
+    let mut body = format!(
+        "<h1>Application <code>{}</code></h1>{}",
+        esc(v.app.id.as_str()),
+        flash(f.ok.as_deref(), f.error.as_deref())
+    );
+    let (first, last, father) = v
+        .names
+        .clone()
+        .unwrap_or_else(|| ("—".into(), "—".into(), "—".into()));
+    let rows = vec![
+        vec!["registry id".into(), esc(&v.app.registry_id)],
+        vec![
+            "state".into(),
+            format!(
+                "<strong id=\"app-state\">{}</strong>",
+                esc(v.app.state.as_str())
+            ),
+        ],
+        vec![
+            "name".into(),
+            format!(
+                "<span id=\"app-name\">{}</span>",
+                bidi(&format!("{first} {last}"))
+            ),
+        ],
+        vec!["father's name".into(), bidi(&father)],
+        vec![
+            "national code".into(),
+            format!(
+                "<code id=\"national-code\">{}</code>",
+                esc(v.national_code.as_deref().unwrap_or("—"))
+            ),
+        ],
+        vec![
+            "tracking code".into(),
+            esc(v.tracking_code.as_deref().unwrap_or("—")),
+        ],
+        vec![
+            "pickup office".into(),
+            esc(v.pickup_office.as_deref().unwrap_or("—")),
+        ],
+        vec![
+            "batch".into(),
+            v.app.batch_id.as_deref().map_or("—".into(), |b| {
+                format!("<a href=\"/console/batches/{}\">{}</a>", url(b), esc(b))
+            }),
+        ],
+        vec!["priority".into(), esc(v.app.priority.as_str())],
+    ];
+    body.push_str(&table(&["", ""], &rows));
+    if v.app.state == ApplicationState::PossibleDuplicate {
+        body.push_str(&format!(
+            "<p><a href=\"/console/adjudications/{}\">Adjudicate this possible duplicate</a></p>",
+            url(v.app.id.as_str())
+        ));
+    }
+    body.push_str("<h2>History</h2>");
+    let rows: Vec<Vec<String>> = v
+        .history
+        .iter()
+        .map(|h| {
+            vec![
+                esc(&cardpipe_common::clock::to_rfc3339(h.at)),
+                esc(h.from_state.map_or("—", |s| s.as_str())),
+                esc(h.to_state.as_str()),
+                esc(&h.stage),
+                h.attempt.to_string(),
+                esc(&h.actor),
+                esc(h.reason.as_deref().unwrap_or("")),
+            ]
+        })
+        .collect();
+    body.push_str(&format!(
+        "<div id=\"history\">{}</div>",
+        table(
+            &["at", "from", "to", "stage", "attempt", "actor", "reason"],
+            &rows
+        )
+    ));
+    if !v.parked.is_empty() {
+        body.push_str("<h2>Parked work</h2>");
+        body.push_str(&parked_rows(&s, &v.parked));
+    }
+    body.push_str("<h2>Artifacts</h2>");
+    let rows: Vec<Vec<String>> = v
+        .artifacts
+        .iter()
+        .map(|(k, key)| vec![esc(k), format!("<code>{}</code>", esc(key))])
+        .collect();
+    body.push_str(&table(&["kind", "object key"], &rows));
+    frame(&s, "Application", &body)
+}
+
+// ---------------------------------------------------------------------------
+// Adjudication
+
+async fn adjudications(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(f): Query<Flash>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let list = match data::adjudications(&st.services).await {
+        Ok(l) => l,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!(
+        "<h1>Possible duplicates</h1>{}",
+        flash(f.ok.as_deref(), f.error.as_deref())
+    );
+    if list.is_empty() {
+        body.push_str("<p id=\"no-adjudications\">No possible duplicate is waiting.</p>");
+    } else {
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|a| {
+                vec![
+                    format!(
+                        "<a class=\"adjudicate-link\" href=\"/console/adjudications/{}\">{}</a>",
+                        url(&a.application_id),
+                        esc(&a.application_id)
+                    ),
+                    esc(&a.registry_id),
+                    esc(&a.flagged_at),
+                    a.candidates.to_string(),
+                    format!("{:.1}", a.best_score),
+                ]
+            })
+            .collect();
+        body.push_str(&table(
+            &[
+                "application",
+                "registry id",
+                "flagged",
+                "candidates",
+                "best score",
+            ],
+            &rows,
+        ));
+    }
+    frame(&s, "Adjudication", &body)
+}
+
+async fn adjudication(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let app_id = ApplicationId(id.clone());
+    let app = match st.services.store.application(&app_id).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return not_found(&s, "No such application"),
+        Err(e) => return internal(e),
+    };
+    let cands = match cardpipe_dedup::stage::candidates(&st.services, &app_id).await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    if cands.is_empty() {
+        return not_found(
+            &s,
+            "This application was never flagged as a possible duplicate",
+        );
+    }
+    let names = |id: &ApplicationId| {
+        let services = st.services.clone();
+        let id = id.clone();
+        async move {
+            records::load_record(&services, &id)
+                .await
+                .map(|r| bidi(&format!("{} {}", r.first_name, r.last_name)))
+                .unwrap_or_else(|_| "—".into())
+        }
+    };
+    let mut body = format!(
+        "<h1>Possible duplicate <code>{}</code></h1>{}<p>State: <strong id=\"adj-state\">{}</strong> · \
+         <a href=\"/console/applications/{}\">application detail</a></p>",
+        esc(&id),
+        flash(f.ok.as_deref(), f.error.as_deref()),
+        esc(app.state.as_str()),
+        url(&id)
+    );
+    for c in &cands {
+        let other = ApplicationId(c.candidate_id.clone());
+        body.push_str(&format!(
+            "<h2>Candidate {} — fused score {:.1}, FMR {:.2e}</h2><div class=\"photos\">\
+             <figure><img alt=\"applicant photo\" src=\"/console/adjudications/{}/photo/applicant\">\
+             <figcaption>This application: {}</figcaption></figure>\
+             <figure><img alt=\"candidate photo\" src=\"/console/adjudications/{}/photo/{}\">\
+             <figcaption>Candidate <a href=\"/console/applications/{}\">{}</a>: {}</figcaption></figure></div>",
+            c.rank,
+            c.score,
+            c.fmr,
+            url(&id),
+            names(&app_id).await,
+            url(&id),
+            url(&c.candidate_id),
+            url(&c.candidate_id),
+            esc(&c.candidate_id),
+            names(&other).await,
+        ));
+        let rows: Vec<Vec<String>> = c
+            .finger_scores
+            .iter()
+            .enumerate()
+            .map(|(i, score)| {
+                vec![
+                    (i + 1).to_string(),
+                    FINGERS.get(i).copied().unwrap_or("").to_owned(),
+                    score.map_or("—".into(), |v| format!("{v:.1}")),
+                ]
+            })
+            .collect();
+        body.push_str(&table(&["position", "finger", "score"], &rows));
+    }
+    if app.state == ApplicationState::PossibleDuplicate {
+        body.push_str(&format!(
+            "<h2>Decision</h2><form method=\"post\" action=\"/console/adjudications/{}/decide\" id=\"decide\">{}\
+             <p><label><input type=\"radio\" name=\"decision\" value=\"cleared\" id=\"decision-cleared\" required> \
+             Not the same person: clear (continues to keys)</label><br>\
+             <label><input type=\"radio\" name=\"decision\" value=\"confirmed_duplicate\" id=\"decision-confirm\"> \
+             Same person: confirm the duplicate (supervisor; final)</label></p>\
+             <p><label>Reason<br><input type=\"text\" name=\"reason\" id=\"decision-reason\" size=\"60\" required maxlength=\"500\"></label></p>\
+             <p><button type=\"submit\" id=\"decision-submit\">Record decision</button></p></form>",
+            url(&id),
+            csrf_field(&s)
+        ));
+    }
+    frame(&s, "Adjudication", &body)
+}
+
+/// ISO/IEC 19794-2 finger positions 1..=10.
+const FINGERS: [&str; 10] = [
+    "right thumb",
+    "right index",
+    "right middle",
+    "right ring",
+    "right little",
+    "left thumb",
+    "left index",
+    "left middle",
+    "left ring",
+    "left little",
+];
+
+async fn photo(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path((id, which)): Path<(String, String)>,
+) -> Response {
+    if let Err(r) = session(&st, &headers).await {
+        return r;
+    }
+    let app_id = ApplicationId(id);
+    let cands = match cardpipe_dedup::stage::candidates(&st.services, &app_id).await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    // Only the photos of an adjudication: the applicant and its candidates.
+    let target = if which == "applicant" && !cands.is_empty() {
+        app_id
+    } else if cands.iter().any(|c| c.candidate_id == which) {
+        ApplicationId(which)
+    } else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match records::load_biometrics(&st.services, &target).await {
+        Ok(b) => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            b.photo_jpeg,
+        )
+            .into_response(),
+        Err(records::RecordError::Missing { .. }) => StatusCode::NOT_FOUND.into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct DecideForm {
+    csrf: String,
+    decision: String,
+    reason: String,
+}
+
+async fn decide(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<DecideForm>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_csrf(&s, &f.csrf) {
+        return r;
+    }
+    let here = format!("/console/adjudications/{}", url(&id));
+    match actions::adjudicate(
+        &st.services,
+        st.engine.as_ref(),
+        &s.operator,
+        &id,
+        &f.decision,
+        &f.reason,
+    )
+    .await
+    {
+        Ok(to) => back(&here, Ok(format!("decided: {}", to.as_str()))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
+        Err(e) => back(&here, Err(action_error(e))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parked work
+
+fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|p| {
+            let job = url(&p.job_id);
+            let csrf = csrf_field(s);
+            vec![
+                format!("<code>{}</code>", esc(&p.job_id)),
+                esc(&p.stage),
+                format!(
+                    "<a href=\"/console/applications/{}\">{}</a>",
+                    url(&p.subject),
+                    esc(&p.subject)
+                ),
+                p.attempt.to_string(),
+                format!("<code>{}</code>", esc(&p.error)),
+                esc(&p.parked_at),
+                format!(
+                    "<form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/retry\">{csrf}\
+                     <button type=\"submit\" class=\"retry\">Retry</button></form>\
+                     <form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/drop\">{csrf}\
+                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
+                     <button type=\"submit\" class=\"danger\">Drop</button></form>\
+                     <form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/fail\">{csrf}\
+                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
+                     <button type=\"submit\" class=\"danger\">Force-fail</button></form>"
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "job",
+            "stage",
+            "application",
+            "attempts",
+            "last error",
+            "parked at",
+            "actions",
+        ],
+        &rows,
+    )
+}
+
+async fn parked_page(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(f): Query<Flash>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let jobs = match parked::list(&st.services, None).await {
+        Ok(j) => j,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!(
+        "<h1>Parked work</h1>{}<p class=\"muted\">Retry sends the job back to its stage as a fresh attempt. \
+         Drop (supervisor) forgets the job and leaves the application where it is. Force-fail (supervisor) \
+         ends the application: rejected if never released, otherwise cancelled (certificates revoked).</p>",
+        flash(f.ok.as_deref(), f.error.as_deref())
+    );
+    if jobs.is_empty() {
+        body.push_str("<p id=\"no-parked\">Nothing is parked.</p>");
+    } else {
+        body.push_str(&format!(
+            "<div id=\"parked\">{}</div>",
+            parked_rows(&s, &jobs)
+        ));
+    }
+    frame(&s, "Parked work", &body)
+}
+
+#[derive(Deserialize)]
+struct ReasonForm {
+    csrf: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn parked_action(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path((job, action)): Path<(String, String)>,
+    Form(f): Form<ReasonForm>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_csrf(&s, &f.csrf) {
+        return r;
+    }
+    let outcome = match action.as_str() {
+        "retry" => actions::parked_retry(&st.services, &s.operator, &job)
+            .await
+            .map(|j| format!("job {job} sent back to {} as job {}", j.stage, j.id)),
+        "drop" => actions::parked_drop(&st.services, &s.operator, &job, &f.reason)
+            .await
+            .map(|p| format!("job {job} of {} dropped", p.subject)),
+        "fail" => actions::parked_fail(&st.services, &s.operator, &job, &f.reason)
+            .await
+            .map(|to| format!("job {job} force-failed: application is now {}", to.as_str())),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    match outcome {
+        Ok(m) => back("/console/parked", Ok(m)),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
+        Err(e) => back("/console/parked", Err(action_error(e))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoders
+
+async fn encoders(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(f): Query<Flash>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let farm = st.farm();
+    let list = match data::encoders(&st.services, farm.as_deref()).await {
+        Ok(l) => l,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!(
+        "<h1>Encoders</h1>{}<p class=\"muted\">{}</p>",
+        flash(f.ok.as_deref(), f.error.as_deref()),
+        if farm.is_some() {
+            "Live state from this process's encoder farm; counts from the cards table."
+        } else {
+            "This process drives no encoder: counts from the cards table, service state from operators' decisions."
+        }
+    );
+    let csrf = csrf_field(&s);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            let state = match (e.present, e.in_service) {
+                (Some(false), _) => "absent".to_owned(),
+                (_, true) => "in service".to_owned(),
+                (_, false) => format!("out of service: {}", e.reason.as_deref().unwrap_or("")),
+            };
+            let flip = if e.in_service {
+                ("0", "Take out of service", "danger")
+            } else {
+                ("1", "Return to service", "light")
+            };
+            vec![
+                esc(&e.name),
+                esc(&state),
+                e.busy.map_or("—".into(), |b| if b { "busy".into() } else { "idle".into() }),
+                e.personalized.to_string(),
+                e.spoiled.to_string(),
+                e.yield_ratio().map_or("—".into(), |y| format!("{:.1}%", y * 100.0)),
+                e.last_hour.to_string(),
+                format!(
+                    "<form method=\"post\" class=\"inline\" action=\"/console/encoders/service\">{csrf}\
+                     <input type=\"hidden\" name=\"encoder\" value=\"{}\"><input type=\"hidden\" name=\"in_service\" value=\"{}\">\
+                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
+                     <button type=\"submit\" class=\"{}\">{}</button></form>",
+                    esc(&e.name),
+                    flip.0,
+                    flip.2,
+                    flip.1
+                ),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        body.push_str("<p>No encoder has been seen yet.</p>");
+    } else {
+        body.push_str(&table(
+            &[
+                "encoder",
+                "state",
+                "now",
+                "personalized",
+                "spoiled",
+                "yield",
+                "cards last hour",
+                "service",
+            ],
+            &rows,
+        ));
+    }
+    frame(&s, "Encoders", &body)
+}
+
+#[derive(Deserialize)]
+struct EncoderForm {
+    csrf: String,
+    encoder: String,
+    in_service: String,
+    reason: String,
+}
+
+async fn encoder_service(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(f): Form<EncoderForm>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_csrf(&s, &f.csrf) {
+        return r;
+    }
+    let in_service = f.in_service == "1";
+    let farm = st.farm();
+    match actions::encoder_service(
+        &st.services,
+        farm.as_deref(),
+        &s.operator,
+        &f.encoder,
+        in_service,
+        &f.reason,
+    )
+    .await
+    {
+        Ok(()) => back(
+            "/console/encoders",
+            Ok(format!(
+                "encoder {} {}",
+                f.encoder,
+                if in_service {
+                    "returned to service"
+                } else {
+                    "taken out of service"
+                }
+            )),
+        ),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
+        Err(e) => back("/console/encoders", Err(action_error(e))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Audit log, stock, shipments
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    subject: Option<String>,
+    verify: Option<String>,
+}
+
+async fn audit_page(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if !s.operator.role.can_audit() {
+        return forbidden(&s, "the audit log is for supervisors and auditors");
+    }
+    let subject = q.subject.filter(|x| !x.trim().is_empty());
+    let entries = match audit::recent(&st.services.store, subject.as_deref(), 300).await {
+        Ok(e) => e,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!(
+        "<h1>Audit log</h1><form method=\"get\" class=\"inline\" action=\"/console/audit\">\
+         <input type=\"text\" name=\"subject\" value=\"{}\" placeholder=\"subject (application, job, operator…)\">\
+         <button type=\"submit\">Filter</button></form> \
+         <form method=\"get\" class=\"inline\" action=\"/console/audit\"><input type=\"hidden\" name=\"verify\" value=\"1\">\
+         <button type=\"submit\" id=\"audit-verify\">Verify the whole chain</button></form>",
+        esc(subject.as_deref().unwrap_or(""))
+    );
+    if q.verify.is_some() {
+        match audit::verify(&st.services.store).await {
+            Ok(r) if r.intact() => body.push_str(&format!(
+                "<p class=\"msg ok\" id=\"verify-result\">The chain is intact: {} entries, every hash and link checks.</p>",
+                r.entries
+            )),
+            Ok(r) => {
+                body.push_str("<div class=\"msg err\" id=\"verify-result\"><strong>The chain is broken:</strong><ul>");
+                for p in &r.problems {
+                    body.push_str(&format!("<li>{}</li>", esc(&p.to_string())));
+                }
+                body.push_str("</ul></div>");
+            }
+            Err(e) => return internal(e),
+        }
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                esc(&e.at),
+                esc(&e.actor),
+                esc(&e.role),
+                esc(&e.action),
+                esc(&e.subject),
+                format!("<code>{}</code>", esc(&e.details)),
+                format!(
+                    "<code title=\"{}\">{}…</code>",
+                    esc(&e.hash),
+                    esc(&e.hash[..12.min(e.hash.len())])
+                ),
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &[
+            "#", "at", "actor", "role", "action", "subject", "details", "hash",
+        ],
+        &rows,
+    ));
+    frame(&s, "Audit log", &body)
+}
+
+async fn area(st: &ConsoleState, s: &Session, area: &str, title: &str, what: &str) -> Response {
+    let tables = match data::area_tables(&st.services, area).await {
+        Ok(t) => t,
+        Err(e) => return internal(e),
+    };
+    let mut body = format!("<h1>{}</h1>", esc(title));
+    if tables.is_empty() {
+        body.push_str(&format!(
+            "<div class=\"na\" id=\"not-available\"><strong>Not available.</strong> This installation has no {} \
+             tables yet (the stage that keeps them is not part of this build, or its migrations have not run). \
+             Nothing to show.</div>",
+            esc(what)
+        ));
+    } else {
+        for t in tables {
+            body.push_str(&format!(
+                "<h2><code>{}</code> ({} rows{})</h2>",
+                esc(&t.name),
+                t.total,
+                if t.total > t.rows.len() as i64 {
+                    format!(", first {}", t.rows.len())
+                } else {
+                    String::new()
+                }
+            ));
+            let headers: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+            let rows: Vec<Vec<String>> = t
+                .rows
+                .iter()
+                .map(|r| r.iter().map(|c| esc(c)).collect())
+                .collect();
+            body.push_str(&table(&headers, &rows));
+        }
+    }
+    frame(s, title, &body)
+}
+
+async fn stock(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    area(
+        &st,
+        &s,
+        "stock",
+        "Blank-card stock and quality control",
+        "blank-card stock or quality-control",
+    )
+    .await
+}
+
+async fn shipments(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    area(
+        &st,
+        &s,
+        "shipments",
+        "Shipments and office discrepancies",
+        "shipping or delivery",
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csrf_tokens_compare_whole() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "ab"));
+        assert!(!same_token("", ""));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; cardpipe_session=xyz"),
+        );
+        assert_eq!(cookie(&h, SESSION_COOKIE).as_deref(), Some("xyz"));
+        assert!(set_cookie("n", "v", 5, false).contains("HttpOnly; SameSite=Strict"));
+    }
+}

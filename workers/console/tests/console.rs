@@ -1,0 +1,563 @@
+//! The console over HTTP on both backends (SQLite + in-process broker + files, and
+//! PostgreSQL + RabbitMQ + S3): the first supervisor, roles, CSRF, the login rate limit,
+//! parked work retry / drop / force-fail, encoder service, "not available" pages, and an audit
+//! entry for every action.
+
+use std::time::Duration;
+
+use cardpipe_common::audit;
+use cardpipe_common::broker::{Job, RetryPolicy};
+use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
+use cardpipe_common::runtime::{Services, parked};
+use cardpipe_common::store::{NewApplication, Store, Transition};
+use cardpipe_common::testing::{self, Mode};
+use cardpipe_console::auth::{self, Role};
+use cardpipe_console::{ConsoleConfig, router};
+use sqlx::Row;
+
+async fn application(services: &Services, id: &str, to: ApplicationState) -> ApplicationId {
+    let app = ApplicationId(id.to_owned());
+    let now = services.clock.now();
+    let mut tx = services.store.begin().await.unwrap();
+    Store::insert_application(
+        &mut tx,
+        &NewApplication {
+            id: app.clone(),
+            registry_id: format!("REG-{id}"),
+            batch_id: None,
+            state: ApplicationState::Received,
+            priority: Priority::Normal,
+        },
+        "test",
+        now,
+    )
+    .await
+    .unwrap();
+    let path = [
+        ApplicationState::Received,
+        ApplicationState::DedupPending,
+        ApplicationState::DedupClear,
+        ApplicationState::KeysIssued,
+    ];
+    for pair in path.windows(2) {
+        if pair[0] == to {
+            break;
+        }
+        assert!(
+            Store::transition(
+                &mut tx,
+                &Transition {
+                    id: &app,
+                    from: pair[0],
+                    to: pair[1],
+                    stage: "test",
+                    attempt: 1,
+                    actor: "test",
+                    reason: None,
+                    at: now,
+                },
+            )
+            .await
+            .unwrap()
+        );
+    }
+    tx.commit().await.unwrap();
+    app
+}
+
+/// Parks a job the way the runner does: on the broker's parking queue and in parked_jobs.
+async fn park(services: &Services, stage: &str, subject: &str) -> String {
+    services
+        .broker
+        .declare_stage(stage, &RetryPolicy::default())
+        .await
+        .unwrap();
+    let mut job = Job::new(stage, subject);
+    job.attempt = 5;
+    job.last_error = Some("encoder fault: card removed".into());
+    services.broker.publish_parked(&job).await.unwrap();
+    parked::record(services, &job, services.clock.now())
+        .await
+        .unwrap();
+    job.id
+}
+
+struct Console {
+    base: String,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(services: &Services, data_dir: &std::path::Path) -> Console {
+    let config = ConsoleConfig {
+        login_max_failures: 3,
+        ..ConsoleConfig::default()
+    };
+    let app = router(
+        services.clone(),
+        &config,
+        data_dir.to_path_buf(),
+        vec!["keys".into()],
+        None,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+    });
+    Console { base, stop }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap()
+}
+
+fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a csrf token")
+        + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+/// Signs in; returns the landing page.
+async fn login(c: &reqwest::Client, base: &str, login: &str, password: &str) -> (String, String) {
+    let form = c
+        .get(format!("{base}/console/login"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let res = c
+        .post(format!("{base}/console/login"))
+        .form(&[
+            ("login", login),
+            ("password", password),
+            ("csrf", &csrf_of(&form)),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let url = res.url().path().to_owned();
+    (url, res.text().await.unwrap())
+}
+
+async fn post(c: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> (u16, String, String) {
+    let res = c.post(url).form(form).send().await.unwrap();
+    let status = res.status().as_u16();
+    let at = res.url().as_str().to_owned();
+    (status, at, res.text().await.unwrap())
+}
+
+async fn page(c: &reqwest::Client, url: &str) -> (u16, String) {
+    let res = c.get(url).send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+async fn wait_for_admin(dir: &std::path::Path) -> String {
+    let path = dir.join(auth::ADMIN_PASSWORD_FILE);
+    for _ in 0..100 {
+        if let Ok(p) = std::fs::read_to_string(&path)
+            && !p.trim().is_empty()
+        {
+            return p.trim().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} was not written", path.display());
+}
+
+async fn actions_of(services: &Services) -> Vec<(String, String, String)> {
+    audit::recent(&services.store, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|e| (e.actor, e.role, e.action))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
+    for mode in [Mode::Embedded, Mode::Distributed] {
+        let (services, _guard) = testing::services(mode, None).await;
+        let data = tempfile::tempdir().unwrap();
+        let console = serve(&services, data.path()).await;
+        let base = console.base.clone();
+
+        // The first supervisor: a random password in a 0600 file; only once.
+        let admin_password = wait_for_admin(data.path()).await;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(data.path().join(auth::ADMIN_PASSWORD_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(
+            auth::ensure_admin(&services, data.path())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let hash: String = sqlx::query("SELECT password_hash FROM operators WHERE login = 'admin'")
+            .fetch_one(services.store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert!(hash.starts_with("$argon2id$"), "{mode:?}");
+        assert!(!hash.contains(&admin_password));
+
+        let admin = ("admin", "supervisor");
+        auth::add_operator(
+            &services,
+            "omid",
+            Role::Operator,
+            "operator-password-1",
+            admin,
+        )
+        .await
+        .unwrap();
+        auth::add_operator(
+            &services,
+            "aida",
+            Role::Auditor,
+            "auditor-password-1",
+            admin,
+        )
+        .await
+        .unwrap();
+        let dup = auth::add_operator(
+            &services,
+            "omid",
+            Role::Auditor,
+            "operator-password-1",
+            admin,
+        )
+        .await;
+        assert!(dup.unwrap_err().to_string().contains("already exists"));
+
+        // Unauthenticated pages redirect to the sign-in form.
+        let anon = client();
+        let res = anon
+            .get(format!("{base}/console/parked"))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.url().path().ends_with("/console/login"), "{mode:?}");
+        let headers = res.headers().clone();
+        assert!(
+            headers[reqwest::header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .contains("default-src 'none'")
+        );
+
+        // The rate limit: after 3 failures, even the right password is refused.
+        let omid = client();
+        for _ in 0..3 {
+            let (at, body) = login(&omid, &base, "omid", "wrong-password-x").await;
+            assert!(at.ends_with("/console/login"));
+            assert!(body.contains("wrong login or password"), "{body}");
+        }
+        let (_, body) = login(&omid, &base, "omid", "operator-password-1").await;
+        assert!(body.contains("too many failed logins"), "{mode:?}: {body}");
+        let metrics = services.metrics.encode();
+        assert!(
+            metrics.contains("cardpipe_console_login_failures_total{reason=\"bad_credentials\"} 3"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("cardpipe_console_login_failures_total{reason=\"rate_limited\"} 1")
+        );
+
+        // Set-Cookie: HttpOnly, SameSite=Strict.
+        let raw = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let form_res = raw
+            .get(format!("{base}/console/login"))
+            .send()
+            .await
+            .unwrap();
+        let login_cookie = form_res.headers()[reqwest::header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let token = login_cookie.split(';').next().unwrap().to_owned();
+        let form = form_res.text().await.unwrap();
+        let signed = raw
+            .post(format!("{base}/console/login"))
+            .header(reqwest::header::COOKIE, &token)
+            .form(&[
+                ("login", "aida"),
+                ("password", "auditor-password-1"),
+                ("csrf", &csrf_of(&form)),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let cookies: Vec<String> = signed
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let session = cookies
+            .iter()
+            .find(|c| c.starts_with("cardpipe_session=") && !c.starts_with("cardpipe_session=;"))
+            .unwrap_or_else(|| panic!("no session cookie: {cookies:?}"));
+        assert!(
+            session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+            "{session}"
+        );
+
+        // Parked work to act on.
+        let a1 = application(
+            &services,
+            &format!("app-{}-1", testing::unique("c")),
+            ApplicationState::KeysIssued,
+        )
+        .await;
+        let a2 = application(
+            &services,
+            &format!("app-{}-2", testing::unique("c")),
+            ApplicationState::KeysIssued,
+        )
+        .await;
+        let a3 = application(
+            &services,
+            &format!("app-{}-3", testing::unique("c")),
+            ApplicationState::Received,
+        )
+        .await;
+        let j1 = park(&services, "personalize", a1.as_str()).await;
+        let j2 = park(&services, "personalize", a2.as_str()).await;
+        let j3 = park(&services, "keys", a3.as_str()).await;
+
+        // An auditor reads (audit log included) and changes nothing.
+        let aida = client();
+        let (at, _) = login(&aida, &base, "aida", "auditor-password-1").await;
+        assert!(at.ends_with("/console/"), "{at}");
+        let (status, body) = page(&aida, &format!("{base}/console/audit")).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, parked_page) = page(&aida, &format!("{base}/console/parked")).await;
+        let csrf = csrf_of(&parked_page);
+        let (status, _, body) = post(
+            &aida,
+            &format!("{base}/console/parked/{j1}/retry"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("needs an operator or supervisor"));
+
+        // An operator retries, but may not drop, nor read the audit log; forged forms fail.
+        let omid = client();
+        auth::add_operator(
+            &services,
+            "olga",
+            Role::Operator,
+            "operator-password-2",
+            admin,
+        )
+        .await
+        .unwrap();
+        let (at, _) = login(&omid, &base, "olga", "operator-password-2").await;
+        assert!(at.ends_with("/console/"));
+        let (status, _) = page(&omid, &format!("{base}/console/audit")).await;
+        assert_eq!(status, 403);
+        let (_, parked_page) = page(&omid, &format!("{base}/console/parked")).await;
+        assert!(parked_page.contains(&j1) && parked_page.contains(&j2));
+        let csrf = csrf_of(&parked_page);
+        let (status, _, body) = post(
+            &omid,
+            &format!("{base}/console/parked/{j1}/retry"),
+            &[("csrf", "forged")],
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert!(body.contains("security token"));
+        let (status, _, body) = post(
+            &omid,
+            &format!("{base}/console/parked/{j2}/drop"),
+            &[("csrf", &csrf), ("reason", "duplicate job")],
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert!(body.contains("needs a supervisor"), "{body}");
+        let (status, at, body) = post(
+            &omid,
+            &format!("{base}/console/parked/{j1}/retry"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(at.contains("ok="), "{at}");
+        assert!(body.contains("sent back to personalize"), "{body}");
+        let outbox: i64 =
+            sqlx::query("SELECT COUNT(*) FROM outbox WHERE subject = $1 AND topic = 'job'")
+                .bind(a1.as_str())
+                .fetch_one(services.store.pool())
+                .await
+                .unwrap()
+                .get(0);
+        assert_eq!(
+            outbox, 1,
+            "{mode:?}: the retried job goes through the outbox"
+        );
+
+        // A supervisor drops one (reason required) and force-fails another.
+        let adm = client();
+        let (at, _) = login(&adm, &base, "admin", &admin_password).await;
+        assert!(at.ends_with("/console/"));
+        let (_, parked_page) = page(&adm, &format!("{base}/console/parked")).await;
+        let csrf = csrf_of(&parked_page);
+        let (_, at, _) = post(
+            &adm,
+            &format!("{base}/console/parked/{j2}/drop"),
+            &[("csrf", &csrf), ("reason", " ")],
+        )
+        .await;
+        assert!(at.contains("error="), "{at}");
+        let (_, _, body) = post(
+            &adm,
+            &format!("{base}/console/parked/{j2}/drop"),
+            &[("csrf", &csrf), ("reason", "stale duplicate job")],
+        )
+        .await;
+        assert!(body.contains("dropped"), "{body}");
+        let (_, _, body) = post(
+            &adm,
+            &format!("{base}/console/parked/{j3}/fail"),
+            &[("csrf", &csrf), ("reason", "registry asked to stop")],
+        )
+        .await;
+        assert!(body.contains("application is now rejected"), "{body}");
+        let app3 = services.store.application(&a3).await.unwrap().unwrap();
+        assert_eq!(app3.state, ApplicationState::Rejected);
+        let history = services.store.history(&a3).await.unwrap();
+        let last = history.last().unwrap();
+        assert_eq!(last.actor, "operator:admin");
+        assert!(
+            last.reason
+                .as_deref()
+                .unwrap()
+                .contains("registry asked to stop")
+        );
+        assert!(
+            parked::list(&services, None).await.unwrap().is_empty(),
+            "{mode:?}"
+        );
+        for stage in ["personalize", "keys"] {
+            assert_eq!(
+                services.broker.depth(stage).await.unwrap().parked,
+                0,
+                "{mode:?} {stage}"
+            );
+        }
+
+        // Encoders: one known from the cards table, taken out of service with a reason.
+        sqlx::query(
+            "INSERT INTO cards (blank_serial, chip_serial, application_id, encoder, state, attempt, created_at, updated_at)
+             VALUES ($1, 'chip', $2, 'reader-7', 'personalized', 1, '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
+        )
+        .bind(testing::unique("blank"))
+        .bind(a1.as_str())
+        .execute(services.store.pool())
+        .await
+        .unwrap();
+        let (_, enc_page) = page(&omid, &format!("{base}/console/encoders")).await;
+        assert!(
+            enc_page.contains("reader-7") && enc_page.contains("100.0%"),
+            "{enc_page}"
+        );
+        let csrf_o = csrf_of(&enc_page);
+        let (_, _, body) = post(
+            &omid,
+            &format!("{base}/console/encoders/service"),
+            &[
+                ("csrf", &csrf_o),
+                ("encoder", "reader-7"),
+                ("in_service", "0"),
+                ("reason", "misfeeds blanks"),
+            ],
+        )
+        .await;
+        assert!(
+            body.contains("taken out of service")
+                && body.contains("out of service: misfeeds blanks"),
+            "{body}"
+        );
+        let (_, _, body) = post(
+            &omid,
+            &format!("{base}/console/encoders/service"),
+            &[
+                ("csrf", &csrf_o),
+                ("encoder", "no-such-reader"),
+                ("in_service", "0"),
+                ("reason", "x"),
+            ],
+        )
+        .await;
+        assert!(body.contains("no encoder"), "{body}");
+
+        // Stock and shipments tolerate missing tables.
+        for p in ["stock", "shipments"] {
+            let (status, body) = page(&omid, &format!("{base}/console/{p}")).await;
+            assert_eq!(status, 200);
+            assert!(
+                body.contains("Not available") || body.contains("rows"),
+                "{p}: {body}"
+            );
+        }
+
+        // Search and application detail.
+        let (_, body) = page(
+            &omid,
+            &format!("{base}/console/search?q=REG-{}", a3.as_str()),
+        )
+        .await;
+        assert!(body.contains("force-failed by an operator"), "{body}");
+        let (_, body) = page(&omid, &format!("{base}/console/search?q=nothing-like-this")).await;
+        assert!(body.contains("No application with id"));
+
+        // Every action is in the audit log under the operator who took it, and the chain holds.
+        let actions = actions_of(&services).await;
+        for expected in [
+            ("admin", "supervisor", "operator.add"),
+            ("omid", "anonymous", "console.login_failed"),
+            ("aida", "auditor", "console.login"),
+            ("olga", "operator", "parked.retry"),
+            ("admin", "supervisor", "parked.drop"),
+            ("admin", "supervisor", "parked.fail"),
+            ("olga", "operator", "encoder.out_of_service"),
+        ] {
+            assert!(
+                actions
+                    .iter()
+                    .any(|(a, r, x)| (a.as_str(), r.as_str(), x.as_str()) == expected),
+                "{mode:?}: no audit entry {expected:?} in {actions:?}"
+            );
+        }
+        assert!(audit::verify(&services.store).await.unwrap().intact());
+        drop(console);
+    }
+}

@@ -1,0 +1,694 @@
+//! In-memory ten-print gallery with two-stage 1:N search, shards and 1:1 verification.
+//!
+//! Storage per enrolled subject (struct-of-arrays, indexed by a dense slot number):
+//! * 10 × 512-bit candidate codes, contiguous for all subjects (`codes`), and their popcounts;
+//! * the compact minutiae of the ten fingers in one boxed byte blob (5 bytes per minutia);
+//! * the reference id and a hash-map entry from id to slot.
+//!
+//! That is roughly 640 B of codes + ~2 KB of minutiae + ~100 B of bookkeeping per subject,
+//! so a million subjects need ~3 GB. Cylinders for the precise stage are rebuilt from the
+//! compact minutiae for the shortlisted subjects only.
+//!
+//! **Search** ([`Gallery::identify_batch`]): the candidate stage scans every subject's ten
+//! codes against every probe of a batch, block by block (a block of subjects stays in cache
+//! while all probes of the batch are scored against it, so the gallery streams from memory
+//! once per batch rather than once per probe), keeping the best `shortlist` subjects per
+//! probe by summed code correlation. Blocks are spread over threads with rayon. The precise
+//! stage is a cascade: two fingers of every shortlisted subject, then all fingers of the best
+//! few, and the per-finger scores are fused ([`super::fuse`]).
+//!
+//! **Sharding**: a [`Shard`] owns the reference ids whose stable hash falls in its bucket;
+//! each shard answers a probe on its own and [`merge_candidates`] combines the per-shard lists
+//! (scores are absolute, so merging is a sort and a cut).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::calibration::{Calibration, FusedScore, fuse};
+use super::code::{CODE_WORDS, FingerCode, code_similarity};
+use super::compare::compare;
+use super::template::{Finger, FingerTemplate};
+use crate::iso19794_2::{self, IsoError};
+
+const STRIDE: usize = 10 * CODE_WORDS;
+/// Subjects per cache block of the candidate scan (256 × 640 B = 160 KiB of codes).
+const BLOCK: usize = 256;
+
+/// Why a ten-print could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenPrintError {
+    #[error("fingerprint record {index} refused: {source}")]
+    Iso {
+        index: usize,
+        #[source]
+        source: IsoError,
+    },
+    #[error(
+        "fingerprint record {index}: finger position 0 (unknown) cannot be placed in a ten-print"
+    )]
+    UnknownPosition { index: usize },
+    #[error("finger position {position} appears more than once")]
+    DuplicatePosition { position: u8 },
+    #[error("no finger with minutiae in the ten-print")]
+    Empty,
+}
+
+/// Up to ten fingers indexed by ISO finger position − 1.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TenPrint {
+    pub fingers: [Option<Finger>; 10],
+}
+
+impl fmt::Debug for TenPrint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let present: Vec<usize> = (0..10)
+            .filter(|&i| self.fingers[i].is_some())
+            .map(|i| i + 1)
+            .collect();
+        write!(
+            f,
+            "TenPrint {{ positions: {present:?}, minutiae: <redacted> }}"
+        )
+    }
+}
+
+impl TenPrint {
+    /// Builds a ten-print from ISO 19794-2 records (each may hold one or several views),
+    /// placing every view by its finger position. Position 0 (unknown) and a position given
+    /// twice are refused, as is a ten-print without any minutiae.
+    pub fn from_iso<B: AsRef<[u8]>>(records: &[B]) -> Result<Self, TenPrintError> {
+        let mut tp = TenPrint::default();
+        for (index, bytes) in records.iter().enumerate() {
+            let rec = iso19794_2::parse(bytes.as_ref())
+                .map_err(|source| TenPrintError::Iso { index, source })?;
+            for view in &rec.views {
+                if view.position == 0 {
+                    return Err(TenPrintError::UnknownPosition { index });
+                }
+                let slot = &mut tp.fingers[usize::from(view.position) - 1];
+                if slot.is_some() {
+                    return Err(TenPrintError::DuplicatePosition {
+                        position: view.position,
+                    });
+                }
+                *slot = Some(Finger::from_view(&rec, view));
+            }
+        }
+        if tp.fingers.iter().flatten().all(|f| f.minutiae.is_empty()) {
+            return Err(TenPrintError::Empty);
+        }
+        Ok(tp)
+    }
+
+    fn to_blob(&self) -> Box<[u8]> {
+        let mut out = Vec::with_capacity(10 + 5 * 40 * 10);
+        for f in &self.fingers {
+            match f {
+                Some(f) => f.write_compact(&mut out),
+                None => out.push(0),
+            }
+        }
+        out.into_boxed_slice()
+    }
+
+    fn from_blob(blob: &[u8]) -> Self {
+        let mut tp = TenPrint::default();
+        let mut at = 0;
+        for slot in tp.fingers.iter_mut() {
+            let (f, used) = Finger::read_compact(&blob[at..]);
+            at += used;
+            if !f.minutiae.is_empty() {
+                *slot = Some(f);
+            }
+        }
+        tp
+    }
+}
+
+/// A ten-print prepared for searching: codes and expanded templates, built once per probe.
+#[derive(Clone)]
+pub struct Probe {
+    codes: [u64; STRIDE],
+    pops: [u32; 10],
+    templates: [Option<FingerTemplate>; 10],
+}
+
+impl fmt::Debug for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Probe { <redacted> }")
+    }
+}
+
+impl Probe {
+    /// Prepares a probe.
+    pub fn new(tp: &TenPrint) -> Self {
+        let mut codes = [0u64; STRIDE];
+        let mut pops = [0u32; 10];
+        let mut templates: [Option<FingerTemplate>; 10] = Default::default();
+        for (i, f) in tp.fingers.iter().enumerate() {
+            if let Some(f) = f {
+                let t = FingerTemplate::new(f);
+                let c = FingerCode::new(&t);
+                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
+                pops[i] = c.popcount();
+                templates[i] = Some(t);
+            }
+        }
+        Probe {
+            codes,
+            pops,
+            templates,
+        }
+    }
+}
+
+/// Search parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdentifyOptions {
+    /// Candidate-stage shortlist size per probe (subjects sent to the precise stage).
+    pub shortlist: usize,
+    /// Fingers compared per shortlisted subject in the first precise pass.
+    pub lead_fingers: usize,
+    /// Subjects compared on all fingers in the second precise pass.
+    pub full_compare: usize,
+    /// Maximum candidates returned.
+    pub max_results: usize,
+    /// Minimum fused score (−log10 FMR) for a candidate to be returned.
+    pub min_score: f64,
+}
+
+impl Default for IdentifyOptions {
+    fn default() -> Self {
+        IdentifyOptions {
+            shortlist: 200,
+            lead_fingers: 2,
+            full_compare: 12,
+            max_results: 10,
+            min_score: 0.0,
+        }
+    }
+}
+
+/// A gallery subject returned by a search, with evidence for adjudication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub reference_id: String,
+    /// Fused score and per-finger scores.
+    pub fused: FusedScore,
+    /// Candidate-stage score (code phi correlation summed over fingers, × 10⁶).
+    pub prefilter: i64,
+}
+
+/// Outcome of a 1:1 verification.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verification {
+    pub fused: FusedScore,
+    /// Whether the fused FMR is at or below the requested FMR.
+    pub is_match: bool,
+}
+
+/// Precise scores of each finger position present in both.
+fn finger_scores(probe: &Probe, reference: &TenPrint) -> [Option<f32>; 10] {
+    let mut scores = [None; 10];
+    for (slot, (p, r)) in scores
+        .iter_mut()
+        .zip(probe.templates.iter().zip(&reference.fingers))
+    {
+        if let (Some(p), Some(r)) = (p, r) {
+            *slot = Some(compare(p, &FingerTemplate::new(r)));
+        }
+    }
+    scores
+}
+
+/// 1:1 comparison of a probe against a stored ten-print (pickup handover).
+pub fn verify(
+    probe: &Probe,
+    reference: &TenPrint,
+    target_fmr: f64,
+    calibration: &Calibration,
+) -> Verification {
+    let scores = finger_scores(probe, reference);
+    let fused = fuse(scores, calibration);
+    Verification {
+        is_match: fused.fmr <= target_fmr,
+        fused,
+    }
+}
+
+/// A shortlisted subject after the first precise pass: (partial fused score, prefilter
+/// score, slot, decoded ten-print, finger scores so far).
+type Partial = (f64, i64, u32, TenPrint, [Option<f32>; 10]);
+
+/// The in-memory gallery.
+pub struct Gallery {
+    ids: Vec<String>,
+    index: HashMap<String, u32>,
+    codes: Vec<u64>,
+    pops: Vec<u16>,
+    blobs: Vec<Box<[u8]>>,
+    calibration: Arc<Calibration>,
+}
+
+impl fmt::Debug for Gallery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gallery")
+            .field("subjects", &self.ids.len())
+            .finish()
+    }
+}
+
+impl Default for Gallery {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gallery {
+    /// An empty gallery using the synthetic calibration.
+    pub fn new() -> Self {
+        Self::with_calibration(Arc::new(Calibration::synthetic().clone()))
+    }
+
+    /// An empty gallery with a given calibration.
+    pub fn with_calibration(calibration: Arc<Calibration>) -> Self {
+        Gallery {
+            ids: Vec::new(),
+            index: HashMap::new(),
+            codes: Vec::new(),
+            pops: Vec::new(),
+            blobs: Vec::new(),
+            calibration,
+        }
+    }
+
+    /// The calibration in use.
+    pub fn calibration(&self) -> &Calibration {
+        &self.calibration
+    }
+
+    /// Replaces the calibration (e.g. one fitted on real impostor comparisons).
+    pub fn set_calibration(&mut self, calibration: Arc<Calibration>) {
+        self.calibration = calibration;
+    }
+
+    /// Number of enrolled subjects.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the gallery is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Whether `reference_id` is enrolled.
+    pub fn contains(&self, reference_id: &str) -> bool {
+        self.index.contains_key(reference_id)
+    }
+
+    /// Reserves room for `additional` subjects.
+    pub fn reserve(&mut self, additional: usize) {
+        self.ids.reserve(additional);
+        self.index.reserve(additional);
+        self.codes.reserve(additional * STRIDE);
+        self.pops.reserve(additional * 10);
+        self.blobs.reserve(additional);
+    }
+
+    /// Enrols (or re-enrols, replacing the data) `reference_id`. Returns `true` if the id was
+    /// new. Idempotent: inserting the same id twice leaves one entry.
+    pub fn insert(&mut self, reference_id: &str, tenprint: &TenPrint) -> bool {
+        let mut codes = [0u64; STRIDE];
+        let mut pops = [0u16; 10];
+        for (i, f) in tenprint.fingers.iter().enumerate() {
+            if let Some(f) = f {
+                let c = FingerCode::new(&FingerTemplate::new(f));
+                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
+                pops[i] = c.popcount() as u16;
+            }
+        }
+        self.insert_prepared(reference_id, &codes, &pops, tenprint.to_blob())
+    }
+
+    fn insert_prepared(
+        &mut self,
+        reference_id: &str,
+        codes: &[u64; STRIDE],
+        pops: &[u16; 10],
+        blob: Box<[u8]>,
+    ) -> bool {
+        if let Some(&slot) = self.index.get(reference_id) {
+            let s = slot as usize;
+            self.codes[s * STRIDE..(s + 1) * STRIDE].copy_from_slice(codes);
+            self.pops[s * 10..(s + 1) * 10].copy_from_slice(pops);
+            self.blobs[s] = blob;
+            return false;
+        }
+        let slot = self.ids.len() as u32;
+        self.ids.push(reference_id.to_owned());
+        self.index.insert(reference_id.to_owned(), slot);
+        self.codes.extend_from_slice(codes);
+        self.pops.extend_from_slice(pops);
+        self.blobs.push(blob);
+        true
+    }
+
+    /// Removes `reference_id`; returns whether it was present. O(1): the last slot moves in.
+    pub fn delete(&mut self, reference_id: &str) -> bool {
+        let Some(slot) = self.index.remove(reference_id) else {
+            return false;
+        };
+        let s = slot as usize;
+        let last = self.ids.len() - 1;
+        if s != last {
+            self.codes
+                .copy_within(last * STRIDE..(last + 1) * STRIDE, s * STRIDE);
+            self.pops.copy_within(last * 10..(last + 1) * 10, s * 10);
+            self.ids.swap(s, last);
+            self.blobs.swap(s, last);
+            self.index.insert(self.ids[s].clone(), slot);
+        }
+        self.ids.pop();
+        self.blobs.pop();
+        self.codes.truncate(last * STRIDE);
+        self.pops.truncate(last * 10);
+        true
+    }
+
+    /// The stored ten-print of `reference_id`.
+    pub fn get(&self, reference_id: &str) -> Option<TenPrint> {
+        self.index
+            .get(reference_id)
+            .map(|&s| TenPrint::from_blob(&self.blobs[s as usize]))
+    }
+
+    /// Approximate heap bytes held (capacities of all containers, blobs and ids).
+    pub fn memory_bytes(&self) -> usize {
+        let blobs: usize = self.blobs.iter().map(|b| b.len() + 16).sum();
+        let ids: usize = self.ids.iter().map(|s| s.capacity()).sum();
+        self.codes.capacity() * 8
+            + self.pops.capacity() * 2
+            + self.blobs.capacity() * 16
+            + blobs
+            + self.ids.capacity() * 24
+            + 2 * ids
+            // hashbrown: key (24 B) + value (4 B, padded to 8) + 1 control byte per bucket
+            + self.index.capacity() * 33
+    }
+
+    /// Candidate stage only: best `shortlist` slots per probe, as (prefilter score, slot),
+    /// best first. `parallel = false` runs on the calling thread (for per-core figures).
+    pub fn shortlist(
+        &self,
+        probes: &[&Probe],
+        shortlist: usize,
+        parallel: bool,
+    ) -> Vec<Vec<(i64, u32)>> {
+        let n = self.ids.len();
+        let scan = |range: std::ops::Range<usize>| -> Vec<BinaryHeap<Reverse<(i64, u32)>>> {
+            let mut heaps: Vec<BinaryHeap<Reverse<(i64, u32)>>> = (0..probes.len())
+                .map(|_| BinaryHeap::with_capacity(shortlist + 1))
+                .collect();
+            let mut floors = vec![i64::MIN; probes.len()];
+            let mut start = range.start;
+            while start < range.end {
+                let end = (start + BLOCK).min(range.end);
+                for (p, probe) in probes.iter().enumerate() {
+                    let heap = &mut heaps[p];
+                    for s in start..end {
+                        let g = &self.codes[s * STRIDE..(s + 1) * STRIDE];
+                        let gp = &self.pops[s * 10..(s + 1) * 10];
+                        let mut sum = 0f32;
+                        for f in 0..10 {
+                            sum += code_similarity(
+                                &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                                probe.pops[f],
+                                &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                                u32::from(gp[f]),
+                            );
+                        }
+                        // Fixed point keeps the heap ordering total and exact.
+                        let score = (sum * 1e6) as i64;
+                        if score > floors[p] || heap.len() < shortlist {
+                            heap.push(Reverse((score, s as u32)));
+                            if heap.len() > shortlist {
+                                heap.pop();
+                            }
+                            if heap.len() == shortlist {
+                                floors[p] = heap.peek().map_or(i64::MIN, |r| r.0.0);
+                            }
+                        }
+                    }
+                }
+                start = end;
+            }
+            heaps
+        };
+        let heaps: Vec<BinaryHeap<Reverse<(i64, u32)>>> = if parallel && n > 4 * BLOCK {
+            let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(BLOCK);
+            let parts: Vec<_> = (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .map(|c| scan(c * chunk..((c + 1) * chunk).min(n)))
+                .collect();
+            let mut merged: Vec<BinaryHeap<Reverse<(i64, u32)>>> =
+                (0..probes.len()).map(|_| BinaryHeap::new()).collect();
+            for part in parts {
+                for (p, h) in part.into_iter().enumerate() {
+                    for e in h {
+                        merged[p].push(e);
+                        if merged[p].len() > shortlist {
+                            merged[p].pop();
+                        }
+                    }
+                }
+            }
+            merged
+        } else {
+            scan(0..n)
+        };
+        heaps
+            .into_iter()
+            .map(|h| {
+                let mut v: Vec<(i64, u32)> = h.into_iter().map(|r| r.0).collect();
+                v.sort_unstable_by(|a, b| b.cmp(a));
+                v
+            })
+            .collect()
+    }
+
+    /// Per-finger code similarity between a probe and a slot.
+    fn finger_code_similarities(&self, probe: &Probe, slot: usize) -> [f32; 10] {
+        let g = &self.codes[slot * STRIDE..(slot + 1) * STRIDE];
+        let gp = &self.pops[slot * 10..(slot + 1) * 10];
+        let mut out = [f32::MIN; 10];
+        for (f, o) in out.iter_mut().enumerate() {
+            if probe.templates[f].is_some() && gp[f] > 0 {
+                *o = code_similarity(
+                    &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                    probe.pops[f],
+                    &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                    u32::from(gp[f]),
+                );
+            }
+        }
+        out
+    }
+
+    /// Precise stage for one probe over shortlisted slots, as a cascade: every shortlisted
+    /// subject is first compared on its `lead_fingers` best-agreeing fingers (by code
+    /// similarity); only the `full_compare` best of those are compared on all fingers. Most
+    /// shortlisted subjects are unrelated and two fingers are enough to see it, which lets the
+    /// shortlist be several times longer for the same cost.
+    fn rank(
+        &self,
+        probe: &Probe,
+        short: &[(i64, u32)],
+        opts: &IdentifyOptions,
+        exclude: Option<&str>,
+    ) -> Vec<Candidate> {
+        let mut partial: Vec<Partial> = short
+            .par_iter()
+            .filter(|(_, s)| exclude != Some(self.ids[*s as usize].as_str()))
+            .map(|&(pre, s)| {
+                let tp = TenPrint::from_blob(&self.blobs[s as usize]);
+                let sims = self.finger_code_similarities(probe, s as usize);
+                let mut order: Vec<usize> = (0..10)
+                    .filter(|&f| sims[f] > f32::MIN && tp.fingers[f].is_some())
+                    .collect();
+                order.sort_by(|&x, &y| sims[y].total_cmp(&sims[x]));
+                let mut scores = [None; 10];
+                for &f in order.iter().take(opts.lead_fingers) {
+                    if let (Some(p), Some(r)) = (&probe.templates[f], &tp.fingers[f]) {
+                        scores[f] = Some(compare(p, &FingerTemplate::new(r)));
+                    }
+                }
+                (fuse(scores, &self.calibration).score, pre, s, tp, scores)
+            })
+            .collect();
+        partial.sort_by(|a, b| b.0.total_cmp(&a.0));
+        partial.truncate(opts.full_compare);
+        let mut out: Vec<Candidate> = partial
+            .into_par_iter()
+            .map(|(_, pre, s, tp, mut scores)| {
+                for (f, slot) in scores.iter_mut().enumerate() {
+                    if slot.is_none()
+                        && let (Some(p), Some(r)) = (&probe.templates[f], &tp.fingers[f])
+                    {
+                        *slot = Some(compare(p, &FingerTemplate::new(r)));
+                    }
+                }
+                Candidate {
+                    reference_id: self.ids[s as usize].clone(),
+                    fused: fuse(scores, &self.calibration),
+                    prefilter: pre,
+                }
+            })
+            .filter(|c| c.fused.score >= opts.min_score)
+            .collect();
+        out.sort_by(|a, b| {
+            b.fused
+                .score
+                .total_cmp(&a.fused.score)
+                .then_with(|| a.reference_id.cmp(&b.reference_id))
+        });
+        out.truncate(opts.max_results);
+        out
+    }
+
+    /// Two-stage search of one probe. `exclude` drops one reference id (the probe's own
+    /// enrolment when searching an already inserted subject).
+    pub fn identify(
+        &self,
+        probe: &Probe,
+        opts: &IdentifyOptions,
+        exclude: Option<&str>,
+    ) -> Vec<Candidate> {
+        let short = self.shortlist(
+            &[probe],
+            opts.shortlist + usize::from(exclude.is_some()),
+            true,
+        );
+        self.rank(probe, &short[0], opts, exclude)
+    }
+
+    /// Two-stage search of many probes in one candidate-stage pass.
+    pub fn identify_batch(&self, probes: &[&Probe], opts: &IdentifyOptions) -> Vec<Vec<Candidate>> {
+        let short = self.shortlist(probes, opts.shortlist, true);
+        probes
+            .par_iter()
+            .zip(short.par_iter())
+            .map(|(p, s)| self.rank(p, s, opts, None))
+            .collect()
+    }
+
+    /// 1:1 verification against an enrolled reference.
+    pub fn verify(
+        &self,
+        probe: &Probe,
+        reference_id: &str,
+        target_fmr: f64,
+    ) -> Option<Verification> {
+        let tp = self.get(reference_id)?;
+        Some(verify(probe, &tp, target_fmr, &self.calibration))
+    }
+
+    /// Reference id of a slot returned by [`Gallery::shortlist`].
+    pub fn reference_id(&self, slot: u32) -> Option<&str> {
+        self.ids.get(slot as usize).map(String::as_str)
+    }
+}
+
+/// Stable 64-bit FNV-1a hash of a reference id (identical on every process and version).
+pub fn reference_hash(reference_id: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in reference_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Error of shard operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    #[error("reference id belongs to shard {owner}, not to shard {this}")]
+    NotOwned { owner: u32, this: u32 },
+}
+
+/// One shard of a distributed gallery: the subjects whose [`reference_hash`] modulo `count`
+/// equals `index`.
+#[derive(Debug)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+    pub gallery: Gallery,
+}
+
+impl Shard {
+    /// An empty shard `index` of `count`.
+    pub fn new(index: u32, count: u32) -> Self {
+        assert!(count > 0 && index < count, "shard index out of range");
+        Shard {
+            index,
+            count,
+            gallery: Gallery::new(),
+        }
+    }
+
+    /// Which shard of `count` owns `reference_id`.
+    pub fn owner_of(reference_id: &str, count: u32) -> u32 {
+        (reference_hash(reference_id) % u64::from(count)) as u32
+    }
+
+    /// Whether this shard owns `reference_id`.
+    pub fn owns(&self, reference_id: &str) -> bool {
+        Self::owner_of(reference_id, self.count) == self.index
+    }
+
+    /// Inserts if owned.
+    pub fn insert(&mut self, reference_id: &str, tenprint: &TenPrint) -> Result<bool, ShardError> {
+        let owner = Self::owner_of(reference_id, self.count);
+        if owner != self.index {
+            return Err(ShardError::NotOwned {
+                owner,
+                this: self.index,
+            });
+        }
+        Ok(self.gallery.insert(reference_id, tenprint))
+    }
+
+    /// Answers a probe over this shard only.
+    pub fn identify(
+        &self,
+        probe: &Probe,
+        opts: &IdentifyOptions,
+        exclude: Option<&str>,
+    ) -> Vec<Candidate> {
+        self.gallery.identify(probe, opts, exclude)
+    }
+}
+
+/// Merges per-shard candidate lists into one list of at most `max_results`, best first.
+/// A reference id appearing twice (e.g. during a resharding overlap) is kept once, with its
+/// best score.
+pub fn merge_candidates<I: IntoIterator<Item = Vec<Candidate>>>(
+    lists: I,
+    max_results: usize,
+) -> Vec<Candidate> {
+    let mut all: Vec<Candidate> = lists.into_iter().flatten().collect();
+    all.sort_by(|a, b| {
+        b.fused
+            .score
+            .total_cmp(&a.fused.score)
+            .then_with(|| a.reference_id.cmp(&b.reference_id))
+    });
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|c| seen.insert(c.reference_id.clone()));
+    all.truncate(max_results);
+    all
+}

@@ -1,0 +1,218 @@
+//! Shard ownership and scatter-gather of a 1:N search.
+//!
+//! The gallery is split into `count` shards by [`Shard::owner_of`] (a stable hash of the
+//! application id). A [`ShardSet`] holds the shards this process owns. A search is scattered
+//! to every shard — each answers its best candidates *without* a score threshold, together
+//! with its size — and gathered by [`gather`]: the threshold for the target false positive
+//! identification rate is computed over the total gallery size (the sum of the shard sizes),
+//! then [`merge_candidates`] sorts and cuts.
+//!
+//! In-process (embedded mode, or one worker owning every shard) the scatter is a parallel
+//! loop over the local shards ([`ShardSet::scatter_gather`]). Across processes
+//! (`[dedup] scatter = "broker"`) each `dedup-shard-<k>` worker stores the same
+//! [`ShardAnswer`] in `dedup_shard_answers` and the searching worker gathers them with the
+//! same [`gather`] (see [`crate::distributed`]).
+
+use std::sync::RwLock;
+
+use rayon::prelude::*;
+
+use crate::matcher::{Candidate, IdentifyOptions, Probe, Shard, TenPrint, merge_candidates};
+
+/// One shard's answer to a scattered search.
+#[derive(Debug, Clone)]
+pub struct ShardAnswer {
+    /// Which shard answered.
+    pub shard: u32,
+    /// Subjects enrolled in that shard when it answered.
+    pub size: usize,
+    /// Its best candidates, unthresholded, best first.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Minimum fused score (−log10 FMR) for `target_fpir` over a gallery of `size` subjects.
+pub fn min_score_for(target_fpir: f64, size: usize) -> f64 {
+    -(target_fpir.clamp(1e-300, 1.0) / size.max(1) as f64).log10()
+}
+
+/// Gathers per-shard answers: threshold over the total size, then merge and cut.
+pub fn gather(answers: Vec<ShardAnswer>, target_fpir: f64, max_results: usize) -> Vec<Candidate> {
+    let total: usize = answers.iter().map(|a| a.size).sum();
+    let min = min_score_for(target_fpir, total);
+    merge_candidates(
+        answers.into_iter().map(|a| {
+            a.candidates
+                .into_iter()
+                .filter(|c| c.fused.score >= min)
+                .collect::<Vec<_>>()
+        }),
+        max_results,
+    )
+}
+
+/// The shards one process owns.
+#[derive(Debug)]
+pub struct ShardSet {
+    count: u32,
+    local: Vec<RwLock<Shard>>,
+    options: IdentifyOptions,
+}
+
+impl ShardSet {
+    /// Shards `owned` (each < `count`) of a gallery split `count` ways.
+    pub fn new(count: u32, owned: &[u32], options: IdentifyOptions) -> Self {
+        assert!(count > 0, "at least one shard");
+        let mut owned = owned.to_vec();
+        owned.sort_unstable();
+        owned.dedup();
+        ShardSet {
+            count,
+            local: owned
+                .into_iter()
+                .map(|k| RwLock::new(Shard::new(k, count)))
+                .collect(),
+            options,
+        }
+    }
+
+    /// Number of shards of the whole gallery.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether every shard lives in this process (the in-process scatter is complete).
+    pub fn is_complete(&self) -> bool {
+        self.local.len() == self.count as usize
+    }
+
+    /// The shard indices held here.
+    pub fn owned(&self) -> Vec<u32> {
+        self.local.iter().map(|s| read(s).index).collect()
+    }
+
+    fn local_shard(&self, reference_id: &str) -> Option<&RwLock<Shard>> {
+        let owner = Shard::owner_of(reference_id, self.count);
+        self.local.iter().find(|s| read(s).index == owner)
+    }
+
+    /// Whether `reference_id` belongs to a shard held here.
+    pub fn owns(&self, reference_id: &str) -> bool {
+        self.local_shard(reference_id).is_some()
+    }
+
+    /// Whether `reference_id` is enrolled in a local shard.
+    pub fn contains(&self, reference_id: &str) -> bool {
+        self.local_shard(reference_id)
+            .is_some_and(|s| read(s).gallery.contains(reference_id))
+    }
+
+    /// Enrols into the owning shard if it is held here (`None` otherwise); idempotent.
+    pub fn insert(&self, reference_id: &str, tenprint: &TenPrint) -> Option<bool> {
+        let shard = self.local_shard(reference_id)?;
+        let mut guard = shard.write().unwrap_or_else(|e| e.into_inner());
+        guard.insert(reference_id, tenprint).ok()
+    }
+
+    /// Subjects per local shard.
+    pub fn sizes(&self) -> Vec<(u32, usize)> {
+        self.local
+            .iter()
+            .map(|s| {
+                let s = read(s);
+                (s.index, s.gallery.len())
+            })
+            .collect()
+    }
+
+    /// Subjects over the local shards.
+    pub fn len(&self) -> usize {
+        self.sizes().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Whether no subject is enrolled locally.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Answers a probe over one local shard (the sub-request of a scatter).
+    pub fn answer(
+        &self,
+        shard: u32,
+        probe: &Probe,
+        max_results: usize,
+        exclude: Option<&str>,
+    ) -> Option<ShardAnswer> {
+        let s = self.local.iter().find(|s| read(s).index == shard)?;
+        let s = read(s);
+        let opts = IdentifyOptions {
+            max_results,
+            min_score: 0.0,
+            ..self.options
+        };
+        Some(ShardAnswer {
+            shard,
+            size: s.gallery.len(),
+            candidates: s.identify(probe, &opts, exclude),
+        })
+    }
+
+    /// Scatter-gather over the local shards (in parallel), thresholded for `target_fpir`
+    /// over their total size.
+    pub fn scatter_gather(
+        &self,
+        probe: &Probe,
+        target_fpir: f64,
+        max_results: usize,
+        exclude: Option<&str>,
+    ) -> Vec<Candidate> {
+        let answers: Vec<ShardAnswer> = self
+            .owned()
+            .par_iter()
+            .filter_map(|&k| self.answer(k, probe, max_results, exclude))
+            .collect();
+        gather(answers, target_fpir, max_results)
+    }
+}
+
+fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    s.read().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::Population;
+
+    #[test]
+    fn sharded_search_equals_single_gallery_search() {
+        let pop = Population::generate(21, 40, 0.0);
+        let one = ShardSet::new(1, &[0], IdentifyOptions::default());
+        let three = ShardSet::new(3, &[0, 1, 2], IdentifyOptions::default());
+        for s in &pop.subjects {
+            let tp = TenPrint::from_iso(&s.templates).unwrap();
+            assert_eq!(one.insert(&s.reference_id, &tp), Some(true));
+            assert_eq!(three.insert(&s.reference_id, &tp), Some(true));
+        }
+        assert_eq!(three.len(), 40);
+        assert!(three.sizes().iter().all(|(_, n)| *n > 0));
+        let probe = Probe::new(&TenPrint::from_iso(&pop.fresh_impressions(5, 9)).unwrap());
+        let a = one.scatter_gather(&probe, 1e-3, 5, None);
+        let b = three.scatter_gather(&probe, 1e-3, 5, None);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].reference_id, pop.subjects[5].reference_id);
+        assert_eq!(
+            a.iter().map(|c| &c.reference_id).collect::<Vec<_>>(),
+            b.iter().map(|c| &c.reference_id).collect::<Vec<_>>()
+        );
+        // A process holding one shard refuses ids of others.
+        let part = ShardSet::new(3, &[1], IdentifyOptions::default());
+        let foreign = pop
+            .subjects
+            .iter()
+            .find(|s| Shard::owner_of(&s.reference_id, 3) != 1)
+            .unwrap();
+        let tp = TenPrint::from_iso(&foreign.templates).unwrap();
+        assert_eq!(part.insert(&foreign.reference_id, &tp), None);
+        assert!(!part.is_complete());
+    }
+}

@@ -1,0 +1,782 @@
+//! The `dedup` pipeline stage: 1:N identification of every new application against the
+//! enrolled gallery.
+//!
+//! ```text
+//! dedup_pending ──identify (scatter-gather over shards)──┬─ no hit ─> enrol ─> dedup_clear ─> keys
+//!                                                        └─ hit ───> dedup_candidates ─> possible_duplicate
+//! possible_duplicate ──operator (adjudication API)──> confirmed_duplicate (final) | cleared ─> keys
+//! ```
+//!
+//! * **Gallery**: [`DedupEngine`] holds the local shards ([`ShardSet`]). It is loaded at
+//!   start from the `dedup_enrolled` table — one row per enrolled subject with its ISO
+//!   templates sealed under the envelope keys (one `open` per subject, no object-store
+//!   round trips) — and follows new rows by `seq` before every search (enrolments made by
+//!   other processes, operator clearances). Each enrolment is inserted in memory at once
+//!   and its row written in the completion transaction.
+//! * **Idempotency**: identify excludes the application's own id, insert replaces by id,
+//!   `dedup_enrolled.application_id` is unique and `dedup_candidates` rows are written only
+//!   with the compare-and-set transition, so a redelivered job neither enrols twice nor
+//!   creates a second candidate set.
+//! * **Races**: identify + insert run under the gallery lock (`dedup_gallery_lock`, see
+//!   [`crate::distributed`]), released in the commit of the decision: two enrolments of the
+//!   same person handled concurrently, by one process or by several, catch each other.
+//! * **Scatter**: `[dedup] scatter = "local"` searches the shards of this process;
+//!   `"broker"` sends one sub-job per shard to the `dedup-shard-<k>` stages and gathers their
+//!   answers ([`crate::distributed`]); both decide with [`crate::scatter::gather`].
+//! * **Metrics**: `cardpipe_dedup_search_duration_seconds`, `cardpipe_dedup_gallery_subjects{shard}`,
+//!   `cardpipe_dedup_possible_duplicates_total`.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::config::LoadedConfig;
+use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
+use cardpipe_common::records::{self, RecordError};
+use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
+use cardpipe_common::store::{StoreError, StoreTx};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use serde::Deserialize;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::matcher::{Candidate, IdentifyOptions, Probe, Shard, TenPrint};
+use crate::scatter::ShardSet;
+
+/// The stage's name (queue, `cardpipe worker dedup`, `[stages.dedup]`).
+pub const STAGE_NAME: &str = "dedup";
+/// The stage an application goes to when it is clear.
+pub const NEXT_STAGE: &str = "keys";
+/// Input states.
+pub const ACCEPTS: &[ApplicationState] = &[ApplicationState::DedupPending];
+
+/// The `[dedup]` section of pipeline.toml.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Shards the gallery is split into.
+    pub shards: u32,
+    /// The shard this worker owns; absent = every shard lives in this process.
+    pub shard: Option<u32>,
+    /// Candidates kept for adjudication.
+    pub max_candidates: usize,
+    /// Target false positive identification rate of a search (sets the score threshold
+    /// over the current gallery size).
+    pub target_fpir: f64,
+    /// Candidate-stage shortlist per probe (subjects sent to the precise comparator).
+    pub shortlist: usize,
+    /// Where a search runs: `local` (every shard in the searching process) or `broker`
+    /// (one sub-job per shard to the `dedup-shard-<k>` stages, answers gathered from
+    /// `dedup_shard_answers`; see [`crate::distributed`]).
+    pub scatter: ScatterMode,
+    /// Broker scatter: how long the searching worker waits for every shard's answer
+    /// before the job is retried (then parked) with the missing shards named.
+    pub shard_timeout_ms: u64,
+    /// How long a job waits for the gallery lock (one search + enrolment at a time across
+    /// every dedup worker) before it is retried.
+    pub lock_wait_ms: u64,
+}
+
+/// Where a dedup search runs (`[dedup] scatter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScatterMode {
+    /// In the searching process, over the shards it holds (all of them).
+    #[default]
+    Local,
+    /// Over the broker, to one `dedup-shard-<k>` stage per shard.
+    Broker,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            shards: 1,
+            shard: None,
+            max_candidates: 10,
+            target_fpir: 1e-3,
+            shortlist: IdentifyOptions::default().shortlist,
+            scatter: ScatterMode::Local,
+            shard_timeout_ms: 10_000,
+            lock_wait_ms: 60_000,
+        }
+    }
+}
+
+impl DedupConfig {
+    /// Reads `[dedup]` (defaults when absent) and checks it.
+    pub fn from_loaded(loaded: &LoadedConfig) -> anyhow::Result<Self> {
+        let config = match loaded.section::<DedupConfig>("dedup") {
+            Ok(c) => c,
+            Err(errors)
+                if errors
+                    .iter()
+                    .all(|e| e.message.contains("missing field `dedup`")) =>
+            {
+                DedupConfig::default()
+            }
+            Err(errors) => anyhow::bail!(
+                "[dedup] configuration: {}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules beyond the types.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=1024).contains(&self.shards),
+            "[dedup] shards must be 1..=1024"
+        );
+        if let Some(k) = self.shard {
+            anyhow::ensure!(k < self.shards, "[dedup] shard must be < shards");
+            anyhow::ensure!(
+                self.shards == 1 || self.scatter == ScatterMode::Broker,
+                "[dedup] shard = {k} of {}: a worker owning one shard needs \
+                 scatter = \"broker\"; omit `shard` to hold every shard in this process",
+                self.shards
+            );
+        }
+        anyhow::ensure!(
+            (1..=100).contains(&self.max_candidates),
+            "[dedup] max_candidates must be 1..=100"
+        );
+        anyhow::ensure!(
+            self.target_fpir > 0.0 && self.target_fpir <= 1.0,
+            "[dedup] target_fpir must be in (0, 1]"
+        );
+        anyhow::ensure!(self.shortlist >= 1, "[dedup] shortlist must be >= 1");
+        anyhow::ensure!(
+            (10..=600_000).contains(&self.shard_timeout_ms),
+            "[dedup] shard_timeout_ms must be 10..=600000"
+        );
+        anyhow::ensure!(
+            (10..=3_600_000).contains(&self.lock_wait_ms),
+            "[dedup] lock_wait_ms must be 10..=3600000"
+        );
+        Ok(())
+    }
+
+    /// The shards this process holds.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        match self.shard {
+            Some(k) => vec![k],
+            None => (0..self.shards).collect(),
+        }
+    }
+
+    /// The shard stages (`dedup-shard-<k>`) of a broker scatter; none for a local one.
+    pub fn shard_stage_names(&self) -> Vec<&'static str> {
+        match self.scatter {
+            ScatterMode::Local => Vec::new(),
+            ScatterMode::Broker => (0..self.shards)
+                .map(crate::distributed::shard_stage_name)
+                .collect(),
+        }
+    }
+}
+
+pub(crate) struct DedupMetrics {
+    pub(crate) search: Histogram,
+    pub(crate) lock_wait: Histogram,
+    pub(crate) shard_answers: Counter,
+    subjects: Family<Vec<(String, String)>, Gauge>,
+    possible: Counter,
+    registered: AtomicBool,
+}
+
+impl DedupMetrics {
+    fn new() -> Self {
+        DedupMetrics {
+            search: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            lock_wait: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            shard_answers: Counter::default(),
+            subjects: Family::default(),
+            possible: Counter::default(),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    fn register(&self, services: &Services) {
+        if self.registered.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        services.metrics.register(|r| {
+            r.register(
+                "cardpipe_dedup_search_duration_seconds",
+                "Time of one 1:N dedup search (scatter-gather over every shard)",
+                self.search.clone(),
+            );
+            r.register(
+                "cardpipe_dedup_gallery_subjects",
+                "Subjects enrolled in each gallery shard held by this process",
+                self.subjects.clone(),
+            );
+            r.register(
+                "cardpipe_dedup_gallery_lock_wait_seconds",
+                "Time a dedup job waited for the gallery lock (one search + enrolment at a time)",
+                self.lock_wait.clone(),
+            );
+            r.register(
+                "cardpipe_dedup_shard_answers",
+                "Shard answers computed by this process's dedup-shard-<k> stages",
+                self.shard_answers.clone(),
+            );
+            r.register(
+                "cardpipe_dedup_possible_duplicates",
+                "Applications flagged as possible duplicates",
+                self.possible.clone(),
+            );
+        });
+    }
+}
+
+/// The in-memory gallery of this process with its persistence.
+pub struct DedupEngine {
+    config: DedupConfig,
+    shards: Arc<ShardSet>,
+    loaded: tokio::sync::OnceCell<()>,
+    last_seq: AtomicI64,
+    enrol_lock: tokio::sync::Mutex<()>,
+    pub(crate) metrics: DedupMetrics,
+}
+
+impl std::fmt::Debug for DedupEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupEngine")
+            .field("config", &self.config)
+            .field("subjects", &self.shards.len())
+            .finish()
+    }
+}
+
+/// A stored candidate (rank 1 = best).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoredCandidate {
+    pub rank: i64,
+    pub candidate_id: String,
+    pub score: f64,
+    pub fmr: f64,
+    /// Per finger position 1..=10 (index 0 = position 1).
+    pub finger_scores: Vec<Option<f64>>,
+}
+
+impl DedupEngine {
+    /// An engine for `config` (checked); the gallery is loaded by [`DedupEngine::ready`].
+    pub fn new(config: DedupConfig) -> anyhow::Result<Arc<Self>> {
+        let owned = config.owned_shards();
+        Self::with_shards(config, &owned)
+    }
+
+    /// An engine holding exactly the shards `owned` (e.g. one `dedup-shard-<k>` worker, or
+    /// none for a `dedup` worker whose searches all go over the broker).
+    pub fn with_shards(config: DedupConfig, owned: &[u32]) -> anyhow::Result<Arc<Self>> {
+        config.validate()?;
+        if let Some(k) = owned.iter().find(|&&k| k >= config.shards) {
+            anyhow::bail!(
+                "[dedup] shard {k} does not exist: shards = {}",
+                config.shards
+            );
+        }
+        let options = IdentifyOptions {
+            shortlist: config.shortlist,
+            ..IdentifyOptions::default()
+        };
+        Ok(Arc::new(DedupEngine {
+            shards: Arc::new(ShardSet::new(config.shards, owned, options)),
+            config,
+            loaded: tokio::sync::OnceCell::new(),
+            last_seq: AtomicI64::new(0),
+            enrol_lock: tokio::sync::Mutex::new(()),
+            metrics: DedupMetrics::new(),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DedupConfig {
+        &self.config
+    }
+
+    /// The local shards.
+    pub fn shards(&self) -> &ShardSet {
+        &self.shards
+    }
+
+    /// The local shards, shareable with blocking tasks.
+    pub fn shard_set(&self) -> Arc<ShardSet> {
+        self.shards.clone()
+    }
+
+    /// Loads the gallery once (first call), registers the metrics.
+    pub async fn ready(&self, services: &Services) -> anyhow::Result<()> {
+        self.loaded
+            .get_or_try_init(|| async {
+                self.metrics.register(services);
+                let started = Instant::now();
+                let n = self.refresh(services).await?;
+                tracing::info!(
+                    subjects = n,
+                    shards = ?self.shards.owned(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "dedup gallery loaded"
+                );
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Loads `dedup_enrolled` rows newer than the last one seen into the owned shards;
+    /// returns how many subjects were added.
+    ///
+    /// Rows of other shards are skipped before decryption. A row whose `seq` is lower than
+    /// one already seen but committed later (concurrent writers in several processes) is
+    /// only picked up at the next start; enrolments made by this process are in memory
+    /// already.
+    pub async fn refresh(&self, services: &Services) -> anyhow::Result<usize> {
+        let mut added = 0;
+        if self.shards.owned().is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let after = self.last_seq.load(Ordering::SeqCst);
+            let rows = sqlx::query(
+                "SELECT seq, application_id, sealed_templates FROM dedup_enrolled
+                 WHERE seq > $1 ORDER BY seq LIMIT 2000",
+            )
+            .bind(after)
+            .fetch_all(services.store.pool())
+            .await
+            .context("reading dedup_enrolled")?;
+            let Some(last) = rows.last() else { break };
+            let last: i64 = last.try_get("seq")?;
+            let mut batch = Vec::new();
+            for row in &rows {
+                let id: String = row.try_get("application_id")?;
+                if !self.shards.owns(&id) || self.shards.contains(&id) {
+                    continue;
+                }
+                let sealed: Vec<u8> = row.try_get("sealed_templates")?;
+                let plain = services
+                    .sealer
+                    .open(&templates_context(&id), &sealed)
+                    .with_context(|| format!("opening enrolled templates of {id}"))?;
+                let records = decode_templates(&plain)
+                    .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
+                batch.push((id, records));
+            }
+            let shards = self.shards.clone();
+            added += tokio::task::spawn_blocking(move || {
+                use rayon::prelude::*;
+                let parsed: Vec<(String, TenPrint)> = batch
+                    .into_par_iter()
+                    .filter_map(|(id, records)| match TenPrint::from_iso(&records) {
+                        Ok(tp) => Some((id, tp)),
+                        Err(e) => {
+                            tracing::error!(application = %id, error = %e, "enrolled templates refused");
+                            None
+                        }
+                    })
+                    .collect();
+                parsed
+                    .iter()
+                    .filter(|(id, tp)| shards.insert(id, tp) == Some(true))
+                    .count()
+            })
+            .await?;
+            self.last_seq.fetch_max(last, Ordering::SeqCst);
+        }
+        self.update_gauges();
+        Ok(added)
+    }
+
+    fn update_gauges(&self) {
+        for (shard, n) in self.shards.sizes() {
+            self.metrics
+                .subjects
+                .get_or_create(&vec![("shard".to_owned(), shard.to_string())])
+                .set(n as i64);
+        }
+    }
+
+    /// Searches `tenprint` over every shard, excluding `exclude` (the application's own
+    /// id), thresholded at the configured FPIR.
+    pub async fn search(
+        &self,
+        tenprint: &TenPrint,
+        exclude: &str,
+    ) -> anyhow::Result<Vec<Candidate>> {
+        anyhow::ensure!(
+            self.shards.is_complete(),
+            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
+             scatter-gather ([dedup] scatter = \"broker\")",
+            self.shards.owned(),
+            self.shards.count()
+        );
+        let started = Instant::now();
+        let shards = self.shards.clone();
+        let tp = tenprint.clone();
+        let exclude = exclude.to_owned();
+        let (fpir, max) = (self.config.target_fpir, self.config.max_candidates);
+        let found = tokio::task::spawn_blocking(move || {
+            let probe = Probe::new(&tp);
+            shards.scatter_gather(&probe, fpir, max, Some(&exclude))
+        })
+        .await?;
+        self.metrics.search.observe(started.elapsed().as_secs_f64());
+        Ok(found)
+    }
+
+    /// Enrols in memory (if the owning shard is held here); idempotent.
+    pub fn enrol_local(&self, id: &str, tenprint: &TenPrint) {
+        self.shards.insert(id, tenprint);
+        self.update_gauges();
+    }
+}
+
+/// The process-wide engine of the `cardpipe` binary (shared by the stage and the
+/// adjudication routes).
+pub fn shared(config: &LoadedConfig) -> anyhow::Result<Arc<DedupEngine>> {
+    shared_with(config, None)
+}
+
+/// Like [`shared`], holding the shards `owned` instead of the configured ones when this
+/// first call builds the engine (`cardpipe worker dedup-shard-<k>` holds shard k only).
+pub fn shared_with(
+    config: &LoadedConfig,
+    owned: Option<&[u32]>,
+) -> anyhow::Result<Arc<DedupEngine>> {
+    static ENGINE: OnceLock<Arc<DedupEngine>> = OnceLock::new();
+    if let Some(e) = ENGINE.get() {
+        return Ok(e.clone());
+    }
+    let config = DedupConfig::from_loaded(config)?;
+    let engine = match owned {
+        Some(owned) => DedupEngine::with_shards(config, owned)?,
+        None => DedupEngine::new(config)?,
+    };
+    Ok(ENGINE.get_or_init(|| engine).clone())
+}
+
+fn templates_context(id: &str) -> String {
+    format!("dedup-templates:{id}")
+}
+
+/// Length-prefixed concatenation of ISO records.
+pub fn encode_templates(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4).sum());
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// Inverse of [`encode_templates`].
+pub fn decode_templates(mut bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        out.push(bytes.get(4..4 + len)?.to_vec());
+        bytes = &bytes[4 + len..];
+    }
+    Some(out)
+}
+
+/// The ISO records of an application's stored fingerprints.
+pub async fn load_templates(
+    services: &Services,
+    id: &ApplicationId,
+) -> Result<Vec<Vec<u8>>, RecordError> {
+    let bio = records::load_biometrics(services, id).await?;
+    Ok(bio
+        .fingerprints
+        .into_iter()
+        .filter_map(|f| f.template)
+        .collect())
+}
+
+/// Writes the enrolment row (sealed templates) in the caller's transaction; a second
+/// write for the same application is a no-op.
+pub async fn insert_enrolled(
+    tx: &mut StoreTx,
+    services: &Services,
+    id: &ApplicationId,
+    records: &[Vec<u8>],
+    at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let sealed = services
+        .sealer
+        .seal(&templates_context(id.as_str()), &encode_templates(records));
+    write_enrolled(tx, id.as_str(), sealed, at).await
+}
+
+async fn write_enrolled(
+    tx: &mut StoreTx,
+    id: &str,
+    sealed: Vec<u8>,
+    at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO dedup_enrolled (application_id, sealed_templates, enrolled_at)
+         VALUES ($1, $2, $3) ON CONFLICT (application_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(sealed)
+    .bind(to_rfc3339(at))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The stored candidate list of an application, best first.
+pub async fn candidates(
+    services: &Services,
+    id: &ApplicationId,
+) -> Result<Vec<StoredCandidate>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT rank, candidate_id, score, fmr, finger_scores FROM dedup_candidates
+         WHERE application_id = $1 ORDER BY rank",
+    )
+    .bind(id.as_str())
+    .fetch_all(services.store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let fingers: String = r.try_get("finger_scores")?;
+            Ok(StoredCandidate {
+                rank: r.try_get::<i64, _>("rank")?,
+                candidate_id: r.try_get("candidate_id")?,
+                score: r.try_get("score")?,
+                fmr: r.try_get("fmr")?,
+                finger_scores: serde_json::from_str(&fingers).map_err(|e| StoreError::Corrupt {
+                    table: "dedup_candidates",
+                    column: "finger_scores",
+                    message: e.to_string(),
+                })?,
+            })
+        })
+        .collect()
+}
+
+/// The dedup stage.
+#[derive(Debug, Clone)]
+pub struct DedupStage {
+    engine: Arc<DedupEngine>,
+}
+
+impl DedupStage {
+    /// A stage over `engine` (shared with the adjudication routes in one process).
+    pub fn new(engine: Arc<DedupEngine>) -> Self {
+        DedupStage { engine }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<DedupEngine> {
+        &self.engine
+    }
+}
+
+#[async_trait]
+impl Stage for DedupStage {
+    fn name(&self) -> &'static str {
+        STAGE_NAME
+    }
+
+    fn accepts(&self) -> &'static [ApplicationState] {
+        ACCEPTS
+    }
+
+    async fn handle(&self, ctx: &JobContext, app: &Application) -> anyhow::Result<Completion> {
+        let services = &ctx.services;
+        let engine = &self.engine;
+        engine.ready(services).await?;
+        let (records, tenprint) = probe_of(services, &app.id).await?;
+        // One search + enrolment at a time across every dedup worker (the gallery lock,
+        // released in the commit below): a second enrolment of the same person searches
+        // a gallery that holds the first.
+        let waited = Instant::now();
+        let lock =
+            crate::distributed::GalleryLock::acquire(services, engine.config(), app.id.as_str())
+                .await?;
+        engine
+            .metrics
+            .lock_wait
+            .observe(waited.elapsed().as_secs_f64());
+        match services.store.application(&app.id).await {
+            Ok(Some(now)) if now.state == app.state => {}
+            Ok(_) => {
+                // Decided meanwhile by another delivery: nothing to do.
+                lock.release(services).await?;
+                return Ok(Completion::stay());
+            }
+            Err(e) => {
+                lock.release(services).await?;
+                return Err(e.into());
+            }
+        }
+        let searched = match engine.config.scatter {
+            ScatterMode::Local => {
+                let _enrolling = engine.enrol_lock.lock().await;
+                match engine.refresh(services).await {
+                    Ok(_) => engine
+                        .search(&tenprint, app.id.as_str())
+                        .await
+                        .map(|found| (found, engine.shards.len(), None)),
+                    Err(e) => Err(e),
+                }
+            }
+            ScatterMode::Broker => {
+                crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
+                    .await
+                    .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id)))
+            }
+        };
+        let (found, gallery_size, scatter_id) = match searched {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(release) = lock.release(services).await {
+                    tracing::warn!(error = %release, "releasing the gallery lock after a failed search");
+                }
+                return Err(e);
+            }
+        };
+        Ok(decide(
+            services,
+            engine,
+            &app.id,
+            &records,
+            &tenprint,
+            found,
+            gallery_size,
+            lock.holder().to_owned(),
+            scatter_id,
+        ))
+    }
+}
+
+/// Loads and parses an application's fingerprints (permanent failure when missing or bad).
+pub(crate) async fn probe_of(
+    services: &Services,
+    id: &ApplicationId,
+) -> anyhow::Result<(Vec<Vec<u8>>, TenPrint)> {
+    let records = match load_templates(services, id).await {
+        Ok(r) => r,
+        Err(e @ (RecordError::Missing { .. } | RecordError::Corrupt(_))) => {
+            return Err(Permanent(format!("biometrics: {e}")).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let tenprint = TenPrint::from_iso(&records)
+        .map_err(|e| Permanent(format!("fingerprints refused: {e}")))?;
+    Ok((records, tenprint))
+}
+
+/// The decision after a search (identical for the local and the broker scatter): clear →
+/// enrol and hand over to keys; hit → candidate list and possible_duplicate. The commit also
+/// releases the gallery lock and closes the broker scatter.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    services: &Services,
+    engine: &DedupEngine,
+    id: &ApplicationId,
+    records: &[Vec<u8>],
+    tenprint: &TenPrint,
+    found: Vec<Candidate>,
+    gallery_size: usize,
+    holder: String,
+    scatter_id: Option<String>,
+) -> Completion {
+    let now = services.clock.now();
+    if found.is_empty() {
+        engine.enrol_local(id.as_str(), tenprint);
+        let sealed = services
+            .sealer
+            .seal(&templates_context(id.as_str()), &encode_templates(records));
+        let id = id.0.clone();
+        return Completion::to(ApplicationState::DedupClear)
+            .then(NEXT_STAGE)
+            .because(format!(
+                "no candidate at FPIR {} over {} enrolled subjects",
+                engine.config.target_fpir, gallery_size
+            ))
+            .with_writes(Box::new(move |tx| {
+                Box::pin(async move {
+                    write_enrolled(tx, &id, sealed, now).await?;
+                    crate::distributed::finish_decision(tx, &holder, scatter_id.as_deref(), now)
+                        .await
+                })
+            }));
+    }
+    engine.metrics.possible.inc();
+    let best = &found[0];
+    let reason = format!(
+        "{} candidate(s); best {} with fused score {:.1} (FMR {:.1e}, {} fingers)",
+        found.len(),
+        best.reference_id,
+        best.fused.score,
+        best.fused.fmr,
+        best.fused.fingers.iter().flatten().count()
+    );
+    let id = id.0.clone();
+    let rows: Vec<(i64, String, f64, f64, String)> = found
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let fingers: Vec<Option<f64>> = c
+                .fused
+                .fingers
+                .iter()
+                .map(|s| s.map(|v| (f64::from(v) * 1e4).round() / 1e4))
+                .collect();
+            (
+                i as i64 + 1,
+                c.reference_id.clone(),
+                c.fused.score,
+                c.fused.fmr,
+                serde_json::to_string(&fingers).expect("scores serialise"),
+            )
+        })
+        .collect();
+    Completion::to(ApplicationState::PossibleDuplicate)
+        .because(reason)
+        .with_writes(Box::new(move |tx| {
+            Box::pin(async move {
+                for (rank, candidate, score, fmr, fingers) in rows {
+                    sqlx::query(
+                        "INSERT INTO dedup_candidates
+                         (application_id, rank, candidate_id, score, fmr, finger_scores, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (application_id, rank) DO NOTHING",
+                    )
+                    .bind(&id)
+                    .bind(rank)
+                    .bind(candidate)
+                    .bind(score)
+                    .bind(fmr)
+                    .bind(fingers)
+                    .bind(to_rfc3339(now))
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                crate::distributed::finish_decision(tx, &holder, scatter_id.as_deref(), now).await
+            })
+        }))
+}
+
+/// Which shard owns an application (for operators and logs).
+pub fn owner_shard(id: &str, shards: u32) -> u32 {
+    Shard::owner_of(id, shards)
+}

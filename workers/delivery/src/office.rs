@@ -1,0 +1,822 @@
+//! What pickup offices (and the registry) do: acknowledge a box, move a card to another
+//! office, hand a card over. Every function checks its preconditions and gives a clear
+//! refusal ([`OfficeError`]); every accepted action commits its state changes, rows,
+//! registry callback and audit entry in one transaction.
+
+use std::collections::BTreeSet;
+
+use base64::Engine;
+use cardpipe_common::audit::{self, AuditEvent};
+use cardpipe_common::clock::{from_rfc3339, to_rfc3339};
+use cardpipe_common::domain::applicant::ApplicantGroup;
+use cardpipe_common::domain::{ApplicationId, ApplicationState};
+use cardpipe_common::records;
+use cardpipe_common::runtime::Services;
+use cardpipe_common::store::{Store, StoreError, Transition};
+use cardpipe_dedup::matcher::{Calibration, Probe, TenPrint, verify};
+use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::{Delivery, offices};
+
+/// Why an office action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OfficeError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Nothing with that id.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// The holder was not verified.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A rule refused it.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// Store or other failure.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for OfficeError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<sqlx::Error> for OfficeError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<records::RecordError> for OfficeError {
+    fn from(e: records::RecordError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+/// A card's delivery row.
+#[derive(Debug, Clone, Serialize)]
+pub struct CardDelivery {
+    /// Application.
+    pub application_id: String,
+    /// Box.
+    pub box_id: String,
+    /// Office the box went to.
+    pub packed_office: String,
+    /// Office the holder collects from now.
+    pub office_code: String,
+    /// Issuance (QC pass).
+    pub issued_at: String,
+    /// Tehran date from which the card is voided.
+    pub void_on: String,
+    /// When the card became available to the holder at `office_code`.
+    pub available_at: Option<String>,
+}
+
+/// The delivery row of an application.
+pub async fn card(
+    services: &Services,
+    id: &ApplicationId,
+) -> Result<Option<CardDelivery>, StoreError> {
+    let row = sqlx::query(
+        "SELECT application_id, box_id, packed_office, office_code, issued_at, void_on, available_at
+         FROM delivery_cards WHERE application_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(services.store.pool())
+    .await?;
+    row.map(|r| {
+        Ok(CardDelivery {
+            application_id: r.try_get("application_id")?,
+            box_id: r.try_get("box_id")?,
+            packed_office: r.try_get("packed_office")?,
+            office_code: r.try_get("office_code")?,
+            issued_at: r.try_get("issued_at")?,
+            void_on: r.try_get("void_on")?,
+            available_at: r.try_get("available_at")?,
+        })
+    })
+    .transpose()
+}
+
+async fn application(
+    services: &Services,
+    id: &str,
+) -> Result<cardpipe_common::domain::Application, OfficeError> {
+    let id = ApplicationId(id.to_owned());
+    services
+        .store
+        .application(&id)
+        .await?
+        .ok_or_else(|| OfficeError::NotFound(format!("application {id}")))
+}
+
+fn clerk_ok(clerk: &str) -> Result<(), OfficeError> {
+    if clerk.is_empty()
+        || clerk.len() > 64
+        || !clerk
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+    {
+        return Err(OfficeError::BadRequest(
+            "clerk: must be 1–64 letters, digits, '-', '_', '.' or '@'".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A box receipt: the office scans the box id, and optionally every card it finds inside.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BoxReceipt {
+    /// The office acknowledging.
+    pub office_code: String,
+    /// The clerk's login.
+    pub clerk: String,
+    /// Application ids of the cards found in the box; absent: all cards as listed.
+    #[serde(default)]
+    pub scanned: Option<Vec<String>>,
+}
+
+/// What a receipt recorded.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReceiptOutcome {
+    /// The box.
+    pub box_id: String,
+    /// Cards now at the office.
+    pub received: Vec<String>,
+    /// Listed but not found (discrepancies).
+    pub missing: Vec<String>,
+    /// Found but not listed (discrepancies).
+    pub extra: Vec<String>,
+}
+
+/// The office acknowledges box `box_id`: listed cards found move `shipped` → `at_office`;
+/// missing and extra cards are recorded as discrepancies for the centre.
+pub async fn receive_box(
+    delivery: &Delivery,
+    services: &Services,
+    box_id: &str,
+    receipt: &BoxReceipt,
+) -> Result<ReceiptOutcome, OfficeError> {
+    clerk_ok(&receipt.clerk)?;
+    let row = sqlx::query("SELECT office_code, state FROM delivery_boxes WHERE id = $1")
+        .bind(box_id)
+        .fetch_optional(services.store.pool())
+        .await?
+        .ok_or_else(|| OfficeError::NotFound(format!("box {box_id}")))?;
+    let office: String = row.try_get("office_code")?;
+    let state: String = row.try_get("state")?;
+    if office != receipt.office_code {
+        return Err(OfficeError::Conflict(format!(
+            "box {box_id} is addressed to office {office}, not {}",
+            receipt.office_code
+        )));
+    }
+    match state.as_str() {
+        "shipped" => {}
+        "received" => {
+            return Err(OfficeError::Conflict(format!(
+                "box {box_id} was already received"
+            )));
+        }
+        other => {
+            return Err(OfficeError::Conflict(format!(
+                "box {box_id} has not been dispatched (state {other})"
+            )));
+        }
+    }
+    let listed: BTreeSet<String> =
+        sqlx::query("SELECT application_id FROM delivery_cards WHERE box_id = $1")
+            .bind(box_id)
+            .fetch_all(services.store.pool())
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("application_id"))
+            .collect::<Result<_, _>>()?;
+    let scanned: BTreeSet<String> = match &receipt.scanned {
+        Some(list) => list
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => listed.clone(),
+    };
+    let missing: Vec<String> = listed.difference(&scanned).cloned().collect();
+    let extra: Vec<String> = scanned.difference(&listed).cloned().collect();
+    let found: Vec<String> = listed.intersection(&scanned).cloned().collect();
+    let now = services.clock.now();
+    let now_text = to_rfc3339(now);
+    let actor = format!("office:{}:{}", receipt.office_code, receipt.clerk);
+    let mut tx = services.store.begin().await?;
+    let claimed = sqlx::query(
+        "UPDATE delivery_boxes SET state = 'received', received_at = $1, received_by = $2 WHERE id = $3 AND state = 'shipped'",
+    )
+    .bind(&now_text)
+    .bind(&actor)
+    .bind(box_id)
+    .execute(&mut *tx)
+    .await?;
+    if claimed.rows_affected() == 0 {
+        return Err(OfficeError::Conflict(format!(
+            "box {box_id} was already received"
+        )));
+    }
+    let mut received = Vec::new();
+    for app in &found {
+        let id = ApplicationId(app.clone());
+        let moved = Store::transition(
+            &mut tx,
+            &Transition {
+                id: &id,
+                from: ApplicationState::Shipped,
+                to: ApplicationState::AtOffice,
+                stage: "office-receipt",
+                attempt: 0,
+                actor: &actor,
+                reason: Some(&format!("box {box_id}")),
+                at: now,
+            },
+        )
+        .await?;
+        if !moved {
+            continue;
+        }
+        // Available to the holder unless the card is being transferred elsewhere.
+        sqlx::query(
+            "UPDATE delivery_cards SET received_at = $1,
+                 available_at = CASE WHEN office_code = packed_office THEN $1 ELSE NULL END
+             WHERE application_id = $2",
+        )
+        .bind(&now_text)
+        .bind(app)
+        .execute(&mut *tx)
+        .await?;
+        let registry_id = registry_id(&mut tx, &id).await?;
+        enqueue_callback(
+            &mut tx,
+            app,
+            CallbackEvent::AtOffice,
+            &registry_id,
+            Some(ApplicationState::AtOffice),
+            None,
+            json!({ "office": receipt.office_code }),
+            now,
+        )
+        .await?;
+        received.push(app.clone());
+    }
+    for (kind, list) in [("missing", &missing), ("extra", &extra)] {
+        for app in list {
+            sqlx::query(
+                "INSERT INTO delivery_discrepancies (id, box_id, office_code, kind, application_id, reported_by, reported_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(box_id)
+            .bind(&receipt.office_code)
+            .bind(kind)
+            .bind(app)
+            .bind(&actor)
+            .bind(&now_text)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: &actor,
+            role: "office",
+            action: "delivery.box_receipt",
+            subject: box_id,
+            details: json!({ "received": received.len(), "missing": missing, "extra": extra }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    delivery.metrics.received(received.len() as u64);
+    for _ in &missing {
+        delivery.metrics.discrepancy("missing");
+    }
+    for _ in &extra {
+        delivery.metrics.discrepancy("extra");
+    }
+    if !missing.is_empty() || !extra.is_empty() {
+        tracing::warn!(
+            box_id,
+            missing = missing.len(),
+            extra = extra.len(),
+            "box receipt discrepancy raised"
+        );
+    }
+    Ok(ReceiptOutcome {
+        box_id: box_id.to_owned(),
+        received,
+        missing,
+        extra,
+    })
+}
+
+async fn registry_id(
+    tx: &mut cardpipe_common::store::StoreTx,
+    id: &ApplicationId,
+) -> Result<String, StoreError> {
+    let row = sqlx::query("SELECT registry_id FROM applications WHERE id = $1")
+        .bind(id.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.try_get("registry_id")?)
+}
+
+/// What a change of pickup office did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum OfficeChange {
+    /// Not packed yet: the card will be packed for the new office.
+    Rerouted {
+        /// New office.
+        office_code: String,
+    },
+    /// Already dispatched: a transfer between offices.
+    Transfer {
+        /// Transfer id (the new office acknowledges it).
+        transfer_id: String,
+        /// From.
+        from_office: String,
+        /// To.
+        to_office: String,
+    },
+}
+
+/// Changes the pickup office of an application: before packing the card is re-routed;
+/// after dispatch the card is transferred (the new office acknowledges its arrival).
+pub async fn change_office(
+    delivery: &Delivery,
+    services: &Services,
+    application_id: &str,
+    new_office: &str,
+    actor: &str,
+) -> Result<OfficeChange, OfficeError> {
+    delivery.ensure_offices(services).await?;
+    if offices::get(&services.store, new_office).await?.is_none() {
+        return Err(OfficeError::BadRequest(format!(
+            "pickup_office: {new_office:?} is not in the offices register"
+        )));
+    }
+    let app = application(services, application_id).await?;
+    let now = services.clock.now();
+    let mut record = records::load_record(services, &app.id).await?;
+    let mut tx = services.store.begin().await?;
+    // Holds the application row and re-checks its state for the transaction.
+    let still =
+        sqlx::query("UPDATE applications SET updated_at = updated_at WHERE id = $1 AND state = $2")
+            .bind(app.id.as_str())
+            .bind(app.state.as_str())
+            .execute(&mut *tx)
+            .await?;
+    if still.rows_affected() == 0 {
+        return Err(OfficeError::Conflict(
+            "the application changed state meanwhile; retry".into(),
+        ));
+    }
+    let outcome = match app.state {
+        s if s.is_final() || s == ApplicationState::Collected => {
+            return Err(OfficeError::Conflict(format!(
+                "the pickup office cannot change in state {s}"
+            )));
+        }
+        ApplicationState::Packed => {
+            return Err(OfficeError::Conflict(
+                "the card is packed in a sealed box for today's dispatch; change the office after dispatch (a transfer)".into(),
+            ));
+        }
+        ApplicationState::Shipped | ApplicationState::AtOffice => {
+            let current = card(services, &app.id).await?.ok_or_else(|| {
+                OfficeError::Internal(anyhow::anyhow!("no delivery row for {}", app.id))
+            })?;
+            if current.office_code == new_office {
+                return Err(OfficeError::Conflict(format!(
+                    "the card already goes to {new_office}"
+                )));
+            }
+            // An earlier transfer still under way is superseded by this one.
+            sqlx::query(
+                "DELETE FROM delivery_transfers WHERE application_id = $1 AND state = 'in_transit'",
+            )
+            .bind(app.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            let transfer_id = format!("TRF-{}", uuid::Uuid::now_v7().simple());
+            // The card physically is where its box went, or where the last transfer took it.
+            let from = if current.available_at.is_some() {
+                current.office_code.clone()
+            } else {
+                current.packed_office.clone()
+            };
+            if from == new_office {
+                // Back to where the card already is: nothing travels.
+                sqlx::query(
+                    "UPDATE delivery_cards SET office_code = $1,
+                         available_at = CASE WHEN received_at IS NOT NULL THEN $2 ELSE NULL END
+                     WHERE application_id = $3",
+                )
+                .bind(new_office)
+                .bind(to_rfc3339(now))
+                .bind(app.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                record.pickup_office = new_office.to_owned();
+                records::update_record(&mut tx, services, &app.id, &record).await?;
+                tx.commit().await?;
+                return Ok(OfficeChange::Rerouted {
+                    office_code: new_office.to_owned(),
+                });
+            }
+            sqlx::query(
+                "INSERT INTO delivery_transfers (id, application_id, from_office, to_office, state, requested_by, requested_at)
+                 VALUES ($1, $2, $3, $4, 'in_transit', $5, $6)",
+            )
+            .bind(&transfer_id)
+            .bind(app.id.as_str())
+            .bind(&from)
+            .bind(new_office)
+            .bind(actor)
+            .bind(to_rfc3339(now))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE delivery_cards SET office_code = $1, available_at = NULL WHERE application_id = $2")
+                .bind(new_office)
+                .bind(app.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            OfficeChange::Transfer {
+                transfer_id,
+                from_office: from,
+                to_office: new_office.to_owned(),
+            }
+        }
+        _ => OfficeChange::Rerouted {
+            office_code: new_office.to_owned(),
+        },
+    };
+    record.pickup_office = new_office.to_owned();
+    records::update_record(&mut tx, services, &app.id, &record).await?;
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor,
+            role: if actor.starts_with("registry:") {
+                "registry"
+            } else {
+                "operator"
+            },
+            action: "delivery.change_office",
+            subject: app.id.as_str(),
+            details: serde_json::to_value(&outcome).unwrap_or_default(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    if matches!(outcome, OfficeChange::Transfer { .. }) {
+        delivery.metrics.transfer();
+    }
+    Ok(outcome)
+}
+
+/// The new office acknowledges a transferred card: it becomes available there.
+pub async fn receive_transfer(
+    services: &Services,
+    transfer_id: &str,
+    office_code: &str,
+    clerk: &str,
+) -> Result<String, OfficeError> {
+    clerk_ok(clerk)?;
+    let row = sqlx::query(
+        "SELECT application_id, to_office, state FROM delivery_transfers WHERE id = $1",
+    )
+    .bind(transfer_id)
+    .fetch_optional(services.store.pool())
+    .await?
+    .ok_or_else(|| OfficeError::NotFound(format!("transfer {transfer_id}")))?;
+    let app_id: String = row.try_get("application_id")?;
+    let to: String = row.try_get("to_office")?;
+    let state: String = row.try_get("state")?;
+    if to != office_code {
+        return Err(OfficeError::Conflict(format!(
+            "transfer {transfer_id} goes to office {to}, not {office_code}"
+        )));
+    }
+    if state != "in_transit" {
+        return Err(OfficeError::Conflict(format!(
+            "transfer {transfer_id} was already received"
+        )));
+    }
+    let app = application(services, &app_id).await?;
+    if app.state != ApplicationState::AtOffice {
+        return Err(OfficeError::Conflict(format!(
+            "the card has not reached its first office yet (state {}); receive its box first",
+            app.state
+        )));
+    }
+    let now = services.clock.now();
+    let actor = format!("office:{office_code}:{clerk}");
+    let mut tx = services.store.begin().await?;
+    let done = sqlx::query(
+        "UPDATE delivery_transfers SET state = 'received', received_at = $1 WHERE id = $2 AND state = 'in_transit'",
+    )
+    .bind(to_rfc3339(now))
+    .bind(transfer_id)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(OfficeError::Conflict(format!(
+            "transfer {transfer_id} was already received"
+        )));
+    }
+    sqlx::query("UPDATE delivery_cards SET available_at = $1 WHERE application_id = $2 AND office_code = $3")
+        .bind(to_rfc3339(now))
+        .bind(&app_id)
+        .bind(office_code)
+        .execute(&mut *tx)
+        .await?;
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: &actor,
+            role: "office",
+            action: "delivery.transfer_receipt",
+            subject: &app_id,
+            details: json!({ "transfer": transfer_id, "office": office_code }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(app_id)
+}
+
+/// A handover at the office.
+#[derive(Clone, Deserialize)]
+pub struct Handover {
+    /// cardpipe's application id (scanned from the card carrier).
+    pub application_id: String,
+    /// The office handing over.
+    pub office_code: String,
+    /// The clerk's login.
+    pub clerk: String,
+    /// The live fingerprint: an ISO/IEC 19794-2 record (base64) captured at the counter.
+    pub fingerprint: String,
+    /// The holder presented the previous national card (required for groups 3 and 4).
+    pub previous_card_presented: bool,
+    /// The holder set the ID PIN, signature PIN and PUK on the card.
+    pub pins_set: bool,
+    /// Delivery fee collected (rial).
+    pub fee_rial: i64,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("application_id", &self.application_id)
+            .field("office_code", &self.office_code)
+            .field("fingerprint", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A completed handover.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HandoverOutcome {
+    /// Application.
+    pub application_id: String,
+    /// Fee recorded (rial).
+    pub fee_rial: i64,
+    /// Whether the fee was doubled (an earlier card of the holder was voided).
+    pub double_fee: bool,
+    /// Fused fingerprint score (−log10 FMR).
+    pub match_score: f64,
+}
+
+/// The delivery fee due from the holder of `id`: doubled when an earlier application of the
+/// same person was voided.
+pub async fn fee_due(
+    delivery: &Delivery,
+    services: &Services,
+    id: &ApplicationId,
+) -> Result<(i64, bool), OfficeError> {
+    let record = records::load_record(services, id).await?;
+    let others = records::find_by_national_code(services, &record.national_code, None).await?;
+    let mut double = false;
+    for other in others.iter().filter(|o| *o != id) {
+        if let Some(app) = services.store.application(other).await?
+            && app.state == ApplicationState::Voided
+        {
+            double = true;
+        }
+    }
+    let fee = delivery.cfg.delivery_fee_rial * if double { 2 } else { 1 };
+    Ok((fee, double))
+}
+
+/// Hands a card over after verifying the holder: 1:1 fingerprint match against the enrolled
+/// templates, previous card, PINs set, fee. → `collected`, registry callback, audit entry.
+pub async fn handover(
+    delivery: &Delivery,
+    services: &Services,
+    req: &Handover,
+) -> Result<HandoverOutcome, OfficeError> {
+    clerk_ok(&req.clerk)?;
+    let actor = format!("office:{}:{}", req.office_code, req.clerk);
+    let app = application(services, &req.application_id).await?;
+    if app.state != ApplicationState::AtOffice {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Conflict(format!(
+            "the card cannot be handed over in state {}",
+            app.state
+        )));
+    }
+    let current = card(services, &app.id)
+        .await?
+        .ok_or_else(|| OfficeError::Internal(anyhow::anyhow!("no delivery row for {}", app.id)))?;
+    if current.office_code != req.office_code {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Conflict(format!(
+            "the holder collects at office {}, not {}",
+            current.office_code, req.office_code
+        )));
+    }
+    if current.available_at.is_none() {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Conflict(
+            "the card is still being transferred to this office".into(),
+        ));
+    }
+    let record = records::load_record(services, &app.id).await?;
+    if matches!(
+        record.applicant_group,
+        ApplicantGroup::Replace13801389 | ApplicantGroup::Voluntary13901396
+    ) && !req.previous_card_presented
+    {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Unprocessable(
+            "previous_card_presented: the holder must hand in the previous national card".into(),
+        ));
+    }
+    if !req.pins_set {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Unprocessable(
+            "pins_set: the holder must set the ID PIN, signature PIN and PUK before handover"
+                .into(),
+        ));
+    }
+    let live = base64::engine::general_purpose::STANDARD
+        .decode(req.fingerprint.trim())
+        .map_err(|_| OfficeError::BadRequest("fingerprint: not valid base64".into()))?;
+    let probe_tp = TenPrint::from_iso(&[live])
+        .map_err(|e| OfficeError::BadRequest(format!("fingerprint: {e}")))?;
+    let position = probe_tp
+        .fingers
+        .iter()
+        .position(Option::is_some)
+        .map_or(0, |p| p as i64 + 1);
+    let enrolled = records::load_biometrics(services, &app.id).await?;
+    let templates: Vec<Vec<u8>> = enrolled
+        .fingerprints
+        .into_iter()
+        .filter_map(|f| f.template)
+        .collect();
+    let reference = TenPrint::from_iso(&templates).map_err(|e| {
+        OfficeError::Internal(anyhow::anyhow!("enrolled templates of {}: {e}", app.id))
+    })?;
+    let verdict = verify(
+        &Probe::new(&probe_tp),
+        &reference,
+        delivery.cfg.handover_fmr,
+        Calibration::synthetic(),
+    );
+    let now = services.clock.now();
+    if !verdict.is_match {
+        delivery.metrics.handover("fingerprint_mismatch");
+        audit::record(
+            &services.store,
+            services.clock.as_ref(),
+            &AuditEvent {
+                actor: &actor,
+                role: "office",
+                action: "delivery.handover_refused",
+                subject: app.id.as_str(),
+                details: json!({ "reason": "fingerprint_mismatch", "score": verdict.fused.score }),
+            },
+        )
+        .await?;
+        return Err(OfficeError::Forbidden(
+            "fingerprint: the live fingerprint does not match the enrolled template".into(),
+        ));
+    }
+    let (fee, double) = fee_due(delivery, services, &app.id).await?;
+    if req.fee_rial != fee {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Unprocessable(format!(
+            "fee_rial: the delivery fee due is {fee} rial{}",
+            if double {
+                " (double: an earlier card was voided)"
+            } else {
+                ""
+            }
+        )));
+    }
+    let mut tx = services.store.begin().await?;
+    let moved = Store::transition(
+        &mut tx,
+        &Transition {
+            id: &app.id,
+            from: ApplicationState::AtOffice,
+            to: ApplicationState::Collected,
+            stage: "handover",
+            attempt: 0,
+            actor: &actor,
+            reason: Some("holder verified by fingerprint"),
+            at: now,
+        },
+    )
+    .await?;
+    if !moved {
+        return Err(OfficeError::Conflict(
+            "the card was handed over or voided meanwhile".into(),
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO delivery_handovers (application_id, office_code, clerk, finger_position, match_score,
+             previous_card_presented, pins_set, fee_rial, double_fee, collected_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(app.id.as_str())
+    .bind(&req.office_code)
+    .bind(&req.clerk)
+    .bind(position)
+    .bind(verdict.fused.score)
+    .bind(i64::from(req.previous_card_presented))
+    .bind(i64::from(req.pins_set))
+    .bind(fee)
+    .bind(i64::from(double))
+    .bind(to_rfc3339(now))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE delivery_cards SET collected_at = $1 WHERE application_id = $2")
+        .bind(to_rfc3339(now))
+        .bind(app.id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    enqueue_callback(
+        &mut tx,
+        app.id.as_str(),
+        CallbackEvent::Collected,
+        &app.registry_id,
+        Some(ApplicationState::Collected),
+        None,
+        json!({ "office": req.office_code, "fee_rial": fee, "double_fee": double }),
+        now,
+    )
+    .await?;
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: &actor,
+            role: "office",
+            action: "delivery.handover",
+            subject: app.id.as_str(),
+            details: json!({
+                "fee_rial": fee,
+                "double_fee": double,
+                "previous_card_presented": req.previous_card_presented,
+                "score": verdict.fused.score,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    delivery.metrics.handover("collected");
+    Ok(HandoverOutcome {
+        application_id: app.id.to_string(),
+        fee_rial: fee,
+        double_fee: double,
+        match_score: verdict.fused.score,
+    })
+}
+
+/// Parses a stored instant (for callers reading delivery rows).
+pub fn parse_time(text: &str) -> anyhow::Result<OffsetDateTime> {
+    Ok(from_rfc3339(text)?)
+}

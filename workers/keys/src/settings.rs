@@ -1,0 +1,427 @@
+//! The `[pki]` configuration section and [`Pki`], the keys stage's handle on the CA
+//! hierarchy: which keystore holds the CA keys, the encoder site's transport key, and the
+//! current hierarchy (persisted in the database, cached per version).
+//!
+//! Embedded defaults need no setup: with `keystore = "file"` and an empty `passphrase`, a
+//! random passphrase is generated once into `data_dir/pki-keystore.passphrase` (mode
+//! 0600), the keystore file is created under `data_dir`, and with `auto_init = true` the
+//! first process to need the hierarchy creates it (`cardpipe pki init` does the same on
+//! demand). An empty `transport_key_hex` likewise generates the simulated encoder site's
+//! key into `data_dir/pki-transport-<transport_key_id>.key`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use cardpipe_common::runtime::Services;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::ca::{CaConfig, CaHierarchy};
+use crate::citizen::CitizenProfiles;
+use crate::custody::TransportKey;
+use crate::issue::CardIssuer;
+use crate::keystore::{CaKeyStore, FileKeyStore, KdfParams, Pkcs11Config, Pkcs11KeyStore};
+use crate::rotation::RotationPolicy;
+use crate::store;
+
+/// Which keystore holds the CA keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeystoreKind {
+    /// Encrypted file under `data_dir` (embedded mode).
+    File,
+    /// PKCS#11 token (HSM; SoftHSM2 in tests).
+    Pkcs11,
+}
+
+/// The `[pki]` section of pipeline.toml.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PkiConfig {
+    /// `file` or `pkcs11`.
+    pub keystore: KeystoreKind,
+    /// File keystore path (relative paths are under `data_dir`).
+    pub keystore_path: PathBuf,
+    /// File keystore passphrase; empty = generated into `passphrase_file`.
+    pub passphrase: SecretString,
+    /// Where the generated passphrase lives (relative paths are under `data_dir`).
+    pub passphrase_file: PathBuf,
+    /// scrypt cost (log2 N) for a new file keystore.
+    pub kdf_log_n: u8,
+    /// PKCS#11 module path.
+    pub pkcs11_module: PathBuf,
+    /// PKCS#11 token label.
+    pub pkcs11_token: String,
+    /// PKCS#11 user PIN.
+    pub pkcs11_pin: SecretString,
+    /// Create the hierarchy on first use when none is stored.
+    pub auto_init: bool,
+    /// CA subjects, validity, CRL distribution point of CA certificates.
+    pub ca: CaConfig,
+    /// Citizen certificate profiles (validity, key usages, CRL distribution point).
+    pub citizen: CitizenProfiles,
+    /// Document Signer rotation policy.
+    pub rotation: RotationPolicy,
+    /// Publish a CRL at least this often (seconds).
+    pub crl_interval_seconds: u64,
+    /// nextUpdate = thisUpdate + this many hours.
+    pub crl_validity_hours: u64,
+    /// Transport key id of the encoder site (recorded in every wrapped key).
+    pub transport_key_id: String,
+    /// The transport key, 64 hex digits; empty = generated into `data_dir`.
+    pub transport_key_hex: SecretString,
+}
+
+impl std::fmt::Debug for PkiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PkiConfig")
+            .field("keystore", &self.keystore)
+            .field("keystore_path", &self.keystore_path)
+            .field("pkcs11_module", &self.pkcs11_module)
+            .field("pkcs11_token", &self.pkcs11_token)
+            .field("auto_init", &self.auto_init)
+            .field("rotation", &self.rotation)
+            .field("crl_interval_seconds", &self.crl_interval_seconds)
+            .field("transport_key_id", &self.transport_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        Self {
+            keystore: KeystoreKind::File,
+            keystore_path: "pki/ca.keystore".into(),
+            passphrase: SecretString::from(""),
+            passphrase_file: "pki-keystore.passphrase".into(),
+            kdf_log_n: KdfParams::default().log_n,
+            pkcs11_module: crate::keystore::softhsm::SOFTHSM2_MODULE.into(),
+            pkcs11_token: "cardpipe".into(),
+            pkcs11_pin: SecretString::from(""),
+            auto_init: true,
+            ca: CaConfig::default(),
+            citizen: CitizenProfiles::default(),
+            rotation: RotationPolicy::default(),
+            crl_interval_seconds: 3600,
+            crl_validity_hours: 48,
+            transport_key_id: "encoder-site-01".into(),
+            transport_key_hex: SecretString::from(""),
+        }
+    }
+}
+
+impl PkiConfig {
+    /// Reads `[pki]` from the loaded configuration (defaults when absent).
+    pub fn from_loaded(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<Self> {
+        let config: Self = loaded.section("pki").map_err(|errors| {
+            anyhow::anyhow!(
+                "[pki] configuration: {}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules beyond the types.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.rotation.validate().context("pki.rotation")?;
+        anyhow::ensure!(
+            self.crl_interval_seconds > 0,
+            "pki.crl_interval_seconds must be > 0"
+        );
+        anyhow::ensure!(
+            self.crl_validity_hours * 3600 > self.crl_interval_seconds,
+            "pki.crl_validity_hours must cover more than one crl_interval_seconds"
+        );
+        anyhow::ensure!(
+            !self.transport_key_id.is_empty(),
+            "pki.transport_key_id must not be empty"
+        );
+        if self.keystore == KeystoreKind::Pkcs11 {
+            anyhow::ensure!(
+                !self.pkcs11_pin.expose_secret().is_empty(),
+                "pki.pkcs11_pin is required with keystore = \"pkcs11\""
+            );
+        }
+        Ok(())
+    }
+
+    fn under(data_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            data_dir.join(path)
+        }
+    }
+
+    /// Opens (or creates) the configured keystore.
+    pub fn open_keystore(&self, data_dir: &Path) -> anyhow::Result<Arc<dyn CaKeyStore>> {
+        match self.keystore {
+            KeystoreKind::File => {
+                let passphrase = if self.passphrase.expose_secret().is_empty() {
+                    let path = Self::under(data_dir, &self.passphrase_file);
+                    read_or_generate_secret(&path, || {
+                        let mut bytes = [0u8; 32];
+                        openssl::rand::rand_bytes(&mut bytes)?;
+                        Ok(hex::encode(bytes))
+                    })?
+                } else {
+                    self.passphrase.clone()
+                };
+                let path = Self::under(data_dir, &self.keystore_path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                let params = KdfParams {
+                    log_n: self.kdf_log_n,
+                    ..KdfParams::default()
+                };
+                let store = FileKeyStore::open_or_create(&path, &passphrase, params)
+                    .with_context(|| format!("opening the file keystore {}", path.display()))?;
+                Ok(Arc::new(store))
+            }
+            KeystoreKind::Pkcs11 => {
+                let store = Pkcs11KeyStore::open(&Pkcs11Config {
+                    module: self.pkcs11_module.clone(),
+                    token_label: self.pkcs11_token.clone(),
+                    pin: self.pkcs11_pin.clone(),
+                })
+                .with_context(|| {
+                    format!(
+                        "opening PKCS#11 token {:?} with {} (SoftHSM2 needs SOFTHSM2_CONF set before the process starts)",
+                        self.pkcs11_token,
+                        self.pkcs11_module.display()
+                    )
+                })?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+
+    /// The encoder site's transport key (generated into `data_dir` when not configured).
+    pub fn transport_key(&self, data_dir: &Path) -> anyhow::Result<TransportKey> {
+        let hex_key = if self.transport_key_hex.expose_secret().is_empty() {
+            let path = data_dir.join(format!(
+                "pki-transport-{}.key",
+                self.transport_key_id.replace(['/', '\\'], "_")
+            ));
+            read_or_generate_secret(&path, || {
+                let mut bytes = [0u8; 32];
+                openssl::rand::rand_bytes(&mut bytes)?;
+                Ok(hex::encode(bytes))
+            })?
+        } else {
+            self.transport_key_hex.clone()
+        };
+        TransportKey::from_hex(self.transport_key_id.clone(), &hex_key)
+            .context("pki.transport_key_hex")
+    }
+}
+
+fn read_or_generate_secret(
+    path: &Path,
+    generate: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<SecretString> {
+    if !path.exists() {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let value = zeroize::Zeroizing::new(generate()?);
+        match write_private(path, &value) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "generated an embedded-mode PKI secret")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// The hierarchy version in use and an issuer built for it.
+#[derive(Debug)]
+pub struct CurrentCa {
+    /// `ca_hierarchy.version`.
+    pub version: i64,
+    /// The hierarchy.
+    pub hierarchy: CaHierarchy,
+    /// Issues credential sets under it.
+    pub issuer: CardIssuer,
+}
+
+/// The keys stage's PKI handle: keystore, transport key, configuration, cached hierarchy.
+pub struct Pki {
+    /// Configuration.
+    pub config: PkiConfig,
+    keystore: Arc<dyn CaKeyStore>,
+    transport: TransportKey,
+    current: RwLock<Option<Arc<CurrentCa>>>,
+    init_lock: tokio::sync::Mutex<()>,
+    holder: String,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("backend", &self.keystore.backend())
+            .field("transport_key", &self.transport)
+            .field("holder", &self.holder)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Opens the configured keystore and transport key.
+    pub fn open(config: PkiConfig, data_dir: &Path) -> anyhow::Result<Self> {
+        config.validate()?;
+        let keystore = config.open_keystore(data_dir)?;
+        let transport = config.transport_key(data_dir)?;
+        Ok(Self::with_keystore(config, keystore, transport))
+    }
+
+    /// A handle over an already open keystore (tests, benchmarks, HSM sessions).
+    pub fn with_keystore(
+        config: PkiConfig,
+        keystore: Arc<dyn CaKeyStore>,
+        transport: TransportKey,
+    ) -> Self {
+        Self {
+            config,
+            keystore,
+            transport,
+            current: RwLock::new(None),
+            init_lock: tokio::sync::Mutex::new(()),
+            holder: format!(
+                "keys-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        }
+    }
+
+    /// The keystore.
+    pub fn keystore(&self) -> &Arc<dyn CaKeyStore> {
+        &self.keystore
+    }
+
+    /// The transport key packages are wrapped under.
+    pub fn transport_key(&self) -> &TransportKey {
+        &self.transport
+    }
+
+    /// Lease holder name of this handle.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Creates the hierarchy if none is stored (exactly once across replicas: the version-1
+    /// row is unique). Returns the stored version and whether this call created it.
+    pub async fn init(&self, services: &Services) -> anyhow::Result<(Arc<CurrentCa>, bool)> {
+        let _one_at_a_time = self.init_lock.lock().await;
+        if let Some((version, hierarchy)) = store::current_hierarchy(&services.store).await? {
+            return Ok((self.install(version, hierarchy)?, false));
+        }
+        let now = services.clock.now();
+        let holder_ok = services
+            .store
+            .try_lease("pki-init", &self.holder, now, time::Duration::minutes(5))
+            .await?;
+        if !holder_ok {
+            anyhow::bail!("another process is initialising the CA hierarchy; retry shortly");
+        }
+        // Re-check under the lease.
+        if let Some((version, hierarchy)) = store::current_hierarchy(&services.store).await? {
+            services
+                .store
+                .release_lease("pki-init", &self.holder)
+                .await?;
+            return Ok((self.install(version, hierarchy)?, false));
+        }
+        let keystore = self.keystore.clone();
+        let ca = self.config.ca.clone();
+        let hierarchy =
+            tokio::task::spawn_blocking(move || crate::ca::init(keystore.as_ref(), &ca, now))
+                .await??;
+        let created = store::insert_hierarchy(&services.store, 1, &hierarchy, "init", now).await?;
+        services
+            .store
+            .release_lease("pki-init", &self.holder)
+            .await?;
+        let (version, hierarchy) = store::current_hierarchy(&services.store)
+            .await?
+            .context("the CA hierarchy vanished after init")?;
+        Ok((self.install(version, hierarchy)?, created))
+    }
+
+    fn install(&self, version: i64, hierarchy: CaHierarchy) -> anyhow::Result<Arc<CurrentCa>> {
+        let issuer = CardIssuer::new(self.keystore.clone(), &hierarchy, &self.config.citizen)?;
+        let current = Arc::new(CurrentCa {
+            version,
+            hierarchy,
+            issuer,
+        });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(current.clone());
+        Ok(current)
+    }
+
+    /// The current hierarchy (re-read when another replica stored a newer version);
+    /// initialises it when none exists and `auto_init` is on.
+    pub async fn current(&self, services: &Services) -> anyhow::Result<Arc<CurrentCa>> {
+        let latest = store::current_hierarchy_version(&services.store).await?;
+        let cached = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match (latest, cached) {
+            (Some(v), Some(c)) if c.version == v => Ok(c),
+            (Some(_), _) => {
+                let (version, hierarchy) = store::current_hierarchy(&services.store)
+                    .await?
+                    .context("CA hierarchy missing")?;
+                self.install(version, hierarchy)
+            }
+            (None, _) if self.config.auto_init => Ok(self.init(services).await?.0),
+            (None, _) => anyhow::bail!(
+                "no CA hierarchy: run `cardpipe pki init` (or set pki.auto_init = true)"
+            ),
+        }
+    }
+}
+
+/// The process-wide [`Pki`] for `loaded` (opened on first call): the keys stage, the
+/// background loop and `cardpipe pki` in one process share one keystore handle, so a key
+/// generated by a rotation is at once usable by the stage.
+pub fn shared(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<Arc<Pki>> {
+    static SHARED: std::sync::Mutex<Option<Arc<Pki>>> = std::sync::Mutex::new(None);
+    let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pki) = guard.as_ref() {
+        return Ok(pki.clone());
+    }
+    let config = PkiConfig::from_loaded(loaded)?;
+    std::fs::create_dir_all(&loaded.config.data_dir)
+        .with_context(|| format!("creating data_dir {}", loaded.config.data_dir.display()))?;
+    let pki = Arc::new(Pki::open(config, &loaded.config.data_dir)?);
+    *guard = Some(pki.clone());
+    Ok(pki)
+}

@@ -1,0 +1,200 @@
+//! The keys stage: `dedup_clear | cleared | reprint_requested → keys_issued`, then
+//! `personalize`.
+//!
+//! For one application it loads the sealed record and biometrics, issues the credential set
+//! ([`CardIssuer::issue`](crate::issue::CardIssuer::issue)), writes the
+//! [`CardCredentials`](crate::custody::CardCredentials) package (JSON; both private keys
+//! wrapped under the encoder site's transport key, never clear) to
+//! `applications/<id>/credentials-<uuid>.json` — a fresh key per attempt, so an attempt that
+//! never commits is invisible — and completes with, in ONE transaction: the artifact
+//! `credentials`, both certificates in `certificates`, +1 document for the Document Signer
+//! in `ds_usage`, the package in `wrapped_key_custody`, and for a reprint the revocation
+//! (`reprinted`) of the previous card's certificates.
+//!
+//! Before issuing it checks the Document Signer rotation policy and rolls the DS when due
+//! (exactly once across replicas, see [`crate::ops::rotate_document_signer`]).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, Gender};
+use cardpipe_common::domain::{Application, ApplicationState};
+use cardpipe_common::records::{self, RecordError};
+use cardpipe_common::runtime::{Completion, ExtraWrites, JobContext, Permanent, Stage};
+use cardpipe_common::store::{StoreError, StoreTx};
+use futures::future::BoxFuture;
+
+use crate::crl::RevocationCause;
+use crate::lds::{self, AddressData, ChipDataInput, FingerprintTemplate, PersonalData};
+use crate::ops::{RotationOutcome, rotate_document_signer};
+use crate::rotation::{RotationDecision, decide_for};
+use crate::settings::Pki;
+use crate::store;
+
+/// The stage name.
+pub const STAGE_NAME: &str = "keys";
+/// The stage after this one.
+pub const NEXT_STAGE: &str = "personalize";
+/// Artifact kind of the personalization package.
+pub const CREDENTIALS_ARTIFACT: &str = "credentials";
+
+const ACCEPTS: &[ApplicationState] = &[
+    ApplicationState::DedupClear,
+    ApplicationState::Cleared,
+    ApplicationState::ReprintRequested,
+];
+
+/// The keys stage.
+#[derive(Debug, Clone)]
+pub struct KeysStage {
+    pki: Arc<Pki>,
+}
+
+impl KeysStage {
+    /// A stage issuing through `pki`.
+    pub fn new(pki: Arc<Pki>) -> Self {
+        Self { pki }
+    }
+}
+
+/// The chip data of an applicant (DG1, DG2, DG3, DG11).
+pub fn chip_input(record: &ApplicantRecord, biometrics: &Biometrics) -> ChipDataInput {
+    ChipDataInput {
+        personal: PersonalData {
+            national_code: record.national_code.clone(),
+            first_name: record.first_name.clone(),
+            last_name: record.last_name.clone(),
+            father_name: record.father_name.clone(),
+            birth_date: record.birth_date,
+            birth_certificate_number: record.birth_certificate_number.clone(),
+            gender: match record.gender {
+                Gender::Male => lds::Gender::Male,
+                Gender::Female => lds::Gender::Female,
+            },
+        },
+        address: AddressData {
+            postal_code: record.postal_code.clone(),
+            address: record.address.clone(),
+        },
+        photo_jpeg: biometrics.photo_jpeg.clone(),
+        fingerprints: biometrics
+            .fingerprints
+            .iter()
+            .filter_map(|f| {
+                f.template.as_ref().map(|t| FingerprintTemplate {
+                    position: f.position,
+                    template: t.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Boxes a completion-transaction closure (pins down its higher-ranked signature).
+fn extra_writes<F>(f: F) -> ExtraWrites
+where
+    F: for<'t> FnOnce(&'t mut StoreTx) -> BoxFuture<'t, Result<(), StoreError>> + Send + 'static,
+{
+    Box::new(f)
+}
+
+fn record_error(e: RecordError) -> anyhow::Error {
+    match e {
+        RecordError::Missing { .. } | RecordError::Corrupt(_) => Permanent(e.to_string()).into(),
+        other => other.into(),
+    }
+}
+
+#[async_trait]
+impl Stage for KeysStage {
+    fn name(&self) -> &'static str {
+        STAGE_NAME
+    }
+
+    fn accepts(&self) -> &'static [ApplicationState] {
+        ACCEPTS
+    }
+
+    async fn handle(&self, ctx: &JobContext, app: &Application) -> anyhow::Result<Completion> {
+        let services = &ctx.services;
+        let now = services.clock.now();
+        let mut current = self.pki.current(services).await?;
+        let used = store::ds_usage(
+            &services.store,
+            &current.hierarchy.document_signer.key_label,
+        )
+        .await?;
+        if let RotationDecision::Rotate(_) =
+            decide_for(&self.pki.config.rotation, &current.hierarchy, used, now)?
+        {
+            match rotate_document_signer(services, &self.pki, false).await? {
+                RotationOutcome::Busy => {
+                    anyhow::bail!("Document Signer rotation in progress elsewhere; retrying")
+                }
+                _ => current = self.pki.current(services).await?,
+            }
+        }
+
+        let record = records::load_record(services, &app.id)
+            .await
+            .map_err(record_error)?;
+        let biometrics = records::load_biometrics(services, &app.id)
+            .await
+            .map_err(record_error)?;
+        let chip = chip_input(&record, &biometrics);
+        drop(record);
+        drop(biometrics);
+
+        let pki = self.pki.clone();
+        let card_ref = app.id.to_string();
+        let issuing = current.clone();
+        let credentials = tokio::task::spawn_blocking(move || {
+            issuing
+                .issuer
+                .issue(&card_ref, &chip, pki.transport_key(), now)
+        })
+        .await?
+        .map_err(|e| match e {
+            crate::KeysError::Lds(_) | crate::KeysError::Invalid(_) => {
+                anyhow::Error::from(Permanent(format!("chip data: {e}")))
+            }
+            other => other.into(),
+        })?;
+
+        let key = format!(
+            "applications/{}/credentials-{}.json",
+            app.id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let json = serde_json::to_vec(&credentials)?;
+        services.objects.put(&key, Bytes::from(json)).await?;
+
+        let id = app.id.clone();
+        let reprint = app.state == ApplicationState::ReprintRequested;
+        let certs = [
+            credentials.authentication_certificate.clone(),
+            credentials.signature_certificate.clone(),
+        ];
+        let ds_label = credentials.document_signer_label.clone();
+        let transport_key_id = credentials.authentication_key.key_id.clone();
+        let object_key = key.clone();
+        drop(credentials);
+        Ok(Completion::to(ApplicationState::KeysIssued)
+            .then(NEXT_STAGE)
+            .artifact(CREDENTIALS_ARTIFACT, key)
+            .with_writes(extra_writes(move |tx| {
+                Box::pin(async move {
+                    if reprint {
+                        store::revoke_tx(tx, &id, RevocationCause::Reprinted, now).await?;
+                    }
+                    for cert in &certs {
+                        store::insert_certificate(tx, &id, cert, &object_key, now).await?;
+                    }
+                    store::count_ds_usage(tx, &ds_label, now).await?;
+                    store::insert_custody(tx, &id, &object_key, &transport_key_id, now).await?;
+                    Ok(())
+                })
+            })))
+    }
+}

@@ -1,0 +1,327 @@
+//! The personalize stage and its encoder farm through a REAL pcscd with vpcd virtual readers:
+//! the farm discovers the readers, a blank is torn mid-write and another is dead (recorded
+//! spoiled), the application ends on a good card, and pyscard — a tool we did not write —
+//! reads back what the pipeline wrote.
+//!
+//! Like tests/pcscd.rs, the body runs in a re-executed child with `PCSCLITE_CSOCK_NAME` set
+//! (pcsc-lite reads it once per process), which starts its own private pcscd.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cardpipe_common::testing::{self, Mode};
+use cardpipe_personalize::card_os::Faults;
+use cardpipe_personalize::card_os::profile::*;
+use cardpipe_personalize::farm::{EncoderSource, Farm, FarmSettings};
+use cardpipe_personalize::reader::{
+    self, BlankStock, CardChannel, Encoder, PcscEncoder, ReaderError,
+};
+use cardpipe_personalize::scp03::MasterKeys;
+use cardpipe_personalize::simulate::{SimConfig, Simulation};
+use cardpipe_personalize::vpcd::SlotHandle;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn preflight() {
+    let mut missing = Vec::new();
+    if !["/usr/sbin/pcscd", "/usr/bin/pcscd", "/sbin/pcscd"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+    {
+        missing.push("pcscd (apt-get install pcscd)");
+    }
+    if !Path::new(cardpipe_personalize::simulate::DEFAULT_DRIVER).exists() {
+        missing.push("vpcd driver (apt-get install vsmartcard-vpcd)");
+    }
+    if Command::new(PYTHON)
+        .args(["-c", "import smartcard"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        missing.push("pyscard (apt-get install python3-pyscard)");
+    }
+    assert!(
+        missing.is_empty(),
+        "PC/SC test prerequisites missing: {}. This test needs real pcscd + vpcd; it does not skip.",
+        missing.join(", ")
+    );
+}
+
+fn kill_leftovers(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(&needle)
+        {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// Runs `body` in a child process with its own pcscd socket.
+fn with_private_pcscd(name: &str, body: impl FnOnce(&Path)) {
+    if std::env::var_os("CARDPIPE_PCSC_CHILD").is_some() {
+        body(Path::new(&std::env::var("CARDPIPE_PCSC_DIR").unwrap()));
+        return;
+    }
+    preflight();
+    let dir = tempfile::Builder::new()
+        .prefix("cardpipe-farm-pcscd-")
+        .tempdir()
+        .unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("CARDPIPE_PCSC_CHILD", "1")
+        .env("CARDPIPE_PCSC_DIR", dir.path())
+        .env("PCSCLITE_CSOCK_NAME", dir.path().join("run/pcscd.comm"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(80) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    kill_leftovers(dir.path());
+    let (stdout, stderr) = (t_out.join().unwrap(), t_err.join().unwrap());
+    let log = std::fs::read_to_string(dir.path().join("pcscd.log")).unwrap_or_default();
+    println!("{stdout}");
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout.contains("1 passed"),
+        "child {name} failed ({status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- pcscd.log (tail)\n{}",
+        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// A reader whose hopper leaves the finished card in the slot until the next insert (so an
+/// outside tool can read it afterwards); insert swaps in the next blank from `stock`.
+struct HopperEncoder {
+    inner: PcscEncoder,
+    slot: SlotHandle,
+    stock: Arc<BlankStock>,
+}
+
+impl CardChannel for HopperEncoder {
+    fn reader_name(&self) -> &str {
+        self.inner.reader_name()
+    }
+    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, ReaderError> {
+        self.inner.transmit(apdu)
+    }
+}
+
+impl Encoder for HopperEncoder {
+    fn insert(&mut self) -> Result<(), ReaderError> {
+        self.slot.eject();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.inner.card_present()? && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.slot.insert(self.stock.take());
+        match self.inner.connect() {
+            Err(ReaderError::NoSmartcard(r)) => Err(ReaderError::Unresponsive(r)),
+            other => other,
+        }
+    }
+    fn eject(&mut self) -> Result<(), ReaderError> {
+        self.inner.eject()
+    }
+}
+
+struct HopperSource {
+    readers: Vec<(String, SlotHandle)>,
+    stock: Arc<BlankStock>,
+}
+
+impl EncoderSource for HopperSource {
+    fn kind(&self) -> &'static str {
+        "pcsc"
+    }
+    fn scan(&self) -> Result<Vec<String>, ReaderError> {
+        let names = reader::list_readers(&reader::establish()?)?;
+        Ok(self
+            .readers
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| names.contains(n))
+            .collect())
+    }
+    fn open(&self, name: &str) -> Result<Box<dyn Encoder>, ReaderError> {
+        let (_, slot) = self
+            .readers
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| ReaderError::ReaderUnavailable(name.into()))?;
+        let mut inner = PcscEncoder::new(reader::establish()?, name, None)?;
+        inner.set_insert_timeout(Duration::from_millis(1500));
+        Ok(Box::new(HopperEncoder {
+            inner,
+            slot: slot.clone(),
+            stock: self.stock.clone(),
+        }))
+    }
+}
+
+const PYSCARD_READ: &str = r#"
+import sys
+from smartcard.System import readers
+name, aid, fid = sys.argv[1], bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3])
+r = [x for x in readers() if str(x) == name][0]
+c = r.createConnection(); c.connect()
+def tx(apdu):
+    data, sw1, sw2 = c.transmit(list(apdu))
+    return bytes(data), (sw1 << 8) | sw2
+_, s = tx(b"\x00\xa4\x04\x0c" + bytes([len(aid)]) + aid); assert s == 0x9000, hex(s)
+fcp, s = tx(b"\x00\xa4\x02\x04\x02" + fid + b"\x00"); assert s == 0x9000, hex(s)
+size = int.from_bytes(fcp[4:6], "big")
+out = b""
+while len(out) < size:
+    n = min(256, size - len(out))
+    off = len(out)
+    if off <= 0x7FFF:
+        d, s = tx(bytes([0, 0xB0, off >> 8, off & 0xFF, n & 0xFF]))
+    else:
+        d, s = tx(bytes([0, 0xB1, 0, 0, 5, 0x54, 3, off >> 16, (off >> 8) & 0xFF, off & 0xFF, 0]))
+        d = d[2 + {0x81: 1, 0x82: 2}.get(d[1], 0):]
+    assert s in (0x9000, 0x6282), hex(s)
+    out += d
+cplc, s = tx(b"\x80\xca\x9f\x7f\x00")
+print(out.hex())
+"#;
+
+fn pyscard_read(reader: &str, aid: &[u8], fid: u16) -> Vec<u8> {
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            PYSCARD_READ,
+            reader,
+            &hex::encode(aid),
+            &format!("{fid:04x}"),
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "pyscard read failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hex::decode(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+#[test]
+fn pcscd_stage_on_the_farm_with_faults_then_pyscard_readback() {
+    with_private_pcscd(
+        "pcscd_stage_on_the_farm_with_faults_then_pyscard_readback",
+        |dir| {
+            let sim = Simulation::start(SimConfig::new(1, dir)).expect("pcscd with vpcd starts");
+            sim.check_client_env()
+                .expect("child talks to its own pcscd");
+            // Blank 0 is torn mid-write, blank 1 is dead, then good blanks.
+            let stock = Arc::new(BlankStock::new(MasterKeys::test_keys(), 61, |n| match n {
+                0 => Faults {
+                    tear_at_write: Some(5),
+                    ..Faults::none()
+                },
+                1 => Faults {
+                    dead: true,
+                    ..Faults::none()
+                },
+                _ => Faults::none(),
+            }));
+            let source = HopperSource {
+                readers: sim
+                    .encoders()
+                    .iter()
+                    .map(|e| (e.reader.clone(), e.slot().clone()))
+                    .collect(),
+                stock,
+            };
+            let farm = Farm::new(Box::new(source), FarmSettings::default());
+            assert_eq!(farm.in_service(), 1, "the farm discovered the reader");
+            let reader_name = sim.readers()[0].clone();
+
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let (creds, rows) = rt.block_on(async {
+                let (services, _guard) = testing::services(Mode::Embedded, None).await;
+                let pki = common::pki();
+                let apps = common::seed(&services, &pki, 1).await;
+                let id = apps[0].0.clone();
+                let running = common::start(&services, common::stage(farm.clone(), &pki, 4)).await;
+                common::wait_personalized(&services, std::slice::from_ref(&id)).await;
+                running.shutdown().await.unwrap();
+                let rows = common::one_good_card(&services, &id).await;
+                (apps[0].1.clone(), rows)
+            });
+            println!("{rows:#?}");
+            assert_eq!(rows.len(), 3, "{rows:?}");
+            assert!(
+                rows[0].spoil_reason.as_deref().unwrap().contains("removed"),
+                "{rows:?}"
+            );
+            assert!(rows[1].chip_serial.is_none(), "dead chip: {rows:?}");
+            assert_eq!(rows[2].encoder, reader_name);
+
+            // pyscard reads the finished card still in the reader.
+            for (fid, want) in [
+                (EF_COM, &creds.ef_com),
+                (EF_DG1, &creds.dg1),
+                (EF_DG2, &creds.dg2),
+                (EF_DG11, &creds.dg11),
+                (EF_SOD, &creds.ef_sod),
+            ] {
+                assert!(
+                    pyscard_read(&reader_name, &LDS_AID, fid) == *want,
+                    "pyscard read of {fid:04X} differs from the credentials package"
+                );
+            }
+            assert!(
+                pyscard_read(&reader_name, &EID_AID, EF_CERT_AUTH)
+                    == creds.authentication_certificate.der,
+                "pyscard read of C001"
+            );
+            println!("pyscard read back EF.COM, DG1, DG2, DG11, EF.SOD, C001: match");
+        },
+    );
+}

@@ -1,0 +1,639 @@
+//! The QC stage: `personalized → qc_passed` (then `shipping`) or `→ qc_failed` (back to
+//! `personalize` on a fresh blank).
+//!
+//! For one application:
+//! 1. the personalized card row (blank serial, chip serial, encoder) and the credentials package
+//!    (the certificates issued for the application) are loaded; the CA hierarchy is the keys
+//!    stage's;
+//! 2. the card is taken from the farm's output tray and inserted into the QC station (an
+//!    in-process reader); [`crate::check::inspect`] runs every check over plain APDUs, with
+//!    fresh challenges; the card body serial must be the recorded blank serial;
+//! 3. a QC report (checks, results, timings) is stored as an object (`qc_report` artifact);
+//! 4. ONE transaction (the runner's completion): the state, the `qc_reports` row, and
+//!    - passed: the blank `at_encoder → consumed` in stock, and an outbox row
+//!      ([`KEY_DESTRUCTION_TOPIC`]) whose sink destroys the wrapped private keys;
+//!    - failed: the card row `spoiled` with `qc_failed:<reason>` (the stock trigger spoils the
+//!      serial), and either a job for `personalize` (a fresh blank) or, once `[qc]
+//!      max_attempts` cards failed, an outbox row ([`PARK_TOPIC`]) that parks the application's
+//!      personalize job for an operator.
+//!
+//! A card the tray does not hold (the process restarted; embedded cards live in memory) fails
+//! with `card_not_found` and is re-made, never passed unchecked.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cardpipe_common::broker::Job;
+use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
+use cardpipe_common::runtime::relay::OutboxSink;
+use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
+use cardpipe_common::store::{OutboxRow, StoreError, StoreTx};
+use cardpipe_keys::custody::CardCredentials;
+use cardpipe_keys::settings::Pki;
+use cardpipe_personalize::reader::{BlankStock, Encoder, InProcessEncoder};
+use cardpipe_personalize::scp03::MasterKeys;
+use cardpipe_personalize::stage::{TransportPins, cards};
+use cardpipe_personalize::tray::{OutputTray, TrayCard};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::check::{self, CheckResult, Expectations, Inspection, Reason};
+use crate::stock;
+
+/// The stage name.
+pub const STAGE_NAME: &str = "qc";
+/// Artifact kind of the QC report.
+pub const REPORT_ARTIFACT: &str = "qc_report";
+/// Artifact kind of the keys stage's package.
+pub const CREDENTIALS_ARTIFACT: &str = "credentials";
+/// Outbox topic: destroy the wrapped private keys of a card that passed.
+pub const KEY_DESTRUCTION_TOPIC: &str = "qc.destroy_keys";
+/// Outbox topic: park the application's personalize job for an operator.
+pub const PARK_TOPIC: &str = "qc.park";
+/// The configuration section.
+pub const SECTION: &str = "qc";
+
+const ACCEPTS: &[ApplicationState] = &[ApplicationState::Personalized];
+
+/// `[qc]` in pipeline.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QcConfig {
+    /// Cards of one application QC may refuse before it is parked for an operator.
+    pub max_attempts: u32,
+    /// The stage a passed card goes to.
+    pub next_stage: String,
+}
+
+impl Default for QcConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            next_stage: "shipping".into(),
+        }
+    }
+}
+
+/// Loads `[qc]`.
+pub fn load(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<QcConfig> {
+    let cfg: QcConfig = loaded.section(SECTION).map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    if cfg.max_attempts == 0 {
+        anyhow::bail!("qc.max_attempts must be at least 1");
+    }
+    if cfg.next_stage.trim().is_empty() {
+        anyhow::bail!("qc.next_stage must name a stage");
+    }
+    Ok(cfg)
+}
+
+/// The QC report artifact (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QcReport {
+    /// Application.
+    pub application_id: String,
+    /// Card body serial recorded at personalization.
+    pub blank_serial: String,
+    /// Chip serial recorded at personalization.
+    pub recorded_chip_serial: Option<String>,
+    /// Chip serial read by QC.
+    pub chip_serial: Option<String>,
+    /// The encoder that personalized the card.
+    pub encoder: String,
+    /// The QC station.
+    pub station: String,
+    /// 1 for the application's first QC'd card, +1 per card refused before.
+    pub attempt: u32,
+    /// `passed` or `failed`.
+    pub outcome: String,
+    /// The failure's reason code.
+    pub reason: Option<Reason>,
+    /// Every check.
+    pub checks: Vec<CheckResult>,
+    /// When QC started (UTC).
+    pub started_at: String,
+    /// Wall time of the inspection, ms.
+    pub elapsed_ms: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QcLabels {
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+/// QC metrics: `cardpipe_qc_cards_total{outcome,reason}`, `cardpipe_qc_inspection_seconds`.
+#[derive(Clone, Debug)]
+pub struct QcMetrics {
+    cards: Family<QcLabels, Counter>,
+    seconds: Histogram,
+}
+
+impl QcMetrics {
+    /// Registers the metrics.
+    pub fn register(metrics: &cardpipe_common::telemetry::metrics::Metrics) -> Self {
+        let m = Self {
+            cards: Family::default(),
+            seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        };
+        let c = m.clone();
+        metrics.register(move |r| {
+            r.register(
+                "qc_cards",
+                "Cards checked by QC, by outcome and reason code",
+                c.cards,
+            );
+            r.register(
+                "qc_inspection_seconds",
+                "Time to inspect one card",
+                c.seconds,
+            );
+        });
+        m
+    }
+
+    fn observe(&self, reason: Option<Reason>, secs: f64) {
+        let labels = QcLabels {
+            outcome: if reason.is_some() { "failed" } else { "passed" },
+            reason: reason.map_or("none", Reason::as_str),
+        };
+        self.cards.get_or_create(&labels).inc();
+        self.seconds.observe(secs);
+    }
+}
+
+/// The QC stage.
+pub struct QcStage {
+    tray: Arc<OutputTray>,
+    pki: Arc<Pki>,
+    pins: TransportPins,
+    config: QcConfig,
+    metrics: QcMetrics,
+    station_stock: Arc<BlankStock>,
+    next_declared: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for QcStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QcStage")
+            .field("tray", &self.tray)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QcStage {
+    /// A QC stage taking cards from `tray`.
+    pub fn new(
+        tray: Arc<OutputTray>,
+        pki: Arc<Pki>,
+        pins: TransportPins,
+        config: QcConfig,
+        services: &Services,
+    ) -> Self {
+        Self {
+            tray,
+            pki,
+            pins,
+            config,
+            metrics: QcMetrics::register(&services.metrics),
+            // The QC station never feeds blanks; the stock only satisfies the reader type.
+            station_stock: Arc::new(BlankStock::healthy(MasterKeys::test_keys(), 0)),
+            next_declared: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The in-process broker refuses jobs for a queue nobody declared, and a refused job row
+    /// would hold back every later job of the application in the outbox. When no stage of
+    /// this process consumes the next stage (shipping is not built yet), declare its queue so
+    /// the jobs wait there for it. RabbitMQ deployments declare queues from their definitions.
+    async fn declare_next(&self, services: &Services) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        if services.broker.kind() != "memory" || self.next_declared.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if services
+            .broker
+            .depth(&self.config.next_stage)
+            .await
+            .is_err()
+        {
+            services
+                .broker
+                .declare_stage(
+                    &self.config.next_stage,
+                    &cardpipe_common::broker::RetryPolicy::default(),
+                )
+                .await?;
+            tracing::info!(stage = %self.config.next_stage, "declared the queue of the stage after QC (no consumer in this process yet)");
+        }
+        self.next_declared.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn credentials(
+        &self,
+        services: &Services,
+        app: &Application,
+    ) -> anyhow::Result<CardCredentials> {
+        let key = services
+            .store
+            .artifact(&app.id, CREDENTIALS_ARTIFACT)
+            .await?
+            .ok_or_else(|| Permanent("no credentials package recorded".into()))?;
+        let bytes = services
+            .objects
+            .get(&key)
+            .await?
+            .ok_or_else(|| Permanent(format!("credentials package {key} missing")))?;
+        let creds: CardCredentials = serde_json::from_slice(&bytes)
+            .map_err(|e| Permanent(format!("credentials package {key} unreadable: {e}")))?;
+        if creds.card_ref != app.id.as_str() {
+            return Err(Permanent("credentials package is for another application".into()).into());
+        }
+        Ok(creds)
+    }
+}
+
+/// QC failures recorded for an application so far.
+pub async fn failures(services: &Services, app: &ApplicationId) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM qc_reports WHERE application_id = $1 AND outcome = 'failed'",
+    )
+    .bind(app.as_str())
+    .fetch_one(services.store.pool())
+    .await?;
+    Ok(row.try_get("n")?)
+}
+
+fn not_found(detail: String) -> Inspection {
+    Inspection {
+        chip_serial: None,
+        checks: vec![CheckResult {
+            name: "card_in_tray".into(),
+            passed: false,
+            reason: Some(Reason::CardNotFound),
+            detail,
+            micros: 0,
+        }],
+    }
+}
+
+#[async_trait]
+impl Stage for QcStage {
+    fn name(&self) -> &'static str {
+        STAGE_NAME
+    }
+
+    fn accepts(&self) -> &'static [ApplicationState] {
+        ACCEPTS
+    }
+
+    async fn handle(&self, ctx: &JobContext, app: &Application) -> anyhow::Result<Completion> {
+        let services = &ctx.services;
+        self.declare_next(services).await?;
+        let started_at = services.clock.now();
+        let rows = cards::for_application(&services.store, &app.id).await?;
+        let card = rows
+            .iter()
+            .rev()
+            .find(|r| r.state == "personalized")
+            .cloned()
+            .ok_or_else(|| Permanent("no personalized card recorded for the application".into()))?;
+        let creds = self.credentials(services, app).await?;
+        let ca = self.pki.current(services).await?;
+        let previous = failures(services, &app.id).await?;
+        let attempt = u32::try_from(previous)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+
+        let clock = Instant::now();
+        let taken = self.tray.take(app.id.as_str());
+        let station = "qc-station-01".to_owned();
+        let inspection = match taken {
+            None => not_found(format!(
+                "no card for the application in the output tray (blank {})",
+                card.blank_serial
+            )),
+            Some(tc) => {
+                let body_ok = tc.blank_serial == card.blank_serial;
+                let body_detail = format!(
+                    "card body {} , recorded {}",
+                    tc.blank_serial, card.blank_serial
+                );
+                let hierarchy = ca.hierarchy.clone();
+                let (auth, sign) = (
+                    creds.authentication_certificate.der.clone(),
+                    creds.signature_certificate.der.clone(),
+                );
+                let pins = self.pins.clone();
+                let recorded = card.chip_serial.clone();
+                let stock = self.station_stock.clone();
+                let name = station.clone();
+                tokio::task::spawn_blocking(move || {
+                    let TrayCard { card: chip, .. } = tc;
+                    let mut reader = InProcessEncoder::new(name, stock);
+                    let mut inspection = match reader.insert_card(chip) {
+                        Ok(()) => check::inspect(
+                            &mut reader,
+                            &Expectations {
+                                chip_serial: recorded.as_deref(),
+                                auth_cert: &auth,
+                                sign_cert: &sign,
+                                hierarchy: &hierarchy,
+                                id_pin: &pins.id_pin,
+                                sign_pin: &pins.sign_pin,
+                            },
+                        ),
+                        Err(e) => Inspection {
+                            chip_serial: None,
+                            checks: vec![CheckResult {
+                                name: "power_on".into(),
+                                passed: false,
+                                reason: Some(Reason::CardUnreadable),
+                                detail: e.to_string(),
+                                micros: 0,
+                            }],
+                        },
+                    };
+                    let _ = reader.eject();
+                    inspection.checks.insert(
+                        0,
+                        CheckResult {
+                            name: "blank_serial".into(),
+                            passed: body_ok,
+                            reason: (!body_ok).then_some(Reason::BlankSerialMismatch),
+                            detail: body_detail,
+                            micros: 0,
+                        },
+                    );
+                    inspection
+                })
+                .await?
+            }
+        };
+        let elapsed = clock.elapsed();
+        let verdict = inspection.verdict();
+        self.metrics.observe(verdict, elapsed.as_secs_f64());
+
+        let report = QcReport {
+            application_id: app.id.to_string(),
+            blank_serial: card.blank_serial.clone(),
+            recorded_chip_serial: card.chip_serial.clone(),
+            chip_serial: inspection.chip_serial.clone(),
+            encoder: card.encoder.clone(),
+            station,
+            attempt,
+            outcome: if verdict.is_some() {
+                "failed"
+            } else {
+                "passed"
+            }
+            .into(),
+            reason: verdict,
+            checks: inspection.checks.clone(),
+            started_at: to_rfc3339(started_at),
+            elapsed_ms: elapsed.as_millis() as u64,
+        };
+        let report_id = uuid::Uuid::now_v7().to_string();
+        let key = format!("applications/{}/qc-{report_id}.json", app.id);
+        services
+            .objects
+            .put(&key, Bytes::from(serde_json::to_vec_pretty(&report)?))
+            .await?;
+
+        let id = app.id.clone();
+        let blank = card.blank_serial.clone();
+        let chip = inspection.chip_serial.clone();
+        let at = services.clock.now();
+        let row = QcRow {
+            id: report_id,
+            application_id: app.id.to_string(),
+            blank_serial: blank.clone(),
+            chip_serial: chip.clone(),
+            outcome: report.outcome.clone(),
+            reason: verdict.map(|r| r.as_str().to_owned()),
+            object_key: key.clone(),
+            elapsed_ms: report.elapsed_ms as i64,
+            checked_at: to_rfc3339(at),
+        };
+
+        match verdict {
+            None => {
+                tracing::info!(application = %app.id, blank = %card.blank_serial, elapsed_ms = report.elapsed_ms, "card passed QC");
+                let payload = serde_json::json!({ "application_id": app.id.as_str() }).to_string();
+                Ok(Completion::to(ApplicationState::QcPassed)
+                    .then(self.config.next_stage.clone())
+                    .artifact(REPORT_ARTIFACT, key)
+                    .announce(KEY_DESTRUCTION_TOPIC, payload)
+                    .because(format!(
+                        "QC passed: chip {} (blank {})",
+                        chip.unwrap_or_default(),
+                        card.blank_serial
+                    ))
+                    .with_writes(Box::new(move |tx| {
+                        Box::pin(async move {
+                            insert_qc_row(tx, &row).await?;
+                            stock::move_serial(
+                                tx,
+                                &blank,
+                                &["at_encoder"],
+                                "consumed",
+                                "stage:qc",
+                                Some("qc_passed"),
+                                None,
+                                at,
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })))
+            }
+            Some(reason) => {
+                let failed = previous + 1;
+                let exhausted = failed >= i64::from(self.config.max_attempts);
+                let detail = inspection
+                    .first_failure()
+                    .map(|c| c.detail.clone())
+                    .unwrap_or_default();
+                tracing::warn!(application = %app.id, blank = %card.blank_serial, %reason, failed, exhausted, "card failed QC");
+                let spoil = format!("qc_failed:{}", reason.as_str());
+                let mut completion = Completion::to(ApplicationState::QcFailed)
+                    .artifact(REPORT_ARTIFACT, key)
+                    .because(format!("QC failed ({reason}): {detail}"));
+                if exhausted {
+                    let park = ParkRequest {
+                        job_id: uuid::Uuid::now_v7().to_string(),
+                        stage: cardpipe_personalize::stage::STAGE_NAME.to_owned(),
+                        application_id: app.id.to_string(),
+                        error: format!(
+                            "{failed} cards refused by QC (budget {}; last: {reason}); parked for an operator",
+                            self.config.max_attempts
+                        ),
+                    };
+                    completion = completion.announce(PARK_TOPIC, serde_json::to_string(&park)?);
+                } else {
+                    completion = completion.then(cardpipe_personalize::stage::STAGE_NAME);
+                }
+                Ok(completion.with_writes(Box::new(move |tx| {
+                    Box::pin(async move {
+                        insert_qc_row(tx, &row).await?;
+                        let r = sqlx::query(
+                            "UPDATE cards SET state = 'spoiled', spoil_reason = $1, updated_at = $2
+                             WHERE blank_serial = $3 AND application_id = $4 AND state = 'personalized'",
+                        )
+                        .bind(&spoil)
+                        .bind(to_rfc3339(at))
+                        .bind(&blank)
+                        .bind(id.as_str())
+                        .execute(&mut **tx)
+                        .await?;
+                        if r.rows_affected() != 1 {
+                            return Err(StoreError::Corrupt {
+                                table: "cards",
+                                column: "state",
+                                message: format!("blank {blank} is no longer personalized"),
+                            });
+                        }
+                        Ok(())
+                    })
+                })))
+            }
+        }
+    }
+}
+
+/// One `qc_reports` row.
+#[derive(Debug, Clone)]
+struct QcRow {
+    id: String,
+    application_id: String,
+    blank_serial: String,
+    chip_serial: Option<String>,
+    outcome: String,
+    reason: Option<String>,
+    object_key: String,
+    elapsed_ms: i64,
+    checked_at: String,
+}
+
+async fn insert_qc_row(tx: &mut StoreTx, r: &QcRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO qc_reports (id, application_id, blank_serial, chip_serial, outcome, reason, object_key, elapsed_ms, checked_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&r.id)
+    .bind(&r.application_id)
+    .bind(&r.blank_serial)
+    .bind(&r.chip_serial)
+    .bind(&r.outcome)
+    .bind(&r.reason)
+    .bind(&r.object_key)
+    .bind(r.elapsed_ms)
+    .bind(&r.checked_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Payload of [`KEY_DESTRUCTION_TOPIC`] rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyDestruction {
+    /// The application whose wrapped keys to destroy.
+    pub application_id: String,
+}
+
+/// Destroys the wrapped private keys of cards that passed QC (crypto-shredding).
+#[derive(Debug)]
+pub struct KeyDestructionSink {
+    services: Services,
+}
+
+impl KeyDestructionSink {
+    /// A sink on `services`.
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+}
+
+#[async_trait]
+impl OutboxSink for KeyDestructionSink {
+    async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
+        let req: KeyDestruction = serde_json::from_str(&row.payload)
+            .map_err(|e| anyhow::anyhow!("outbox row {} is not a key destruction: {e}", row.id))?;
+        cardpipe_keys::ops::destroy_wrapped_keys(
+            &self.services,
+            &ApplicationId(req.application_id),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Payload of [`PARK_TOPIC`] rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParkRequest {
+    /// The parked job's id (stable across redeliveries of the row).
+    pub job_id: String,
+    /// The stage it is parked in.
+    pub stage: String,
+    /// The application.
+    pub application_id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// Parks an application's job for an operator (broker parking queue + `parked_jobs`);
+/// idempotent by job id.
+#[derive(Debug)]
+pub struct ParkSink {
+    services: Services,
+}
+
+impl ParkSink {
+    /// A sink on `services`.
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+}
+
+#[async_trait]
+impl OutboxSink for ParkSink {
+    async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
+        let req: ParkRequest = serde_json::from_str(&row.payload)
+            .map_err(|e| anyhow::anyhow!("outbox row {} is not a park request: {e}", row.id))?;
+        let already = cardpipe_common::runtime::parked::list(&self.services, Some(&req.stage))
+            .await?
+            .iter()
+            .any(|p| p.job_id == req.job_id);
+        if already {
+            return Ok(());
+        }
+        let job = Job {
+            id: req.job_id.clone(),
+            stage: req.stage.clone(),
+            subject: req.application_id.clone(),
+            attempt: 1,
+            last_error: Some(req.error.clone()),
+        };
+        self.services.broker.publish_parked(&job).await?;
+        cardpipe_common::runtime::parked::record(&self.services, &job, self.services.clock.now())
+            .await?;
+        tracing::warn!(application = %req.application_id, stage = %req.stage, "application parked for an operator after repeated QC failures");
+        Ok(())
+    }
+}

@@ -1,0 +1,761 @@
+//! QC, stock and reprints in a running pipeline on both backend families (embedded: SQLite,
+//! in-process broker, local files; distributed: PostgreSQL, RabbitMQ, S3): the real keys
+//! stage, the real personalize stage on in-process encoders with faulty blanks (dead chips,
+//! tearing) and undetected encoder faults planted on cards as they land in the output tray
+//! (tampered DG, SOD signed by a rogue Document Signer, a key that is not the certified one,
+//! an unlocked card, a missing file), and the QC stage.
+//!
+//! A batch ends with every good card passed, every bad one spoiled and re-made, the wrapped
+//! keys destroyed, and the stock reconciliation balanced to the card; a reprint revokes the
+//! old certificates, recalls the card and makes a new one; destruction needs two operators.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cardpipe_common::broker::{Job, RetryPolicy};
+use cardpipe_common::domain::applicant::{
+    ApplicantGroup, ApplicantRecord, Biometrics, Fees, FingerprintEntry, Gender,
+};
+use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
+use cardpipe_common::records;
+use cardpipe_common::runtime::pipeline::{self, RunningPipeline};
+use cardpipe_common::runtime::relay::Relay;
+use cardpipe_common::runtime::{Services, Stage, StageSettings};
+use cardpipe_common::store::{NewApplication, Store};
+use cardpipe_common::testing::{self, Mode};
+use cardpipe_keys::keystore::{FileKeyStore, KdfParams};
+use cardpipe_keys::lds::DataGroup;
+use cardpipe_keys::settings::{Pki, PkiConfig};
+use cardpipe_keys::sod::SodSigner;
+use cardpipe_keys::stage::KeysStage;
+use cardpipe_personalize::card_os::profile::*;
+use cardpipe_personalize::card_os::{Card, Defect, Faults};
+use cardpipe_personalize::farm::{Farm, FarmSettings, InProcessSource};
+use cardpipe_personalize::reader::BlankStock;
+use cardpipe_personalize::scp03::MasterKeys;
+use cardpipe_personalize::script::ScriptOptions;
+use cardpipe_personalize::stage::{EncodersConfig, PersonalizeStage, SiteSecrets, cards};
+use cardpipe_qc::check::Reason;
+use cardpipe_qc::reprint::{self, ReprintReason, Requester};
+use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
+use cardpipe_qc::stock::{self, AutoLot, NewLot, StockConfig, StockError, StockSource};
+use secrecy::SecretString;
+use sqlx::Row;
+
+fn record(i: usize) -> (ApplicantRecord, Biometrics) {
+    let sample = cardpipe_keys::lds::sample_input(4000 + i as u32);
+    let record = ApplicantRecord {
+        registry_id: format!("REG-{i}"),
+        applied_on: time::macros::date!(2026 - 10 - 01),
+        tracking_code: testing::unique("TC"),
+        payment_tracking_code: format!("PAY-{i}"),
+        national_code: sample.personal.national_code.clone(),
+        first_name: "زهرا".into(),
+        last_name: "احمدی".into(),
+        father_name: "حسن".into(),
+        birth_date: time::macros::date!(1990 - 03 - 21),
+        birth_certificate_number: format!("{}", 5000 + i),
+        gender: Gender::Female,
+        postal_code: "1234567890".into(),
+        address: "تهران، خیابان آزادی".into(),
+        mobile: "09120000000".into(),
+        landline: "02100000000".into(),
+        applicant_group: ApplicantGroup::FirstCard,
+        previous_card_issued_on: None,
+        pickup_office: "THR-001".into(),
+        fees: Fees {
+            issuance_rial: 200_000,
+            office_fee_rial: 90_000,
+            delivery_fee_rial: 20_000,
+        },
+    };
+    let biometrics = Biometrics {
+        photo_jpeg: sample.photo_jpeg.clone(),
+        fingerprints: [1u8, 6]
+            .iter()
+            .map(|&p| FingerprintEntry {
+                position: p,
+                template: Some(cardpipe_personalize::card_os::bio::example_record()),
+                missing_reason: None,
+            })
+            .collect(),
+    };
+    (record, biometrics)
+}
+
+/// `n` applications cleared by dedup, with a keys job each.
+async fn seed(services: &Services, n: usize) -> Vec<ApplicationId> {
+    let now = services.clock.now();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = ApplicationId::generate();
+        let (rec, bio) = record(i);
+        let artifacts = records::put_biometrics(services, &id, &bio).await.unwrap();
+        let mut tx = services.store.begin().await.unwrap();
+        Store::insert_application(
+            &mut tx,
+            &NewApplication {
+                id: id.clone(),
+                registry_id: format!("R-{i}-{id}"),
+                batch_id: None,
+                state: ApplicationState::DedupClear,
+                priority: Priority::Normal,
+            },
+            "registry:test",
+            now,
+        )
+        .await
+        .unwrap();
+        records::insert_record(&mut tx, services, &id, &rec, &artifacts)
+            .await
+            .unwrap();
+        Store::enqueue_job(&mut tx, &Job::new("keys", id.as_str()), now)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+fn settings() -> StageSettings {
+    StageSettings {
+        concurrency: 4,
+        prefetch: 8,
+        retry: RetryPolicy {
+            delays: vec![Duration::from_millis(100)],
+            max_attempts: 3,
+        },
+    }
+}
+
+struct Rig {
+    services: Services,
+    _guard: Option<tempfile::TempDir>,
+    _data: tempfile::TempDir,
+    pki: Arc<Pki>,
+    farm: Arc<Farm>,
+    personalize: Option<PersonalizeStage>,
+    qc: Option<QcStage>,
+}
+
+/// Blank n: every 7th a dead chip, every 11th torn mid-write, else healthy.
+fn faulty(n: u32) -> Faults {
+    Faults {
+        dead: (n + 1).is_multiple_of(7),
+        tear_at_write: (n + 1).is_multiple_of(11).then_some(4),
+        ..Faults::none()
+    }
+}
+
+async fn rig(mode: Mode, max_attempts: u32) -> Rig {
+    let (services, guard) = testing::services(mode, None).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = PkiConfig {
+        kdf_log_n: 10,
+        ..PkiConfig::default()
+    };
+    let pki = Arc::new(Pki::open(config, data.path()).unwrap());
+    let encoders = EncodersConfig::default();
+    let stock_blanks = Arc::new(BlankStock::new(
+        MasterKeys::test_keys(),
+        rand::random(),
+        faulty,
+    ));
+    let farm = Farm::new(
+        Box::new(InProcessSource::new(3, stock_blanks)),
+        FarmSettings {
+            max_consecutive_failures: 100,
+            acquire_timeout: Duration::from_secs(20),
+        },
+    );
+    let secrets = SiteSecrets {
+        master: Arc::new(MasterKeys::test_keys()),
+        transport: encoders.transport_key(data.path()).unwrap(),
+        pins: encoders.pins(),
+    };
+    let personalize = PersonalizeStage::new(farm.clone(), secrets, ScriptOptions::extended(), 6)
+        .with_blank_source(StockSource::new(StockConfig {
+            auto_lot: AutoLot::Never,
+            ..StockConfig::default()
+        }));
+    let qc = QcStage::new(
+        farm.tray().clone(),
+        pki.clone(),
+        encoders.pins(),
+        QcConfig {
+            max_attempts,
+            next_stage: "shipping".into(),
+        },
+        &services,
+    );
+    Rig {
+        services,
+        _guard: guard,
+        _data: data,
+        pki,
+        farm,
+        personalize: Some(personalize),
+        qc: Some(qc),
+    }
+}
+
+async fn start(rig: &mut Rig) -> RunningPipeline {
+    let services = &rig.services;
+    if services.broker.kind() != "memory" {
+        // The distributed deployment declares the shipping queue (its worker, or the broker
+        // definitions); embedded QC declares it itself when nothing consumes it yet.
+        services
+            .broker
+            .declare_stage("shipping", &RetryPolicy::default())
+            .await
+            .unwrap();
+    }
+    let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
+        (Arc::new(KeysStage::new(rig.pki.clone())), settings()),
+        (Arc::new(rig.personalize.take().unwrap()), settings()),
+        (Arc::new(rig.qc.take().unwrap()), settings()),
+    ];
+    let relay = Relay::new(services.clone())
+        .with_poll_interval(Duration::from_millis(50))
+        .with_sink(
+            cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
+            Arc::new(KeyDestructionSink::new(services.clone())),
+        )
+        .with_sink(
+            cardpipe_qc::stage::PARK_TOPIC,
+            Arc::new(ParkSink::new(services.clone())),
+        );
+    pipeline::start(services, stages, relay, Duration::from_secs(10))
+        .await
+        .expect("pipeline")
+}
+
+async fn wait_for(services: &Services, ids: &[ApplicationId], state: ApplicationState) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    for id in ids {
+        loop {
+            let app = services.store.application(id).await.unwrap().unwrap();
+            if app.state == state {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let history = services.store.history(id).await.unwrap();
+                let parked = cardpipe_common::runtime::parked::list(services, None)
+                    .await
+                    .unwrap();
+                let rows = cards::for_application(&services.store, id).await.unwrap();
+                panic!(
+                    "{id} stuck in {} (waiting for {state})\nhistory: {history:#?}\nparked: {parked:#?}\ncards: {rows:#?}",
+                    app.state
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A rogue Document Signer (another hierarchy) signing EF.SOD over the card's own groups.
+fn rogue_signer() -> (tempfile::TempDir, Arc<SodSigner>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        FileKeyStore::create(
+            dir.path().join("rogue.keystore"),
+            &SecretString::from("rogue"),
+            KdfParams::for_tests(),
+        )
+        .unwrap(),
+    );
+    let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let h = cardpipe_keys::ca::init(store.as_ref(), &cardpipe_keys::ca::CaConfig::default(), now)
+        .unwrap();
+    let signer = SodSigner::new(store, &h.document_signer).unwrap();
+    (dir, Arc::new(signer))
+}
+
+fn rogue_sod(signer: &SodSigner, card: &Card) -> Vec<u8> {
+    let f = |fid| card.file(App::Lds, fid).unwrap_or_default().to_vec();
+    let (dg1, dg2, dg3, dg11) = (f(EF_DG1), f(EF_DG2), f(EF_DG3), f(EF_DG11));
+    signer
+        .sign(&[
+            (DataGroup::Dg1, &dg1),
+            (DataGroup::Dg2, &dg2),
+            (DataGroup::Dg3, &dg3),
+            (DataGroup::Dg11, &dg11),
+        ])
+        .unwrap()
+}
+
+async fn count(services: &Services, sql: &'static str, bind: &str) -> i64 {
+    sqlx::query(sql)
+        .bind(bind)
+        .fetch_one(services.store.pool())
+        .await
+        .unwrap()
+        .get::<i64, _>("n")
+}
+
+async fn batch_with_faults_then_reprint(mode: Mode) {
+    const APPS: usize = 12;
+    let mut rig = rig(mode, 3).await;
+    let services = rig.services.clone();
+    let lot = stock::receive(
+        &services,
+        &NewLot {
+            lot_id: Some(testing::unique("LOT")),
+            supplier: "Test Cards Co".into(),
+            chip_type: "cardpipe-sim P-256".into(),
+            serial_prefix: testing::unique("S").replace('_', "-") + "-",
+            first: 1,
+            last: 120,
+        },
+        "vault.alice",
+    )
+    .await
+    .unwrap();
+    assert_eq!(lot.quantity, 120);
+
+    // Undetected encoder faults: deposits 1, 4, 7, ... carry a defect (the kinds in turn).
+    let (_rogue_dir, rogue) = rogue_signer();
+    let planted: Arc<std::sync::Mutex<Vec<Reason>>> = Arc::default();
+    {
+        let planted = planted.clone();
+        let rogue = rogue.clone();
+        let turn = AtomicUsize::new(0);
+        let hit: std::sync::Mutex<std::collections::HashSet<String>> = Default::default();
+        rig.farm.tray().set_defect_injector(move |n, app, card| {
+            // At most one bad card per application (the QC budget is tested on its own).
+            if n % 3 != 1 || !hit.lock().unwrap().insert(app.to_owned()) {
+                return None;
+            }
+            let kind = turn.fetch_add(1, Ordering::Relaxed) % 5;
+            let (defect, reason) = match kind {
+                0 => (
+                    Defect::FlipByte {
+                        app: App::Lds,
+                        fid: EF_DG2,
+                        offset: 40,
+                    },
+                    Reason::DgHashMismatch,
+                ),
+                1 => (
+                    Defect::ReplaceFile {
+                        app: App::Lds,
+                        fid: EF_SOD,
+                        data: rogue_sod(&rogue, card),
+                    },
+                    Reason::SodSignatureInvalid,
+                ),
+                2 => (
+                    Defect::ReplaceKey { key_ref: KEY_AUTH },
+                    Reason::KeyNotOnChip,
+                ),
+                3 => (Defect::Unlocked, Reason::CardUnlocked),
+                _ => (
+                    Defect::EraseFile {
+                        app: App::Lds,
+                        fid: EF_DG11,
+                    },
+                    Reason::MissingFile,
+                ),
+            };
+            planted.lock().unwrap().push(reason);
+            Some(defect)
+        });
+    }
+
+    let ids = seed(&services, APPS).await;
+    let running = start(&mut rig).await;
+    wait_for(&services, &ids, ApplicationState::QcPassed).await;
+
+    // Every bad card was refused with the reason planted, spoiled, and re-made.
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for r in planted.lock().unwrap().iter() {
+        *want.entry(r.as_str().to_owned()).or_default() += 1;
+    }
+    let rows = sqlx::query(
+        "SELECT reason, COUNT(*) AS n FROM qc_reports WHERE outcome = 'failed' GROUP BY reason",
+    )
+    .fetch_all(services.store.pool())
+    .await
+    .unwrap();
+    let got: BTreeMap<String, i64> = rows
+        .iter()
+        .map(|r| (r.get::<String, _>("reason"), r.get::<i64, _>("n")))
+        .collect();
+    assert!(!want.is_empty(), "faults were injected");
+    assert_eq!(got, want, "QC verdicts vs defects planted");
+    let mut spoiled_total = 0;
+    for id in &ids {
+        let rows = cards::for_application(&services.store, id).await.unwrap();
+        let good: Vec<_> = rows.iter().filter(|r| r.state == "personalized").collect();
+        assert_eq!(good.len(), 1, "one good card per application: {rows:?}");
+        let qc_spoiled = rows
+            .iter()
+            .filter(|r| {
+                r.spoil_reason
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("qc_failed:"))
+            })
+            .count() as i64;
+        assert_eq!(
+            qc_spoiled,
+            count(&services, "SELECT COUNT(*) AS n FROM qc_reports WHERE application_id = $1 AND outcome = 'failed'", id.as_str()).await,
+            "each refused card is spoiled: {rows:?}"
+        );
+        spoiled_total += rows.iter().filter(|r| r.state == "spoiled").count() as i64;
+        // The report of the passing card is an artifact and says what was checked.
+        let key = services
+            .store
+            .artifact(id, "qc_report")
+            .await
+            .unwrap()
+            .unwrap();
+        let report: cardpipe_qc::stage::QcReport =
+            serde_json::from_slice(&services.objects.get(&key).await.unwrap().unwrap()).unwrap();
+        assert_eq!(report.outcome, "passed");
+        assert!(report.checks.len() >= 10 && report.checks.iter().all(|c| c.passed));
+        assert_eq!(report.blank_serial, good[0].blank_serial);
+    }
+    assert!(spoiled_total > 0);
+
+    // Wrapped private keys of passed cards are destroyed (the outbox sink ran).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let keys = services
+                .objects
+                .list(&format!("applications/{id}/"))
+                .await
+                .unwrap();
+            if !keys.iter().any(|k| k.contains("/credentials-")) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "credentials of {id} not destroyed: {keys:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // The stock balances to the card.
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(r.balanced, "{r:#?}");
+    assert_eq!(r.imbalance, 0);
+    let lotb = r.lots.iter().find(|l| l.lot_id == lot.lot_id).unwrap();
+    assert_eq!(lotb.balance.received, 120);
+    assert_eq!(lotb.balance.states["consumed"], APPS as i64);
+    assert_eq!(lotb.balance.states["spoiled"], spoiled_total);
+    assert_eq!(lotb.balance.states["at_encoder"], 0);
+    assert_eq!(
+        lotb.balance.states["in_vault"],
+        120 - APPS as i64 - spoiled_total
+    );
+    assert_eq!(r.day_balance.difference, 0);
+    let text = services.metrics.encode();
+    assert!(text.contains("cardpipe_qc_cards_total{"), "{text}");
+    assert!(text.contains("reason=\"dg_hash_mismatch\""), "{text}");
+
+    // A reprint (lost in transit): revoked, recalled to the vault, made again with priority.
+    let target = ids[0].clone();
+    let old_card = cards::for_application(&services.store, &target)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.state == "personalized")
+        .unwrap();
+    let out = reprint::request(
+        &services,
+        &target,
+        ReprintReason::LostInTransit,
+        Requester::Operator("desk.bob"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.revoked, 2, "both certificates revoked");
+    assert!(out.returned_to_stock);
+    assert_eq!(
+        out.old_blank_serial.as_deref(),
+        Some(old_card.blank_serial.as_str())
+    );
+    let certs = cardpipe_keys::store::certificates_of(&services.store, &target)
+        .await
+        .unwrap();
+    assert_eq!(
+        certs.iter().filter(|c| c.status == "revoked").count(),
+        2,
+        "{certs:?}"
+    );
+    // A second request while the first is in flight is refused.
+    assert!(matches!(
+        reprint::request(
+            &services,
+            &target,
+            ReprintReason::Damaged,
+            Requester::Operator("desk.bob")
+        )
+        .await,
+        Err(reprint::ReprintError::NotReprintable { .. })
+    ));
+    wait_for(
+        &services,
+        std::slice::from_ref(&target),
+        ApplicationState::QcPassed,
+    )
+    .await;
+    let rows = cards::for_application(&services.store, &target)
+        .await
+        .unwrap();
+    let new_card = rows.iter().find(|r| r.state == "personalized").unwrap();
+    assert_ne!(new_card.blank_serial, old_card.blank_serial);
+    assert!(
+        rows.iter()
+            .any(|r| r.blank_serial == old_card.blank_serial && r.state == "recalled")
+    );
+    let certs = cardpipe_keys::store::certificates_of(&services.store, &target)
+        .await
+        .unwrap();
+    assert_eq!(certs.len(), 4, "{certs:?}");
+    assert_eq!(
+        certs.iter().filter(|c| c.status == "valid").count(),
+        2,
+        "{certs:?}"
+    );
+    let app = services.store.application(&target).await.unwrap().unwrap();
+    assert_eq!(app.priority, Priority::Urgent);
+    running.shutdown().await.unwrap();
+
+    // Destruction: two different operators sign off.
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(r.balanced, "{r:#?}");
+    assert_eq!(r.total.states["returned"], 1);
+    let to_destroy = r.total.states["spoiled"] + r.total.states["returned"];
+    let d = stock::prepare_destruction(&services, "vault.alice", None)
+        .await
+        .unwrap();
+    assert_eq!(d.cards, to_destroy);
+    assert!(matches!(
+        stock::witness_destruction(&services, &d.id, "vault.alice").await,
+        Err(StockError::SameOperator(_))
+    ));
+    let done = stock::witness_destruction(&services, &d.id, "vault.carol")
+        .await
+        .unwrap();
+    assert_eq!(done.cards, to_destroy);
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(r.balanced, "{r:#?}");
+    assert_eq!(r.total.states["destroyed"], to_destroy);
+    assert_eq!(
+        r.total.states["spoiled"]
+            + r.total.states["returned"]
+            + r.total.states["awaiting_destruction"],
+        0
+    );
+    // Every operator action is in the audit log, and the chain is intact.
+    let audit = cardpipe_common::audit::verify(&services.store)
+        .await
+        .unwrap();
+    assert!(audit.intact());
+    for action in [
+        "stock.receive",
+        "reprint.request",
+        "stock.destruction.prepare",
+        "stock.destruction.witness",
+    ] {
+        assert_eq!(
+            count(
+                &services,
+                "SELECT COUNT(*) AS n FROM audit_log WHERE action = $1",
+                action
+            )
+            .await,
+            1,
+            "{action}"
+        );
+    }
+    // Nothing is stuck in the outbox (the shipping jobs went to its queue).
+    let (backlog, _) = services.store.outbox_backlog().await.unwrap();
+    assert_eq!(backlog, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_faulty_batch_passes_good_cards_remakes_bad_ones_and_balances_stock() {
+    batch_with_faults_then_reprint(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_faulty_batch_passes_good_cards_remakes_bad_ones_and_balances_stock() {
+    batch_with_faults_then_reprint(Mode::Distributed).await;
+}
+
+async fn budget_parks(mode: Mode) {
+    let mut rig = rig(mode, 2).await;
+    let services = rig.services.clone();
+    stock::receive(
+        &services,
+        &NewLot {
+            lot_id: None,
+            supplier: "Test Cards Co".into(),
+            chip_type: "sim".into(),
+            serial_prefix: testing::unique("P").replace('_', "-") + "-",
+            first: 1,
+            last: 30,
+        },
+        "vault.alice",
+    )
+    .await
+    .unwrap();
+    rig.farm
+        .tray()
+        .set_defect_injector(|_, _, _| Some(Defect::Unlocked));
+    let ids = seed(&services, 1).await;
+    let running = start(&mut rig).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let parked = cardpipe_common::runtime::parked::list(&services, Some("personalize"))
+            .await
+            .unwrap();
+        if parked.iter().any(|p| p.subject == ids[0].as_str()) {
+            assert!(parked[0].error.contains("refused by QC"), "{parked:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await.unwrap();
+    let app = services.store.application(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(app.state, ApplicationState::QcFailed);
+    let rows = cards::for_application(&services.store, &ids[0])
+        .await
+        .unwrap();
+    let refused: Vec<_> = rows
+        .iter()
+        .filter(|r| r.spoil_reason.as_deref() == Some("qc_failed:card_unlocked"))
+        .collect();
+    assert_eq!(refused.len(), 2, "exactly the QC budget of cards: {rows:?}");
+    assert!(rows.iter().all(|r| r.state == "spoiled"));
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(r.balanced, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_qc_budget_parks_the_application_for_an_operator() {
+    budget_parks(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_qc_budget_parks_the_application_for_an_operator() {
+    budget_parks(Mode::Distributed).await;
+}
+
+async fn whitelist(mode: Mode) {
+    let (services, _guard) = testing::services(mode, None).await;
+    let ids = seed(&services, 1).await;
+    let prefix = testing::unique("W").replace('_', "-") + "-";
+    let lot = |first, last| NewLot {
+        lot_id: None,
+        supplier: "Test Cards Co".into(),
+        chip_type: "sim".into(),
+        serial_prefix: prefix.clone(),
+        first,
+        last,
+    };
+    stock::receive(&services, &lot(1, 10), "vault.alice")
+        .await
+        .unwrap();
+    // Overlapping range, bad input: clear errors naming what is wrong.
+    assert!(matches!(
+        stock::receive(&services, &lot(5, 20), "vault.alice").await,
+        Err(StockError::Overlap(_))
+    ));
+    match stock::receive(&services, &lot(9, 3), "vault.alice").await {
+        Err(StockError::Invalid { field, .. }) => assert_eq!(field, "last"),
+        other => panic!("{other:?}"),
+    }
+    match stock::receive(&services, &lot(30, 31), "").await {
+        Err(StockError::Invalid { field, .. }) => assert_eq!(field, "operator"),
+        other => panic!("{other:?}"),
+    }
+    // A blank not in stock (or still in the vault) cannot be personalized.
+    let err = cards::insert_in_progress(
+        &services.store,
+        "NOT-IN-STOCK-1",
+        "CHIP",
+        &ids[0],
+        "enc-1",
+        services.clock.now(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("not in stock"), "{err}");
+    let in_vault = stock::serial(&prefix, 1);
+    assert!(
+        cards::insert_in_progress(
+            &services.store,
+            &in_vault,
+            "CHIP",
+            &ids[0],
+            "enc-1",
+            services.clock.now()
+        )
+        .await
+        .is_err()
+    );
+    // Issued to an encoder, it can.
+    let issued = stock::issue_to_encoder(&services, "enc-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(issued, in_vault);
+    cards::insert_in_progress(
+        &services.store,
+        &issued,
+        "CHIP",
+        &ids[0],
+        "enc-1",
+        services.clock.now(),
+    )
+    .await
+    .unwrap();
+    // Spoiling the card spoils the serial (trigger), journaled: the books balance.
+    cards::spoil(&services.store, &issued, "test", services.clock.now())
+        .await
+        .unwrap();
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(r.balanced, "{r:#?}");
+    assert_eq!(r.total.states["spoiled"], 1);
+    assert_eq!(r.total.states["in_vault"], 9);
+    assert_eq!(r.day_moves["spoiled"], 1);
+
+    // An edit behind the books' back is an imbalance.
+    sqlx::query("UPDATE stock_serials SET state = 'in_vault' WHERE serial = $1")
+        .bind(&issued)
+        .execute(services.store.pool())
+        .await
+        .unwrap();
+    let r = stock::reconcile(&services, None).await.unwrap();
+    assert!(!r.balanced);
+    assert_eq!(r.journal_mismatches, 1);
+    assert_eq!(r.card_mismatches, 1);
+    let metrics = stock::StockMetrics::register(&services.metrics);
+    metrics.publish(&r);
+    assert!(
+        services
+            .metrics
+            .encode()
+            .contains("cardpipe_stock_imbalance_cards 2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_stock_whitelist_moves_and_reconciliation() {
+    whitelist(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_stock_whitelist_moves_and_reconciliation() {
+    whitelist(Mode::Distributed).await;
+}
