@@ -167,6 +167,57 @@ async fn parking_keeps_jobs_for_operators(broker: Arc<dyn Broker>) {
     assert_eq!(broker.parked(STAGE).await.expect("list"), vec![b]);
 }
 
+async fn priority_jobs_overtake_waiting_work(broker: Arc<dyn Broker>) {
+    let broker = declared(broker).await;
+    for i in 0..4 {
+        broker
+            .publish(&Job::new(STAGE, format!("n-{i}")))
+            .await
+            .expect("publish");
+    }
+    let mut stream = broker.consume(STAGE, 1).await.expect("consume");
+    let first = next(&mut stream).await;
+    assert_eq!(first.job.subject, "n-0");
+    // A reprint arrives behind three waiting jobs, then more normal work behind it.
+    let urgent = Job::new(STAGE, "reprint").with_priority(true);
+    broker.publish(&urgent).await.expect("publish priority");
+    broker
+        .publish(&Job::new(STAGE, "n-4"))
+        .await
+        .expect("publish");
+    // (RabbitMQ pushes it to the lane's consumer ahead of time; give it the moment.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.ack().await.expect("ack");
+    let d = next(&mut stream).await;
+    assert_eq!(
+        d.job, urgent,
+        "the priority job goes before the waiting ones"
+    );
+    assert!(d.job.priority, "priority survives the wire");
+    // A retried priority job stays in the priority lane.
+    let mut again = d.job.clone();
+    again.attempt = 2;
+    d.ack().await.expect("ack");
+    broker.publish_retry(&again, 0).await.expect("retry");
+    let mut rest = Vec::new();
+    for _ in 0..5 {
+        let d = next(&mut stream).await;
+        rest.push(d.job.subject.clone());
+        d.ack().await.expect("ack");
+        if rest.len() == 1 {
+            // Let the retry's 300 ms delay pass while the first normal job is settled.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    }
+    assert_eq!(rest[0], "n-1");
+    assert_eq!(
+        rest[1], "reprint",
+        "the retried priority job overtakes again: {rest:?}"
+    );
+    assert_eq!(&rest[2..], ["n-2", "n-3", "n-4"]);
+    eventually_depth(&broker, 0, 0, 0).await;
+}
+
 async fn unknown_stage_is_an_error(broker: Arc<dyn Broker>) {
     let err = broker.publish(&Job::new("never-declared", "x")).await;
     assert!(
@@ -202,6 +253,10 @@ macro_rules! contract {
             #[tokio::test]
             async fn parking_keeps_jobs_for_operators() {
                 super::parking_keeps_jobs_for_operators($make).await
+            }
+            #[tokio::test]
+            async fn priority_jobs_overtake_waiting_work() {
+                super::priority_jobs_overtake_waiting_work($make).await
             }
             #[tokio::test]
             async fn unknown_stage_is_an_error() {

@@ -46,6 +46,23 @@ struct StageQueues {
     notify: Arc<Notify>,
 }
 
+impl StageQueues {
+    /// Appends a job to its lane: priority jobs queue behind earlier priority jobs but ahead
+    /// of every normal one (redeliveries stay at the very front, as they were taken first).
+    fn enqueue(&mut self, job: Job) {
+        if job.priority {
+            let at = self
+                .ready
+                .iter()
+                .position(|(j, redelivered)| !j.priority && !redelivered)
+                .unwrap_or(self.ready.len());
+            self.ready.insert(at, (job, false));
+        } else {
+            self.ready.push_back((job, false));
+        }
+    }
+}
+
 impl MemoryBroker {
     /// An empty broker.
     pub fn new() -> Self {
@@ -98,7 +115,7 @@ impl Broker for MemoryBroker {
     async fn publish(&self, job: &Job) -> Result<(), BrokerError> {
         let job = job.clone();
         self.with_stage(&job.stage.clone(), |q| {
-            q.ready.push_back((job, false));
+            q.enqueue(job);
             q.notify.notify_waiters();
         })
     }
@@ -120,7 +137,7 @@ impl Broker for MemoryBroker {
             if let Some(inner) = inner.upgrade() {
                 let _ = with_stage(&inner, &job.stage.clone(), |q| {
                     q.retrying = q.retrying.saturating_sub(1);
-                    q.ready.push_back((job, false));
+                    q.enqueue(job);
                     q.notify.notify_waiters();
                 });
             }

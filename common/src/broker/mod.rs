@@ -37,6 +37,10 @@ pub struct Job {
     /// Why the previous attempt failed (our own error text, no personal data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Priority work (urgent batches, reprints): travels in the stage's priority lane and is
+    /// delivered before any waiting normal job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub priority: bool,
 }
 
 impl Job {
@@ -48,7 +52,14 @@ impl Job {
             subject: subject.into(),
             attempt: 1,
             last_error: None,
+            priority: false,
         }
+    }
+
+    /// The same job in the priority lane (`true`) or the normal one.
+    pub fn with_priority(mut self, priority: bool) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// Encodes the job for the wire.
@@ -154,6 +165,16 @@ impl QueueNames {
     pub fn parked(&self, stage: &str) -> String {
         format!("{}.{stage}.parked", self.prefix)
     }
+
+    /// The priority lane of `stage`: consumed before the work queue.
+    pub fn priority(&self, stage: &str) -> String {
+        format!("{}.{stage}.priority", self.prefix)
+    }
+
+    /// The wait queue for retry step `step` of `stage`'s priority lane.
+    pub fn priority_retry(&self, stage: &str, step: usize) -> String {
+        format!("{}.{stage}.priority.retry.{step}", self.prefix)
+    }
 }
 
 /// A message taken from a work queue, to be acknowledged exactly once.
@@ -224,8 +245,9 @@ pub trait Broker: Send + Sync + 'static {
     /// Declares a stage's work, wait and parking queues (idempotent).
     async fn declare_stage(&self, stage: &str, policy: &RetryPolicy) -> Result<(), BrokerError>;
 
-    /// Publishes a job to its stage's work queue; returns once the broker has
-    /// confirmed it durably.
+    /// Publishes a job to its stage's work queue (its priority lane when `job.priority`);
+    /// returns once the broker has confirmed it durably. A consumer of the stage takes
+    /// priority jobs before any waiting normal job.
     async fn publish(&self, job: &Job) -> Result<(), BrokerError>;
 
     /// Publishes a job to wait queue `step` of its stage; it reaches the work

@@ -8,6 +8,9 @@
 //!   native delayed delivery, and this needs no plugin.
 //! * Consumers use manual ack and a per-consumer prefetch (quorum queues reject
 //!   global QoS), each on its own channel.
+//! * Priority: quorum queues on RabbitMQ 3.10 ignore message priorities, so each stage has
+//!   a second work queue, `<stage>.priority` (with its own wait queues), and a stage's
+//!   consumer takes from it first (urgent batches, reprints).
 //! * The connection is opened with lapin's auto-recovery: after a broker
 //!   restart or a dropped connection, channels and consumers come back and
 //!   publishes wait for the recovery; unacknowledged deliveries are redelivered
@@ -244,32 +247,46 @@ impl Broker for RabbitBroker {
 
     async fn declare_stage(&self, stage: &str, policy: &RetryPolicy) -> Result<(), BrokerError> {
         let channel = self.ops().await?;
-        let work = self.names.work(stage);
-        self.declare(&channel, &work, quorum_args()).await?;
         self.declare(&channel, &self.names.parked(stage), quorum_args())
             .await?;
-        for (step, delay) in policy.delays.iter().enumerate() {
-            let mut args = quorum_args();
-            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(work.as_str().into()),
-            );
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
-            self.declare(&channel, &self.names.retry(stage, step), args)
-                .await?;
+        // Two lanes, each a work queue with its own wait queues dead-lettering back to it,
+        // so a retried priority job stays in the priority lane.
+        for priority_lane in [false, true] {
+            let work = if priority_lane {
+                self.names.priority(stage)
+            } else {
+                self.names.work(stage)
+            };
+            let retry_name = |step| {
+                if priority_lane {
+                    self.names.priority_retry(stage, step)
+                } else {
+                    self.names.retry(stage, step)
+                }
+            };
+            self.declare(&channel, &work, quorum_args()).await?;
+            for (step, delay) in policy.delays.iter().enumerate() {
+                let mut args = quorum_args();
+                let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(work.as_str().into()),
+                );
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+                self.declare(&channel, &retry_name(step), args).await?;
+            }
         }
         self.retry_steps
             .lock()
@@ -279,7 +296,12 @@ impl Broker for RabbitBroker {
     }
 
     async fn publish(&self, job: &Job) -> Result<(), BrokerError> {
-        self.publish_to(&self.names.work(&job.stage), job).await
+        let queue = if job.priority {
+            self.names.priority(&job.stage)
+        } else {
+            self.names.work(&job.stage)
+        };
+        self.publish_to(&queue, job).await
     }
 
     async fn publish_retry(&self, job: &Job, step: usize) -> Result<(), BrokerError> {
@@ -291,8 +313,12 @@ impl Broker for RabbitBroker {
             .copied()
             .ok_or_else(|| BrokerError::UnknownQueue(job.stage.clone()))?;
         let step = step.min(steps.saturating_sub(1));
-        self.publish_to(&self.names.retry(&job.stage, step), job)
-            .await
+        let queue = if job.priority {
+            self.names.priority_retry(&job.stage, step)
+        } else {
+            self.names.retry(&job.stage, step)
+        };
+        self.publish_to(&queue, job).await
     }
 
     async fn publish_parked(&self, job: &Job) -> Result<(), BrokerError> {
@@ -305,16 +331,31 @@ impl Broker for RabbitBroker {
             .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
             .await
             .map_err(conn_err)?;
-        let consumer = channel
-            .basic_consume(
-                self.names.work(stage).into(),
-                format!("cardpipe-{stage}-{}", uuid::Uuid::new_v4()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(conn_err)?;
-        Ok(Box::new(RabbitStream { channel, consumer }))
+        // One consumer per lane on the same channel, each with its own prefetch.
+        let mut lanes = Vec::with_capacity(2);
+        for (queue, lane) in [
+            (self.names.priority(stage), "priority"),
+            (self.names.work(stage), "normal"),
+        ] {
+            lanes.push(
+                channel
+                    .basic_consume(
+                        queue.into(),
+                        format!("cardpipe-{stage}-{lane}-{}", uuid::Uuid::new_v4()).into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(conn_err)?,
+            );
+        }
+        let normal = lanes.pop().expect("two lanes");
+        let priority = lanes.pop().expect("two lanes");
+        Ok(Box::new(RabbitStream {
+            channel,
+            priority,
+            consumer: normal,
+        }))
     }
 
     async fn depth(&self, stage: &str) -> Result<QueueDepth, BrokerError> {
@@ -329,8 +370,14 @@ impl Broker for RabbitBroker {
         for step in 0..steps {
             retrying += self.message_count(&self.names.retry(stage, step)).await?;
         }
+        for step in 0..steps {
+            retrying += self
+                .message_count(&self.names.priority_retry(stage, step))
+                .await?;
+        }
         Ok(QueueDepth {
-            ready: self.message_count(&self.names.work(stage)).await?,
+            ready: self.message_count(&self.names.work(stage)).await?
+                + self.message_count(&self.names.priority(stage)).await?,
             retrying,
             parked: self.message_count(&self.names.parked(stage)).await?,
         })
@@ -358,6 +405,7 @@ impl Broker for RabbitBroker {
 
 struct RabbitStream {
     channel: Channel,
+    priority: lapin::Consumer,
     consumer: lapin::Consumer,
 }
 
@@ -365,7 +413,14 @@ struct RabbitStream {
 impl JobStream for RabbitStream {
     async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
         loop {
-            match self.consumer.next().await? {
+            // Biased: whenever the priority lane has a delivery, it goes first. Polling a
+            // lapin consumer stream is cancel-safe (a delivery is only taken when returned).
+            let next = tokio::select! {
+                biased;
+                d = self.priority.next() => d,
+                d = self.consumer.next() => d,
+            };
+            match next? {
                 Ok(delivery) => {
                     let job = match Job::from_bytes(&delivery.data) {
                         Ok(job) => job,

@@ -16,7 +16,7 @@ pub async fn requeue_stranded(services: &Services, stage: &dyn Stage) -> anyhow:
     let mut published = 0;
     for state in stage.accepts() {
         let rows = sqlx::query(
-            "SELECT a.id FROM applications a WHERE a.state = $1
+            "SELECT a.id, a.priority FROM applications a WHERE a.state = $1
              AND NOT EXISTS (SELECT 1 FROM parked_jobs p WHERE p.subject = a.id AND p.stage = $2)
              ORDER BY a.updated_at",
         )
@@ -27,7 +27,9 @@ pub async fn requeue_stranded(services: &Services, stage: &dyn Stage) -> anyhow:
         .map_err(StoreError::from)?;
         for row in rows {
             let id: String = row.try_get("id")?;
-            services.broker.publish(&Job::new(stage.name(), id)).await?;
+            let priority: String = row.try_get("priority")?;
+            let job = Job::new(stage.name(), id).with_priority(priority == "urgent");
+            services.broker.publish(&job).await?;
             published += 1;
         }
     }

@@ -313,7 +313,9 @@ impl JobProcessor {
             Store::put_artifact(&mut tx, &app.id, kind, key, now).await?;
         }
         if let Some(next) = &c.next_stage {
-            Store::enqueue_job(&mut tx, &Job::new(next.clone(), app.id.as_str()), now).await?;
+            let job = Job::new(next.clone(), app.id.as_str())
+                .with_priority(app.priority == crate::domain::Priority::Urgent);
+            Store::enqueue_job(&mut tx, &job, now).await?;
         }
         for (topic, payload) in &c.outbox {
             let id = uuid::Uuid::now_v7().to_string();

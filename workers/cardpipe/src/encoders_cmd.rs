@@ -5,7 +5,9 @@
 //! automatically with the configured fault rates and encode time) and keeps them up until
 //! ctrl-c. pcscd serves a private socket; workers must be started with the printed
 //! `PCSCLITE_CSOCK_NAME` (pcsc-lite reads it once, at process start) and
-//! `[encoders] kind = "pcsc"`.
+//! `[encoders] kind = "pcsc"`. With `--qc-stations M` the machine also has a line: finished
+//! cards travel to M QC station readers, moved by a line controller that QC workers drive
+//! (`[qc] station = "line"`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +58,13 @@ pub struct SimulateArgs {
     /// Serve pcsc-lite's default socket instead of a private one (no other pcscd may run).
     #[arg(long)]
     pub system_socket: bool,
+    /// QC station readers on the machine's line: finished cards travel from the encoders to
+    /// them, moved by the line controller that `[qc] station = "line"` drives.
+    #[arg(long, default_value_t = 0)]
+    pub qc_stations: usize,
+    /// Where the line controller listens (with --qc-stations).
+    #[arg(long, default_value = "127.0.0.1:7431")]
+    pub line_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub faults: FaultArgs,
 }
@@ -136,6 +145,7 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
         }
     };
     let mut sim_cfg = SimConfig::new(args.count, &dir);
+    sim_cfg.qc_stations = args.qc_stations;
     if args.system_socket {
         sim_cfg.socket = SocketMode::System;
     }
@@ -149,6 +159,16 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
     );
     for r in sim.readers() {
         println!("  {r}");
+    }
+    if let Some(line) = sim.line() {
+        let addr = line.serve(args.line_listen)?;
+        println!("{} QC stations on the line:", sim.stations().len());
+        for s in sim.stations() {
+            println!("  {}", s.reader);
+        }
+        println!("line controller: {addr}");
+        println!("QC workers: [qc] station = \"line\", line_controller = \"{addr}\"");
+        println!("  (CARDPIPE__QC__STATION=line CARDPIPE__QC__LINE_CONTROLLER={addr})");
     }
     println!("pcscd log: {}", sim.log_path().display());
     println!("Start workers with [encoders] kind = \"pcsc\" and:");
@@ -213,6 +233,7 @@ async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
         Farm::new(
             Box::new(PcscSource {
                 insert_timeout: Duration::from_secs(5),
+                skip_readers: Vec::new(),
             }),
             settings,
         )

@@ -109,7 +109,8 @@ pub fn build(
         stages.push(Arc::new(stage));
     }
     if names.iter().any(|n| n == cardpipe_qc::stage::STAGE_NAME) {
-        // [qc]: reads cards back from the personalize farm's output tray in this process.
+        // [qc]: reads cards back from the personalize farm's output tray in this process
+        // (station = "tray") or at the QC stations of a PC/SC machine's line ("line").
         let cfg: cardpipe_personalize::stage::EncodersConfig = _config
             .section(cardpipe_personalize::stage::SECTION)
             .map_err(|e| {
@@ -121,17 +122,36 @@ pub fn build(
                         .join("; ")
                 )
             })?;
-        let tray = tray.unwrap_or_else(|| {
-            tracing::warn!("qc runs without the personalize stage in this process: in-process cards are not reachable, every card will fail with card_not_found");
-            cardpipe_personalize::tray::OutputTray::new()
-        });
-        stages.push(Arc::new(cardpipe_qc::stage::QcStage::new(
-            tray,
-            cardpipe_keys::settings::shared(_config)?,
-            cfg.pins(),
-            cardpipe_qc::stage::load(_config)?,
-            _services,
-        )));
+        let qc_cfg = cardpipe_qc::stage::load(_config)?;
+        let stations = match qc_cfg.station {
+            cardpipe_qc::station::StationKind::Line => {
+                // One short blocking exchange at start-up: the worker refuses to start
+                // without its stations rather than failing every card later.
+                let line = cardpipe_qc::station::LineStations::connect(
+                    &qc_cfg.line_controller,
+                    std::time::Duration::from_millis(qc_cfg.station_timeout_ms),
+                )
+                .map_err(|e| anyhow::anyhow!("[qc] station = \"line\": {e}"))?;
+                tracing::info!(controller = %qc_cfg.line_controller, "QC reads cards at the line's QC stations");
+                cardpipe_qc::station::Stations::Line(line)
+            }
+            cardpipe_qc::station::StationKind::Tray => {
+                cardpipe_qc::station::Stations::Tray(tray.unwrap_or_else(|| {
+                    tracing::warn!("qc (station = \"tray\") runs without the personalize stage in this process: in-process cards are not reachable, every card will fail with card_not_found; use [qc] station = \"line\" with PC/SC encoders");
+                    cardpipe_personalize::tray::OutputTray::new()
+                }))
+            }
+        };
+        stages.push(Arc::new(
+            cardpipe_qc::stage::QcStage::new(
+                cardpipe_personalize::tray::OutputTray::new(),
+                cardpipe_keys::settings::shared(_config)?,
+                cfg.pins(),
+                qc_cfg,
+                _services,
+            )
+            .with_stations(stations),
+        ));
     }
     if names
         .iter()

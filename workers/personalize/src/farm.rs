@@ -48,6 +48,9 @@ pub trait EncoderSource: Send + Sync {
 pub struct PcscSource {
     /// How long an insert waits for a card.
     pub insert_timeout: Duration,
+    /// Readers whose names start with one of these are not encoders (QC stations of the
+    /// line, a desk reader) and are never fed blanks.
+    pub skip_readers: Vec<String>,
 }
 
 impl EncoderSource for PcscSource {
@@ -57,7 +60,15 @@ impl EncoderSource for PcscSource {
 
     fn scan(&self) -> Result<Vec<String>, ReaderError> {
         let ctx = reader::establish()?;
-        reader::list_readers(&ctx)
+        Ok(reader::list_readers(&ctx)?
+            .into_iter()
+            .filter(|name| {
+                !self
+                    .skip_readers
+                    .iter()
+                    .any(|p| name.starts_with(p.as_str()))
+            })
+            .collect())
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn Encoder>, ReaderError> {

@@ -28,6 +28,7 @@ pub mod bench;
 pub mod card_os;
 pub mod cplc;
 pub mod farm;
+pub mod line;
 pub mod reader;
 pub mod scp03;
 pub mod script;

@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::line::CardLine;
 use crate::reader::{BlankStock, PcscEncoder, ReaderError};
 use crate::vpcd::{SlotHandle, VpcdSlot};
 
@@ -56,6 +57,9 @@ pub enum SocketMode {
 pub struct SimConfig {
     /// Number of virtual encoders (1..=32).
     pub encoders: usize,
+    /// Number of QC station readers on the machine's line (0 = no line: cards leave the
+    /// encoders into their slots' trays). Encoders + stations ≤ 32.
+    pub qc_stations: usize,
     /// Directory for the reader config, driver copies, socket and pcscd log.
     pub work_dir: PathBuf,
     /// Socket placement.
@@ -76,6 +80,7 @@ impl SimConfig {
     pub fn new(encoders: usize, work_dir: impl Into<PathBuf>) -> Self {
         Self {
             encoders,
+            qc_stations: 0,
             work_dir: work_dir.into(),
             socket: SocketMode::Private,
             driver: PathBuf::from(DEFAULT_DRIVER),
@@ -89,8 +94,8 @@ impl SimConfig {
 /// Why a simulation could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// Zero or more than 32 encoders.
-    #[error("{0} encoders requested; one pcscd serves 1 to {MAX_ENCODERS}")]
+    /// Zero encoders, or more than 32 readers in all.
+    #[error("{0} readers requested; one pcscd serves 1 to {MAX_ENCODERS}")]
     EncoderCount(usize),
     /// A required program or file is missing (package not installed).
     #[error("{what} not found ({hint})")]
@@ -154,6 +159,8 @@ impl VirtualEncoder {
 pub struct Simulation {
     child: Option<Child>,
     encoders: Vec<VirtualEncoder>,
+    stations: Vec<VirtualEncoder>,
+    line: Option<Arc<CardLine>>,
     socket: PathBuf,
     mode: SocketMode,
     log: PathBuf,
@@ -238,8 +245,8 @@ impl Simulation {
     /// cards with [`VirtualEncoder::slot`], a [`crate::vpcd::SlotFeed`] or
     /// [`Self::auto_feed`]).
     pub fn start(cfg: SimConfig) -> Result<Self, SimError> {
-        if cfg.encoders == 0 || cfg.encoders > MAX_ENCODERS {
-            return Err(SimError::EncoderCount(cfg.encoders));
+        if cfg.encoders == 0 || cfg.encoders + cfg.qc_stations > MAX_ENCODERS {
+            return Err(SimError::EncoderCount(cfg.encoders + cfg.qc_stations));
         }
         let hint = "apt-get install pcscd vsmartcard-vpcd";
         let pcscd = find_program("pcscd").ok_or(SimError::Missing {
@@ -252,7 +259,13 @@ impl Simulation {
                 hint,
             });
         }
-        let entries = cfg.encoders.div_ceil(2);
+        // Encoders first, then the QC stations, each kind on entries of its own (a vpcd
+        // entry serves two slots) so every reader's name says what it is.
+        let kinds = [
+            ("Encoder", "encoder", cfg.encoders),
+            ("QC Station", "qc-station", cfg.qc_stations),
+        ];
+        let entries: usize = kinds.iter().map(|(_, _, n)| n.div_ceil(2)).sum();
         let conf = cfg.work_dir.join("reader.conf.d");
         let drivers = cfg.work_dir.join("drivers");
         let run = cfg.work_dir.join("run");
@@ -265,25 +278,31 @@ impl Simulation {
             None => free_range(entries * 2).ok_or(SimError::NoPorts(entries * 2))?,
         };
         let mut readers = Vec::new();
-        for e in 0..entries {
-            let lib = drivers.join(format!("libifdvpcd-{:02}.so", e + 1));
-            fs::copy(&cfg.driver, &lib)
-                .map_err(io(format!("copying the driver to {}", lib.display())))?;
-            let port = base + 2 * e as u16;
-            let entry = format!(
-                "FRIENDLYNAME \"Encoder {n:02}\"\nDEVICENAME   /dev/null:{port}\nLIBPATH      {lib}\nCHANNELID    {port}\n",
-                n = e + 1,
-                lib = lib.display()
-            );
-            let path = conf.join(format!("encoder-{:02}", e + 1));
-            fs::write(&path, entry).map_err(io(format!("writing {}", path.display())))?;
-            for slot in 0..2 {
-                if readers.len() < cfg.encoders {
-                    readers.push((
-                        format!("Encoder {:02} 00 {:02}", e + 1, slot),
-                        port + slot as u16,
-                    ));
+        let mut entry_no = 0usize;
+        for (friendly, file, count) in kinds {
+            let mut made = 0;
+            for e in 0..count.div_ceil(2) {
+                let lib = drivers.join(format!("libifdvpcd-{:02}.so", entry_no + 1));
+                fs::copy(&cfg.driver, &lib)
+                    .map_err(io(format!("copying the driver to {}", lib.display())))?;
+                let port = base + 2 * entry_no as u16;
+                let entry = format!(
+                    "FRIENDLYNAME \"{friendly} {n:02}\"\nDEVICENAME   /dev/null:{port}\nLIBPATH      {lib}\nCHANNELID    {port}\n",
+                    n = e + 1,
+                    lib = lib.display()
+                );
+                let path = conf.join(format!("{file}-{:02}", e + 1));
+                fs::write(&path, entry).map_err(io(format!("writing {}", path.display())))?;
+                for slot in 0..2 {
+                    if made < count {
+                        readers.push((
+                            format!("{friendly} {:02} 00 {:02}", e + 1, slot),
+                            port + slot as u16,
+                        ));
+                        made += 1;
+                    }
                 }
+                entry_no += 1;
             }
         }
         let log = cfg.work_dir.join("pcscd.log");
@@ -345,14 +364,33 @@ impl Simulation {
         let mut sim = Simulation {
             child: Some(child),
             encoders: Vec::new(),
+            stations: Vec::new(),
+            line: None,
             socket,
             mode: cfg.socket.clone(),
             log,
         };
         sim.wait_ready(&readers, cfg.start_timeout)?;
-        for (reader, port) in readers {
+        for (i, (reader, port)) in readers.into_iter().enumerate() {
             let slot = VpcdSlot::start(SocketAddr::from(([127, 0, 0, 1], port)));
-            sim.encoders.push(VirtualEncoder { reader, port, slot });
+            let encoder = VirtualEncoder { reader, port, slot };
+            if i < cfg.encoders {
+                sim.encoders.push(encoder);
+            } else {
+                sim.stations.push(encoder);
+            }
+        }
+        if cfg.qc_stations > 0 {
+            let line = CardLine::new(
+                sim.stations
+                    .iter()
+                    .map(|s| (s.reader.clone(), s.slot().clone()))
+                    .collect(),
+            );
+            for e in &sim.encoders {
+                e.slot().set_output(Some(line.output()));
+            }
+            sim.line = Some(line);
         }
         tracing::info!(encoders = sim.encoders.len(), socket = %sim.socket.display(), "simulated encoders up");
         Ok(sim)
@@ -447,9 +485,20 @@ impl Simulation {
         }
     }
 
+    /// The QC station readers (empty without `qc_stations`).
+    pub fn stations(&self) -> &[VirtualEncoder] {
+        &self.stations
+    }
+
+    /// The machine's line (transport + QC stations), when it has QC stations.
+    pub fn line(&self) -> Option<&Arc<CardLine>> {
+        self.line.as_ref()
+    }
+
     /// Stops the slots (cards removed), then pcscd (SIGTERM, SIGKILL after 3 s).
     pub fn stop(&mut self) {
         self.encoders.clear();
+        self.stations.clear();
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .arg("-TERM")

@@ -109,6 +109,9 @@ pub struct EncodersConfig {
     pub insert_timeout_ms: u64,
     /// Extended length APDUs (4 KiB chunks) instead of short ones.
     pub extended_length: bool,
+    /// PC/SC readers that are not encoders: names starting with any of these are skipped
+    /// (the QC stations of `cardpipe encoders simulate --qc-stations`).
+    pub skip_readers: Vec<String>,
 }
 
 impl Default for EncodersConfig {
@@ -132,6 +135,7 @@ impl Default for EncodersConfig {
             acquire_timeout_ms: 30_000,
             insert_timeout_ms: 5000,
             extended_length: true,
+            skip_readers: vec!["QC Station".into()],
         }
     }
 }
@@ -246,6 +250,7 @@ impl EncodersConfig {
             EncoderKind::Pcsc => Farm::new(
                 Box::new(PcscSource {
                     insert_timeout: Duration::from_millis(self.insert_timeout_ms),
+                    skip_readers: self.skip_readers.clone(),
                 }),
                 self.farm_settings(),
             ),

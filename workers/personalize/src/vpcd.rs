@@ -47,8 +47,13 @@ struct SlotState {
     connected: bool,
     stop: bool,
     auto_feed: Option<Arc<BlankStock>>,
+    output: Option<CardOutput>,
     frames: u64,
 }
+
+/// Where a finished card goes when it leaves an encoder slot (the machine's transport to its
+/// QC stations, see [`crate::line::CardLine`]).
+pub type CardOutput = Arc<dyn Fn(Card) + Send + Sync>;
 
 struct Shared {
     addr: SocketAddr,
@@ -99,12 +104,33 @@ impl SlotHandle {
     /// Takes the card out of the slot (it stays inspectable via [`Self::with_ejected`]).
     pub fn eject(&self) {
         let mut st = self.0.lock();
+        let mut out = None;
         if let Some(mut card) = st.card.take() {
             card.power_off();
-            st.ejected = Some(card);
+            match &st.output {
+                Some(output) => out = Some((output.clone(), card)),
+                None => st.ejected = Some(card),
+            }
         }
         st.generation += 1;
         self.0.changed.notify_all();
+        drop(st);
+        // Outside the slot lock: the line takes its own.
+        if let Some((output, card)) = out {
+            output(card);
+        }
+    }
+
+    /// Takes the most recently ejected card out of the slot's tray.
+    pub fn take_ejected(&self) -> Option<Card> {
+        self.0.lock().ejected.take()
+    }
+
+    /// Sends every card leaving the slot (ejected, or released finished by the standalone
+    /// feeder) to `output` instead of the slot's own tray. Torn-out and dead cards never
+    /// reach it: they fall into the machine's reject bin.
+    pub fn set_output(&self, output: Option<CardOutput>) {
+        self.0.lock().output = output;
     }
 
     /// Whether the slot's socket is connected to vpcd (card "inserted" as pcscd sees it).
@@ -390,8 +416,14 @@ fn handle_frame(shared: &Shared, payload: &[u8]) -> Reply {
                 // Standalone feeder: a locked card that the worker released is done.
                 if auto_feed && card.lifecycle() == Lifecycle::Operational {
                     let done = st.card.take();
-                    st.ejected = done;
                     st.generation += 1;
+                    match (st.output.clone(), done) {
+                        (Some(output), Some(card)) => {
+                            drop(st);
+                            output(card);
+                        }
+                        (_, done) => st.ejected = done,
+                    }
                     return Reply::Gone;
                 }
                 Reply::None

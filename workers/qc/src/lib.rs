@@ -8,6 +8,8 @@
 //! - [`stage`]: the `qc` pipeline stage (`personalized → qc_passed | qc_failed`), the QC report
 //!   artifact, the outbox sinks that destroy wrapped private keys and park an application after
 //!   `[qc] max_attempts` refused cards.
+//! - [`station`]: where a card is read — the in-process farm's output tray, or a QC station
+//!   reader of the machine's line (pcscd + line controller), so QC can run in its own process.
 //! - [`stock`]: blank-card lots, the serial whitelist, moves between vault, encoders,
 //!   consumption, spoilage, two-operator destruction and returns, and the reconciliation report
 //!   behind `cardpipe_stock_imbalance_cards`.
@@ -20,4 +22,5 @@ pub mod bench;
 pub mod check;
 pub mod reprint;
 pub mod stage;
+pub mod station;
 pub mod stock;

@@ -243,7 +243,7 @@ pub async fn request(
     .await?;
     Store::enqueue_job(
         &mut tx,
-        &Job::new(cardpipe_keys::stage::STAGE_NAME, app_id.as_str()),
+        &Job::new(cardpipe_keys::stage::STAGE_NAME, app_id.as_str()).with_priority(true),
         now,
     )
     .await?;

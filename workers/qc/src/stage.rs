@@ -5,9 +5,11 @@
 //! 1. the personalized card row (blank serial, chip serial, encoder) and the credentials package
 //!    (the certificates issued for the application) are loaded; the CA hierarchy is the keys
 //!    stage's;
-//! 2. the card is taken from the farm's output tray and inserted into the QC station (an
-//!    in-process reader); [`crate::check::inspect`] runs every check over plain APDUs, with
-//!    fresh challenges; the card body serial must be the recorded blank serial;
+//! 2. the card is brought to a QC station ([`crate::station`]): from the in-process farm's
+//!    output tray into an in-process reader (the card body serial must be the recorded blank
+//!    serial), or by the machine's line controller into a QC station reader reached through
+//!    pcscd (located by its recorded chip serial); [`crate::check::inspect`] runs every check
+//!    over plain APDUs, with fresh challenges;
 //! 3. a QC report (checks, results, timings) is stored as an object (`qc_report` artifact);
 //! 4. ONE transaction (the runner's completion): the state, the `qc_reports` row, and
 //!    - passed: the blank `at_encoder → consumed` in stock, and an outbox row
@@ -17,8 +19,9 @@
 //!      max_attempts` cards failed, an outbox row ([`PARK_TOPIC`]) that parks the application's
 //!      personalize job for an operator.
 //!
-//! A card the tray does not hold (the process restarted; embedded cards live in memory) fails
-//! with `card_not_found` and is re-made, never passed unchecked.
+//! A card the station cannot get (the process restarted and the in-memory tray is gone; the
+//! card is not on the line's transport) fails with `card_not_found` and is re-made, never
+//! passed unchecked.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,10 +36,8 @@ use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stag
 use cardpipe_common::store::{OutboxRow, StoreError, StoreTx};
 use cardpipe_keys::custody::CardCredentials;
 use cardpipe_keys::settings::Pki;
-use cardpipe_personalize::reader::{BlankStock, Encoder, InProcessEncoder};
-use cardpipe_personalize::scp03::MasterKeys;
 use cardpipe_personalize::stage::{TransportPins, cards};
-use cardpipe_personalize::tray::{OutputTray, TrayCard};
+use cardpipe_personalize::tray::OutputTray;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,7 +45,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::check::{self, CheckResult, Expectations, Inspection, Reason};
+use crate::check::{self, CheckResult, Expectations, Reason};
+use crate::station::{StationKind, Stations, Ticket};
 use crate::stock;
 
 /// The stage name.
@@ -70,6 +72,12 @@ pub struct QcConfig {
     pub max_attempts: u32,
     /// The stage a passed card goes to.
     pub next_stage: String,
+    /// Where cards are read: the in-process tray or a line's QC stations.
+    pub station: StationKind,
+    /// The line controller (`station = "line"`).
+    pub line_controller: String,
+    /// How long a line station waits for pcscd to see a loaded card, ms.
+    pub station_timeout_ms: u64,
 }
 
 impl Default for QcConfig {
@@ -77,6 +85,9 @@ impl Default for QcConfig {
         Self {
             max_attempts: 3,
             next_stage: "shipping".into(),
+            station: StationKind::Tray,
+            line_controller: "127.0.0.1:7431".into(),
+            station_timeout_ms: 5000,
         }
     }
 }
@@ -97,6 +108,12 @@ pub fn load(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<Qc
     }
     if cfg.next_stage.trim().is_empty() {
         anyhow::bail!("qc.next_stage must name a stage");
+    }
+    if cfg.station == StationKind::Line && cfg.line_controller.trim().is_empty() {
+        anyhow::bail!("qc.line_controller must be host:port when qc.station = \"line\"");
+    }
+    if cfg.station_timeout_ms == 0 {
+        anyhow::bail!("qc.station_timeout_ms must be positive");
     }
     Ok(cfg)
 }
@@ -178,26 +195,25 @@ impl QcMetrics {
 
 /// The QC stage.
 pub struct QcStage {
-    tray: Arc<OutputTray>,
+    stations: Stations,
     pki: Arc<Pki>,
     pins: TransportPins,
     config: QcConfig,
     metrics: QcMetrics,
-    station_stock: Arc<BlankStock>,
     next_declared: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for QcStage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QcStage")
-            .field("tray", &self.tray)
+            .field("stations", &self.stations)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl QcStage {
-    /// A QC stage taking cards from `tray`.
+    /// A QC stage taking cards from `tray` (see [`Self::with_stations`] for a line).
     pub fn new(
         tray: Arc<OutputTray>,
         pki: Arc<Pki>,
@@ -206,15 +222,19 @@ impl QcStage {
         services: &Services,
     ) -> Self {
         Self {
-            tray,
+            stations: Stations::Tray(tray),
             pki,
             pins,
             config,
             metrics: QcMetrics::register(&services.metrics),
-            // The QC station never feeds blanks; the stock only satisfies the reader type.
-            station_stock: Arc::new(BlankStock::healthy(MasterKeys::test_keys(), 0)),
             next_declared: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Reads cards at other stations (the QC readers of a machine's line).
+    pub fn with_stations(mut self, stations: Stations) -> Self {
+        self.stations = stations;
+        self
     }
 
     /// The in-process broker refuses jobs for a queue nobody declared, and a refused job row
@@ -280,19 +300,6 @@ pub async fn failures(services: &Services, app: &ApplicationId) -> Result<i64, S
     Ok(row.try_get("n")?)
 }
 
-fn not_found(detail: String) -> Inspection {
-    Inspection {
-        chip_serial: None,
-        checks: vec![CheckResult {
-            name: "card_in_tray".into(),
-            passed: false,
-            reason: Some(Reason::CardNotFound),
-            detail,
-            micros: 0,
-        }],
-    }
-}
-
 #[async_trait]
 impl Stage for QcStage {
     fn name(&self) -> &'static str {
@@ -322,70 +329,38 @@ impl Stage for QcStage {
             .saturating_add(1);
 
         let clock = Instant::now();
-        let taken = self.tray.take(app.id.as_str());
-        let station = "qc-station-01".to_owned();
-        let inspection = match taken {
-            None => not_found(format!(
-                "no card for the application in the output tray (blank {})",
-                card.blank_serial
-            )),
-            Some(tc) => {
-                let body_ok = tc.blank_serial == card.blank_serial;
-                let body_detail = format!(
-                    "card body {} , recorded {}",
-                    tc.blank_serial, card.blank_serial
-                );
-                let hierarchy = ca.hierarchy.clone();
-                let (auth, sign) = (
-                    creds.authentication_certificate.der.clone(),
-                    creds.signature_certificate.der.clone(),
-                );
-                let pins = self.pins.clone();
-                let recorded = card.chip_serial.clone();
-                let stock = self.station_stock.clone();
-                let name = station.clone();
-                tokio::task::spawn_blocking(move || {
-                    let TrayCard { card: chip, .. } = tc;
-                    let mut reader = InProcessEncoder::new(name, stock);
-                    let mut inspection = match reader.insert_card(chip) {
-                        Ok(()) => check::inspect(
-                            &mut reader,
-                            &Expectations {
-                                chip_serial: recorded.as_deref(),
-                                auth_cert: &auth,
-                                sign_cert: &sign,
-                                hierarchy: &hierarchy,
-                                id_pin: &pins.id_pin,
-                                sign_pin: &pins.sign_pin,
-                            },
-                        ),
-                        Err(e) => Inspection {
-                            chip_serial: None,
-                            checks: vec![CheckResult {
-                                name: "power_on".into(),
-                                passed: false,
-                                reason: Some(Reason::CardUnreadable),
-                                detail: e.to_string(),
-                                micros: 0,
-                            }],
-                        },
-                    };
-                    let _ = reader.eject();
-                    inspection.checks.insert(
-                        0,
-                        CheckResult {
-                            name: "blank_serial".into(),
-                            passed: body_ok,
-                            reason: (!body_ok).then_some(Reason::BlankSerialMismatch),
-                            detail: body_detail,
-                            micros: 0,
-                        },
-                    );
-                    inspection
-                })
-                .await?
-            }
+        let ticket = Ticket {
+            application_id: app.id.to_string(),
+            blank_serial: card.blank_serial.clone(),
+            chip_serial: card.chip_serial.clone(),
         };
+        let hierarchy = ca.hierarchy.clone();
+        let (auth, sign) = (
+            creds.authentication_certificate.der.clone(),
+            creds.signature_certificate.der.clone(),
+        );
+        let pins = self.pins.clone();
+        let recorded = card.chip_serial.clone();
+        let stations = self.stations.clone();
+        let (inspection, station) = tokio::task::spawn_blocking(move || {
+            stations.inspect(
+                &ticket,
+                Box::new(move |channel| {
+                    check::inspect(
+                        channel,
+                        &Expectations {
+                            chip_serial: recorded.as_deref(),
+                            auth_cert: &auth,
+                            sign_cert: &sign,
+                            hierarchy: &hierarchy,
+                            id_pin: &pins.id_pin,
+                            sign_pin: &pins.sign_pin,
+                        },
+                    )
+                }),
+            )
+        })
+        .await?;
         let elapsed = clock.elapsed();
         let verdict = inspection.verdict();
         self.metrics.observe(verdict, elapsed.as_secs_f64());
@@ -629,6 +604,7 @@ impl OutboxSink for ParkSink {
             subject: req.application_id.clone(),
             attempt: 1,
             last_error: Some(req.error.clone()),
+            priority: false,
         };
         self.services.broker.publish_parked(&job).await?;
         cardpipe_common::runtime::parked::record(&self.services, &job, self.services.clock.now())

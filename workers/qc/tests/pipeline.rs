@@ -188,6 +188,7 @@ async fn rig(mode: Mode, max_attempts: u32) -> Rig {
         QcConfig {
             max_attempts,
             next_stage: "shipping".into(),
+            ..QcConfig::default()
         },
         &services,
     );
@@ -526,6 +527,27 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
     );
     let app = services.store.application(&target).await.unwrap().unwrap();
     assert_eq!(app.priority, Priority::Urgent);
+    // Every job of the new card travelled in the stages' priority lanes.
+    let lanes: Vec<(String, bool)> =
+        sqlx::query("SELECT payload FROM outbox WHERE subject = $1 AND topic = 'job' ORDER BY seq")
+            .bind(target.as_str())
+            .fetch_all(services.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let job = cardpipe_common::broker::Job::from_bytes(
+                    r.get::<String, _>("payload").as_bytes(),
+                )
+                .unwrap();
+                (job.stage, job.priority)
+            })
+            .collect();
+    let after_reprint: Vec<_> = lanes.iter().rev().take(4).collect();
+    assert!(
+        after_reprint.iter().all(|(_, p)| *p),
+        "keys, personalize, qc and shipping jobs of the reprint are priority jobs: {lanes:?}"
+    );
     running.shutdown().await.unwrap();
 
     // Destruction: two different operators sign off.
