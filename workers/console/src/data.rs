@@ -470,6 +470,8 @@ fn hidden_column(name: &str) -> bool {
         "first_name",
         "last_name",
         "father",
+        "token",
+        "sha256",
     ]
     .iter()
     .any(|w| n.contains(w))
@@ -605,5 +607,6 @@ mod tests {
         assert_eq!(mask_national_code("123"), "123");
         assert!(hidden_column("national_code_digest"));
         assert!(!hidden_column("box_id"));
+        assert!(hidden_column("token_sha256"));
     }
 }
