@@ -676,6 +676,25 @@ async fn application(
         body.push_str("<h2>Parked work</h2>");
         body.push_str(&parked_rows(&s, &v.parked));
     }
+    // Quality-control reports (formerly GET /api/qc/{id}, now only here).
+    let reports = match data::qc_reports(&st.services, &v.app.id).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    if !reports.is_empty() {
+        body.push_str("<h2>Quality control</h2>");
+        let rows: Vec<Vec<String>> = reports
+            .iter()
+            .map(|r| r.iter().map(|c| esc(c)).collect())
+            .collect();
+        body.push_str(&format!(
+            "<div id=\"qc-reports\">{}</div>",
+            table(
+                &["checked at", "outcome", "reason", "blank serial", "chip serial", "ms", "report"],
+                &rows
+            )
+        ));
+    }
     body.push_str("<h2>Artifacts</h2>");
     let rows: Vec<Vec<String>> = v
         .artifacts
