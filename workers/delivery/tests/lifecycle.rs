@@ -884,6 +884,15 @@ async fn lifecycle(mode: Mode) {
         day = day.next_day().unwrap();
     }
 
+    // B's and the stray card's discrepancies were never resolved: the scheduler's gauge shows them.
+    assert_eq!(env.delivery.metrics.discrepancies_open(), 2);
+    assert!(
+        services
+            .metrics
+            .encode()
+            .contains("cardpipe_delivery_discrepancies_open 2")
+    );
+
     // States at the end.
     assert_eq!(env.state(a).await, ApplicationState::Voided);
     assert_eq!(env.state(b).await, ApplicationState::Shipped);
