@@ -125,7 +125,10 @@ pub async fn run(loaded: LoadedConfig, command: OfficesCommand) -> anyhow::Resul
             clients::revoke(&services, &name, (&op.login, op.role.as_str()))
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("delivery API client {name} revoked (audited as {})", op.login);
+            println!(
+                "delivery API client {name} revoked (audited as {})",
+                op.login
+            );
         }
     }
     services.store.close().await;

@@ -598,7 +598,10 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 "discrepancy {id} resolved: {}{} (audited as {})",
                 r.discrepancy.resolution.as_deref().unwrap_or(""),
                 r.reprint
-                    .map(|p| format!("; reprint {} requested, {} certificates revoked", p.id, p.revoked))
+                    .map(|p| format!(
+                        "; reprint {} requested, {} certificates revoked",
+                        p.id, p.revoked
+                    ))
                     .unwrap_or_default(),
                 op.login
             );

@@ -129,9 +129,7 @@ async fn require_operator(
 ) -> anyhow::Result<()> {
     let op = cardpipe_console::auth::operator(&services.store, login)
         .await?
-        .ok_or_else(|| {
-            anyhow::anyhow!("--operator {login}: no such (enabled) console operator")
-        })?;
+        .ok_or_else(|| anyhow::anyhow!("--operator {login}: no such (enabled) console operator"))?;
     match supervisor {
         Some(what) => op.require_supervisor(what)?,
         None => op.require_act("stock operations")?,
@@ -194,7 +192,10 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
             println!("{serial}: returned");
         }
         StockCommand::Destroy { step } => match step {
-            DestroyStep::Prepare { operator: op, serials } => {
+            DestroyStep::Prepare {
+                operator: op,
+                serials,
+            } => {
                 require_operator(&services, &op, None).await?;
                 let operator = op;
                 let list = (!serials.is_empty()).then_some(serials);

@@ -42,7 +42,14 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     ok(&cli(d, &["migrate"]));
     ok(&cli(
         d,
-        &["operators", "add", "boss", "--role", "supervisor", "--generate"],
+        &[
+            "operators",
+            "add",
+            "boss",
+            "--role",
+            "supervisor",
+            "--generate",
+        ],
     ));
     ok(&cli(
         d,
@@ -92,7 +99,9 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     assert!(token.starts_with("cpo_"), "{added}");
     ok(&cli(
         d,
-        &["offices", "clients", "add", "hq", "--centre", "--as", "boss"],
+        &[
+            "offices", "clients", "add", "hq", "--centre", "--as", "boss",
+        ],
     ));
     let listed = ok(&cli(d, &["offices", "clients", "list"]));
     assert!(
@@ -177,7 +186,10 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     ));
     assert!(resolved.contains("resolved: found"), "{resolved}");
     let open = ok(&cli(d, &["ops", "discrepancies", "--open"]));
-    assert!(open.contains("0 open") && !open.contains("dsc-cli-1"), "{open}");
+    assert!(
+        open.contains("0 open") && !open.contains("dsc-cli-1"),
+        "{open}"
+    );
     let all = ok(&cli(d, &["ops", "discrepancies"]));
     assert!(
         all.contains("dsc-cli-1") && all.contains("turned up in the van") && all.contains("boss"),
@@ -200,14 +212,7 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     refused(
         &cli(
             d,
-            &[
-                "stock",
-                "destroy",
-                "witness",
-                "DST-1",
-                "--operator",
-                "olga",
-            ],
+            &["stock", "destroy", "witness", "DST-1", "--operator", "olga"],
         ),
         "needs a supervisor",
     );

@@ -479,7 +479,10 @@ fn hidden_column(name: &str) -> bool {
 
 /// The QC reports of an application (checked at, outcome, reason, blank serial, chip serial,
 /// elapsed ms, report object key), oldest first.
-pub async fn qc_reports(services: &Services, id: &ApplicationId) -> anyhow::Result<Vec<Vec<String>>> {
+pub async fn qc_reports(
+    services: &Services,
+    id: &ApplicationId,
+) -> anyhow::Result<Vec<Vec<String>>> {
     let rows = sqlx::query(
         "SELECT checked_at, outcome, reason, blank_serial, chip_serial, elapsed_ms, object_key
          FROM qc_reports WHERE application_id = $1 ORDER BY checked_at, id",
@@ -492,9 +495,11 @@ pub async fn qc_reports(services: &Services, id: &ApplicationId) -> anyhow::Resu
             Ok(vec![
                 r.try_get::<String, _>("checked_at")?,
                 r.try_get::<String, _>("outcome")?,
-                r.try_get::<Option<String>, _>("reason")?.unwrap_or_default(),
+                r.try_get::<Option<String>, _>("reason")?
+                    .unwrap_or_default(),
                 r.try_get::<String, _>("blank_serial")?,
-                r.try_get::<Option<String>, _>("chip_serial")?.unwrap_or_default(),
+                r.try_get::<Option<String>, _>("chip_serial")?
+                    .unwrap_or_default(),
                 r.try_get::<i64, _>("elapsed_ms")?.to_string(),
                 r.try_get::<String, _>("object_key")?,
             ])

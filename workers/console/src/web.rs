@@ -690,7 +690,15 @@ async fn application(
         body.push_str(&format!(
             "<div id=\"qc-reports\">{}</div>",
             table(
-                &["checked at", "outcome", "reason", "blank serial", "chip serial", "ms", "report"],
+                &[
+                    "checked at",
+                    "outcome",
+                    "reason",
+                    "blank serial",
+                    "chip serial",
+                    "ms",
+                    "report"
+                ],
                 &rows
             )
         ));
@@ -1443,8 +1451,7 @@ async fn resolve_discrepancy(
     if let Err(r) = check_csrf(&s, &f.csrf) {
         return r;
     }
-    match actions::resolve_discrepancy(&st.services, &s.operator, &id, &f.outcome, &f.note).await
-    {
+    match actions::resolve_discrepancy(&st.services, &s.operator, &id, &f.outcome, &f.note).await {
         Ok(r) => back(
             "/console/shipments",
             Ok(format!(

@@ -570,8 +570,14 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
             "{body}"
         );
         assert!(body.contains("a supervisor resolves it"), "{body}");
-        assert!(!body.contains("/resolve\""), "no form for operators: {body}");
-        assert!(!body.contains("token_sha256"), "token digests are not shown");
+        assert!(
+            !body.contains("/resolve\""),
+            "no form for operators: {body}"
+        );
+        assert!(
+            !body.contains("token_sha256"),
+            "token digests are not shown"
+        );
         let csrf_o = csrf_of(&body);
         let (status, _, body) = post(
             &omid,
@@ -606,7 +612,11 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         let (_, at, body) = post(
             &adm,
             &format!("{base}/console/shipments/discrepancies/{d_missing}/resolve"),
-            &[("csrf", &csrf_a), ("outcome", "found"), ("note", "under the tray")],
+            &[
+                ("csrf", &csrf_a),
+                ("outcome", "found"),
+                ("note", "under the tray"),
+            ],
         )
         .await;
         assert!(at.contains("ok="), "{at}");
@@ -614,7 +624,11 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         let (_, _, body) = post(
             &adm,
             &format!("{base}/console/shipments/discrepancies/{d_extra}/resolve"),
-            &[("csrf", &csrf_a), ("outcome", "returned"), ("note", "back to the centre")],
+            &[
+                ("csrf", &csrf_a),
+                ("outcome", "returned"),
+                ("note", "back to the centre"),
+            ],
         )
         .await;
         assert!(

@@ -153,10 +153,12 @@ pub async fn get(services: &Services, id: &str) -> Result<Option<Discrepancy>, O
 
 /// Open discrepancies in the store (the `cardpipe_delivery_discrepancies_open` gauge).
 pub async fn open_count(services: &Services) -> Result<i64, OfficeError> {
-    Ok(sqlx::query("SELECT COUNT(*) AS n FROM delivery_discrepancies WHERE resolved_at IS NULL")
-        .fetch_one(services.store.pool())
-        .await?
-        .try_get("n")?)
+    Ok(
+        sqlx::query("SELECT COUNT(*) AS n FROM delivery_discrepancies WHERE resolved_at IS NULL")
+            .fetch_one(services.store.pool())
+            .await?
+            .try_get("n")?,
+    )
 }
 
 /// What a resolution did.

@@ -510,7 +510,9 @@ pub async fn change_office(
             None => None,
         };
         if owner.as_deref() != Some(client.as_str()) {
-            return Err(OfficeError::NotFound(format!("application {application_id}")));
+            return Err(OfficeError::NotFound(format!(
+                "application {application_id}"
+            )));
         }
     }
     let now = services.clock.now();

@@ -114,18 +114,22 @@ async fn api_contract(mode: Mode) {
     for (method, path) in [
         (reqwest::Method::GET, "/api/v1/delivery/offices"),
         (reqwest::Method::GET, "/api/v1/delivery/offices/TBZ-001"),
-        (reqwest::Method::POST, "/api/v1/delivery/boxes/BOX-X/receipt"),
+        (
+            reqwest::Method::POST,
+            "/api/v1/delivery/boxes/BOX-X/receipt",
+        ),
         (
             reqwest::Method::PUT,
             "/api/v1/delivery/applications/nope/pickup-office",
         ),
-        (reqwest::Method::POST, "/api/v1/delivery/transfers/TRF-1/receipt"),
+        (
+            reqwest::Method::POST,
+            "/api/v1/delivery/transfers/TRF-1/receipt",
+        ),
         (reqwest::Method::POST, "/api/v1/delivery/handovers"),
     ] {
         for token in [None, Some("not-a-token"), Some("")] {
-            let r = api
-                .send(method.clone(), path, token, Some(json!({})))
-                .await;
+            let r = api.send(method.clone(), path, token, Some(json!({}))).await;
             check(r, 401, "bearer token");
         }
     }
@@ -333,7 +337,8 @@ async fn offices_and_discrepancies(
 
     // Another office's clerk, or the registry, may not acknowledge TEH-001's box.
     check(
-        api.post(&receipt, Some(&teh2), json!({"clerk": "z1"})).await,
+        api.post(&receipt, Some(&teh2), json!({"clerk": "z1"}))
+            .await,
         403,
         "TEH-002",
     );
@@ -484,15 +489,9 @@ async fn offices_and_discrepancies(
         Err(OfficeError::BadRequest(ref m)) if m.contains("note")
     ));
     // B turned up: found, then TEH-001 receives it on the same box.
-    let found = discrepancies::resolve(
-        services,
-        &d_b,
-        "found",
-        "under the tray liner",
-        by,
-    )
-    .await
-    .unwrap();
+    let found = discrepancies::resolve(services, &d_b, "found", "under the tray liner", by)
+        .await
+        .unwrap();
     assert_eq!(found.discrepancy.resolution.as_deref(), Some("found"));
     assert_eq!(found.discrepancy.resolved_by.as_deref(), Some("sara"));
     assert!(found.reprint.is_none());
@@ -531,7 +530,10 @@ async fn offices_and_discrepancies(
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["received"], json!([b.as_str()]));
     assert_eq!(state(services, &b).await, ApplicationState::AtOffice);
-    assert_eq!(audit_actors(services, "delivery.late_receipt").await.len(), 1);
+    assert_eq!(
+        audit_actors(services, "delivery.late_receipt").await.len(),
+        1
+    );
 
     // C was lost in transit: revoked and reprinted (urgent, keys job), in one go.
     let lost = discrepancies::resolve(services, &d_c, "lost", "carrier lost the parcel", by)
@@ -543,7 +545,10 @@ async fn offices_and_discrepancies(
         lost.discrepancy.reprint_id.as_deref(),
         Some(reprint.id.as_str())
     );
-    assert_eq!(state(services, &c).await, ApplicationState::ReprintRequested);
+    assert_eq!(
+        state(services, &c).await,
+        ApplicationState::ReprintRequested
+    );
     let reason: String = sqlx::query("SELECT reason FROM reprints WHERE application_id = $1")
         .bind(c.as_str())
         .fetch_one(services.store.pool())
@@ -553,12 +558,18 @@ async fn offices_and_discrepancies(
     assert_eq!(reason, "lost_in_transit");
 
     // The stray card went back to the centre.
-    let returned = discrepancies::resolve(services, &d_x, "returned", "sent back to the centre", by)
-        .await
-        .unwrap();
+    let returned =
+        discrepancies::resolve(services, &d_x, "returned", "sent back to the centre", by)
+            .await
+            .unwrap();
     assert_eq!(returned.discrepancy.resolution.as_deref(), Some("returned"));
     assert_eq!(discrepancies::open_count(services).await.unwrap(), 0);
-    assert!(discrepancies::list(services, true).await.unwrap().is_empty());
+    assert!(
+        discrepancies::list(services, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(discrepancies::list(services, false).await.unwrap().len(), 3);
     let resolutions = audit_actors(services, "delivery.discrepancy_resolve").await;
     assert_eq!(resolutions.len(), 3);
@@ -588,7 +599,9 @@ async fn offices_and_discrepancies(
             .any(|c| c.name == "teh-001-desk" && c.revoked_at.is_some())
     );
     assert_eq!(
-        audit_actors(services, "delivery.api_client_add").await.len(),
+        audit_actors(services, "delivery.api_client_add")
+            .await
+            .len(),
         3
     );
     assert_eq!(

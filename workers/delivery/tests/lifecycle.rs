@@ -455,30 +455,18 @@ async fn lifecycle(mode: Mode) {
     wait_state(&services, &ids, ApplicationState::Personalized).await;
 
     // A change of office before packing re-routes the card.
-    let change = office::change_office(
-        &env.delivery,
-        &services,
-        e.as_str(),
-        "SYZ-001",
-        &centre(),
-    )
-    .await
-    .unwrap();
+    let change = office::change_office(&env.delivery, &services, e.as_str(), "SYZ-001", &centre())
+        .await
+        .unwrap();
     assert_eq!(
         change,
         OfficeChange::Rerouted {
             office_code: "SYZ-001".into()
         }
     );
-    let unknown = office::change_office(
-        &env.delivery,
-        &services,
-        e.as_str(),
-        "NOPE-1",
-        &centre(),
-    )
-    .await
-    .unwrap_err();
+    let unknown = office::change_office(&env.delivery, &services, e.as_str(), "NOPE-1", &centre())
+        .await
+        .unwrap_err();
     assert!(
         matches!(unknown, OfficeError::BadRequest(ref m) if m.contains("not in the offices register")),
         "{unknown}"
@@ -535,14 +523,7 @@ async fn lifecycle(mode: Mode) {
 
     // Packed: the office can no longer change until dispatch.
     assert!(matches!(
-        office::change_office(
-            &env.delivery,
-            &services,
-            d.as_str(),
-            "TBZ-001",
-            &centre()
-        )
-        .await,
+        office::change_office(&env.delivery, &services, d.as_str(), "TBZ-001", &centre()).await,
         Err(OfficeError::Conflict(_))
     ));
 
