@@ -578,10 +578,23 @@ pub async fn change_office(
                 .await?;
                 record.pickup_office = new_office.to_owned();
                 records::update_record(&mut tx, services, &app.id, &record).await?;
-                tx.commit().await?;
-                return Ok(OfficeChange::Rerouted {
+                let outcome = OfficeChange::Rerouted {
                     office_code: new_office.to_owned(),
-                });
+                };
+                audit::record_in(
+                    &mut tx,
+                    now,
+                    &AuditEvent {
+                        actor,
+                        role: by.role(),
+                        action: "delivery.change_office",
+                        subject: app.id.as_str(),
+                        details: serde_json::to_value(&outcome).unwrap_or_default(),
+                    },
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(outcome);
             }
             sqlx::query(
                 "INSERT INTO delivery_transfers (id, application_id, from_office, to_office, state, requested_by, requested_at)
