@@ -11,13 +11,15 @@
 //! * `cardpipe synth batch` — a generated registry batch (NDJSON) for demos and tests;
 //! * `cardpipe bench pki` — credential sets per second per core;
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
-//!   console's operations on the command line (ops_cmd.rs).
+//!   console's operations on the command line (ops_cmd.rs);
+//! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs).
 //!
 //! Every process runs an outbox relay (claims make that safe) and serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
 mod demo;
 mod encoders_cmd;
+mod offices_cmd;
 mod ops_cmd;
 mod pki_cmd;
 mod process;
@@ -110,6 +112,11 @@ enum Command {
     },
     /// Request a reprint: revoke the old card's certificates, recall it, make a new card.
     Reprint(qc_cmd::ReprintArgs),
+    /// Pickup offices: `clients add|list|revoke` — delivery API clients and their tokens.
+    Offices {
+        #[command(subcommand)]
+        command: offices_cmd::OfficesCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -305,6 +312,7 @@ fn main() -> ExitCode {
             Command::Ops(args) => ops_cmd::ops_cmd(loaded, args, stages::NAMES).await,
             Command::Stock { command } => qc_cmd::stock(loaded, command).await,
             Command::Reprint(args) => qc_cmd::reprint(loaded, args).await,
+            Command::Offices { command } => offices_cmd::run(loaded, command).await,
             Command::Bench {
                 command: BenchCommand::Qc(args),
             } => qc_cmd::bench(args),

@@ -60,7 +60,7 @@ pub enum OperatorsCommand {
     List,
 }
 
-/// `cardpipe ops ...`
+/// `cardpipe ops ...` (`discrepancies`, `discrepancy-resolve`: office discrepancies)
 #[derive(Debug, clap::Args)]
 pub struct OpsArgs {
     /// The operator doing it (needed for actions; checked against the operators table).
@@ -108,6 +108,24 @@ pub enum OpsCommand {
     Stock,
     /// Shipments and office discrepancy tables (when the delivery stage's tables exist).
     Shipments,
+    /// Office discrepancies (missing or extra cards at box receipt), open ones first.
+    Discrepancies {
+        /// Only open (unresolved) discrepancies.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Resolve an office discrepancy (supervisor): a missing card `found` or `lost` (revoked,
+    /// reprint requested: lost in transit), an extra card `returned`.
+    DiscrepancyResolve {
+        /// Discrepancy id (see `cardpipe ops discrepancies`).
+        id: String,
+        /// found, lost or returned.
+        #[arg(long)]
+        outcome: String,
+        /// What happened (recorded with the resolution and in the audit log).
+        #[arg(long)]
+        note: String,
+    },
 }
 
 /// Actions on parked work.
@@ -536,6 +554,56 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             println!(
                 "{t}\n{} waiting (decide in the console: /console/adjudications)",
                 list.len()
+            );
+            Ok(())
+        }
+        OpsCommand::Discrepancies { open } => {
+            let list = cardpipe_delivery::discrepancies::list(&services, open)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut t = new_table(&[
+                "id",
+                "kind",
+                "box",
+                "office",
+                "card",
+                "reported",
+                "resolution",
+                "resolved by",
+                "note",
+                "reprint",
+            ]);
+            for d in &list {
+                t.add_row(vec![
+                    Cell::new(&d.id),
+                    Cell::new(&d.kind),
+                    Cell::new(&d.box_id),
+                    Cell::new(&d.office_code),
+                    Cell::new(&d.application_id),
+                    Cell::new(&d.reported_at),
+                    Cell::new(d.resolution.as_deref().unwrap_or("OPEN")),
+                    Cell::new(d.resolved_by.as_deref().unwrap_or("")),
+                    Cell::new(d.resolution_note.as_deref().unwrap_or("")),
+                    Cell::new(d.reprint_id.as_deref().unwrap_or("")),
+                ]);
+            }
+            let n_open = list.iter().filter(|d| d.is_open()).count();
+            println!("{t}\n{n_open} open");
+            Ok(())
+        }
+        OpsCommand::DiscrepancyResolve { id, outcome, note } => {
+            let op = acting(&services, who).await?;
+            let r = actions::resolve_discrepancy(&services, &op, &id, &outcome, &note).await?;
+            println!(
+                "discrepancy {id} resolved: {}{} (audited as {})",
+                r.discrepancy.resolution.as_deref().unwrap_or(""),
+                r.reprint
+                    .map(|p| format!(
+                        "; reprint {} requested, {} certificates revoked",
+                        p.id, p.revoked
+                    ))
+                    .unwrap_or_default(),
+                op.login
             );
             Ok(())
         }

@@ -1,5 +1,9 @@
 //! `cardpipe stock receive | report | return | destroy ...`, `cardpipe reprint` and
 //! `cardpipe bench qc`.
+//!
+//! These are the operators' only way to the stock and reprint operations (there is no
+//! operator HTTP API): `--operator` must be an enabled console operator (`cardpipe operators
+//! list`) who may act; the destruction witness and reprints need a supervisor.
 
 use std::sync::Arc;
 
@@ -116,6 +120,23 @@ async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
     Ok(services)
 }
 
+/// Checks that `login` is an enabled console operator who may act (`supervisor`: and is a
+/// supervisor, for `what`).
+async fn require_operator(
+    services: &Services,
+    login: &str,
+    supervisor: Option<&str>,
+) -> anyhow::Result<()> {
+    let op = cardpipe_console::auth::operator(&services.store, login)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("--operator {login}: no such (enabled) console operator"))?;
+    match supervisor {
+        Some(what) => op.require_supervisor(what)?,
+        None => op.require_act("stock operations")?,
+    }
+    Ok(())
+}
+
 fn print(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -134,6 +155,7 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
             lot,
             operator,
         } => {
+            require_operator(&services, &operator, None).await?;
             let lot = NewLot {
                 lot_id: lot,
                 supplier,
@@ -165,15 +187,23 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
             reason,
             operator,
         } => {
+            require_operator(&services, &operator, None).await?;
             stock::return_card(&services, &serial, &operator, &reason).await?;
             println!("{serial}: returned");
         }
         StockCommand::Destroy { step } => match step {
-            DestroyStep::Prepare { operator, serials } => {
+            DestroyStep::Prepare {
+                operator: op,
+                serials,
+            } => {
+                require_operator(&services, &op, None).await?;
+                let operator = op;
                 let list = (!serials.is_empty()).then_some(serials);
                 print(&stock::prepare_destruction(&services, &operator, list.as_deref()).await?)?;
             }
-            DestroyStep::Witness { id, operator } => {
+            DestroyStep::Witness { id, operator: op } => {
+                require_operator(&services, &op, Some("witnessing a destruction")).await?;
+                let operator = op;
                 print(&stock::witness_destruction(&services, &id, &operator).await?)?;
             }
         },
@@ -188,6 +218,7 @@ pub async fn reprint(loaded: LoadedConfig, args: ReprintArgs) -> anyhow::Result<
         anyhow::anyhow!("--reason must be damaged, lost_in_transit or data_error")
     })?;
     let services = connect(&loaded).await?;
+    require_operator(&services, &args.operator, Some("requesting a reprint")).await?;
     let out = reprint::request(
         &services,
         &ApplicationId(args.application_id),

@@ -186,15 +186,18 @@ pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Ro
         cardpipe_intake::config::load(_config)?,
     ));
     // Delivery: offices register, box receipt, office change / transfers, handover.
+    // Every route needs a bearer token: [registry] clients, or delivery API clients
+    // (`cardpipe offices clients add`) bound to one office or centre-wide.
     router = router.merge(cardpipe_delivery::api::router(
         cardpipe_delivery::shared(_services, _config)?,
         _services.clone(),
+        cardpipe_intake::config::load(_config)?,
     ));
-    // QC reports, blank-card stock (/api/stock/*) and reprints (/api/reprints, registry: /api/v1/reprints).
+    // Registry reprints (/api/v1/reprints, bearer token). Operators use `cardpipe stock`,
+    // `cardpipe reprint` and the console: the unauthenticated operator JSON routes are gone.
     router = router.merge(cardpipe_qc::api::router(
         _services.clone(),
         cardpipe_intake::config::load(_config)?,
-        None,
     ));
     Ok(router)
 }

@@ -388,3 +388,33 @@ pub async fn follow_encoder_decisions(
         }
     }
 }
+
+/// Resolves an office discrepancy (supervisor): a missing card `found` or `lost` (revoked and
+/// reprinted, reason lost in transit), an extra card `returned`; audited by
+/// [`cardpipe_delivery::discrepancies::resolve`].
+pub async fn resolve_discrepancy(
+    services: &Services,
+    who: &Operator,
+    id: &str,
+    outcome: &str,
+    note: &str,
+) -> Result<cardpipe_delivery::discrepancies::Resolved, ActionError> {
+    use cardpipe_delivery::office::OfficeError;
+    who.require_supervisor("resolving office discrepancies")?;
+    cardpipe_delivery::discrepancies::resolve(
+        services,
+        id,
+        outcome,
+        note,
+        (&who.login, who.role.as_str()),
+    )
+    .await
+    .map_err(|e| match e {
+        OfficeError::BadRequest(m) | OfficeError::Unprocessable(m) | OfficeError::Forbidden(m) => {
+            ActionError::BadInput(m)
+        }
+        OfficeError::NotFound(m) => ActionError::NotFound(format!("{m} not found")),
+        OfficeError::Conflict(m) => ActionError::Conflict(m),
+        OfficeError::Internal(e) => ActionError::Internal(e),
+    })
+}

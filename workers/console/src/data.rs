@@ -470,9 +470,41 @@ fn hidden_column(name: &str) -> bool {
         "first_name",
         "last_name",
         "father",
+        "token",
+        "sha256",
     ]
     .iter()
     .any(|w| n.contains(w))
+}
+
+/// The QC reports of an application (checked at, outcome, reason, blank serial, chip serial,
+/// elapsed ms, report object key), oldest first.
+pub async fn qc_reports(
+    services: &Services,
+    id: &ApplicationId,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let rows = sqlx::query(
+        "SELECT checked_at, outcome, reason, blank_serial, chip_serial, elapsed_ms, object_key
+         FROM qc_reports WHERE application_id = $1 ORDER BY checked_at, id",
+    )
+    .bind(id.as_str())
+    .fetch_all(services.store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(vec![
+                r.try_get::<String, _>("checked_at")?,
+                r.try_get::<String, _>("outcome")?,
+                r.try_get::<Option<String>, _>("reason")?
+                    .unwrap_or_default(),
+                r.try_get::<String, _>("blank_serial")?,
+                r.try_get::<Option<String>, _>("chip_serial")?
+                    .unwrap_or_default(),
+                r.try_get::<i64, _>("elapsed_ms")?.to_string(),
+                r.try_get::<String, _>("object_key")?,
+            ])
+        })
+        .collect()
 }
 
 /// A table read generically: column names and up to `limit` rows as text.
@@ -605,5 +637,6 @@ mod tests {
         assert_eq!(mask_national_code("123"), "123");
         assert!(hidden_column("national_code_digest"));
         assert!(!hidden_column("box_id"));
+        assert!(hidden_column("token_sha256"));
     }
 }

@@ -83,6 +83,10 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/audit", get(audit_page))
         .route("/console/stock", get(stock))
         .route("/console/shipments", get(shipments))
+        .route(
+            "/console/shipments/discrepancies/{id}/resolve",
+            post(resolve_discrepancy),
+        )
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -672,6 +676,33 @@ async fn application(
         body.push_str("<h2>Parked work</h2>");
         body.push_str(&parked_rows(&s, &v.parked));
     }
+    // Quality-control reports (formerly GET /api/qc/{id}, now only here).
+    let reports = match data::qc_reports(&st.services, &v.app.id).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    if !reports.is_empty() {
+        body.push_str("<h2>Quality control</h2>");
+        let rows: Vec<Vec<String>> = reports
+            .iter()
+            .map(|r| r.iter().map(|c| esc(c)).collect())
+            .collect();
+        body.push_str(&format!(
+            "<div id=\"qc-reports\">{}</div>",
+            table(
+                &[
+                    "checked at",
+                    "outcome",
+                    "reason",
+                    "blank serial",
+                    "chip serial",
+                    "ms",
+                    "report"
+                ],
+                &rows
+            )
+        ));
+    }
     body.push_str("<h2>Artifacts</h2>");
     let rows: Vec<Vec<String>> = v
         .artifacts
@@ -1239,11 +1270,24 @@ async fn audit_page(
 }
 
 async fn area(st: &ConsoleState, s: &Session, area: &str, title: &str, what: &str) -> Response {
+    let body = format!("<h1>{}</h1>", esc(title));
+    match area_tables_html(st, area, what, body).await {
+        Ok(body) => frame(s, title, &body),
+        Err(r) => r,
+    }
+}
+
+/// `body` followed by the area's tables, read generically.
+async fn area_tables_html(
+    st: &ConsoleState,
+    area: &str,
+    what: &str,
+    mut body: String,
+) -> Result<String, Response> {
     let tables = match data::area_tables(&st.services, area).await {
         Ok(t) => t,
-        Err(e) => return internal(e),
+        Err(e) => return Err(internal(e)),
     };
-    let mut body = format!("<h1>{}</h1>", esc(title));
     if tables.is_empty() {
         body.push_str(&format!(
             "<div class=\"na\" id=\"not-available\"><strong>Not available.</strong> This installation has no {} \
@@ -1272,7 +1316,7 @@ async fn area(st: &ConsoleState, s: &Session, area: &str, title: &str, what: &st
             body.push_str(&table(&headers, &rows));
         }
     }
-    frame(s, title, &body)
+    Ok(body)
 }
 
 async fn stock(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
@@ -1290,19 +1334,137 @@ async fn stock(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
     .await
 }
 
-async fn shipments(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
+async fn shipments(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(f): Query<Flash>,
+) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    area(
-        &st,
-        &s,
-        "shipments",
-        "Shipments and office discrepancies",
-        "shipping or delivery",
-    )
-    .await
+    let list = match cardpipe_delivery::discrepancies::list(&st.services, false).await {
+        Ok(l) => l,
+        Err(e) => return internal(e),
+    };
+    let supervisor = s.operator.role.is_supervisor();
+    let csrf = csrf_field(&s);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let action = if !d.is_open() {
+                format!(
+                    "<strong>{}</strong> by {} at {}{}<br><span class=\"muted\">{}</span>",
+                    esc(d.resolution.as_deref().unwrap_or("")),
+                    esc(d.resolved_by.as_deref().unwrap_or("")),
+                    esc(d.resolved_at.as_deref().unwrap_or("")),
+                    d.reprint_id
+                        .as_deref()
+                        .map(|r| format!(" (reprint <code>{}</code>)", esc(r)))
+                        .unwrap_or_default(),
+                    esc(d.resolution_note.as_deref().unwrap_or(""))
+                )
+            } else if supervisor {
+                let options: String = cardpipe_delivery::discrepancies::Resolution::for_kind(&d.kind)
+                    .iter()
+                    .map(|o| format!("<option value=\"{0}\">{0}</option>", o.as_str()))
+                    .collect();
+                format!(
+                    "<form method=\"post\" class=\"inline\" action=\"/console/shipments/discrepancies/{}/resolve\">{csrf}\
+                     <select name=\"outcome\">{options}</select>\
+                     <input type=\"text\" name=\"note\" placeholder=\"note\" required maxlength=\"500\">\
+                     <button type=\"submit\">Resolve</button></form>",
+                    url(&d.id)
+                )
+            } else {
+                "<span class=\"muted\">open (a supervisor resolves it)</span>".to_owned()
+            };
+            vec![
+                format!("<code>{}</code>", esc(&d.id)),
+                esc(&d.kind),
+                format!("<code>{}</code>", esc(&d.box_id)),
+                esc(&d.office_code),
+                format!(
+                    "<a href=\"/console/applications/{}\">{}</a>",
+                    url(&d.application_id),
+                    esc(&d.application_id)
+                ),
+                esc(&d.reported_by),
+                esc(&d.reported_at),
+                action,
+            ]
+        })
+        .collect();
+    let open = list.iter().filter(|d| d.is_open()).count();
+    let title = "Shipments and office discrepancies";
+    let body = format!(
+        "<h1>{title}</h1>{}<h2 id=\"discrepancies\">Office discrepancies ({open} open)</h2>\
+         <p class=\"muted\">A missing card is <em>found</em> (the office can then receive it) or \
+         <em>lost</em> in transit (its certificates are revoked and a reprint is requested); an extra \
+         card is <em>returned</em> to the centre or its own office. Supervisors resolve.</p>{}",
+        flash(f.ok.as_deref(), f.error.as_deref()),
+        if rows.is_empty() {
+            "<p id=\"no-discrepancies\">No discrepancy has been reported.</p>".to_owned()
+        } else {
+            format!(
+                "<div id=\"discrepancy-list\">{}</div>",
+                table(
+                    &[
+                        "id",
+                        "kind",
+                        "box",
+                        "office",
+                        "card",
+                        "reported by",
+                        "reported at",
+                        "resolution",
+                    ],
+                    &rows,
+                )
+            )
+        }
+    );
+    match area_tables_html(&st, "shipments", "shipping or delivery", body).await {
+        Ok(body) => frame(&s, title, &body),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct ResolveForm {
+    csrf: String,
+    outcome: String,
+    #[serde(default)]
+    note: String,
+}
+
+async fn resolve_discrepancy(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<ResolveForm>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_csrf(&s, &f.csrf) {
+        return r;
+    }
+    match actions::resolve_discrepancy(&st.services, &s.operator, &id, &f.outcome, &f.note).await {
+        Ok(r) => back(
+            "/console/shipments",
+            Ok(format!(
+                "discrepancy {id} resolved: {}{}",
+                r.discrepancy.resolution.as_deref().unwrap_or(""),
+                r.reprint
+                    .map(|p| format!(" (reprint {} requested)", p.id))
+                    .unwrap_or_default()
+            )),
+        ),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
+        Err(e) => back("/console/shipments", Err(action_error(e))),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The console over HTTP on both backends (SQLite + in-process broker + files, and
 //! PostgreSQL + RabbitMQ + S3): the first supervisor, roles, CSRF, the login rate limit,
-//! parked work retry / drop / force-fail, encoder service, "not available" pages, and an audit
-//! entry for every action.
+//! parked work retry / drop / force-fail, encoder service, "not available" pages, office
+//! discrepancies resolved by supervisors only, and an audit entry for every action.
 
 use std::time::Duration;
 
@@ -529,6 +529,121 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
             );
         }
 
+        // Office discrepancies on the shipments page: operators see them, supervisors resolve.
+        let lost_card = ApplicationId(format!("app-{}-s", testing::unique("c")));
+        let mut tx = services.store.begin().await.unwrap();
+        Store::insert_application(
+            &mut tx,
+            &NewApplication {
+                id: lost_card.clone(),
+                registry_id: format!("REG-{lost_card}"),
+                batch_id: None,
+                state: ApplicationState::Shipped,
+                priority: Priority::Normal,
+            },
+            "test",
+            services.clock.now(),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let (d_missing, d_extra) = (testing::unique("dm-"), testing::unique("dx-"));
+        for (id, kind, app) in [
+            (&d_missing, "missing", lost_card.as_str()),
+            (&d_extra, "extra", "STRAY-1"),
+        ] {
+            sqlx::query(
+                "INSERT INTO delivery_discrepancies (id, box_id, office_code, kind, application_id, reported_by, reported_at)
+                 VALUES ($1, 'BOX-1', 'TEH-001', $2, $3, 'office:TEH-001:clerk1', '2026-01-02T00:00:00.000000Z')",
+            )
+            .bind(id)
+            .bind(kind)
+            .bind(app)
+            .execute(services.store.pool())
+            .await
+            .unwrap();
+        }
+        let (status, body) = page(&omid, &format!("{base}/console/shipments")).await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("Office discrepancies (2 open)") && body.contains(&d_missing),
+            "{body}"
+        );
+        assert!(body.contains("a supervisor resolves it"), "{body}");
+        assert!(
+            !body.contains("/resolve\""),
+            "no form for operators: {body}"
+        );
+        assert!(
+            !body.contains("token_sha256"),
+            "token digests are not shown"
+        );
+        let csrf_o = csrf_of(&body);
+        let (status, _, body) = post(
+            &omid,
+            &format!("{base}/console/shipments/discrepancies/{d_missing}/resolve"),
+            &[("csrf", &csrf_o), ("outcome", "found"), ("note", "x")],
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert!(body.contains("needs a supervisor"), "{body}");
+        let (_, body) = page(&adm, &format!("{base}/console/shipments")).await;
+        assert!(
+            body.contains(&format!(
+                "/console/shipments/discrepancies/{d_missing}/resolve"
+            )) && body.contains("<option value=\"lost\">"),
+            "{body}"
+        );
+        let csrf_a = csrf_of(&body);
+        let (status, _, _) = post(
+            &adm,
+            &format!("{base}/console/shipments/discrepancies/{d_missing}/resolve"),
+            &[("csrf", "forged"), ("outcome", "found"), ("note", "x")],
+        )
+        .await;
+        assert_eq!(status, 403);
+        let (_, at, _) = post(
+            &adm,
+            &format!("{base}/console/shipments/discrepancies/{d_missing}/resolve"),
+            &[("csrf", &csrf_a), ("outcome", "returned"), ("note", "x")],
+        )
+        .await;
+        assert!(at.contains("error="), "{at}");
+        let (_, at, body) = post(
+            &adm,
+            &format!("{base}/console/shipments/discrepancies/{d_missing}/resolve"),
+            &[
+                ("csrf", &csrf_a),
+                ("outcome", "found"),
+                ("note", "under the tray"),
+            ],
+        )
+        .await;
+        assert!(at.contains("ok="), "{at}");
+        assert!(body.contains("resolved: found"), "{body}");
+        let (_, _, body) = post(
+            &adm,
+            &format!("{base}/console/shipments/discrepancies/{d_extra}/resolve"),
+            &[
+                ("csrf", &csrf_a),
+                ("outcome", "returned"),
+                ("note", "back to the centre"),
+            ],
+        )
+        .await;
+        assert!(
+            body.contains("Office discrepancies (0 open)") && body.contains("back to the centre"),
+            "{body}"
+        );
+        let resolved_by: String =
+            sqlx::query("SELECT resolved_by FROM delivery_discrepancies WHERE id = $1")
+                .bind(&d_missing)
+                .fetch_one(services.store.pool())
+                .await
+                .unwrap()
+                .get(0);
+        assert_eq!(resolved_by, "admin");
+
         // Search and application detail.
         let (_, body) = page(
             &omid,
@@ -549,6 +664,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
             ("admin", "supervisor", "parked.drop"),
             ("admin", "supervisor", "parked.fail"),
             ("olga", "operator", "encoder.out_of_service"),
+            ("admin", "supervisor", "delivery.discrepancy_resolve"),
         ] {
             assert!(
                 actions

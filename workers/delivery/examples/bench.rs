@@ -178,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 clerk: "bench".into(),
                 scanned: None,
             },
+            &cardpipe_delivery::clients::Caller::Centre("bench".into()),
         )
         .await?;
     }

@@ -20,12 +20,18 @@
 //!   through an HTTP gateway, rate-limited, retried, failures reported.
 //! * [`voiding`] — daily: cards not collected six calendar months after issuance are voided,
 //!   their certificates revoked and the CRL republished, the card recalled, the citizen told.
+//! * [`clients`] — who may call the API: `[registry]` clients, and office or centre-wide
+//!   delivery API clients created at run time (`cardpipe offices clients add`, hashed tokens).
+//! * [`discrepancies`] — missing and extra cards resolved by a supervisor (found, lost in
+//!   transit → revocation and reprint, returned).
 //! * [`background`] — the loop `cardpipe run` starts: dispatch, reminders and voiding under
 //!   the `delivery-scheduler` lease.
 
 pub mod api;
 pub mod background;
+pub mod clients;
 pub mod config;
+pub mod discrepancies;
 pub mod dispatch;
 pub mod hijri;
 pub mod manifest;

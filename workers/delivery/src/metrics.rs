@@ -44,6 +44,7 @@ pub struct DeliveryMetrics {
     sms_scheduled: Family<KindLabel, Counter>,
     voided: Counter,
     near_voiding: prometheus_client::metrics::gauge::Gauge,
+    discrepancies_open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for DeliveryMetrics {
@@ -86,8 +87,23 @@ impl DeliveryMetrics {
             );
             r.register("delivery_sms_scheduled", "SMS created (one per application and kind), by kind", me.sms_scheduled);
             r.register("cards_voided", "Uncollected cards voided after the collection period", me.voided);
+            r.register(
+                "delivery_discrepancies_open",
+                "Office discrepancies (missing or extra cards) not resolved yet (set by the delivery scheduler)",
+                me.discrepancies_open,
+            );
             r.register("cards_near_voiding", "Uncollected cards within 30 days of being voided (set by the delivery scheduler)", me.near_voiding);
         });
+    }
+
+    /// Open office discrepancies (store-wide).
+    pub fn set_discrepancies_open(&self, n: i64) {
+        self.discrepancies_open.set(n);
+    }
+
+    /// The open-discrepancies gauge as last set.
+    pub fn discrepancies_open(&self) -> i64 {
+        self.discrepancies_open.get()
     }
 
     /// `n` cards packed.

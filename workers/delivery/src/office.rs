@@ -20,6 +20,7 @@ use serde_json::json;
 use sqlx::Row;
 use time::OffsetDateTime;
 
+use crate::clients::Caller;
 use crate::{Delivery, offices};
 
 /// Why an office action was refused.
@@ -134,10 +135,34 @@ fn clerk_ok(clerk: &str) -> Result<(), OfficeError> {
     Ok(())
 }
 
+/// The office a caller acts at: an office client's own office (a different `claimed` one is
+/// refused, 403), or the `claimed` office of a centre client.
+fn acting_office(by: &Caller, claimed: &str) -> Result<String, OfficeError> {
+    let claimed = claimed.trim();
+    match by {
+        Caller::Office { office, .. } => {
+            if !claimed.is_empty() && claimed != office {
+                return Err(OfficeError::Forbidden(format!(
+                    "this client acts for office {office}, not {claimed}"
+                )));
+            }
+            Ok(office.clone())
+        }
+        Caller::Centre(_) if claimed.is_empty() => Err(OfficeError::BadRequest(
+            "office_code: required for centre clients".into(),
+        )),
+        Caller::Centre(_) => Ok(claimed.to_owned()),
+        Caller::Registry(_) => Err(OfficeError::Forbidden(
+            "registry clients cannot act at pickup offices".into(),
+        )),
+    }
+}
+
 /// A box receipt: the office scans the box id, and optionally every card it finds inside.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BoxReceipt {
-    /// The office acknowledging.
+    /// The office acknowledging (optional for office clients: their own office).
+    #[serde(default)]
     pub office_code: String,
     /// The clerk's login.
     pub clerk: String,
@@ -160,14 +185,18 @@ pub struct ReceiptOutcome {
 }
 
 /// The office acknowledges box `box_id`: listed cards found move `shipped` → `at_office`;
-/// missing and extra cards are recorded as discrepancies for the centre.
+/// missing and extra cards are recorded as discrepancies for the centre. `by` must act for
+/// the box's office (403 otherwise). A box already received accepts, later, the missing
+/// cards that an operator resolved as `found` ([`crate::discrepancies`]).
 pub async fn receive_box(
     delivery: &Delivery,
     services: &Services,
     box_id: &str,
     receipt: &BoxReceipt,
+    by: &Caller,
 ) -> Result<ReceiptOutcome, OfficeError> {
     clerk_ok(&receipt.clerk)?;
+    let office_code = acting_office(by, &receipt.office_code)?;
     let row = sqlx::query("SELECT office_code, state FROM delivery_boxes WHERE id = $1")
         .bind(box_id)
         .fetch_optional(services.store.pool())
@@ -175,18 +204,16 @@ pub async fn receive_box(
         .ok_or_else(|| OfficeError::NotFound(format!("box {box_id}")))?;
     let office: String = row.try_get("office_code")?;
     let state: String = row.try_get("state")?;
-    if office != receipt.office_code {
+    by.require_office(&office)?;
+    if office != office_code {
         return Err(OfficeError::Conflict(format!(
-            "box {box_id} is addressed to office {office}, not {}",
-            receipt.office_code
+            "box {box_id} is addressed to office {office}, not {office_code}"
         )));
     }
     match state.as_str() {
         "shipped" => {}
         "received" => {
-            return Err(OfficeError::Conflict(format!(
-                "box {box_id} was already received"
-            )));
+            return receive_found(delivery, services, box_id, &office, receipt, by).await;
         }
         other => {
             return Err(OfficeError::Conflict(format!(
@@ -215,7 +242,7 @@ pub async fn receive_box(
     let found: Vec<String> = listed.intersection(&scanned).cloned().collect();
     let now = services.clock.now();
     let now_text = to_rfc3339(now);
-    let actor = format!("office:{}:{}", receipt.office_code, receipt.clerk);
+    let actor = format!("office:{}:{}", office, receipt.clerk);
     let mut tx = services.store.begin().await?;
     let claimed = sqlx::query(
         "UPDATE delivery_boxes SET state = 'received', received_at = $1, received_by = $2 WHERE id = $3 AND state = 'shipped'",
@@ -232,47 +259,9 @@ pub async fn receive_box(
     }
     let mut received = Vec::new();
     for app in &found {
-        let id = ApplicationId(app.clone());
-        let moved = Store::transition(
-            &mut tx,
-            &Transition {
-                id: &id,
-                from: ApplicationState::Shipped,
-                to: ApplicationState::AtOffice,
-                stage: "office-receipt",
-                attempt: 0,
-                actor: &actor,
-                reason: Some(&format!("box {box_id}")),
-                at: now,
-            },
-        )
-        .await?;
-        if !moved {
-            continue;
+        if receive_card(&mut tx, app, box_id, &office, &actor, now).await? {
+            received.push(app.clone());
         }
-        // Available to the holder unless the card is being transferred elsewhere.
-        sqlx::query(
-            "UPDATE delivery_cards SET received_at = $1,
-                 available_at = CASE WHEN office_code = packed_office THEN $1 ELSE NULL END
-             WHERE application_id = $2",
-        )
-        .bind(&now_text)
-        .bind(app)
-        .execute(&mut *tx)
-        .await?;
-        let registry_id = registry_id(&mut tx, &id).await?;
-        enqueue_callback(
-            &mut tx,
-            app,
-            CallbackEvent::AtOffice,
-            &registry_id,
-            Some(ApplicationState::AtOffice),
-            None,
-            json!({ "office": receipt.office_code }),
-            now,
-        )
-        .await?;
-        received.push(app.clone());
     }
     for (kind, list) in [("missing", &missing), ("extra", &extra)] {
         for app in list {
@@ -282,7 +271,7 @@ pub async fn receive_box(
             )
             .bind(uuid::Uuid::now_v7().to_string())
             .bind(box_id)
-            .bind(&receipt.office_code)
+            .bind(&office)
             .bind(kind)
             .bind(app)
             .bind(&actor)
@@ -291,15 +280,19 @@ pub async fn receive_box(
             .await?;
         }
     }
+    let client = by.label();
     audit::record_in(
         &mut tx,
         now,
         &AuditEvent {
-            actor: &actor,
-            role: "office",
+            actor: &client,
+            role: by.role(),
             action: "delivery.box_receipt",
             subject: box_id,
-            details: json!({ "received": received.len(), "missing": missing, "extra": extra }),
+            details: json!({
+                "office": office, "clerk": receipt.clerk,
+                "received": received.len(), "missing": missing, "extra": extra,
+            }),
         },
     )
     .await?;
@@ -324,6 +317,133 @@ pub async fn receive_box(
         received,
         missing,
         extra,
+    })
+}
+
+/// One listed card of a box reaches its office: `shipped` → `at_office`, available unless
+/// it is being transferred elsewhere, registry callback. False when it was not `shipped`.
+async fn receive_card(
+    tx: &mut cardpipe_common::store::StoreTx,
+    app: &str,
+    box_id: &str,
+    office: &str,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<bool, OfficeError> {
+    let id = ApplicationId(app.to_owned());
+    let moved = Store::transition(
+        tx,
+        &Transition {
+            id: &id,
+            from: ApplicationState::Shipped,
+            to: ApplicationState::AtOffice,
+            stage: "office-receipt",
+            attempt: 0,
+            actor,
+            reason: Some(&format!("box {box_id}")),
+            at: now,
+        },
+    )
+    .await?;
+    if !moved {
+        return Ok(false);
+    }
+    let now_text = to_rfc3339(now);
+    sqlx::query(
+        "UPDATE delivery_cards SET received_at = $1,
+             available_at = CASE WHEN office_code = packed_office THEN $1 ELSE NULL END
+         WHERE application_id = $2",
+    )
+    .bind(&now_text)
+    .bind(app)
+    .execute(&mut **tx)
+    .await?;
+    let registry_id = registry_id(tx, &id).await?;
+    enqueue_callback(
+        tx,
+        app,
+        CallbackEvent::AtOffice,
+        &registry_id,
+        Some(ApplicationState::AtOffice),
+        None,
+        json!({ "office": office }),
+        now,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// A late receipt on a box already received: only missing cards an operator resolved as
+/// `found` and still `shipped` may be scanned.
+async fn receive_found(
+    delivery: &Delivery,
+    services: &Services,
+    box_id: &str,
+    office: &str,
+    receipt: &BoxReceipt,
+    by: &Caller,
+) -> Result<ReceiptOutcome, OfficeError> {
+    let already = || OfficeError::Conflict(format!("box {box_id} was already received"));
+    let scanned: BTreeSet<String> = receipt
+        .scanned
+        .iter()
+        .flatten()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if scanned.is_empty() {
+        return Err(already());
+    }
+    let found: BTreeSet<String> = sqlx::query(
+        "SELECT d.application_id FROM delivery_discrepancies d
+         JOIN applications a ON a.id = d.application_id
+         WHERE d.box_id = $1 AND d.kind = 'missing' AND d.resolution = 'found' AND a.state = 'shipped'",
+    )
+    .bind(box_id)
+    .fetch_all(services.store.pool())
+    .await?
+    .iter()
+    .map(|r| r.try_get::<String, _>("application_id"))
+    .collect::<Result<_, _>>()?;
+    if !scanned.is_subset(&found) {
+        return Err(OfficeError::Conflict(format!(
+            "box {box_id} was already received; only cards resolved as found may be received later"
+        )));
+    }
+    let now = services.clock.now();
+    let actor = format!("office:{}:{}", office, receipt.clerk);
+    let mut tx = services.store.begin().await?;
+    let mut received = Vec::new();
+    for app in &scanned {
+        if receive_card(&mut tx, app, box_id, office, &actor, now).await? {
+            received.push(app.clone());
+        }
+    }
+    if received.len() != scanned.len() {
+        return Err(OfficeError::Conflict(
+            "a card changed state meanwhile; retry".into(),
+        ));
+    }
+    let client = by.label();
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: &client,
+            role: by.role(),
+            action: "delivery.late_receipt",
+            subject: box_id,
+            details: json!({ "office": office, "clerk": receipt.clerk, "received": received }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    delivery.metrics.received(received.len() as u64);
+    Ok(ReceiptOutcome {
+        box_id: box_id.to_owned(),
+        received,
+        missing: Vec::new(),
+        extra: Vec::new(),
     })
 }
 
@@ -360,13 +480,17 @@ pub enum OfficeChange {
 
 /// Changes the pickup office of an application: before packing the card is re-routed;
 /// after dispatch the card is transferred (the new office acknowledges its arrival).
+/// Registry clients (their own applications only) and centre clients; office clients: 403.
 pub async fn change_office(
     delivery: &Delivery,
     services: &Services,
     application_id: &str,
     new_office: &str,
-    actor: &str,
+    by: &Caller,
 ) -> Result<OfficeChange, OfficeError> {
+    by.require_registry_or_centre()?;
+    let actor_label = by.label();
+    let actor = actor_label.as_str();
     delivery.ensure_offices(services).await?;
     if offices::get(&services.store, new_office).await?.is_none() {
         return Err(OfficeError::BadRequest(format!(
@@ -374,6 +498,23 @@ pub async fn change_office(
         )));
     }
     let app = application(services, application_id).await?;
+    if let Caller::Registry(client) = by {
+        // A registry client sees only the applications of its own batches.
+        let owner: Option<String> = match &app.batch_id {
+            Some(b) => sqlx::query("SELECT client FROM batches WHERE id = $1")
+                .bind(b)
+                .fetch_optional(services.store.pool())
+                .await?
+                .map(|r| r.try_get("client"))
+                .transpose()?,
+            None => None,
+        };
+        if owner.as_deref() != Some(client.as_str()) {
+            return Err(OfficeError::NotFound(format!(
+                "application {application_id}"
+            )));
+        }
+    }
     let now = services.clock.now();
     let mut record = records::load_record(services, &app.id).await?;
     let mut tx = services.store.begin().await?;
@@ -437,10 +578,23 @@ pub async fn change_office(
                 .await?;
                 record.pickup_office = new_office.to_owned();
                 records::update_record(&mut tx, services, &app.id, &record).await?;
-                tx.commit().await?;
-                return Ok(OfficeChange::Rerouted {
+                let outcome = OfficeChange::Rerouted {
                     office_code: new_office.to_owned(),
-                });
+                };
+                audit::record_in(
+                    &mut tx,
+                    now,
+                    &AuditEvent {
+                        actor,
+                        role: by.role(),
+                        action: "delivery.change_office",
+                        subject: app.id.as_str(),
+                        details: serde_json::to_value(&outcome).unwrap_or_default(),
+                    },
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(outcome);
             }
             sqlx::query(
                 "INSERT INTO delivery_transfers (id, application_id, from_office, to_office, state, requested_by, requested_at)
@@ -476,11 +630,7 @@ pub async fn change_office(
         now,
         &AuditEvent {
             actor,
-            role: if actor.starts_with("registry:") {
-                "registry"
-            } else {
-                "operator"
-            },
+            role: by.role(),
             action: "delivery.change_office",
             subject: app.id.as_str(),
             details: serde_json::to_value(&outcome).unwrap_or_default(),
@@ -495,13 +645,17 @@ pub async fn change_office(
 }
 
 /// The new office acknowledges a transferred card: it becomes available there.
+/// `by` must act for the transfer's destination office (403 otherwise).
 pub async fn receive_transfer(
     services: &Services,
     transfer_id: &str,
     office_code: &str,
     clerk: &str,
+    by: &Caller,
 ) -> Result<String, OfficeError> {
     clerk_ok(clerk)?;
+    let office_code = acting_office(by, office_code)?;
+    let office_code = office_code.as_str();
     let row = sqlx::query(
         "SELECT application_id, to_office, state FROM delivery_transfers WHERE id = $1",
     )
@@ -512,6 +666,7 @@ pub async fn receive_transfer(
     let app_id: String = row.try_get("application_id")?;
     let to: String = row.try_get("to_office")?;
     let state: String = row.try_get("state")?;
+    by.require_office(&to)?;
     if to != office_code {
         return Err(OfficeError::Conflict(format!(
             "transfer {transfer_id} goes to office {to}, not {office_code}"
@@ -531,6 +686,7 @@ pub async fn receive_transfer(
     }
     let now = services.clock.now();
     let actor = format!("office:{office_code}:{clerk}");
+    let client = by.label();
     let mut tx = services.store.begin().await?;
     let done = sqlx::query(
         "UPDATE delivery_transfers SET state = 'received', received_at = $1 WHERE id = $2 AND state = 'in_transit'",
@@ -554,11 +710,11 @@ pub async fn receive_transfer(
         &mut tx,
         now,
         &AuditEvent {
-            actor: &actor,
-            role: "office",
+            actor: &client,
+            role: by.role(),
             action: "delivery.transfer_receipt",
             subject: &app_id,
-            details: json!({ "transfer": transfer_id, "office": office_code }),
+            details: json!({ "transfer": transfer_id, "office": office_code, "clerk": clerk, "history_actor": actor }),
         },
     )
     .await?;
@@ -571,7 +727,8 @@ pub async fn receive_transfer(
 pub struct Handover {
     /// cardpipe's application id (scanned from the card carrier).
     pub application_id: String,
-    /// The office handing over.
+    /// The office handing over (optional for office clients: their own office).
+    #[serde(default)]
     pub office_code: String,
     /// The clerk's login.
     pub clerk: String,
@@ -631,14 +788,21 @@ pub async fn fee_due(
 
 /// Hands a card over after verifying the holder: 1:1 fingerprint match against the enrolled
 /// templates, previous card, PINs set, fee. → `collected`, registry callback, audit entry.
+/// `by` must act for the office the holder collects from (403 otherwise).
 pub async fn handover(
     delivery: &Delivery,
     services: &Services,
     req: &Handover,
+    by: &Caller,
 ) -> Result<HandoverOutcome, OfficeError> {
     clerk_ok(&req.clerk)?;
-    let actor = format!("office:{}:{}", req.office_code, req.clerk);
+    let office_code = acting_office(by, &req.office_code)?;
+    let actor = format!("office:{}:{}", office_code, req.clerk);
+    let client = by.label();
     let app = application(services, &req.application_id).await?;
+    if let Some(current) = card(services, &app.id).await? {
+        by.require_office(&current.office_code)?;
+    }
     if app.state != ApplicationState::AtOffice {
         delivery.metrics.handover("refused");
         return Err(OfficeError::Conflict(format!(
@@ -649,11 +813,11 @@ pub async fn handover(
     let current = card(services, &app.id)
         .await?
         .ok_or_else(|| OfficeError::Internal(anyhow::anyhow!("no delivery row for {}", app.id)))?;
-    if current.office_code != req.office_code {
+    if current.office_code != office_code {
         delivery.metrics.handover("refused");
         return Err(OfficeError::Conflict(format!(
             "the holder collects at office {}, not {}",
-            current.office_code, req.office_code
+            current.office_code, office_code
         )));
     }
     if current.available_at.is_none() {
@@ -712,11 +876,14 @@ pub async fn handover(
             &services.store,
             services.clock.as_ref(),
             &AuditEvent {
-                actor: &actor,
-                role: "office",
+                actor: &client,
+                role: by.role(),
                 action: "delivery.handover_refused",
                 subject: app.id.as_str(),
-                details: json!({ "reason": "fingerprint_mismatch", "score": verdict.fused.score }),
+                details: json!({
+                    "reason": "fingerprint_mismatch", "score": verdict.fused.score,
+                    "office": office_code, "clerk": req.clerk,
+                }),
             },
         )
         .await?;
@@ -762,7 +929,7 @@ pub async fn handover(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(app.id.as_str())
-    .bind(&req.office_code)
+    .bind(&office_code)
     .bind(&req.clerk)
     .bind(position)
     .bind(verdict.fused.score)
@@ -785,7 +952,7 @@ pub async fn handover(
         &app.registry_id,
         Some(ApplicationState::Collected),
         None,
-        json!({ "office": req.office_code, "fee_rial": fee, "double_fee": double }),
+        json!({ "office": office_code, "fee_rial": fee, "double_fee": double }),
         now,
     )
     .await?;
@@ -793,11 +960,13 @@ pub async fn handover(
         &mut tx,
         now,
         &AuditEvent {
-            actor: &actor,
-            role: "office",
+            actor: &client,
+            role: by.role(),
             action: "delivery.handover",
             subject: app.id.as_str(),
             details: json!({
+                "office": office_code,
+                "clerk": req.clerk,
                 "fee_rial": fee,
                 "double_fee": double,
                 "previous_card_presented": req.previous_card_presented,

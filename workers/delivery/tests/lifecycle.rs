@@ -36,6 +36,7 @@ use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_dedup::synth::PopulationSpec;
 use cardpipe_delivery::background::Scheduler;
+use cardpipe_delivery::clients::Caller;
 use cardpipe_delivery::config::DeliveryConfig;
 use cardpipe_delivery::hijri::SolarHijri;
 use cardpipe_delivery::office::{self, BoxReceipt, Handover, OfficeChange, OfficeError};
@@ -403,6 +404,11 @@ async fn seed(env: &Env, people: &[Person]) -> Vec<ApplicationId> {
     ids
 }
 
+/// A centre-wide delivery API client (acts at every office).
+fn centre() -> Caller {
+    Caller::Centre("test-centre".into())
+}
+
 fn live_finger(person: usize, position: u8) -> String {
     let fresh = POPULATION.impressions(person as u64, 1_000_000_007);
     base64::engine::general_purpose::STANDARD.encode(&fresh[usize::from(position) - 1])
@@ -449,30 +455,18 @@ async fn lifecycle(mode: Mode) {
     wait_state(&services, &ids, ApplicationState::Personalized).await;
 
     // A change of office before packing re-routes the card.
-    let change = office::change_office(
-        &env.delivery,
-        &services,
-        e.as_str(),
-        "SYZ-001",
-        "registry:test",
-    )
-    .await
-    .unwrap();
+    let change = office::change_office(&env.delivery, &services, e.as_str(), "SYZ-001", &centre())
+        .await
+        .unwrap();
     assert_eq!(
         change,
         OfficeChange::Rerouted {
             office_code: "SYZ-001".into()
         }
     );
-    let unknown = office::change_office(
-        &env.delivery,
-        &services,
-        e.as_str(),
-        "NOPE-1",
-        "registry:test",
-    )
-    .await
-    .unwrap_err();
+    let unknown = office::change_office(&env.delivery, &services, e.as_str(), "NOPE-1", &centre())
+        .await
+        .unwrap_err();
     assert!(
         matches!(unknown, OfficeError::BadRequest(ref m) if m.contains("not in the offices register")),
         "{unknown}"
@@ -529,14 +523,7 @@ async fn lifecycle(mode: Mode) {
 
     // Packed: the office can no longer change until dispatch.
     assert!(matches!(
-        office::change_office(
-            &env.delivery,
-            &services,
-            d.as_str(),
-            "TBZ-001",
-            "registry:test"
-        )
-        .await,
+        office::change_office(&env.delivery, &services, d.as_str(), "TBZ-001", &centre()).await,
         Err(OfficeError::Conflict(_))
     ));
 
@@ -635,6 +622,7 @@ async fn lifecycle(mode: Mode) {
             clerk: "clerk1".into(),
             scanned: Some(vec![a.to_string(), "STRAY-CARD".into()]),
         },
+        &centre(),
     )
     .await
     .unwrap();
@@ -660,6 +648,7 @@ async fn lifecycle(mode: Mode) {
             clerk: "clerk1".into(),
             scanned: None,
         },
+        &centre(),
     )
     .await;
     assert!(matches!(again, Err(OfficeError::Conflict(ref m)) if m.contains("already received")));
@@ -672,6 +661,7 @@ async fn lifecycle(mode: Mode) {
             clerk: "clerk1".into(),
             scanned: None,
         },
+        &centre(),
     )
     .await;
     assert!(
@@ -687,6 +677,7 @@ async fn lifecycle(mode: Mode) {
                 clerk: "clerk2".into(),
                 scanned: None,
             },
+            &centre(),
         )
         .await
         .unwrap();
@@ -745,7 +736,7 @@ async fn lifecycle(mode: Mode) {
                     ..good.clone()
                 };
                 assert!(matches!(
-                    office::handover(&env.delivery, &services, &wrong_person).await,
+                    office::handover(&env.delivery, &services, &wrong_person, &centre()).await,
                     Err(OfficeError::Forbidden(_))
                 ));
                 let no_card = Handover {
@@ -753,21 +744,21 @@ async fn lifecycle(mode: Mode) {
                     ..good.clone()
                 };
                 assert!(
-                    matches!(office::handover(&env.delivery, &services, &no_card).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("previous"))
+                    matches!(office::handover(&env.delivery, &services, &no_card, &centre()).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("previous"))
                 );
                 let no_pins = Handover {
                     pins_set: false,
                     ..good.clone()
                 };
                 assert!(
-                    matches!(office::handover(&env.delivery, &services, &no_pins).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("PIN"))
+                    matches!(office::handover(&env.delivery, &services, &no_pins, &centre()).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("PIN"))
                 );
                 let elsewhere = Handover {
                     office_code: "TEH-001".into(),
                     ..good.clone()
                 };
                 assert!(matches!(
-                    office::handover(&env.delivery, &services, &elsewhere).await,
+                    office::handover(&env.delivery, &services, &elsewhere, &centre()).await,
                     Err(OfficeError::Conflict(_))
                 ));
                 let garbage = Handover {
@@ -775,17 +766,17 @@ async fn lifecycle(mode: Mode) {
                     ..good.clone()
                 };
                 assert!(
-                    matches!(office::handover(&env.delivery, &services, &garbage).await, Err(OfficeError::BadRequest(ref m)) if m.starts_with("fingerprint"))
+                    matches!(office::handover(&env.delivery, &services, &garbage, &centre()).await, Err(OfficeError::BadRequest(ref m)) if m.starts_with("fingerprint"))
                 );
                 let overcharge = Handover {
                     fee_rial: 40_000,
                     ..good.clone()
                 };
                 assert!(
-                    matches!(office::handover(&env.delivery, &services, &overcharge).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("20000"))
+                    matches!(office::handover(&env.delivery, &services, &overcharge, &centre()).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("20000"))
                 );
                 assert_eq!(env.state(c).await, ApplicationState::AtOffice);
-                let done = office::handover(&env.delivery, &services, &good)
+                let done = office::handover(&env.delivery, &services, &good, &centre())
                     .await
                     .unwrap();
                 assert!(!done.double_fee);
@@ -829,7 +820,7 @@ async fn lifecycle(mode: Mode) {
                     &services,
                     d.as_str(),
                     "TBZ-001",
-                    "registry:test",
+                    &centre(),
                 )
                 .await
                 .unwrap()
@@ -857,22 +848,31 @@ async fn lifecycle(mode: Mode) {
                     fee_rial: 20_000,
                 };
                 assert!(
-                    matches!(office::handover(&env.delivery, &services, &in_transit).await, Err(OfficeError::Conflict(ref m)) if m.contains("transferred"))
+                    matches!(office::handover(&env.delivery, &services, &in_transit, &centre()).await, Err(OfficeError::Conflict(ref m)) if m.contains("transferred"))
                 );
             }
             if day == date!(2026 - 01 - 17) {
                 let t = transfer_id.clone().unwrap();
                 assert!(matches!(
-                    office::receive_transfer(&services, &t, "ISF-001", "clerk4").await,
+                    office::receive_transfer(&services, &t, "ISF-001", "clerk4", &centre()).await,
                     Err(OfficeError::Conflict(_))
                 ));
-                office::receive_transfer(&services, &t, "TBZ-001", "clerk4")
+                office::receive_transfer(&services, &t, "TBZ-001", "clerk4", &centre())
                     .await
                     .unwrap();
             }
         }
         day = day.next_day().unwrap();
     }
+
+    // B's and the stray card's discrepancies were never resolved: the scheduler's gauge shows them.
+    assert_eq!(env.delivery.metrics.discrepancies_open(), 2);
+    assert!(
+        services
+            .metrics
+            .encode()
+            .contains("cardpipe_delivery_discrepancies_open 2")
+    );
 
     // States at the end.
     assert_eq!(env.state(a).await, ApplicationState::Voided);

@@ -14,7 +14,7 @@
 //!   consumption, spoilage, two-operator destruction and returns, and the reconciliation report
 //!   behind `cardpipe_stock_imbalance_cards`.
 //! - [`reprint`]: reprint requests (operator or registry) — revocation, recall, new card.
-//! - [`api`]: `/api/stock/*`, `/api/reprints`, `/api/v1/reprints`, `/api/qc/{id}`.
+//! - [`api`]: `/api/v1/reprints` (registry bearer token); operators use the CLI and console.
 //! - [`mod@bench`]: `cardpipe bench qc` — cards/s checked and share rejected by reason.
 
 pub mod api;

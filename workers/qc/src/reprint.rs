@@ -19,7 +19,7 @@ use cardpipe_common::broker::Job;
 use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
-use cardpipe_common::store::{Store, StoreError, Transition};
+use cardpipe_common::store::{Store, StoreError, StoreTx, Transition};
 use cardpipe_keys::crl::RevocationCause;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -147,6 +147,22 @@ pub async fn request(
     reason: ReprintReason,
     requester: Requester<'_>,
 ) -> Result<ReprintOutcome, ReprintError> {
+    let mut tx = services.store.begin().await?;
+    let out = request_in(&mut tx, services, app_id, reason, requester).await?;
+    tx.commit().await?;
+    tracing::info!(application = %app_id, reason = reason.as_str(), revoked = out.revoked, "reprint requested");
+    Ok(out)
+}
+
+/// [`request`] inside the caller's transaction `tx` (for callers that record their own
+/// rows with it, like the resolution of a card lost in transit); nothing is committed here.
+pub async fn request_in(
+    tx: &mut StoreTx,
+    services: &Services,
+    app_id: &ApplicationId,
+    reason: ReprintReason,
+    requester: Requester<'_>,
+) -> Result<ReprintOutcome, ReprintError> {
     let (who, role) = requester.parts();
     stock::check_operator(who)?;
     let app = services
@@ -166,9 +182,8 @@ pub async fn request(
     }
     let now = services.clock.now();
     let actor = requester.actor();
-    let mut tx = services.store.begin().await?;
     let moved = Store::transition(
-        &mut tx,
+        tx,
         &Transition {
             id: app_id,
             from: app.state,
@@ -185,13 +200,13 @@ pub async fn request(
         return Err(ReprintError::Conflict(app_id.to_string()));
     }
     let revoked =
-        cardpipe_keys::ops::revoke_application(services, Some(&mut tx), app_id, reason.cause())
+        cardpipe_keys::ops::revoke_application(services, Some(&mut *tx), app_id, reason.cause())
             .await?;
     let old = sqlx::query(
         "SELECT blank_serial FROM cards WHERE application_id = $1 AND state = 'personalized'",
     )
     .bind(app_id.as_str())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?
     .map(|r| r.try_get::<String, _>("blank_serial"))
     .transpose()?;
@@ -204,14 +219,14 @@ pub async fn request(
         .bind(format!("reprint:{}", reason.as_str()))
         .bind(to_rfc3339(now))
         .bind(serial)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if matches!(
             app.state,
             ApplicationState::QcPassed | ApplicationState::Packed
         ) {
             returned = stock::move_serial(
-                &mut tx,
+                tx,
                 serial,
                 &["consumed"],
                 "returned",
@@ -225,7 +240,7 @@ pub async fn request(
     }
     sqlx::query("UPDATE applications SET priority = 'urgent' WHERE id = $1")
         .bind(app_id.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     let id = format!("RPR-{}", uuid::Uuid::now_v7().simple());
     sqlx::query(
@@ -239,16 +254,16 @@ pub async fn request(
     .bind(&old)
     .bind(revoked as i64)
     .bind(to_rfc3339(now))
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     Store::enqueue_job(
-        &mut tx,
+        tx,
         &Job::new(cardpipe_keys::stage::STAGE_NAME, app_id.as_str()).with_priority(true),
         now,
     )
     .await?;
     audit::record_in(
-        &mut tx,
+        tx,
         now,
         &AuditEvent {
             actor: who,
@@ -262,8 +277,6 @@ pub async fn request(
         },
     )
     .await?;
-    tx.commit().await?;
-    tracing::info!(application = %app_id, reason = reason.as_str(), revoked, "reprint requested");
     Ok(ReprintOutcome {
         id,
         application_id: app_id.to_string(),
