@@ -250,6 +250,8 @@ pub struct DedupEngine {
     loaded: tokio::sync::OnceCell<()>,
     last_seq: AtomicI64,
     enrol_lock: tokio::sync::Mutex<()>,
+    /// PostgreSQL LISTEN for shard answers (broker scatter), started at the first gather.
+    answer_bell: tokio::sync::OnceCell<Option<crate::distributed::AnswerBell>>,
     pub(crate) metrics: DedupMetrics,
 }
 
@@ -300,6 +302,7 @@ impl DedupEngine {
             loaded: tokio::sync::OnceCell::new(),
             last_seq: AtomicI64::new(0),
             enrol_lock: tokio::sync::Mutex::new(()),
+            answer_bell: tokio::sync::OnceCell::new(),
             metrics: DedupMetrics::new(),
         }))
     }
@@ -437,6 +440,16 @@ impl DedupEngine {
         .await?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
         Ok(found)
+    }
+
+    /// Subscribes to the shard-answer wake-ups (PostgreSQL notifications when the store is
+    /// PostgreSQL, plus the in-process ones); the listening connection is opened once.
+    pub(crate) async fn answer_wakeups(&self, services: &Services) -> crate::distributed::Wakeups {
+        let bell = self
+            .answer_bell
+            .get_or_init(|| crate::distributed::AnswerBell::start(services))
+            .await;
+        crate::distributed::Wakeups::new(bell.as_ref())
     }
 
     /// Enrols in memory (if the owning shard is held here); idempotent.

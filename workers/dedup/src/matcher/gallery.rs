@@ -166,6 +166,41 @@ impl Probe {
     }
 }
 
+/// A ten-print ready to be enrolled: its candidate codes (the expensive part: cylinders are
+/// built to derive them) and its compact minutiae blob. Building one needs no gallery.
+#[derive(Clone)]
+pub struct PreparedSubject {
+    codes: [u64; STRIDE],
+    pops: [u16; 10],
+    blob: Box<[u8]>,
+}
+
+impl fmt::Debug for PreparedSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreparedSubject { <redacted> }")
+    }
+}
+
+impl PreparedSubject {
+    /// Computes the codes and the storage blob of `tenprint`.
+    pub fn new(tenprint: &TenPrint) -> Self {
+        let mut codes = [0u64; STRIDE];
+        let mut pops = [0u16; 10];
+        for (i, f) in tenprint.fingers.iter().enumerate() {
+            if let Some(f) = f {
+                let c = FingerCode::new(&FingerTemplate::new(f));
+                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
+                pops[i] = c.popcount() as u16;
+            }
+        }
+        PreparedSubject {
+            codes,
+            pops,
+            blob: tenprint.to_blob(),
+        }
+    }
+}
+
 /// Search parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IdentifyOptions {
@@ -323,16 +358,14 @@ impl Gallery {
     /// Enrols (or re-enrols, replacing the data) `reference_id`. Returns `true` if the id was
     /// new. Idempotent: inserting the same id twice leaves one entry.
     pub fn insert(&mut self, reference_id: &str, tenprint: &TenPrint) -> bool {
-        let mut codes = [0u64; STRIDE];
-        let mut pops = [0u16; 10];
-        for (i, f) in tenprint.fingers.iter().enumerate() {
-            if let Some(f) = f {
-                let c = FingerCode::new(&FingerTemplate::new(f));
-                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
-                pops[i] = c.popcount() as u16;
-            }
-        }
-        self.insert_prepared(reference_id, &codes, &pops, tenprint.to_blob())
+        self.insert_ready(reference_id, PreparedSubject::new(tenprint))
+    }
+
+    /// Enrols a subject whose codes were computed beforehand ([`PreparedSubject::new`], which
+    /// needs no access to the gallery and so can run on many threads while the gallery is only
+    /// locked for the cheap append). Same result as [`Gallery::insert`].
+    pub fn insert_ready(&mut self, reference_id: &str, subject: PreparedSubject) -> bool {
+        self.insert_prepared(reference_id, &subject.codes, &subject.pops, subject.blob)
     }
 
     fn insert_prepared(
