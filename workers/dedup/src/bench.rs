@@ -280,6 +280,9 @@ pub struct GalleryReport {
     pub rss_before: u64,
     pub rss_after: u64,
     pub candidate_recall: f64,
+    /// Candidate-stage recall of the mated searches at other shortlist depths
+    /// ([`RECALL_DEPTHS`]), from one deeper candidate pass: (depth, recall).
+    pub recall_at: Vec<(usize, f64)>,
     pub rank1_identification: f64,
     pub fnir_at_fpir_1e3: f64,
     pub threshold_at_fpir_1e3: f64,
@@ -463,6 +466,9 @@ pub fn scan_report(gallery: &Gallery, spec: &PopulationSpec, probes_per_pass: us
     }
 }
 
+/// Shortlist depths at which candidate-stage recall is also reported.
+pub const RECALL_DEPTHS: [usize; 6] = [50, 100, 200, 500, 1000, 2000];
+
 /// Accuracy and latency of 1:N search on a synthetic gallery.
 pub fn gallery_report(
     gallery: &Gallery,
@@ -499,20 +505,24 @@ pub fn gallery_report(
     }
     let single_probe_ms = single_ms.iter().sum::<f64>() / singles.max(1) as f64;
     let mut recall = 0;
+    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1];
+    let mut mate_rank: Vec<Option<usize>> = Vec::with_capacity(mated.len());
     let mut rank1 = 0;
     let mut mate_scores = Vec::with_capacity(mated.len());
     let start = Instant::now();
     for (chunk_idx, chunk) in mated.chunks(64).enumerate() {
         let refs: Vec<&Probe> = chunk.iter().collect();
-        let short = gallery.shortlist(&refs, opts.search.shortlist, true);
+        let short = gallery.shortlist(&refs, opts.search.shortlist.max(deepest), true);
         let results = gallery.identify_batch(&refs, &opts.search);
         for (k, (s, r)) in short.iter().zip(&results).enumerate() {
             let want = spec.subject_reference_id(mated_idx[chunk_idx * 64 + k]);
-            if s.iter()
-                .any(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str()))
-            {
+            let rank = s
+                .iter()
+                .position(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str()));
+            if rank.is_some_and(|r| r < opts.search.shortlist) {
                 recall += 1;
             }
+            mate_rank.push(rank);
             if r.first().is_some_and(|c| c.reference_id == want) {
                 rank1 += 1;
             }
@@ -553,6 +563,13 @@ pub fn gallery_report(
         rss_before: 0,
         rss_after: 0,
         candidate_recall: recall as f64 / mated.len().max(1) as f64,
+        recall_at: RECALL_DEPTHS
+            .iter()
+            .map(|&d| {
+                let hit = mate_rank.iter().filter(|r| r.is_some_and(|r| r < d)).count();
+                (d, hit as f64 / mate_rank.len().max(1) as f64)
+            })
+            .collect(),
         rank1_identification: rank1 as f64 / mated.len().max(1) as f64,
         fnir_at_fpir_1e3: misses as f64 / mate_scores.len().max(1) as f64,
         threshold_at_fpir_1e3: threshold,
@@ -711,6 +728,26 @@ impl fmt::Display for BenchReport {
                 g.mated,
                 g.nonmated
             )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Candidate-stage recall of the mated searches by shortlist depth (one deeper candidate \
+             pass; the searches above use the configured shortlist, {} by default)",
+            IdentifyOptions::default().shortlist
+        )?;
+        write!(f, "| subjects |")?;
+        for d in RECALL_DEPTHS {
+            write!(f, " top {d} |")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "|---|{}", "---|".repeat(RECALL_DEPTHS.len()))?;
+        for g in &self.galleries {
+            write!(f, "| {} |", g.subjects)?;
+            for (_, r) in &g.recall_at {
+                write!(f, " {:.2} % |", r * 100.0)?;
+            }
+            writeln!(f)?;
         }
         Ok(())
     }

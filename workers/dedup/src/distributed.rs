@@ -15,6 +15,14 @@
 //!      committed with the enrolment row, the lock release and the scatter closed
 //! ```
 //!
+//! * **Why a gallery lock at all**: two enrolments of one person in flight together must
+//!   find each other, so "nothing enrolled matches me → enrol me" has to be atomic across
+//!   processes; see [`crate::stage`] ("Races"). With `scatter = "local"` only the re-check
+//!   against enrolments made during the search and the commit run under the lock (searches
+//!   overlap); with `scatter = "broker"` the whole scatter-gather still does, because the
+//!   scatter row, its re-entry after a redelivery and the closing of stale scatters are tied
+//!   to the lock holder. The same re-check ([`crate::stage::DedupEngine::recheck`], which
+//!   reads `dedup_enrolled` and needs no shard) would let broker scatters overlap too.
 //! * **Why the searching job waits** instead of being woken by the answers: the lock is held
 //!   from the scatter to the commit of the decision, and the decision is committed by the
 //!   runner when the handler returns. Waiting needs no timer for the timeout, and lock
