@@ -196,7 +196,8 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// Defaults; `with_million` adds the 1M-subject gallery (needs ~5 GB and several minutes).
+    /// Defaults; `with_million` adds the 1M-subject gallery (2.5 GiB peak RSS; about 25 min to
+    /// build on 2 shared cores, see `BENCH_DEDUP.md`).
     pub fn new(with_million: bool) -> Self {
         let mut gallery_sizes = vec![10_000, 100_000];
         if with_million {

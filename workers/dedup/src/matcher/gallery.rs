@@ -5,8 +5,9 @@
 //! * the compact minutiae of the ten fingers in one boxed byte blob (5 bytes per minutia);
 //! * the reference id and a hash-map entry from id to slot.
 //!
-//! That is roughly 640 B of codes + ~2 KB of minutiae + ~100 B of bookkeeping per subject,
-//! so a million subjects need ~3 GB. Cylinders for the precise stage are rebuilt from the
+//! That is 640 B of codes + ~1.6 KB of minutiae + ~100 B of bookkeeping per subject:
+//! measured 2.3–2.4 KB per subject, 2.2 GiB of gallery and 2.5 GiB peak RSS for a million
+//! synthetic subjects (`BENCH_DEDUP.md`). Cylinders for the precise stage are rebuilt from the
 //! compact minutiae for the shortlisted subjects only.
 //!
 //! **Search** ([`Gallery::identify_batch`]): the candidate stage scans every subject's ten
