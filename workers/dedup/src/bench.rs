@@ -26,8 +26,8 @@ use std::time::Instant;
 
 use crate::iso19794_2;
 use crate::matcher::{
-    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, PreparedSubject, Probe, TenPrint,
-    compare_detail,
+    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, PreparedSubject, Probe,
+    TenPrint, compare_detail,
 };
 use crate::synth::PopulationSpec;
 
@@ -567,7 +567,10 @@ pub fn gallery_report(
         recall_at: RECALL_DEPTHS
             .iter()
             .map(|&d| {
-                let hit = mate_rank.iter().filter(|r| r.is_some_and(|r| r < d)).count();
+                let hit = mate_rank
+                    .iter()
+                    .filter(|r| r.is_some_and(|r| r < d))
+                    .count();
                 (d, hit as f64 / mate_rank.len().max(1) as f64)
             })
             .collect(),

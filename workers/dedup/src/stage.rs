@@ -503,10 +503,9 @@ impl DedupEngine {
         let tp = tenprint.clone();
         let own = exclude.to_owned();
         let max = self.config.max_candidates;
-        let answers = tokio::task::spawn_blocking(move || {
-            shards.answers(&Probe::new(&tp), max, Some(&own))
-        })
-        .await?;
+        let answers =
+            tokio::task::spawn_blocking(move || shards.answers(&Probe::new(&tp), max, Some(&own)))
+                .await?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
         Ok(UnlockedSearch { answers, seen_seq })
     }
@@ -583,11 +582,8 @@ impl DedupEngine {
         let mut answers = search.answers;
         answers.push(delta);
         let size = answers.iter().map(|a| a.size).sum();
-        let found = crate::scatter::gather(
-            answers,
-            self.config.target_fpir,
-            self.config.max_candidates,
-        );
+        let found =
+            crate::scatter::gather(answers, self.config.target_fpir, self.config.max_candidates);
         Ok((found, size))
     }
 
@@ -820,11 +816,9 @@ impl Stage for DedupStage {
                 .recheck(services, unlocked, &tenprint, app.id.as_str())
                 .await
                 .map(|(found, size)| (found, size, None)),
-            None => {
-                crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
-                    .await
-                    .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id)))
-            }
+            None => crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
+                .await
+                .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id))),
         };
         let (found, gallery_size, scatter_id) = match searched {
             Ok(s) => s,

@@ -508,7 +508,8 @@ async fn overlapping_twin_searches(mode: Mode) {
         &pop.subjects[1].templates,
         pop.subjects[1].face_jpeg(),
         false,
-    ).await;
+    )
+    .await;
     let mut tx = services.store.begin().await.expect("begin");
     stage::insert_enrolled(&mut tx, &services, &other, &pop.subjects[1].templates, now)
         .await
