@@ -22,6 +22,8 @@ use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_dedup::adjudication;
+use cardpipe_dedup::distributed::{self, GalleryLock};
+use cardpipe_dedup::matcher::TenPrint;
 use cardpipe_dedup::stage::{self, DedupConfig, DedupEngine, DedupStage};
 use cardpipe_dedup::synth::Population;
 use serde_json::{Value, json};
@@ -484,4 +486,114 @@ async fn dedup_stage_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_stage_distributed() {
     scenario(Mode::Distributed).await;
+}
+
+/// Two enrolments of one person whose searches overlap — both search (without the gallery
+/// lock, in two engines as two processes would) before either decides — still find each
+/// other: the first decides clear and is enrolled, the second's re-check under the lock
+/// compares it with that enrolment and flags it. Neither search alone sees the twin.
+async fn overlapping_twin_searches(mode: Mode) {
+    let (services, _guard) = testing::services(mode, None).await;
+    let config = DedupConfig::default();
+    let (engine_a, engine_b) = (
+        DedupEngine::new(config.clone()).expect("engine"),
+        DedupEngine::new(config.clone()).expect("engine"),
+    );
+    let pop = Population::generate(5151, 2, 0.0);
+    let now = services.clock.now();
+    // One unrelated subject already enrolled.
+    let other = apply(
+        &services,
+        0,
+        &pop.subjects[1].templates,
+        pop.subjects[1].face_jpeg(),
+        false,
+    )
+    .await;
+    let mut tx = services.store.begin().await.expect("begin");
+    stage::insert_enrolled(&mut tx, &services, &other, &pop.subjects[1].templates, now)
+        .await
+        .expect("enrol");
+    tx.commit().await.expect("commit");
+    let records_a = pop.subjects[0].templates.clone();
+    let records_b = pop.fresh_impressions(0, 9);
+    let a = apply(&services, 1, &records_a, pop.subjects[0].face_jpeg(), false).await;
+    let b = apply(&services, 2, &records_b, pop.subjects[0].face_jpeg(), false).await;
+    let tp_a = TenPrint::from_iso(&records_a).expect("a");
+    let tp_b = TenPrint::from_iso(&records_b).expect("b");
+
+    // Both searches run before either decision.
+    let search_a = engine_a
+        .search_unlocked(&services, &tp_a, a.as_str())
+        .await
+        .expect("search a");
+    let search_b = engine_b
+        .search_unlocked(&services, &tp_b, b.as_str())
+        .await
+        .expect("search b");
+    assert_eq!((search_a.size(), search_b.size()), (1, 1));
+    let (fpir, max) = (config.target_fpir, config.max_candidates);
+    assert!(search_a.candidates(fpir, max).is_empty());
+    assert!(
+        search_b.candidates(fpir, max).is_empty(),
+        "the search alone cannot see a twin that is not enrolled yet"
+    );
+
+    // A decides first: nothing enrolled since its search, clear, enrolled; the lock is
+    // released in the commit, as the stage does.
+    let lock_a = GalleryLock::acquire(&services, &config, a.as_str())
+        .await
+        .expect("lock a");
+    let (found_a, size_a) = engine_a
+        .recheck(&services, search_a, &tp_a, a.as_str())
+        .await
+        .expect("recheck a");
+    assert!(found_a.is_empty(), "{found_a:?}");
+    assert_eq!(size_a, 1);
+    // B cannot take the lock (to decide) while A holds it.
+    let impatient = DedupConfig {
+        lock_wait_ms: 50,
+        ..config.clone()
+    };
+    assert!(
+        GalleryLock::acquire(&services, &impatient, b.as_str())
+            .await
+            .is_err(),
+        "B cannot decide while A holds the lock"
+    );
+    let mut tx = services.store.begin().await.expect("begin");
+    stage::insert_enrolled(&mut tx, &services, &a, &records_a, now)
+        .await
+        .expect("enrol a");
+    distributed::finish_decision(&mut tx, lock_a.holder(), None, now)
+        .await
+        .expect("release");
+    tx.commit().await.expect("commit");
+
+    // B decides second and sees A although its search did not.
+    let lock_b = GalleryLock::acquire(&services, &config, b.as_str())
+        .await
+        .expect("lock b");
+    let (found_b, size_b) = engine_b
+        .recheck(&services, search_b, &tp_b, b.as_str())
+        .await
+        .expect("recheck b");
+    assert_eq!(size_b, 2);
+    assert_eq!(
+        found_b.first().map(|c| c.reference_id.as_str()),
+        Some(a.as_str()),
+        "the re-check under the lock finds the twin enrolled during the search"
+    );
+    assert!(found_b[0].fused.fingers.iter().flatten().count() >= 8);
+    lock_b.release(&services).await.expect("release b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_twin_searches_embedded() {
+    overlapping_twin_searches(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_twin_searches_distributed() {
+    overlapping_twin_searches(Mode::Distributed).await;
 }
