@@ -207,39 +207,40 @@ pub fn outbox_sinks(
     _services: &Services,
     _config: &LoadedConfig,
 ) -> anyhow::Result<Vec<(&'static str, Arc<dyn OutboxSink>)>> {
-    let mut sinks: Vec<(&'static str, Arc<dyn OutboxSink>)> = Vec::new();
-    // Registry withdrawals etc.: {"application_id": .., "cause": "cancelled"}.
-    sinks.push((
-        cardpipe_keys::ops::REVOCATION_TOPIC,
-        Arc::new(cardpipe_keys::ops::RevocationSink::new(_services.clone())),
-    ));
-    // Registry status callbacks (HMAC-signed webhook, [registry.callbacks]).
-    sinks.push((
-        cardpipe_intake::callbacks::CALLBACK_TOPIC,
-        Arc::new(cardpipe_intake::callbacks::WebhookSink::new(
-            cardpipe_intake::config::load(_config)?.callbacks,
-            _services.clock.clone(),
-        )?),
-    ));
-    // Citizen SMS (reminders, voiding notices) through the [delivery.sms] gateway.
-    sinks.push((
-        cardpipe_delivery::reminders::SMS_TOPIC,
-        Arc::new(cardpipe_delivery::reminders::SmsSink::new(
-            cardpipe_delivery::shared(_services, _config)?,
-            _services.clone(),
-        )?),
-    ));
-    // QC passed: destroy the wrapped private keys; QC budget spent: park for an operator.
-    sinks.push((
-        cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
-        Arc::new(cardpipe_qc::stage::KeyDestructionSink::new(
-            _services.clone(),
-        )),
-    ));
-    sinks.push((
-        cardpipe_qc::stage::PARK_TOPIC,
-        Arc::new(cardpipe_qc::stage::ParkSink::new(_services.clone())),
-    ));
+    let sinks: Vec<(&'static str, Arc<dyn OutboxSink>)> = vec![
+        // Registry withdrawals etc.: {"application_id": .., "cause": "cancelled"}.
+        (
+            cardpipe_keys::ops::REVOCATION_TOPIC,
+            Arc::new(cardpipe_keys::ops::RevocationSink::new(_services.clone())),
+        ),
+        // Registry status callbacks (HMAC-signed webhook, [registry.callbacks]).
+        (
+            cardpipe_intake::callbacks::CALLBACK_TOPIC,
+            Arc::new(cardpipe_intake::callbacks::WebhookSink::new(
+                cardpipe_intake::config::load(_config)?.callbacks,
+                _services.clock.clone(),
+            )?),
+        ),
+        // Citizen SMS (reminders, voiding notices) through the [delivery.sms] gateway.
+        (
+            cardpipe_delivery::reminders::SMS_TOPIC,
+            Arc::new(cardpipe_delivery::reminders::SmsSink::new(
+                cardpipe_delivery::shared(_services, _config)?,
+                _services.clone(),
+            )?),
+        ),
+        // QC passed: destroy the wrapped private keys; QC budget spent: park for an operator.
+        (
+            cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
+            Arc::new(cardpipe_qc::stage::KeyDestructionSink::new(
+                _services.clone(),
+            )),
+        ),
+        (
+            cardpipe_qc::stage::PARK_TOPIC,
+            Arc::new(cardpipe_qc::stage::ParkSink::new(_services.clone())),
+        ),
+    ];
     Ok(sinks)
 }
 
