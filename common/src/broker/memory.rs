@@ -137,7 +137,8 @@ impl Broker for MemoryBroker {
             if let Some(inner) = inner.upgrade() {
                 let _ = with_stage(&inner, &job.stage.clone(), |q| {
                     q.retrying = q.retrying.saturating_sub(1);
-                    q.enqueue(job);
+                    // As on RabbitMQ, a retry comes back in the normal lane.
+                    q.ready.push_back((job, false));
                     q.notify.notify_waiters();
                 });
             }

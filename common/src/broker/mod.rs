@@ -170,11 +170,6 @@ impl QueueNames {
     pub fn priority(&self, stage: &str) -> String {
         format!("{}.{stage}.priority", self.prefix)
     }
-
-    /// The wait queue for retry step `step` of `stage`'s priority lane.
-    pub fn priority_retry(&self, stage: &str, step: usize) -> String {
-        format!("{}.{stage}.priority.retry.{step}", self.prefix)
-    }
 }
 
 /// A message taken from a work queue, to be acknowledged exactly once.

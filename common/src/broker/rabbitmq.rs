@@ -9,8 +9,9 @@
 //! * Consumers use manual ack and a per-consumer prefetch (quorum queues reject
 //!   global QoS), each on its own channel.
 //! * Priority: quorum queues on RabbitMQ 3.10 ignore message priorities, so each stage has
-//!   a second work queue, `<stage>.priority` (with its own wait queues), and a stage's
-//!   consumer takes from it first (urgent batches, reprints).
+//!   a second work queue, `<stage>.priority`, and a stage's consumer takes from it first
+//!   (urgent batches, reprints). Retries of priority jobs wait in the normal wait queues and
+//!   return in the normal lane.
 //! * The connection is opened with lapin's auto-recovery: after a broker
 //!   restart or a dropped connection, channels and consumers come back and
 //!   publishes wait for the recovery; unacknowledged deliveries are redelivered
@@ -249,44 +250,37 @@ impl Broker for RabbitBroker {
         let channel = self.ops().await?;
         self.declare(&channel, &self.names.parked(stage), quorum_args())
             .await?;
-        // Two lanes, each a work queue with its own wait queues dead-lettering back to it,
-        // so a retried priority job stays in the priority lane.
-        for priority_lane in [false, true] {
-            let work = if priority_lane {
-                self.names.priority(stage)
-            } else {
-                self.names.work(stage)
-            };
-            let retry_name = |step| {
-                if priority_lane {
-                    self.names.priority_retry(stage, step)
-                } else {
-                    self.names.retry(stage, step)
-                }
-            };
-            self.declare(&channel, &work, quorum_args()).await?;
-            for (step, delay) in policy.delays.iter().enumerate() {
-                let mut args = quorum_args();
-                let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(work.as_str().into()),
-                );
-                args.insert(
-                    "x-dead-letter-strategy".into(),
-                    AMQPValue::LongString("at-least-once".into()),
-                );
-                args.insert(
-                    "x-overflow".into(),
-                    AMQPValue::LongString("reject-publish".into()),
-                );
-                self.declare(&channel, &retry_name(step), args).await?;
-            }
+        self.declare(&channel, &self.names.work(stage), quorum_args())
+            .await?;
+        // The priority lane: one more work queue. Its retries wait in the normal wait queues
+        // and come back in the normal lane (every quorum queue costs the broker a Raft group,
+        // so the lane does not double the wait queues); the next stage's job is a priority
+        // job again, as the runner takes the lane from the application.
+        self.declare(&channel, &self.names.priority(stage), quorum_args())
+            .await?;
+        let work = self.names.work(stage);
+        for (step, delay) in policy.delays.iter().enumerate() {
+            let mut args = quorum_args();
+            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(work.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            self.declare(&channel, &self.names.retry(stage, step), args)
+                .await?;
         }
         self.retry_steps
             .lock()
@@ -313,12 +307,8 @@ impl Broker for RabbitBroker {
             .copied()
             .ok_or_else(|| BrokerError::UnknownQueue(job.stage.clone()))?;
         let step = step.min(steps.saturating_sub(1));
-        let queue = if job.priority {
-            self.names.priority_retry(&job.stage, step)
-        } else {
-            self.names.retry(&job.stage, step)
-        };
-        self.publish_to(&queue, job).await
+        self.publish_to(&self.names.retry(&job.stage, step), job)
+            .await
     }
 
     async fn publish_parked(&self, job: &Job) -> Result<(), BrokerError> {
@@ -369,11 +359,6 @@ impl Broker for RabbitBroker {
         let mut retrying = 0;
         for step in 0..steps {
             retrying += self.message_count(&self.names.retry(stage, step)).await?;
-        }
-        for step in 0..steps {
-            retrying += self
-                .message_count(&self.names.priority_retry(stage, step))
-                .await?;
         }
         Ok(QueueDepth {
             ready: self.message_count(&self.names.work(stage)).await?
