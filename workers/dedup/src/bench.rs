@@ -26,8 +26,7 @@ use std::time::Instant;
 
 use crate::iso19794_2;
 use crate::matcher::{
-    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, PreparedSubject, Probe,
-    TenPrint, compare_detail,
+    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, Probe, TenPrint, compare_detail,
 };
 use crate::synth::PopulationSpec;
 
@@ -189,15 +188,12 @@ pub struct BenchOptions {
     pub nonmated_searches: usize,
     /// Probes per candidate-stage pass in the throughput measurement.
     pub probes_per_pass: usize,
-    /// Single-probe searches timed one after the other per gallery size (latency p50/p95).
-    pub single_searches: usize,
     pub search: IdentifyOptions,
     pub seed: u64,
 }
 
 impl BenchOptions {
-    /// Defaults; `with_million` adds the 1M-subject gallery (2.5 GiB peak RSS; about 25 min to
-    /// build on 2 shared cores, see `BENCH_DEDUP.md`).
+    /// Defaults; `with_million` adds the 1M-subject gallery (needs ~5 GB and several minutes).
     pub fn new(with_million: bool) -> Self {
         let mut gallery_sizes = vec![10_000, 100_000];
         if with_million {
@@ -209,7 +205,6 @@ impl BenchOptions {
             mated_searches: 300,
             nonmated_searches: 1000,
             probes_per_pass: 16,
-            single_searches: 50,
             search: IdentifyOptions::default(),
             seed: 2026,
         }
@@ -266,24 +261,9 @@ pub struct GalleryReport {
     pub subjects: usize,
     pub build_secs: f64,
     pub bytes_per_subject: f64,
-    /// Mean wall time of one single-probe search (all threads), ms.
     pub single_probe_ms: f64,
-    /// Median and 95th percentile of the single-probe searches, ms.
-    pub single_p50_ms: f64,
-    pub single_p95_ms: f64,
-    /// Single-probe searches timed.
-    pub singles: usize,
-    /// Wall time per probe when searching in batches of 64, ms.
     pub batched_probe_ms: f64,
-    /// Searches per second in batches of 64 (1000 / batched_probe_ms).
-    pub batched_searches_per_sec: f64,
-    /// Process RSS before generating the gallery and once it is built (bytes, 0 if unknown).
-    pub rss_before: u64,
-    pub rss_after: u64,
     pub candidate_recall: f64,
-    /// Candidate-stage recall of the mated searches at other shortlist depths
-    /// ([`RECALL_DEPTHS`]), from one deeper candidate pass: (depth, recall).
-    pub recall_at: Vec<(usize, f64)>,
     pub rank1_identification: f64,
     pub fnir_at_fpir_1e3: f64,
     pub threshold_at_fpir_1e3: f64,
@@ -362,30 +342,20 @@ pub fn memory_bandwidth() -> f64 {
     best
 }
 
-/// Generates subjects `range` of `spec` in parallel and prepares them for enrolment (codes
-/// and storage blob computed on the worker threads too), as (reference id, subject).
-fn generate(
-    spec: &PopulationSpec,
-    range: std::ops::Range<usize>,
-) -> Vec<(String, PreparedSubject)> {
+/// Generates subjects `range` of `spec` in parallel as (reference id, ten-print).
+fn generate(spec: &PopulationSpec, range: std::ops::Range<usize>) -> Vec<(String, TenPrint)> {
     use rayon::prelude::*;
     range
         .into_par_iter()
         .map(|i| {
             let s = spec.subject(i);
             let tp = TenPrint::from_iso(&s.templates).expect("generated records parse");
-            (s.reference_id, PreparedSubject::new(&tp))
+            (s.reference_id, tp)
         })
         .collect()
 }
 
 /// Builds a gallery of `subjects` synthetic subjects (no planted duplicates inside it).
-///
-/// Every subject is generated in full (ten master fingers, ten impressions encoded as ISO
-/// 19794-2 and parsed back) and enrolled through the same code path as production
-/// ([`PreparedSubject::new`] + [`Gallery::insert_ready`], identical to [`Gallery::insert`]);
-/// only the expensive per-subject work runs on all cores, in chunks of 20,000 subjects, while
-/// the appends to the gallery stay sequential.
 pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     let spec = PopulationSpec {
         seed,
@@ -395,53 +365,14 @@ pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     let mut gallery = Gallery::new();
     gallery.reserve(subjects);
     let mut start = 0;
-    let began = Instant::now();
     while start < subjects {
         let end = (start + 20_000).min(subjects);
-        for (id, prepared) in generate(&spec, start..end) {
-            gallery.insert_ready(&id, prepared);
+        for (id, tp) in generate(&spec, start..end) {
+            gallery.insert(&id, &tp);
         }
         start = end;
-        if subjects >= 200_000 && (start % 100_000 == 0 || start == subjects) {
-            eprintln!(
-                "dedup bench:   {start}/{subjects} subjects enrolled ({:.0} s, RSS {:.2} GiB)",
-                began.elapsed().as_secs_f64(),
-                rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
-            );
-        }
     }
     (gallery, spec)
-}
-
-/// Resident set size of this process in bytes (Linux `/proc/self/status` `VmRSS`).
-pub fn rss_bytes() -> Option<u64> {
-    proc_status_kib("VmRSS:").map(|k| k * 1024)
-}
-
-/// Peak resident set size of this process in bytes (`VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_kib("VmHWM:").map(|k| k * 1024)
-}
-
-fn proc_status_kib(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    text.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The `q` quantile (0..=1, nearest rank) of unsorted samples.
-fn quantile(samples: &[f64], q: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 /// Candidate-stage throughput on one core.
@@ -466,9 +397,6 @@ pub fn scan_report(gallery: &Gallery, spec: &PopulationSpec, probes_per_pass: us
         bandwidth_share: best * code_bytes as f64 / probes_per_pass as f64 / (bw * 1e9),
     }
 }
-
-/// Shortlist depths at which candidate-stage recall is also reported.
-pub const RECALL_DEPTHS: [usize; 6] = [50, 100, 200, 500, 1000, 2000];
 
 /// Accuracy and latency of 1:N search on a synthetic gallery.
 pub fn gallery_report(
@@ -497,33 +425,27 @@ pub fn gallery_report(
             Probe::new(&TenPrint::from_iso(&spec.impressions((n + k) as u64, 1)).expect("parse"))
         })
         .collect();
-    let singles = mated.len().min(opts.single_searches);
-    let mut single_ms = Vec::with_capacity(singles);
+    let singles = mated.len().min(20);
+    let start = Instant::now();
     for p in &mated[..singles] {
-        let start = Instant::now();
         std::hint::black_box(gallery.identify(p, &opts.search, None));
-        single_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    let single_probe_ms = single_ms.iter().sum::<f64>() / singles.max(1) as f64;
+    let single_probe_ms = start.elapsed().as_secs_f64() * 1e3 / singles.max(1) as f64;
     let mut recall = 0;
-    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1];
-    let mut mate_rank: Vec<Option<usize>> = Vec::with_capacity(mated.len());
     let mut rank1 = 0;
     let mut mate_scores = Vec::with_capacity(mated.len());
     let start = Instant::now();
     for (chunk_idx, chunk) in mated.chunks(64).enumerate() {
         let refs: Vec<&Probe> = chunk.iter().collect();
-        let short = gallery.shortlist(&refs, opts.search.shortlist.max(deepest), true);
+        let short = gallery.shortlist(&refs, opts.search.shortlist, true);
         let results = gallery.identify_batch(&refs, &opts.search);
         for (k, (s, r)) in short.iter().zip(&results).enumerate() {
             let want = spec.subject_reference_id(mated_idx[chunk_idx * 64 + k]);
-            let rank = s
-                .iter()
-                .position(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str()));
-            if rank.is_some_and(|r| r < opts.search.shortlist) {
+            if s.iter()
+                .any(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str()))
+            {
                 recall += 1;
             }
-            mate_rank.push(rank);
             if r.first().is_some_and(|c| c.reference_id == want) {
                 rank1 += 1;
             }
@@ -541,7 +463,6 @@ pub fn gallery_report(
             non_scores.push(r.first().map_or(0.0, |c| c.fused.score));
         }
     }
-    // Includes the extra candidate-stage pass of the mated batches that measures recall.
     let batched_probe_ms =
         start.elapsed().as_secs_f64() * 1e3 / (mated.len() + nonmated.len()).max(1) as f64;
     non_scores.sort_by(f64::total_cmp);
@@ -556,24 +477,8 @@ pub fn gallery_report(
         build_secs,
         bytes_per_subject: gallery.memory_bytes() as f64 / n.max(1) as f64,
         single_probe_ms,
-        single_p50_ms: quantile(&single_ms, 0.5),
-        single_p95_ms: quantile(&single_ms, 0.95),
-        singles,
         batched_probe_ms,
-        batched_searches_per_sec: 1e3 / batched_probe_ms.max(f64::MIN_POSITIVE),
-        rss_before: 0,
-        rss_after: 0,
         candidate_recall: recall as f64 / mated.len().max(1) as f64,
-        recall_at: RECALL_DEPTHS
-            .iter()
-            .map(|&d| {
-                let hit = mate_rank
-                    .iter()
-                    .filter(|r| r.is_some_and(|r| r < d))
-                    .count();
-                (d, hit as f64 / mate_rank.len().max(1) as f64)
-            })
-            .collect(),
         rank1_identification: rank1 as f64 / mated.len().max(1) as f64,
         fnir_at_fpir_1e3: misses as f64 / mate_scores.len().max(1) as f64,
         threshold_at_fpir_1e3: threshold,
@@ -590,28 +495,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mut scan = None;
     for &size in &opts.gallery_sizes {
         eprintln!("dedup bench: building a {size}-subject synthetic gallery ...");
-        let rss_before = rss_bytes().unwrap_or(0);
         let start = Instant::now();
         let (gallery, spec) = build_gallery(opts.seed, size);
         let build_secs = start.elapsed().as_secs_f64();
-        let rss_after = rss_bytes().unwrap_or(0);
-        eprintln!(
-            "dedup bench: built in {build_secs:.1} s; gallery.memory_bytes() = {:.3} GiB, \
-             RSS {:.3} -> {:.3} GiB",
-            gallery.memory_bytes() as f64 / (1u64 << 30) as f64,
-            rss_before as f64 / (1u64 << 30) as f64,
-            rss_after as f64 / (1u64 << 30) as f64
-        );
         if scan.is_none() && size >= 10_000 {
             eprintln!("dedup bench: candidate-stage throughput ...");
             scan = Some(scan_report(&gallery, &spec, opts.probes_per_pass));
         }
         eprintln!("dedup bench: searching the {size}-subject gallery ...");
-        let mut report = gallery_report(&gallery, &spec, build_secs, opts);
-        report.rss_before = rss_before;
-        report.rss_after = rss_after;
-        eprintln!("dedup bench: {report:?}");
-        galleries.push(report);
+        galleries.push(gallery_report(&gallery, &spec, build_secs, opts));
     }
     let scan = match scan {
         Some(s) => s,
@@ -707,24 +599,18 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | latency 1 probe ms mean / p50 / p95 (n) | batched ms/probe | batched searches/s | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
+            "| subjects | build s | bytes/subject | latency 1 probe ms | batched ms/probe | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
         for g in &self.galleries {
             writeln!(
                 f,
-                "| {} | {:.1} | {:.0} | {:.0} | {:.2} GiB | {:.1} / {:.1} / {:.1} ({}) | {:.2} | {:.1} | {:.2} % | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
+                "| {} | {:.1} | {:.0} | {:.1} | {:.2} | {:.2} % | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
                 g.subjects,
                 g.build_secs,
                 g.bytes_per_subject,
-                g.rss_after.saturating_sub(g.rss_before) as f64 / g.subjects.max(1) as f64,
-                g.rss_after as f64 / (1u64 << 30) as f64,
                 g.single_probe_ms,
-                g.single_p50_ms,
-                g.single_p95_ms,
-                g.singles,
                 g.batched_probe_ms,
-                g.batched_searches_per_sec,
                 g.candidate_recall * 100.0,
                 g.rank1_identification * 100.0,
                 g.fnir_at_fpir_1e3 * 100.0,
@@ -732,26 +618,6 @@ impl fmt::Display for BenchReport {
                 g.mated,
                 g.nonmated
             )?;
-        }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "Candidate-stage recall of the mated searches by shortlist depth (one deeper candidate \
-             pass; the searches above use the configured shortlist, {} by default)",
-            IdentifyOptions::default().shortlist
-        )?;
-        write!(f, "| subjects |")?;
-        for d in RECALL_DEPTHS {
-            write!(f, " top {d} |")?;
-        }
-        writeln!(f)?;
-        writeln!(f, "|---|{}", "---|".repeat(RECALL_DEPTHS.len()))?;
-        for g in &self.galleries {
-            write!(f, "| {} |", g.subjects)?;
-            for (_, r) in &g.recall_at {
-                write!(f, " {:.2} % |", r * 100.0)?;
-            }
-            writeln!(f)?;
         }
         Ok(())
     }

@@ -9,36 +9,15 @@
 //!   │     dedup-shard-k worker: refresh shard k from dedup_enrolled, load X's templates
 //!   │     from the object store, search shard k (unthresholded best candidates)
 //!   │     └─ Completion::stay(): dedup_shard_answers (scatter, k, size, candidates)
-//!   ├─ wait until N answers (woken by NOTIFY, see below; or shard_timeout_ms → retry,
-//!   │     then park, naming the shards)
+//!   ├─ wait until N answers (or shard_timeout_ms → retry, then park, naming the shards)
 //!   └─ scatter::gather (threshold over the summed sizes) → clear / possible duplicate,
 //!      committed with the enrolment row, the lock release and the scatter closed
 //! ```
 //!
-//! * **Why a gallery lock at all**: two enrolments of one person in flight together must
-//!   find each other, so "nothing enrolled matches me → enrol me" has to be atomic across
-//!   processes; see [`crate::stage`] ("Races"). With `scatter = "local"` only the re-check
-//!   against enrolments made during the search and the commit run under the lock (searches
-//!   overlap); with `scatter = "broker"` the whole scatter-gather still does, because the
-//!   scatter row, its re-entry after a redelivery and the closing of stale scatters are tied
-//!   to the lock holder. The same re-check ([`crate::stage::DedupEngine::recheck`], which
-//!   reads `dedup_enrolled` and needs no shard) would let broker scatters overlap too.
 //! * **Why the searching job waits** instead of being woken by the answers: the lock is held
 //!   from the scatter to the commit of the decision, and the decision is committed by the
 //!   runner when the handler returns. Waiting needs no timer for the timeout, and lock
 //!   waiters never starve the holder (the holder needs no second dedup job slot).
-//! * **Waking the gatherer** (no busy polling): on PostgreSQL a trigger (migration 0013)
-//!   sends `NOTIFY cardpipe_dedup_answers, '<scatter id>'` for every answer row, delivered
-//!   when the shard's transaction commits; the searching process keeps one
-//!   `LISTEN` connection ([`sqlx::postgres::PgListener`], opened by the engine at its first
-//!   gather) and re-reads `dedup_shard_answers` on each notification. A shard stage in the
-//!   same process also wakes it directly (the embedded deployment, SQLite, where there is no
-//!   notification): that wake-up comes just before the commit, so the gatherer re-reads after
-//!   1, 2, 4 … ms. Behind both, a slow poll every [`FALLBACK_POLL`] is the safety net
-//!   (listener reconnecting after a lost connection, SQLite shard workers in other
-//!   processes). The subscription is taken before the first read, so an answer committed
-//!   between a read and the wait is never missed. Stages do not know the backend: the
-//!   answer row is the same `INSERT` on both, the trigger exists only on PostgreSQL.
 //! * **Crash safety**: the scatter row is committed before the sub-jobs are published; a
 //!   crash before publishing leaves the dedup job unacknowledged, and its redelivery (same
 //!   holder: it re-enters the lock) publishes the sub-jobs of every shard that has not
@@ -61,7 +40,7 @@ use cardpipe_common::broker::Job;
 use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
-use cardpipe_common::store::{Dialect, StoreError, StoreTx, redact_url};
+use cardpipe_common::store::{StoreError, StoreTx};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -353,8 +332,6 @@ pub async fn scatter_gather(
         }
     }
     let scatter_id = start_scatter(services, id.as_str(), config.shards).await?;
-    // Subscribed before the first read: an answer committed after that read wakes us.
-    let mut wake = engine.answer_wakeups(services).await;
     let answered: Vec<u32> = answers(services, &scatter_id)
         .await?
         .iter()
@@ -369,7 +346,7 @@ pub async fn scatter_gather(
             .with_context(|| format!("publishing the dedup sub-job to stage {name}"))?;
     }
     let deadline = started + Duration::from_millis(config.shard_timeout_ms);
-    let mut pause = FALLBACK_POLL;
+    let mut pause = Duration::from_millis(1);
     loop {
         let got: Vec<ShardAnswer> = answers(services, &scatter_id)
             .await?
@@ -402,136 +379,8 @@ pub async fn scatter_gather(
                 config.shard_timeout_ms
             );
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        pause = if wake.wait(pause.min(left)).await {
-            // Woken: a PostgreSQL notification (the answer is committed) or this process's
-            // shard stage writing an answer (not committed yet): re-read soon, then back off.
-            Duration::from_millis(1)
-        } else {
-            (pause * 2).min(FALLBACK_POLL)
-        };
-    }
-}
-
-/// PostgreSQL channel notified (trigger of migration 0013) for every row inserted into
-/// `dedup_shard_answers`; the payload is the scatter id.
-pub const ANSWERS_CHANNEL: &str = "cardpipe_dedup_answers";
-
-/// Longest pause between two reads of `dedup_shard_answers` while waiting for a scatter:
-/// the safety net behind the notifications (listener reconnecting, SQLite with shard workers
-/// in other processes).
-pub const FALLBACK_POLL: Duration = Duration::from_millis(100);
-
-/// Bumped by every [`ShardStage`] of this process when it writes an answer (just before
-/// its transaction commits): wakes a gather waiting in this process without a database
-/// notification (the embedded deployment).
-static LOCAL_ANSWERS: OnceLock<tokio::sync::watch::Sender<u64>> = OnceLock::new();
-
-fn local_answers() -> &'static tokio::sync::watch::Sender<u64> {
-    LOCAL_ANSWERS.get_or_init(|| tokio::sync::watch::channel(0).0)
-}
-
-/// The process's PostgreSQL `LISTEN cardpipe_dedup_answers` connection: a task forwarding
-/// every notification to a watch channel. Stopped when dropped (with its engine).
-#[derive(Debug)]
-pub(crate) struct AnswerBell {
-    rx: tokio::sync::watch::Receiver<u64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for AnswerBell {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl AnswerBell {
-    /// Listens when the store is PostgreSQL; `None` on SQLite or when the listening
-    /// connection cannot be opened (then gathering falls back to polling, with a warning).
-    pub(crate) async fn start(services: &Services) -> Option<AnswerBell> {
-        if services.store.dialect() != Dialect::Postgres {
-            return None;
-        }
-        let url = services
-            .store
-            .pool()
-            .connect_options()
-            .database_url
-            .to_string();
-        let listener = async {
-            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
-            l.listen(ANSWERS_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        }
-        .await;
-        let mut listener = match listener {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(
-                    database = %redact_url(&url),
-                    error = %e,
-                    "dedup: cannot LISTEN for shard answers; gathering by polling every {} ms",
-                    FALLBACK_POLL.as_millis()
-                );
-                return None;
-            }
-        };
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        let task = tokio::spawn(async move {
-            loop {
-                match listener.try_recv().await {
-                    Ok(Some(_)) => tx.send_modify(|n| *n += 1),
-                    // Connection lost: notifications in the gap are lost, so wake the
-                    // waiters to re-read; the listener reconnects and LISTENs again.
-                    Ok(None) => tx.send_modify(|n| *n += 1),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dedup: shard answer listener failed; retrying in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-        Some(AnswerBell { rx, task })
-    }
-}
-
-/// What a gather waits on between two reads of `dedup_shard_answers`.
-pub(crate) struct Wakeups {
-    local: tokio::sync::watch::Receiver<u64>,
-    remote: Option<tokio::sync::watch::Receiver<u64>>,
-}
-
-impl Wakeups {
-    pub(crate) fn new(bell: Option<&AnswerBell>) -> Self {
-        let mut local = local_answers().subscribe();
-        local.mark_unchanged();
-        let remote = bell.map(|b| {
-            let mut rx = b.rx.clone();
-            rx.mark_unchanged();
-            rx
-        });
-        Wakeups { local, remote }
-    }
-
-    /// Waits until a wake-up (`true`) or `timeout` (`false`).
-    pub(crate) async fn wait(&mut self, timeout: Duration) -> bool {
-        let remote = async {
-            match self.remote.as_mut() {
-                Some(rx) => rx.changed().await.is_ok(),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = self.local.changed() => true,
-            ok = remote => {
-                if !ok {
-                    // The listener task ended: poll from now on.
-                    self.remote = None;
-                }
-                ok
-            }
-            _ = tokio::time::sleep(timeout) => false,
-        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -632,8 +481,6 @@ impl Stage for ShardStage {
                     .bind(at)
                     .execute(&mut **tx)
                     .await?;
-                    // Commits right after this: a gather waiting in this process re-reads.
-                    local_answers().send_modify(|n| *n += 1);
                     Ok(())
                 })
             })))

@@ -165,24 +165,12 @@ impl ShardSet {
         max_results: usize,
         exclude: Option<&str>,
     ) -> Vec<Candidate> {
-        gather(
-            self.answers(probe, max_results, exclude),
-            target_fpir,
-            max_results,
-        )
-    }
-
-    /// Every local shard's unthresholded answer (in parallel), for a later [`gather`].
-    pub fn answers(
-        &self,
-        probe: &Probe,
-        max_results: usize,
-        exclude: Option<&str>,
-    ) -> Vec<ShardAnswer> {
-        self.owned()
+        let answers: Vec<ShardAnswer> = self
+            .owned()
             .par_iter()
             .filter_map(|&k| self.answer(k, probe, max_results, exclude))
-            .collect()
+            .collect();
+        gather(answers, target_fpir, max_results)
     }
 }
 

@@ -17,33 +17,9 @@
 //!   `dedup_enrolled.application_id` is unique and `dedup_candidates` rows are written only
 //!   with the compare-and-set transition, so a redelivered job neither enrols twice nor
 //!   creates a second candidate set.
-//! * **Races — why there is a gallery lock**: a search only finds subjects that are in the
-//!   gallery when it looks. Two enrolments of the same person in one batch (A and B) handled
-//!   at the same time would each search a gallery holding neither, both come out clear and
-//!   both be enrolled: the duplicate is missed although each search was correct. So the
-//!   *decision* — "nothing enrolled so far matches me, enrol me" — must be atomic with
-//!   respect to other decisions: the gallery lock (`dedup_gallery_lock`, see
-//!   [`crate::distributed`]) is held from before the last look at the gallery until the
-//!   commit that writes the enrolment row (and releases it). Whichever of A and B decides
-//!   second then sees the other.
-//! * **Overlapping searches** (`scatter = "local"`): the expensive 1:N search does not need
-//!   the lock, only the last look does. A job first searches without the lock
-//!   ([`DedupEngine::search_unlocked`]: refresh from `dedup_enrolled`, note the highest
-//!   `seq` loaded, search, keep the unthresholded shard answers), then takes the lock and
-//!   compares the probe 1:1 with every row of `dedup_enrolled` whose `seq` is higher
-//!   ([`DedupEngine::recheck`]; usually none or a few), merges that with the search and
-//!   thresholds over the whole gallery. Correct because enrolment rows are only committed
-//!   by a lock holder: rows visible when the search began are in the searched gallery, and
-//!   every row committed since has a higher `seq` (they are written one lock holder at a
-//!   time) and is visible to the re-check. So searches of many jobs and processes overlap;
-//!   the lock covers a few 1:1 comparisons and the commit. Limits: more than
-//!   [`RECHECK_LIMIT`] enrolments during one search → the gallery is searched again under
-//!   the lock; an enrolment the search already saw (made by this process just before) may
-//!   be counted twice in the gallery size used for the threshold (negligible: the threshold
-//!   moves by log10((N + d) / N)). Operator clearances (adjudication) write `dedup_enrolled`
-//!   without the lock, as before: one clearing concurrently with a search of the same
-//!   person can be missed by both designs. The broker scatter still searches under the lock
-//!   (its sub-jobs and crash recovery are tied to it); the same re-check would apply to it.
+//! * **Races**: identify + insert run under the gallery lock (`dedup_gallery_lock`, see
+//!   [`crate::distributed`]), released in the commit of the decision: two enrolments of the
+//!   same person handled concurrently, by one process or by several, catch each other.
 //! * **Scatter**: `[dedup] scatter = "local"` searches the shards of this process;
 //!   `"broker"` sends one sub-job per shard to the `dedup-shard-<k>` stages and gathers their
 //!   answers ([`crate::distributed`]); both decide with [`crate::scatter::gather`].
@@ -274,8 +250,6 @@ pub struct DedupEngine {
     loaded: tokio::sync::OnceCell<()>,
     last_seq: AtomicI64,
     enrol_lock: tokio::sync::Mutex<()>,
-    /// PostgreSQL LISTEN for shard answers (broker scatter), started at the first gather.
-    answer_bell: tokio::sync::OnceCell<Option<crate::distributed::AnswerBell>>,
     pub(crate) metrics: DedupMetrics,
 }
 
@@ -326,7 +300,6 @@ impl DedupEngine {
             loaded: tokio::sync::OnceCell::new(),
             last_seq: AtomicI64::new(0),
             enrol_lock: tokio::sync::Mutex::new(()),
-            answer_bell: tokio::sync::OnceCell::new(),
             metrics: DedupMetrics::new(),
         }))
     }
@@ -466,156 +439,10 @@ impl DedupEngine {
         Ok(found)
     }
 
-    /// Subscribes to the shard-answer wake-ups (PostgreSQL notifications when the store is
-    /// PostgreSQL, plus the in-process ones); the listening connection is opened once.
-    pub(crate) async fn answer_wakeups(&self, services: &Services) -> crate::distributed::Wakeups {
-        let bell = self
-            .answer_bell
-            .get_or_init(|| crate::distributed::AnswerBell::start(services))
-            .await;
-        crate::distributed::Wakeups::new(bell.as_ref())
-    }
-
-    /// The optimistic half of a local-scatter search, run WITHOUT the gallery lock: brings the
-    /// in-memory gallery up to every committed enrolment, notes the last enrolment `seq` it
-    /// covers and searches every local shard (unthresholded answers, thresholded later by
-    /// [`DedupEngine::recheck`] once the lock is held).
-    pub async fn search_unlocked(
-        &self,
-        services: &Services,
-        tenprint: &TenPrint,
-        exclude: &str,
-    ) -> anyhow::Result<UnlockedSearch> {
-        anyhow::ensure!(
-            self.shards.is_complete(),
-            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
-             scatter-gather ([dedup] scatter = \"broker\")",
-            self.shards.owned(),
-            self.shards.count()
-        );
-        let started = Instant::now();
-        let seen_seq = {
-            let _refreshing = self.enrol_lock.lock().await;
-            self.refresh(services).await?;
-            self.last_seq.load(Ordering::SeqCst)
-        };
-        let shards = self.shards.clone();
-        let tp = tenprint.clone();
-        let own = exclude.to_owned();
-        let max = self.config.max_candidates;
-        let answers =
-            tokio::task::spawn_blocking(move || shards.answers(&Probe::new(&tp), max, Some(&own)))
-                .await?;
-        self.metrics.search.observe(started.elapsed().as_secs_f64());
-        Ok(UnlockedSearch { answers, seen_seq })
-    }
-
-    /// The locked half: called while holding the gallery lock, compares the probe 1:1 with
-    /// every subject enrolled since [`DedupEngine::search_unlocked`] looked (rows of
-    /// `dedup_enrolled` with a higher `seq`: enrolments are only committed under the lock,
-    /// so no enrolment can be missing from both), then thresholds over the whole gallery.
-    /// More than [`RECHECK_LIMIT`] such subjects: the whole gallery is searched again.
-    /// Returns the candidates and the gallery size they were thresholded over.
-    pub async fn recheck(
-        &self,
-        services: &Services,
-        search: UnlockedSearch,
-        tenprint: &TenPrint,
-        exclude: &str,
-    ) -> anyhow::Result<(Vec<Candidate>, usize)> {
-        let rows = sqlx::query(
-            "SELECT application_id, sealed_templates FROM dedup_enrolled
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(search.seen_seq)
-        .bind(RECHECK_LIMIT as i64 + 1)
-        .fetch_all(services.store.pool())
-        .await
-        .context("reading dedup enrolments made during the search")?;
-        if rows.len() > RECHECK_LIMIT {
-            let _refreshing = self.enrol_lock.lock().await;
-            self.refresh(services).await?;
-            let found = self.search(tenprint, exclude).await?;
-            return Ok((found, self.shards.len()));
-        }
-        let mut since = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("application_id")?;
-            if id == exclude {
-                continue;
-            }
-            let sealed: Vec<u8> = row.try_get("sealed_templates")?;
-            let plain = services
-                .sealer
-                .open(&templates_context(&id), &sealed)
-                .with_context(|| format!("opening enrolled templates of {id}"))?;
-            let records = decode_templates(&plain)
-                .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
-            since.push((id, records));
-        }
-        let tp = tenprint.clone();
-        let max = self.config.max_candidates;
-        let delta = tokio::task::spawn_blocking(move || {
-            let probe = Probe::new(&tp);
-            let calibration = crate::matcher::Calibration::synthetic();
-            let mut candidates: Vec<Candidate> = since
-                .iter()
-                .filter_map(|(id, records)| {
-                    let other = TenPrint::from_iso(records).ok()?;
-                    let v = crate::matcher::verify(&probe, &other, 1.0, calibration);
-                    Some(Candidate {
-                        reference_id: id.clone(),
-                        fused: v.fused,
-                        prefilter: 0,
-                    })
-                })
-                .collect();
-            candidates.sort_by(|a, b| b.fused.score.total_cmp(&a.fused.score));
-            candidates.truncate(max);
-            crate::scatter::ShardAnswer {
-                shard: u32::MAX,
-                size: since.len(),
-                candidates,
-            }
-        })
-        .await?;
-        let mut answers = search.answers;
-        answers.push(delta);
-        let size = answers.iter().map(|a| a.size).sum();
-        let found =
-            crate::scatter::gather(answers, self.config.target_fpir, self.config.max_candidates);
-        Ok((found, size))
-    }
-
     /// Enrols in memory (if the owning shard is held here); idempotent.
     pub fn enrol_local(&self, id: &str, tenprint: &TenPrint) {
         self.shards.insert(id, tenprint);
         self.update_gauges();
-    }
-}
-
-/// Subjects enrolled during an unlocked search above which [`DedupEngine::recheck`] searches
-/// the whole gallery again instead of comparing them one by one.
-pub const RECHECK_LIMIT: usize = 2_000;
-
-/// What [`DedupEngine::search_unlocked`] found, to be completed under the gallery lock by
-/// [`DedupEngine::recheck`].
-#[derive(Debug)]
-pub struct UnlockedSearch {
-    answers: Vec<crate::scatter::ShardAnswer>,
-    seen_seq: i64,
-}
-
-impl UnlockedSearch {
-    /// The gallery subjects this search covered.
-    pub fn size(&self) -> usize {
-        self.answers.iter().map(|a| a.size).sum()
-    }
-
-    /// Candidates of the search alone, thresholded over the gallery it saw (what a decision
-    /// without the re-check under the lock would have used).
-    pub fn candidates(&self, target_fpir: f64, max_results: usize) -> Vec<Candidate> {
-        crate::scatter::gather(self.answers.clone(), target_fpir, max_results)
     }
 }
 
@@ -777,20 +604,9 @@ impl Stage for DedupStage {
         let engine = &self.engine;
         engine.ready(services).await?;
         let (records, tenprint) = probe_of(services, &app.id).await?;
-        // Local scatter: the search itself runs before the gallery lock, so searches of
-        // several jobs and processes overlap; only the re-check against what was enrolled
-        // meanwhile runs under the lock (see the module docs, "Races").
-        let unlocked = match engine.config.scatter {
-            ScatterMode::Local => Some(
-                engine
-                    .search_unlocked(services, &tenprint, app.id.as_str())
-                    .await?,
-            ),
-            ScatterMode::Broker => None,
-        };
-        // One decision (re-check + enrolment) at a time across every dedup worker (the
-        // gallery lock, released in the commit below): a second enrolment of the same person
-        // is compared with the first.
+        // One search + enrolment at a time across every dedup worker (the gallery lock,
+        // released in the commit below): a second enrolment of the same person searches
+        // a gallery that holds the first.
         let waited = Instant::now();
         let lock =
             crate::distributed::GalleryLock::acquire(services, engine.config(), app.id.as_str())
@@ -811,14 +627,22 @@ impl Stage for DedupStage {
                 return Err(e.into());
             }
         }
-        let searched = match unlocked {
-            Some(unlocked) => engine
-                .recheck(services, unlocked, &tenprint, app.id.as_str())
-                .await
-                .map(|(found, size)| (found, size, None)),
-            None => crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
-                .await
-                .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id))),
+        let searched = match engine.config.scatter {
+            ScatterMode::Local => {
+                let _enrolling = engine.enrol_lock.lock().await;
+                match engine.refresh(services).await {
+                    Ok(_) => engine
+                        .search(&tenprint, app.id.as_str())
+                        .await
+                        .map(|found| (found, engine.shards.len(), None)),
+                    Err(e) => Err(e),
+                }
+            }
+            ScatterMode::Broker => {
+                crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
+                    .await
+                    .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id)))
+            }
         };
         let (found, gallery_size, scatter_id) = match searched {
             Ok(s) => s,

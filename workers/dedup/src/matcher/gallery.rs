@@ -5,9 +5,8 @@
 //! * the compact minutiae of the ten fingers in one boxed byte blob (5 bytes per minutia);
 //! * the reference id and a hash-map entry from id to slot.
 //!
-//! That is 640 B of codes + ~1.6 KB of minutiae + ~100 B of bookkeeping per subject:
-//! measured 2.3–2.4 KB per subject, 2.2 GiB of gallery and 2.5 GiB peak RSS for a million
-//! synthetic subjects (`BENCH_DEDUP.md`). Cylinders for the precise stage are rebuilt from the
+//! That is roughly 640 B of codes + ~2 KB of minutiae + ~100 B of bookkeeping per subject,
+//! so a million subjects need ~3 GB. Cylinders for the precise stage are rebuilt from the
 //! compact minutiae for the shortlisted subjects only.
 //!
 //! **Search** ([`Gallery::identify_batch`]): the candidate stage scans every subject's ten
@@ -163,41 +162,6 @@ impl Probe {
             codes,
             pops,
             templates,
-        }
-    }
-}
-
-/// A ten-print ready to be enrolled: its candidate codes (the expensive part: cylinders are
-/// built to derive them) and its compact minutiae blob. Building one needs no gallery.
-#[derive(Clone)]
-pub struct PreparedSubject {
-    codes: [u64; STRIDE],
-    pops: [u16; 10],
-    blob: Box<[u8]>,
-}
-
-impl fmt::Debug for PreparedSubject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PreparedSubject { <redacted> }")
-    }
-}
-
-impl PreparedSubject {
-    /// Computes the codes and the storage blob of `tenprint`.
-    pub fn new(tenprint: &TenPrint) -> Self {
-        let mut codes = [0u64; STRIDE];
-        let mut pops = [0u16; 10];
-        for (i, f) in tenprint.fingers.iter().enumerate() {
-            if let Some(f) = f {
-                let c = FingerCode::new(&FingerTemplate::new(f));
-                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
-                pops[i] = c.popcount() as u16;
-            }
-        }
-        PreparedSubject {
-            codes,
-            pops,
-            blob: tenprint.to_blob(),
         }
     }
 }
@@ -359,14 +323,16 @@ impl Gallery {
     /// Enrols (or re-enrols, replacing the data) `reference_id`. Returns `true` if the id was
     /// new. Idempotent: inserting the same id twice leaves one entry.
     pub fn insert(&mut self, reference_id: &str, tenprint: &TenPrint) -> bool {
-        self.insert_ready(reference_id, PreparedSubject::new(tenprint))
-    }
-
-    /// Enrols a subject whose codes were computed beforehand ([`PreparedSubject::new`], which
-    /// needs no access to the gallery and so can run on many threads while the gallery is only
-    /// locked for the cheap append). Same result as [`Gallery::insert`].
-    pub fn insert_ready(&mut self, reference_id: &str, subject: PreparedSubject) -> bool {
-        self.insert_prepared(reference_id, &subject.codes, &subject.pops, subject.blob)
+        let mut codes = [0u64; STRIDE];
+        let mut pops = [0u16; 10];
+        for (i, f) in tenprint.fingers.iter().enumerate() {
+            if let Some(f) = f {
+                let c = FingerCode::new(&FingerTemplate::new(f));
+                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
+                pops[i] = c.popcount() as u16;
+            }
+        }
+        self.insert_prepared(reference_id, &codes, &pops, tenprint.to_blob())
     }
 
     fn insert_prepared(

@@ -27,7 +27,7 @@ pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
 pub use compare::{MatchDetail, compare, compare_detail};
 pub use gallery::{
-    Candidate, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard, ShardError, TenPrint,
-    TenPrintError, Verification, merge_candidates, reference_hash, verify,
+    Candidate, Gallery, IdentifyOptions, Probe, Shard, ShardError, TenPrint, TenPrintError,
+    Verification, merge_candidates, reference_hash, verify,
 };
 pub use template::{CanonMinutia, Finger, FingerTemplate};
