@@ -45,11 +45,48 @@ old_dbs=$(psql -h 127.0.0.1 -U postgres -Atc "SELECT datname FROM pg_database WH
 for db in $old_dbs; do psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 
 # --- RabbitMQ ----------------------------------------------------------------
-if ! ss -ltn | grep -q ':5672 '; then
-  log "starting RabbitMQ"
-  rabbitmq-server -detached
-  for _ in $(seq 1 60); do ss -ltn | grep -q ':5672 ' && break; sleep 1; done
-  rabbitmqctl await_startup >/dev/null
+# Every step is bounded: a broker that cannot start (a node whose application
+# was stopped, data left broken by a full disk) must fail this script with the
+# reason, never hang the test run.
+rabbit_listening() { ss -ltn | grep -q ':5672 '; }
+rabbit_wait_port() { for _ in $(seq 1 "$1"); do rabbit_listening && return 0; sleep 1; done; return 1; }
+rabbit_start() {
+  if timeout 30 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+    log "RabbitMQ node is up but not listening: starting its application"
+    timeout 180 rabbitmqctl -q start_app >/dev/null 2>&1 || true
+  else
+    log "starting RabbitMQ"
+    timeout 60 rabbitmq-server -detached || true
+  fi
+  rabbit_wait_port 120
+}
+if ! rabbit_listening && ! rabbit_start; then
+  log "RabbitMQ did not start; last lines of its log:"
+  tail -n 20 /var/log/rabbitmq/*.log 2>/dev/null | sed 's/^/[services]   /' || true
+  if [[ "${CI:-}" == "true" || "${CARDPIPE_TEST_RESET_BROKER:-}" == "1" ]]; then
+    # The test machine's broker holds nothing but test queues: set its data
+    # aside (kept, renamed) and start it fresh.
+    log "resetting the test broker's data (moved to /var/lib/rabbitmq/mnesia.broken.*)"
+    timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || pkill -f 'beam.smp.*rabbit' || true
+    sleep 2
+    mv /var/lib/rabbitmq/mnesia "/var/lib/rabbitmq/mnesia.broken.$(date +%s)" 2>/dev/null || true
+    timeout 60 rabbitmq-server -detached || true
+    rabbit_wait_port 120 || { log "RabbitMQ still not listening on :5672 - giving up"; exit 1; }
+  else
+    log "RabbitMQ is not listening on :5672 (set CARDPIPE_TEST_RESET_BROKER=1 to reset its data)"
+    exit 1
+  fi
+fi
+if ! timeout 180 rabbitmqctl -q await_startup --timeout 170 >/dev/null 2>&1; then
+  log "RabbitMQ listens on :5672 but its application did not finish starting within 3 minutes"
+  exit 1
+fi
+# A resource alarm (disk or memory) blocks every publisher: tests would hang.
+if ! timeout 60 rabbitmq-diagnostics -q check_local_alarms >/dev/null 2>&1; then
+  log "RabbitMQ has a resource alarm in effect (free disk or memory too low):"
+  timeout 60 rabbitmq-diagnostics -q alarms 2>&1 | sed 's/^/[services]   /' || true
+  df -h / | sed 's/^/[services]   /'
+  exit 1
 fi
 
 # --- S3-compatible server (s3s-fs, pinned, cached outside the clone) ---------
