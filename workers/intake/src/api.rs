@@ -18,7 +18,7 @@ use cardpipe_common::clock::{from_rfc3339, to_rfc3339};
 use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
-use cardpipe_common::store::{Store, Transition};
+use cardpipe_common::store::{Store, StoreError, Transition};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -45,6 +45,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/status/{tracking_code}"),
     ("POST", "/api/v1/tracking-code/recovery"),
 ];
+
+/// Routes of the registry API documented in [`OPENAPI`] but served by another component's
+/// router (merged into the same server by the `cardpipe` binary).
+pub const ROUTES_SERVED_ELSEWHERE: &[(&str, &str)] = &[("POST", "/api/v1/reprints")];
 
 /// States in which the pickup office may still change (before packing).
 const OFFICE_CHANGEABLE: &[ApplicationState] = &[
@@ -98,7 +102,7 @@ impl From<IntakeError> for ApiError {
     }
 }
 
-impl From<cardpipe_common::store::StoreError> for ApiError {
+impl From<StoreError> for ApiError {
     fn from(e: cardpipe_common::store::StoreError) -> Self {
         IntakeError::Store(e).into()
     }
@@ -150,14 +154,21 @@ async fn audit_registry(
     Ok(())
 }
 
-async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Middleware for every registry route: refuses a request without a valid bearer
+/// token before its body is read, and hands the handler the [`Client`] it belongs to.
+/// Other crates' registry routes (reprints) layer it with their own copy of the config.
+pub async fn require_registry_client(
+    State(cfg): State<Arc<RegistryConfig>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match token.and_then(|t| state.cfg.client_for_token(t)) {
+    match token.and_then(|t| cfg.client_for_token(t)) {
         Some(name) => {
             let client = Client(name.to_owned());
             req.extensions_mut().insert(client);
@@ -198,7 +209,10 @@ pub fn router(services: Services, config: RegistryConfig) -> Router {
         )
         .route("/api/v1/status/{tracking_code}", get(status))
         .route("/api/v1/tracking-code/recovery", post(recover))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(middleware::from_fn_with_state(
+            state.cfg.clone(),
+            require_registry_client,
+        ))
         .with_state(state)
 }
 
@@ -463,30 +477,47 @@ async fn owned_application(
     client: &str,
     registry_id: &str,
 ) -> Result<Application, ApiError> {
-    let app = state
-        .services
-        .store
-        .application_by_registry_id(registry_id)
+    application_of_client(&state.services, client, registry_id)
         .await?
-        .ok_or_else(|| not_found("application"))?;
-    check_owner(state, client, &app).await?;
-    Ok(app)
+        .ok_or_else(|| not_found("application"))
 }
 
 async fn check_owner(state: &AppState, client: &str, app: &Application) -> Result<(), ApiError> {
-    let owner: Option<String> = match &app.batch_id {
-        Some(b) => sqlx::query("SELECT client FROM batches WHERE id = $1")
-            .bind(b)
-            .fetch_optional(state.services.store.pool())
-            .await?
-            .map(|r| r.try_get("client"))
-            .transpose()?,
-        None => None,
-    };
-    if owner.as_deref() == Some(client) {
+    if batch_owner(&state.services, app).await?.as_deref() == Some(client) {
         Ok(())
     } else {
         Err(not_found("application"))
+    }
+}
+
+/// The application with this registry id if the registry client `client` submitted it;
+/// `None` both when it does not exist and when another client owns it (a client cannot
+/// learn which of another client's ids exist).
+pub async fn application_of_client(
+    services: &Services,
+    client: &str,
+    registry_id: &str,
+) -> Result<Option<Application>, StoreError> {
+    let Some(app) = services
+        .store
+        .application_by_registry_id(registry_id)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok((batch_owner(services, &app).await?.as_deref() == Some(client)).then_some(app))
+}
+
+async fn batch_owner(services: &Services, app: &Application) -> Result<Option<String>, StoreError> {
+    match &app.batch_id {
+        Some(b) => sqlx::query("SELECT client FROM batches WHERE id = $1")
+            .bind(b)
+            .fetch_optional(services.store.pool())
+            .await?
+            .map(|r| r.try_get("client"))
+            .transpose()
+            .map_err(StoreError::from),
+        None => Ok(None),
     }
 }
 

@@ -11,12 +11,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use cardpipe_common::runtime::Services;
+use cardpipe_intake::api::{Client, application_of_client, require_registry_client};
 use cardpipe_intake::config::RegistryConfig;
 use serde::Deserialize;
 use serde_json::json;
@@ -27,7 +29,6 @@ use crate::stock::StockError;
 #[derive(Clone)]
 struct AppState {
     services: Services,
-    registry: Arc<RegistryConfig>,
 }
 
 struct ApiError(StatusCode, String);
@@ -76,14 +77,16 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal failure".into())
 }
 
-/// The router (registry reprints only).
+/// The router (registry reprints only). The registry's bearer-token check runs before the
+/// body is read; a client can reprint only applications it submitted.
 pub fn router(services: Services, registry: RegistryConfig) -> Router {
     Router::new()
         .route("/api/v1/reprints", post(registry_reprint))
-        .with_state(AppState {
-            services,
-            registry: Arc::new(registry),
-        })
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(registry),
+            require_registry_client,
+        ))
+        .with_state(AppState { services })
 }
 
 #[derive(Deserialize)]
@@ -103,26 +106,11 @@ fn reason(text: &str) -> Result<ReprintReason, ApiError> {
 
 async fn registry_reprint(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(Client(client)): Extension<Client>,
     Json(b): Json<ReprintBody>,
 ) -> Result<Response, ApiError> {
-    let client = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| s.registry.client_for_token(t.trim()))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::UNAUTHORIZED,
-                "a valid bearer token is required".into(),
-            )
-        })?;
     let reason = reason(&b.reason)?;
-    let app = s
-        .services
-        .store
-        .application_by_registry_id(&b.application_id)
+    let app = application_of_client(&s.services, &client, &b.application_id)
         .await
         .map_err(internal)?
         .ok_or_else(|| {
