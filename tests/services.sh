@@ -48,7 +48,27 @@ for db in $old_dbs; do psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXIST
 # Every step is bounded: a broker that cannot start (a node whose application
 # was stopped, data left broken by a full disk) must fail this script with the
 # reason, never hang the test run.
+# RabbitMQ counts sockets and queue files against its file-handle limit (from ulimit -n):
+# at Debian's default 1024 it stops accepting connections once ~300 quorum queues exist,
+# which one test run creates, and waits for queues to expire. Start it with more.
+RABBIT_NOFILE=$(ulimit -Hn)
+[[ "$RABBIT_NOFILE" == unlimited || "$RABBIT_NOFILE" -gt 65536 ]] && RABBIT_NOFILE=65536
 rabbit_listening() { ss -ltn | grep -q ':5672 '; }
+rabbit_server_detached() {
+  # Debian's wrapper starts the server through `su rabbitmq`, whose PAM session applies
+  # limits.conf: raise the rabbitmq user's limit there, and this shell's for the rest.
+  local want
+  want=$(printf 'rabbitmq soft nofile %s\nrabbitmq hard nofile %s' "$RABBIT_NOFILE" "$RABBIT_NOFILE")
+  if [[ -d /etc/security/limits.d && "$(cat /etc/security/limits.d/rabbitmq.conf 2>/dev/null)" != "$want" ]]; then
+    printf '%s\n' "$want" >/etc/security/limits.d/rabbitmq.conf 2>/dev/null || true
+  fi
+  ( ulimit -Hn "$RABBIT_NOFILE" 2>/dev/null || true
+    ulimit -n "$RABBIT_NOFILE" 2>/dev/null || true
+    timeout 60 rabbitmq-server -detached ) || true
+}
+rabbit_handle_limit() {
+  timeout 30 rabbitmqctl -q eval 'file_handle_cache:info([total_limit]).' 2>/dev/null | tr -dc 0-9
+}
 rabbit_wait_port() { for _ in $(seq 1 "$1"); do rabbit_listening && return 0; sleep 1; done; return 1; }
 rabbit_start() {
   if timeout 30 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
@@ -56,7 +76,7 @@ rabbit_start() {
     timeout 180 rabbitmqctl -q start_app >/dev/null 2>&1 || true
   else
     log "starting RabbitMQ"
-    timeout 60 rabbitmq-server -detached || true
+    rabbit_server_detached
   fi
   rabbit_wait_port 120
 }
@@ -70,7 +90,7 @@ if ! rabbit_listening && ! rabbit_start; then
     timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || pkill -f 'beam.smp.*rabbit' || true
     sleep 2
     mv /var/lib/rabbitmq/mnesia "/var/lib/rabbitmq/mnesia.broken.$(date +%s)" 2>/dev/null || true
-    timeout 60 rabbitmq-server -detached || true
+    rabbit_server_detached
     rabbit_wait_port 120 || { log "RabbitMQ still not listening on :5672 - giving up"; exit 1; }
   else
     log "RabbitMQ is not listening on :5672 (set CARDPIPE_TEST_RESET_BROKER=1 to reset its data)"
@@ -80,6 +100,17 @@ fi
 if ! timeout 180 rabbitmqctl -q await_startup --timeout 170 >/dev/null 2>&1; then
   log "RabbitMQ listens on :5672 but its application did not finish starting within 3 minutes"
   exit 1
+fi
+limit=$(rabbit_handle_limit)
+if [[ -n "$limit" && $((limit + 1000)) -lt "$RABBIT_NOFILE" ]]; then
+  log "RabbitMQ has only $limit file handles (ulimit -n); restarting it with ulimit -n $RABBIT_NOFILE"
+  timeout 120 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  for _ in $(seq 1 60); do rabbit_listening || break; sleep 1; done
+  rabbit_server_detached
+  rabbit_wait_port 120 || { log "RabbitMQ did not come back on :5672"; exit 1; }
+  timeout 180 rabbitmqctl -q await_startup --timeout 170 >/dev/null 2>&1 ||
+    { log "RabbitMQ did not finish starting"; exit 1; }
+  log "RabbitMQ file handles: $(rabbit_handle_limit)"
 fi
 # A resource alarm (disk or memory) blocks every publisher: tests would hang.
 if ! timeout 60 rabbitmq-diagnostics -q check_local_alarms >/dev/null 2>&1; then

@@ -88,6 +88,7 @@ pub async fn run(
     }
     let mut app = cardpipe_common::telemetry::http::router(services.clone(), stage_names.clone());
     if full_http {
+        stages::prepare_routes(&services, &loaded).await?;
         app = app.merge(stages::routes(&services, &loaded)?);
     }
     let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -166,6 +166,17 @@ pub fn build(
     Ok(stages)
 }
 
+/// What the HTTP routes need before the process listens: the console's first supervisor.
+pub async fn prepare_routes(services: &Services, config: &LoadedConfig) -> anyhow::Result<()> {
+    cardpipe_console::prepare(
+        services,
+        &cardpipe_console::ConsoleConfig::load(config)?,
+        &config.config.data_dir,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("could not create the first console supervisor: {e}"))
+}
+
 /// HTTP routes served by `cardpipe run` and `cardpipe serve` (registry API,
 /// console), merged with /metrics, /healthz and /readyz.
 pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Router> {
@@ -176,7 +187,6 @@ pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Ro
     router = router.merge(cardpipe_console::router(
         _services.clone(),
         &cardpipe_console::ConsoleConfig::load(_config)?,
-        _config.config.data_dir.clone(),
         NAMES.iter().map(|s| s.to_string()).collect(),
         Some(cardpipe_dedup::stage::shared(_config)?),
     ));

@@ -47,6 +47,16 @@ struct Running {
     seen: Vec<String>,
 }
 
+/// A test that fails part-way must not leave the server running after it.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     fn start(dir: &Path, port: u16) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))

@@ -324,21 +324,32 @@ pub async fn ensure_admin(
     }
     let password = random_password(24);
     let path = data_dir.join(ADMIN_PASSWORD_FILE);
-    match add_operator(
+    // The file is written before the account exists and renamed into place after: a crash
+    // in between never leaves an `admin` whose password nobody has.
+    let pending = data_dir.join(format!("{ADMIN_PASSWORD_FILE}.{}", std::process::id()));
+    write_private(&pending, &format!("{password}\n"))
+        .map_err(|e| AuthError::BadInput(format!("cannot write {}: {e}", pending.display())))?;
+    let created = add_operator(
         services,
         ADMIN_LOGIN,
         Role::Supervisor,
         &password,
         ("system:console", "system"),
     )
-    .await
-    {
+    .await;
+    match created {
         Ok(()) => {}
         // Another replica created it first: its password file is the one that counts.
-        Err(AuthError::Exists(_)) => return Ok(None),
-        Err(e) => return Err(e),
+        Err(AuthError::Exists(_)) => {
+            let _ = std::fs::remove_file(&pending);
+            return Ok(None);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&pending);
+            return Err(e);
+        }
     }
-    write_private(&path, &format!("{password}\n"))
+    std::fs::rename(&pending, &path)
         .map_err(|e| AuthError::BadInput(format!("cannot write {}: {e}", path.display())))?;
     tracing::info!(path = %path.display(), "created the first console supervisor `admin`; its password is in this file");
     Ok(Some(path))

@@ -91,12 +91,25 @@ pub fn attached_farm() -> Option<Arc<Farm>> {
     FARM.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// The console router for a process: creates the first supervisor if needed (in the
-/// background; the password goes to `<data_dir>/console-admin-password`).
+/// Creates the first supervisor if the store has no operator yet (see
+/// [`auth::ensure_admin`]; the password goes to `<data_dir>/console-admin-password`). A
+/// process serving the console awaits this before it listens, so the password file exists
+/// by the time anyone can reach the login page.
+pub async fn prepare(
+    services: &Services,
+    config: &ConsoleConfig,
+    data_dir: &std::path::Path,
+) -> Result<(), auth::AuthError> {
+    if config.create_admin {
+        auth::ensure_admin(services, data_dir).await?;
+    }
+    Ok(())
+}
+
+/// The console router for a process (call [`prepare`] first).
 pub fn router(
     services: Services,
     config: &ConsoleConfig,
-    data_dir: std::path::PathBuf,
     stages: Vec<String>,
     engine: Option<Arc<cardpipe_dedup::stage::DedupEngine>>,
 ) -> axum::Router {
@@ -105,14 +118,6 @@ pub fn router(
         config.login_max_failures,
         Duration::from_secs(config.login_window_seconds),
     );
-    if config.create_admin {
-        let s = services.clone();
-        tokio::spawn(async move {
-            if let Err(e) = auth::ensure_admin(&s, &data_dir).await {
-                tracing::error!(error = %e, "could not create the first console supervisor");
-            }
-        });
-    }
     web::router(web::ConsoleState {
         services,
         stages,
