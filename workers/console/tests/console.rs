@@ -3,8 +3,6 @@
 //! parked work retry / drop / force-fail, encoder service, "not available" pages, office
 //! discrepancies resolved by supervisors only, and an audit entry for every action.
 
-use std::time::Duration;
-
 use cardpipe_common::audit;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
@@ -98,13 +96,10 @@ async fn serve(services: &Services, data_dir: &std::path::Path) -> Console {
         login_max_failures: 3,
         ..ConsoleConfig::default()
     };
-    let app = router(
-        services.clone(),
-        &config,
-        data_dir.to_path_buf(),
-        vec!["keys".into()],
-        None,
-    );
+    cardpipe_console::prepare(services, &config, data_dir)
+        .await
+        .expect("first supervisor");
+    let app = router(services.clone(), &config, vec!["keys".into()], None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
@@ -168,17 +163,13 @@ async fn page(c: &reqwest::Client, url: &str) -> (u16, String) {
     (res.status().as_u16(), res.text().await.unwrap())
 }
 
+/// The first supervisor's password: `prepare` has written it before the console serves.
 async fn wait_for_admin(dir: &std::path::Path) -> String {
     let path = dir.join(auth::ADMIN_PASSWORD_FILE);
-    for _ in 0..100 {
-        if let Ok(p) = std::fs::read_to_string(&path)
-            && !p.trim().is_empty()
-        {
-            return p.trim().to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{} was not written", path.display());
+    let p = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} not written before serving: {e}", path.display()));
+    assert!(!p.trim().is_empty());
+    p.trim().to_owned()
 }
 
 async fn actions_of(services: &Services) -> Vec<(String, String, String)> {
