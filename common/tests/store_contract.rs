@@ -352,6 +352,73 @@ async fn leases_and_runs_are_exclusive(store: Store) {
     tx.commit().await.expect("commit");
 }
 
+/// The store-wide gauges computed at scrape time: overdue applications (received over 30
+/// days ago, card not at an office, still in progress) and the newest CRL's times, which
+/// are absent until a CRL exists.
+async fn scrape_time_gauges_read_the_store(store: Store) {
+    use cardpipe_common::broker::memory::MemoryBroker;
+    use cardpipe_common::clock::{Clock, TestClock, to_rfc3339};
+    use cardpipe_common::telemetry::metrics::Metrics;
+
+    let start = now();
+    // Received now: one stays in progress, one reaches its office, one is rejected.
+    let in_progress = new_app(&store, "OV-1").await;
+    let at_office = new_app(&store, "OV-2").await;
+    let rejected = new_app(&store, "OV-3").await;
+    for (id, state) in [
+        (&at_office, "at_office"),
+        (&rejected, "rejected"),
+        (&in_progress, "keys_issued"),
+    ] {
+        sqlx::query("UPDATE applications SET state = $1 WHERE id = $2")
+            .bind(state)
+            .bind(id.as_str())
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+    let metrics = Metrics::new();
+    let broker = MemoryBroker::new();
+    let clock = TestClock::at(start);
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.trim().parse().unwrap())
+    };
+
+    metrics.refresh(&store, &broker, &[], &clock).await;
+    let text = metrics.encode();
+    assert_eq!(value(&text, "cardpipe_applications_overdue"), Some(0.0));
+    assert!(
+        !text.contains("cardpipe_crl_"),
+        "no CRL yet: no CRL gauges\n{text}"
+    );
+
+    // 31 days on, only the one still in progress is overdue.
+    clock.advance(Duration::days(31));
+    let published = clock.now();
+    sqlx::query(
+        "INSERT INTO crl_state (number, published_at, next_update, object_key, revoked_count)
+         VALUES (1, $1, $2, 'crl/1.crl', 0)",
+    )
+    .bind(to_rfc3339(published))
+    .bind(to_rfc3339(published + Duration::days(1)))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    metrics.refresh(&store, &broker, &[], &clock).await;
+    let text = metrics.encode();
+    assert_eq!(value(&text, "cardpipe_applications_overdue"), Some(1.0));
+    assert_eq!(
+        value(&text, "cardpipe_crl_last_published_timestamp_seconds"),
+        Some(published.unix_timestamp() as f64)
+    );
+    assert_eq!(
+        value(&text, "cardpipe_crl_next_update_timestamp_seconds"),
+        Some((published + Duration::days(1)).unix_timestamp() as f64)
+    );
+}
+
 macro_rules! contract {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -380,6 +447,11 @@ macro_rules! contract {
             async fn leases_and_runs_are_exclusive() {
                 let (store, _guard) = $make;
                 super::leases_and_runs_are_exclusive(store).await
+            }
+            #[tokio::test]
+            async fn scrape_time_gauges_read_the_store() {
+                let (store, _guard) = $make;
+                super::scrape_time_gauges_read_the_store(store).await
             }
         }
     };

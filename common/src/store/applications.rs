@@ -266,6 +266,46 @@ impl Store {
             .collect()
     }
 
+    /// Applications received before `received_before` whose card has not reached a pickup
+    /// office and that are still being worked on (not collected, voided, cancelled,
+    /// rejected or a confirmed duplicate): the programme promises a card within a month.
+    pub async fn count_overdue(&self, received_before: OffsetDateTime) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM applications
+             WHERE created_at < $1 AND state NOT IN
+               ('at_office', 'collected', 'voided', 'cancelled', 'rejected', 'confirmed_duplicate')",
+        )
+        .bind(to_rfc3339(received_before))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// When the newest CRL was published and its nextUpdate, if any CRL was published.
+    pub async fn latest_crl_times(
+        &self,
+    ) -> Result<Option<(OffsetDateTime, OffsetDateTime)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT published_at, next_update FROM crl_state ORDER BY number DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let at: String = r.try_get("published_at")?;
+            let next: String = r.try_get("next_update")?;
+            let bad = |column: &'static str, e: &dyn ToString| StoreError::Corrupt {
+                table: "crl_state",
+                column,
+                message: e.to_string(),
+            };
+            Ok((
+                from_rfc3339(&at).map_err(|e| bad("published_at", &e))?,
+                from_rfc3339(&next).map_err(|e| bad("next_update", &e))?,
+            ))
+        })
+        .transpose()
+    }
+
     /// Number of applications in each state (states with none are omitted).
     pub async fn count_by_state(&self) -> Result<Vec<(ApplicationState, i64)>, StoreError> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM applications GROUP BY state")

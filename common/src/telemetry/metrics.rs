@@ -4,10 +4,11 @@
 //! state, topic, queue). The README's metrics catalogue lists them all.
 //!
 //! Gauges that describe the store and the broker (applications per state,
-//! queue depths, outbox lag) are computed at scrape time by
-//! [`Metrics::refresh`].
+//! overdue applications, queue depths, outbox lag, the newest CRL's times) are
+//! computed at scrape time by [`Metrics::refresh`], so every replica reports the
+//! same value (dashboards and alerts aggregate them with `max`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -69,6 +70,16 @@ struct TopicLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+/// A card is due at its pickup office within this long of the application being received.
+const OVERDUE_AFTER: time::Duration = time::Duration::days(30);
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     stage: String,
     queue: String,
@@ -93,6 +104,13 @@ pub struct Metrics {
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     applications: Family<StateLabel, Gauge>,
     queue_depth: Family<QueueLabel, Gauge>,
+    applications_overdue: Gauge,
+    /// The newest CRL's publication and nextUpdate times; registered when a CRL first
+    /// exists, so a centre without a CRL yet exports nothing rather than 0 (which would
+    /// read as "stale since 1970").
+    crl_times: Arc<OnceLock<(FloatGauge, FloatGauge)>>,
+    intake_records: Family<OutcomeLabel, Counter>,
+    batches_released: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -175,8 +193,30 @@ impl Metrics {
             "Messages in a stage's queues (queue = ready | retrying | parked)",
             queue_depth.clone(),
         );
+        let applications_overdue = Gauge::default();
+        registry.register(
+            "applications_overdue",
+            "Applications received more than 30 days ago whose card is not yet at a pickup office",
+            applications_overdue.clone(),
+        );
+        let intake_records = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "intake_records",
+            "Registry batch records accepted or rejected at intake",
+            intake_records.clone(),
+        );
+        let batches_released = Counter::default();
+        registry.register(
+            "batches_released",
+            "Scheduled batches released into the pipeline",
+            batches_released.clone(),
+        );
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
+            applications_overdue,
+            crl_times: Arc::new(OnceLock::new()),
+            intake_records,
+            batches_released,
             jobs,
             job_duration,
             in_flight,
@@ -249,6 +289,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Intake decided `n` records of a submitted batch (`accepted` or `rejected`).
+    pub fn intake_records(&self, outcome: &str, n: u64) {
+        self.intake_records
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// `n` scheduled batches were released into the pipeline.
+    pub fn batches_released(&self, n: u64) {
+        self.batches_released.inc_by(n);
+    }
+
     /// Recomputes the gauges that describe the store and the broker.
     pub async fn refresh(
         &self,
@@ -269,6 +323,30 @@ impl Metrics {
                     })
                     .set(n);
             }
+        }
+        if let Ok(n) = store.count_overdue(clock.now() - OVERDUE_AFTER).await {
+            self.applications_overdue.set(n);
+        }
+        if let Ok(Some((published, next_update))) = store.latest_crl_times().await {
+            let (last, next) = self.crl_times.get_or_init(|| {
+                let gauges = (FloatGauge::default(), FloatGauge::default());
+                let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+                registry.register_with_unit(
+                    "crl_last_published_timestamp",
+                    "Unix time the newest CRL was published (thisUpdate)",
+                    prometheus_client::registry::Unit::Seconds,
+                    gauges.0.clone(),
+                );
+                registry.register_with_unit(
+                    "crl_next_update_timestamp",
+                    "Unix time of the newest CRL's nextUpdate",
+                    prometheus_client::registry::Unit::Seconds,
+                    gauges.1.clone(),
+                );
+                gauges
+            });
+            last.set(published.unix_timestamp() as f64);
+            next.set(next_update.unix_timestamp() as f64);
         }
         if let Ok((pending, oldest)) = store.outbox_backlog().await {
             self.outbox_pending.set(pending);

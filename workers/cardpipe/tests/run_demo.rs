@@ -139,6 +139,7 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
         metrics.contains("cardpipe_jobs_total{"),
         "stage metrics missing from /metrics"
     );
+    exported_metrics_are_catalogued(&metrics);
     let status = run.terminate();
     assert!(status.success(), "cardpipe exited with {status}");
 
@@ -176,4 +177,43 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
     again.wait_for("demo: done", Duration::from_secs(240));
     assert!(again.terminate().success());
     assert_eq!(per_state(dir.path()).await, states);
+}
+
+/// Every metric family the process exports is in deploy/METRICS.md with status `exists`
+/// (names exactly as scraped, so a doubled prefix or a renamed metric fails here).
+fn exported_metrics_are_catalogued(scraped: &str) {
+    let catalogue = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/METRICS.md"),
+    )
+    .unwrap();
+    let rows: Vec<(String, String)> = catalogue
+        .lines()
+        .filter(|l| l.starts_with("| `cardpipe_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (
+                cells[1].trim_matches('`').to_owned(),
+                cells[cells.len() - 2].to_owned(),
+            )
+        })
+        .collect();
+    let exported: std::collections::BTreeSet<String> = scraped
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(exported.len() > 10, "{exported:?}");
+    for name in &exported {
+        // OpenMetrics declares a counter's family without its `_total` suffix.
+        let status = rows
+            .iter()
+            .find(|(n, _)| n == name || n.strip_suffix("_total") == Some(name))
+            .map(|(_, s)| s.as_str());
+        assert_eq!(
+            status,
+            Some("exists"),
+            "/metrics exports {name}; deploy/METRICS.md must list it with status `exists`"
+        );
+    }
 }

@@ -213,29 +213,30 @@ impl DedupMetrics {
         if self.registered.swap(true, Ordering::SeqCst) {
             return;
         }
+        // The registry adds the `cardpipe_` prefix.
         services.metrics.register(|r| {
             r.register(
-                "cardpipe_dedup_search_duration_seconds",
+                "dedup_search_duration_seconds",
                 "Time of one 1:N dedup search (scatter-gather over every shard)",
                 self.search.clone(),
             );
             r.register(
-                "cardpipe_dedup_gallery_subjects",
+                "dedup_gallery_subjects",
                 "Subjects enrolled in each gallery shard held by this process",
                 self.subjects.clone(),
             );
             r.register(
-                "cardpipe_dedup_gallery_lock_wait_seconds",
+                "dedup_gallery_lock_wait_seconds",
                 "Time a dedup job waited for the gallery lock (one search + enrolment at a time)",
                 self.lock_wait.clone(),
             );
             r.register(
-                "cardpipe_dedup_shard_answers",
+                "dedup_shard_answers",
                 "Shard answers computed by this process's dedup-shard-<k> stages",
                 self.shard_answers.clone(),
             );
             r.register(
-                "cardpipe_dedup_possible_duplicates",
+                "dedup_possible_duplicates",
                 "Applications flagged as possible duplicates",
                 self.possible.clone(),
             );

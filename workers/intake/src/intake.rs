@@ -801,7 +801,7 @@ async fn finish(services: &Services, batch_id: &str) -> Result<(), IntakeError> 
         }
     }
     let now = to_rfc3339(services.clock.now());
-    sqlx::query(
+    let done = sqlx::query(
         "UPDATE batches SET state = 'received', total_records = $1, accepted = $2, rejected = $3,
                 flagged = $4, received_at = $5, updated_at = $5
          WHERE id = $6 AND state = 'receiving'",
@@ -814,6 +814,15 @@ async fn finish(services: &Services, batch_id: &str) -> Result<(), IntakeError> 
     .bind(batch_id)
     .execute(services.store.pool())
     .await?;
+    // Counted once, by the submission that completed the batch (not by a resubmission).
+    if done.rows_affected() == 1 {
+        services
+            .metrics
+            .intake_records("accepted", accepted.max(0) as u64);
+        services
+            .metrics
+            .intake_records("rejected", rejected.max(0) as u64);
+    }
     Ok(())
 }
 

@@ -167,7 +167,7 @@ pub async fn release_chunk(
 /// Marks scheduled batches with nothing left to release as released.
 async fn mark_released(services: &Services, now: OffsetDateTime) -> Result<(), StoreError> {
     let now = to_rfc3339(now);
-    sqlx::query(
+    let done = sqlx::query(
         "UPDATE batches SET state = 'released', released_at = $1, updated_at = $1
          WHERE state = 'scheduled' AND release_at <= $1
            AND NOT EXISTS (SELECT 1 FROM applications a WHERE a.batch_id = batches.id AND a.state = 'received')",
@@ -175,5 +175,6 @@ async fn mark_released(services: &Services, now: OffsetDateTime) -> Result<(), S
     .bind(&now)
     .execute(services.store.pool())
     .await?;
+    services.metrics.batches_released(done.rows_affected());
     Ok(())
 }

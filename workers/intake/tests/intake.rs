@@ -261,9 +261,20 @@ async fn resubmitting_creates_nothing_new(mode: Mode) {
     assert_eq!(s1, StatusCode::CREATED);
     let apps = count(&services, "SELECT COUNT(*) FROM applications").await;
     let outbox = count(&services, "SELECT COUNT(*) FROM outbox").await;
+    let counted = |outcome: &str| {
+        let text = services.metrics.encode();
+        let name = format!("cardpipe_intake_records_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map_or(0, |v| v.trim().parse::<i64>().unwrap())
+    };
+    assert_eq!(counted("accepted"), first.accepted);
+    assert_eq!(counted("rejected"), first.rejected);
     let (s2, second, _) = submit(&app, "night-2", body.clone()).await;
     assert_eq!(s2, StatusCode::OK);
     assert_eq!(first, second);
+    // The resubmission decided nothing new: the counters stay.
+    assert_eq!(counted("accepted"), first.accepted);
     assert_eq!(
         count(&services, "SELECT COUNT(*) FROM applications").await,
         apps
@@ -364,6 +375,14 @@ async fn batch_scheduled_for_0100_tehran_is_released_at_0100_and_not_before(mode
     )
     .await;
     assert_eq!(v["state"], "released");
+    assert!(
+        services
+            .metrics
+            .encode()
+            .lines()
+            .any(|l| l == "cardpipe_batches_released_total 1"),
+        "one batch released, counted once"
+    );
     // A released batch cannot be rescheduled or cancelled.
     let (s, _) = json_call(
         &app,
