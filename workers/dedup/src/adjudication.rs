@@ -368,7 +368,9 @@ pub async fn decide_as(
         }
         if let Some(t) = &templates {
             stage::insert_enrolled(&mut tx, services, &app_id, t, now).await?;
-            Store::enqueue_job(&mut tx, &Job::new(NEXT_STAGE, app_id.as_str()), now).await?;
+            let job = Job::new(NEXT_STAGE, app_id.as_str())
+                .with_priority(app.priority == cardpipe_common::domain::Priority::Urgent);
+            Store::enqueue_job(&mut tx, &job, now).await?;
         }
         let payload = json!({
             "event": DECIDED_EVENT,

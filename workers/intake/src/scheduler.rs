@@ -108,14 +108,16 @@ impl Scheduler {
     }
 }
 
-/// Applications due for release, in release order.
+/// Applications due for release, in release order, each with whether it is urgent (its
+/// batch or the application itself).
 async fn due(
     services: &Services,
     now: OffsetDateTime,
     limit: i64,
-) -> Result<Vec<ApplicationId>, StoreError> {
+) -> Result<Vec<(ApplicationId, bool)>, StoreError> {
     let rows = sqlx::query(
-        "SELECT a.id FROM applications a JOIN batches b ON a.batch_id = b.id
+        "SELECT a.id, CASE WHEN b.priority = 'urgent' OR a.priority = 'urgent' THEN 1 ELSE 0 END AS urgent
+         FROM applications a JOIN batches b ON a.batch_id = b.id
          WHERE b.state = 'scheduled' AND b.release_at <= $1 AND a.state = 'received'
          ORDER BY CASE WHEN b.priority = 'urgent' THEN 0 ELSE 1 END,
                   CASE WHEN a.priority = 'urgent' THEN 0 ELSE 1 END,
@@ -127,20 +129,27 @@ async fn due(
     .fetch_all(services.store.pool())
     .await?;
     rows.iter()
-        .map(|r| Ok(ApplicationId(r.try_get("id")?)))
+        .map(|r| {
+            Ok((
+                ApplicationId(r.try_get("id")?),
+                r.try_get::<i32, _>("urgent")? != 0,
+            ))
+        })
         .collect()
 }
 
-/// Releases `ids` in one transaction; returns how many moved (others had
-/// moved already, or been cancelled).
+/// Releases `ids` (each with whether it is urgent) in one transaction; returns how many
+/// moved (others had moved already, or been cancelled). An urgent application is marked
+/// urgent and its dedup job goes to the priority lane; every later stage's job follows
+/// the application's priority.
 pub async fn release_chunk(
     services: &Services,
-    ids: &[ApplicationId],
+    ids: &[(ApplicationId, bool)],
     now: OffsetDateTime,
 ) -> Result<usize, StoreError> {
     let mut tx = services.store.begin().await?;
     let mut moved = 0;
-    for id in ids {
+    for (id, urgent) in ids {
         let done = Store::transition(
             &mut tx,
             &Transition {
@@ -156,7 +165,14 @@ pub async fn release_chunk(
         )
         .await?;
         if done {
-            Store::enqueue_job(&mut tx, &Job::new(NEXT_STAGE, id.as_str()), now).await?;
+            if *urgent {
+                sqlx::query("UPDATE applications SET priority = 'urgent' WHERE id = $1")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let job = Job::new(NEXT_STAGE, id.as_str()).with_priority(*urgent);
+            Store::enqueue_job(&mut tx, &job, now).await?;
             moved += 1;
         }
     }

@@ -457,6 +457,28 @@ async fn throttle_and_urgent_first(mode: Mode) {
         u.batch_id
     );
     assert_eq!(count(&services, &q).await, 3);
+    // The urgent batch's applications are urgent from here on, and their dedup jobs take
+    // the priority lane; the normal batch's do not.
+    let urgent_apps = format!(
+        "SELECT COUNT(*) FROM applications WHERE batch_id = '{}' AND priority = 'urgent'",
+        u.batch_id
+    );
+    assert_eq!(count(&services, &urgent_apps).await, 3);
+    // (A record may also be urgent on its own, in the normal batch.)
+    let released_urgent = count(
+        &services,
+        "SELECT COUNT(*) FROM applications WHERE state = 'dedup_pending' AND priority = 'urgent'",
+    )
+    .await;
+    assert!(released_urgent >= 3);
+    assert_eq!(
+        count(
+            &services,
+            "SELECT COUNT(*) FROM outbox WHERE topic = 'job' AND payload LIKE '%\"priority\":true%'"
+        )
+        .await,
+        released_urgent
+    );
     assert_eq!(
         scheduler.tick().await.unwrap(),
         0,
