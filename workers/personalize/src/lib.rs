@@ -17,6 +17,7 @@
 //! - [`mod@bench`]: encoder-farm throughput against the physical limit N × 3600 / t.
 //! - [`farm`]: the encoder farm (async pool over blocking encoders, hot plug, health,
 //!   yield, metrics); [`stage`]: the `personalize` pipeline stage and the `cards` table.
+//! - [`pcsc_harness`]: runs a test against its own private pcscd (integration tests only).
 //! - [`tray`]: the output tray personalized cards wait in for QC, and the blank-card source
 //!   (stock) the feed takes blanks from.
 //!
@@ -29,6 +30,7 @@ pub mod card_os;
 pub mod cplc;
 pub mod farm;
 pub mod line;
+pub mod pcsc_harness;
 pub mod reader;
 pub mod scp03;
 pub mod script;

@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +16,7 @@ use cardpipe_common::testing::{self, Mode};
 use cardpipe_personalize::card_os::Faults;
 use cardpipe_personalize::card_os::profile::*;
 use cardpipe_personalize::farm::{EncoderSource, Farm, FarmSettings};
+use cardpipe_personalize::pcsc_harness::{PYTHON, PcscTest, Tool, with_private_pcscd};
 use cardpipe_personalize::reader::{
     self, BlankStock, CardChannel, Encoder, PcscEncoder, ReaderError,
 };
@@ -25,110 +24,14 @@ use cardpipe_personalize::scp03::MasterKeys;
 use cardpipe_personalize::simulate::{SimConfig, Simulation};
 use cardpipe_personalize::vpcd::SlotHandle;
 
-const PYTHON: &str = "/usr/bin/python3";
-
-fn preflight() {
-    let mut missing = Vec::new();
-    if !["/usr/sbin/pcscd", "/usr/bin/pcscd", "/sbin/pcscd"]
-        .iter()
-        .any(|p| Path::new(p).exists())
-    {
-        missing.push("pcscd (apt-get install pcscd)");
+/// This file's private-pcscd test settings.
+fn pcsc(name: &str) -> PcscTest<'_> {
+    PcscTest {
+        name,
+        dir_prefix: "cardpipe-farm-pcscd-",
+        timeout: Duration::from_secs(80),
+        needs: &[Tool::Pyscard],
     }
-    if !Path::new(cardpipe_personalize::simulate::DEFAULT_DRIVER).exists() {
-        missing.push("vpcd driver (apt-get install vsmartcard-vpcd)");
-    }
-    if Command::new(PYTHON)
-        .args(["-c", "import smartcard"])
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        missing.push("pyscard (apt-get install python3-pyscard)");
-    }
-    assert!(
-        missing.is_empty(),
-        "PC/SC test prerequisites missing: {}. This test needs real pcscd + vpcd; it does not skip.",
-        missing.join(", ")
-    );
-}
-
-fn kill_leftovers(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&needle)
-        {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-/// Runs `body` in a child process with its own pcscd socket.
-fn with_private_pcscd(name: &str, body: impl FnOnce(&Path)) {
-    if std::env::var_os("CARDPIPE_PCSC_CHILD").is_some() {
-        body(Path::new(&std::env::var("CARDPIPE_PCSC_DIR").unwrap()));
-        return;
-    }
-    preflight();
-    let dir = tempfile::Builder::new()
-        .prefix("cardpipe-farm-pcscd-")
-        .tempdir()
-        .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CARDPIPE_PCSC_CHILD", "1")
-        .env("CARDPIPE_PCSC_DIR", dir.path())
-        .env("PCSCLITE_CSOCK_NAME", dir.path().join("run/pcscd.comm"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > Duration::from_secs(80) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    kill_leftovers(dir.path());
-    let (stdout, stderr) = (t_out.join().unwrap(), t_err.join().unwrap());
-    let log = std::fs::read_to_string(dir.path().join("pcscd.log")).unwrap_or_default();
-    println!("{stdout}");
-    assert!(
-        status.is_some_and(|s| s.success()) && stdout.contains("1 passed"),
-        "child {name} failed ({status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- pcscd.log (tail)\n{}",
-        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
-    );
 }
 
 /// A reader whose hopper leaves the finished card in the slot until the next insert (so an
@@ -249,7 +152,7 @@ fn pyscard_read(reader: &str, aid: &[u8], fid: u16) -> Vec<u8> {
 #[test]
 fn pcscd_stage_on_the_farm_with_faults_then_pyscard_readback() {
     with_private_pcscd(
-        "pcscd_stage_on_the_farm_with_faults_then_pyscard_readback",
+        &pcsc("pcscd_stage_on_the_farm_with_faults_then_pyscard_readback"),
         |dir| {
             let sim = Simulation::start(SimConfig::new(1, dir)).expect("pcscd with vpcd starts");
             sim.check_client_env()

@@ -7,152 +7,29 @@
 //! the body, and stops everything. The parent serializes children, enforces a timeout, kills
 //! any pcscd the child left behind and fails loudly when pcscd/vpcd are not installed.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cardpipe_personalize::apdu::sw;
 use cardpipe_personalize::card_os::profile::*;
 use cardpipe_personalize::card_os::{Faults, Lifecycle};
 use cardpipe_personalize::cplc::ChipSerial;
+use cardpipe_personalize::pcsc_harness::{PYTHON, PcscTest, Tool, with_private_pcscd};
 use cardpipe_personalize::reader::{self, BlankStock, CardChannel, Encoder, ReaderError};
 use cardpipe_personalize::scp03::MasterKeys;
 use cardpipe_personalize::script::{self, PersoError, ScriptOptions, sample_image};
 use cardpipe_personalize::simulate::{SimConfig, Simulation};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-/// Debian's interpreter: python3-pyscard installs into its dist-packages (a pyenv or venv
-/// python3 earlier on PATH would not see it).
-const PYTHON: &str = "/usr/bin/python3";
-const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn preflight() {
-    let mut missing = Vec::new();
-    if !["/usr/sbin/pcscd", "/usr/bin/pcscd", "/sbin/pcscd"]
-        .iter()
-        .any(|p| Path::new(p).exists())
-    {
-        missing.push("pcscd (apt-get install pcscd)");
+/// This file's private-pcscd test settings.
+fn pcsc(name: &str) -> PcscTest<'_> {
+    PcscTest {
+        name,
+        dir_prefix: "cardpipe-pcscd-",
+        timeout: Duration::from_secs(60),
+        needs: &[Tool::Pyscard, Tool::OpenscTool],
     }
-    if !Path::new(cardpipe_personalize::simulate::DEFAULT_DRIVER).exists() {
-        missing.push("vpcd driver (apt-get install vsmartcard-vpcd)");
-    }
-    if Command::new(PYTHON)
-        .args(["-c", "import smartcard"])
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        missing.push("pyscard (apt-get install python3-pyscard)");
-    }
-    if Command::new("opensc-tool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        missing.push("opensc-tool (apt-get install opensc)");
-    }
-    assert!(
-        missing.is_empty(),
-        "PC/SC test prerequisites missing: {}. These tests need real pcscd + vpcd; they do not skip.",
-        missing.join(", ")
-    );
-}
-
-/// Kills processes whose command line mentions `dir` (a pcscd a crashed child left behind).
-fn kill_leftovers(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&needle)
-        {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-/// Runs `body` in a child process that has its own pcscd socket.
-fn with_private_pcscd(name: &str, body: impl FnOnce(&Path)) {
-    if std::env::var_os("CARDPIPE_PCSC_CHILD").is_some() {
-        body(Path::new(
-            &std::env::var("CARDPIPE_PCSC_DIR").expect("dir set by the parent"),
-        ));
-        return;
-    }
-    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    preflight();
-    let dir = tempfile::Builder::new()
-        .prefix("cardpipe-pcscd-")
-        .tempdir()
-        .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CARDPIPE_PCSC_CHILD", "1")
-        .env("CARDPIPE_PCSC_DIR", dir.path())
-        .env("PCSCLITE_CSOCK_NAME", dir.path().join("run/pcscd.comm"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > CHILD_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    kill_leftovers(dir.path());
-    let (stdout, stderr) = (t_out.join().unwrap(), t_err.join().unwrap());
-    let log = std::fs::read_to_string(dir.path().join("pcscd.log")).unwrap_or_default();
-    let ok = status.is_some_and(|s| s.success()) && stdout.contains("1 passed");
-    println!("{stdout}");
-    eprintln!("{stderr}");
-    if std::env::var_os("CARDPIPE_PCSCD_DEBUG").is_some() {
-        let _ = std::fs::write("/tmp/cardpipe-last-pcscd.log", &log);
-    }
-    assert!(
-        ok,
-        "child test {name} failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- pcscd log (tail)\n{}",
-        tail(&log)
-    );
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 fn start_sim(dir: &Path, encoders: usize) -> Simulation {
@@ -278,103 +155,106 @@ fn opensc_read_dg1(reader: &str) -> Vec<u8> {
 
 #[test]
 fn pcscd_personalize_then_independent_readback() {
-    with_private_pcscd("pcscd_personalize_then_independent_readback", |dir| {
-        let sim = start_sim(dir, 2);
-        let ctx = reader::establish().unwrap();
-        let mut names = reader::list_readers(&ctx).unwrap();
-        names.sort();
-        assert_eq!(names, sim.readers());
+    with_private_pcscd(
+        &pcsc("pcscd_personalize_then_independent_readback"),
+        |dir| {
+            let sim = start_sim(dir, 2);
+            let ctx = reader::establish().unwrap();
+            let mut names = reader::list_readers(&ctx).unwrap();
+            names.sort();
+            assert_eq!(names, sim.readers());
 
-        let stock = stock(21, Faults::none());
-        let mut enc = sim.pcsc_encoder(ctx, 0, stock.clone()).unwrap();
-        enc.insert().unwrap();
-        // 40 KB face image: offsets beyond 32767 use the odd-INS (D7/B1) forms.
-        let image = sample_image(40_000, 7);
-        let rec = script::personalize(
-            &mut enc,
-            &image,
-            &MasterKeys::test_keys(),
-            &ScriptOptions::default(),
-        )
-        .unwrap();
-        println!(
-            "personalized {} through pcscd: {} APDUs, {:?}",
-            rec.chip_serial, rec.apdus, rec.elapsed
-        );
-        assert_eq!(rec.chip_serial, ChipSerial::simulated(21, 1));
-        assert_eq!(
-            sim.encoders()[0].slot().with_card(|c| c.lifecycle()),
-            Some(Lifecycle::Operational)
-        );
-
-        // Our own read-back over PC/SC, and the challenge-response for QC.
-        let rb = script::read_back(&mut enc).unwrap();
-        assert!(
-            rb.mismatches(&image).is_empty(),
-            "{:?}",
-            rb.mismatches(&image)
-        );
-        let challenge = b"qc-challenge";
-        let sig = script::internal_authenticate(&mut enc, challenge).unwrap();
-        assert!(script::verify_internal_authenticate(
-            &rec.auth_public_key,
-            challenge,
-            &sig
-        ));
-
-        // Tools we did not write (sharing the reader): pyscard for every public file,
-        // opensc-tool for DG1.
-        let reader = &sim.readers()[0];
-        for (fid, want) in [
-            (EF_COM, &image.ef_com),
-            (EF_DG1, &image.dg1),
-            (EF_DG2, &image.dg2),
-            (EF_DG11, &image.dg11),
-            (EF_SOD, &image.sod),
-        ] {
-            assert_eq!(
-                &pyscard_read(reader, &LDS_AID, fid),
-                want,
-                "pyscard read of {fid:04X}"
-            );
-        }
-        assert_same(
-            "opensc-tool read of DG1",
-            &opensc_read_dg1(reader),
-            &image.dg1,
-        );
-        enc.eject().unwrap();
-
-        // Extended-length APDUs (4 KiB chunks) through pcscd and vpcd on the second encoder.
-        let mut enc2 = sim
-            .pcsc_encoder(reader::establish().unwrap(), 1, stock)
+            let stock = stock(21, Faults::none());
+            let mut enc = sim.pcsc_encoder(ctx, 0, stock.clone()).unwrap();
+            enc.insert().unwrap();
+            // 40 KB face image: offsets beyond 32767 use the odd-INS (D7/B1) forms.
+            let image = sample_image(40_000, 7);
+            let rec = script::personalize(
+                &mut enc,
+                &image,
+                &MasterKeys::test_keys(),
+                &ScriptOptions::default(),
+            )
             .unwrap();
-        enc2.insert().unwrap();
-        let ext = script::personalize(
-            &mut enc2,
-            &image,
-            &MasterKeys::test_keys(),
-            &ScriptOptions::extended(),
-        )
-        .unwrap();
-        println!(
-            "extended length through pcscd: {} APDUs, {:?}",
-            ext.apdus, ext.elapsed
-        );
-        assert!(ext.apdus < rec.apdus / 3, "{} vs {}", ext.apdus, rec.apdus);
-        assert_same(
-            "pyscard read of DG2 (extended)",
-            &pyscard_read(&sim.readers()[1], &LDS_AID, EF_DG2),
-            &image.dg2,
-        );
-    });
+            println!(
+                "personalized {} through pcscd: {} APDUs, {:?}",
+                rec.chip_serial, rec.apdus, rec.elapsed
+            );
+            assert_eq!(rec.chip_serial, ChipSerial::simulated(21, 1));
+            assert_eq!(
+                sim.encoders()[0].slot().with_card(|c| c.lifecycle()),
+                Some(Lifecycle::Operational)
+            );
+
+            // Our own read-back over PC/SC, and the challenge-response for QC.
+            let rb = script::read_back(&mut enc).unwrap();
+            assert!(
+                rb.mismatches(&image).is_empty(),
+                "{:?}",
+                rb.mismatches(&image)
+            );
+            let challenge = b"qc-challenge";
+            let sig = script::internal_authenticate(&mut enc, challenge).unwrap();
+            assert!(script::verify_internal_authenticate(
+                &rec.auth_public_key,
+                challenge,
+                &sig
+            ));
+
+            // Tools we did not write (sharing the reader): pyscard for every public file,
+            // opensc-tool for DG1.
+            let reader = &sim.readers()[0];
+            for (fid, want) in [
+                (EF_COM, &image.ef_com),
+                (EF_DG1, &image.dg1),
+                (EF_DG2, &image.dg2),
+                (EF_DG11, &image.dg11),
+                (EF_SOD, &image.sod),
+            ] {
+                assert_eq!(
+                    &pyscard_read(reader, &LDS_AID, fid),
+                    want,
+                    "pyscard read of {fid:04X}"
+                );
+            }
+            assert_same(
+                "opensc-tool read of DG1",
+                &opensc_read_dg1(reader),
+                &image.dg1,
+            );
+            enc.eject().unwrap();
+
+            // Extended-length APDUs (4 KiB chunks) through pcscd and vpcd on the second encoder.
+            let mut enc2 = sim
+                .pcsc_encoder(reader::establish().unwrap(), 1, stock)
+                .unwrap();
+            enc2.insert().unwrap();
+            let ext = script::personalize(
+                &mut enc2,
+                &image,
+                &MasterKeys::test_keys(),
+                &ScriptOptions::extended(),
+            )
+            .unwrap();
+            println!(
+                "extended length through pcscd: {} APDUs, {:?}",
+                ext.apdus, ext.elapsed
+            );
+            assert!(ext.apdus < rec.apdus / 3, "{} vs {}", ext.apdus, rec.apdus);
+            assert_same(
+                "pyscard read of DG2 (extended)",
+                &pyscard_read(&sim.readers()[1], &LDS_AID, EF_DG2),
+                &image.dg2,
+            );
+        },
+    );
 }
 
 /// Standalone mode (`cardpipe encoders simulate` in its own process): the slots refill
 /// themselves, the client only connects, personalizes and releases the card.
 #[test]
 fn pcscd_auto_feed_for_an_outside_worker() {
-    with_private_pcscd("pcscd_auto_feed_for_an_outside_worker", |dir| {
+    with_private_pcscd(&pcsc("pcscd_auto_feed_for_an_outside_worker"), |dir| {
         let sim = start_sim(dir, 1);
         sim.auto_feed(stock(28, Faults::none()));
         let reader = sim.readers()[0].clone();
@@ -414,7 +294,7 @@ fn pcscd_auto_feed_for_an_outside_worker() {
 /// The farm benchmark through real pcscd with 8 encoders (t = 8 s scaled to 800 ms).
 #[test]
 fn pcscd_bench_eight_encoders() {
-    with_private_pcscd("pcscd_bench_eight_encoders", |dir| {
+    with_private_pcscd(&pcsc("pcscd_bench_eight_encoders"), |dir| {
         let sim = start_sim(dir, 8);
         // CARDPIPE_PCSCD_BENCH_SCALE=1 measures in real time (about 20 s) for the figures.
         let time_scale = std::env::var("CARDPIPE_PCSCD_BENCH_SCALE")
@@ -441,7 +321,7 @@ fn pcscd_bench_eight_encoders() {
 /// round trip through pcscd must take well under the 40 ms delayed-ACK timer.
 #[test]
 fn pcscd_round_trip_is_fast() {
-    with_private_pcscd("pcscd_round_trip_is_fast", |dir| {
+    with_private_pcscd(&pcsc("pcscd_round_trip_is_fast"), |dir| {
         let sim = start_sim(dir, 1);
         let ctx = reader::establish().unwrap();
         let mut enc = sim.pcsc_encoder(ctx, 0, stock(22, Faults::none())).unwrap();
@@ -462,7 +342,7 @@ fn pcscd_round_trip_is_fast() {
 
 #[test]
 fn pcscd_fault_write_failure() {
-    with_private_pcscd("pcscd_fault_write_failure", |dir| {
+    with_private_pcscd(&pcsc("pcscd_fault_write_failure"), |dir| {
         let sim = start_sim(dir, 1);
         let ctx = reader::establish().unwrap();
         let mut enc = sim
@@ -516,7 +396,7 @@ fn pcscd_fault_write_failure() {
 
 #[test]
 fn pcscd_fault_tearing() {
-    with_private_pcscd("pcscd_fault_tearing", |dir| {
+    with_private_pcscd(&pcsc("pcscd_fault_tearing"), |dir| {
         let sim = start_sim(dir, 1);
         let ctx = reader::establish().unwrap();
         let mut enc = sim
@@ -587,7 +467,7 @@ fn pcscd_fault_tearing() {
 
 #[test]
 fn pcscd_fault_dead_chip() {
-    with_private_pcscd("pcscd_fault_dead_chip", |dir| {
+    with_private_pcscd(&pcsc("pcscd_fault_dead_chip"), |dir| {
         let sim = start_sim(dir, 1);
         let ctx = reader::establish().unwrap();
         let mut enc = sim
@@ -622,7 +502,7 @@ fn pcscd_fault_dead_chip() {
 
 #[test]
 fn pcscd_fault_slow_eeprom_and_hot_plug() {
-    with_private_pcscd("pcscd_fault_slow_eeprom_and_hot_plug", |dir| {
+    with_private_pcscd(&pcsc("pcscd_fault_slow_eeprom_and_hot_plug"), |dir| {
         let sim = start_sim(dir, 2);
         let ctx = reader::establish().unwrap();
         let latency = Duration::from_millis(5);
@@ -687,89 +567,92 @@ fn pcscd_fault_slow_eeprom_and_hot_plug() {
 /// outside tool reads back what was written.
 #[test]
 fn pcscd_batch_with_faults_requeues_on_fresh_blanks() {
-    with_private_pcscd("pcscd_batch_with_faults_requeues_on_fresh_blanks", |dir| {
-        let sim = start_sim(dir, 1);
-        let plan = cardpipe_personalize::card_os::FaultPlan {
-            dead_every: Some(4),
-            tear_every: Some(3),
-            tear_at_write: 4,
-            write_failure_rate: 0.004,
-            seed: 11,
-            ..Default::default()
-        };
-        let stock = Arc::new(BlankStock::with_plan(MasterKeys::test_keys(), 30, plan));
-        let mut enc = sim
-            .pcsc_encoder(reader::establish().unwrap(), 0, stock.clone())
-            .unwrap();
-        enc.set_insert_timeout(Duration::from_millis(1500));
-        let slot = sim.encoders()[0].slot().clone();
-        let mut spoiled: Vec<(ChipSerial, String)> = Vec::new();
-        let mut issued = Vec::new();
-        for app in 0..5u8 {
-            let image = sample_image(5000, app);
-            let mut done = false;
-            for _attempt in 0..6 {
-                let blank = slot.with_card(|c| c.serial());
-                let result = enc.insert().map_err(PersoError::from).and_then(|()| {
-                    script::personalize(
-                        &mut enc,
-                        &image,
-                        &MasterKeys::test_keys(),
-                        &ScriptOptions::default(),
-                    )
-                });
-                let serial = slot
-                    .with_card(|c| c.serial())
-                    .or_else(|| slot.with_ejected(|c| c.serial()))
-                    .or(blank)
-                    .unwrap();
-                match result {
-                    Ok(rec) => {
-                        assert_same(
-                            "outside read of DG1",
-                            &pyscard_read(&sim.readers()[0], &LDS_AID, EF_DG1),
-                            &image.dg1,
-                        );
-                        issued.push(rec.chip_serial);
-                        enc.eject().unwrap();
-                        done = true;
-                        break;
-                    }
-                    Err(e) => {
-                        assert!(e.spoils_blank(), "{e}");
-                        spoiled.push((serial, e.to_string()));
-                        enc.eject().unwrap();
+    with_private_pcscd(
+        &pcsc("pcscd_batch_with_faults_requeues_on_fresh_blanks"),
+        |dir| {
+            let sim = start_sim(dir, 1);
+            let plan = cardpipe_personalize::card_os::FaultPlan {
+                dead_every: Some(4),
+                tear_every: Some(3),
+                tear_at_write: 4,
+                write_failure_rate: 0.004,
+                seed: 11,
+                ..Default::default()
+            };
+            let stock = Arc::new(BlankStock::with_plan(MasterKeys::test_keys(), 30, plan));
+            let mut enc = sim
+                .pcsc_encoder(reader::establish().unwrap(), 0, stock.clone())
+                .unwrap();
+            enc.set_insert_timeout(Duration::from_millis(1500));
+            let slot = sim.encoders()[0].slot().clone();
+            let mut spoiled: Vec<(ChipSerial, String)> = Vec::new();
+            let mut issued = Vec::new();
+            for app in 0..5u8 {
+                let image = sample_image(5000, app);
+                let mut done = false;
+                for _attempt in 0..6 {
+                    let blank = slot.with_card(|c| c.serial());
+                    let result = enc.insert().map_err(PersoError::from).and_then(|()| {
+                        script::personalize(
+                            &mut enc,
+                            &image,
+                            &MasterKeys::test_keys(),
+                            &ScriptOptions::default(),
+                        )
+                    });
+                    let serial = slot
+                        .with_card(|c| c.serial())
+                        .or_else(|| slot.with_ejected(|c| c.serial()))
+                        .or(blank)
+                        .unwrap();
+                    match result {
+                        Ok(rec) => {
+                            assert_same(
+                                "outside read of DG1",
+                                &pyscard_read(&sim.readers()[0], &LDS_AID, EF_DG1),
+                                &image.dg1,
+                            );
+                            issued.push(rec.chip_serial);
+                            enc.eject().unwrap();
+                            done = true;
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(e.spoils_blank(), "{e}");
+                            spoiled.push((serial, e.to_string()));
+                            enc.eject().unwrap();
+                        }
                     }
                 }
+                assert!(
+                    done,
+                    "application {app} not issued; spoiled so far: {spoiled:?}"
+                );
             }
+            println!("issued {issued:?}\nspoiled {spoiled:?}");
+            assert_eq!(issued.len(), 5);
+            assert_eq!(stock.taken() as usize, issued.len() + spoiled.len());
             assert!(
-                done,
-                "application {app} not issued; spoiled so far: {spoiled:?}"
+                spoiled
+                    .iter()
+                    .any(|(_, r)| r.contains("no card") || r.contains("does not respond")),
+                "a dead chip: {spoiled:?}"
             );
-        }
-        println!("issued {issued:?}\nspoiled {spoiled:?}");
-        assert_eq!(issued.len(), 5);
-        assert_eq!(stock.taken() as usize, issued.len() + spoiled.len());
-        assert!(
-            spoiled
+            assert!(
+                spoiled.iter().any(|(_, r)| r.contains("removed")),
+                "a torn card: {spoiled:?}"
+            );
+            let mut all: Vec<_> = issued
                 .iter()
-                .any(|(_, r)| r.contains("no card") || r.contains("does not respond")),
-            "a dead chip: {spoiled:?}"
-        );
-        assert!(
-            spoiled.iter().any(|(_, r)| r.contains("removed")),
-            "a torn card: {spoiled:?}"
-        );
-        let mut all: Vec<_> = issued
-            .iter()
-            .chain(spoiled.iter().map(|(s, _)| s))
-            .collect();
-        all.sort();
-        all.dedup();
-        assert_eq!(
-            all.len(),
-            issued.len() + spoiled.len(),
-            "one blank per attempt"
-        );
-    });
+                .chain(spoiled.iter().map(|(s, _)| s))
+                .collect();
+            all.sort();
+            all.dedup();
+            assert_eq!(
+                all.len(),
+                issued.len() + spoiled.len(),
+                "one blank per attempt"
+            );
+        },
+    );
 }

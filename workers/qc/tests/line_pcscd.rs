@@ -11,13 +11,10 @@
 //! Like workers/personalize/tests/pcscd.rs, the body runs in a re-executed child with
 //! `PCSCLITE_CSOCK_NAME` set (pcsc-lite reads it once per process).
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::applicant::{
@@ -35,6 +32,7 @@ use cardpipe_keys::stage::KeysStage;
 use cardpipe_personalize::card_os::profile::*;
 use cardpipe_personalize::card_os::{Defect, Faults};
 use cardpipe_personalize::farm::{EncoderSource, Farm, FarmSettings};
+use cardpipe_personalize::pcsc_harness::{PcscTest, with_private_pcscd};
 use cardpipe_personalize::reader::{self, BlankStock, Encoder, PcscEncoder, ReaderError};
 use cardpipe_personalize::scp03::MasterKeys;
 use cardpipe_personalize::script::ScriptOptions;
@@ -46,100 +44,14 @@ use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
 use cardpipe_qc::station::{LineStations, StationKind, Stations};
 use sqlx::Row;
 
-fn preflight() {
-    let mut missing = Vec::new();
-    if !["/usr/sbin/pcscd", "/usr/bin/pcscd", "/sbin/pcscd"]
-        .iter()
-        .any(|p| Path::new(p).exists())
-    {
-        missing.push("pcscd (apt-get install pcscd)");
+/// This file's private-pcscd test settings.
+fn pcsc(name: &str) -> PcscTest<'_> {
+    PcscTest {
+        name,
+        dir_prefix: "cardpipe-qc-line-",
+        timeout: Duration::from_secs(150),
+        needs: &[],
     }
-    if !Path::new(cardpipe_personalize::simulate::DEFAULT_DRIVER).exists() {
-        missing.push("vpcd driver (apt-get install vsmartcard-vpcd)");
-    }
-    assert!(
-        missing.is_empty(),
-        "PC/SC test prerequisites missing: {}. This test needs real pcscd + vpcd; it does not skip.",
-        missing.join(", ")
-    );
-}
-
-fn kill_leftovers(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&needle)
-        {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-/// Runs `body` in a child process with its own pcscd socket.
-fn with_private_pcscd(name: &str, body: impl FnOnce(&Path)) {
-    if std::env::var_os("CARDPIPE_PCSC_CHILD").is_some() {
-        body(Path::new(&std::env::var("CARDPIPE_PCSC_DIR").unwrap()));
-        return;
-    }
-    preflight();
-    let dir = tempfile::Builder::new()
-        .prefix("cardpipe-qc-line-")
-        .tempdir()
-        .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CARDPIPE_PCSC_CHILD", "1")
-        .env("CARDPIPE_PCSC_DIR", dir.path())
-        .env("PCSCLITE_CSOCK_NAME", dir.path().join("run/pcscd.comm"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > Duration::from_secs(150) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    kill_leftovers(dir.path());
-    let (stdout, stderr) = (t_out.join().unwrap(), t_err.join().unwrap());
-    let log = std::fs::read_to_string(dir.path().join("pcscd.log")).unwrap_or_default();
-    println!("{stdout}");
-    assert!(
-        status.is_some_and(|s| s.success()) && stdout.contains("1 passed"),
-        "child {name} failed ({status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- pcscd.log (tail)\n{}",
-        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
-    );
 }
 
 /// The machine's encoders through pcscd, their feeds driving the simulator's slots (so a
@@ -267,219 +179,222 @@ fn settings() -> StageSettings {
 
 #[test]
 fn qc_reads_cards_at_the_line_station_through_pcscd() {
-    with_private_pcscd("qc_reads_cards_at_the_line_station_through_pcscd", |dir| {
-        const APPS: usize = 5;
-        let mut cfg = SimConfig::new(2, dir);
-        cfg.qc_stations = 1;
-        let sim = Simulation::start(cfg).expect("pcscd with vpcd starts");
-        sim.check_client_env()
-            .expect("child talks to its own pcscd");
-        assert_eq!(sim.stations().len(), 1);
-        assert!(sim.stations()[0].reader.starts_with("QC Station"));
-        let line = sim.line().expect("a line with QC stations").clone();
-        let controller = line
-            .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .unwrap()
-            .to_string();
+    with_private_pcscd(
+        &pcsc("qc_reads_cards_at_the_line_station_through_pcscd"),
+        |dir| {
+            const APPS: usize = 5;
+            let mut cfg = SimConfig::new(2, dir);
+            cfg.qc_stations = 1;
+            let sim = Simulation::start(cfg).expect("pcscd with vpcd starts");
+            sim.check_client_env()
+                .expect("child talks to its own pcscd");
+            assert_eq!(sim.stations().len(), 1);
+            assert!(sim.stations()[0].reader.starts_with("QC Station"));
+            let line = sim.line().expect("a line with QC stations").clone();
+            let controller = line
+                .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .unwrap()
+                .to_string();
 
-        // pcscd serves the station reader next to the encoders (a vpcd entry has two slots).
-        let names = reader::list_readers(&reader::establish().unwrap()).unwrap();
-        assert!(
-            names.iter().any(|n| n == &sim.stations()[0].reader),
-            "{names:?}"
-        );
-        // ... but a PC/SC farm configured as pipeline.toml ships never feeds blanks to it.
-        let farm_sees = cardpipe_personalize::farm::PcscSource {
-            insert_timeout: Duration::from_secs(1),
-            skip_readers: EncodersConfig::default().skip_readers,
-        }
-        .scan()
-        .unwrap();
-        assert!(
-            !farm_sees.is_empty() && farm_sees.iter().all(|n| n.starts_with("Encoder")),
-            "{farm_sees:?}"
-        );
+            // pcscd serves the station reader next to the encoders (a vpcd entry has two slots).
+            let names = reader::list_readers(&reader::establish().unwrap()).unwrap();
+            assert!(
+                names.iter().any(|n| n == &sim.stations()[0].reader),
+                "{names:?}"
+            );
+            // ... but a PC/SC farm configured as pipeline.toml ships never feeds blanks to it.
+            let farm_sees = cardpipe_personalize::farm::PcscSource {
+                insert_timeout: Duration::from_secs(1),
+                skip_readers: EncodersConfig::default().skip_readers,
+            }
+            .scan()
+            .unwrap();
+            assert!(
+                !farm_sees.is_empty() && farm_sees.iter().all(|n| n.starts_with("Encoder")),
+                "{farm_sees:?}"
+            );
 
-        // Undetected encoder faults, planted as cards land on the transport: the 2nd card
-        // has a flipped DG2 byte, the 4th was never locked.
-        let planted = Arc::new(AtomicUsize::new(0));
-        {
-            let planted = planted.clone();
-            line.set_defect_injector(move |n, _card| {
-                let d = match n {
-                    1 => Defect::FlipByte {
-                        app: App::Lds,
-                        fid: EF_DG2,
-                        offset: 40,
-                    },
-                    3 => Defect::Unlocked,
-                    _ => return None,
+            // Undetected encoder faults, planted as cards land on the transport: the 2nd card
+            // has a flipped DG2 byte, the 4th was never locked.
+            let planted = Arc::new(AtomicUsize::new(0));
+            {
+                let planted = planted.clone();
+                line.set_defect_injector(move |n, _card| {
+                    let d = match n {
+                        1 => Defect::FlipByte {
+                            app: App::Lds,
+                            fid: EF_DG2,
+                            offset: 40,
+                        },
+                        3 => Defect::Unlocked,
+                        _ => return None,
+                    };
+                    planted.fetch_add(1, Ordering::Relaxed);
+                    Some(d)
+                });
+            }
+            let stock = Arc::new(BlankStock::new(MasterKeys::test_keys(), 0x51, |_| {
+                Faults::none()
+            }));
+            let farm = Farm::new(
+                Box::new(MachineEncoders {
+                    readers: sim
+                        .encoders()
+                        .iter()
+                        .map(|e| (e.reader.clone(), e.slot().clone()))
+                        .collect(),
+                    stock,
+                }),
+                FarmSettings {
+                    max_consecutive_failures: 100,
+                    acquire_timeout: Duration::from_secs(20),
+                },
+            );
+            assert_eq!(farm.in_service(), 2);
+
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (services, _guard) = testing::services(Mode::Embedded, None).await;
+                let data = tempfile::tempdir().unwrap();
+                let pki = Arc::new(
+                    Pki::open(
+                        PkiConfig {
+                            kdf_log_n: 10,
+                            ..PkiConfig::default()
+                        },
+                        data.path(),
+                    )
+                    .unwrap(),
+                );
+                let encoders = EncodersConfig::default();
+                let secrets = SiteSecrets {
+                    master: Arc::new(MasterKeys::test_keys()),
+                    transport: encoders.transport_key(data.path()).unwrap(),
+                    pins: encoders.pins(),
                 };
-                planted.fetch_add(1, Ordering::Relaxed);
-                Some(d)
-            });
-        }
-        let stock = Arc::new(BlankStock::new(MasterKeys::test_keys(), 0x51, |_| {
-            Faults::none()
-        }));
-        let farm = Farm::new(
-            Box::new(MachineEncoders {
-                readers: sim
-                    .encoders()
-                    .iter()
-                    .map(|e| (e.reader.clone(), e.slot().clone()))
-                    .collect(),
-                stock,
-            }),
-            FarmSettings {
-                max_consecutive_failures: 100,
-                acquire_timeout: Duration::from_secs(20),
-            },
-        );
-        assert_eq!(farm.in_service(), 2);
-
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (services, _guard) = testing::services(Mode::Embedded, None).await;
-            let data = tempfile::tempdir().unwrap();
-            let pki = Arc::new(
-                Pki::open(
-                    PkiConfig {
-                        kdf_log_n: 10,
-                        ..PkiConfig::default()
-                    },
-                    data.path(),
+                let personalize =
+                    PersonalizeStage::new(farm.clone(), secrets, ScriptOptions::extended(), 6);
+                // QC knows only the controller's address (and pcscd, through the environment).
+                let qc_config = QcConfig {
+                    max_attempts: 3,
+                    station: StationKind::Line,
+                    line_controller: controller.clone(),
+                    ..QcConfig::default()
+                };
+                let stations = LineStations::connect(&controller, Duration::from_secs(5)).unwrap();
+                let spare = stations.clone();
+                let qc = QcStage::new(
+                    cardpipe_personalize::tray::OutputTray::new(),
+                    pki.clone(),
+                    encoders.pins(),
+                    qc_config,
+                    &services,
                 )
-                .unwrap(),
-            );
-            let encoders = EncodersConfig::default();
-            let secrets = SiteSecrets {
-                master: Arc::new(MasterKeys::test_keys()),
-                transport: encoders.transport_key(data.path()).unwrap(),
-                pins: encoders.pins(),
-            };
-            let personalize =
-                PersonalizeStage::new(farm.clone(), secrets, ScriptOptions::extended(), 6);
-            // QC knows only the controller's address (and pcscd, through the environment).
-            let qc_config = QcConfig {
-                max_attempts: 3,
-                station: StationKind::Line,
-                line_controller: controller.clone(),
-                ..QcConfig::default()
-            };
-            let stations = LineStations::connect(&controller, Duration::from_secs(5)).unwrap();
-            let spare = stations.clone();
-            let qc = QcStage::new(
-                cardpipe_personalize::tray::OutputTray::new(),
-                pki.clone(),
-                encoders.pins(),
-                qc_config,
-                &services,
-            )
-            .with_stations(Stations::Line(stations));
+                .with_stations(Stations::Line(stations));
 
-            let ids = seed(&services, APPS).await;
-            let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
-                (Arc::new(KeysStage::new(pki.clone())), settings()),
-                (Arc::new(personalize), settings()),
-                (Arc::new(qc), settings()),
-            ];
-            let relay = Relay::new(services.clone())
-                .with_poll_interval(Duration::from_millis(50))
-                .with_sink(
-                    cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
-                    Arc::new(KeyDestructionSink::new(services.clone())),
-                )
-                .with_sink(
-                    cardpipe_qc::stage::PARK_TOPIC,
-                    Arc::new(ParkSink::new(services.clone())),
-                );
-            let running = pipeline::start(&services, stages, relay, Duration::from_secs(10))
-                .await
-                .expect("pipeline");
-
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
-            for id in &ids {
-                loop {
-                    let app = services.store.application(id).await.unwrap().unwrap();
-                    if app.state == ApplicationState::QcPassed {
-                        break;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        let rows = cards::for_application(&services.store, id).await.unwrap();
-                        let history = services.store.history(id).await.unwrap();
-                        panic!("{id} stuck in {}\n{history:#?}\n{rows:#?}", app.state);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            running.shutdown().await.unwrap();
-
-            assert_eq!(planted.load(Ordering::Relaxed), 2, "both defects planted");
-            let reasons: Vec<String> = sqlx::query(
-                "SELECT reason FROM qc_reports WHERE outcome = 'failed' ORDER BY reason",
-            )
-            .fetch_all(services.store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<String, _>("reason"))
-            .collect();
-            assert_eq!(
-                reasons,
-                vec![
-                    Reason::CardUnlocked.as_str(),
-                    Reason::DgHashMismatch.as_str()
-                ],
-                "QC at the line station refused exactly the planted defects"
-            );
-            for id in &ids {
-                let rows = cards::for_application(&services.store, id).await.unwrap();
-                let good: Vec<_> = rows.iter().filter(|r| r.state == "personalized").collect();
-                assert_eq!(good.len(), 1, "one good card per application: {rows:?}");
-                let key = services
-                    .store
-                    .artifact(id, "qc_report")
+                let ids = seed(&services, APPS).await;
+                let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
+                    (Arc::new(KeysStage::new(pki.clone())), settings()),
+                    (Arc::new(personalize), settings()),
+                    (Arc::new(qc), settings()),
+                ];
+                let relay = Relay::new(services.clone())
+                    .with_poll_interval(Duration::from_millis(50))
+                    .with_sink(
+                        cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
+                        Arc::new(KeyDestructionSink::new(services.clone())),
+                    )
+                    .with_sink(
+                        cardpipe_qc::stage::PARK_TOPIC,
+                        Arc::new(ParkSink::new(services.clone())),
+                    );
+                let running = pipeline::start(&services, stages, relay, Duration::from_secs(10))
                     .await
-                    .unwrap()
-                    .unwrap();
-                let report: cardpipe_qc::stage::QcReport =
-                    serde_json::from_slice(&services.objects.get(&key).await.unwrap().unwrap())
-                        .unwrap();
-                assert_eq!(report.outcome, "passed");
-                assert!(
-                    report.station.starts_with("QC Station"),
-                    "read at the line's station: {}",
-                    report.station
-                );
-                assert_eq!(report.chip_serial, good[0].chip_serial);
-                assert!(report.checks.len() >= 10 && report.checks.iter().all(|c| c.passed));
-            }
-            let status = line.status();
-            assert_eq!(status.passed, APPS as u64, "{status:?}");
-            assert_eq!(status.rejected, 2, "{status:?}");
-            assert_eq!(status.on_transport, 0, "{status:?}");
+                    .expect("pipeline");
 
-            // A card the machine lost (not on the transport) is reported, never passed.
-            let lost = cardpipe_qc::station::Ticket {
-                application_id: "lost".into(),
-                blank_serial: "B-LOST".into(),
-                chip_serial: Some("0000000000000000FFFF".into()),
-            };
-            let (inspection, station) = tokio::task::spawn_blocking(move || {
-                Stations::Line(spare).inspect(&lost, Box::new(|_| panic!("nothing to inspect")))
-            })
-            .await
-            .unwrap();
-            assert_eq!(
-                inspection.verdict(),
-                Some(Reason::CardNotFound),
-                "{station}"
-            );
-        });
-    });
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
+                for id in &ids {
+                    loop {
+                        let app = services.store.application(id).await.unwrap().unwrap();
+                        if app.state == ApplicationState::QcPassed {
+                            break;
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            let rows = cards::for_application(&services.store, id).await.unwrap();
+                            let history = services.store.history(id).await.unwrap();
+                            panic!("{id} stuck in {}\n{history:#?}\n{rows:#?}", app.state);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                running.shutdown().await.unwrap();
+
+                assert_eq!(planted.load(Ordering::Relaxed), 2, "both defects planted");
+                let reasons: Vec<String> = sqlx::query(
+                    "SELECT reason FROM qc_reports WHERE outcome = 'failed' ORDER BY reason",
+                )
+                .fetch_all(services.store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("reason"))
+                .collect();
+                assert_eq!(
+                    reasons,
+                    vec![
+                        Reason::CardUnlocked.as_str(),
+                        Reason::DgHashMismatch.as_str()
+                    ],
+                    "QC at the line station refused exactly the planted defects"
+                );
+                for id in &ids {
+                    let rows = cards::for_application(&services.store, id).await.unwrap();
+                    let good: Vec<_> = rows.iter().filter(|r| r.state == "personalized").collect();
+                    assert_eq!(good.len(), 1, "one good card per application: {rows:?}");
+                    let key = services
+                        .store
+                        .artifact(id, "qc_report")
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let report: cardpipe_qc::stage::QcReport =
+                        serde_json::from_slice(&services.objects.get(&key).await.unwrap().unwrap())
+                            .unwrap();
+                    assert_eq!(report.outcome, "passed");
+                    assert!(
+                        report.station.starts_with("QC Station"),
+                        "read at the line's station: {}",
+                        report.station
+                    );
+                    assert_eq!(report.chip_serial, good[0].chip_serial);
+                    assert!(report.checks.len() >= 10 && report.checks.iter().all(|c| c.passed));
+                }
+                let status = line.status();
+                assert_eq!(status.passed, APPS as u64, "{status:?}");
+                assert_eq!(status.rejected, 2, "{status:?}");
+                assert_eq!(status.on_transport, 0, "{status:?}");
+
+                // A card the machine lost (not on the transport) is reported, never passed.
+                let lost = cardpipe_qc::station::Ticket {
+                    application_id: "lost".into(),
+                    blank_serial: "B-LOST".into(),
+                    chip_serial: Some("0000000000000000FFFF".into()),
+                };
+                let (inspection, station) = tokio::task::spawn_blocking(move || {
+                    Stations::Line(spare).inspect(&lost, Box::new(|_| panic!("nothing to inspect")))
+                })
+                .await
+                .unwrap();
+                assert_eq!(
+                    inspection.verdict(),
+                    Some(Reason::CardNotFound),
+                    "{station}"
+                );
+            });
+        },
+    );
 }
