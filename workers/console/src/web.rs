@@ -210,6 +210,17 @@ fn check_csrf(s: &Session, token: &str) -> Result<(), Response> {
     }
 }
 
+/// The session of a form post, its CSRF token checked (every state-changing form).
+async fn form_session(
+    st: &ConsoleState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<Session, Response> {
+    let s = session(st, headers).await?;
+    check_csrf(&s, csrf)?;
+    Ok(s)
+}
+
 fn csrf_field(s: &Session) -> String {
     format!(
         "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
@@ -361,13 +372,10 @@ async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match form_session(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r;
-    }
     if let Some(token) = cookie(&headers, SESSION_COOKIE) {
         let _ = auth::end_session(&st.services.store, &token).await;
     }
@@ -921,13 +929,10 @@ async fn decide(
     Path(id): Path<String>,
     Form(f): Form<DecideForm>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match form_session(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r;
-    }
     let here = format!("/console/adjudications/{}", url(&id));
     match actions::adjudicate(
         &st.services,
@@ -1035,13 +1040,10 @@ async fn parked_action(
     Path((job, action)): Path<(String, String)>,
     Form(f): Form<ReasonForm>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match form_session(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r;
-    }
     let outcome = match action.as_str() {
         "retry" => actions::parked_retry(&st.services, &s.operator, &job)
             .await
@@ -1155,13 +1157,10 @@ async fn encoder_service(
     headers: HeaderMap,
     Form(f): Form<EncoderForm>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match form_session(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r;
-    }
     let in_service = f.in_service == "1";
     let farm = st.farm();
     match actions::encoder_service(
@@ -1444,13 +1443,10 @@ async fn resolve_discrepancy(
     Path(id): Path<String>,
     Form(f): Form<ResolveForm>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match form_session(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r;
-    }
     match actions::resolve_discrepancy(&st.services, &s.operator, &id, &f.outcome, &f.note).await {
         Ok(r) => back(
             "/console/shipments",
