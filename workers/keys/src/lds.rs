@@ -732,6 +732,63 @@ pub fn sample_input(seed: u32) -> ChipDataInput {
     }
 }
 
+/// A whole sample application (the registry's record and its biometrics) built from
+/// [`sample_input`]`(seed)`: for tests that seed the store with applications ready for the
+/// keys stage. `registry_id` must be unique per store; the tracking code is random.
+pub fn sample_applicant(
+    seed: u32,
+    registry_id: &str,
+) -> (
+    cardpipe_common::domain::applicant::ApplicantRecord,
+    cardpipe_common::domain::applicant::Biometrics,
+) {
+    use cardpipe_common::domain::applicant::{
+        ApplicantGroup, ApplicantRecord, Biometrics, Fees, FingerprintEntry,
+    };
+    let sample = sample_input(seed);
+    let record = ApplicantRecord {
+        registry_id: registry_id.to_owned(),
+        applied_on: time::macros::date!(2026 - 10 - 01),
+        tracking_code: format!("TC{}", uuid::Uuid::new_v4().simple()),
+        payment_tracking_code: format!("PAY-{registry_id}"),
+        national_code: sample.personal.national_code,
+        first_name: sample.personal.first_name,
+        last_name: sample.personal.last_name,
+        father_name: sample.personal.father_name,
+        birth_date: sample.personal.birth_date,
+        birth_certificate_number: format!("{}", 4000 + seed % 100_000),
+        gender: match sample.personal.gender {
+            Gender::Male => cardpipe_common::domain::applicant::Gender::Male,
+            Gender::Female => cardpipe_common::domain::applicant::Gender::Female,
+        },
+        postal_code: sample.address.postal_code,
+        address: sample.address.address,
+        mobile: "09120000000".into(),
+        landline: "02100000000".into(),
+        applicant_group: ApplicantGroup::FirstCard,
+        previous_card_issued_on: None,
+        pickup_office: "THR-001".into(),
+        fees: Fees {
+            issuance_rial: 200_000,
+            office_fee_rial: 90_000,
+            delivery_fee_rial: 20_000,
+        },
+    };
+    let biometrics = Biometrics {
+        photo_jpeg: sample.photo_jpeg,
+        fingerprints: sample
+            .fingerprints
+            .into_iter()
+            .map(|f| FingerprintEntry {
+                position: f.position,
+                template: Some(f.template),
+                missing_reason: None,
+            })
+            .collect(),
+    };
+    (record, biometrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

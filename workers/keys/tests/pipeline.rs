@@ -12,9 +12,7 @@ use std::time::Duration as StdDuration;
 
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::clock::{Clock, TestClock};
-use cardpipe_common::domain::applicant::{
-    ApplicantGroup, ApplicantRecord, Biometrics, Fees, FingerprintEntry, Gender,
-};
+use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
 use cardpipe_common::records;
 use cardpipe_common::runtime::pipeline::{self, RunningPipeline};
@@ -76,45 +74,7 @@ fn clock() -> Arc<TestClock> {
 }
 
 fn record(i: usize) -> (ApplicantRecord, Biometrics) {
-    let sample = cardpipe_keys::lds::sample_input(1000 + i as u32);
-    let record = ApplicantRecord {
-        registry_id: format!("REG-{i}"),
-        applied_on: time::macros::date!(2026 - 10 - 01),
-        tracking_code: testing::unique("TC"),
-        payment_tracking_code: format!("PAY-{i}"),
-        national_code: sample.personal.national_code.clone(),
-        first_name: "علی".into(),
-        last_name: "رضایی".into(),
-        father_name: "حسن".into(),
-        birth_date: time::macros::date!(1990 - 03 - 21),
-        birth_certificate_number: format!("{}", 4000 + i),
-        gender: Gender::Male,
-        postal_code: "1234567890".into(),
-        address: "تهران، خیابان آزادی".into(),
-        mobile: "09120000000".into(),
-        landline: "02100000000".into(),
-        applicant_group: ApplicantGroup::FirstCard,
-        previous_card_issued_on: None,
-        pickup_office: "THR-001".into(),
-        fees: Fees {
-            issuance_rial: 200_000,
-            office_fee_rial: 90_000,
-            delivery_fee_rial: 20_000,
-        },
-    };
-    let biometrics = Biometrics {
-        photo_jpeg: sample.photo_jpeg.clone(),
-        fingerprints: sample
-            .fingerprints
-            .iter()
-            .map(|f| FingerprintEntry {
-                position: f.position,
-                template: Some(f.template.clone()),
-                missing_reason: None,
-            })
-            .collect(),
-    };
-    (record, biometrics)
+    cardpipe_keys::lds::sample_applicant(1000 + i as u32, &format!("REG-{i}"))
 }
 
 /// `n` applications in `dedup_clear` with sealed records and biometrics and a keys job.
