@@ -232,6 +232,23 @@ fn figment_for(file: Option<&Path>) -> Figment {
 }
 
 /// Where a key's value came from, for error messages.
+/// The full dotted key of an error inside section `section`. figment reports the path of
+/// an `extract_inner` error with the section name last (`shards.dedup` for `dedup.shards`);
+/// operators need the key as they would write it.
+fn section_error_path(section: &str, path: &[String]) -> String {
+    let inner: Vec<&str> = match path.split_last() {
+        Some((last, rest)) if last == section => rest.iter().map(String::as_str).collect(),
+        _ => path.iter().map(String::as_str).collect(),
+    };
+    if inner.first() == Some(&section) {
+        inner.join(".")
+    } else if inner.is_empty() {
+        section.to_owned()
+    } else {
+        format!("{section}.{}", inner.join("."))
+    }
+}
+
 fn origin_of(figment: &Figment, key: &str) -> String {
     match figment.find_metadata(key) {
         Some(meta) => match &meta.source {
@@ -303,11 +320,7 @@ impl LoadedConfig {
             errors
                 .into_iter()
                 .map(|e| {
-                    let path = if e.path.is_empty() {
-                        key.to_owned()
-                    } else {
-                        e.path.join(".")
-                    };
+                    let path = section_error_path(key, &e.path);
                     ConfigError {
                         origin: origin_of(&self.figment, &path),
                         key: path,
@@ -507,5 +520,63 @@ impl PipelineConfig {
         } else {
             self.data_dir.join(path)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn section_errors_name_the_key_as_written_and_its_file() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Section {
+            shards: u32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pipeline.toml");
+        std::fs::write(&file, "[dedup]\nshards = \"two\"\n").unwrap();
+        let loaded = LoadedConfig::load(Some(&file)).unwrap();
+        let errors = loaded.section::<Section>("dedup").unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "dedup.shards");
+        assert_eq!(errors[0].origin, file.display().to_string());
+        assert!(errors[0].message.contains("u32"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn unknown_top_level_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pipeline.toml");
+        std::fs::write(&file, "[brokr]\nkind = \"memory\"\n").unwrap();
+        let loaded = LoadedConfig::load(Some(&file)).unwrap();
+        let errors = loaded.check(&[], &[]);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.key == "brokr" && e.message.contains("unknown")),
+            "{errors:?}"
+        );
+        std::fs::write(&file, "[broker]\nkind = \"rabbit\"\n").unwrap();
+        let errors = LoadedConfig::load(Some(&file)).unwrap_err();
+        assert_eq!(errors[0].key, "broker.kind");
+        assert!(
+            errors[0].message.contains("rabbitmq"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn section_paths_are_rebuilt_in_reading_order() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            section_error_path("dedup", &p(&["shards", "dedup"])),
+            "dedup.shards"
+        );
+        assert_eq!(section_error_path("pki", &p(&["a", "b", "pki"])), "pki.a.b");
+        assert_eq!(section_error_path("pki", &p(&["pki", "a"])), "pki.a");
+        assert_eq!(section_error_path("pki", &p(&[])), "pki");
     }
 }

@@ -258,6 +258,10 @@ fn main() -> ExitCode {
         command: ConfigCommand::Check,
     } = cli.command
     {
+        if let Err(e) = stages::check_sections(&loaded) {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
         println!("configuration OK");
         println!("  store:   {}", process::describe_store(&loaded.config));
         println!("  broker:  {:?}", loaded.config.broker.kind);

@@ -42,6 +42,7 @@ pub async fn run(
     demo: Option<crate::demo::DemoSpec>,
 ) -> anyhow::Result<()> {
     let config = &loaded.config;
+    crate::stages::check_sections(&loaded)?;
     if demo.is_some() {
         // The terminal shows the demo's progress; the log goes to a file beside the data.
         let path = config.data_dir.join("cardpipe.log");

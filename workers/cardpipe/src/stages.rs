@@ -166,6 +166,47 @@ pub fn build(
     Ok(stages)
 }
 
+/// Parses every section the stages and the HTTP side read (`[registry]`, `[dedup]`, `[pki]`,
+/// `[encoders]`, `[qc]`, `[stock]`, `[console]`, `[delivery]`) without building anything, so a
+/// bad value anywhere is reported, all at once, before a process starts work (and by
+/// `cardpipe config check`) rather than when the stage that reads it is built.
+pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
+    let mut problems: Vec<String> = Vec::new();
+    let mut note = |r: anyhow::Result<()>| {
+        if let Err(e) = r {
+            problems.push(format!("{e:#}"));
+        }
+    };
+    note(cardpipe_intake::config::load(config).map(drop));
+    note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
+    note(cardpipe_keys::settings::PkiConfig::from_loaded(config).map(drop));
+    note(
+        config
+            .section::<cardpipe_personalize::stage::EncodersConfig>(
+                cardpipe_personalize::stage::SECTION,
+            )
+            .map(drop)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    e.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }),
+    );
+    note(cardpipe_qc::stage::load(config).map(drop));
+    note(cardpipe_qc::stock::load(config).map(drop));
+    note(cardpipe_console::ConsoleConfig::load(config).map(drop));
+    note(cardpipe_delivery::config::load(config).map(drop));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("configuration is invalid:\n  - {}", problems.join("\n  - "))
+    }
+}
+
 /// What the HTTP routes need before the process listens: the console's first supervisor.
 pub async fn prepare_routes(services: &Services, config: &LoadedConfig) -> anyhow::Result<()> {
     cardpipe_console::prepare(
