@@ -1,4 +1,6 @@
-//! Benchmarks behind `cardpipe bench dedup` (and the criterion benches).
+//! Benchmarks of the dedup matcher, printed by the example `bench_dedup`
+//! (`cargo run --release -p cardpipe-dedup --example bench_dedup -- --help`); the criterion
+//! benches reuse [`build_gallery`] and [`load_fvc`].
 //!
 //! [`run`] measures, in order:
 //!
@@ -12,9 +14,12 @@
 //! 3. **Candidate stage**: 512-bit codes scanned per second on one core with a batch of
 //!    probes per pass, and the share of single-core streaming memory bandwidth
 //!    (measured with a plain sequential read) that the gallery traffic represents.
-//! 4. **Synthetic 1:N**: galleries of 10k and 100k generated subjects (1M on request):
-//!    memory per subject, search latency (single probe and batched), candidate-stage recall,
-//!    and FNIR at FPIR 0.1 % from mated and non-mated searches.
+//! 4. **Synthetic 1:N**: galleries of 10k and 100k generated subjects (1M on request),
+//!    built through the production enrolment path ([`build_gallery`]): build time; memory
+//!    per subject by the gallery's own accounting and by process RSS growth, and peak RSS;
+//!    single-probe latency (mean, p50, p95) and batched throughput; candidate-stage recall at
+//!    the configured shortlist and at [`RECALL_DEPTHS`]; rank-1; FNIR at FPIR 0.1 % from
+//!    mated and non-mated searches.
 //!
 //! Per-core figures run on the calling thread and divide by that thread's CPU time (so a
 //! machine shared with other work does not deflate them); latency figures are wall-clock
@@ -26,7 +31,8 @@ use std::time::Instant;
 
 use crate::iso19794_2;
 use crate::matcher::{
-    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, Probe, TenPrint, compare_detail,
+    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, PreparedSubject, Probe,
+    TenPrint, compare_detail,
 };
 use crate::synth::PopulationSpec;
 
@@ -188,12 +194,16 @@ pub struct BenchOptions {
     pub nonmated_searches: usize,
     /// Probes per candidate-stage pass in the throughput measurement.
     pub probes_per_pass: usize,
+    /// Single-probe searches timed one after the other per gallery size (latency mean, p50,
+    /// p95); they are the first mated probes, so at most `mated_searches`.
+    pub single_searches: usize,
     pub search: IdentifyOptions,
     pub seed: u64,
 }
 
 impl BenchOptions {
-    /// Defaults; `with_million` adds the 1M-subject gallery (needs ~5 GB and several minutes).
+    /// Defaults; `with_million` adds the 1M-subject gallery (peak RSS ≈ 2.5 GiB; its build
+    /// takes tens of minutes on a 2-core machine).
     pub fn new(with_million: bool) -> Self {
         let mut gallery_sizes = vec![10_000, 100_000];
         if with_million {
@@ -205,6 +215,7 @@ impl BenchOptions {
             mated_searches: 300,
             nonmated_searches: 1000,
             probes_per_pass: 16,
+            single_searches: 50,
             search: IdentifyOptions::default(),
             seed: 2026,
         }
@@ -259,11 +270,31 @@ pub struct ScanReport {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GalleryReport {
     pub subjects: usize,
+    /// Wall time of [`build_gallery`] (generation, ISO round trip, preparation, appends).
     pub build_secs: f64,
+    /// [`Gallery::memory_bytes`] over the number of subjects.
     pub bytes_per_subject: f64,
+    /// Process RSS (`VmRSS`) just before the gallery is generated and once it is built;
+    /// `None` where `/proc/self/status` does not exist (non-Linux).
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    /// Process peak RSS (`VmHWM`, since the process started) after this gallery's searches.
+    pub peak_rss: Option<u64>,
+    /// Single-probe searches timed, and their mean, median and 95th percentile wall time
+    /// ([`Gallery::identify`], all threads), ms.
+    pub singles: usize,
     pub single_probe_ms: f64,
+    pub single_p50_ms: f64,
+    pub single_p95_ms: f64,
+    /// Wall time of the batched searches (64 probes per [`Gallery::identify_batch`]) over
+    /// the number of searches, ms, and its inverse in searches per second.
     pub batched_probe_ms: f64,
+    pub batched_searches_per_sec: f64,
+    /// Share of mated searches whose mate is in the candidate-stage shortlist of the
+    /// configured depth (`search.shortlist`, 200 by default).
     pub candidate_recall: f64,
+    /// The same at each of [`RECALL_DEPTHS`]: (depth, recall).
+    pub recall_at: Vec<(usize, f64)>,
     pub rank1_identification: f64,
     pub fnir_at_fpir_1e3: f64,
     pub threshold_at_fpir_1e3: f64,
@@ -278,6 +309,15 @@ pub struct BenchReport {
     pub scan: ScanReport,
     pub galleries: Vec<GalleryReport>,
     pub threads: usize,
+    /// Peak RSS of the process at the end of the run (`VmHWM`), if known.
+    pub peak_rss: Option<u64>,
+}
+
+impl GalleryReport {
+    /// RSS growth while the gallery was built, per subject (bytes), if RSS is known.
+    pub fn rss_growth_per_subject(&self) -> Option<f64> {
+        Some(self.rss_after?.saturating_sub(self.rss_before?) as f64 / self.subjects.max(1) as f64)
+    }
 }
 
 /// FVC accuracy (protocol in the module docs) and single-core comparator throughput.
@@ -342,20 +382,38 @@ pub fn memory_bandwidth() -> f64 {
     best
 }
 
-/// Generates subjects `range` of `spec` in parallel as (reference id, ten-print).
-fn generate(spec: &PopulationSpec, range: std::ops::Range<usize>) -> Vec<(String, TenPrint)> {
+/// Subjects generated and prepared per parallel step of [`build_gallery`]: enough to keep
+/// every core busy, small enough that the prepared chunk (≈ 0.7 KB of codes plus the blob
+/// per subject, ≈ 45 MB) stays a small fraction of the gallery it is appended to.
+pub const BUILD_CHUNK: usize = 20_000;
+
+/// Generates subjects `range` of `spec` and prepares them for enrolment, on all cores:
+/// ISO 19794-2 records → [`TenPrint::from_iso`] → [`PreparedSubject::new`] (cylinders and
+/// candidate codes, compact blob). Returns (reference id, prepared subject) in index order.
+fn generate_prepared(
+    spec: &PopulationSpec,
+    range: std::ops::Range<usize>,
+) -> Vec<(String, PreparedSubject)> {
     use rayon::prelude::*;
     range
         .into_par_iter()
         .map(|i| {
             let s = spec.subject(i);
             let tp = TenPrint::from_iso(&s.templates).expect("generated records parse");
-            (s.reference_id, tp)
+            (s.reference_id, PreparedSubject::new(&tp))
         })
         .collect()
 }
 
 /// Builds a gallery of `subjects` synthetic subjects (no planted duplicates inside it).
+///
+/// Every subject is generated in full (ten master fingers, ten impressions encoded as ISO
+/// 19794-2 records and parsed back) and enrolled through the production path,
+/// [`PreparedSubject::new`] then [`Gallery::insert_ready`] (which is what [`Gallery::insert`]
+/// does). The per-subject work runs on all cores, [`BUILD_CHUNK`] subjects at a time; the
+/// appends stay sequential, in index order, so the gallery is identical to one built by
+/// calling `insert` for each subject. Galleries of 200,000 subjects or more report progress
+/// on stderr every 100,000 subjects.
 pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     let spec = PopulationSpec {
         seed,
@@ -364,15 +422,103 @@ pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     };
     let mut gallery = Gallery::new();
     gallery.reserve(subjects);
+    let began = Instant::now();
     let mut start = 0;
     while start < subjects {
-        let end = (start + 20_000).min(subjects);
-        for (id, tp) in generate(&spec, start..end) {
-            gallery.insert(&id, &tp);
+        let end = (start + BUILD_CHUNK).min(subjects);
+        for (id, prepared) in generate_prepared(&spec, start..end) {
+            gallery.insert_ready(&id, prepared);
+        }
+        if subjects >= 200_000 && (end / 100_000 > start / 100_000 || end == subjects) {
+            eprintln!(
+                "dedup bench:   {end}/{subjects} subjects enrolled ({:.0} s, RSS {})",
+                began.elapsed().as_secs_f64(),
+                gib(rss_bytes())
+            );
         }
         start = end;
     }
     (gallery, spec)
+}
+
+/// Reads a `kB` field (e.g. `VmRSS:`) of a `/proc/<pid>/status` text, in bytes.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let rest = status.lines().find_map(|l| l.strip_prefix(field))?;
+    let mut parts = rest.split_whitespace();
+    let kib: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => kib.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
+fn proc_self_status(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_kib(&status, field)
+}
+
+/// Resident set size of this process in bytes (`VmRSS`); `None` without `/proc` (non-Linux).
+pub fn rss_bytes() -> Option<u64> {
+    proc_self_status("VmRSS:")
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM`, the high-water mark since it
+/// started; what `/usr/bin/time -v` reports as maximum resident set size). `None` without
+/// `/proc`.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_self_status("VmHWM:")
+}
+
+/// Bytes as GiB with two decimals, or `n/a`.
+fn gib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".to_owned(),
+        |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+    )
+}
+
+/// The `q` quantile (0 ≤ q ≤ 1) of unsorted samples by the nearest-rank method: the smallest
+/// sample with at least a share `q` of the samples at or below it (q = 0.5 gives the lower
+/// median of an even count). 0 for no samples.
+pub fn percentile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Candidate-stage recall at each depth: the share of mated searches whose mate was at a
+/// 0-based rank below the depth (`None` = not in the deepest shortlist computed).
+pub fn recall_by_depth(mate_ranks: &[Option<usize>], depths: &[usize]) -> Vec<(usize, f64)> {
+    depths
+        .iter()
+        .map(|&d| {
+            let hits = mate_ranks
+                .iter()
+                .filter(|r| r.is_some_and(|r| r < d))
+                .count();
+            (d, hits as f64 / mate_ranks.len().max(1) as f64)
+        })
+        .collect()
+}
+
+/// FNIR at a given FPIR: the threshold is the top-candidate score of the non-mated searches
+/// exceeded by at most a share `fpir` of them (the `floor(fpir × n) + 1`-th highest; 0 when
+/// there are none); a mated search is missed if its mate scores at or below it (a mate
+/// missing from the candidate list counts as score 0). Returns (FNIR, threshold).
+pub fn fnir_at_fpir(mate_scores: &[f64], nonmated_top_scores: &[f64], fpir: f64) -> (f64, f64) {
+    let mut non = nonmated_top_scores.to_vec();
+    non.sort_by(f64::total_cmp);
+    let allowed = (non.len() as f64 * fpir).floor() as usize;
+    let threshold = non
+        .get(non.len().saturating_sub(1 + allowed))
+        .copied()
+        .unwrap_or(0.0);
+    let misses = mate_scores.iter().filter(|&&s| s <= threshold).count();
+    (misses as f64 / mate_scores.len().max(1) as f64, threshold)
 }
 
 /// Candidate-stage throughput on one core.
@@ -398,11 +544,30 @@ pub fn scan_report(gallery: &Gallery, spec: &PopulationSpec, probes_per_pass: us
     }
 }
 
+/// Shortlist depths at which candidate-stage recall is also reported.
+pub const RECALL_DEPTHS: [usize; 6] = [50, 100, 200, 500, 1000, 2000];
+
+/// How a gallery was built, measured by [`run`] around [`build_gallery`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildStats {
+    pub secs: f64,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+}
+
 /// Accuracy and latency of 1:N search on a synthetic gallery.
+///
+/// Phases, in order: probes prepared (not timed); `single_searches` mated probes searched
+/// one at a time with [`Gallery::identify`], each timed; all mated then all non-mated probes
+/// searched in batches of 64 with [`Gallery::identify_batch`], only those calls timed; one
+/// candidate-stage pass of the mated batches at the deepest of [`RECALL_DEPTHS`] (not timed)
+/// gives the mate's candidate rank, hence recall at every depth. The shortlist order is
+/// total (score, then slot), so the top `d` of the deep pass are the shortlist of depth `d`
+/// up to exact score ties at its last place.
 pub fn gallery_report(
     gallery: &Gallery,
     spec: &PopulationSpec,
-    build_secs: f64,
+    build: BuildStats,
     opts: &BenchOptions,
 ) -> GalleryReport {
     use rayon::prelude::*;
@@ -425,33 +590,36 @@ pub fn gallery_report(
             Probe::new(&TenPrint::from_iso(&spec.impressions((n + k) as u64, 1)).expect("parse"))
         })
         .collect();
-    let singles = mated.len().min(20);
-    let start = Instant::now();
-    for p in &mated[..singles] {
-        std::hint::black_box(gallery.identify(p, &opts.search, None));
-    }
-    let single_probe_ms = start.elapsed().as_secs_f64() * 1e3 / singles.max(1) as f64;
-    let mut recall = 0;
+    let wanted: Vec<String> = mated_idx
+        .iter()
+        .map(|&i| spec.subject_reference_id(i))
+        .collect();
+
+    let singles = mated.len().min(opts.single_searches);
+    let single_ms: Vec<f64> = mated[..singles]
+        .iter()
+        .map(|p| {
+            let start = Instant::now();
+            std::hint::black_box(gallery.identify(p, &opts.search, None));
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+
+    let mut batched_secs = 0f64;
     let mut rank1 = 0;
     let mut mate_scores = Vec::with_capacity(mated.len());
-    let start = Instant::now();
-    for (chunk_idx, chunk) in mated.chunks(64).enumerate() {
+    for (chunk, want) in mated.chunks(64).zip(wanted.chunks(64)) {
         let refs: Vec<&Probe> = chunk.iter().collect();
-        let short = gallery.shortlist(&refs, opts.search.shortlist, true);
+        let start = Instant::now();
         let results = gallery.identify_batch(&refs, &opts.search);
-        for (k, (s, r)) in short.iter().zip(&results).enumerate() {
-            let want = spec.subject_reference_id(mated_idx[chunk_idx * 64 + k]);
-            if s.iter()
-                .any(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str()))
-            {
-                recall += 1;
-            }
-            if r.first().is_some_and(|c| c.reference_id == want) {
+        batched_secs += start.elapsed().as_secs_f64();
+        for (r, want) in results.iter().zip(want) {
+            if r.first().is_some_and(|c| &c.reference_id == want) {
                 rank1 += 1;
             }
             mate_scores.push(
                 r.iter()
-                    .find(|c| c.reference_id == want)
+                    .find(|c| &c.reference_id == want)
                     .map_or(0.0, |c| c.fused.score),
             );
         }
@@ -459,35 +627,58 @@ pub fn gallery_report(
     let mut non_scores = Vec::with_capacity(nonmated.len());
     for chunk in nonmated.chunks(64) {
         let refs: Vec<&Probe> = chunk.iter().collect();
-        for r in gallery.identify_batch(&refs, &opts.search) {
-            non_scores.push(r.first().map_or(0.0, |c| c.fused.score));
+        let start = Instant::now();
+        let results = gallery.identify_batch(&refs, &opts.search);
+        batched_secs += start.elapsed().as_secs_f64();
+        non_scores.extend(
+            results
+                .iter()
+                .map(|r| r.first().map_or(0.0, |c| c.fused.score)),
+        );
+    }
+    let searches = (mated.len() + nonmated.len()).max(1);
+    let batched_probe_ms = batched_secs * 1e3 / searches as f64;
+
+    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(opts.search.shortlist);
+    let mut mate_ranks: Vec<Option<usize>> = Vec::with_capacity(mated.len());
+    for (chunk, want) in mated.chunks(64).zip(wanted.chunks(64)) {
+        let refs: Vec<&Probe> = chunk.iter().collect();
+        for (short, want) in gallery.shortlist(&refs, deepest, true).iter().zip(want) {
+            mate_ranks.push(
+                short
+                    .iter()
+                    .position(|&(_, slot)| gallery.reference_id(slot) == Some(want.as_str())),
+            );
         }
     }
-    let batched_probe_ms =
-        start.elapsed().as_secs_f64() * 1e3 / (mated.len() + nonmated.len()).max(1) as f64;
-    non_scores.sort_by(f64::total_cmp);
-    let allowed = (non_scores.len() as f64 * 0.001).floor() as usize;
-    let threshold = non_scores
-        .get(non_scores.len().saturating_sub(1 + allowed))
-        .copied()
-        .unwrap_or(0.0);
-    let misses = mate_scores.iter().filter(|&&s| s <= threshold).count();
+    let (fnir, threshold) = fnir_at_fpir(&mate_scores, &non_scores, 0.001);
     GalleryReport {
         subjects: n,
-        build_secs,
+        build_secs: build.secs,
         bytes_per_subject: gallery.memory_bytes() as f64 / n.max(1) as f64,
-        single_probe_ms,
+        rss_before: build.rss_before,
+        rss_after: build.rss_after,
+        peak_rss: peak_rss_bytes(),
+        singles,
+        single_probe_ms: single_ms.iter().sum::<f64>() / singles.max(1) as f64,
+        single_p50_ms: percentile(&single_ms, 0.5),
+        single_p95_ms: percentile(&single_ms, 0.95),
         batched_probe_ms,
-        candidate_recall: recall as f64 / mated.len().max(1) as f64,
+        batched_searches_per_sec: searches as f64 / batched_secs.max(f64::MIN_POSITIVE),
+        candidate_recall: recall_by_depth(&mate_ranks, &[opts.search.shortlist])[0].1,
+        recall_at: recall_by_depth(&mate_ranks, &RECALL_DEPTHS),
         rank1_identification: rank1 as f64 / mated.len().max(1) as f64,
-        fnir_at_fpir_1e3: misses as f64 / mate_scores.len().max(1) as f64,
+        fnir_at_fpir_1e3: fnir,
         threshold_at_fpir_1e3: threshold,
         mated: mated.len(),
         nonmated: nonmated.len(),
     }
 }
 
-/// Runs everything (see the module docs). Progress goes to stderr.
+/// Runs everything (see the module docs). Progress goes to stderr. Each gallery is dropped
+/// before the next is built, but its freed memory may be reused by the next one, so the RSS
+/// growth of every gallery after the first in a process understates its footprint: measure
+/// one size per process for clean RSS figures.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     eprintln!("dedup bench: FVC2002 accuracy and comparator throughput ...");
     let fvc = fvc_report(&opts.fvc_dir)?;
@@ -495,15 +686,34 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mut scan = None;
     for &size in &opts.gallery_sizes {
         eprintln!("dedup bench: building a {size}-subject synthetic gallery ...");
+        let rss_before = rss_bytes();
         let start = Instant::now();
         let (gallery, spec) = build_gallery(opts.seed, size);
-        let build_secs = start.elapsed().as_secs_f64();
+        let build = BuildStats {
+            secs: start.elapsed().as_secs_f64(),
+            rss_before,
+            rss_after: rss_bytes(),
+        };
+        eprintln!(
+            "dedup bench: built in {:.1} s; gallery accounting {:.3} GiB; RSS {} -> {}",
+            build.secs,
+            gallery.memory_bytes() as f64 / (1u64 << 30) as f64,
+            gib(build.rss_before),
+            gib(build.rss_after)
+        );
         if scan.is_none() && size >= 10_000 {
             eprintln!("dedup bench: candidate-stage throughput ...");
             scan = Some(scan_report(&gallery, &spec, opts.probes_per_pass));
         }
         eprintln!("dedup bench: searching the {size}-subject gallery ...");
-        galleries.push(gallery_report(&gallery, &spec, build_secs, opts));
+        let report = gallery_report(&gallery, &spec, build, opts);
+        eprintln!(
+            "dedup bench: {size} subjects: p50 {:.1} ms, recall {:.2} %, FNIR {:.2} %",
+            report.single_p50_ms,
+            report.candidate_recall * 100.0,
+            report.fnir_at_fpir_1e3 * 100.0
+        );
+        galleries.push(report);
     }
     let scan = match scan {
         Some(s) => s,
@@ -517,6 +727,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         scan,
         galleries,
         threads: rayon::current_num_threads(),
+        peak_rss: peak_rss_bytes(),
     })
 }
 
@@ -599,18 +810,30 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "| subjects | build s | bytes/subject | latency 1 probe ms | batched ms/probe | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
+            "Single-probe latency: {} mated searches timed one by one; batched: 64 probes per pass, identify_batch calls only.",
+            self.galleries.first().map_or(0, |g| g.singles)
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            f,
+            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
+        )?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for g in &self.galleries {
             writeln!(
                 f,
-                "| {} | {:.1} | {:.0} | {:.1} | {:.2} | {:.2} % | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
+                "| {} | {:.1} | {:.0} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} % | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
                 g.subjects,
                 g.build_secs,
                 g.bytes_per_subject,
+                g.rss_growth_per_subject()
+                    .map_or_else(|| "n/a".to_owned(), |b| format!("{b:.0}")),
+                gib(g.rss_after),
+                gib(g.peak_rss),
                 g.single_probe_ms,
+                g.single_p50_ms,
+                g.single_p95_ms,
                 g.batched_probe_ms,
+                g.batched_searches_per_sec,
                 g.candidate_recall * 100.0,
                 g.rank1_identification * 100.0,
                 g.fnir_at_fpir_1e3 * 100.0,
@@ -619,6 +842,116 @@ impl fmt::Display for BenchReport {
                 g.nonmated
             )?;
         }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Candidate-stage recall of the mated searches by shortlist depth (one deeper candidate pass)"
+        )?;
+        write!(f, "| subjects |")?;
+        for d in RECALL_DEPTHS {
+            write!(f, " top {d} |")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "|---|{}", "---|".repeat(RECALL_DEPTHS.len()))?;
+        for g in &self.galleries {
+            write!(f, "| {} |", g.subjects)?;
+            for (_, r) in &g.recall_at {
+                write!(f, " {:.2} % |", r * 100.0)?;
+            }
+            writeln!(f)?;
+        }
+        writeln!(f)?;
+        writeln!(f, "Peak RSS of the process (VmHWM): {}", gib(self.peak_rss))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let samples: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(percentile(&samples, 0.5), 10.0);
+        assert_eq!(percentile(&samples, 0.95), 19.0);
+        assert_eq!(percentile(&samples, 1.0), 20.0);
+        assert_eq!(percentile(&samples, 0.0), 1.0);
+        // 50 samples (the bench's single searches): p95 is the 48th smallest.
+        let fifty: Vec<f64> = (0..50).map(|i| f64::from(i) * 2.0).collect();
+        assert_eq!(percentile(&fifty, 0.95), 94.0);
+        assert_eq!(percentile(&fifty, 0.5), 48.0);
+        assert_eq!(percentile(&[7.5], 0.95), 7.5);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn recall_counts_mates_ranked_below_each_depth() {
+        // Ranks are 0-based: rank 49 is inside the top 50, rank 50 is not.
+        let ranks = [Some(0), Some(49), Some(50), Some(199), Some(1999), None];
+        assert_eq!(
+            recall_by_depth(&ranks, &[1, 50, 200, 2000]),
+            vec![
+                (1, 1.0 / 6.0),
+                (50, 2.0 / 6.0),
+                (200, 4.0 / 6.0),
+                (2000, 5.0 / 6.0)
+            ]
+        );
+        assert_eq!(recall_by_depth(&[], &[200]), vec![(200, 0.0)]);
+    }
+
+    #[test]
+    fn fnir_threshold_lets_at_most_the_fpir_share_of_non_mated_through() {
+        // 1,000 non-mated top scores 0.000 … 0.999: at FPIR 0.1 % one may exceed the
+        // threshold, so the threshold is the second highest score.
+        let non: Vec<f64> = (0..1000).map(|i| f64::from(i) / 1000.0).collect();
+        let mates = [0.5, 0.998, 0.9981, 2.0, 0.0];
+        let (fnir, threshold) = fnir_at_fpir(&mates, &non, 0.001);
+        assert_eq!(threshold, 0.998);
+        // 0.5, 0.998 (at the threshold) and 0.0 (mate not returned) are misses.
+        assert!((fnir - 3.0 / 5.0).abs() < 1e-12);
+        // Fewer than 1,000 non-mated searches: none may exceed it, the highest is the bar.
+        let (fnir, threshold) = fnir_at_fpir(&[0.5, 1.5], &[0.2, 1.0, 0.4], 0.001);
+        assert_eq!((fnir, threshold), (0.5, 1.0));
+    }
+
+    #[test]
+    fn proc_status_fields_are_read_in_bytes() {
+        let status = "Name:\tbench_dedup\nVmPeak:\t 2700000 kB\nVmHWM:\t 2610212 kB\n\
+                      VmRSS:\t   5120 kB\nThreads:\t3\n";
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(5120 * 1024));
+        assert_eq!(parse_status_kib(status, "VmHWM:"), Some(2_610_212 * 1024));
+        assert_eq!(parse_status_kib(status, "VmSwap:"), None);
+        assert_eq!(parse_status_kib("VmRSS:\t12 MB\n", "VmRSS:"), None);
+        assert_eq!(parse_status_kib("VmRSS:\tlots kB\n", "VmRSS:"), None);
+        if cfg!(target_os = "linux") {
+            let rss = rss_bytes().expect("VmRSS on Linux");
+            assert!(rss > 0);
+            assert!(peak_rss_bytes().expect("VmHWM on Linux") >= rss);
+        }
+    }
+
+    #[test]
+    fn build_gallery_equals_sequential_inserts() {
+        let (built, spec) = build_gallery(5, 40);
+        let mut sequential = Gallery::new();
+        for i in 0..40 {
+            let s = spec.subject(i);
+            sequential.insert(&s.reference_id, &TenPrint::from_iso(&s.templates).unwrap());
+        }
+        assert_eq!(built.len(), 40);
+        for i in 0..40 {
+            let id = spec.subject_reference_id(i);
+            assert_eq!(built.reference_id(i as u32), Some(id.as_str()));
+            assert_eq!(built.get(&id), sequential.get(&id));
+        }
+        let probe =
+            Probe::new(&TenPrint::from_iso(&spec.impressions(spec.person_of(7), 3)).unwrap());
+        let opts = IdentifyOptions::default();
+        assert_eq!(
+            built.identify(&probe, &opts, None),
+            sequential.identify(&probe, &opts, None)
+        );
     }
 }

@@ -14,8 +14,9 @@
 //! * [`stage`], [`scatter`], [`distributed`] — the `dedup` pipeline stage, shard
 //!   ownership with the scatter-gather merge, and its broker form (`dedup-shard-<k>` stages
 //!   and the gallery lock serialising enrolment across processes).
-//! * [`bench`](mod@bench) — the figures behind `cardpipe bench dedup`: FVC2002 accuracy, comparator and
-//!   candidate-scan throughput, synthetic 1:N latency, memory, FNIR and recall.
+//! * [`bench`](mod@bench) — the figures printed by the `bench_dedup` example (and recorded in
+//!   `BENCH_DEDUP.md`): FVC2002 accuracy, comparator and candidate-scan throughput, synthetic
+//!   1:N build time, memory, latency, FNIR and recall.
 //!
 //! Privacy rule applied throughout: biometric data (minutiae, codes, templates) never appears
 //! in error messages or `Debug` output; types holding it implement `Debug` by hand.

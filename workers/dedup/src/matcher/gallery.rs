@@ -5,9 +5,15 @@
 //! * the compact minutiae of the ten fingers in one boxed byte blob (5 bytes per minutia);
 //! * the reference id and a hash-map entry from id to slot.
 //!
-//! That is roughly 640 B of codes + ~2 KB of minutiae + ~100 B of bookkeeping per subject,
-//! so a million subjects need ~3 GB. Cylinders for the precise stage are rebuilt from the
-//! compact minutiae for the shortlisted subjects only.
+//! That is roughly 640 B of codes + ~1.6 KB of minutiae + ~100 B of bookkeeping per subject
+//! (`BENCH_DEDUP.md` measures ≈ 2.3 KB, i.e. ≈ 2.2 GiB for a million synthetic subjects).
+//! Cylinders for the precise stage are rebuilt from the compact minutiae for the shortlisted
+//! subjects only.
+//!
+//! **Enrolment** is split in two ([`PreparedSubject::new`], then [`Gallery::insert_ready`]):
+//! deriving the candidate codes needs the cylinders of every finger and is by far the costly
+//! part, but it reads nothing from the gallery, so it can run on any thread, in parallel and
+//! before taking the gallery's lock; the append itself is cheap and stays sequential.
 //!
 //! **Search** ([`Gallery::identify_batch`]): the candidate stage scans every subject's ten
 //! codes against every probe of a batch, block by block (a block of subjects stays in cache
@@ -163,6 +169,58 @@ impl Probe {
             pops,
             templates,
         }
+    }
+}
+
+/// A ten-print ready to be appended to a gallery: its ten candidate codes with their
+/// popcounts and its compact minutiae blob.
+///
+/// Building one is pure per-subject work (cylinders of every finger → 512-bit codes, plus the
+/// 5-bytes-per-minutia storage form) that needs no gallery. That is why it is a type of its
+/// own: enrolment can prepare subjects on many threads, off the gallery's lock, and keep only
+/// the cheap append ([`Gallery::insert_ready`]) sequential. [`Gallery::insert`] is exactly
+/// `insert_ready(id, PreparedSubject::new(tenprint))`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PreparedSubject {
+    codes: [u64; STRIDE],
+    pops: [u16; 10],
+    blob: Box<[u8]>,
+}
+
+impl fmt::Debug for PreparedSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Codes and minutiae are biometric data: never printed.
+        let present = self.pops.iter().filter(|&&p| p > 0).count();
+        write!(
+            f,
+            "PreparedSubject {{ coded_fingers: {present}, data: <redacted> }}"
+        )
+    }
+}
+
+impl PreparedSubject {
+    /// Computes the candidate codes and the storage blob of `tenprint`. Deterministic and
+    /// independent of any gallery, so it may run on any thread.
+    pub fn new(tenprint: &TenPrint) -> Self {
+        let mut codes = [0u64; STRIDE];
+        let mut pops = [0u16; 10];
+        for (i, f) in tenprint.fingers.iter().enumerate() {
+            if let Some(f) = f {
+                let c = FingerCode::new(&FingerTemplate::new(f));
+                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
+                pops[i] = c.popcount() as u16;
+            }
+        }
+        PreparedSubject {
+            codes,
+            pops,
+            blob: tenprint.to_blob(),
+        }
+    }
+
+    /// The ten-print as it will be stored (decoded from the compact blob).
+    pub fn tenprint(&self) -> TenPrint {
+        TenPrint::from_blob(&self.blob)
     }
 }
 
@@ -322,38 +380,31 @@ impl Gallery {
 
     /// Enrols (or re-enrols, replacing the data) `reference_id`. Returns `true` if the id was
     /// new. Idempotent: inserting the same id twice leaves one entry.
+    ///
+    /// Prepares the subject on the calling thread ([`PreparedSubject::new`]) then appends it
+    /// ([`Gallery::insert_ready`]); callers enrolling many subjects, or holding a lock on the
+    /// gallery, should prepare first and call `insert_ready` so the costly part runs outside.
     pub fn insert(&mut self, reference_id: &str, tenprint: &TenPrint) -> bool {
-        let mut codes = [0u64; STRIDE];
-        let mut pops = [0u16; 10];
-        for (i, f) in tenprint.fingers.iter().enumerate() {
-            if let Some(f) = f {
-                let c = FingerCode::new(&FingerTemplate::new(f));
-                codes[i * CODE_WORDS..(i + 1) * CODE_WORDS].copy_from_slice(&c.words);
-                pops[i] = c.popcount() as u16;
-            }
-        }
-        self.insert_prepared(reference_id, &codes, &pops, tenprint.to_blob())
+        self.insert_ready(reference_id, PreparedSubject::new(tenprint))
     }
 
-    fn insert_prepared(
-        &mut self,
-        reference_id: &str,
-        codes: &[u64; STRIDE],
-        pops: &[u16; 10],
-        blob: Box<[u8]>,
-    ) -> bool {
+    /// Enrols (or re-enrols, replacing the data) a subject prepared beforehand. Returns `true`
+    /// if the id was new; same result as [`Gallery::insert`] on the original ten-print. Only
+    /// copies: the codes into the contiguous code array, the blob and the id into their slot.
+    pub fn insert_ready(&mut self, reference_id: &str, subject: PreparedSubject) -> bool {
+        let PreparedSubject { codes, pops, blob } = subject;
         if let Some(&slot) = self.index.get(reference_id) {
             let s = slot as usize;
-            self.codes[s * STRIDE..(s + 1) * STRIDE].copy_from_slice(codes);
-            self.pops[s * 10..(s + 1) * 10].copy_from_slice(pops);
+            self.codes[s * STRIDE..(s + 1) * STRIDE].copy_from_slice(&codes);
+            self.pops[s * 10..(s + 1) * 10].copy_from_slice(&pops);
             self.blobs[s] = blob;
             return false;
         }
         let slot = self.ids.len() as u32;
         self.ids.push(reference_id.to_owned());
         self.index.insert(reference_id.to_owned(), slot);
-        self.codes.extend_from_slice(codes);
-        self.pops.extend_from_slice(pops);
+        self.codes.extend_from_slice(&codes);
+        self.pops.extend_from_slice(&pops);
         self.blobs.push(blob);
         true
     }
@@ -691,4 +742,95 @@ pub fn merge_candidates<I: IntoIterator<Item = Vec<Candidate>>>(
     all.retain(|c| seen.insert(c.reference_id.clone()));
     all.truncate(max_results);
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::PopulationSpec;
+
+    fn subjects(n: usize) -> Vec<(String, TenPrint)> {
+        let spec = PopulationSpec {
+            seed: 11,
+            subjects: n,
+            duplicate_rate: 0.0,
+        };
+        (0..n)
+            .map(|i| {
+                let s = spec.subject(i);
+                let tp = TenPrint::from_iso(&s.templates).expect("generated records parse");
+                (s.reference_id, tp)
+            })
+            .collect()
+    }
+
+    /// The storage of two galleries, slot by slot.
+    fn same_storage(a: &Gallery, b: &Gallery) -> bool {
+        a.ids == b.ids && a.codes == b.codes && a.pops == b.pops && a.blobs == b.blobs
+    }
+
+    #[test]
+    fn insert_ready_stores_exactly_what_insert_stores() {
+        let subjects = subjects(6);
+        let mut direct = Gallery::new();
+        let mut prepared = Gallery::new();
+        // Prepared on other threads, appended here: the parallel enrolment path.
+        let ready: Vec<PreparedSubject> = subjects
+            .par_iter()
+            .map(|(_, tp)| PreparedSubject::new(tp))
+            .collect();
+        for ((id, tp), p) in subjects.iter().zip(ready) {
+            assert!(direct.insert(id, tp));
+            assert!(prepared.insert_ready(id, p));
+        }
+        assert_eq!(prepared.len(), 6);
+        assert!(same_storage(&direct, &prepared));
+        assert!(direct.codes.iter().any(|&w| w != 0), "codes were computed");
+        assert_eq!(prepared.memory_bytes(), direct.memory_bytes());
+        for (id, tp) in &subjects {
+            assert_eq!(prepared.get(id).as_ref(), Some(tp));
+        }
+        let probe = Probe::new(&subjects[3].1);
+        let opts = IdentifyOptions::default();
+        assert_eq!(
+            prepared.identify(&probe, &opts, None),
+            direct.identify(&probe, &opts, None)
+        );
+        assert_eq!(
+            prepared.identify(&probe, &opts, None)[0].reference_id,
+            subjects[3].0
+        );
+    }
+
+    #[test]
+    fn insert_ready_re_enrols_in_place() {
+        let subjects = subjects(3);
+        let mut gallery = Gallery::new();
+        for (id, tp) in &subjects {
+            gallery.insert(id, tp);
+        }
+        // Subject 0's id now carries subject 2's ten-print: same slot, data replaced.
+        let replacement = PreparedSubject::new(&subjects[2].1);
+        assert_eq!(replacement.tenprint(), subjects[2].1);
+        assert!(!gallery.insert_ready(&subjects[0].0, replacement));
+        assert_eq!(gallery.len(), 3);
+        assert_eq!(gallery.reference_id(0), Some(subjects[0].0.as_str()));
+        assert_eq!(gallery.get(&subjects[0].0).as_ref(), Some(&subjects[2].1));
+        assert_eq!(
+            gallery.codes[..STRIDE],
+            gallery.codes[2 * STRIDE..3 * STRIDE]
+        );
+    }
+
+    #[test]
+    fn prepared_subject_debug_hides_biometrics() {
+        let subjects = subjects(1);
+        let p = PreparedSubject::new(&subjects[0].1);
+        let coded = p.pops.iter().filter(|&&n| n > 0).count();
+        assert!(coded > 0);
+        assert_eq!(
+            format!("{p:?}"),
+            format!("PreparedSubject {{ coded_fingers: {coded}, data: <redacted> }}")
+        );
+    }
 }

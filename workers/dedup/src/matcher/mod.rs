@@ -10,7 +10,8 @@
 //!   fingers ([`fuse`]).
 //! * [`code`] — 512-bit per-finger LSH codes of the cylinders for the candidate stage
 //!   ([`FingerCode`]).
-//! * [`gallery`] — [`Gallery`] (insert / delete / identify / verify), [`Shard`] and
+//! * [`gallery`] — [`Gallery`] (insert / delete / identify / verify; enrolment work can be
+//!   done beforehand, off the gallery, with [`PreparedSubject`]), [`Shard`] and
 //!   [`merge_candidates`] for scatter-gather across dedup workers.
 //!
 //! A typical flow: build a [`TenPrint`] from ISO records, wrap the probe in a [`Probe`] (codes
@@ -27,7 +28,7 @@ pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
 pub use compare::{MatchDetail, compare, compare_detail};
 pub use gallery::{
-    Candidate, Gallery, IdentifyOptions, Probe, Shard, ShardError, TenPrint, TenPrintError,
-    Verification, merge_candidates, reference_hash, verify,
+    Candidate, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard, ShardError, TenPrint,
+    TenPrintError, Verification, merge_candidates, reference_hash, verify,
 };
 pub use template::{CanonMinutia, Finger, FingerTemplate};
