@@ -9,7 +9,8 @@
 //! * `cardpipe config check` — validate the configuration;
 //! * `cardpipe pki init|status|crl|rotate` — the CA hierarchy (pki_cmd.rs);
 //! * `cardpipe synth batch` — a generated registry batch (NDJSON) for demos and tests;
-//! * `cardpipe bench pki` — credential sets per second per core;
+//! * `cardpipe bench pki|qc|dedup` — PKI credential sets, QC cards and dedup figures
+//!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
 //! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs).
@@ -17,6 +18,7 @@
 //! Every process runs an outbox relay (claims make that safe) and serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
+mod dedup_cmd;
 mod demo;
 mod encoders_cmd;
 mod offices_cmd;
@@ -130,6 +132,9 @@ enum BenchCommand {
     Pki(pki_cmd::BenchPkiArgs),
     /// QC: cards per second checked and the share rejected per reason (planted defects).
     Qc(qc_cmd::BenchQcArgs),
+    /// Dedup: FVC2002 accuracy, comparisons and codes per second per core, 1:N galleries
+    /// (memory per subject, latency, recall, FNIR at FPIR 0.1 %); build with --release.
+    Dedup(dedup_cmd::BenchDedupArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +325,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::Qc(args),
             } => qc_cmd::bench(args),
+            Command::Bench {
+                command: BenchCommand::Dedup(args),
+            } => dedup_cmd::bench(args),
             Command::Synth {
                 command:
                     SynthCommand::Batch {

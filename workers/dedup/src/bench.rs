@@ -1,5 +1,5 @@
-//! Benchmarks of the dedup matcher, printed by the example `bench_dedup`
-//! (`cargo run --release -p cardpipe-dedup --example bench_dedup -- --help`); the criterion
+//! Benchmarks of the dedup matcher, printed by `cardpipe bench dedup` and the example
+//! `bench_dedup` (`cargo run --release -p cardpipe-dedup --example bench_dedup -- --help`); the criterion
 //! benches reuse [`build_gallery`] and [`load_fvc`].
 //!
 //! [`run`] measures, in order:

@@ -14,7 +14,8 @@
 //! * [`stage`], [`scatter`], [`distributed`] — the `dedup` pipeline stage, shard
 //!   ownership with the scatter-gather merge, and its broker form (`dedup-shard-<k>` stages
 //!   and the gallery lock serialising enrolment across processes).
-//! * [`bench`](mod@bench) — the figures printed by the `bench_dedup` example (and recorded in
+//! * [`bench`](mod@bench) — the figures printed by `cardpipe bench dedup` and the `bench_dedup`
+//!   example (and recorded in
 //!   `BENCH_DEDUP.md`): FVC2002 accuracy, comparator and candidate-scan throughput, synthetic
 //!   1:N build time, memory, latency, FNIR and recall.
 //!
