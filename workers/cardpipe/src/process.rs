@@ -63,6 +63,10 @@ pub async fn run(
         objects = services.objects.kind(),
         "backends ready"
     );
+    if full_http {
+        // Before any stage or relay writes to the store (SQLite allows one writer).
+        stages::prepare_routes(&services, &loaded).await?;
+    }
     let built = stages::build(&stage_names, &services, &loaded)?;
     // States no stage of this process takes work from: where applications come to rest.
     let resting: Vec<ApplicationState> = ALL_STATES
@@ -89,7 +93,6 @@ pub async fn run(
     }
     let mut app = cardpipe_common::telemetry::http::router(services.clone(), stage_names.clone());
     if full_http {
-        stages::prepare_routes(&services, &loaded).await?;
         app = app.merge(stages::routes(&services, &loaded)?);
     }
     let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -77,17 +77,7 @@ pub fn build(
     {
         // [encoders]: in-process card OS encoders (embedded) or PC/SC readers; the farm
         // re-scans readers in the background.
-        let cfg: cardpipe_personalize::stage::EncodersConfig = _config
-            .section(cardpipe_personalize::stage::SECTION)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}",
-                    e.iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )
-            })?;
+        let cfg = encoders_config(_config)?;
         let stage = cardpipe_personalize::stage::PersonalizeStage::from_config(
             &cfg,
             &_config.config.data_dir,
@@ -111,17 +101,7 @@ pub fn build(
     if names.iter().any(|n| n == cardpipe_qc::stage::STAGE_NAME) {
         // [qc]: reads cards back from the personalize farm's output tray in this process
         // (station = "tray") or at the QC stations of a PC/SC machine's line ("line").
-        let cfg: cardpipe_personalize::stage::EncodersConfig = _config
-            .section(cardpipe_personalize::stage::SECTION)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}",
-                    e.iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )
-            })?;
+        let cfg = encoders_config(_config)?;
         let qc_cfg = cardpipe_qc::stage::load(_config)?;
         let stations = match qc_cfg.station {
             cardpipe_qc::station::StationKind::Line => {
@@ -166,6 +146,23 @@ pub fn build(
     Ok(stages)
 }
 
+/// `[encoders]` (read by the personalize and QC stages).
+fn encoders_config(
+    config: &LoadedConfig,
+) -> anyhow::Result<cardpipe_personalize::stage::EncodersConfig> {
+    config
+        .section(cardpipe_personalize::stage::SECTION)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })
+}
+
 /// Parses every section the stages and the HTTP side read (`[registry]`, `[dedup]`, `[pki]`,
 /// `[encoders]`, `[qc]`, `[stock]`, `[console]`, `[delivery]`) without building anything, so a
 /// bad value anywhere is reported, all at once, before a process starts work (and by
@@ -180,22 +177,7 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
     note(cardpipe_intake::config::load(config).map(drop));
     note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
     note(cardpipe_keys::settings::PkiConfig::from_loaded(config).map(drop));
-    note(
-        config
-            .section::<cardpipe_personalize::stage::EncodersConfig>(
-                cardpipe_personalize::stage::SECTION,
-            )
-            .map(drop)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}",
-                    e.iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )
-            }),
-    );
+    note(encoders_config(config).map(drop));
     note(cardpipe_qc::stage::load(config).map(drop));
     note(cardpipe_qc::stock::load(config).map(drop));
     note(cardpipe_console::ConsoleConfig::load(config).map(drop));

@@ -100,10 +100,23 @@ pub async fn prepare(
     config: &ConsoleConfig,
     data_dir: &std::path::Path,
 ) -> Result<(), auth::AuthError> {
-    if config.create_admin {
-        auth::ensure_admin(services, data_dir).await?;
+    if !config.create_admin {
+        return Ok(());
     }
-    Ok(())
+    // A store busy with another writer (SQLite, another replica starting) is worth a few
+    // short retries; a real failure is reported after the last.
+    let mut attempt = 0u32;
+    loop {
+        match auth::ensure_admin(services, data_dir).await {
+            Ok(_) => return Ok(()),
+            Err(auth::AuthError::Store(e)) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "store busy creating the first supervisor; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The console router for a process (call [`prepare`] first).
