@@ -17,7 +17,9 @@ use std::sync::RwLock;
 
 use rayon::prelude::*;
 
-use crate::matcher::{Candidate, IdentifyOptions, Probe, Shard, TenPrint, merge_candidates};
+use crate::matcher::{
+    Candidate, IdentifyOptions, PreparedSubject, Probe, Shard, TenPrint, merge_candidates,
+};
 
 /// One shard's answer to a scattered search.
 #[derive(Debug, Clone)]
@@ -109,8 +111,11 @@ impl ShardSet {
     /// Enrols into the owning shard if it is held here (`None` otherwise); idempotent.
     pub fn insert(&self, reference_id: &str, tenprint: &TenPrint) -> Option<bool> {
         let shard = self.local_shard(reference_id)?;
+        // The candidate codes are computed before the write lock is taken: searches of this
+        // shard wait only for the append, not for the enrolment's work.
+        let prepared = PreparedSubject::new(tenprint);
         let mut guard = shard.write().unwrap_or_else(|e| e.into_inner());
-        guard.insert(reference_id, tenprint).ok()
+        Some(guard.gallery.insert_ready(reference_id, prepared))
     }
 
     /// Subjects per local shard.
