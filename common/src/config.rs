@@ -232,6 +232,16 @@ fn figment_for(file: Option<&Path>) -> Figment {
 }
 
 /// Where a key's value came from, for error messages.
+/// Configuration errors as one line (`key (from origin): message; ...`), for the stage
+/// crates that report a section's problems through `anyhow`.
+pub fn describe(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The full dotted key of an error inside section `section`. figment reports the path of
 /// an `extract_inner` error with the section name last (`shards.dedup` for `dedup.shards`);
 /// operators need the key as they would write it.

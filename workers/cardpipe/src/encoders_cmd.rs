@@ -93,16 +93,9 @@ pub struct BenchArgs {
 }
 
 fn section(loaded: &LoadedConfig) -> anyhow::Result<EncodersConfig> {
-    loaded.section(SECTION).map_err(|errors| {
-        anyhow::anyhow!(
-            "{}",
-            errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })
+    loaded
+        .section(SECTION)
+        .map_err(|errors| anyhow::anyhow!("{}", cardpipe_common::config::describe(&errors)))
 }
 
 fn config(loaded: &LoadedConfig, faults: &FaultArgs) -> anyhow::Result<EncodersConfig> {

@@ -152,15 +152,7 @@ fn encoders_config(
 ) -> anyhow::Result<cardpipe_personalize::stage::EncodersConfig> {
     config
         .section(cardpipe_personalize::stage::SECTION)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{}",
-                e.iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
-        })
+        .map_err(|e| anyhow::anyhow!("{}", cardpipe_common::config::describe(&e)))
 }
 
 /// Parses every section the stages and the HTTP side read (`[registry]`, `[dedup]`, `[pki]`,

@@ -66,14 +66,7 @@ impl ConsoleConfig {
             {
                 Ok(Self::default())
             }
-            Err(errors) => anyhow::bail!(
-                "{}",
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
+            Err(errors) => anyhow::bail!("{}", cardpipe_common::config::describe(&errors)),
         }
     }
 }

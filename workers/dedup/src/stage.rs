@@ -123,11 +123,7 @@ impl DedupConfig {
             }
             Err(errors) => anyhow::bail!(
                 "[dedup] configuration: {}",
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                cardpipe_common::config::describe(&errors)
             ),
         };
         config.validate()?;

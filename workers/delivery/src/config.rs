@@ -193,14 +193,7 @@ pub fn load(config: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<De
         {
             DeliveryConfig::default()
         }
-        Err(errors) => anyhow::bail!(
-            "{}",
-            errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
+        Err(errors) => anyhow::bail!("{}", cardpipe_common::config::describe(&errors)),
     };
     cfg.validate()?;
     Ok(cfg)

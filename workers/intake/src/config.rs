@@ -133,13 +133,6 @@ pub fn load(config: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<Re
         {
             Ok(RegistryConfig::default())
         }
-        Err(errors) => anyhow::bail!(
-            "{}",
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
+        Err(errors) => anyhow::bail!("{}", cardpipe_common::config::describe(&errors)),
     }
 }

@@ -117,11 +117,7 @@ impl PkiConfig {
         let config: Self = loaded.section("pki").map_err(|errors| {
             anyhow::anyhow!(
                 "[pki] configuration: {}",
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                cardpipe_common::config::describe(&errors)
             )
         })?;
         config.validate()?;

@@ -94,15 +94,9 @@ impl Default for QcConfig {
 
 /// Loads `[qc]`.
 pub fn load(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<QcConfig> {
-    let cfg: QcConfig = loaded.section(SECTION).map_err(|e| {
-        anyhow::anyhow!(
-            "{}",
-            e.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
+    let cfg: QcConfig = loaded
+        .section(SECTION)
+        .map_err(|e| anyhow::anyhow!("{}", cardpipe_common::config::describe(&e)))?;
     if cfg.max_attempts == 0 {
         anyhow::bail!("qc.max_attempts must be at least 1");
     }

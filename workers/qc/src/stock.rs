@@ -128,15 +128,9 @@ pub const SECTION: &str = "stock";
 
 /// Loads `[stock]`.
 pub fn load(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<StockConfig> {
-    loaded.section(SECTION).map_err(|e| {
-        anyhow::anyhow!(
-            "{}",
-            e.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })
+    loaded
+        .section(SECTION)
+        .map_err(|e| anyhow::anyhow!("{}", cardpipe_common::config::describe(&e)))
 }
 
 /// A lot to receive.
