@@ -106,7 +106,10 @@ pub fn build(
         let stations = match qc_cfg.station {
             cardpipe_qc::station::StationKind::Line => {
                 // One short blocking exchange at start-up: the worker refuses to start
-                // without its stations rather than failing every card later.
+                // without its stations (or without pcsc-lite, loaded at run time) rather
+                // than failing every card later.
+                cardpipe_personalize::pcsc::library()
+                    .map_err(|e| anyhow::anyhow!("[qc] station = \"line\": {e}"))?;
                 let line = cardpipe_qc::station::LineStations::connect(
                     &qc_cfg.line_controller,
                     std::time::Duration::from_millis(qc_cfg.station_timeout_ms),

@@ -9,7 +9,7 @@
 //! job counter, which is what the personalization stage's encoder farm does.
 //!
 //! - [`run_in_process`]: the card OS in process (embedded mode).
-//! - [`run_pcscd`]: through a [`Simulation`] (pcsc crate → pcscd → vpcd → card OS). There the
+//! - [`run_pcscd`]: through a [`Simulation`] (pcsc-lite → pcscd → vpcd → card OS). There the
 //!   card swap includes pcscd noticing removal and insertion (its presence poll runs every
 //!   400 ms), reported separately as the mean swap time.
 

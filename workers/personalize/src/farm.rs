@@ -687,7 +687,9 @@ impl Lease {
     /// Classifies a reader error of this job: the reader vanished, or the encoder failed.
     pub fn report_reader_error(&mut self, e: &ReaderError) {
         self.report(match e {
-            ReaderError::ReaderUnavailable(_) | ReaderError::NoService(_) => Outcome::Vanished,
+            ReaderError::ReaderUnavailable(_)
+            | ReaderError::NoService(_)
+            | ReaderError::NoLibrary(_) => Outcome::Vanished,
             _ => Outcome::EncoderFault,
         });
     }

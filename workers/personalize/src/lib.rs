@@ -9,7 +9,9 @@
 //!   profile (LDS + eID applications, PINs, keys, match-on-card, lifecycle lock) with fault
 //!   knobs (dead chip, write failures, tearing, slow EEPROM).
 //! - [`reader`]: [`reader::CardChannel`] / [`reader::Encoder`] with an in-process
-//!   implementation (embedded mode) and a PC/SC one (pcsc crate → pcscd), typed errors.
+//!   implementation (embedded mode) and a PC/SC one (pcsc-lite → pcscd), typed errors.
+//! - [`pcsc`]: the PC/SC client binding, pcsc-lite loaded at run time (so building needs no
+//!   PC/SC development package); the crate's only `unsafe` code.
 //! - [`vpcd`]: the card side of vsmartcard's vpcd protocol, so the card OS sits behind a
 //!   real pcscd; [`simulate`]: pcscd + N virtual readers (`cardpipe encoders simulate`).
 //! - [`script`]: [`script::CardImage`] → [`script::personalize`] over any channel, and the
@@ -30,6 +32,7 @@ pub mod card_os;
 pub mod cplc;
 pub mod farm;
 pub mod line;
+pub mod pcsc;
 pub mod pcsc_harness;
 pub mod reader;
 pub mod scp03;

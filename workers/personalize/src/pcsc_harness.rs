@@ -53,6 +53,9 @@ pub fn preflight(needs: &[Tool]) {
     {
         missing.push("pcscd (apt-get install pcscd)");
     }
+    if crate::pcsc::library().is_err() {
+        missing.push("the PC/SC client library (apt-get install libpcsclite1)");
+    }
     if !Path::new(crate::simulate::DEFAULT_DRIVER).exists() {
         missing.push("vpcd driver (apt-get install vsmartcard-vpcd)");
     }

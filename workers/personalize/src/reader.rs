@@ -5,8 +5,8 @@
 //! drives:
 //! - [`InProcessEncoder`]: the card OS in the same process (embedded mode, benchmarks). Its
 //!   feed takes blanks from a [`BlankStock`].
-//! - [`PcscEncoder`]: a PC/SC reader through pcscd (pcsc crate), real hardware or a vpcd
-//!   virtual reader. Its feed is a [`CardFeed`] (a hardware hopper, or the simulator's slot).
+//! - [`PcscEncoder`]: a PC/SC reader through pcscd (pcsc-lite loaded at run time by
+//!   [`crate::pcsc`]), real hardware or a vpcd virtual reader. Its feed is a [`CardFeed`] (a hardware hopper, or the simulator's slot).
 //!
 //! PC/SC conditions that mean "this blank is gone" or "there is no blank" come out as typed
 //! [`ReaderError`] variants, so the caller can tell a spoiled card from a broken reader.
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::apdu::{Command, Response};
 use crate::card_os::{Card, CardFault, FaultPlan, Faults};
 use crate::cplc::ChipSerial;
+use crate::pcsc;
 use crate::scp03::MasterKeys;
 
 /// What went wrong talking to an encoder.
@@ -39,6 +40,10 @@ pub enum ReaderError {
     /// The PC/SC resource manager (pcscd) is not running or not reachable.
     #[error("PC/SC service unavailable: {0}")]
     NoService(String),
+    /// The PC/SC client library (pcsc-lite) is not installed; the message says what to
+    /// install.
+    #[error("PC/SC unavailable: {0}")]
+    NoLibrary(String),
     /// The card feed could not deliver or take a card.
     #[error("card feed of {reader} failed: {reason}")]
     Feed {
@@ -84,6 +89,7 @@ impl ReaderError {
             pcsc::Error::NoService
             | pcsc::Error::ServiceStopped
             | pcsc::Error::NoReadersAvailable => ReaderError::NoService(error.to_string()),
+            pcsc::Error::Library(msg) => ReaderError::NoLibrary(msg),
             error => ReaderError::Pcsc { reader: r, error },
         }
     }
@@ -278,11 +284,8 @@ pub trait CardFeed: Send {
 
 /// Names of the readers pcscd knows (empty when there are none).
 pub fn list_readers(ctx: &pcsc::Context) -> Result<Vec<String>, ReaderError> {
-    match ctx.list_readers_owned() {
-        Ok(names) => Ok(names
-            .into_iter()
-            .map(|n| n.to_string_lossy().into_owned())
-            .collect()),
+    match ctx.list_readers() {
+        Ok(names) => Ok(names),
         Err(pcsc::Error::NoReadersAvailable) => Ok(Vec::new()),
         Err(e) => Err(ReaderError::from_pcsc("", e)),
     }
@@ -291,7 +294,7 @@ pub fn list_readers(ctx: &pcsc::Context) -> Result<Vec<String>, ReaderError> {
 /// Establishes a PC/SC context (the socket is the process's `PCSCLITE_CSOCK_NAME` or
 /// pcsc-lite's default).
 pub fn establish() -> Result<pcsc::Context, ReaderError> {
-    pcsc::Context::establish(pcsc::Scope::User).map_err(|e| ReaderError::from_pcsc("", e))
+    pcsc::Context::establish().map_err(|e| ReaderError::from_pcsc("", e))
 }
 
 /// An encoder reached through PC/SC.
@@ -346,10 +349,7 @@ impl PcscEncoder {
     pub fn connect(&mut self) -> Result<(), ReaderError> {
         let deadline = Instant::now() + self.insert_timeout;
         loop {
-            match self
-                .ctx
-                .connect(&self.reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
-            {
+            match self.ctx.connect(&self.reader) {
                 Ok(card) => {
                     self.card = Some(card);
                     return Ok(());

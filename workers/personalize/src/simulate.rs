@@ -1,5 +1,5 @@
 //! `cardpipe encoders simulate`: a private pcscd with N vpcd virtual readers and the card OS
-//! behind each, so the path pcsc crate → pcscd → vpcd → card OS is the real one.
+//! behind each, so the path pcsc-lite → pcscd → vpcd → card OS is the real one.
 //!
 //! What [`Simulation::start`] does:
 //! 1. writes a reader configuration directory: one entry per pair of encoders (a vpcd entry
@@ -469,7 +469,7 @@ impl Simulation {
     /// A PC/SC encoder on virtual encoder `i` whose feed takes blanks from `stock`.
     pub fn pcsc_encoder(
         &self,
-        ctx: pcsc::Context,
+        ctx: crate::pcsc::Context,
         i: usize,
         stock: Arc<BlankStock>,
     ) -> Result<PcscEncoder, ReaderError> {

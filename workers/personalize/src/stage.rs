@@ -247,13 +247,19 @@ impl EncodersConfig {
                     self.farm_settings(),
                 )
             }
-            EncoderKind::Pcsc => Farm::new(
-                Box::new(PcscSource {
-                    insert_timeout: Duration::from_millis(self.insert_timeout_ms),
-                    skip_readers: self.skip_readers.clone(),
-                }),
-                self.farm_settings(),
-            ),
+            EncoderKind::Pcsc => {
+                // pcsc-lite is loaded at run time: a machine without it refuses here, with
+                // what to install, rather than logging failed reader scans forever.
+                crate::pcsc::library()
+                    .map_err(|e| anyhow::anyhow!("[encoders] kind = \"pcsc\": {e}"))?;
+                Farm::new(
+                    Box::new(PcscSource {
+                        insert_timeout: Duration::from_millis(self.insert_timeout_ms),
+                        skip_readers: self.skip_readers.clone(),
+                    }),
+                    self.farm_settings(),
+                )
+            }
         })
     }
 }
