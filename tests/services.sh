@@ -17,9 +17,11 @@ log() { printf '[services] %s\n' "$*"; }
 # --- Debian packages -------------------------------------------------------
 PACKAGES=(
   postgresql rabbitmq-server                      # store and broker
-  pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc python3-pyscard  # encoders through real pcscd
+  pcscd libpcsclite1 pcsc-tools vsmartcard-vpcd opensc python3-pyscard  # encoders through real pcscd
   softhsm2 opensc-pkcs11                          # CA keys in a PKCS#11 token
-  openssl libssl-dev pkg-config                   # interop checks, openssl crate
+  openssl                                         # interop checks (CLI)
+  # No -dev package: building needs only Rust and a C compiler (+ perl, make for the
+  # vendored OpenSSL); pcsc-lite is loaded at run time (workers/cardpipe/tests/fresh_machine.rs).
   prometheus                                      # promtool for alert rule tests
   chromium chromium-driver fonts-noto-core        # headless console tests (Persian glyphs)
 )

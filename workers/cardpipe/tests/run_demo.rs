@@ -43,6 +43,8 @@ impl Running {
             .args(["run", "--demo", &APPLICANTS.to_string()])
             .current_dir(dir)
             .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            // As on a fresh machine without pcsc-lite: the demo never loads PC/SC.
+            .env("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")
             .env_remove("CARDPIPE_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
