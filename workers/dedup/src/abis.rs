@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::matcher::{
-    FusedScore, Gallery, IdentifyOptions, Probe, TenPrint, TenPrintError, Verification, verify,
+    FusedScore, Gallery, IdentifyOptions, PositionedTemplate, Probe, TenPrint, TenPrintError,
+    Verification, verify,
 };
 
 /// Longest accepted request or reference id.
@@ -107,12 +108,13 @@ pub trait Abis: Send + Sync {
     fn pending_jobs(&self) -> usize;
     /// Enrolled reference ids.
     fn reference_count(&self) -> Result<u64, AbisError>;
-    /// Enrols ISO 19794-2 records under `reference_id`.
+    /// Enrols ISO 19794-2 records under `reference_id`, each at its given finger position
+    /// (MOSIP: the BIR's subtype), placed by [`crate::matcher::place_finger`].
     fn insert(
         &self,
         request_id: &str,
         reference_id: &str,
-        records: &[Vec<u8>],
+        records: &[PositionedTemplate],
     ) -> Result<InsertResponse, AbisError>;
     /// Searches an enrolled reference id against the gallery (excluding itself).
     fn identify(&self, request: &IdentifyRequest) -> Result<IdentifyResponse, AbisError>;
@@ -210,11 +212,11 @@ impl BuiltinAbis {
     pub fn verify(
         &self,
         reference_id: &str,
-        records: &[Vec<u8>],
+        records: &[PositionedTemplate],
         target_fmr: f64,
     ) -> Result<Verification, AbisError> {
         check_id(reference_id, "reference id")?;
-        let tp = TenPrint::from_iso(records)?;
+        let (tp, _) = TenPrint::from_templates(records)?;
         let gallery = self.read()?;
         let reference = gallery
             .get(reference_id)
@@ -267,7 +269,7 @@ impl Abis for BuiltinAbis {
         &self,
         request_id: &str,
         reference_id: &str,
-        records: &[Vec<u8>],
+        records: &[PositionedTemplate],
     ) -> Result<InsertResponse, AbisError> {
         check_id(request_id, "request id")?;
         check_id(reference_id, "reference id")?;
@@ -279,7 +281,7 @@ impl Abis for BuiltinAbis {
         if let Some(Answer::Insert(a)) = self.remember()?.recall(request_id, &usage)? {
             return Ok(a);
         }
-        let tp = TenPrint::from_iso(records)?;
+        let (tp, _) = TenPrint::from_templates(records)?;
         let newly_inserted = self
             .gallery
             .write()
@@ -386,13 +388,29 @@ mod tests {
     use super::*;
     use crate::synth::Population;
 
+    /// Records in position order 1..=10, as the synthetic population writes them.
+    fn positioned(records: &[Vec<u8>]) -> Vec<PositionedTemplate> {
+        records
+            .iter()
+            .zip(1..)
+            .map(|(r, position)| PositionedTemplate {
+                position,
+                record: r.clone(),
+            })
+            .collect()
+    }
+
     #[test]
     fn mosip_flow_catches_planted_duplicate_and_is_idempotent() {
         let pop = Population::generate(11, 30, 0.0);
         let abis = BuiltinAbis::new(Gallery::new(), IdentifyOptions::default());
         for (k, s) in pop.subjects.iter().enumerate() {
             let r = abis
-                .insert(&format!("req-ins-{k}"), &s.reference_id, &s.templates)
+                .insert(
+                    &format!("req-ins-{k}"),
+                    &s.reference_id,
+                    &positioned(&s.templates),
+                )
                 .unwrap();
             assert!(r.newly_inserted);
         }
@@ -401,7 +419,7 @@ mod tests {
             .insert(
                 "req-ins-0",
                 &pop.subjects[0].reference_id,
-                &pop.subjects[0].templates,
+                &positioned(&pop.subjects[0].templates),
             )
             .unwrap();
         assert!(again.newly_inserted);
@@ -411,12 +429,12 @@ mod tests {
             abis.insert(
                 "req-ins-0",
                 &pop.subjects[1].reference_id,
-                &pop.subjects[1].templates
+                &positioned(&pop.subjects[1].templates)
             ),
             Err(AbisError::RequestIdConflict(_))
         ));
         // A duplicate enrolment of subject 7 under a new reference id.
-        let dup = pop.fresh_impressions(7, 1);
+        let dup = positioned(&pop.fresh_impressions(7, 1));
         abis.insert("req-dup", "ref-new-applicant", &dup).unwrap();
         let req = IdentifyRequest {
             request_id: "req-idf".into(),
@@ -436,8 +454,12 @@ mod tests {
         assert_eq!(abis.identify(&req).unwrap(), ans);
         // A fresh person yields no candidate.
         let other = Population::generate(12, 1, 0.0);
-        abis.insert("req-other", "ref-other", &other.subjects[0].templates)
-            .unwrap();
+        abis.insert(
+            "req-other",
+            "ref-other",
+            &positioned(&other.subjects[0].templates),
+        )
+        .unwrap();
         let none = abis
             .identify(&IdentifyRequest {
                 request_id: "req-idf-2".into(),
@@ -458,7 +480,7 @@ mod tests {
         assert_eq!(abis.pending_jobs(), 0);
         assert!(abis.ping().is_ok());
         // Pickup handover: the enrolled person verifies, somebody else does not.
-        let fresh = pop.fresh_impressions(2, 5);
+        let fresh = positioned(&pop.fresh_impressions(2, 5));
         assert!(
             abis.verify(&pop.subjects[2].reference_id, &fresh, 1e-6)
                 .unwrap()

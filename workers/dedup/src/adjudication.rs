@@ -418,7 +418,7 @@ pub async fn decide_as(
         });
     }
     if let (Some(engine), Some(t)) = (engine, &templates)
-        && let Ok(tp) = TenPrint::from_iso(t)
+        && let Ok((tp, _)) = TenPrint::from_templates(t)
     {
         engine.enrol_local(app_id.as_str(), &tp);
     }

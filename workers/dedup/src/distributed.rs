@@ -431,7 +431,7 @@ impl ShardStage {
         }
         // Enrolments committed before the scatter was opened are in dedup_enrolled now.
         engine.refresh(services).await?;
-        let (_, tenprint) = stage::probe_of(services, app).await?;
+        let tenprint = stage::probe_of(services, app).await?.tenprint;
         let shards = engine.shard_set();
         let (k, max, own) = (self.shard, engine.config().max_candidates, app.0.clone());
         let answer = tokio::task::spawn_blocking(move || {

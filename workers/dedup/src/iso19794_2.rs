@@ -28,7 +28,12 @@
 //! The 2011 format (`"030\0"`) has a 15-byte record header and a longer per-representation
 //! header (capture time, device ids, quality blocks, optional certification blocks) and 5- or
 //! 6-byte minutiae; [`parse`] reads it into the same model, and [`FingerprintRecord::to_bytes`]
-//! always writes 2005.
+//! always writes 2005. In the model a 2011 representation's quality is its first quality block
+//! with a score, a minutia quality of 254/255 ("not reported"/"failed") reads as 0, and a
+//! representation captured at another image size or resolution than the first keeps its own
+//! ([`FingerView::geometry`]). Every impression type and finger position code the edition
+//! defines is accepted as sent; which view becomes which finger is decided by
+//! [`crate::matcher::place_finger`], not here.
 
 use std::fmt;
 
@@ -123,19 +128,37 @@ impl fmt::Debug for Minutia {
     }
 }
 
+/// Image size and resolution of one finger representation (2011 records carry them per
+/// representation; 2005 records once, in the record header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ViewGeometry {
+    pub width: u16,
+    pub height: u16,
+    /// Pixels per centimetre.
+    pub x_resolution: u16,
+    pub y_resolution: u16,
+}
+
 /// One finger view (2005) or finger representation (2011).
 #[derive(Clone, PartialEq, Eq)]
 pub struct FingerView {
-    /// 0 = unknown, 1–5 right thumb..little, 6–10 left thumb..little.
+    /// 0 = unknown, 1–5 right thumb..little, 6–10 left thumb..little; a 2011 record may also
+    /// carry the multi-finger codes 13–15 and 40–50 (never placed on one finger).
     pub position: u8,
     pub view_number: u8,
-    /// 0 live plain, 1 live rolled, 2 non-live plain, 3 non-live rolled, 8 swipe.
+    /// As sent: 0 live-scan plain, 1 live-scan rolled, 2 non-live-scan plain, 3 non-live-scan
+    /// rolled, 8 swipe; 2011 records also 4–7 (latent), 9 (vertical roll), 24 (contactless),
+    /// 28 (other), 29 (unknown).
     pub impression_type: u8,
-    /// 0–100.
+    /// 0–100 (2005: the finger quality field; 2011: the first quality block with a score,
+    /// 0 when none reports one).
     pub quality: u8,
     pub minutiae: Vec<Minutia>,
     /// Raw extended data block (already validated as a sequence of areas).
     pub extended_data: Vec<u8>,
+    /// This representation's own geometry when it differs from the record's (2011 records
+    /// whose representations were captured at different sizes); `None`: the record's.
+    pub geometry: Option<ViewGeometry>,
 }
 
 impl fmt::Debug for FingerView {
@@ -153,6 +176,7 @@ impl fmt::Debug for FingerView {
                 "extended_data",
                 &format_args!("<{} bytes redacted>", self.extended_data.len()),
             )
+            .field("geometry", &self.geometry)
             .finish()
     }
 }
@@ -283,22 +307,36 @@ fn check_resolution(x: u16, y: u16, xpos: usize, ypos: usize) -> Result<(), IsoE
     Ok(())
 }
 
-fn check_position(position: u8, offset: usize) -> Result<(), IsoError> {
-    if position > 10 {
-        return Err(invalid("finger position", offset, "must be 0..=10"));
+fn check_position(position: u8, version: IsoVersion, offset: usize) -> Result<(), IsoError> {
+    match version {
+        IsoVersion::V2005 if position > 10 => {
+            Err(invalid("finger position", offset, "must be 0..=10"))
+        }
+        IsoVersion::V2011 if !matches!(position, 0..=10 | 13..=15 | 40..=50) => Err(invalid(
+            "finger position",
+            offset,
+            "must be 0..=10, 13..=15 or 40..=50",
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn check_impression(imp: u8, offset: usize) -> Result<(), IsoError> {
-    if !matches!(imp, 0..=3 | 8) {
-        return Err(invalid(
+/// Impression types as the two editions define them (every valid code is accepted as sent;
+/// none is refused for being rolled, plain, live-scan or not).
+fn check_impression(imp: u8, version: IsoVersion, offset: usize) -> Result<(), IsoError> {
+    match version {
+        IsoVersion::V2005 if !matches!(imp, 0..=3 | 8) => Err(invalid(
             "impression type",
             offset,
             "must be 0-3 (plain/rolled, live/non-live) or 8 (swipe)",
-        ));
+        )),
+        IsoVersion::V2011 if !matches!(imp, 0..=9 | 24 | 28 | 29) => Err(invalid(
+            "impression type",
+            offset,
+            "must be 0-9, 24, 28 or 29",
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn check_quality(q: u8, field: &'static str, offset: usize) -> Result<(), IsoError> {
@@ -308,13 +346,15 @@ fn check_quality(q: u8, field: &'static str, offset: usize) -> Result<(), IsoErr
     Ok(())
 }
 
-/// Reads `count` minutiae of `size` (5 or 6) bytes.
+/// Reads `count` minutiae of `size` (5 or 6) bytes. In 2011 records a minutia quality of
+/// 254 ("not reported") or 255 ("could not be computed") is valid and read as 0.
 fn read_minutiae(
     r: &mut Reader<'_>,
     count: usize,
     size: usize,
     width: u16,
     height: u16,
+    version: IsoVersion,
 ) -> Result<Vec<Minutia>, IsoError> {
     let needed = count * size + 2;
     if r.remaining() < needed {
@@ -348,7 +388,13 @@ fn read_minutiae(
         if y >= height {
             return Err(invalid("minutia y", off + 2, "outside the image height"));
         }
-        check_quality(quality, "minutia quality", off + 5)?;
+        let quality = match (version, quality) {
+            (IsoVersion::V2011, 254 | 255) => 0,
+            _ => {
+                check_quality(quality, "minutia quality", off + 5)?;
+                quality
+            }
+        };
         out.push(Minutia {
             kind,
             x,
@@ -361,7 +407,11 @@ fn read_minutiae(
 }
 
 /// Reads an extended data block and checks that its areas tile it exactly.
-fn read_extended(r: &mut Reader<'_>) -> Result<Vec<u8>, IsoError> {
+///
+/// 2011 defines an area's length as covering its 4-byte header. For 2005 the text is read
+/// both ways by extractors in the field (some write the length of the area's data only), so a
+/// 2005 block is accepted when its areas tile it under either reading.
+fn read_extended(r: &mut Reader<'_>, version: IsoVersion) -> Result<Vec<u8>, IsoError> {
     let len_off = r.pos;
     let len = r.u16("extended data block length")? as usize;
     if r.remaining() < len {
@@ -373,6 +423,16 @@ fn read_extended(r: &mut Reader<'_>) -> Result<Vec<u8>, IsoError> {
     }
     let start = r.pos;
     let block = r.take(len, "extended data")?;
+    match tile_areas(block, start, true) {
+        Err(_) if version == IsoVersion::V2005 && tile_areas(block, start, false).is_ok() => {}
+        other => other?,
+    }
+    Ok(block.to_vec())
+}
+
+/// Checks that extended data areas (type 2 bytes, length 2 bytes, data) tile `block`
+/// exactly; `length_includes_header`: whether an area's length counts its 4-byte header.
+fn tile_areas(block: &[u8], start: usize, length_includes_header: bool) -> Result<(), IsoError> {
     let mut i = 0;
     while i < block.len() {
         if block.len() - i < 4 {
@@ -383,7 +443,12 @@ fn read_extended(r: &mut Reader<'_>) -> Result<Vec<u8>, IsoError> {
                 available: block.len() - i,
             });
         }
-        let area_len = u16::from_be_bytes([block[i + 2], block[i + 3]]) as usize;
+        let declared = u16::from_be_bytes([block[i + 2], block[i + 3]]) as usize;
+        let area_len = if length_includes_header {
+            declared
+        } else {
+            declared + 4
+        };
         if area_len < 4 || area_len > block.len() - i {
             return Err(invalid(
                 "extended data area length",
@@ -393,7 +458,7 @@ fn read_extended(r: &mut Reader<'_>) -> Result<Vec<u8>, IsoError> {
         }
         i += area_len;
     }
-    Ok(block.to_vec())
+    Ok(())
 }
 
 fn check_unique_views(views: &[FingerView], offset: usize) -> Result<(), IsoError> {
@@ -432,15 +497,15 @@ fn parse_2005(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
     for _ in 0..nviews {
         let off = r.pos;
         let position = r.u8("finger position")?;
-        check_position(position, off)?;
+        check_position(position, IsoVersion::V2005, off)?;
         let vi = r.u8("view number / impression type")?;
         let impression_type = vi & 0x0F;
-        check_impression(impression_type, off + 1)?;
+        check_impression(impression_type, IsoVersion::V2005, off + 1)?;
         let quality = r.u8("finger quality")?;
         check_quality(quality, "finger quality", off + 2)?;
         let count = r.u8("number of minutiae")? as usize;
-        let minutiae = read_minutiae(&mut r, count, 6, width, height)?;
-        let extended_data = read_extended(&mut r)?;
+        let minutiae = read_minutiae(&mut r, count, 6, width, height, IsoVersion::V2005)?;
+        let extended_data = read_extended(&mut r, IsoVersion::V2005)?;
         views.push(FingerView {
             position,
             view_number: vi >> 4,
@@ -448,6 +513,7 @@ fn parse_2005(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
             quality,
             minutiae,
             extended_data,
+            geometry: None,
         });
     }
     check_unique_views(&views, HEADER_2005)?;
@@ -506,11 +572,15 @@ fn parse_2011(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
         let _vendor = r.u16("capture device vendor")?;
         device = r.u16("capture device type")?;
         let nq = r.u8("number of quality blocks")?;
+        let mut quality = None;
         for _ in 0..nq {
             let qoff = r.pos;
             let q = r.u8("quality score")?;
             if q > 100 && q != 255 {
                 return Err(invalid("quality score", qoff, "must be 0..=100 or 255"));
+            }
+            if q <= 100 {
+                quality.get_or_insert(q);
             }
             r.take(4, "quality algorithm identifiers")?;
         }
@@ -520,13 +590,13 @@ fn parse_2011(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
         }
         let off = r.pos;
         let position = r.u8("finger position")?;
-        check_position(position, off)?;
+        check_position(position, IsoVersion::V2011, off)?;
         let rep_number = r.u8("representation number")?;
         let xr = r.u16("x resolution")?;
         let yr = r.u16("y resolution")?;
         check_resolution(xr, yr, off + 2, off + 4)?;
         let imp = r.u8("impression type")?;
-        check_impression(imp, off + 6)?;
+        check_impression(imp, IsoVersion::V2011, off + 6)?;
         let w = r.u16("image size x")?;
         let h = r.u16("image size y")?;
         check_dims(w, h, off + 7)?;
@@ -540,8 +610,8 @@ fn parse_2011(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
             return Err(invalid("ridge ending type", flen_off, "must be 0..=2"));
         }
         let count = r.u8("number of minutiae")? as usize;
-        let minutiae = read_minutiae(&mut r, count, size, w, h)?;
-        let extended_data = read_extended(&mut r)?;
+        let minutiae = read_minutiae(&mut r, count, size, w, h, IsoVersion::V2011)?;
+        let extended_data = read_extended(&mut r, IsoVersion::V2011)?;
         if r.pos - rep_start != rep_len {
             return Err(invalid(
                 "representation length",
@@ -549,21 +619,25 @@ fn parse_2011(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
                 "does not match the representation's content",
             ));
         }
-        if !views.is_empty() && (w, h, xr, yr) != (width, height, xres, yres) {
-            return Err(invalid(
-                "image size x",
-                off + 7,
-                "representations with different geometry are not supported",
-            ));
+        // The record's geometry is the first representation's; a representation captured
+        // at another size or resolution keeps its own.
+        if views.is_empty() {
+            (width, height, xres, yres) = (w, h, xr, yr);
         }
-        (width, height, xres, yres) = (w, h, xr, yr);
+        let geometry = ((w, h, xr, yr) != (width, height, xres, yres)).then_some(ViewGeometry {
+            width: w,
+            height: h,
+            x_resolution: xr,
+            y_resolution: yr,
+        });
         views.push(FingerView {
             position,
             view_number: rep_number & 0x0F,
             impression_type: imp,
-            quality: 0,
+            quality: quality.unwrap_or(0),
             minutiae,
             extended_data,
+            geometry,
         });
     }
     check_unique_views(&views, 15)?;
@@ -585,6 +659,20 @@ fn parse_2011(mut r: Reader<'_>) -> Result<FingerprintRecord, IsoError> {
 }
 
 impl FingerprintRecord {
+    /// The geometry `view` was captured at (its own, or the record's).
+    pub fn view_geometry(&self, view: &FingerView) -> ViewGeometry {
+        view.geometry.unwrap_or_else(|| self.record_geometry())
+    }
+
+    fn record_geometry(&self) -> ViewGeometry {
+        ViewGeometry {
+            width: self.width,
+            height: self.height,
+            x_resolution: self.x_resolution,
+            y_resolution: self.y_resolution,
+        }
+    }
+
     /// Encodes the record in the 2005 format (whatever version it was read from).
     pub fn to_bytes(&self) -> Result<Vec<u8>, IsoError> {
         if self.views.is_empty() || self.views.len() > 255 {
@@ -616,6 +704,12 @@ impl FingerprintRecord {
         out.push(self.views.len() as u8);
         out.push(0);
         for v in &self.views {
+            if v.geometry.is_some_and(|g| g != self.record_geometry()) {
+                return Err(IsoError::Unencodable {
+                    field: "finger view geometry",
+                    reason: "2005 records have one image size and resolution for every view",
+                });
+            }
             if v.position > 10 || v.view_number > 15 || !matches!(v.impression_type, 0..=3 | 8) {
                 return Err(IsoError::Unencodable {
                     field: "finger view header",
@@ -692,6 +786,7 @@ mod tests {
                     })
                     .collect(),
                 extended_data: vec![0, 2, 0, 6, 1, 2],
+                geometry: None,
             }],
         }
     }

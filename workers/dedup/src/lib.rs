@@ -3,7 +3,9 @@
 //! Tour of the crate, in the order data flows through it:
 //!
 //! * [`iso19794_2`] — strict parser (2005 and 2011) and writer (2005) for ISO/IEC 19794-2
-//!   finger minutiae records. Every enrolment template enters the engine through it.
+//!   finger minutiae records. Every enrolment template enters the engine through it, placed
+//!   at its contract finger position by [`matcher::place_finger`] — the one rule intake
+//!   validation applies too.
 //! * [`synth`] — seeded synthetic populations: ten-print subjects with planted duplicates and
 //!   portrait JPEGs, for tests, demos and benchmarks.
 //! * [`matcher`] — the precise comparator, score calibration and ten-print fusion, compact

@@ -46,7 +46,10 @@ use serde::Deserialize;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::matcher::{Candidate, IdentifyOptions, Probe, Shard, TenPrint};
+use crate::matcher::{
+    Candidate, IdentifyOptions, PositionedTemplate, Probe, Shard, TenPrint, TenPrintError,
+    ViewChoice,
+};
 use crate::scatter::ShardSet;
 
 /// The stage's name (queue, `cardpipe worker dedup`, `[stages.dedup]`).
@@ -370,16 +373,16 @@ impl DedupEngine {
                     .sealer
                     .open(&templates_context(&id), &sealed)
                     .with_context(|| format!("opening enrolled templates of {id}"))?;
-                let records = decode_templates(&plain)
+                let stored = decode_templates(&plain)
                     .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
-                batch.push((id, records));
+                batch.push((id, stored));
             }
             let shards = self.shards.clone();
             added += tokio::task::spawn_blocking(move || {
                 use rayon::prelude::*;
                 let parsed: Vec<(String, TenPrint)> = batch
                     .into_par_iter()
-                    .filter_map(|(id, records)| match TenPrint::from_iso(&records) {
+                    .filter_map(|(id, stored)| match stored.tenprint() {
                         Ok(tp) => Some((id, tp)),
                         Err(e) => {
                             tracing::error!(application = %id, error = %e, "enrolled templates refused");
@@ -471,37 +474,83 @@ fn templates_context(id: &str) -> String {
     format!("dedup-templates:{id}")
 }
 
-/// Length-prefixed concatenation of ISO records.
-pub fn encode_templates(records: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4).sum());
-    for r in records {
-        out.extend_from_slice(&(r.len() as u32).to_le_bytes());
-        out.extend_from_slice(r);
+/// Marks the positioned encoding of [`encode_templates`]. Rows written before it hold a bare
+/// length-prefixed list of records, whose first four bytes are a little-endian record length:
+/// read as one, these bytes would announce a record of over 1.4 GB, so the two never mix.
+const POSITIONED_MAGIC: &[u8; 4] = b"CPFT";
+
+/// Enrolled templates as stored in `dedup_enrolled`: `CPFT`, then per template its contract
+/// position (1 byte), the record length (u32 little-endian) and the ISO record.
+pub fn encode_templates(templates: &[PositionedTemplate]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(4 + templates.iter().map(|t| t.record.len() + 5).sum::<usize>());
+    out.extend_from_slice(POSITIONED_MAGIC);
+    for t in templates {
+        out.push(t.position);
+        out.extend_from_slice(&(t.record.len() as u32).to_le_bytes());
+        out.extend_from_slice(&t.record);
     }
     out
 }
 
-/// Inverse of [`encode_templates`].
-pub fn decode_templates(mut bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+/// Enrolled templates read back from `dedup_enrolled`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredTemplates {
+    /// Written by [`encode_templates`]: each record with its contract position.
+    Positioned(Vec<PositionedTemplate>),
+    /// Rows written before positions were stored: records whose header positions placed
+    /// them when they were enrolled (and still do).
+    Legacy(Vec<Vec<u8>>),
+}
+
+impl StoredTemplates {
+    /// The ten-print, built by the same rule as at enrolment.
+    pub fn tenprint(&self) -> Result<TenPrint, TenPrintError> {
+        match self {
+            StoredTemplates::Positioned(t) => TenPrint::from_templates(t).map(|(tp, _)| tp),
+            StoredTemplates::Legacy(records) => TenPrint::from_iso(records),
+        }
+    }
+}
+
+/// Inverse of [`encode_templates`]; also reads the older position-less rows.
+pub fn decode_templates(bytes: &[u8]) -> Option<StoredTemplates> {
+    if let Some(mut rest) = bytes.strip_prefix(POSITIONED_MAGIC) {
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let position = *rest.first()?;
+            let len = u32::from_le_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+            let record = rest.get(5..5usize.checked_add(len)?)?.to_vec();
+            out.push(PositionedTemplate { position, record });
+            rest = &rest[5 + len..];
+        }
+        return Some(StoredTemplates::Positioned(out));
+    }
+    let mut bytes = bytes;
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-        out.push(bytes.get(4..4 + len)?.to_vec());
+        out.push(bytes.get(4..4usize.checked_add(len)?)?.to_vec());
         bytes = &bytes[4 + len..];
     }
-    Some(out)
+    Some(StoredTemplates::Legacy(out))
 }
 
-/// The ISO records of an application's stored fingerprints.
+/// An application's stored fingerprint templates, each with its contract position.
 pub async fn load_templates(
     services: &Services,
     id: &ApplicationId,
-) -> Result<Vec<Vec<u8>>, RecordError> {
+) -> Result<Vec<PositionedTemplate>, RecordError> {
     let bio = records::load_biometrics(services, id).await?;
     Ok(bio
         .fingerprints
         .into_iter()
-        .filter_map(|f| f.template)
+        .filter_map(|f| {
+            f.template.map(|record| PositionedTemplate {
+                position: f.position,
+                record,
+            })
+        })
         .collect())
 }
 
@@ -511,7 +560,7 @@ pub async fn insert_enrolled(
     tx: &mut StoreTx,
     services: &Services,
     id: &ApplicationId,
-    records: &[Vec<u8>],
+    records: &[PositionedTemplate],
     at: OffsetDateTime,
 ) -> Result<(), StoreError> {
     let sealed = services
@@ -600,7 +649,11 @@ impl Stage for DedupStage {
         let services = &ctx.services;
         let engine = &self.engine;
         engine.ready(services).await?;
-        let (records, tenprint) = probe_of(services, &app.id).await?;
+        let Probed {
+            templates: records,
+            tenprint,
+            choices,
+        } = probe_of(services, &app.id).await?;
         // One search + enrolment at a time across every dedup worker (the gallery lock,
         // released in the commit below): a second enrolment of the same person searches
         // a gallery that holds the first.
@@ -656,6 +709,7 @@ impl Stage for DedupStage {
             &app.id,
             &records,
             &tenprint,
+            &choices,
             found,
             gallery_size,
             lock.holder().to_owned(),
@@ -664,21 +718,61 @@ impl Stage for DedupStage {
     }
 }
 
-/// Loads and parses an application's fingerprints (permanent failure when missing or bad).
-pub(crate) async fn probe_of(
-    services: &Services,
-    id: &ApplicationId,
-) -> anyhow::Result<(Vec<Vec<u8>>, TenPrint)> {
-    let records = match load_templates(services, id).await {
+/// An application's templates and the ten-print built from them.
+pub(crate) struct Probed {
+    pub templates: Vec<PositionedTemplate>,
+    pub tenprint: TenPrint,
+    /// The view used for every template.
+    pub choices: Vec<ViewChoice>,
+}
+
+/// Loads an application's fingerprints and places each at its contract position by the rule
+/// intake validated them with ([`crate::matcher::place_finger`]); permanent failure when
+/// missing or bad. The view used for each finger is logged at debug level (header fields and
+/// counts only).
+pub(crate) async fn probe_of(services: &Services, id: &ApplicationId) -> anyhow::Result<Probed> {
+    let templates = match load_templates(services, id).await {
         Ok(r) => r,
         Err(e @ (RecordError::Missing { .. } | RecordError::Corrupt(_))) => {
             return Err(Permanent(format!("biometrics: {e}")).into());
         }
         Err(e) => return Err(e.into()),
     };
-    let tenprint = TenPrint::from_iso(&records)
+    let (tenprint, choices) = TenPrint::from_templates(&templates)
         .map_err(|e| Permanent(format!("fingerprints refused: {e}")))?;
-    Ok((records, tenprint))
+    for c in &choices {
+        tracing::debug!(
+            application = %id,
+            position = c.position,
+            view = c.index + 1,
+            views = c.views,
+            candidates = c.candidates,
+            header_position = c.header_position,
+            impression_type = c.impression_type,
+            quality = c.quality,
+            minutiae = c.minutiae,
+            "finger view placed"
+        );
+    }
+    Ok(Probed {
+        templates,
+        tenprint,
+        choices,
+    })
+}
+
+/// For the history: which view was used where a record offered several for its finger.
+fn views_note(choices: &[ViewChoice]) -> String {
+    let chosen: Vec<String> = choices
+        .iter()
+        .filter(|c| c.views > 1)
+        .map(ToString::to_string)
+        .collect();
+    if chosen.is_empty() {
+        String::new()
+    } else {
+        format!("; best-quality views used: {}", chosen.join("; "))
+    }
 }
 
 /// The decision after a search (identical for the local and the broker scatter): clear →
@@ -689,8 +783,9 @@ fn decide(
     services: &Services,
     engine: &DedupEngine,
     id: &ApplicationId,
-    records: &[Vec<u8>],
+    records: &[PositionedTemplate],
     tenprint: &TenPrint,
+    choices: &[ViewChoice],
     found: Vec<Candidate>,
     gallery_size: usize,
     holder: String,
@@ -706,8 +801,10 @@ fn decide(
         return Completion::to(ApplicationState::DedupClear)
             .then(NEXT_STAGE)
             .because(format!(
-                "no candidate at FPIR {} over {} enrolled subjects",
-                engine.config.target_fpir, gallery_size
+                "no candidate at FPIR {} over {} enrolled subjects{}",
+                engine.config.target_fpir,
+                gallery_size,
+                views_note(choices)
             ))
             .with_writes(Box::new(move |tx| {
                 Box::pin(async move {
@@ -720,12 +817,13 @@ fn decide(
     engine.metrics.possible.inc();
     let best = &found[0];
     let reason = format!(
-        "{} candidate(s); best {} with fused score {:.1} (FMR {:.1e}, {} fingers)",
+        "{} candidate(s); best {} with fused score {:.1} (FMR {:.1e}, {} fingers){}",
         found.len(),
         best.reference_id,
         best.fused.score,
         best.fused.fmr,
-        best.fused.fingers.iter().flatten().count()
+        best.fused.fingers.iter().flatten().count(),
+        views_note(choices)
     );
     let id = id.0.clone();
     let rows: Vec<(i64, String, f64, f64, String)> = found

@@ -313,6 +313,7 @@ impl MasterFinger {
                 quality: quality as u8,
                 minutiae: out,
                 extended_data: Vec::new(),
+                geometry: None,
             }],
         }
     }

@@ -13,7 +13,8 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, StoreError, Transition};
-use cardpipe_dedup::matcher::{Calibration, Probe, TenPrint, verify};
+use cardpipe_dedup::iso19794_2;
+use cardpipe_dedup::matcher::{Calibration, PlacementError, Probe, TenPrint, verify};
 use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -734,6 +735,10 @@ pub struct Handover {
     pub clerk: String,
     /// The live fingerprint: an ISO/IEC 19794-2 record (base64) captured at the counter.
     pub fingerprint: String,
+    /// The finger the live print is of (1–10). Authoritative when given (the record's header
+    /// position must then be 0 or agree); required when the header position is 0 (unknown).
+    #[serde(default)]
+    pub finger_position: Option<u8>,
     /// The holder presented the previous national card (required for groups 3 and 4).
     pub previous_card_presented: bool,
     /// The holder set the ID PIN, signature PIN and PUK on the card.
@@ -847,7 +852,30 @@ pub async fn handover(
     let live = base64::engine::general_purpose::STANDARD
         .decode(req.fingerprint.trim())
         .map_err(|_| OfficeError::BadRequest("fingerprint: not valid base64".into()))?;
-    let probe_tp = TenPrint::from_iso(&[live])
+    let live_position = match req.finger_position {
+        Some(p) => p,
+        None => match iso19794_2::parse(&live) {
+            Ok(rec) => rec
+                .views
+                .iter()
+                .map(|v| v.position)
+                .find(|p| (1..=10).contains(p))
+                .ok_or_else(|| {
+                    OfficeError::BadRequest(
+                        "finger_position: required, the live record's finger position is 0 (unknown)"
+                            .into(),
+                    )
+                })?,
+            Err(e) => {
+                return Err(OfficeError::BadRequest(format!(
+                    "fingerprint: {}",
+                    PlacementError::Iso(e)
+                )));
+            }
+        },
+    };
+    // The same placement rule as at enrolment (cardpipe_dedup::matcher::place_finger).
+    let (probe_tp, _) = TenPrint::from_placed(&[(live_position, live)])
         .map_err(|e| OfficeError::BadRequest(format!("fingerprint: {e}")))?;
     let position = probe_tp
         .fingers
@@ -855,12 +883,12 @@ pub async fn handover(
         .position(Option::is_some)
         .map_or(0, |p| p as i64 + 1);
     let enrolled = records::load_biometrics(services, &app.id).await?;
-    let templates: Vec<Vec<u8>> = enrolled
+    let templates: Vec<(u8, Vec<u8>)> = enrolled
         .fingerprints
         .into_iter()
-        .filter_map(|f| f.template)
+        .filter_map(|f| f.template.map(|t| (f.position, t)))
         .collect();
-    let reference = TenPrint::from_iso(&templates).map_err(|e| {
+    let (reference, _) = TenPrint::from_placed(&templates).map_err(|e| {
         OfficeError::Internal(anyhow::anyhow!("enrolled templates of {}: {e}", app.id))
     })?;
     let verdict = verify(

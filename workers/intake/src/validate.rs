@@ -265,23 +265,13 @@ pub fn check_jpeg(b: &[u8], min_side: u16, max_side: u16) -> Result<(u16, u16), 
     Ok((w, h))
 }
 
-/// Validates one fingerprint template for `position` (1–10).
+/// Validates one fingerprint template for the contract's `position` (1–10) by the rule the
+/// dedup stage places it with ([`cardpipe_dedup::matcher::place_finger`]): a record intake
+/// accepts is never refused by dedup. The reason names positions and byte offsets only.
 pub fn check_template(bytes: &[u8], position: u8) -> Result<(), String> {
-    let record = cardpipe_dedup::iso19794_2::parse(bytes)
-        .map_err(|e| format!("not a valid ISO/IEC 19794-2 minutiae record ({e})"))?;
-    let Some(view) = record.views.first() else {
-        return Err("ISO/IEC 19794-2 record holds no finger view".into());
-    };
-    if view.position != 0 && view.position != position {
-        return Err(format!(
-            "record is for finger position {}, not position {position}",
-            view.position
-        ));
-    }
-    if view.minutiae.is_empty() {
-        return Err("record holds no minutiae".into());
-    }
-    Ok(())
+    cardpipe_dedup::matcher::place_finger(position, bytes)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 struct Reader<'a> {
@@ -871,6 +861,13 @@ pub fn check_artifacts(
                 ));
             }
         }
+        // Deduplication compares fingerprints: ten missing codes leave it nothing to search.
+        if list.iter().all(|(_, template, _)| template.is_none()) {
+            errors.push(FieldError::new(
+                "fingerprints",
+                "at least one finger template is required (every position is marked missing)",
+            ));
+        }
     }
     match (photo, prints) {
         (Some(photo_jpeg), Some(list)) if errors.is_empty() => (
@@ -945,6 +942,93 @@ mod tests {
         no_sof[2..4].copy_from_slice(&[0xFF, 0xD8]);
         assert!(check_jpeg(&no_sof, 100, 2000).is_err());
         assert!(check_jpeg(b"\x89PNG\r\n\x1a\n", 1, 10).is_err());
+    }
+
+    /// Intake applies the dedup stage's placement rule (`place_finger`): header position 0
+    /// takes the contract's, another is refused on the template's field, and a ten-print
+    /// without any template is refused (dedup would have nothing to compare).
+    #[test]
+    fn templates_follow_the_dedup_placement_rule() {
+        use cardpipe_dedup::iso19794_2::{
+            FingerView, FingerprintRecord, IsoVersion, Minutia, MinutiaKind,
+        };
+        let rec = |position: u8, minutiae: u16| {
+            FingerprintRecord {
+                version: IsoVersion::V2005,
+                capture_equipment: 0,
+                width: 300,
+                height: 300,
+                x_resolution: 197,
+                y_resolution: 197,
+                views: vec![FingerView {
+                    position,
+                    view_number: 0,
+                    impression_type: 1,
+                    quality: 50,
+                    minutiae: (0..minutiae)
+                        .map(|i| Minutia {
+                            kind: MinutiaKind::RidgeEnding,
+                            x: 10 + i * 20,
+                            y: 10 + i * 15,
+                            angle: (i * 9) as u8,
+                            quality: 0,
+                        })
+                        .collect(),
+                    extended_data: Vec::new(),
+                    geometry: None,
+                }],
+            }
+            .to_bytes()
+            .unwrap()
+        };
+        let slots = |f: &dyn Fn(u8) -> Option<Vec<u8>>| -> Vec<FingerprintSlot> {
+            (1..=10u8)
+                .map(|p| match f(p) {
+                    Some(t) => (p, Some(t), None),
+                    None => (p, None, Some("unavailable".to_owned())),
+                })
+                .collect()
+        };
+        let cfg = RegistryConfig::default();
+        let fields = |prints: Vec<FingerprintSlot>| -> Vec<FieldError> {
+            check_artifacts(None, Some(prints), &cfg).1
+        };
+        assert_eq!(fields(slots(&|_| Some(rec(0, 12)))), vec![]);
+        assert_eq!(fields(slots(&|p| Some(rec(p, 12)))), vec![]);
+        let errors = fields(slots(&|p| Some(rec(if p == 4 { 6 } else { 0 }, 12))));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "fingerprints.position_4.template");
+        assert!(
+            errors[0]
+                .reason
+                .contains("finger position 6, not position 4"),
+            "{}",
+            errors[0].reason
+        );
+        let errors = fields(slots(&|p| Some(rec(0, if p == 9 { 0 } else { 12 }))));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "fingerprints.position_9.template");
+        assert!(
+            errors[0].reason.contains("none with minutiae"),
+            "{}",
+            errors[0].reason
+        );
+        let mut truncated = rec(0, 12);
+        truncated.pop();
+        let errors = fields(slots(&|p| {
+            Some(if p == 2 {
+                truncated.clone()
+            } else {
+                rec(0, 12)
+            })
+        }));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "fingerprints.position_2.template");
+        // Some positions missing is fine; all ten is not.
+        assert_eq!(fields(slots(&|p| (p != 3).then(|| rec(0, 12)))), vec![]);
+        let errors = fields(slots(&|_| None));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "fingerprints");
     }
 
     #[test]

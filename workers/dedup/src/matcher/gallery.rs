@@ -57,10 +57,182 @@ pub enum TenPrintError {
         "fingerprint record {index}: finger position 0 (unknown) cannot be placed in a ten-print"
     )]
     UnknownPosition { index: usize },
+    #[error("fingerprint for position {position} refused: {source}")]
+    Placement {
+        position: u8,
+        #[source]
+        source: PlacementError,
+    },
     #[error("finger position {position} appears more than once")]
     DuplicatePosition { position: u8 },
     #[error("no finger with minutiae in the ten-print")]
     Empty,
+}
+
+/// One enrolment template as the registry contract gives it: the finger position (1–10,
+/// authoritative) and the ISO/IEC 19794-2 record.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PositionedTemplate {
+    pub position: u8,
+    pub record: Vec<u8>,
+}
+
+impl fmt::Debug for PositionedTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PositionedTemplate {{ position: {}, record: <{} bytes> }}",
+            self.position,
+            self.record.len()
+        )
+    }
+}
+
+/// Why a record cannot be placed at a finger position. The texts name positions, view
+/// counts and byte offsets, never a value of the biometric data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// The contract's position is not a finger (1–10).
+    #[error("finger position {position} is not 1–10")]
+    BadPosition { position: u8 },
+    /// The bytes are not a valid record.
+    #[error("not a valid ISO/IEC 19794-2:2005 or :2011 minutiae record ({0})")]
+    Iso(#[from] IsoError),
+    /// No view of the record is for the position (or for position 0, "unknown").
+    #[error(
+        "the record is for finger position {}, not position {position} (a header position of 0 takes the contract's position; any other must agree with it)",
+        list(.found)
+    )]
+    PositionMismatch { position: u8, found: Vec<u8> },
+    /// Views for the position exist but none holds a minutia.
+    #[error(
+        "no usable finger view for position {position}: {views} view(s) for it, none with minutiae"
+    )]
+    NoMinutiae { position: u8, views: usize },
+}
+
+fn list(positions: &[u8]) -> String {
+    let v: Vec<String> = positions.iter().map(u8::to_string).collect();
+    v.join(", ")
+}
+
+/// Which view of a record was placed at a finger position, for the dedup history and logs:
+/// header fields and counts only, no biometric content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewChoice {
+    /// The contract's finger position (1–10).
+    pub position: u8,
+    /// Edition of the record.
+    pub version: iso19794_2::IsoVersion,
+    /// Views (2011: representations) in the record.
+    pub views: usize,
+    /// Views for this position (or 0, "unknown") that held minutiae: the ones compared.
+    pub candidates: usize,
+    /// Index of the chosen view in the record, from 0.
+    pub index: usize,
+    /// The chosen view's header position (0 or the contract's).
+    pub header_position: u8,
+    pub view_number: u8,
+    pub impression_type: u8,
+    pub quality: u8,
+    pub minutiae: usize,
+}
+
+impl fmt::Display for ViewChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "position {}: view {} of {} (view number {}, impression type {}, quality {}, {} minutiae)",
+            self.position,
+            self.index + 1,
+            self.views,
+            self.view_number,
+            self.impression_type,
+            self.quality,
+            self.minutiae
+        )
+    }
+}
+
+/// A finger placed at its contract position, and which view it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedFinger {
+    pub choice: ViewChoice,
+    pub finger: Finger,
+}
+
+/// THE rule for templates, from intake to dedup: turns (contract position, record bytes) into
+/// the finger placed at that position. Intake validation, the dedup stage, adjudication, the
+/// ABIS adapter and the pickup handover all go through it, so a template intake accepts is
+/// never refused later for a reason that could have been checked here.
+///
+/// * the record must parse (ISO/IEC 19794-2:2005 or :2011, any valid impression type);
+/// * the contract's `position` (1–10) is authoritative: a view whose header position is 0
+///   ("unknown", as capture stations write it) takes it; views for other positions are
+///   ignored when a view for `position` (or 0) exists, and the record is refused
+///   ([`PlacementError::PositionMismatch`]) when none does;
+/// * of the views for the position that hold minutiae, the best one is used: highest quality,
+///   then most minutiae, then the first; none with minutiae is [`PlacementError::NoMinutiae`].
+pub fn place_finger(position: u8, bytes: &[u8]) -> Result<PlacedFinger, PlacementError> {
+    if !(1..=10).contains(&position) {
+        return Err(PlacementError::BadPosition { position });
+    }
+    let record = iso19794_2::parse(bytes)?;
+    let for_position: Vec<(usize, &iso19794_2::FingerView)> = record
+        .views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.position == 0 || v.position == position)
+        .collect();
+    if for_position.is_empty() {
+        let mut found: Vec<u8> = record.views.iter().map(|v| v.position).collect();
+        found.sort_unstable();
+        found.dedup();
+        return Err(PlacementError::PositionMismatch { position, found });
+    }
+    let usable: Vec<(usize, &iso19794_2::FingerView)> = for_position
+        .iter()
+        .copied()
+        .filter(|(_, v)| !v.minutiae.is_empty())
+        .collect();
+    // Best quality, then most minutiae, then the first (min_by_key keeps the first of equals).
+    let Some(&(index, view)) = usable.iter().min_by_key(|(_, v)| {
+        (
+            std::cmp::Reverse(v.quality),
+            std::cmp::Reverse(v.minutiae.len()),
+        )
+    }) else {
+        return Err(PlacementError::NoMinutiae {
+            position,
+            views: for_position.len(),
+        });
+    };
+    let geometry = record.view_geometry(view);
+    let at_view_geometry = iso19794_2::FingerprintRecord {
+        version: record.version,
+        capture_equipment: record.capture_equipment,
+        width: geometry.width,
+        height: geometry.height,
+        x_resolution: geometry.x_resolution,
+        y_resolution: geometry.y_resolution,
+        views: Vec::new(),
+    };
+    let finger = Finger::from_view(&at_view_geometry, view);
+    Ok(PlacedFinger {
+        choice: ViewChoice {
+            position,
+            version: record.version,
+            views: record.views.len(),
+            candidates: usable.len(),
+            index,
+            header_position: view.position,
+            view_number: view.view_number,
+            impression_type: view.impression_type,
+            quality: view.quality,
+            minutiae: view.minutiae.len(),
+        },
+        finger,
+    })
 }
 
 /// Up to ten fingers indexed by ISO finger position − 1.
@@ -83,9 +255,11 @@ impl fmt::Debug for TenPrint {
 }
 
 impl TenPrint {
-    /// Builds a ten-print from ISO 19794-2 records (each may hold one or several views),
-    /// placing every view by its finger position. Position 0 (unknown) and a position given
-    /// twice are refused, as is a ten-print without any minutiae.
+    /// Builds a ten-print from ISO 19794-2 records that carry their own finger positions
+    /// (generated populations, benchmarks), placing every view by its header position.
+    /// Position 0 (unknown) and a position given twice are refused, as is a ten-print without
+    /// any minutiae. Enrolment templates, whose position the registry contract gives, go
+    /// through [`TenPrint::from_placed`] instead.
     pub fn from_iso<B: AsRef<[u8]>>(records: &[B]) -> Result<Self, TenPrintError> {
         let mut tp = TenPrint::default();
         for (index, bytes) in records.iter().enumerate() {
@@ -108,6 +282,47 @@ impl TenPrint {
             return Err(TenPrintError::Empty);
         }
         Ok(tp)
+    }
+
+    /// Builds a ten-print from enrolment templates, each placed at its contract position by
+    /// [`place_finger`]; returns the view chosen for every template too. A position given
+    /// twice and a ten-print without minutiae are refused.
+    pub fn from_placed<B: AsRef<[u8]>>(
+        templates: &[(u8, B)],
+    ) -> Result<(Self, Vec<ViewChoice>), TenPrintError> {
+        let mut tp = TenPrint::default();
+        let mut choices = Vec::with_capacity(templates.len());
+        for (position, bytes) in templates {
+            let placed = place_finger(*position, bytes.as_ref()).map_err(|source| {
+                TenPrintError::Placement {
+                    position: *position,
+                    source,
+                }
+            })?;
+            let slot = &mut tp.fingers[usize::from(*position) - 1];
+            if slot.is_some() {
+                return Err(TenPrintError::DuplicatePosition {
+                    position: *position,
+                });
+            }
+            *slot = Some(placed.finger);
+            choices.push(placed.choice);
+        }
+        if tp.fingers.iter().flatten().all(|f| f.minutiae.is_empty()) {
+            return Err(TenPrintError::Empty);
+        }
+        Ok((tp, choices))
+    }
+
+    /// [`TenPrint::from_placed`] over [`PositionedTemplate`]s.
+    pub fn from_templates(
+        templates: &[PositionedTemplate],
+    ) -> Result<(Self, Vec<ViewChoice>), TenPrintError> {
+        let pairs: Vec<(u8, &[u8])> = templates
+            .iter()
+            .map(|t| (t.position, t.record.as_slice()))
+            .collect();
+        Self::from_placed(&pairs)
     }
 
     fn to_blob(&self) -> Box<[u8]> {

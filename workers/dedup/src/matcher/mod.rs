@@ -14,7 +14,9 @@
 //!   done beforehand, off the gallery, with [`PreparedSubject`]), [`Shard`] and
 //!   [`merge_candidates`] for scatter-gather across dedup workers.
 //!
-//! A typical flow: build a [`TenPrint`] from ISO records, wrap the probe in a [`Probe`] (codes
+//! A typical flow: build a [`TenPrint`] from enrolment templates ([`TenPrint::from_placed`],
+//! each record placed at its contract position by [`place_finger`], the one rule intake
+//! validation applies too), wrap the probe in a [`Probe`] (codes
 //! and cylinders are computed once), call [`Gallery::identify`] and read each
 //! [`Candidate`]'s fused score and per-finger scores.
 
@@ -28,7 +30,8 @@ pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
 pub use compare::{MatchDetail, compare, compare_detail};
 pub use gallery::{
-    Candidate, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard, ShardError, TenPrint,
-    TenPrintError, Verification, merge_candidates, reference_hash, verify,
+    Candidate, Gallery, IdentifyOptions, PlacedFinger, PlacementError, PositionedTemplate,
+    PreparedSubject, Probe, Shard, ShardError, TenPrint, TenPrintError, Verification, ViewChoice,
+    merge_candidates, place_finger, reference_hash, verify,
 };
 pub use template::{CanonMinutia, Finger, FingerTemplate};
