@@ -26,7 +26,7 @@ pub mod template;
 
 pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
-pub use compare::{MatchDetail, compare, compare_detail};
+pub use compare::{MatchDetail, NORMALISATION, Normalisation, compare, compare_detail};
 pub use gallery::{
     Candidate, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard, ShardError, TenPrint,
     TenPrintError, Verification, merge_candidates, reference_hash, verify,
