@@ -37,10 +37,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::evaluation::{
-    DbScores, FusionCheck, LevelCheck, PopulationStats, Quantiles, RotationCheck,
-    SplitAccuracy, TailComparison, compare_tails, cross_validate, fusion_check, halves,
-    population_stats, pooled, score_databases, split_accuracy, synthetic_fvc_like,
-    tune_normalisation,
+    DbScores, FusionCheck, LevelCheck, PopulationStats, Quantiles, RotationCheck, SplitAccuracy,
+    TailComparison, compare_tails, cross_validate, fusion_check, halves, pooled, population_stats,
+    score_databases, split_accuracy, synthetic_fvc_like, tune_normalisation,
 };
 use crate::iso19794_2;
 use crate::matcher::calibration::{TailModel, TailSpec};
@@ -497,7 +496,13 @@ pub fn fvc_report(dir: &Path) -> Result<FvcReport, BenchError> {
     let calibration_pooled = pooled(&calibration);
     let tails = compare_tails(&dbs, &TAIL_CANDIDATES, &CALIBRATION_TARGETS);
     let mut fusion = fusion_check(&dbs, 2, FUSION_SAMPLES, &CALIBRATION_TARGETS, 13);
-    fusion.extend(fusion_check(&dbs, 10, FUSION_SAMPLES, &CALIBRATION_TARGETS, 13));
+    fusion.extend(fusion_check(
+        &dbs,
+        10,
+        FUSION_SAMPLES,
+        &CALIBRATION_TARGETS,
+        13,
+    ));
     let mut sorted: Vec<f32> = i.iter().map(|d| d.score).collect();
     sorted.sort_by(f32::total_cmp);
     let bar = sorted[sorted.len() - 1 - (sorted.len() as f64 * 0.001) as usize];
@@ -840,9 +845,15 @@ pub fn gallery_report(
     }
     let (fnir, threshold) = fnir_at_fpir(&mate_scores, &non_scores, 0.001);
     let target_threshold = crate::scatter::min_score_for(0.001, n);
-    let fpir_at_target = non_scores.iter().filter(|&&s| s >= target_threshold).count() as f64
+    let fpir_at_target = non_scores
+        .iter()
+        .filter(|&&s| s >= target_threshold)
+        .count() as f64
         / non_scores.len().max(1) as f64;
-    let fnir_at_target = mate_scores.iter().filter(|&&s| s < target_threshold).count() as f64
+    let fnir_at_target = mate_scores
+        .iter()
+        .filter(|&&s| s < target_threshold)
+        .count() as f64
         / mate_scores.len().max(1) as f64;
     GalleryReport {
         target_threshold,
@@ -1046,7 +1057,11 @@ impl fmt::Display for FvcReport {
                 let t = r.tune.databases.join("+");
                 let c = format!("{} / {}", r.tuned.chance_sum, r.tuned.count_offset);
                 writeln!(f, "| {t} | {c} | tuning | {} |", accuracy_cells(&r.tune))?;
-                writeln!(f, "| {t} | {c} | **held out** | {} |", accuracy_cells(&r.test))?;
+                writeln!(
+                    f,
+                    "| {t} | {c} | **held out** | {} |",
+                    accuracy_cells(&r.test)
+                )?;
                 writeln!(
                     f,
                     "| (before issue 13) | 0 / 0 | held out | {} |",
@@ -1154,7 +1169,12 @@ impl fmt::Display for FvcReport {
             writeln!(f, "| {title} | {} | mean | n |", qs(&r))?;
             writeln!(f, "|---|{}---|---|", "---|".repeat(r.at.len()))?;
             writeln!(f, "| {} | {} |", v.real.label, quantile_cells(&r, digits))?;
-            writeln!(f, "| {} | {} |", v.synthetic.label, quantile_cells(&s, digits))?;
+            writeln!(
+                f,
+                "| {} | {} |",
+                v.synthetic.label,
+                quantile_cells(&s, digits)
+            )?;
             writeln!(f)?;
         }
         Ok(())

@@ -33,7 +33,10 @@ fn shipped_normalisation_is_the_one_tuned_on_db1_and_db2_only() {
     let names: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["DB1_B", "DB2_B", "DB3_B", "DB4_B"]);
     let (tune, test) = halves(dbs.len());
-    assert_eq!((tune.as_slice(), test.as_slice()), (&[0, 1][..], &[2, 3][..]));
+    assert_eq!(
+        (tune.as_slice(), test.as_slice()),
+        (&[0, 1][..], &[2, 3][..])
+    );
     // The procedure sees only DB1 and DB2: the held-out scores do not influence it.
     let only_tuning: Vec<_> = dbs[..2].to_vec();
     let (picked, _) = tune_normalisation(&only_tuning, &[0, 1]);

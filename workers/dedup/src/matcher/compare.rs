@@ -133,7 +133,11 @@ pub struct MatchDetail {
 impl MatchDetail {
     /// The score under another normalisation (the consolidation does not depend on it).
     pub fn rescored(&self, n: &Normalisation) -> f32 {
-        n.score(self.similarity_sum, self.probe_minutiae, self.reference_minutiae)
+        n.score(
+            self.similarity_sum,
+            self.probe_minutiae,
+            self.reference_minutiae,
+        )
     }
 }
 
