@@ -29,9 +29,15 @@ pub struct BenchDedupArgs {
     /// Directory with the FVC2002 ISO templates (DB1_B … DB4_B).
     #[arg(long)]
     pub fvc_dir: Option<PathBuf>,
-    /// Only the FVC2002 accuracy report.
+    /// Only the real-template report: accuracy, held-out split, calibration
+    /// cross-validation and fusion check, synthetic vs real distributions.
     #[arg(long)]
     pub fvc_only: bool,
+    /// Fit the shipped score calibration on the templates of --fvc-dir (all ordered
+    /// impostor pairs within each database) and write it to this file, e.g.
+    /// workers/dedup/src/matcher/calibration_fvc2002.txt; nothing else runs.
+    #[arg(long, value_name = "OUT")]
+    pub fit_calibration: Option<PathBuf>,
 }
 
 /// Runs the benchmark and prints its report.
@@ -47,9 +53,16 @@ pub fn bench(args: BenchDedupArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.fvc_dir {
         opts.fvc_dir = dir;
     }
+    if let Some(out) = args.fit_calibration {
+        let text = cardpipe_dedup::bench::fit_calibration_text(&opts.fvc_dir)?;
+        std::fs::write(&out, text)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        println!("calibration written to {}", out.display());
+        return Ok(());
+    }
     if args.fvc_only {
         let report = cardpipe_dedup::bench::fvc_report(&opts.fvc_dir)?;
-        println!("{report:?}");
+        println!("{report}");
         return Ok(());
     }
     let started = std::time::Instant::now();

@@ -13,7 +13,10 @@ Options:
   --singles N           single-probe searches timed for latency mean/p50/p95 (default 50,
                         at most --mated)
   --seed N              population seed (default 2026)
-  --fvc-only            only the FVC2002 accuracy report
+  --fvc-dir DIR         directory of DB*/NNN_K.iso records (default ../shared/data/fvc2002-iso)
+  --fvc-only            only the real-template report (accuracy, held-out split,
+                        calibration cross-validation, synthetic vs real)
+  --fit-calibration OUT fit the shipped calibration on --fvc-dir and write it to OUT
   --help                this text
 
 Memory: per gallery, the gallery's own byte count, the process RSS growth while it is built
@@ -61,9 +64,28 @@ fn main() {
     if let Some(n) = arg("--seed") {
         opts.seed = n;
     }
+    if let Some(dir) = arg::<std::path::PathBuf>("--fvc-dir") {
+        opts.fvc_dir = dir;
+    }
+    if let Some(out) = arg::<std::path::PathBuf>("--fit-calibration") {
+        match cardpipe_dedup::bench::fit_calibration_text(&opts.fvc_dir) {
+            Ok(text) => {
+                if let Err(e) = std::fs::write(&out, text) {
+                    eprintln!("bench_dedup: cannot write {}: {e}", out.display());
+                    std::process::exit(1);
+                }
+                println!("calibration written to {}", out.display());
+            }
+            Err(e) => {
+                eprintln!("bench failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--fvc-only") {
         match cardpipe_dedup::bench::fvc_report(&opts.fvc_dir) {
-            Ok(r) => println!("{r:?}"),
+            Ok(r) => println!("{r}"),
             Err(e) => {
                 eprintln!("bench failed: {e}");
                 std::process::exit(1);

@@ -4,10 +4,17 @@
 //!
 //! [`run`] measures, in order:
 //!
-//! 1. **FVC2002 accuracy** with exactly the protocol of `shared/data/README.md`: every ordered
-//!    pair of templates within each of the four databases (2,240 genuine and 23,040 impostor
-//!    comparisons), one threshold across all four: EER and FNMR at FMR 0.1 % and 0.01 %.
-//!    Nothing is fitted on these files; the comparator's constants are fixed in the source.
+//! 1. **Real-template figures** ([`fvc_report`], any directory of `DB*/NNN_K.iso`, FVC2002
+//!    by default) with exactly the protocol of `shared/data/README.md`: every ordered pair of
+//!    templates within each database (FVC2002: 2,240 genuine and 23,040 impostor
+//!    comparisons), one threshold across the databases of a set: EER and FNMR at FMR 0.1 % and
+//!    0.01 % over all databases and per database; the held-out split (score normalisation
+//!    tuned on one half of the databases, tested on the other, both ways); the
+//!    leave-one-database-out calibration check, tail-model comparison and fusion check; the
+//!    synthetic population beside the real one ([`crate::evaluation`] computes them all).
+//!    The comparator's normalisation was tuned on FVC2002 DB1–2 only, its other constants
+//!    predate that split (see [`crate::matcher::compare`]); the shipped calibration is fitted
+//!    on all four databases' impostor scores ([`fit_calibration_text`]).
 //! 2. **Precise comparator throughput** on one core over the same comparisons (templates
 //!    expanded beforehand, as for a prepared probe), and the 1:N variant that also expands the
 //!    reference template from compact storage for every comparison.
@@ -29,10 +36,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::evaluation::{
+    DbScores, FusionCheck, LevelCheck, PopulationStats, Quantiles, RotationCheck, SplitAccuracy,
+    TailComparison, compare_tails, cross_validate, fusion_check, halves, pooled, population_stats,
+    score_databases, split_accuracy, synthetic_fvc_like, tune_normalisation,
+};
 use crate::iso19794_2;
+use crate::matcher::calibration::{TailModel, TailSpec};
 use crate::matcher::{
-    Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, PreparedSubject, Probe,
-    TenPrint, compare_detail,
+    Calibration, Finger, FingerTemplate, Gallery, IdentifyOptions, MatchDetail, Normalisation,
+    PreparedSubject, Probe, TenPrint, compare_detail,
 };
 use crate::synth::PopulationSpec;
 
@@ -55,13 +68,38 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
     (out, wall, cpu)
 }
 
-/// One FVC template: database name, finger number, impression number, finger.
+/// One FVC template: database name, finger number, impression number, finger, and the
+/// qualities the record reports (for the synthetic-versus-real comparison).
 #[derive(Debug, Clone)]
 pub struct FvcTemplate {
     pub database: String,
     pub finger: u32,
     pub impression: u32,
     pub data: Finger,
+    /// Finger (view) quality of the record, 0–100.
+    pub finger_quality: u8,
+    /// Quality of each minutia, 0–100 (0: not reported).
+    pub minutia_quality: Vec<u8>,
+}
+
+impl FvcTemplate {
+    /// From the first view of a parsed record.
+    pub fn from_record(
+        database: String,
+        finger: u32,
+        impression: u32,
+        rec: &iso19794_2::FingerprintRecord,
+    ) -> Self {
+        let view = &rec.views[0];
+        FvcTemplate {
+            database,
+            finger,
+            impression,
+            data: Finger::from_view(rec, view),
+            finger_quality: view.quality,
+            minutia_quality: view.minutiae.iter().map(|m| m.quality).collect(),
+        }
+    }
 }
 
 /// Errors of the benchmark data loaders.
@@ -108,13 +146,15 @@ pub fn load_fvc(dir: &Path) -> Result<Vec<FvcTemplate>, BenchError> {
             };
             let bytes = std::fs::read(&f).map_err(|e| BenchError::Data(f.clone(), e))?;
             let rec = iso19794_2::parse(&bytes).map_err(|e| BenchError::Template(f.clone(), e))?;
-            let data = Finger::from_view(&rec, &rec.views[0]);
-            out.push(FvcTemplate {
-                database: name.clone(),
+            if rec.views.is_empty() {
+                continue;
+            }
+            out.push(FvcTemplate::from_record(
+                name.clone(),
                 finger,
                 impression,
-                data,
-            });
+                &rec,
+            ));
         }
     }
     if out.is_empty() {
@@ -241,18 +281,116 @@ pub fn default_shared_data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
 }
 
-/// FVC accuracy and comparator throughput.
+/// Accuracy of one tuning direction: constants tuned on one half of the databases, tested on
+/// the other half.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitRow {
+    /// The normalisation the tuning procedure picks on `tune`.
+    pub tuned: Normalisation,
+    /// Its accuracy on the tuning databases and on the held-out ones.
+    pub tune: SplitAccuracy,
+    pub test: SplitAccuracy,
+    /// The held-out databases scored with the comparator as it was before issue 13.
+    pub before_test: SplitAccuracy,
+}
+
+/// FVC accuracy, calibration checks and comparator throughput.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FvcReport {
+    pub databases: Vec<String>,
+    /// All databases, one threshold (the `shared/data/README.md` protocol), shipped
+    /// comparator.
     pub genuine: usize,
     pub impostor: usize,
     pub eer: f64,
     pub fnmr_at_fmr_1e3: f64,
     pub fnmr_at_fmr_1e4: f64,
-    /// FMR the synthetic calibration predicts at the FVC threshold for FMR 0.1 %.
-    pub calibrated_fmr_at_1e3: f64,
+    /// Each database on its own, shipped comparator.
+    pub per_database: Vec<SplitAccuracy>,
+    /// Tune on the first half of the databases, test on the second, and the other way
+    /// round (empty with fewer than two databases).
+    pub splits: Vec<SplitRow>,
+    /// Leave-one-database-out check of the shipped calibration procedure at FMR 10⁻³ and
+    /// 10⁻⁴, and the rotations pooled.
+    pub calibration: Vec<RotationCheck>,
+    pub calibration_pooled: Vec<LevelCheck>,
+    /// Held-out error of candidate tail models.
+    pub tails: Vec<TailComparison>,
+    /// Fused FMR of pseudo persons of 2 and of 10 fingers per held-out database.
+    pub fusion: Vec<FusionCheck>,
+    /// FMR the shipped calibration ([`Calibration::fvc2002`]) and the synthetic one predict
+    /// at the score where the measured FMR over all databases is 0.1 %.
+    pub shipped_fmr_at_1e3: f64,
+    pub synthetic_fmr_at_1e3: f64,
+    /// Templates and scores of these databases beside a synthetic set of the same shape.
+    pub real: PopulationStats,
+    pub synthetic: PopulationStats,
     pub comparisons_per_sec_core: f64,
     pub comparisons_per_sec_core_with_expansion: f64,
+}
+
+/// Target FMRs of the calibration check.
+pub const CALIBRATION_TARGETS: [f64; 2] = [1e-3, 1e-4];
+/// Tail models compared by held-out error.
+pub const TAIL_CANDIDATES: [TailSpec; 6] = [
+    TailSpec {
+        model: TailModel::Exponential,
+        fraction: 0.01,
+    },
+    TailSpec {
+        model: TailModel::Exponential,
+        fraction: 0.05,
+    },
+    TailSpec {
+        model: TailModel::Exponential,
+        fraction: 0.10,
+    },
+    TailSpec {
+        model: TailModel::Pareto,
+        fraction: 0.01,
+    },
+    TailSpec {
+        model: TailModel::Pareto,
+        fraction: 0.05,
+    },
+    TailSpec {
+        model: TailModel::Pareto,
+        fraction: 0.10,
+    },
+];
+/// Pseudo impostor comparisons drawn per held-out database and finger count.
+pub const FUSION_SAMPLES: u64 = 200_000;
+
+/// The text of the shipped calibration file fitted on the databases under `dir` (all
+/// ordered impostor pairs within each database, [`TailSpec::DEFAULT`]); what
+/// `--fit-calibration` writes and what `tests/calibration.rs` compares with the committed
+/// file.
+pub fn fit_calibration_text(dir: &Path) -> Result<String, BenchError> {
+    let templates = load_fvc(dir)?;
+    let dbs = score_databases(&templates);
+    let impostors: Vec<f32> = dbs.iter().flat_map(|d| d.impostor()).collect();
+    let names: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
+    let cal = Calibration::fit_with(&impostors, TailSpec::DEFAULT);
+    let comment = [
+        "cardpipe-dedup shipped score calibration (impostor score -> FMR). Generated; do not edit."
+            .to_owned(),
+        "Regenerate from the repository root: cargo run --release -p cardpipe -- bench dedup"
+            .to_owned(),
+        "  --fit-calibration workers/dedup/src/matcher/calibration_fvc2002.txt --fvc-dir ../shared/data/fvc2002-iso"
+            .to_owned(),
+        format!(
+            "Source: {}: {} ordered impostor pairs within each database (FVC protocol).",
+            names.join(", "),
+            impostors.len()
+        ),
+        format!(
+            "Body: empirical survival at {} knots, log-linear between; tail above the last knot: {}.",
+            cal.knot_count(),
+            TailSpec::DEFAULT.label()
+        ),
+    ]
+    .join("\n");
+    Ok(cal.to_text(&comment))
 }
 
 /// Candidate-stage throughput.
@@ -298,6 +436,13 @@ pub struct GalleryReport {
     pub rank1_identification: f64,
     pub fnir_at_fpir_1e3: f64,
     pub threshold_at_fpir_1e3: f64,
+    /// The `[dedup] target_fpir = 0.001` threshold on the fused score for this gallery size
+    /// (`−log10(0.001 / N)`, [`crate::scatter::min_score_for`]), the share of non-mated
+    /// searches whose top candidate reaches it (the FPIR the configuration promises to keep
+    /// at or below 0.1 %), and the share of mated searches whose mate stays below it.
+    pub target_threshold: f64,
+    pub fpir_at_target: f64,
+    pub fnir_at_target: f64,
     pub mated: usize,
     pub nonmated: usize,
 }
@@ -320,17 +465,54 @@ impl GalleryReport {
     }
 }
 
-/// FVC accuracy (protocol in the module docs) and single-core comparator throughput.
+/// FVC accuracy (protocol in the module docs), calibration checks, synthetic-versus-real
+/// distributions and single-core comparator throughput.
 pub fn fvc_report(dir: &Path) -> Result<FvcReport, BenchError> {
     let templates = load_fvc(dir)?;
     let ((g, i), _, secs) = timed(|| fvc_scores(&templates));
-    let gs: Vec<f32> = g.iter().map(|d| d.score).collect();
-    let is: Vec<f32> = i.iter().map(|d| d.score).collect();
-    let (eer, fnmr) = error_rates(&gs, &is, &[0.001, 0.0001]);
-    let mut sorted = is.clone();
+    let dbs = score_databases(&templates);
+    let all: Vec<usize> = (0..dbs.len()).collect();
+    let acc = split_accuracy(&dbs, &all);
+    let per_database = (0..dbs.len()).map(|k| split_accuracy(&dbs, &[k])).collect();
+    let (first, second) = halves(dbs.len());
+    let mut splits = Vec::new();
+    if !second.is_empty() {
+        let before: Vec<DbScores> = dbs
+            .iter()
+            .map(|d| d.rescored(&Normalisation::BEFORE_ISSUE_13))
+            .collect();
+        for (tune, test) in [(&first, &second), (&second, &first)] {
+            let (tuned, tune_acc) = tune_normalisation(&dbs, tune);
+            let rescored: Vec<DbScores> = dbs.iter().map(|d| d.rescored(&tuned)).collect();
+            splits.push(SplitRow {
+                tuned,
+                tune: tune_acc,
+                test: split_accuracy(&rescored, test),
+                before_test: split_accuracy(&before, test),
+            });
+        }
+    }
+    let calibration = cross_validate(&dbs, TailSpec::DEFAULT, &CALIBRATION_TARGETS);
+    let calibration_pooled = pooled(&calibration);
+    let tails = compare_tails(&dbs, &TAIL_CANDIDATES, &CALIBRATION_TARGETS);
+    let mut fusion = fusion_check(&dbs, 2, FUSION_SAMPLES, &CALIBRATION_TARGETS, 13);
+    fusion.extend(fusion_check(
+        &dbs,
+        10,
+        FUSION_SAMPLES,
+        &CALIBRATION_TARGETS,
+        13,
+    ));
+    let mut sorted: Vec<f32> = i.iter().map(|d| d.score).collect();
     sorted.sort_by(f32::total_cmp);
     let bar = sorted[sorted.len() - 1 - (sorted.len() as f64 * 0.001) as usize];
-    let calibrated = crate::matcher::Calibration::synthetic().fmr(bar);
+    let real = population_stats("FVC2002 (this directory)", &templates, &dbs);
+    let syn_templates = synthetic_fvc_like(2026, dbs.len().max(1), 10, 8);
+    let synthetic = population_stats(
+        "synthetic (crate::synth)",
+        &syn_templates,
+        &score_databases(&syn_templates),
+    );
     // 1:N style: the reference is expanded from compact storage for each comparison.
     let prepared: Vec<FingerTemplate> = templates
         .iter()
@@ -350,12 +532,22 @@ pub fn fvc_report(dir: &Path) -> Result<FvcReport, BenchError> {
     let with_expansion = n as f64 / exp_secs;
     std::hint::black_box(sink);
     Ok(FvcReport {
+        databases: dbs.iter().map(|d| d.name.clone()).collect(),
         genuine: g.len(),
         impostor: i.len(),
-        eer,
-        fnmr_at_fmr_1e3: fnmr[0],
-        fnmr_at_fmr_1e4: fnmr[1],
-        calibrated_fmr_at_1e3: calibrated,
+        eer: acc.eer,
+        fnmr_at_fmr_1e3: acc.fnmr_at_fmr_1e3,
+        fnmr_at_fmr_1e4: acc.fnmr_at_fmr_1e4,
+        per_database,
+        splits,
+        calibration,
+        calibration_pooled,
+        tails,
+        fusion,
+        shipped_fmr_at_1e3: Calibration::fvc2002().fmr(bar),
+        synthetic_fmr_at_1e3: Calibration::synthetic().fmr(bar),
+        real,
+        synthetic,
         comparisons_per_sec_core: (g.len() + i.len()) as f64 / secs,
         comparisons_per_sec_core_with_expansion: with_expansion,
     })
@@ -652,7 +844,21 @@ pub fn gallery_report(
         }
     }
     let (fnir, threshold) = fnir_at_fpir(&mate_scores, &non_scores, 0.001);
+    let target_threshold = crate::scatter::min_score_for(0.001, n);
+    let fpir_at_target = non_scores
+        .iter()
+        .filter(|&&s| s >= target_threshold)
+        .count() as f64
+        / non_scores.len().max(1) as f64;
+    let fnir_at_target = mate_scores
+        .iter()
+        .filter(|&&s| s < target_threshold)
+        .count() as f64
+        / mate_scores.len().max(1) as f64;
     GalleryReport {
+        target_threshold,
+        fpir_at_target,
+        fnir_at_target,
         subjects: n,
         build_secs: build.secs,
         bytes_per_subject: gallery.memory_bytes() as f64 / n.max(1) as f64,
@@ -731,18 +937,61 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })
 }
 
-impl fmt::Display for BenchReport {
+fn pct(x: f64) -> String {
+    format!("{:.2} %", x * 100.0)
+}
+
+fn sci(x: f64) -> String {
+    if x == 0.0 {
+        "0".to_owned()
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+fn accuracy_cells(a: &SplitAccuracy) -> String {
+    format!(
+        "{} | {} | {} | {} | {}/{}",
+        a.databases.join("+"),
+        pct(a.eer),
+        pct(a.fnmr_at_fmr_1e3),
+        pct(a.fnmr_at_fmr_1e4),
+        a.genuine,
+        a.impostor
+    )
+}
+
+fn level_cells(l: &LevelCheck) -> String {
+    format!(
+        "{} | {:.5} | {} | {}/{} | {} | [{}, {}] | {:.2}",
+        sci(l.target),
+        l.threshold,
+        sci(l.predicted),
+        l.count,
+        l.n,
+        sci(l.measured()),
+        sci(l.ci.0),
+        sci(l.ci.1),
+        l.measured() / l.predicted
+    )
+}
+
+fn quantile_cells(q: &Quantiles, digits: usize) -> String {
+    let mut out = String::new();
+    for (_, v) in &q.at {
+        out.push_str(&format!("{v:.digits$} | "));
+    }
+    out.push_str(&format!("{:.digits$} | {}", q.mean, q.n));
+    out
+}
+
+impl fmt::Display for FvcReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = &self.fvc;
+        let v = self;
         writeln!(
             f,
-            "cardpipe-dedup benchmark ({} threads for latency figures; per-core figures on one thread)",
-            self.threads
-        )?;
-        writeln!(f)?;
-        writeln!(
-            f,
-            "FVC2002 DB1-4_B ISO templates, all ordered pairs within each database, one threshold"
+            "Real templates ({}): all ordered pairs within each database, one threshold across them",
+            v.databases.join(", ")
         )?;
         writeln!(
             f,
@@ -756,26 +1005,191 @@ impl fmt::Display for BenchReport {
         writeln!(f, "|---|---|---|---|---|")?;
         writeln!(
             f,
-            "| cardpipe-dedup | {:.2} % | {:.2} % | {:.2} % | {:.0} (1:N incl. expansion {:.0}) |",
-            v.eer * 100.0,
-            v.fnmr_at_fmr_1e3 * 100.0,
-            v.fnmr_at_fmr_1e4 * 100.0,
+            "| cardpipe-dedup | {} | {} | {} | {:.0} (1:N incl. expansion {:.0}) |",
+            pct(v.eer),
+            pct(v.fnmr_at_fmr_1e3),
+            pct(v.fnmr_at_fmr_1e4),
             v.comparisons_per_sec_core,
             v.comparisons_per_sec_core_with_expansion
         )?;
         writeln!(
             f,
-            "| SourceAFIS 3.18 (published) | 4.55 % | 9.42 % | 11.47 % | ≈ 10,600 |"
+            "| SourceAFIS 3.18 (published, FVC2002 DB1-4_B) | 4.55 % | 9.42 % | 11.47 % | ≈ 10,600 |"
         )?;
         writeln!(
             f,
-            "| openafis (published) | 10.13 % | 18.48 % | 23.21 % | ≈ 46,000 |"
+            "| openafis (published, FVC2002 DB1-4_B) | 10.13 % | 18.48 % | 23.21 % | ≈ 46,000 |"
         )?;
+        writeln!(f)?;
+        writeln!(f, "Per database (shipped comparator)")?;
         writeln!(
             f,
-            "Synthetic calibration predicts FMR {:.3} % at the FVC FMR-0.1 % threshold.",
-            v.calibrated_fmr_at_1e3 * 100.0
+            "| databases | EER | FNMR at FMR 0.1 % | FNMR at FMR 0.01 % | genuine/impostor |"
         )?;
+        writeln!(f, "|---|---|---|---|---|")?;
+        for a in &v.per_database {
+            writeln!(f, "| {} |", accuracy_cells(a))?;
+        }
+        writeln!(f)?;
+        if v.splits.is_empty() {
+            writeln!(
+                f,
+                "Held-out split: needs at least two databases (found {}).",
+                v.databases.len()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "Held-out accuracy: the score normalisation tuned on one half of the databases \
+                 (grid of Normalisation::grid, objective EER + FNMR@0.1 % + FNMR@0.01 %), tested on the other half"
+            )?;
+            writeln!(
+                f,
+                "(shipped constants: {:?}; tuned on FVC2002 DB1_B+DB2_B)",
+                crate::matcher::NORMALISATION
+            )?;
+            writeln!(
+                f,
+                "| tuned on | chance sum / count offset | set | databases | EER | FNMR at FMR 0.1 % | FNMR at FMR 0.01 % | genuine/impostor |"
+            )?;
+            writeln!(f, "|---|---|---|---|---|---|---|---|")?;
+            for r in &v.splits {
+                let t = r.tune.databases.join("+");
+                let c = format!("{} / {}", r.tuned.chance_sum, r.tuned.count_offset);
+                writeln!(f, "| {t} | {c} | tuning | {} |", accuracy_cells(&r.tune))?;
+                writeln!(
+                    f,
+                    "| {t} | {c} | **held out** | {} |",
+                    accuracy_cells(&r.test)
+                )?;
+                writeln!(
+                    f,
+                    "| (before issue 13) | 0 / 0 | held out | {} |",
+                    accuracy_cells(&r.before_test)
+                )?;
+            }
+        }
+        writeln!(f)?;
+        if v.calibration.is_empty() {
+            writeln!(
+                f,
+                "Calibration cross-validation: needs at least two databases (found {}).",
+                v.databases.len()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "Calibration cross-validation ({}): fitted on the impostor scores of all databases but one, \
+                 threshold where the fit predicts the target FMR, measured on the held-out database",
+                TailSpec::DEFAULT.label()
+            )?;
+            writeln!(
+                f,
+                "| held out | target FMR | threshold | predicted FMR | held-out impostors ≥ threshold | measured FMR | 95 % CI (Clopper-Pearson) | measured / predicted |"
+            )?;
+            writeln!(f, "|---|---|---|---|---|---|---|---|")?;
+            for r in &v.calibration {
+                for l in &r.levels {
+                    writeln!(f, "| {} | {} |", r.held_out, level_cells(l))?;
+                }
+            }
+            for l in &v.calibration_pooled {
+                writeln!(
+                    f,
+                    "| all rotations pooled | {} |",
+                    level_cells(l).replacen(&format!("{:.5}", l.threshold), "per rotation", 1)
+                )?;
+            }
+            writeln!(f)?;
+            writeln!(
+                f,
+                "Tail models by held-out error (rotations pooled; observed/expected events at each target; Poisson deviance, lower is better)"
+            )?;
+            write!(f, "| tail model |")?;
+            for t in CALIBRATION_TARGETS {
+                write!(f, " FMR {} O/E |", sci(t))?;
+            }
+            writeln!(f, " deviance |")?;
+            writeln!(f, "|---|{}---|", "---|".repeat(CALIBRATION_TARGETS.len()))?;
+            for t in &v.tails {
+                write!(f, "| {} |", t.spec.label())?;
+                for l in &t.pooled {
+                    write!(f, " {}/{:.1} |", l.count, l.expected())?;
+                }
+                writeln!(f, " {:.2} |", t.deviance)?;
+            }
+            writeln!(f)?;
+            writeln!(
+                f,
+                "Ten-finger fusion (Fisher) on pseudo persons of distinct real fingers of the held-out database, \
+                 per-finger calibration fitted without it ({FUSION_SAMPLES} random impostor comparisons each; the interval is Monte-Carlo only)"
+            )?;
+            writeln!(
+                f,
+                "| held out | fingers | target fused FMR | fused score threshold | predicted | comparisons with fused FMR ≤ target | measured | 95 % CI | measured / predicted |"
+            )?;
+            writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
+            for c in &v.fusion {
+                for l in &c.levels {
+                    writeln!(f, "| {} | {} | {} |", c.held_out, c.fingers, level_cells(l))?;
+                }
+            }
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "At the score where the measured FMR over all databases is 0.1 %: shipped calibration predicts {}, the synthetic one {}.",
+            sci(v.shipped_fmr_at_1e3),
+            sci(v.synthetic_fmr_at_1e3)
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Synthetic vs real, same protocol and shape ({} databases × 10 fingers × 8 impressions of synthetic fingers)",
+            v.databases.len().max(1)
+        )?;
+        let qs = |q: &Quantiles| {
+            q.at.iter()
+                .map(|(p, _)| format!("p{}", p * 100.0))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        for (title, pick, digits) in [
+            (
+                "minutiae per finger",
+                (|p: &PopulationStats| p.minutiae.clone()) as fn(&PopulationStats) -> Quantiles,
+                0usize,
+            ),
+            ("minutia quality (0-100)", |p| p.minutia_quality.clone(), 0),
+            ("finger quality (0-100)", |p| p.finger_quality.clone(), 0),
+            ("genuine scores", |p| p.genuine.clone(), 4),
+            ("impostor scores", |p| p.impostor.clone(), 4),
+        ] {
+            let (r, s) = (pick(&v.real), pick(&v.synthetic));
+            writeln!(f, "| {title} | {} | mean | n |", qs(&r))?;
+            writeln!(f, "|---|{}---|---|", "---|".repeat(r.at.len()))?;
+            writeln!(f, "| {} | {} |", v.real.label, quantile_cells(&r, digits))?;
+            writeln!(
+                f,
+                "| {} | {} |",
+                v.synthetic.label,
+                quantile_cells(&s, digits)
+            )?;
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "cardpipe-dedup benchmark ({} threads for latency figures; per-core figures on one thread)",
+            self.threads
+        )?;
+        writeln!(f)?;
+        write!(f, "{}", self.fvc)?;
         writeln!(f)?;
         let s = &self.scan;
         writeln!(
@@ -859,6 +1273,28 @@ impl fmt::Display for BenchReport {
                 write!(f, " {:.2} % |", r * 100.0)?;
             }
             writeln!(f)?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "The configured threshold ([dedup] target_fpir = 0.001: fused score ≥ -log10(0.001 / N)) on the same searches"
+        )?;
+        writeln!(
+            f,
+            "| subjects | threshold | measured FPIR (non-mated top candidate ≥ threshold) | FNIR at it |"
+        )?;
+        writeln!(f, "|---|---|---|---|")?;
+        for g in &self.galleries {
+            writeln!(
+                f,
+                "| {} | {:.2} | {} ({}/{}) | {} |",
+                g.subjects,
+                g.target_threshold,
+                pct(g.fpir_at_target),
+                (g.fpir_at_target * g.nonmated as f64).round(),
+                g.nonmated,
+                pct(g.fnir_at_target)
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "Peak RSS of the process (VmHWM): {}", gib(self.peak_rss))?;

@@ -16,6 +16,9 @@
 //! * [`stage`], [`scatter`], [`distributed`] — the `dedup` pipeline stage, shard
 //!   ownership with the scatter-gather merge, and its broker form (`dedup-shard-<k>` stages
 //!   and the gallery lock serialising enrolment across processes).
+//! * [`evaluation`] — statistics on real templates: per-database score matrices, held-out
+//!   split accuracy and the tuning procedure of the score normalisation, leave-one-database-out
+//!   calibration and fusion checks (Clopper–Pearson intervals), synthetic vs real.
 //! * [`bench`](mod@bench) — the figures printed by `cardpipe bench dedup` and the `bench_dedup`
 //!   example (and recorded in
 //!   `BENCH_DEDUP.md`): FVC2002 accuracy, comparator and candidate-scan throughput, synthetic
@@ -28,6 +31,7 @@ pub mod abis;
 pub mod adjudication;
 pub mod bench;
 pub mod distributed;
+pub mod evaluation;
 pub mod iso19794_2;
 pub mod matcher;
 pub mod scatter;

@@ -895,7 +895,7 @@ pub async fn handover(
         &Probe::new(&probe_tp),
         &reference,
         delivery.cfg.handover_fmr,
-        Calibration::synthetic(),
+        Calibration::fvc2002(),
     );
     let now = services.clock.now();
     if !verdict.is_match {

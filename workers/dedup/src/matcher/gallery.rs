@@ -542,9 +542,10 @@ impl Default for Gallery {
 }
 
 impl Gallery {
-    /// An empty gallery using the synthetic calibration.
+    /// An empty gallery using the shipped calibration fitted on real impostor scores
+    /// ([`Calibration::fvc2002`]).
     pub fn new() -> Self {
-        Self::with_calibration(Arc::new(Calibration::synthetic().clone()))
+        Self::with_calibration(Arc::new(Calibration::fvc2002().clone()))
     }
 
     /// An empty gallery with a given calibration.

@@ -28,7 +28,7 @@ pub mod template;
 
 pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
-pub use compare::{MatchDetail, compare, compare_detail};
+pub use compare::{MatchDetail, NORMALISATION, Normalisation, compare, compare_detail};
 pub use gallery::{
     Candidate, Gallery, IdentifyOptions, PlacedFinger, PlacementError, PositionedTemplate,
     PreparedSubject, Probe, Shard, ShardError, TenPrint, TenPrintError, Verification, ViewChoice,
