@@ -410,8 +410,8 @@ impl PersonalizeStage {
             .fingerprints
             .iter()
             .filter_map(|f| f.template.as_ref())
-            .find(|t| crate::card_os::bio::parse_iso19794_2(t).is_some())
-            .map(|t| Zeroizing::new(t.clone()))
+            .find_map(|t| card_reference_template(t))
+            .map(Zeroizing::new)
             .ok_or_else(|| Permanent("no usable ISO/IEC 19794-2 fingerprint template".into()))?;
         drop(biometrics);
         let unwrap = |w, role| {
@@ -869,5 +869,114 @@ pub mod cards {
                 })
             })
             .collect()
+    }
+}
+
+/// The match-on-card reference in the card's own format: one ISO/IEC 19794-2:2005 view.
+///
+/// Intake accepts what dedup accepts (2005 and 2011 records, several views, either reading of
+/// 2005 extended data), but the card's applet reads one 2005 view without extended data. The
+/// best view (highest quality, then most minutiae) is re-encoded for the card; the record as
+/// sent stays in DG3 untouched. `None` when no view can be written in the card's format.
+fn card_reference_template(template: &[u8]) -> Option<Vec<u8>> {
+    let mut record = cardpipe_dedup::iso19794_2::parse(template).ok()?;
+    let mut best = record
+        .views
+        .iter()
+        .filter(|v| !v.minutiae.is_empty() && v.position <= 10)
+        .max_by_key(|v| (v.quality, v.minutiae.len()))?
+        .clone();
+    if let Some(g) = best.geometry.take() {
+        record.width = g.width;
+        record.height = g.height;
+        record.x_resolution = g.x_resolution;
+        record.y_resolution = g.y_resolution;
+    }
+    // 2011-only impression types (latent, contactless, ...) have no 2005 code; the card does
+    // not use the impression type, so such a view is written as "live-scan plain".
+    if !matches!(best.impression_type, 0..=3 | 8) {
+        best.impression_type = 0;
+    }
+    best.view_number = 0;
+    best.extended_data.clear();
+    record.views = vec![best];
+    let bytes = record.to_bytes().ok()?;
+    crate::card_os::bio::parse_iso19794_2(&bytes).map(|_| bytes)
+}
+
+#[cfg(test)]
+mod card_reference_tests {
+    use super::card_reference_template;
+    use crate::card_os::bio;
+
+    #[test]
+    fn a_2005_record_stays_readable_by_the_card() {
+        let rec = bio::example_record();
+        let converted = card_reference_template(&rec).expect("2005 record converts");
+        assert_eq!(
+            bio::parse_iso19794_2(&converted),
+            bio::parse_iso19794_2(&rec),
+            "same minutiae for the card"
+        );
+    }
+
+    /// A 2011 record, written field by field (ISO/IEC 19794-2:2011): one representation per
+    /// (quality, minutiae as (x, y, angle)).
+    fn record_2011(reps: &[(u8, Vec<(u16, u16, u8)>)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (number, (quality, minutiae)) in reps.iter().enumerate() {
+            let mut rep = vec![0; 4];
+            rep.extend_from_slice(&[0x07, 0xEA, 12, 4, 9, 30, 0, 0xFF, 0xFF]); // capture time
+            rep.push(14); // capture technology
+            rep.extend_from_slice(&[0x12, 0x34, 0x00, 0x07]); // vendor, device type
+            rep.push(1); // one quality block
+            rep.extend_from_slice(&[*quality, 0x00, 0x0F, 0x00, 0x01]);
+            rep.extend_from_slice(&[0, number as u8]); // position unknown, representation no.
+            rep.extend_from_slice(&197u16.to_be_bytes());
+            rep.extend_from_slice(&197u16.to_be_bytes());
+            rep.push(24); // contactless: no 2005 code
+            rep.extend_from_slice(&400u16.to_be_bytes());
+            rep.extend_from_slice(&500u16.to_be_bytes());
+            rep.push(0x61); // 6-byte minutiae
+            rep.push(minutiae.len() as u8);
+            for &(x, y, angle) in minutiae {
+                rep.extend_from_slice(&((1u16 << 14) | x).to_be_bytes());
+                rep.extend_from_slice(&y.to_be_bytes());
+                rep.extend_from_slice(&[angle, 254]);
+            }
+            rep.extend_from_slice(&0u16.to_be_bytes());
+            let len = rep.len() as u32;
+            rep[..4].copy_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(&rep);
+        }
+        let mut out = b"FMR\x00030\x00".to_vec();
+        out.extend_from_slice(&((15 + body.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&(reps.len() as u16).to_be_bytes());
+        out.push(0);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn a_2011_record_with_two_views_becomes_one_2005_view_for_the_card() {
+        let minutiae = |n: u16| -> Vec<(u16, u16, u8)> {
+            (0..n)
+                .map(|i| (40 + 9 * i, 60 + (i * 37) % 380, (i * 23 % 256) as u8))
+                .collect()
+        };
+        let v2011 = record_2011(&[(20, minutiae(14)), (70, minutiae(30))]);
+        cardpipe_dedup::iso19794_2::parse(&v2011).expect("a valid 2011 record");
+        assert!(
+            bio::parse_iso19794_2(&v2011).is_none(),
+            "the card cannot read 2011"
+        );
+        let converted = card_reference_template(&v2011).expect("2011 record converts");
+        let read = bio::parse_iso19794_2(&converted).expect("card reads the conversion");
+        assert_eq!(read.len(), 30, "the better-quality view, alone");
+    }
+
+    #[test]
+    fn garbage_is_no_reference() {
+        assert!(card_reference_template(b"not a record").is_none());
     }
 }
