@@ -77,7 +77,7 @@ fn lock_packages() -> BTreeMap<String, Vec<String>> {
             }
         }
         let name = name.expect("every [[package]] of Cargo.lock has a name");
-        packages.entry(name).or_insert_with(Vec::new).extend(deps);
+        packages.entry(name).or_default().extend(deps);
     }
     packages
 }
