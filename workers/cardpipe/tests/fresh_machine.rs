@@ -58,7 +58,7 @@ fn lock_packages() -> BTreeMap<String, Vec<String>> {
     let path = workspace().join("Cargo.lock");
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let mut packages = BTreeMap::new();
+    let mut packages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for block in text.split("[[package]]").skip(1) {
         let mut name = None;
         let mut deps = Vec::new();
@@ -77,7 +77,7 @@ fn lock_packages() -> BTreeMap<String, Vec<String>> {
             }
         }
         let name = name.expect("every [[package]] of Cargo.lock has a name");
-        packages.entry(name).or_insert_with(Vec::new).extend(deps);
+        packages.entry(name).or_default().extend(deps);
     }
     packages
 }

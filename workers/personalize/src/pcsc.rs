@@ -307,7 +307,10 @@ impl Error {
     /// The error for a non-success return code.
     fn from_code(code: LONG) -> Self {
         // The codes are `(LONG)0x801000xx`: positive on LP64, so they compare as written.
-        match i64::from(code) {
+        // (`LONG` is already i64 on LP64; the conversion is for 32-bit targets.)
+        #[allow(clippy::useless_conversion)]
+        let code = i64::from(code);
+        match code {
             0x8010_0002 => Error::Cancelled,
             0x8010_0003 => Error::InvalidHandle,
             0x8010_0004 => Error::InvalidParameter,
@@ -608,7 +611,10 @@ impl ReaderState {
 
     /// The state pcscd reported last.
     pub fn event_state(&self) -> State {
-        State(u64::from(self.event))
+        // `DWORD` is already u64 on LP64; the conversion is for 32-bit targets.
+        #[allow(clippy::useless_conversion)]
+        let bits = u64::from(self.event);
+        State(bits)
     }
 
     /// The ATR pcscd reported last (empty without a card).

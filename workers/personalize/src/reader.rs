@@ -6,7 +6,8 @@
 //! - [`InProcessEncoder`]: the card OS in the same process (embedded mode, benchmarks). Its
 //!   feed takes blanks from a [`BlankStock`].
 //! - [`PcscEncoder`]: a PC/SC reader through pcscd (pcsc-lite loaded at run time by
-//!   [`crate::pcsc`]), real hardware or a vpcd virtual reader. Its feed is a [`CardFeed`] (a hardware hopper, or the simulator's slot).
+//!   [`crate::pcsc`]), real hardware or a vpcd virtual reader. Its feed is a [`CardFeed`] (a
+//!   hardware hopper, or the simulator's slot).
 //!
 //! PC/SC conditions that mean "this blank is gone" or "there is no blank" come out as typed
 //! [`ReaderError`] variants, so the caller can tell a spoiled card from a broken reader.
