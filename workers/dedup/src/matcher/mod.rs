@@ -8,7 +8,7 @@
 //!   transform consensus over the best local pairs; [`compare()`] returns a score in [0, 1].
 //! * [`calibration`] — maps scores to false match rates ([`Calibration`]) and fuses the ten
 //!   fingers ([`fuse`]).
-//! * [`code`] — 512-bit per-finger LSH codes of the cylinders for the candidate stage
+//! * [`code`] — 768-bit per-finger LSH codes of the cylinders for the candidate stage
 //!   ([`FingerCode`]).
 //! * [`gallery`] — [`Gallery`] (insert / delete / identify / verify; enrolment work can be
 //!   done beforehand, off the gallery, with [`PreparedSubject`]), [`Shard`] and
@@ -28,7 +28,7 @@ pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
 pub use compare::{MatchDetail, compare, compare_detail};
 pub use gallery::{
-    Candidate, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard, ShardError, TenPrint,
-    TenPrintError, Verification, merge_candidates, reference_hash, verify,
+    COHORT, Candidate, CodeNorm, Gallery, IdentifyOptions, PreparedSubject, Probe, Shard,
+    ShardError, TenPrint, TenPrintError, Verification, merge_candidates, reference_hash, verify,
 };
 pub use template::{CanonMinutia, Finger, FingerTemplate};
