@@ -291,7 +291,7 @@ pub struct GalleryReport {
     pub batched_probe_ms: f64,
     pub batched_searches_per_sec: f64,
     /// Share of mated searches whose mate is in the candidate-stage shortlist of the
-    /// configured depth (`search.shortlist`, 200 by default).
+    /// configured depth (`search.shortlist`, 2000 by default).
     pub candidate_recall: f64,
     /// The same at each of [`RECALL_DEPTHS`]: (depth, recall).
     pub recall_at: Vec<(usize, f64)>,
@@ -309,6 +309,8 @@ pub struct BenchReport {
     pub scan: ScanReport,
     pub galleries: Vec<GalleryReport>,
     pub threads: usize,
+    /// Candidate-stage shortlist of the searches (`search.shortlist`).
+    pub shortlist: usize,
     /// Peak RSS of the process at the end of the run (`VmHWM`), if known.
     pub peak_rss: Option<u64>,
 }
@@ -727,6 +729,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         scan,
         galleries,
         threads: rayon::current_num_threads(),
+        shortlist: opts.search.shortlist,
         peak_rss: peak_rss_bytes(),
     })
 }
@@ -815,7 +818,8 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
+            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall (top {}) | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |",
+            self.shortlist
         )?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for g in &self.galleries {

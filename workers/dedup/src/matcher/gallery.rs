@@ -327,7 +327,9 @@ pub struct IdentifyOptions {
 impl Default for IdentifyOptions {
     fn default() -> Self {
         IdentifyOptions {
-            shortlist: 200,
+            // Deep enough for the candidate stage at a million subjects (BENCH_DEDUP.md:
+            // recall by shortlist depth); the precise cascade compares 2 fingers of each.
+            shortlist: 2000,
             lead_fingers: 2,
             full_compare: 12,
             max_results: 10,
