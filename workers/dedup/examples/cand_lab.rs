@@ -3,6 +3,10 @@
 //! For each mated probe, counts the non-mated gallery subjects whose candidate score is at
 //! least the mate's; that share × N is the mate's projected rank in a gallery of N subjects.
 //! `cargo run --release -p cardpipe-dedup --example cand_lab -- --n 40000 --mates 600`
+//! (`--codes BITS:FUNCTIONS:CELLS[:SEED],...` lists the code variants; BENCH_DEDUP.md has the
+//! method and the results).
+
+#![allow(clippy::needless_range_loop, clippy::type_complexity)]
 
 use cardpipe_dedup::matcher::code::{CodeSpec, lab_code};
 use cardpipe_dedup::matcher::{FingerTemplate, TenPrint};

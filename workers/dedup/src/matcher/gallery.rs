@@ -1043,10 +1043,10 @@ mod tests {
         }
         let probe = Probe::new(&subjects[0].1);
         let norm = gallery.code_norm(&probe);
-        for f in 0..10 {
-            assert_eq!(norm.inv_sd[f] > 0.0, probe.pops[f] > 0, "finger {f}");
-            assert!(norm.inv_sd[f] <= (CODE_BITS as f32).sqrt() * 1.0001);
-            assert!(norm.mu[f].abs() < 0.3, "impostor mean near chance");
+        for ((&inv_sd, &mu), &pop) in norm.inv_sd.iter().zip(&norm.mu).zip(&probe.pops) {
+            assert_eq!(inv_sd > 0.0, pop > 0);
+            assert!(inv_sd <= (CODE_BITS as f32).sqrt() * 1.0001);
+            assert!(mu.abs() < 0.3, "impostor mean near chance");
         }
         // An empty probe finger carries no weight; the score of a slot is finite and ≥ 0.
         assert!((0..gallery.len()).all(|s| {
