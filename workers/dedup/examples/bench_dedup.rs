@@ -17,6 +17,15 @@ Options:
   --fvc-only            only the real-template report (accuracy, held-out split,
                         calibration cross-validation, synthetic vs real)
   --fit-calibration OUT fit the shipped calibration on --fvc-dir and write it to OUT
+  --shortlist N         candidate-stage shortlist (default: IdentifyOptions::default())
+  --lead N              fingers compared per shortlisted subject in the first precise pass
+  --full N              subjects compared on all fingers in the second precise pass
+  --shard K/N           build only shard K of N of a --population subjects population, answer
+                        the mated/non-mated probes of that population, write --out FILE (JSON)
+  --population N        population size for --shard (default 2000000)
+  --out FILE            where --shard writes its answers
+  --barrier DIR         --shard: wait until every shard is built before searching
+  --merge F1,F2,...     merge shard answer files (scatter-gather) and print the report
   --help                this text
 
 Memory: per gallery, the gallery's own byte count, the process RSS growth while it is built
@@ -61,6 +70,15 @@ fn main() {
     if let Some(n) = arg("--singles") {
         opts.single_searches = n;
     }
+    if let Some(n) = arg("--shortlist") {
+        opts.search.shortlist = n;
+    }
+    if let Some(n) = arg("--lead") {
+        opts.search.lead_fingers = n;
+    }
+    if let Some(n) = arg("--full") {
+        opts.search.full_compare = n;
+    }
     if let Some(n) = arg("--seed") {
         opts.seed = n;
     }
@@ -81,6 +99,54 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        return;
+    }
+    if let Some(files) = arg::<String>("--merge") {
+        let runs: Vec<cardpipe_dedup::bench::ShardRun> = files
+            .split(',')
+            .map(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_else(|e| {
+                    eprintln!("bench_dedup: cannot read {f}: {e}");
+                    std::process::exit(1)
+                });
+                serde_json::from_str(&text).unwrap_or_else(|e| {
+                    eprintln!("bench_dedup: {f} is not a shard run: {e}");
+                    std::process::exit(1)
+                })
+            })
+            .collect();
+        print!(
+            "{}",
+            cardpipe_dedup::bench::merge_shard_runs(&runs, opts.search.max_results)
+        );
+        return;
+    }
+    if let Some(shard) = arg::<String>("--shard") {
+        let Some((k, n)) = shard
+            .split_once('/')
+            .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
+            .filter(|&(k, n)| k < n)
+        else {
+            eprintln!("bench_dedup: --shard takes K/N with K < N");
+            std::process::exit(2);
+        };
+        let population = arg("--population").unwrap_or(2_000_000usize);
+        let Some(out) = arg::<String>("--out") else {
+            eprintln!("bench_dedup: --shard needs --out FILE");
+            std::process::exit(2);
+        };
+        let barrier = arg::<String>("--barrier").map(std::path::PathBuf::from);
+        let run = cardpipe_dedup::bench::shard_run(&opts, population, k, n, barrier.as_deref());
+        std::fs::write(&out, serde_json::to_string(&run).expect("serialisable")).unwrap_or_else(
+            |e| {
+                eprintln!("bench_dedup: cannot write {out}: {e}");
+                std::process::exit(1)
+            },
+        );
+        print!(
+            "{}",
+            cardpipe_dedup::bench::merge_shard_runs(&[run], opts.search.max_results)
+        );
         return;
     }
     if std::env::args().any(|a| a == "--fvc-only") {

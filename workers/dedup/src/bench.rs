@@ -18,7 +18,7 @@
 //! 2. **Precise comparator throughput** on one core over the same comparisons (templates
 //!    expanded beforehand, as for a prepared probe), and the 1:N variant that also expands the
 //!    reference template from compact storage for every comparison.
-//! 3. **Candidate stage**: 512-bit codes scanned per second on one core with a batch of
+//! 3. **Candidate stage**: 768-bit codes scanned per second on one core with a batch of
 //!    probes per pass, and the share of single-core streaming memory bandwidth
 //!    (measured with a plain sequential read) that the gallery traffic represents.
 //! 4. **Synthetic 1:N**: galleries of 10k and 100k generated subjects (1M on request),
@@ -429,7 +429,7 @@ pub struct GalleryReport {
     pub batched_probe_ms: f64,
     pub batched_searches_per_sec: f64,
     /// Share of mated searches whose mate is in the candidate-stage shortlist of the
-    /// configured depth (`search.shortlist`, 200 by default).
+    /// configured depth (`search.shortlist`, 2000 by default).
     pub candidate_recall: f64,
     /// The same at each of [`RECALL_DEPTHS`]: (depth, recall).
     pub recall_at: Vec<(usize, f64)>,
@@ -454,6 +454,8 @@ pub struct BenchReport {
     pub scan: ScanReport,
     pub galleries: Vec<GalleryReport>,
     pub threads: usize,
+    /// Candidate-stage shortlist of the searches (`search.shortlist`).
+    pub shortlist: usize,
     /// Peak RSS of the process at the end of the run (`VmHWM`), if known.
     pub peak_rss: Option<u64>,
 }
@@ -933,6 +935,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         scan,
         galleries,
         threads: rayon::current_num_threads(),
+        shortlist: opts.search.shortlist,
         peak_rss: peak_rss_bytes(),
     })
 }
@@ -1229,7 +1232,8 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |"
+            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall (top {}) | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |",
+            self.shortlist
         )?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for g in &self.galleries {
@@ -1300,6 +1304,309 @@ impl fmt::Display for BenchReport {
         writeln!(f, "Peak RSS of the process (VmHWM): {}", gib(self.peak_rss))?;
         Ok(())
     }
+}
+
+/// One shard process of a sharded gallery benchmark ([`shard_run`]): what it measured and
+/// its unthresholded candidate lists, written as JSON and merged by [`merge_shard_runs`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardRun {
+    pub index: u32,
+    pub count: u32,
+    /// Subjects of the whole population (all shards together).
+    pub population: usize,
+    /// Subjects this shard holds.
+    pub subjects: usize,
+    pub build_secs: f64,
+    pub bytes_per_subject: f64,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    pub peak_rss: Option<u64>,
+    /// Wall time of each single-probe search ([`crate::matcher::Shard::identify`]), ms.
+    pub single_ms: Vec<f64>,
+    /// Wall time of the batched searches (64 probes per pass) over all probes, s.
+    pub batched_secs: f64,
+    /// Reference id sought by each mated probe.
+    pub mated_ids: Vec<String>,
+    /// Candidate-stage rank of each mated probe's mate in this shard (deepest of
+    /// [`RECALL_DEPTHS`] and the shortlist), `None` if absent or held by another shard.
+    pub mate_ranks: Vec<Option<usize>>,
+    /// Candidates of each mated probe, then of each non-mated probe: (id, fused score).
+    pub mated: Vec<Vec<(String, f64)>>,
+    pub nonmated: Vec<Vec<(String, f64)>>,
+    pub shortlist: usize,
+}
+
+/// Builds shard `index` of `count` of a `population`-subject synthetic population (the
+/// subjects whose reference id [`crate::matcher::Shard::owner_of`] assigns to it, through the
+/// same enrolment path as [`build_gallery`]) and answers the probes of [`gallery_report`]
+/// for the whole population: mated probes of subjects spread over all shards (a shard that
+/// does not hold the mate answers with impostors only), non-mated probes of subjects never
+/// enrolled. If `barrier` is given, the process writes `ready-<index>` there once built and
+/// waits for all `count` files before searching, so that concurrently started shard
+/// processes search at the same time (as the shards of one deployment would).
+pub fn shard_run(
+    opts: &BenchOptions,
+    population: usize,
+    index: u32,
+    count: u32,
+    barrier: Option<&Path>,
+) -> ShardRun {
+    use crate::matcher::Shard;
+    use rayon::prelude::*;
+    let spec = PopulationSpec {
+        seed: opts.seed,
+        subjects: population,
+        duplicate_rate: 0.0,
+    };
+    let rss_before = rss_bytes();
+    let start = Instant::now();
+    let owned: Vec<usize> = (0..population)
+        .filter(|&i| Shard::owner_of(&spec.subject_reference_id(i), count) == index)
+        .collect();
+    let mut gallery = Gallery::new();
+    gallery.reserve(owned.len());
+    for (c, chunk) in owned.chunks(BUILD_CHUNK).enumerate() {
+        let prepared: Vec<(String, PreparedSubject)> = chunk
+            .par_iter()
+            .map(|&i| {
+                let s = spec.subject(i);
+                let tp = TenPrint::from_iso(&s.templates).expect("generated records parse");
+                (s.reference_id, PreparedSubject::new(&tp))
+            })
+            .collect();
+        for (id, p) in prepared {
+            gallery.insert_ready(&id, p);
+        }
+        if (c + 1) % 5 == 0 {
+            eprintln!(
+                "dedup shard {index}/{count}: {} of {} subjects ({:.0} s, RSS {})",
+                ((c + 1) * BUILD_CHUNK).min(owned.len()),
+                owned.len(),
+                start.elapsed().as_secs_f64(),
+                gib(rss_bytes())
+            );
+        }
+    }
+    let build_secs = start.elapsed().as_secs_f64();
+    let rss_after = rss_bytes();
+    let mated_idx: Vec<usize> = (0..opts.mated_searches)
+        .map(|k| k * population / opts.mated_searches.max(1))
+        .collect();
+    let mated: Vec<Probe> = mated_idx
+        .par_iter()
+        .map(|&i| {
+            Probe::new(
+                &TenPrint::from_iso(&spec.impressions(spec.person_of(i), 9_000_000 + i as u64))
+                    .expect("parse"),
+            )
+        })
+        .collect();
+    let nonmated: Vec<Probe> = (0..opts.nonmated_searches)
+        .into_par_iter()
+        .map(|k| {
+            Probe::new(
+                &TenPrint::from_iso(&spec.impressions((population + k) as u64, 1)).expect("parse"),
+            )
+        })
+        .collect();
+    let mated_ids: Vec<String> = mated_idx
+        .iter()
+        .map(|&i| spec.subject_reference_id(i))
+        .collect();
+    if let Some(dir) = barrier {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(dir.join(format!("ready-{index}")), b"");
+        eprintln!(
+            "dedup shard {index}/{count}: built in {build_secs:.0} s, waiting for the other shards"
+        );
+        while (0..count).any(|k| !dir.join(format!("ready-{k}")).exists()) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    let shard = Shard {
+        index,
+        count,
+        gallery,
+    };
+    let singles = mated.len().min(opts.single_searches);
+    let single_ms: Vec<f64> = mated[..singles]
+        .iter()
+        .map(|p| {
+            let t = Instant::now();
+            std::hint::black_box(shard.identify(p, &opts.search, None));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let mut batched_secs = 0f64;
+    let mut lists = |probes: &[Probe]| -> Vec<Vec<(String, f64)>> {
+        let mut out = Vec::with_capacity(probes.len());
+        for chunk in probes.chunks(64) {
+            let refs: Vec<&Probe> = chunk.iter().collect();
+            let t = Instant::now();
+            let results = shard.gallery.identify_batch(&refs, &opts.search);
+            batched_secs += t.elapsed().as_secs_f64();
+            out.extend(results.into_iter().map(|r| {
+                r.into_iter()
+                    .map(|c| (c.reference_id, c.fused.score))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        out
+    };
+    let mated_lists = lists(&mated);
+    let nonmated_lists = lists(&nonmated);
+    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(opts.search.shortlist);
+    let mut mate_ranks = Vec::with_capacity(mated.len());
+    for (chunk, want) in mated.chunks(64).zip(mated_ids.chunks(64)) {
+        let refs: Vec<&Probe> = chunk.iter().collect();
+        for (short, want) in shard
+            .gallery
+            .shortlist(&refs, deepest, true)
+            .iter()
+            .zip(want)
+        {
+            mate_ranks.push(
+                short
+                    .iter()
+                    .position(|&(_, slot)| shard.gallery.reference_id(slot) == Some(want.as_str())),
+            );
+        }
+    }
+    ShardRun {
+        index,
+        count,
+        population,
+        subjects: shard.gallery.len(),
+        build_secs,
+        bytes_per_subject: shard.gallery.memory_bytes() as f64 / shard.gallery.len().max(1) as f64,
+        rss_before,
+        rss_after,
+        peak_rss: peak_rss_bytes(),
+        single_ms,
+        batched_secs,
+        mated_ids,
+        mate_ranks,
+        mated: mated_lists,
+        nonmated: nonmated_lists,
+        shortlist: opts.search.shortlist,
+    }
+}
+
+/// Gathers shard runs of one population (scatter-gather as the broker path does it: each
+/// probe's per-shard lists merged with [`crate::matcher::merge_candidates`]) and prints
+/// accuracy, recall, memory and latency. The latency of a scattered single search is the
+/// slowest shard's time for that probe (shards searching concurrently); broker transport and
+/// the merge itself are not included.
+pub fn merge_shard_runs(runs: &[ShardRun], max_results: usize) -> String {
+    use crate::matcher::{Candidate, FusedScore, merge_candidates};
+    use std::fmt::Write;
+    let to_cands = |l: &[(String, f64)]| -> Vec<Candidate> {
+        l.iter()
+            .map(|(id, score)| Candidate {
+                reference_id: id.clone(),
+                fused: FusedScore {
+                    score: *score,
+                    fmr: 10f64.powf(-score),
+                    fingers: [None; 10],
+                },
+                prefilter: 0,
+            })
+            .collect()
+    };
+    let mut out = String::new();
+    let Some(first) = runs.first() else {
+        return "no shard runs".to_owned();
+    };
+    let mated = first.mated.len();
+    let mut rank1 = 0;
+    let mut mate_scores = Vec::with_capacity(mated);
+    for m in 0..mated {
+        let merged = merge_candidates(runs.iter().map(|r| to_cands(&r.mated[m])), max_results);
+        let want = &first.mated_ids[m];
+        if merged.first().is_some_and(|c| &c.reference_id == want) {
+            rank1 += 1;
+        }
+        mate_scores.push(
+            merged
+                .iter()
+                .find(|c| &c.reference_id == want)
+                .map_or(0.0, |c| c.fused.score),
+        );
+    }
+    let non_scores: Vec<f64> = (0..first.nonmated.len())
+        .map(|k| {
+            merge_candidates(runs.iter().map(|r| to_cands(&r.nonmated[k])), max_results)
+                .first()
+                .map_or(0.0, |c| c.fused.score)
+        })
+        .collect();
+    let (fnir, threshold) = fnir_at_fpir(&mate_scores, &non_scores, 0.001);
+    let ranks: Vec<Option<usize>> = (0..mated)
+        .map(|m| runs.iter().find_map(|r| r.mate_ranks[m]))
+        .collect();
+    let singles = runs.iter().map(|r| r.single_ms.len()).min().unwrap_or(0);
+    let scattered: Vec<f64> = (0..singles)
+        .map(|k| runs.iter().map(|r| r.single_ms[k]).fold(0.0, f64::max))
+        .collect();
+    let total: usize = runs.iter().map(|r| r.subjects).sum();
+    let _ = writeln!(
+        out,
+        "Sharded gallery: {} shards, {} subjects in all (population {}), shortlist {} per shard",
+        runs.len(),
+        total,
+        first.population,
+        first.shortlist
+    );
+    let _ = writeln!(
+        out,
+        "| shard | subjects | build s | bytes/subject (gallery) | RSS growth/subject | peak RSS | latency 1 probe ms p50 / p95 | batched ms/probe |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for r in runs {
+        let growth = match (r.rss_before, r.rss_after) {
+            (Some(a), Some(b)) => format!(
+                "{:.0}",
+                b.saturating_sub(a) as f64 / r.subjects.max(1) as f64
+            ),
+            _ => "n/a".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {}/{} | {} | {:.1} | {:.0} | {} | {} | {:.1} / {:.1} | {:.2} |",
+            r.index,
+            r.count,
+            r.subjects,
+            r.build_secs,
+            r.bytes_per_subject,
+            growth,
+            gib(r.peak_rss),
+            percentile(&r.single_ms, 0.5),
+            percentile(&r.single_ms, 0.95),
+            r.batched_secs * 1e3 / (r.mated.len() + r.nonmated.len()).max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Scattered single search (slowest shard per probe, {} probes): p50 {:.1} ms, p95 {:.1} ms",
+        singles,
+        percentile(&scattered, 0.5),
+        percentile(&scattered, 0.95)
+    );
+    let _ = write!(out, "Candidate recall (mate in its shard's shortlist):");
+    for (d, r) in recall_by_depth(&ranks, &[50, 100, 200, 500, 1000, 2000, first.shortlist]) {
+        let _ = write!(out, " top {d} {:.2} %;", r * 100.0);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Merged: rank-1 {:.2} %, FNIR at FPIR 0.1 % {:.2} % (threshold {:.2}); {} mated / {} non-mated searches",
+        rank1 as f64 * 100.0 / mated.max(1) as f64,
+        fnir * 100.0,
+        threshold,
+        mated,
+        non_scores.len()
+    );
+    out
 }
 
 #[cfg(test)]

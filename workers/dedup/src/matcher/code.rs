@@ -1,6 +1,6 @@
 //! Compact fixed-length binary codes for the candidate stage.
 //!
-//! Each finger becomes a 512-bit code built by locality-sensitive hashing of its minutia
+//! Each finger becomes a 768-bit code built by locality-sensitive hashing of its minutia
 //! cylinders (the same rotation- and translation-invariant local descriptors the precise
 //! comparator uses): [`HASHES`] fixed hash functions each read [`HASH_BITS`] fixed cells of a
 //! cylinder; if those cells are all valid and not all empty, the resulting key (with the
@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use super::template::{FingerTemplate, ND};
 
 /// 64-bit words per finger code.
-pub const CODE_WORDS: usize = 8;
+pub const CODE_WORDS: usize = 12;
 /// Bits per finger code.
 pub const CODE_BITS: u32 = 64 * CODE_WORDS as u32;
 /// Number of LSH functions applied to every cylinder.
@@ -133,4 +133,51 @@ pub fn code_similarity(a: &[u64], pa: u32, b: &[u64], pb: u32) -> f32 {
     let norms = inverse_norms();
     let excess = (both * CODE_BITS) as f32 - (pa * pb) as f32;
     excess * norms[pa as usize] * norms[pb as usize]
+}
+
+/// Parameters of an experimental LSH code (the candidate-stage lab, `examples/cand_lab.rs`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeSpec {
+    pub bits: u32,
+    pub hashes: usize,
+    pub hash_bits: usize,
+    pub seed: u64,
+}
+
+/// Builds the code of `template` under `spec` into `out` (`spec.bits / 64` words).
+#[doc(hidden)]
+pub fn lab_code(template: &FingerTemplate, spec: &CodeSpec, out: &mut [u64]) {
+    let mut state = spec.seed;
+    let funcs: Vec<Vec<(u8, u8)>> = (0..spec.hashes)
+        .map(|_| {
+            (0..spec.hash_bits)
+                .map(|_| {
+                    state = mix(state);
+                    ((state % ND as u64) as u8, ((state >> 20) % 52) as u8)
+                })
+                .collect()
+        })
+        .collect();
+    out.iter_mut().for_each(|w| *w = 0);
+    for &i in &template.valid {
+        let cyl = &template.cyl[i as usize];
+        let m = template.mask[i as usize];
+        for (fi, f) in funcs.iter().enumerate() {
+            let mut key = 0u64;
+            let mut usable = true;
+            for &(k, c) in f {
+                if m >> c & 1 == 0 {
+                    usable = false;
+                    break;
+                }
+                key = key << 1 | (cyl[k as usize] >> c & 1);
+            }
+            if !usable || key == 0 {
+                continue;
+            }
+            let b = (mix(key ^ ((fi as u64) << 40)) % u64::from(spec.bits)) as usize;
+            out[b / 64] |= 1 << (b % 64);
+        }
+    }
 }

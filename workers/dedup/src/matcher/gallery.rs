@@ -1,12 +1,13 @@
 //! In-memory ten-print gallery with two-stage 1:N search, shards and 1:1 verification.
 //!
 //! Storage per enrolled subject (struct-of-arrays, indexed by a dense slot number):
-//! * 10 × 512-bit candidate codes, contiguous for all subjects (`codes`), and their popcounts;
-//! * the compact minutiae of the ten fingers in one boxed byte blob (5 bytes per minutia);
+//! * 10 × 768-bit candidate codes, contiguous for all subjects (`codes`), and their popcounts;
+//! * the minutiae of the ten fingers in one boxed byte blob, bit-packed (x and y with the bit
+//!   widths the finger needs, 8-bit angle: 26 bits per minutia at 500 dpi; [`pack_finger`]);
 //! * the reference id and a hash-map entry from id to slot.
 //!
-//! That is roughly 640 B of codes + ~1.6 KB of minutiae + ~100 B of bookkeeping per subject
-//! (`BENCH_DEDUP.md` measures ≈ 2.3 KB, i.e. ≈ 2.2 GiB for a million synthetic subjects).
+//! That is 960 B of codes + ~1.05 KB of minutiae + ~150 B of bookkeeping per subject
+//! (`BENCH_DEDUP.md` has the measured figures).
 //! Cylinders for the precise stage are rebuilt from the compact minutiae for the shortlisted
 //! subjects only.
 //!
@@ -19,7 +20,8 @@
 //! codes against every probe of a batch, block by block (a block of subjects stays in cache
 //! while all probes of the batch are scored against it, so the gallery streams from memory
 //! once per batch rather than once per probe), keeping the best `shortlist` subjects per
-//! probe by summed code correlation. Blocks are spread over threads with rayon. The precise
+//! probe by a fusion of cohort-standardised per-finger code correlations
+//! ([`Gallery::shortlist`]). Blocks are spread over threads with rayon. The precise
 //! stage is a cascade: two fingers of every shortlisted subject, then all fingers of the best
 //! few, and the per-finger scores are fused ([`super::fuse`]).
 //!
@@ -35,9 +37,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::calibration::{Calibration, FusedScore, fuse};
-use super::code::{CODE_WORDS, FingerCode, code_similarity};
+use super::code::{CODE_BITS, CODE_WORDS, FingerCode, code_similarity};
 use super::compare::compare;
-use super::template::{Finger, FingerTemplate};
+use super::template::{CanonMinutia, Finger, FingerTemplate};
 use crate::iso19794_2::{self, IsoError};
 
 const STRIDE: usize = 10 * CODE_WORDS;
@@ -325,11 +327,12 @@ impl TenPrint {
         Self::from_placed(&pairs)
     }
 
+    /// The compact storage form (see [`pack_finger`]): one packed finger after another.
     fn to_blob(&self) -> Box<[u8]> {
-        let mut out = Vec::with_capacity(10 + 5 * 40 * 10);
+        let mut out = Vec::with_capacity(10 + 2 * 10 + 4 * 40 * 10);
         for f in &self.fingers {
             match f {
-                Some(f) => f.write_compact(&mut out),
+                Some(f) => pack_finger(f, &mut out),
                 None => out.push(0),
             }
         }
@@ -340,7 +343,7 @@ impl TenPrint {
         let mut tp = TenPrint::default();
         let mut at = 0;
         for slot in tp.fingers.iter_mut() {
-            let (f, used) = Finger::read_compact(&blob[at..]);
+            let (f, used) = unpack_finger(&blob[at..]);
             at += used;
             if !f.minutiae.is_empty() {
                 *slot = Some(f);
@@ -348,6 +351,74 @@ impl TenPrint {
         }
         tp
     }
+}
+
+/// Bits needed to write `v` (at least 1).
+fn bit_width(v: u16) -> u32 {
+    (16 - v.leading_zeros()).max(1)
+}
+
+/// Appends one finger in the gallery's storage form: the minutia count (u8; at most 255
+/// minutiae are kept), then, if any, one byte giving the bit
+/// widths `wx`, `wy` (1–16 each, stored minus one in the two nibbles) needed for the largest
+/// x and y of this finger, then every minutia as `x` (`wx` bits), `y` (`wy` bits) and the
+/// angle (8 bits), little-endian bit order, padded to a whole byte. Lossless for any
+/// coordinates; a 500-dpi finger (coordinates below 512) takes 26 bits per minutia, i.e.
+/// 3.25 bytes instead of 5 for a byte-aligned form (u16 x, u16 y, u8 angle).
+fn pack_finger(f: &Finger, out: &mut Vec<u8>) {
+    let m = &f.minutiae[..f.minutiae.len().min(255)];
+    out.push(m.len() as u8);
+    if m.is_empty() {
+        return;
+    }
+    let wx = bit_width(m.iter().map(|p| p.x).max().unwrap_or(0));
+    let wy = bit_width(m.iter().map(|p| p.y).max().unwrap_or(0));
+    out.push(((wx - 1) | (wy - 1) << 4) as u8);
+    let mut acc = 0u64;
+    let mut bits = 0u32;
+    for p in m {
+        acc |= (u64::from(p.x) | u64::from(p.y) << wx | u64::from(p.angle) << (wx + wy)) << bits;
+        bits += wx + wy + 8;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    }
+    if bits > 0 {
+        out.push(acc as u8);
+    }
+}
+
+/// Reads one finger written by [`pack_finger`]; returns it and the bytes used.
+fn unpack_finger(data: &[u8]) -> (Finger, usize) {
+    let n = usize::from(data[0]);
+    if n == 0 {
+        return (Finger::default(), 1);
+    }
+    let wx = u32::from(data[1] & 15) + 1;
+    let wy = u32::from(data[1] >> 4) + 1;
+    let per = wx + wy + 8;
+    let len = (n * per as usize).div_ceil(8);
+    let body = &data[2..2 + len];
+    let mut minutiae = Vec::with_capacity(n);
+    let (mut acc, mut bits, mut at) = (0u64, 0u32, 0usize);
+    for _ in 0..n {
+        while bits < per {
+            acc |= u64::from(body[at]) << bits;
+            at += 1;
+            bits += 8;
+        }
+        let v = acc & ((1u64 << per) - 1);
+        acc >>= per;
+        bits -= per;
+        minutiae.push(CanonMinutia {
+            x: (v & ((1 << wx) - 1)) as u16,
+            y: (v >> wx & ((1 << wy) - 1)) as u16,
+            angle: (v >> (wx + wy)) as u8,
+        });
+    }
+    (Finger { minutiae }, 2 + len)
 }
 
 /// A ten-print prepared for searching: codes and expanded templates, built once per probe.
@@ -390,8 +461,8 @@ impl Probe {
 /// A ten-print ready to be appended to a gallery: its ten candidate codes with their
 /// popcounts and its compact minutiae blob.
 ///
-/// Building one is pure per-subject work (cylinders of every finger → 512-bit codes, plus the
-/// 5-bytes-per-minutia storage form) that needs no gallery. That is why it is a type of its
+/// Building one is pure per-subject work (cylinders of every finger → 768-bit codes, plus the
+/// bit-packed minutiae storage form) that needs no gallery. That is why it is a type of its
 /// own: enrolment can prepare subjects on many threads, off the gallery's lock, and keep only
 /// the cheap append ([`Gallery::insert_ready`]) sequential. [`Gallery::insert`] is exactly
 /// `insert_ready(id, PreparedSubject::new(tenprint))`.
@@ -439,6 +510,20 @@ impl PreparedSubject {
     }
 }
 
+/// Gallery subjects sampled to standardise a probe's code similarities ([`Gallery::code_norm`]).
+pub const COHORT: usize = 1024;
+
+/// Per-finger standardisation of a probe's code similarities against the gallery (Z-norm
+/// with a cohort of the gallery itself): `z_f = (phi_f − mu[f]) · inv_sd[f]`. Fingers with few
+/// or dense minutiae have impostor similarities with their own mean and spread; expressing
+/// each finger's similarity in its own impostor standard deviations puts the ten on one
+/// scale before they are fused. `inv_sd` is 0 for fingers the probe lacks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CodeNorm {
+    pub mu: [f32; 10],
+    pub inv_sd: [f32; 10],
+}
+
 /// Search parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IdentifyOptions {
@@ -457,7 +542,9 @@ pub struct IdentifyOptions {
 impl Default for IdentifyOptions {
     fn default() -> Self {
         IdentifyOptions {
-            shortlist: 200,
+            // Deep enough for the candidate stage at a million subjects (BENCH_DEDUP.md:
+            // recall by shortlist depth); the precise cascade compares 2 fingers of each.
+            shortlist: 2000,
             lead_fingers: 2,
             full_compare: 12,
             max_results: 10,
@@ -472,7 +559,8 @@ pub struct Candidate {
     pub reference_id: String,
     /// Fused score and per-finger scores.
     pub fused: FusedScore,
-    /// Candidate-stage score (code phi correlation summed over fingers, × 10⁶).
+    /// Candidate-stage score (sum over fingers of the positive cohort-standardised code
+    /// correlation to the power 1.5, × 10⁶; see [`Gallery::shortlist`]).
     pub prefilter: i64,
 }
 
@@ -668,11 +756,74 @@ impl Gallery {
             + self.index.capacity() * 33
     }
 
+    /// Cohort normalisation of a probe's code similarities (see [`CodeNorm`]): for every
+    /// finger present in the probe, the mean and spread of its code similarity against up to
+    /// [`COHORT`] gallery subjects spread evenly over the slots (all of them in a smaller
+    /// gallery). Deterministic for a given gallery content.
+    pub fn code_norm(&self, probe: &Probe) -> CodeNorm {
+        let n = self.ids.len();
+        let take = n.min(COHORT);
+        let mut norm = CodeNorm::default();
+        for f in 0..10 {
+            if probe.pops[f] == 0 {
+                continue;
+            }
+            let pc = &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
+            let (mut k, mut s1, mut s2) = (0u32, 0f64, 0f64);
+            for c in 0..take {
+                let slot = c * n / take;
+                let gp = u32::from(self.pops[slot * 10 + f]);
+                if gp == 0 {
+                    continue;
+                }
+                let g = &self.codes
+                    [slot * STRIDE + f * CODE_WORDS..slot * STRIDE + (f + 1) * CODE_WORDS];
+                let v = f64::from(code_similarity(pc, probe.pops[f], g, gp));
+                k += 1;
+                s1 += v;
+                s2 += v * v;
+            }
+            let (mu, sd) = if k >= 16 {
+                let mu = s1 / f64::from(k);
+                (mu, (s2 / f64::from(k) - mu * mu).max(0.0).sqrt())
+            } else {
+                (0.0, 0.0)
+            };
+            // Never below the spread of two independent random codes (1/√B), so a small or
+            // peculiar cohort cannot blow a finger's weight up.
+            let sd = sd.max(1.0 / f64::from(CODE_BITS).sqrt());
+            norm.mu[f] = mu as f32;
+            norm.inv_sd[f] = (1.0 / sd) as f32;
+        }
+        norm
+    }
+
     /// Candidate stage only: best `shortlist` slots per probe, as (prefilter score, slot),
     /// best first. `parallel = false` runs on the calling thread (for per-core figures).
+    ///
+    /// The candidate score of a subject is `Σ_f max(0, z_f)^1.5` over the fingers present in
+    /// both, with `z_f` the code similarity of finger `f` standardised by the probe's
+    /// [`CodeNorm`] (× 10⁶, as an integer). The convex transform of the positive excess makes
+    /// the score behave more like a likelihood ratio than a plain sum: a few fingers far above
+    /// chance (a mate whose other impressions are poor) outweigh many fingers slightly above
+    /// it (an unrelated subject), and fingers at or below chance add nothing instead of
+    /// dragging a mate down. Measured with `examples/cand_lab.rs` (projected recall at 1M from
+    /// a 40k gallery): the plain sum of correlations, top-k sums, squares and cubes of the
+    /// excess all did worse (BENCH_DEDUP.md).
     pub fn shortlist(
         &self,
         probes: &[&Probe],
+        shortlist: usize,
+        parallel: bool,
+    ) -> Vec<Vec<(i64, u32)>> {
+        let norms: Vec<CodeNorm> = probes.iter().map(|p| self.code_norm(p)).collect();
+        self.shortlist_normed(probes, &norms, shortlist, parallel)
+    }
+
+    fn shortlist_normed(
+        &self,
+        probes: &[&Probe],
+        norms: &[CodeNorm],
         shortlist: usize,
         parallel: bool,
     ) -> Vec<Vec<(i64, u32)>> {
@@ -687,20 +838,9 @@ impl Gallery {
                 let end = (start + BLOCK).min(range.end);
                 for (p, probe) in probes.iter().enumerate() {
                     let heap = &mut heaps[p];
+                    let norm = &norms[p];
                     for s in start..end {
-                        let g = &self.codes[s * STRIDE..(s + 1) * STRIDE];
-                        let gp = &self.pops[s * 10..(s + 1) * 10];
-                        let mut sum = 0f32;
-                        for f in 0..10 {
-                            sum += code_similarity(
-                                &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                                probe.pops[f],
-                                &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                                u32::from(gp[f]),
-                            );
-                        }
-                        // Fixed point keeps the heap ordering total and exact.
-                        let score = (sum * 1e6) as i64;
+                        let score = (self.code_score(probe, norm, s) * 1e6) as i64;
                         if score > floors[p] || heap.len() < shortlist {
                             heap.push(Reverse((score, s as u32)));
                             if heap.len() > shortlist {
@@ -748,19 +888,43 @@ impl Gallery {
             .collect()
     }
 
-    /// Per-finger code similarity between a probe and a slot.
-    fn finger_code_similarities(&self, probe: &Probe, slot: usize) -> [f32; 10] {
+    /// Candidate score of one slot (see [`Gallery::shortlist`]), before fixed-point scaling.
+    #[inline(always)]
+    fn code_score(&self, probe: &Probe, norm: &CodeNorm, slot: usize) -> f32 {
+        let g = &self.codes[slot * STRIDE..(slot + 1) * STRIDE];
+        let gp = &self.pops[slot * 10..(slot + 1) * 10];
+        let mut sum = 0f32;
+        for f in 0..10 {
+            let z = (code_similarity(
+                &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                probe.pops[f],
+                &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+                u32::from(gp[f]),
+            ) - norm.mu[f])
+                * norm.inv_sd[f];
+            // A finger missing on either side has phi 0; its weight (inv_sd) is 0 on the
+            // probe side, and on the gallery side 0 − mu is not a positive excess.
+            let z = if gp[f] == 0 { 0.0 } else { z.max(0.0) };
+            sum += z * z.sqrt();
+        }
+        sum
+    }
+
+    /// Per-finger standardised code similarity between a probe and a slot (`f32::MIN` where
+    /// a side lacks the finger).
+    fn finger_code_similarities(&self, probe: &Probe, norm: &CodeNorm, slot: usize) -> [f32; 10] {
         let g = &self.codes[slot * STRIDE..(slot + 1) * STRIDE];
         let gp = &self.pops[slot * 10..(slot + 1) * 10];
         let mut out = [f32::MIN; 10];
         for (f, o) in out.iter_mut().enumerate() {
             if probe.templates[f].is_some() && gp[f] > 0 {
-                *o = code_similarity(
+                *o = (code_similarity(
                     &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
                     probe.pops[f],
                     &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
                     u32::from(gp[f]),
-                );
+                ) - norm.mu[f])
+                    * norm.inv_sd[f];
             }
         }
         out
@@ -775,6 +939,7 @@ impl Gallery {
         &self,
         probe: &Probe,
         short: &[(i64, u32)],
+        norm: &CodeNorm,
         opts: &IdentifyOptions,
         exclude: Option<&str>,
     ) -> Vec<Candidate> {
@@ -783,7 +948,7 @@ impl Gallery {
             .filter(|(_, s)| exclude != Some(self.ids[*s as usize].as_str()))
             .map(|&(pre, s)| {
                 let tp = TenPrint::from_blob(&self.blobs[s as usize]);
-                let sims = self.finger_code_similarities(probe, s as usize);
+                let sims = self.finger_code_similarities(probe, norm, s as usize);
                 let mut order: Vec<usize> = (0..10)
                     .filter(|&f| sims[f] > f32::MIN && tp.fingers[f].is_some())
                     .collect();
@@ -835,21 +1000,24 @@ impl Gallery {
         opts: &IdentifyOptions,
         exclude: Option<&str>,
     ) -> Vec<Candidate> {
-        let short = self.shortlist(
+        let norm = self.code_norm(probe);
+        let short = self.shortlist_normed(
             &[probe],
+            std::slice::from_ref(&norm),
             opts.shortlist + usize::from(exclude.is_some()),
             true,
         );
-        self.rank(probe, &short[0], opts, exclude)
+        self.rank(probe, &short[0], &norm, opts, exclude)
     }
 
     /// Two-stage search of many probes in one candidate-stage pass.
     pub fn identify_batch(&self, probes: &[&Probe], opts: &IdentifyOptions) -> Vec<Vec<Candidate>> {
-        let short = self.shortlist(probes, opts.shortlist, true);
+        let norms: Vec<CodeNorm> = probes.iter().map(|p| self.code_norm(p)).collect();
+        let short = self.shortlist_normed(probes, &norms, opts.shortlist, true);
         probes
             .par_iter()
-            .zip(short.par_iter())
-            .map(|(p, s)| self.rank(p, s, opts, None))
+            .zip(short.par_iter().zip(&norms))
+            .map(|(p, (s, norm))| self.rank(p, s, norm, opts, None))
             .collect()
     }
 
@@ -1036,6 +1204,71 @@ mod tests {
             gallery.codes[..STRIDE],
             gallery.codes[2 * STRIDE..3 * STRIDE]
         );
+    }
+
+    #[test]
+    fn packed_minutiae_round_trip_losslessly() {
+        let finger = |pts: &[(u16, u16, u8)]| Finger {
+            minutiae: pts
+                .iter()
+                .map(|&(x, y, angle)| CanonMinutia { x, y, angle })
+                .collect(),
+        };
+        let cases = [
+            finger(&[]),
+            finger(&[(0, 0, 0)]),
+            finger(&[(351, 447, 255), (1, 2, 3), (200, 17, 128)]),
+            // Widest coordinates: 16 bits each.
+            finger(&[(u16::MAX, 0, 7), (0, u16::MAX, 250), (4095, 4095, 1)]),
+        ];
+        for f in &cases {
+            let mut out = Vec::new();
+            pack_finger(f, &mut out);
+            out.extend_from_slice(&[0xAA; 3]); // the next finger's bytes are not read
+            let (back, used) = unpack_finger(&out);
+            assert_eq!(&back, f);
+            assert_eq!(used, out.len() - 3);
+        }
+        // 26 bits per minutia at 500 dpi: 40 minutiae in 2 + 130 bytes.
+        let big = finger(
+            &(0..40u16)
+                .map(|i| (i * 8, 447 - i, i as u8))
+                .collect::<Vec<_>>(),
+        );
+        let mut out = Vec::new();
+        pack_finger(&big, &mut out);
+        assert_eq!(out.len(), 2 + 130);
+        // More than 255 minutiae: the first 255 are kept.
+        let many = finger(&(0..300u16).map(|i| (i, i, 9)).collect::<Vec<_>>());
+        let mut out = Vec::new();
+        pack_finger(&many, &mut out);
+        assert_eq!(unpack_finger(&out).0.minutiae, many.minutiae[..255]);
+        // A whole ten-print through the blob.
+        let subjects = subjects(2);
+        for (_, tp) in &subjects {
+            assert_eq!(&TenPrint::from_blob(&tp.to_blob()), tp);
+        }
+    }
+
+    #[test]
+    fn code_norm_standardises_against_the_gallery() {
+        let subjects = subjects(40);
+        let mut gallery = Gallery::new();
+        for (id, tp) in &subjects[1..] {
+            gallery.insert(id, tp);
+        }
+        let probe = Probe::new(&subjects[0].1);
+        let norm = gallery.code_norm(&probe);
+        for ((&inv_sd, &mu), &pop) in norm.inv_sd.iter().zip(&norm.mu).zip(&probe.pops) {
+            assert_eq!(inv_sd > 0.0, pop > 0);
+            assert!(inv_sd <= (CODE_BITS as f32).sqrt() * 1.0001);
+            assert!(mu.abs() < 1.0, "a correlation");
+        }
+        // An empty probe finger carries no weight; the score of a slot is finite and ≥ 0.
+        assert!((0..gallery.len()).all(|s| {
+            let v = gallery.code_score(&probe, &norm, s);
+            v.is_finite() && v >= 0.0
+        }));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   transform consensus over the best local pairs; [`compare()`] returns a score in [0, 1].
 //! * [`calibration`] — maps scores to false match rates ([`Calibration`]) and fuses the ten
 //!   fingers ([`fuse`]).
-//! * [`code`] — 512-bit per-finger LSH codes of the cylinders for the candidate stage
+//! * [`code`] — 768-bit per-finger LSH codes of the cylinders for the candidate stage
 //!   ([`FingerCode`]).
 //! * [`gallery`] — [`Gallery`] (insert / delete / identify / verify; enrolment work can be
 //!   done beforehand, off the gallery, with [`PreparedSubject`]), [`Shard`] and
@@ -30,8 +30,8 @@ pub use calibration::{Calibration, FusedScore, fuse};
 pub use code::{CODE_BITS, FingerCode};
 pub use compare::{MatchDetail, NORMALISATION, Normalisation, compare, compare_detail};
 pub use gallery::{
-    Candidate, Gallery, IdentifyOptions, PlacedFinger, PlacementError, PositionedTemplate,
-    PreparedSubject, Probe, Shard, ShardError, TenPrint, TenPrintError, Verification, ViewChoice,
-    merge_candidates, place_finger, reference_hash, verify,
+    COHORT, Candidate, CodeNorm, Gallery, IdentifyOptions, PlacedFinger, PlacementError,
+    PositionedTemplate, PreparedSubject, Probe, Shard, ShardError, TenPrint, TenPrintError,
+    Verification, ViewChoice, merge_candidates, place_finger, reference_hash, verify,
 };
 pub use template::{CanonMinutia, Finger, FingerTemplate};

@@ -1,9 +1,9 @@
 //! Finger templates in matcher form.
 //!
 //! [`Finger`] is the compact, storable form: minutiae rescaled to 500 dpi (197 px/cm) with
-//! integer coordinates and 8-bit angles — 5 bytes per minutia, which is what keeps a
-//! million-subject gallery in a few GB. [`FingerTemplate`] is the expanded form the precise
-//! comparator works on: float geometry plus one bit-packed cylinder (an MCC-style local
+//! integer coordinates and 8-bit angles (the gallery stores it bit-packed, about 3.25 bytes
+//! per minutia), which is what keeps a million-subject gallery in a few GB. [`FingerTemplate`]
+//! is the expanded form the precise comparator works on: float geometry plus one bit-packed cylinder (an MCC-style local
 //! descriptor) per minutia. It is built on demand (for the probe once, for gallery candidates
 //! only when the candidate stage selects them), so it never has to be stored.
 
@@ -62,31 +62,6 @@ impl Finger {
             })
             .collect();
         Finger { minutiae }
-    }
-
-    /// Serialises into `out` as count (u8) + 5 bytes per minutia.
-    pub(crate) fn write_compact(&self, out: &mut Vec<u8>) {
-        let n = self.minutiae.len().min(255);
-        out.push(n as u8);
-        for m in &self.minutiae[..n] {
-            out.extend_from_slice(&m.x.to_le_bytes());
-            out.extend_from_slice(&m.y.to_le_bytes());
-            out.push(m.angle);
-        }
-    }
-
-    /// Reads one finger written by [`Finger::write_compact`]; returns it and the bytes used.
-    pub(crate) fn read_compact(data: &[u8]) -> (Finger, usize) {
-        let n = data[0] as usize;
-        let minutiae = data[1..1 + 5 * n]
-            .chunks_exact(5)
-            .map(|c| CanonMinutia {
-                x: u16::from_le_bytes([c[0], c[1]]),
-                y: u16::from_le_bytes([c[2], c[3]]),
-                angle: c[4],
-            })
-            .collect();
-        (Finger { minutiae }, 1 + 5 * n)
     }
 }
 
