@@ -913,9 +913,9 @@ mod card_reference_tests {
     fn a_2005_record_stays_readable_by_the_card() {
         let rec = bio::example_record();
         let converted = card_reference_template(&rec).expect("2005 record converts");
-        assert_eq!(
-            bio::parse_iso19794_2(&converted),
-            bio::parse_iso19794_2(&rec),
+        // Minutiae have no Debug (biometric data is never printed): compare without it.
+        assert!(
+            bio::parse_iso19794_2(&converted) == bio::parse_iso19794_2(&rec),
             "same minutiae for the card"
         );
     }
