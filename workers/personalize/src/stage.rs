@@ -920,9 +920,12 @@ mod card_reference_tests {
         );
     }
 
+    /// Minutiae as (x, y, angle).
+    type Minutiae = Vec<(u16, u16, u8)>;
+
     /// A 2011 record, written field by field (ISO/IEC 19794-2:2011): one representation per
-    /// (quality, minutiae as (x, y, angle)).
-    fn record_2011(reps: &[(u8, Vec<(u16, u16, u8)>)]) -> Vec<u8> {
+    /// (quality, minutiae).
+    fn record_2011(reps: &[(u8, Minutiae)]) -> Vec<u8> {
         let mut body = Vec::new();
         for (number, (quality, minutiae)) in reps.iter().enumerate() {
             let mut rep = vec![0; 4];
@@ -959,7 +962,7 @@ mod card_reference_tests {
 
     #[test]
     fn a_2011_record_with_two_views_becomes_one_2005_view_for_the_card() {
-        let minutiae = |n: u16| -> Vec<(u16, u16, u8)> {
+        let minutiae = |n: u16| -> Minutiae {
             (0..n)
                 .map(|i| (40 + 9 * i, 60 + (i * 37) % 380, (i * 23 % 256) as u8))
                 .collect()
