@@ -297,14 +297,9 @@ pub struct SplitRow {
 /// FVC accuracy, calibration checks and comparator throughput.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FvcReport {
-    pub databases: Vec<String>,
     /// All databases, one threshold (the `shared/data/README.md` protocol), shipped
     /// comparator.
-    pub genuine: usize,
-    pub impostor: usize,
-    pub eer: f64,
-    pub fnmr_at_fmr_1e3: f64,
-    pub fnmr_at_fmr_1e4: f64,
+    pub all: SplitAccuracy,
     /// Each database on its own, shipped comparator.
     pub per_database: Vec<SplitAccuracy>,
     /// Tune on the first half of the databases, test on the second, and the other way
@@ -474,7 +469,7 @@ pub fn fvc_report(dir: &Path) -> Result<FvcReport, BenchError> {
     let ((g, i), _, secs) = timed(|| fvc_scores(&templates));
     let dbs = score_databases(&templates);
     let all: Vec<usize> = (0..dbs.len()).collect();
-    let acc = split_accuracy(&dbs, &all);
+    let all = split_accuracy(&dbs, &all);
     let per_database = (0..dbs.len()).map(|k| split_accuracy(&dbs, &[k])).collect();
     let (first, second) = halves(dbs.len());
     let mut splits = Vec::new();
@@ -534,12 +529,7 @@ pub fn fvc_report(dir: &Path) -> Result<FvcReport, BenchError> {
     let with_expansion = n as f64 / exp_secs;
     std::hint::black_box(sink);
     Ok(FvcReport {
-        databases: dbs.iter().map(|d| d.name.clone()).collect(),
-        genuine: g.len(),
-        impostor: i.len(),
-        eer: acc.eer,
-        fnmr_at_fmr_1e3: acc.fnmr_at_fmr_1e3,
-        fnmr_at_fmr_1e4: acc.fnmr_at_fmr_1e4,
+        all,
         per_database,
         splits,
         calibration,
@@ -584,12 +574,12 @@ pub const BUILD_CHUNK: usize = 20_000;
 /// Generates subjects `range` of `spec` and prepares them for enrolment, on all cores:
 /// ISO 19794-2 records → [`TenPrint::from_iso`] → [`PreparedSubject::new`] (cylinders and
 /// candidate codes, compact blob). Returns (reference id, prepared subject) in index order.
-fn generate_prepared(
-    spec: &PopulationSpec,
-    range: std::ops::Range<usize>,
-) -> Vec<(String, PreparedSubject)> {
+fn generate_prepared<I>(spec: &PopulationSpec, subjects: I) -> Vec<(String, PreparedSubject)>
+where
+    I: rayon::iter::IntoParallelIterator<Item = usize>,
+{
     use rayon::prelude::*;
-    range
+    subjects
         .into_par_iter()
         .map(|i| {
             let s = spec.subject(i);
@@ -749,6 +739,43 @@ pub struct BuildStats {
     pub rss_after: Option<u64>,
 }
 
+/// The searches of a benchmark over a population of `population` enrolled subjects: mated
+/// probes (fresh impressions, new capture session) of subjects spread evenly over the
+/// population, and non-mated probes of subjects never enrolled. [`gallery_report`] and
+/// [`shard_run`] search the same set, so single-gallery and sharded figures compare.
+struct ProbeSet {
+    mated: Vec<Probe>,
+    nonmated: Vec<Probe>,
+    /// Reference id of each mated probe's mate.
+    mated_ids: Vec<String>,
+}
+
+impl ProbeSet {
+    fn new(spec: &PopulationSpec, population: usize, opts: &BenchOptions) -> Self {
+        use rayon::prelude::*;
+        let mated_idx: Vec<usize> = (0..opts.mated_searches)
+            .map(|k| k * population / opts.mated_searches.max(1))
+            .collect();
+        let probe = |records: Vec<Vec<u8>>| {
+            Probe::new(&TenPrint::from_iso(&records).expect("generated records parse"))
+        };
+        ProbeSet {
+            mated: mated_idx
+                .par_iter()
+                .map(|&i| probe(spec.impressions(spec.person_of(i), 9_000_000 + i as u64)))
+                .collect(),
+            nonmated: (0..opts.nonmated_searches)
+                .into_par_iter()
+                .map(|k| probe(spec.impressions((population + k) as u64, 1)))
+                .collect(),
+            mated_ids: mated_idx
+                .iter()
+                .map(|&i| spec.subject_reference_id(i))
+                .collect(),
+        }
+    }
+}
+
 /// Accuracy and latency of 1:N search on a synthetic gallery.
 ///
 /// Phases, in order: probes prepared (not timed); `single_searches` mated probes searched
@@ -764,30 +791,12 @@ pub fn gallery_report(
     build: BuildStats,
     opts: &BenchOptions,
 ) -> GalleryReport {
-    use rayon::prelude::*;
     let n = gallery.len();
-    let mated_idx: Vec<usize> = (0..opts.mated_searches)
-        .map(|k| k * n / opts.mated_searches.max(1))
-        .collect();
-    let mated: Vec<Probe> = mated_idx
-        .par_iter()
-        .map(|&i| {
-            Probe::new(
-                &TenPrint::from_iso(&spec.impressions(spec.person_of(i), 9_000_000 + i as u64))
-                    .expect("parse"),
-            )
-        })
-        .collect();
-    let nonmated: Vec<Probe> = (0..opts.nonmated_searches)
-        .into_par_iter()
-        .map(|k| {
-            Probe::new(&TenPrint::from_iso(&spec.impressions((n + k) as u64, 1)).expect("parse"))
-        })
-        .collect();
-    let wanted: Vec<String> = mated_idx
-        .iter()
-        .map(|&i| spec.subject_reference_id(i))
-        .collect();
+    let ProbeSet {
+        mated,
+        nonmated,
+        mated_ids: wanted,
+    } = ProbeSet::new(spec, n, opts);
 
     let singles = mated.len().min(opts.single_searches);
     let single_ms: Vec<f64> = mated[..singles]
@@ -994,12 +1003,12 @@ impl fmt::Display for FvcReport {
         writeln!(
             f,
             "Real templates ({}): all ordered pairs within each database, one threshold across them",
-            v.databases.join(", ")
+            v.all.databases.join(", ")
         )?;
         writeln!(
             f,
             "({} genuine / {} impostor comparisons)",
-            v.genuine, v.impostor
+            v.all.genuine, v.all.impostor
         )?;
         writeln!(
             f,
@@ -1009,9 +1018,9 @@ impl fmt::Display for FvcReport {
         writeln!(
             f,
             "| cardpipe-dedup | {} | {} | {} | {:.0} (1:N incl. expansion {:.0}) |",
-            pct(v.eer),
-            pct(v.fnmr_at_fmr_1e3),
-            pct(v.fnmr_at_fmr_1e4),
+            pct(v.all.eer),
+            pct(v.all.fnmr_at_fmr_1e3),
+            pct(v.all.fnmr_at_fmr_1e4),
             v.comparisons_per_sec_core,
             v.comparisons_per_sec_core_with_expansion
         )?;
@@ -1038,7 +1047,7 @@ impl fmt::Display for FvcReport {
             writeln!(
                 f,
                 "Held-out split: needs at least two databases (found {}).",
-                v.databases.len()
+                v.all.databases.len()
             )?;
         } else {
             writeln!(
@@ -1077,7 +1086,7 @@ impl fmt::Display for FvcReport {
             writeln!(
                 f,
                 "Calibration cross-validation: needs at least two databases (found {}).",
-                v.databases.len()
+                v.all.databases.len()
             )?;
         } else {
             writeln!(
@@ -1149,7 +1158,7 @@ impl fmt::Display for FvcReport {
         writeln!(
             f,
             "Synthetic vs real, same protocol and shape ({} databases × 10 fingers × 8 impressions of synthetic fingers)",
-            v.databases.len().max(1)
+            v.all.databases.len().max(1)
         )?;
         let qs = |q: &Quantiles| {
             q.at.iter()
@@ -1366,14 +1375,7 @@ pub fn shard_run(
     let mut gallery = Gallery::new();
     gallery.reserve(owned.len());
     for (c, chunk) in owned.chunks(BUILD_CHUNK).enumerate() {
-        let prepared: Vec<(String, PreparedSubject)> = chunk
-            .par_iter()
-            .map(|&i| {
-                let s = spec.subject(i);
-                let tp = TenPrint::from_iso(&s.templates).expect("generated records parse");
-                (s.reference_id, PreparedSubject::new(&tp))
-            })
-            .collect();
+        let prepared = generate_prepared(&spec, chunk.par_iter().copied());
         for (id, p) in prepared {
             gallery.insert_ready(&id, p);
         }
@@ -1389,30 +1391,11 @@ pub fn shard_run(
     }
     let build_secs = start.elapsed().as_secs_f64();
     let rss_after = rss_bytes();
-    let mated_idx: Vec<usize> = (0..opts.mated_searches)
-        .map(|k| k * population / opts.mated_searches.max(1))
-        .collect();
-    let mated: Vec<Probe> = mated_idx
-        .par_iter()
-        .map(|&i| {
-            Probe::new(
-                &TenPrint::from_iso(&spec.impressions(spec.person_of(i), 9_000_000 + i as u64))
-                    .expect("parse"),
-            )
-        })
-        .collect();
-    let nonmated: Vec<Probe> = (0..opts.nonmated_searches)
-        .into_par_iter()
-        .map(|k| {
-            Probe::new(
-                &TenPrint::from_iso(&spec.impressions((population + k) as u64, 1)).expect("parse"),
-            )
-        })
-        .collect();
-    let mated_ids: Vec<String> = mated_idx
-        .iter()
-        .map(|&i| spec.subject_reference_id(i))
-        .collect();
+    let ProbeSet {
+        mated,
+        nonmated,
+        mated_ids,
+    } = ProbeSet::new(&spec, population, opts);
     if let Some(dir) = barrier {
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::write(dir.join(format!("ready-{index}")), b"");
