@@ -10,10 +10,8 @@
 //! Needs Debian's `chromium` and `chromium-driver` (tests/services.sh installs them): without
 //! them the test fails and says so.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -21,16 +19,12 @@ use cardpipe_common::store::Store;
 use serde_json::{Value, json};
 use sqlx::Row;
 
+mod common;
+
+use common::{Running, free_port};
+
 const APPLICANTS: usize = 12;
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn target_dir() -> PathBuf {
     // <target>/debug/cardpipe → <target>
@@ -39,80 +33,6 @@ fn target_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf()
-}
-
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-/// A test that fails part-way must not leave the server running after it.
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Running {
-    fn start(dir: &Path, port: u16) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-            .args(["run", "--demo", &APPLICANTS.to_string()])
-            .current_dir(dir)
-            .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env_remove("CARDPIPE_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cardpipe");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, needle: &str, within: Duration) {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {within:?}; stderr so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 /// chromedriver, stopped on drop.
@@ -382,7 +302,12 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut run = Running::start(dir.path(), port);
+    let mut run = Running::start(
+        dir.path(),
+        port,
+        &["run", "--demo", &APPLICANTS.to_string()],
+        &[],
+    );
     run.wait_for("demo: done", Duration::from_secs(300));
 
     // The first supervisor's password: in a 0600 file, never in the log.

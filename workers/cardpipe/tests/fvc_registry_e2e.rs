@@ -12,16 +12,17 @@
 //! intake with a reason naming the field.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use cardpipe_common::store::Store;
 use serde_json::{Value, json};
 use sqlx::Row;
+
+mod common;
+
+use common::{Running, free_port};
 
 const TOKEN: &str = "fvc-e2e-registry-token-0123456789";
 const DATABASES: u8 = 4;
@@ -49,76 +50,6 @@ fn fvc(db: u8, finger: u8, impression: u8) -> Vec<u8> {
         .join(format!("DB{db}_B"))
         .join(format!("{}_{impression}.iso", 100 + u16::from(finger)));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Running {
-    fn start(dir: &Path, port: u16) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-            .arg("run")
-            .current_dir(dir)
-            .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env_remove("CARDPIPE_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cardpipe run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self { child, lines }
-    }
-
-    fn stderr_so_far(&self) -> String {
-        self.lines.try_iter().collect::<Vec<_>>().join("\n")
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cardpipe did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 /// Applicant `i` of the generator with its fingerprints replaced.
@@ -195,7 +126,7 @@ async fn every_fvc_template_flows_from_the_registry_api_to_packed_or_possible_du
     )
     .unwrap();
     let port = free_port();
-    let run = Running::start(dir.path(), port);
+    let mut run = Running::start(dir.path(), port, &["run"], &[]);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let ready_by = Instant::now() + Duration::from_secs(180);

@@ -3,9 +3,6 @@
 //! /healthz and /metrics, stops cleanly on SIGTERM, and a second start resumes the same batch
 //! instead of submitting it again.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use cardpipe_common::store::Store;
@@ -13,94 +10,9 @@ use sqlx::Row;
 
 const APPLICANTS: usize = 12;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
 
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-/// A test that fails part-way must not leave the server running after it.
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Running {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-            .args(["run", "--demo", &APPLICANTS.to_string()])
-            .current_dir(dir)
-            .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            // As on a fresh machine without pcsc-lite: the demo never loads PC/SC.
-            .env("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")
-            .env_remove("CARDPIPE_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cardpipe");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {within:?}; stderr so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "cardpipe did not stop within 60 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
+use common::{Running, free_port};
 
 async fn per_state(dir: &std::path::Path) -> Vec<(String, i64)> {
     let url = format!("sqlite:{}", dir.join("var/cardpipe.db").display());
@@ -122,7 +34,13 @@ async fn per_state(dir: &std::path::Path) -> Vec<(String, i64)> {
 async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut run = Running::start(dir.path(), port);
+    let mut run = Running::start(
+        dir.path(),
+        port,
+        &["run", "--demo", &APPLICANTS.to_string()],
+        // As on a fresh machine without pcsc-lite: the demo never loads PC/SC.
+        &[("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")],
+    );
     let received = run.wait_for("demo: batch", Duration::from_secs(120));
     assert!(received.contains("received:"), "{received}");
     run.wait_for("demo: done", Duration::from_secs(240));
@@ -173,7 +91,13 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
     );
 
     // A second start resumes the same batch: nothing new is created.
-    let mut again = Running::start(dir.path(), port);
+    let mut again = Running::start(
+        dir.path(),
+        port,
+        &["run", "--demo", &APPLICANTS.to_string()],
+        // As on a fresh machine without pcsc-lite: the demo never loads PC/SC.
+        &[("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")],
+    );
     let line = again.wait_for("demo: batch", Duration::from_secs(120));
     assert!(line.contains("already received"), "{line}");
     again.wait_for("demo: done", Duration::from_secs(240));
