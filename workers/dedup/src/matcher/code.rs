@@ -93,26 +93,7 @@ impl FingerCode {
     /// Builds the code of a finger from its expanded template.
     pub fn new(template: &FingerTemplate) -> Self {
         let mut words = [0u64; CODE_WORDS];
-        for &i in &template.valid {
-            let cyl = &template.cyl[i as usize];
-            let m = template.mask[i as usize];
-            for (fi, f) in functions().iter().enumerate() {
-                let mut key = 0u64;
-                let mut usable = true;
-                for &(k, c) in f {
-                    if m >> c & 1 == 0 {
-                        usable = false;
-                        break;
-                    }
-                    key = key << 1 | (cyl[k as usize] >> c & 1);
-                }
-                if !usable || key == 0 {
-                    continue;
-                }
-                let b = (mix(key ^ ((fi as u64) << 40)) % u64::from(CODE_BITS)) as usize;
-                words[b / 64] |= 1 << (b % 64);
-            }
-        }
+        hash_cylinders(template, functions(), CODE_BITS, &mut words);
         FingerCode { words }
     }
 
@@ -160,13 +141,24 @@ pub fn lab_code(template: &FingerTemplate, spec: &CodeSpec, out: &mut [u64]) {
         })
         .collect();
     out.iter_mut().for_each(|w| *w = 0);
+    hash_cylinders(template, &funcs, spec.bits, out);
+}
+
+/// Sets, for every usable cylinder and every hash function whose cells are all valid and not
+/// all empty, the bit its key hashes to (out of `bits`) in `out`.
+fn hash_cylinders<F: AsRef<[(u8, u8)]>>(
+    template: &FingerTemplate,
+    functions: &[F],
+    bits: u32,
+    out: &mut [u64],
+) {
     for &i in &template.valid {
         let cyl = &template.cyl[i as usize];
         let m = template.mask[i as usize];
-        for (fi, f) in funcs.iter().enumerate() {
+        for (fi, f) in functions.iter().enumerate() {
             let mut key = 0u64;
             let mut usable = true;
-            for &(k, c) in f {
+            for &(k, c) in f.as_ref() {
                 if m >> c & 1 == 0 {
                     usable = false;
                     break;
@@ -176,8 +168,44 @@ pub fn lab_code(template: &FingerTemplate, spec: &CodeSpec, out: &mut [u64]) {
             if !usable || key == 0 {
                 continue;
             }
-            let b = (mix(key ^ ((fi as u64) << 40)) % u64::from(spec.bits)) as usize;
+            let b = (mix(key ^ ((fi as u64) << 40)) % u64::from(bits)) as usize;
             out[b / 64] |= 1 << (b % 64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::matcher::Finger;
+    use crate::synth::PopulationSpec;
+
+    /// The candidate-stage lab measures the shipped code when given the shipped parameters.
+    #[test]
+    fn lab_code_with_the_shipped_parameters_is_the_shipped_code() {
+        let spec = PopulationSpec {
+            seed: 7,
+            subjects: 4,
+            duplicate_rate: 0.0,
+        };
+        let shipped = CodeSpec {
+            bits: CODE_BITS,
+            hashes: HASHES,
+            hash_bits: HASH_BITS,
+            seed: 0x1234_5678_9abc_def0,
+        };
+        for i in 0..4u64 {
+            let master = spec.master(i, 1 + i as u8);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i);
+            let rec = master.impression(&mut rng, 1 + i as u8);
+            let template = FingerTemplate::new(&Finger::from_view(&rec, &rec.views[0]));
+            let code = FingerCode::new(&template);
+            assert!(code.popcount() > 0, "a real finger sets bits");
+            let mut lab = [0u64; CODE_WORDS];
+            lab_code(&template, &shipped, &mut lab);
+            assert_eq!(lab, code.words, "finger {i}");
         }
     }
 }
