@@ -776,6 +776,30 @@ async fn lifecycle(mode: Mode) {
                 assert!(
                     matches!(office::handover(&env.delivery, &services, &overcharge, &centre()).await, Err(OfficeError::Unprocessable(ref m)) if m.contains("20000"))
                 );
+                // A live record whose header says position 0 (unknown) needs finger_position;
+                // a finger_position the header contradicts is refused, naming the field.
+                let unknown_position = {
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    let mut rec =
+                        cardpipe_dedup::iso19794_2::parse(&b64.decode(live_finger(2, 2)).unwrap())
+                            .unwrap();
+                    rec.views.iter_mut().for_each(|v| v.position = 0);
+                    b64.encode(rec.to_bytes().unwrap())
+                };
+                let no_position = Handover {
+                    fingerprint: unknown_position,
+                    ..good.clone()
+                };
+                assert!(
+                    matches!(office::handover(&env.delivery, &services, &no_position, &centre()).await, Err(OfficeError::BadRequest(ref m)) if m.starts_with("finger_position"))
+                );
+                let contradicted = Handover {
+                    finger_position: Some(3),
+                    ..good.clone()
+                };
+                assert!(
+                    matches!(office::handover(&env.delivery, &services, &contradicted, &centre()).await, Err(OfficeError::BadRequest(ref m)) if m.starts_with("fingerprint") && m.contains('3'))
+                );
                 assert_eq!(env.state(c).await, ApplicationState::AtOffice);
                 let done = office::handover(&env.delivery, &services, &good, &centre())
                     .await
