@@ -90,6 +90,9 @@ pub struct Completion {
     /// Commit the side effects (artifacts, outbox, next job, extra writes) while the
     /// application stays in the state the handler saw (see [`Completion::stay`]).
     pub stays: bool,
+    /// Kept alive until the commit has settled, then dropped: a stage's guard against a
+    /// second delivery of the same application (see [`Completion::holding`]).
+    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Completion {
@@ -115,6 +118,7 @@ impl Completion {
             reason: None,
             extra: None,
             stays: false,
+            hold: None,
         }
     }
 
@@ -152,6 +156,15 @@ impl Completion {
     /// ... giving a reason.
     pub fn because(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
+        self
+    }
+
+    /// ... keeping `guard` alive until the commit has settled (committed, refused or
+    /// failed). A stage that keeps its own in-process "being handled" mark drops it only
+    /// once the state change is visible, so a duplicate delivery never sees the
+    /// application half-way between its work and its commit.
+    pub fn holding(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self.hold = Some(Box::new(guard));
         self
     }
 

@@ -317,17 +317,18 @@ pub struct PersonalizeStage {
     secrets: Arc<SiteSecrets>,
     script: ScriptOptions,
     max_blanks: u32,
-    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     blanks: Option<Arc<dyn crate::tray::BlankSource>>,
 }
 
 /// Marks an application as being handled in this process; removed on drop.
-struct InFlight<'a>(
-    &'a std::sync::Mutex<std::collections::HashSet<String>>,
+/// Kept until the runner has settled the commit (see [`Completion::holding`]).
+struct InFlight(
+    Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     String,
 );
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0
             .lock()
@@ -476,17 +477,18 @@ impl Stage for PersonalizeStage {
         let now = || services.clock.now();
         // A second delivery of an application already being personalized here (a duplicate,
         // or a re-queued stranded job) must not spoil the live card as "interrupted": wait
-        // for the first to finish, then let the retry find the application moved on.
+        // for the first to finish - its commit included, as the guard travels in the
+        // Completion - then let the retry find the application moved on.
         let key = app.id.as_str().to_owned();
         let mut waited = false;
-        let _guard = loop {
+        let guard = loop {
             if self
                 .in_flight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.clone())
             {
-                break InFlight(&self.in_flight, key);
+                break InFlight(self.in_flight.clone(), key);
             }
             waited = true;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -599,6 +601,7 @@ impl Stage for PersonalizeStage {
                     let at = now();
                     return Ok(Completion::to(ApplicationState::Personalized)
                         .then(NEXT_STAGE)
+                        .holding(guard)
                         .because(format!("chip {chip} (blank {blank}) on {encoder}"))
                         .with_writes(Box::new(move |tx| {
                             Box::pin(

@@ -220,6 +220,51 @@ async fn crash_after_writing_before_commit_leaves_one_good_card() {
     assert_eq!(rows[1].state, "personalized");
 }
 
+/// The race that once spoiled a good card: a second delivery of the same application (the
+/// outbox job and the re-queued stranded one, both live after an embedded start) arrives
+/// after the first delivery's handler returned but before its commit. It must wait for the
+/// commit to settle and never record the card being committed as "interrupted".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_delivery_waits_for_the_first_commit_to_settle() {
+    let (services, _guard) = testing::services(Mode::Embedded, None).await;
+    let pki = pki();
+    let (farm, _) = farm_with(2, |_| Faults::none());
+    let apps = seed(&services, &pki, 1).await;
+    let id = apps[0].0.clone();
+    let st = Arc::new(stage(farm.clone(), &pki, 3));
+    let app = services.store.application(&id).await.unwrap().unwrap();
+    let ctx = JobContext {
+        job: Job::new("personalize", id.as_str()),
+        services: services.clone(),
+    };
+    let first = st.handle(&ctx, &app).await.unwrap(); // written, not yet committed
+    let second = {
+        let (st, app) = (st.clone(), app.clone());
+        let ctx = JobContext {
+            job: Job::new("personalize", id.as_str()),
+            services: services.clone(),
+        };
+        tokio::spawn(async move { st.handle(&ctx, &app).await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the duplicate must wait for the commit"
+    );
+    let rows = cards::for_application(&services.store, &id).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].state, "in_progress", "{rows:?}");
+    drop(first); // the commit settles (here: it is abandoned)
+    let err = second.await.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("handled by another delivery"),
+        "{err:#}"
+    );
+    let rows = cards::for_application(&services.store, &id).await.unwrap();
+    assert_eq!(rows.len(), 1, "the duplicate wrote no card: {rows:?}");
+    assert_eq!(rows[0].state, "in_progress", "{rows:?}");
+}
+
 /// A reader vanishes: jobs go to the other encoder; it comes back after a re-scan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vanished_reader_jobs_move_to_another_encoder_and_it_comes_back() {
