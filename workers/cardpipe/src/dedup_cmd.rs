@@ -1,4 +1,4 @@
-//! `cardpipe bench dedup`: the dedup benchmark (`cardpipe_dedup::bench::run`) from the binary
+//! `cardpipe bench dedup`: the dedup benchmark (`cardpipe_biometrics::bench::run`) from the binary
 //! operators already have — FVC2002 single-finger accuracy, precise comparisons and
 //! candidate-stage codes per second per core, and synthetic 1:N galleries (memory per
 //! subject, latency, recall, FNIR at FPIR 0.1 %). Build with `--release` for real figures.
@@ -35,14 +35,14 @@ pub struct BenchDedupArgs {
     pub fvc_only: bool,
     /// Fit the shipped score calibration on the templates of --fvc-dir (all ordered
     /// impostor pairs within each database) and write it to this file, e.g.
-    /// workers/dedup/src/matcher/calibration_fvc2002.txt; nothing else runs.
+    /// libs/biometrics/src/matcher/calibration_fvc2002.txt; nothing else runs.
     #[arg(long, value_name = "OUT")]
     pub fit_calibration: Option<PathBuf>,
 }
 
 /// Runs the benchmark and prints its report.
 pub fn bench(args: BenchDedupArgs) -> anyhow::Result<()> {
-    let mut opts = cardpipe_dedup::bench::BenchOptions::new(false);
+    let mut opts = cardpipe_biometrics::bench::BenchOptions::new(false);
     if let Some(sizes) = args.sizes {
         opts.gallery_sizes = sizes.into_iter().map(|n| n as usize).collect();
     }
@@ -54,19 +54,19 @@ pub fn bench(args: BenchDedupArgs) -> anyhow::Result<()> {
         opts.fvc_dir = dir;
     }
     if let Some(out) = args.fit_calibration {
-        let text = cardpipe_dedup::bench::fit_calibration_text(&opts.fvc_dir)?;
+        let text = cardpipe_biometrics::bench::fit_calibration_text(&opts.fvc_dir)?;
         std::fs::write(&out, text)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
         println!("calibration written to {}", out.display());
         return Ok(());
     }
     if args.fvc_only {
-        let report = cardpipe_dedup::bench::fvc_report(&opts.fvc_dir)?;
+        let report = cardpipe_biometrics::bench::fvc_report(&opts.fvc_dir)?;
         println!("{report}");
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let report = cardpipe_dedup::bench::run(&opts)?;
+    let report = cardpipe_biometrics::bench::run(&opts)?;
     println!("{report}");
     println!("Whole run: {:.1} s wall.", started.elapsed().as_secs_f64());
     Ok(())

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cardpipe_card::farm::{self, Farm, FarmSettings, InProcessSource, PcscSource};
+use cardpipe_card::simulate::{SimConfig, Simulation, SocketMode};
 use cardpipe_common::config::LoadedConfig;
-use cardpipe_personalize::farm::{self, Farm, FarmSettings, InProcessSource, PcscSource};
-use cardpipe_personalize::simulate::{SimConfig, Simulation, SocketMode};
 use cardpipe_personalize::stage::{EncodersConfig, SECTION};
 use clap::{Args, Subcommand};
 
@@ -184,16 +184,16 @@ async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
     cfg.dead_rate = 0.0;
     cfg.tear_rate = 0.0;
     cfg.write_failure_rate = 0.0;
-    let image = Arc::new(cardpipe_personalize::script::sample_image(20_000, 1));
+    let image = Arc::new(cardpipe_card::script::sample_image(20_000, 1));
     let opts = cfg.script();
-    let (apdus, _) = cardpipe_personalize::bench::apdus_per_card(&image, &master, &opts)?;
+    let (apdus, _) = cardpipe_card::bench::apdus_per_card(&image, &master, &opts)?;
     let latency = scaled / apdus.max(1) as u32;
-    let stock = Arc::new(cardpipe_personalize::reader::BlankStock::new(
+    let stock = Arc::new(cardpipe_card::reader::BlankStock::new(
         (*master).clone(),
         0xB0,
-        move |_| cardpipe_personalize::card_os::Faults {
+        move |_| cardpipe_card::card_os::Faults {
             apdu_latency: latency,
-            ..cardpipe_personalize::card_os::Faults::none()
+            ..cardpipe_card::card_os::Faults::none()
         },
     ));
     let settings = FarmSettings {

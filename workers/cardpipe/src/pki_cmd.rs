@@ -12,7 +12,7 @@ use cardpipe_common::backends;
 use cardpipe_common::clock::SystemClock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_keys::ops::{self, RotationOutcome};
-use cardpipe_keys::settings::{KeystoreKind, Pki, PkiConfig};
+use cardpipe_pki::settings::{KeystoreKind, Pki, PkiConfig};
 use clap::{Args, Subcommand};
 
 /// `cardpipe pki ...`.
@@ -56,7 +56,7 @@ async fn open(
 ) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
     let config = &loaded.config;
     let services = backends::connect(config, Arc::new(SystemClock)).await?;
-    let pki = cardpipe_keys::settings::shared(loaded)?;
+    let pki = cardpipe_pki::settings::shared(loaded)?;
     Ok((services, pki))
 }
 
@@ -105,7 +105,7 @@ async fn print_status(
     pki: &Pki,
 ) -> anyhow::Result<()> {
     let Some((version, hierarchy)) =
-        cardpipe_keys::store::current_hierarchy(&services.store).await?
+        cardpipe_pki::store::current_hierarchy(&services.store).await?
     else {
         println!(
             "no CA hierarchy yet: run `cardpipe pki init` (or start `cardpipe run` with pki.auto_init)"
@@ -113,9 +113,9 @@ async fn print_status(
         return Ok(());
     };
     let usage =
-        cardpipe_keys::store::usage_counts(&services.store, &hierarchy.document_signer.key_label)
+        cardpipe_pki::store::usage_counts(&services.store, &hierarchy.document_signer.key_label)
             .await?;
-    let report = cardpipe_keys::ca::status(
+    let report = cardpipe_pki::ca::status(
         pki.keystore().as_ref(),
         &hierarchy,
         usage,
@@ -123,10 +123,10 @@ async fn print_status(
     )?;
     println!("hierarchy version {version}");
     println!("{report}");
-    for (v, reason, at) in cardpipe_keys::store::hierarchy_versions(&services.store).await? {
+    for (v, reason, at) in cardpipe_pki::store::hierarchy_versions(&services.store).await? {
         println!("  version {v}: {reason} at {at}");
     }
-    if let Some((n, at)) = cardpipe_keys::store::last_crl(&services.store).await? {
+    if let Some((n, at)) = cardpipe_pki::store::last_crl(&services.store).await? {
         println!("last CRL: number {n}, published {at}");
     }
     Ok(())
@@ -136,7 +136,7 @@ async fn print_status(
 pub fn bench(loaded: &LoadedConfig, args: BenchPkiArgs) -> anyhow::Result<()> {
     if args.softhsm_sandbox {
         let dir = tempfile::tempdir()?;
-        let sandbox = cardpipe_keys::keystore::softhsm::SoftHsmSandbox::create(
+        let sandbox = cardpipe_pki::keystore::softhsm::SoftHsmSandbox::create(
             dir.path(),
             "cardpipe-bench",
             "12345678",
@@ -156,9 +156,9 @@ pub fn bench(loaded: &LoadedConfig, args: BenchPkiArgs) -> anyhow::Result<()> {
         let mut config = PkiConfig::from_loaded(loaded)?;
         config.keystore = KeystoreKind::Pkcs11;
         let store = config.open_keystore(&loaded.config.data_dir)?;
-        cardpipe_keys::bench::run(store, args.sets)?
+        cardpipe_pki::bench::run(store, args.sets)?
     } else {
-        cardpipe_keys::bench::run_software(args.sets)?
+        cardpipe_pki::bench::run_software(args.sets)?
     };
     println!("{report}");
     Ok(())

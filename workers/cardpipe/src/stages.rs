@@ -44,7 +44,7 @@ pub fn build(
         anyhow::bail!("unknown stage {unknown:?}");
     }
     if names.iter().any(|n| n == cardpipe_keys::stage::STAGE_NAME) {
-        let pki = cardpipe_keys::settings::shared(_config)?;
+        let pki = cardpipe_pki::settings::shared(_config)?;
         stages.push(Arc::new(cardpipe_keys::stage::KeysStage::new(pki)));
     }
     {
@@ -108,7 +108,7 @@ pub fn build(
                 // One short blocking exchange at start-up: the worker refuses to start
                 // without its stations (or without pcsc-lite, loaded at run time) rather
                 // than failing every card later.
-                cardpipe_personalize::pcsc::library()
+                cardpipe_card::pcsc::library()
                     .map_err(|e| anyhow::anyhow!("[qc] station = \"line\": {e}"))?;
                 let line = cardpipe_qc::station::LineStations::connect(
                     &qc_cfg.line_controller,
@@ -121,14 +121,14 @@ pub fn build(
             cardpipe_qc::station::StationKind::Tray => {
                 cardpipe_qc::station::Stations::Tray(tray.unwrap_or_else(|| {
                     tracing::warn!("qc (station = \"tray\") runs without the personalize stage in this process: in-process cards are not reachable, every card will fail with card_not_found; use [qc] station = \"line\" with PC/SC encoders");
-                    cardpipe_personalize::tray::OutputTray::new()
+                    cardpipe_card::tray::OutputTray::new()
                 }))
             }
         };
         stages.push(Arc::new(
             cardpipe_qc::stage::QcStage::new(
-                cardpipe_personalize::tray::OutputTray::new(),
-                cardpipe_keys::settings::shared(_config)?,
+                cardpipe_card::tray::OutputTray::new(),
+                cardpipe_pki::settings::shared(_config)?,
                 cfg.pins(),
                 qc_cfg,
                 _services,
@@ -171,7 +171,7 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
     };
     note(cardpipe_intake::config::load(config).map(drop));
     note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
-    note(cardpipe_keys::settings::PkiConfig::from_loaded(config).map(drop));
+    note(cardpipe_pki::settings::PkiConfig::from_loaded(config).map(drop));
     note(encoders_config(config).map(drop));
     note(cardpipe_qc::stage::load(config).map(drop));
     note(cardpipe_qc::stock::load(config).map(drop));
@@ -283,7 +283,7 @@ pub fn background(
 ) -> anyhow::Result<()> {
     // Keys: scheduled CRL publication and age-based Document Signer rotation (leases).
     {
-        let pki = cardpipe_keys::settings::shared(_config)?;
+        let pki = cardpipe_pki::settings::shared(_config)?;
         let tick = std::time::Duration::from_secs(pki.config.crl_interval_seconds.clamp(1, 60));
         _tasks.spawn(cardpipe_keys::ops::background(
             _services.clone(),

@@ -1,7 +1,7 @@
 //! The README's run command builds and runs on a fresh machine (Rust and a C compiler, no
 //! `-dev` package): no crate of the lock file links a system library at build time, the
 //! `cardpipe` binary needs nothing beyond the C library at load time (pcsc-lite is opened at
-//! run time by `cardpipe_personalize::pcsc`), and that binding is the only `unsafe` code.
+//! run time by `cardpipe_card::pcsc`), and that binding is the only `unsafe` code.
 //!
 //! Found by `cargo tree -p cardpipe -e normal,build | grep -- -sys` when pcsc-lite moved to
 //! run time: pcsc-sys (linked libpcsclite: needed libpcsclite-dev), openssl-sys (links
@@ -49,7 +49,7 @@ const REVIEWED_SYS: &[(&str, &str)] = &[
 /// `-sys` packages that link a system library and must not come back.
 const FORBIDDEN_SYS: &[(&str, &str)] = &[(
     "pcsc-sys",
-    "links libpcsclite at build time (libpcsclite-dev); use cardpipe_personalize::pcsc, which \
+    "links libpcsclite at build time (libpcsclite-dev); use cardpipe_card::pcsc, which \
      loads pcsc-lite at run time",
 )];
 
@@ -172,7 +172,7 @@ fn the_cardpipe_binary_loads_with_only_the_c_library() {
     assert!(
         foreign.is_empty(),
         "{} needs shared libraries a fresh machine does not have: {foreign:?} (all: {needed:?}); \
-         pcsc-lite must be loaded at run time (cardpipe_personalize::pcsc), OpenSSL vendored",
+         pcsc-lite must be loaded at run time (cardpipe_card::pcsc), OpenSSL vendored",
         binary.display()
     );
 }
@@ -203,7 +203,7 @@ fn the_pcsc_binding_is_the_only_unsafe_code() {
     let mut files = Vec::new();
     rust_files(&root, &mut files);
     assert!(files.len() > 50, "found only {} .rs files", files.len());
-    let allowed = root.join("workers/personalize/src/pcsc.rs");
+    let allowed = root.join("libs/card/src/pcsc.rs");
     // Spelled in two pieces so this file does not match itself.
     let needle = ["allow(", "unsafe_code)"].concat();
     let offenders: Vec<String> = files
@@ -218,9 +218,9 @@ fn the_pcsc_binding_is_the_only_unsafe_code() {
         .collect();
     assert!(
         offenders.is_empty(),
-        "only workers/personalize/src/pcsc.rs may allow unsafe code; also: {offenders:?}"
+        "only libs/card/src/pcsc.rs may allow unsafe code; also: {offenders:?}"
     );
-    // The workspace forbids it; only the personalize crate relaxes that to deny (so its
+    // The workspace forbids it; only the card library relaxes that to deny (so its
     // pcsc module can allow it).
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     assert!(

@@ -294,7 +294,7 @@ pub async fn adjudicate(
 /// driving it, applies it at once to `farm` when this process drives it.
 pub async fn encoder_service(
     services: &Services,
-    farm: Option<&cardpipe_personalize::farm::Farm>,
+    farm: Option<&cardpipe_card::farm::Farm>,
     who: &Operator,
     encoder: &str,
     in_service: bool,
@@ -354,7 +354,7 @@ pub async fn encoder_service(
 /// and then every `every`, so a decision made in another process reaches this one).
 pub async fn follow_encoder_decisions(
     services: Services,
-    farm: Arc<cardpipe_personalize::farm::Farm>,
+    farm: Arc<cardpipe_card::farm::Farm>,
     every: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {

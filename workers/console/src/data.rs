@@ -374,7 +374,7 @@ impl EncoderView {
 /// Every encoder known to the farm, the cards table or an operator decision.
 pub async fn encoders(
     services: &Services,
-    farm: Option<&cardpipe_personalize::farm::Farm>,
+    farm: Option<&cardpipe_card::farm::Farm>,
 ) -> anyhow::Result<Vec<EncoderView>> {
     let mut out: BTreeMap<String, EncoderView> = BTreeMap::new();
     let blank = |name: &str| EncoderView {

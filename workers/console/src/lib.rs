@@ -21,9 +21,9 @@ pub mod web;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cardpipe_card::farm::Farm;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::runtime::Services;
-use cardpipe_personalize::farm::Farm;
 use serde::Deserialize;
 
 /// The configuration section.

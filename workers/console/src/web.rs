@@ -14,13 +14,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use cardpipe_card::farm::Farm;
 use cardpipe_common::audit;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
 use cardpipe_dedup::stage::DedupEngine;
-use cardpipe_personalize::farm::Farm;
 use serde::Deserialize;
 
 use crate::actions::{self, ActionError};

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use crate::matcher::{
+use cardpipe_biometrics::matcher::{
     FusedScore, Gallery, IdentifyOptions, PositionedTemplate, Probe, TenPrint, TenPrintError,
     Verification, verify,
 };
@@ -109,7 +109,7 @@ pub trait Abis: Send + Sync {
     /// Enrolled reference ids.
     fn reference_count(&self) -> Result<u64, AbisError>;
     /// Enrols ISO 19794-2 records under `reference_id`, each at its given finger position
-    /// (MOSIP: the BIR's subtype), placed by [`crate::matcher::place_finger`].
+    /// (MOSIP: the BIR's subtype), placed by [`cardpipe_biometrics::matcher::place_finger`].
     fn insert(
         &self,
         request_id: &str,
@@ -386,7 +386,7 @@ impl Abis for BuiltinAbis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Population;
+    use cardpipe_biometrics::synth::Population;
 
     /// Records in position order 1..=10, as the synthetic population writes them.
     fn positioned(records: &[Vec<u8>]) -> Vec<PositionedTemplate> {

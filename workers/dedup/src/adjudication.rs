@@ -34,8 +34,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use crate::matcher::TenPrint;
 use crate::stage::{self, DedupEngine, NEXT_STAGE};
+use cardpipe_biometrics::matcher::TenPrint;
 
 /// Outbox topic of registry callbacks.
 pub const CALLBACK_TOPIC: &str = "callback";

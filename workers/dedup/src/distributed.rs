@@ -45,9 +45,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::matcher::{Candidate, FusedScore, Probe};
 use crate::scatter::{self, ShardAnswer};
 use crate::stage::{self, DedupConfig, DedupEngine};
+use cardpipe_biometrics::matcher::{Candidate, FusedScore, Probe};
 
 /// Prefix of the shard stages: `dedup-shard-0`, `dedup-shard-1`, ...
 pub const SHARD_STAGE_PREFIX: &str = "dedup-shard-";

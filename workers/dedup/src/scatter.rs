@@ -17,7 +17,7 @@ use std::sync::RwLock;
 
 use rayon::prelude::*;
 
-use crate::matcher::{
+use cardpipe_biometrics::matcher::{
     Candidate, IdentifyOptions, PreparedSubject, Probe, Shard, TenPrint, merge_candidates,
 };
 
@@ -32,15 +32,10 @@ pub struct ShardAnswer {
     pub candidates: Vec<Candidate>,
 }
 
-/// Minimum fused score (−log10 FMR) for `target_fpir` over a gallery of `size` subjects.
-pub fn min_score_for(target_fpir: f64, size: usize) -> f64 {
-    -(target_fpir.clamp(1e-300, 1.0) / size.max(1) as f64).log10()
-}
-
 /// Gathers per-shard answers: threshold over the total size, then merge and cut.
 pub fn gather(answers: Vec<ShardAnswer>, target_fpir: f64, max_results: usize) -> Vec<Candidate> {
     let total: usize = answers.iter().map(|a| a.size).sum();
-    let min = min_score_for(target_fpir, total);
+    let min = cardpipe_biometrics::matcher::min_score_for(target_fpir, total);
     merge_candidates(
         answers.into_iter().map(|a| {
             a.candidates
@@ -186,7 +181,7 @@ fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Population;
+    use cardpipe_biometrics::synth::Population;
 
     #[test]
     fn sharded_search_equals_single_gallery_search() {

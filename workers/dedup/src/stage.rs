@@ -46,11 +46,11 @@ use serde::Deserialize;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::matcher::{
+use crate::scatter::ShardSet;
+use cardpipe_biometrics::matcher::{
     Candidate, IdentifyOptions, PositionedTemplate, Probe, Shard, TenPrint, TenPrintError,
     ViewChoice,
 };
-use crate::scatter::ShardSet;
 
 /// The stage's name (queue, `cardpipe worker dedup`, `[stages.dedup]`).
 pub const STAGE_NAME: &str = "dedup";
@@ -727,7 +727,7 @@ pub(crate) struct Probed {
 }
 
 /// Loads an application's fingerprints and places each at its contract position by the rule
-/// intake validated them with ([`crate::matcher::place_finger`]); permanent failure when
+/// intake validated them with ([`cardpipe_biometrics::matcher::place_finger`]); permanent failure when
 /// missing or bad. The view used for each finger is logged at debug level (header fields and
 /// counts only).
 pub(crate) async fn probe_of(services: &Services, id: &ApplicationId) -> anyhow::Result<Probed> {

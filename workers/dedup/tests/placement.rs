@@ -5,10 +5,10 @@
 
 mod common;
 
-use cardpipe_dedup::iso19794_2::{
+use cardpipe_biometrics::iso19794_2::{
     self, FingerView, FingerprintRecord, IsoVersion, Minutia, MinutiaKind,
 };
-use cardpipe_dedup::matcher::{
+use cardpipe_biometrics::matcher::{
     PlacementError, PositionedTemplate, TenPrint, TenPrintError, place_finger,
 };
 use cardpipe_dedup::stage::{StoredTemplates, decode_templates, encode_templates};

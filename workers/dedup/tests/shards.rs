@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cardpipe_biometrics::matcher::Shard;
+use cardpipe_biometrics::synth::Population;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::clock::SystemClock;
 use cardpipe_common::domain::applicant::{
@@ -36,9 +38,7 @@ use cardpipe_common::telemetry::metrics::Metrics;
 use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_dedup::distributed::{self, ShardStage, shard_stage_name};
-use cardpipe_dedup::matcher::Shard;
 use cardpipe_dedup::stage::{self, DedupConfig, DedupEngine, DedupStage, ScatterMode};
-use cardpipe_dedup::synth::Population;
 use sqlx::Row;
 
 const SHARDS: u32 = 3;

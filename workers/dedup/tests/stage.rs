@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use cardpipe_biometrics::synth::Population;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::applicant::{
     ApplicantGroup, ApplicantRecord, Biometrics, Fees, FingerprintEntry, Gender,
@@ -23,7 +24,6 @@ use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_dedup::adjudication;
 use cardpipe_dedup::stage::{self, DedupConfig, DedupEngine, DedupStage};
-use cardpipe_dedup::synth::Population;
 use serde_json::{Value, json};
 use sqlx::Row;
 use tower::ServiceExt;

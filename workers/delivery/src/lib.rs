@@ -101,7 +101,7 @@ pub struct Delivery {
     /// Metrics registered in the services' registry.
     pub metrics: metrics::DeliveryMetrics,
     /// The CA, to republish the CRL after voiding (None: the keys stage's schedule does).
-    pub pki: Option<Arc<cardpipe_keys::settings::Pki>>,
+    pub pki: Option<Arc<cardpipe_pki::settings::Pki>>,
     /// The register as loaded.
     pub register: Vec<offices::Office>,
     offices_loaded: tokio::sync::OnceCell<()>,
@@ -124,7 +124,7 @@ impl Delivery {
     pub fn new(
         services: &Services,
         cfg: DeliveryConfig,
-        pki: Option<Arc<cardpipe_keys::settings::Pki>>,
+        pki: Option<Arc<cardpipe_pki::settings::Pki>>,
     ) -> anyhow::Result<Arc<Self>> {
         cfg.validate()?;
         let register = offices::load_register(&cfg.offices_file)?;
@@ -206,7 +206,7 @@ pub fn shared(
     if let Some(e) = ENGINE.get() {
         return Ok(e.clone());
     }
-    let pki = cardpipe_keys::settings::shared(config)?;
+    let pki = cardpipe_pki::settings::shared(config)?;
     let engine = Delivery::new(services, config::load(config)?, Some(pki))?;
     Ok(ENGINE.get_or_init(|| engine).clone())
 }

@@ -6,6 +6,8 @@
 use std::collections::BTreeSet;
 
 use base64::Engine;
+use cardpipe_biometrics::iso19794_2;
+use cardpipe_biometrics::matcher::{Calibration, PlacementError, Probe, TenPrint, verify};
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::{from_rfc3339, to_rfc3339};
 use cardpipe_common::domain::applicant::ApplicantGroup;
@@ -13,8 +15,6 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, StoreError, Transition};
-use cardpipe_dedup::iso19794_2;
-use cardpipe_dedup::matcher::{Calibration, PlacementError, Probe, TenPrint, verify};
 use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -874,7 +874,7 @@ pub async fn handover(
             }
         },
     };
-    // The same placement rule as at enrolment (cardpipe_dedup::matcher::place_finger).
+    // The same placement rule as at enrolment (cardpipe_biometrics::matcher::place_finger).
     let (probe_tp, _) = TenPrint::from_placed(&[(live_position, live)])
         .map_err(|e| OfficeError::BadRequest(format!("fingerprint: {e}")))?;
     let position = probe_tp

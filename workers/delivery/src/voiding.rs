@@ -14,7 +14,7 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, Transition};
 use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
-use cardpipe_keys::crl::RevocationCause;
+use cardpipe_pki::crl::RevocationCause;
 use serde_json::json;
 use sqlx::Row;
 use time::{Date, OffsetDateTime};

@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
+use cardpipe_biometrics::synth::PopulationSpec;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::clock::{Clock, TestClock, from_rfc3339};
 use cardpipe_common::domain::applicant::{
@@ -34,7 +35,6 @@ use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store, Transition};
 use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_dedup::synth::PopulationSpec;
 use cardpipe_delivery::background::Scheduler;
 use cardpipe_delivery::clients::Caller;
 use cardpipe_delivery::config::DeliveryConfig;
@@ -43,8 +43,8 @@ use cardpipe_delivery::office::{self, BoxReceipt, Handover, OfficeChange, Office
 use cardpipe_delivery::reminders::{SMS_TOPIC, SmsSink};
 use cardpipe_delivery::shipping::ShippingStage;
 use cardpipe_delivery::{Delivery, TEHRAN, offices, tehran_date};
-use cardpipe_keys::settings::{Pki, PkiConfig};
 use cardpipe_keys::stage::KeysStage;
+use cardpipe_pki::settings::{Pki, PkiConfig};
 use sqlx::Row;
 use time::macros::{date, datetime};
 use time::{Date, Duration, OffsetDateTime, Time};
@@ -145,7 +145,7 @@ struct Person {
 }
 
 fn record(i: usize, p: &Person) -> (ApplicantRecord, Biometrics) {
-    let sample = cardpipe_keys::lds::sample_input(2000 + i as u32);
+    let sample = cardpipe_pki::lds::sample_input(2000 + i as u32);
     let templates = POPULATION.impressions(i as u64, 0);
     let record = ApplicantRecord {
         registry_id: format!("REG-D-{i}"),
@@ -780,9 +780,10 @@ async fn lifecycle(mode: Mode) {
                 // a finger_position the header contradicts is refused, naming the field.
                 let unknown_position = {
                     let b64 = base64::engine::general_purpose::STANDARD;
-                    let mut rec =
-                        cardpipe_dedup::iso19794_2::parse(&b64.decode(live_finger(2, 2)).unwrap())
-                            .unwrap();
+                    let mut rec = cardpipe_biometrics::iso19794_2::parse(
+                        &b64.decode(live_finger(2, 2)).unwrap(),
+                    )
+                    .unwrap();
                     rec.views.iter_mut().for_each(|v| v.position = 0);
                     b64.encode(rec.to_bytes().unwrap())
                 };
@@ -917,7 +918,7 @@ async fn lifecycle(mode: Mode) {
     }
 
     // Revocation: A's certificates revoked as voided and listed in the republished CRL; C's valid.
-    let certs_a = cardpipe_keys::store::certificates_of(&services.store, a)
+    let certs_a = cardpipe_pki::store::certificates_of(&services.store, a)
         .await
         .unwrap();
     assert_eq!(certs_a.len(), 2);
@@ -926,7 +927,7 @@ async fn lifecycle(mode: Mode) {
             .iter()
             .all(|c| c.status == "revoked" && c.revocation_cause.as_deref() == Some("voided"))
     );
-    let certs_c = cardpipe_keys::store::certificates_of(&services.store, c)
+    let certs_c = cardpipe_pki::store::certificates_of(&services.store, c)
         .await
         .unwrap();
     assert!(certs_c.iter().all(|c| c.status == "valid"));
@@ -944,7 +945,7 @@ async fn lifecycle(mode: Mode) {
         .hierarchy
         .issuing
         .clone();
-    let crl = cardpipe_keys::crl::parse_crl(&latest, &issuing).unwrap();
+    let crl = cardpipe_pki::crl::parse_crl(&latest, &issuing).unwrap();
     let listed: Vec<String> = crl
         .revoked
         .iter()

@@ -4,7 +4,7 @@
 //! Persian or Arabic-Indic digits), postal codes, mobile and landline numbers,
 //! lawful fees, all four applicant groups with previous-card dates in the
 //! right Solar Hijri years, pickup offices, ten ISO/IEC 19794-2 templates from
-//! `cardpipe_dedup::synth` (now and then an amputated finger) and a small
+//! `cardpipe_biometrics::synth` (now and then an amputated finger) and a small
 //! portrait JPEG. `bad` mode interleaves one record of every bad kind
 //! ([`BAD_KINDS`]) with the valid ones and says which field each must fail on.
 //!
@@ -16,7 +16,7 @@
 use std::io::Write;
 
 use base64::Engine;
-use cardpipe_dedup::synth::{PopulationSpec, face_jpeg};
+use cardpipe_biometrics::synth::{PopulationSpec, face_jpeg};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};

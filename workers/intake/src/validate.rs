@@ -266,10 +266,10 @@ pub fn check_jpeg(b: &[u8], min_side: u16, max_side: u16) -> Result<(u16, u16), 
 }
 
 /// Validates one fingerprint template for the contract's `position` (1–10) by the rule the
-/// dedup stage places it with ([`cardpipe_dedup::matcher::place_finger`]): a record intake
+/// dedup stage places it with ([`cardpipe_biometrics::matcher::place_finger`]): a record intake
 /// accepts is never refused by dedup. The reason names positions and byte offsets only.
 pub fn check_template(bytes: &[u8], position: u8) -> Result<(), String> {
-    cardpipe_dedup::matcher::place_finger(position, bytes)
+    cardpipe_biometrics::matcher::place_finger(position, bytes)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -934,7 +934,7 @@ mod tests {
 
     #[test]
     fn jpeg_structure() {
-        let jpeg = cardpipe_dedup::synth::face_jpeg(1, 1);
+        let jpeg = cardpipe_biometrics::synth::face_jpeg(1, 1);
         assert_eq!(check_jpeg(&jpeg, 100, 2000), Ok((240, 320)));
         assert!(check_jpeg(&jpeg, 400, 2000).is_err());
         assert!(check_jpeg(&jpeg[..jpeg.len() - 10], 100, 2000).is_err());
@@ -949,7 +949,7 @@ mod tests {
     /// without any template is refused (dedup would have nothing to compare).
     #[test]
     fn templates_follow_the_dedup_placement_rule() {
-        use cardpipe_dedup::iso19794_2::{
+        use cardpipe_biometrics::iso19794_2::{
             FingerView, FingerprintRecord, IsoVersion, Minutia, MinutiaKind,
         };
         let rec = |position: u8, minutiae: u16| {

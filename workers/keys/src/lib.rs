@@ -1,63 +1,16 @@
-//! # cardpipe-keys — the PKI engine of the keys stage
+//! # cardpipe-keys — the keys stage
 //!
-//! Everything cryptographic that happens between "dedup cleared" and "card personalized"
-//! lives here, as a plain library with no broker, database or object-store code. The keys
-//! stage, `cardpipe pki ...`, QC and revocation are thin callers of these modules.
+//! The cryptography lives in the `cardpipe-pki` library; this crate is the pipeline stage
+//! that uses it and the one place PKI operations with effects on issued cards run:
 //!
-//! A tour, in the order the pipeline uses it:
-//!
-//! - [`keystore`] — where CA private keys live. [`keystore::CaKeyStore`] is the one
-//!   interface every signature goes through, with two implementations: an encrypted file
-//!   keystore for embedded mode ([`keystore::FileKeyStore`], scrypt + AES-256-GCM) and a
-//!   PKCS#11 token ([`keystore::Pkcs11KeyStore`], SoftHSM2 in tests) in which CA keys are
-//!   generated inside the token and never leave it.
-//! - [`ca`] — `pki init`: root CA, issuing CA (citizen certificates) and Document Signer
-//!   (EF.SOD), plus the `pki status` report.
-//! - [`citizen`] — per card an authentication and a signature key pair (P-256, generated in
-//!   software) and their X.509 certificates from configurable profiles.
-//! - [`lds`] — EF.COM, DG1, DG2, DG3 and DG11 encoders and decoders (BER-TLV, ICAO Doc
-//!   9303-like; the tag layout is documented in that module).
-//! - [`sod`] — EF.SOD: CMS SignedData over the data-group hashes, signed by the Document
-//!   Signer through the keystore, and the verifier QC uses.
-//! - [`custody`] — citizen private keys wrapped under an encoder site's transport key, and
-//!   [`custody::CardCredentials`], the personalization package.
-//! - [`issue`] — [`issue::CardIssuer`] ties the above into one call per card: what the keys
-//!   stage handler calls.
-//! - [`rotation`] — when to roll the Document Signer, and the roll itself.
-//! - [`crl`] — revocation reasons and CRL generation.
-//! - [`bench`] — the `cardpipe bench pki` measurement.
-//!
-//! The pipeline side (database, object store, runtime) sits on top:
-//!
-//! - [`settings`] — the `[pki]` configuration section and [`settings::Pki`]: keystore,
-//!   transport key, the current hierarchy (stored in `ca_hierarchy`, auto-initialised in
-//!   embedded mode).
 //! - [`stage`] — the keys [`Stage`](cardpipe_common::runtime::Stage):
 //!   `dedup_clear | cleared | reprint_requested → keys_issued`.
 //! - [`ops`] — revocation, CRL publication, Document Signer rotation exactly once,
 //!   crypto-shredding, and the background loop.
-//! - [`store`] — the tables of migrations `0004_pki.sql`.
 //!
-//! Secrets discipline: private keys are held in [`zeroize::Zeroizing`] buffers, passphrases
+//! Secrets discipline: private keys are held in `zeroize::Zeroizing` buffers, passphrases
 //! and PINs in [`secrecy::SecretString`]; no `Debug` impl, log line or error message in this
 //! crate carries a private key, PIN, national code or biometric.
 
-pub mod bench;
-pub mod ca;
-pub mod citizen;
-pub mod crl;
-pub mod custody;
-mod error;
-pub mod issue;
-pub mod keystore;
-pub mod lds;
 pub mod ops;
-pub mod pkix;
-pub mod rotation;
-pub mod settings;
-pub mod sod;
 pub mod stage;
-pub mod store;
-mod tlv;
-
-pub use error::{KeysError, Result};

@@ -28,10 +28,10 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
-use crate::crl::{CrlRequest, RevocationCause, generate_crl};
-use crate::rotation::{RotationDecision, decide_for};
-use crate::settings::Pki;
-use crate::store;
+use cardpipe_pki::crl::{CrlRequest, RevocationCause, generate_crl};
+use cardpipe_pki::rotation::{RotationDecision, decide_for};
+use cardpipe_pki::settings::Pki;
+use cardpipe_pki::store;
 
 /// Object key of the newest CRL.
 pub const LATEST_CRL_KEY: &str = "crl/latest.crl";
@@ -250,7 +250,7 @@ async fn rotate_under_lease(
     let keystore = pki.keystore().clone();
     let hierarchy = current.hierarchy.clone();
     let next = tokio::task::spawn_blocking(move || {
-        crate::rotation::rotate(keystore.as_ref(), &hierarchy, now)
+        cardpipe_pki::rotation::rotate(keystore.as_ref(), &hierarchy, now)
     })
     .await??;
     let version = current.version + 1;

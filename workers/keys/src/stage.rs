@@ -2,8 +2,8 @@
 //! `personalize`.
 //!
 //! For one application it loads the sealed record and biometrics, issues the credential set
-//! ([`CardIssuer::issue`](crate::issue::CardIssuer::issue)), writes the
-//! [`CardCredentials`](crate::custody::CardCredentials) package (JSON; both private keys
+//! ([`CardIssuer::issue`](cardpipe_pki::issue::CardIssuer::issue)), writes the
+//! [`CardCredentials`](cardpipe_pki::custody::CardCredentials) package (JSON; both private keys
 //! wrapped under the encoder site's transport key, never clear) to
 //! `applications/<id>/credentials-<uuid>.json` — a fresh key per attempt, so an attempt that
 //! never commits is invisible — and completes with, in ONE transaction: the artifact
@@ -18,19 +18,18 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, Gender};
 use cardpipe_common::domain::{Application, ApplicationState};
 use cardpipe_common::records::{self, RecordError};
 use cardpipe_common::runtime::{Completion, ExtraWrites, JobContext, Permanent, Stage};
 use cardpipe_common::store::{StoreError, StoreTx};
 use futures::future::BoxFuture;
 
-use crate::crl::RevocationCause;
-use crate::lds::{self, AddressData, ChipDataInput, FingerprintTemplate, PersonalData};
 use crate::ops::{RotationOutcome, rotate_document_signer};
-use crate::rotation::{RotationDecision, decide_for};
-use crate::settings::Pki;
-use crate::store;
+use cardpipe_pki::crl::RevocationCause;
+use cardpipe_pki::lds;
+use cardpipe_pki::rotation::{RotationDecision, decide_for};
+use cardpipe_pki::settings::Pki;
+use cardpipe_pki::store;
 
 /// The stage name.
 pub const STAGE_NAME: &str = "keys";
@@ -55,39 +54,6 @@ impl KeysStage {
     /// A stage issuing through `pki`.
     pub fn new(pki: Arc<Pki>) -> Self {
         Self { pki }
-    }
-}
-
-/// The chip data of an applicant (DG1, DG2, DG3, DG11).
-pub fn chip_input(record: &ApplicantRecord, biometrics: &Biometrics) -> ChipDataInput {
-    ChipDataInput {
-        personal: PersonalData {
-            national_code: record.national_code.clone(),
-            first_name: record.first_name.clone(),
-            last_name: record.last_name.clone(),
-            father_name: record.father_name.clone(),
-            birth_date: record.birth_date,
-            birth_certificate_number: record.birth_certificate_number.clone(),
-            gender: match record.gender {
-                Gender::Male => lds::Gender::Male,
-                Gender::Female => lds::Gender::Female,
-            },
-        },
-        address: AddressData {
-            postal_code: record.postal_code.clone(),
-            address: record.address.clone(),
-        },
-        photo_jpeg: biometrics.photo_jpeg.clone(),
-        fingerprints: biometrics
-            .fingerprints
-            .iter()
-            .filter_map(|f| {
-                f.template.as_ref().map(|t| FingerprintTemplate {
-                    position: f.position,
-                    template: t.clone(),
-                })
-            })
-            .collect(),
     }
 }
 
@@ -142,7 +108,7 @@ impl Stage for KeysStage {
         let biometrics = records::load_biometrics(services, &app.id)
             .await
             .map_err(record_error)?;
-        let chip = chip_input(&record, &biometrics);
+        let chip = lds::chip_input(&record, &biometrics);
         drop(record);
         drop(biometrics);
 
@@ -156,7 +122,7 @@ impl Stage for KeysStage {
         })
         .await?
         .map_err(|e| match e {
-            crate::KeysError::Lds(_) | crate::KeysError::Invalid(_) => {
+            cardpipe_pki::KeysError::Lds(_) | cardpipe_pki::KeysError::Invalid(_) => {
                 anyhow::Error::from(Permanent(format!("chip data: {e}")))
             }
             other => other.into(),

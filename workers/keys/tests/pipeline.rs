@@ -21,20 +21,20 @@ use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, OutboxRow, Store};
 use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_keys::ca::CaHierarchy;
-use cardpipe_keys::citizen::CardKeyRole;
-use cardpipe_keys::crl::{RevocationCause, parse_crl};
-use cardpipe_keys::custody::{CardCredentials, TransportKey, unwrap};
-use cardpipe_keys::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
-use cardpipe_keys::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
 use cardpipe_keys::ops::{
     self, LATEST_CRL_KEY, RevocationSink, RotationOutcome, destroy_wrapped_keys, revoke_application,
 };
-use cardpipe_keys::pkix::to_pem;
-use cardpipe_keys::settings::{Pki, PkiConfig};
-use cardpipe_keys::sod::unwrap_ef_sod;
 use cardpipe_keys::stage::{CREDENTIALS_ARTIFACT, KeysStage};
-use cardpipe_keys::store as pki_store;
+use cardpipe_pki::ca::CaHierarchy;
+use cardpipe_pki::citizen::CardKeyRole;
+use cardpipe_pki::crl::{RevocationCause, parse_crl};
+use cardpipe_pki::custody::{CardCredentials, TransportKey, unwrap};
+use cardpipe_pki::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
+use cardpipe_pki::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
+use cardpipe_pki::pkix::to_pem;
+use cardpipe_pki::settings::{Pki, PkiConfig};
+use cardpipe_pki::sod::unwrap_ef_sod;
+use cardpipe_pki::store as pki_store;
 use sqlx::Row;
 use time::{Duration, OffsetDateTime};
 
@@ -74,7 +74,7 @@ fn clock() -> Arc<TestClock> {
 }
 
 fn record(i: usize) -> (ApplicantRecord, Biometrics) {
-    cardpipe_keys::lds::sample_applicant(1000 + i as u32, &format!("REG-{i}"))
+    cardpipe_pki::lds::sample_applicant(1000 + i as u32, &format!("REG-{i}"))
 }
 
 /// `n` applications in `dedup_clear` with sealed records and biometrics and a keys job.
@@ -535,7 +535,7 @@ async fn keys_stage_end_to_end(mode: Mode) {
     assert_eq!(usage.revoked_certificates, 4);
     assert_eq!(usage.documents_signed_current_ds, 3);
     assert_eq!(usage.last_crl_number, Some(second.number + 1));
-    let report = cardpipe_keys::ca::status(
+    let report = cardpipe_pki::ca::status(
         pki.keystore().as_ref(),
         &hierarchy,
         usage,

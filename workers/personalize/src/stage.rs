@@ -32,19 +32,19 @@ use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
 use cardpipe_common::records::{self, RecordError};
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
 use cardpipe_common::store::{Store, StoreError, StoreTx};
-use cardpipe_keys::citizen::CardKeyRole;
-use cardpipe_keys::custody::{self, CardCredentials, TransportKey};
+use cardpipe_pki::citizen::CardKeyRole;
+use cardpipe_pki::custody::{self, CardCredentials, TransportKey};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::Row;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::card_os::Faults;
-use crate::farm::{Farm, FarmSettings, InProcessSource, Outcome, PcscSource};
-use crate::reader::BlankStock;
-use crate::scp03::MasterKeys;
-use crate::script::{self, CardImage, PersoError, ScriptOptions};
+use cardpipe_card::card_os::Faults;
+use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource, Outcome, PcscSource};
+use cardpipe_card::reader::BlankStock;
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::script::{self, CardImage, PersoError, ScriptOptions};
 
 /// The stage name.
 pub const STAGE_NAME: &str = "personalize";
@@ -173,7 +173,7 @@ impl EncodersConfig {
 
     /// The transport key (from the config, or the embedded-mode file shared with `[pki]`).
     pub fn transport_key(&self, data_dir: &Path) -> anyhow::Result<TransportKey> {
-        let pki = cardpipe_keys::settings::PkiConfig {
+        let pki = cardpipe_pki::settings::PkiConfig {
             transport_key_id: self.transport_key_id.clone(),
             transport_key_hex: self.transport_key_hex.clone(),
             ..Default::default()
@@ -214,7 +214,7 @@ impl EncodersConfig {
         let latency = if self.encode_time_ms == 0 {
             Duration::ZERO
         } else {
-            let apdus = crate::bench::apdus_per_card(
+            let apdus = cardpipe_card::bench::apdus_per_card(
                 &script::sample_image(20_000, 0),
                 master,
                 &self.script(),
@@ -250,7 +250,7 @@ impl EncodersConfig {
             EncoderKind::Pcsc => {
                 // pcsc-lite is loaded at run time: a machine without it refuses here, with
                 // what to install, rather than logging failed reader scans forever.
-                crate::pcsc::library()
+                cardpipe_card::pcsc::library()
                     .map_err(|e| anyhow::anyhow!("[encoders] kind = \"pcsc\": {e}"))?;
                 Farm::new(
                     Box::new(PcscSource {
@@ -318,7 +318,7 @@ pub struct PersonalizeStage {
     script: ScriptOptions,
     max_blanks: u32,
     in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    blanks: Option<Arc<dyn crate::tray::BlankSource>>,
+    blanks: Option<Arc<dyn cardpipe_card::tray::BlankSource>>,
 }
 
 /// Marks an application as being handled in this process; removed on drop.
@@ -356,7 +356,7 @@ impl PersonalizeStage {
     }
 
     /// Takes blanks from `source` (the blank-card stock) instead of numbering them itself.
-    pub fn with_blank_source(mut self, source: Arc<dyn crate::tray::BlankSource>) -> Self {
+    pub fn with_blank_source(mut self, source: Arc<dyn cardpipe_card::tray::BlankSource>) -> Self {
         self.blanks = Some(source);
         self
     }
@@ -453,7 +453,7 @@ fn record_error(e: RecordError) -> anyhow::Error {
 }
 
 /// Eject, logging a failure (the card is accounted for either way).
-async fn eject(lease: &mut crate::farm::Lease) {
+async fn eject(lease: &mut cardpipe_card::farm::Lease) {
     match lease.run(|enc| enc.eject()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(encoder = lease.encoder(), error = %e, "eject failed"),
@@ -587,7 +587,7 @@ impl Stage for PersonalizeStage {
                     if let Ok(Some(card)) = lease.run(|enc| enc.take_ejected()).await {
                         self.farm.tray().deposit(
                             app.id.as_str(),
-                            crate::tray::TrayCard {
+                            cardpipe_card::tray::TrayCard {
                                 blank_serial: blank.clone(),
                                 encoder: encoder.clone(),
                                 card,
@@ -882,7 +882,7 @@ pub mod cards {
 /// best view (highest quality, then most minutiae) is re-encoded for the card; the record as
 /// sent stays in DG3 untouched. `None` when no view can be written in the card's format.
 fn card_reference_template(template: &[u8]) -> Option<Vec<u8>> {
-    let mut record = cardpipe_dedup::iso19794_2::parse(template).ok()?;
+    let mut record = cardpipe_biometrics::iso19794_2::parse(template).ok()?;
     let mut best = record
         .views
         .iter()
@@ -904,13 +904,13 @@ fn card_reference_template(template: &[u8]) -> Option<Vec<u8>> {
     best.extended_data.clear();
     record.views = vec![best];
     let bytes = record.to_bytes().ok()?;
-    crate::card_os::bio::parse_iso19794_2(&bytes).map(|_| bytes)
+    cardpipe_card::card_os::bio::parse_iso19794_2(&bytes).map(|_| bytes)
 }
 
 #[cfg(test)]
 mod card_reference_tests {
     use super::card_reference_template;
-    use crate::card_os::bio;
+    use cardpipe_card::card_os::bio;
 
     #[test]
     fn a_2005_record_stays_readable_by_the_card() {
@@ -971,7 +971,7 @@ mod card_reference_tests {
                 .collect()
         };
         let v2011 = record_2011(&[(20, minutiae(14)), (70, minutiae(30))]);
-        cardpipe_dedup::iso19794_2::parse(&v2011).expect("a valid 2011 record");
+        cardpipe_biometrics::iso19794_2::parse(&v2011).expect("a valid 2011 record");
         assert!(
             bio::parse_iso19794_2(&v2011).is_none(),
             "the card cannot read 2011"

@@ -12,17 +12,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cardpipe_card::card_os::Faults;
+use cardpipe_card::card_os::profile::*;
+use cardpipe_card::farm::{EncoderSource, Farm, FarmSettings};
+use cardpipe_card::pcsc_harness::{PYTHON, PcscTest, Tool, with_private_pcscd};
+use cardpipe_card::reader::{self, BlankStock, CardChannel, Encoder, PcscEncoder, ReaderError};
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::simulate::{SimConfig, Simulation};
+use cardpipe_card::vpcd::SlotHandle;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_personalize::card_os::Faults;
-use cardpipe_personalize::card_os::profile::*;
-use cardpipe_personalize::farm::{EncoderSource, Farm, FarmSettings};
-use cardpipe_personalize::pcsc_harness::{PYTHON, PcscTest, Tool, with_private_pcscd};
-use cardpipe_personalize::reader::{
-    self, BlankStock, CardChannel, Encoder, PcscEncoder, ReaderError,
-};
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::simulate::{SimConfig, Simulation};
-use cardpipe_personalize::vpcd::SlotHandle;
 
 /// This file's private-pcscd test settings.
 fn pcsc(name: &str) -> PcscTest<'_> {

@@ -9,15 +9,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cardpipe_card::card_os::Faults;
+use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource};
+use cardpipe_card::reader::BlankStock;
+use cardpipe_card::scp03::MasterKeys;
 use cardpipe_common::broker::Job;
 use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::runtime::{JobContext, Stage};
 use cardpipe_common::telemetry::metrics::JobOutcome;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_personalize::card_os::Faults;
-use cardpipe_personalize::farm::{Farm, FarmSettings, InProcessSource};
-use cardpipe_personalize::reader::BlankStock;
-use cardpipe_personalize::scp03::MasterKeys;
 use cardpipe_personalize::stage::cards;
 
 use common::*;
@@ -315,9 +315,9 @@ async fn health_takes_a_failing_encoder_out_and_operators_put_it_back() {
             acquire_timeout: Duration::from_millis(300),
         },
     );
-    let image = Arc::new(cardpipe_personalize::script::sample_image(2000, 1));
-    let opts = cardpipe_personalize::script::ScriptOptions::default();
-    let (ok, _) = cardpipe_personalize::farm::drive(
+    let image = Arc::new(cardpipe_card::script::sample_image(2000, 1));
+    let opts = cardpipe_card::script::ScriptOptions::default();
+    let (ok, _) = cardpipe_card::farm::drive(
         &farm,
         5,
         image.clone(),
@@ -356,9 +356,9 @@ async fn farm_throughput_against_the_physical_limit() {
         (32, 8.0, 0.01, 10)
     };
     let master = MasterKeys::test_keys();
-    let image = Arc::new(cardpipe_personalize::script::sample_image(20_000, 1));
-    let opts = cardpipe_personalize::script::ScriptOptions::extended();
-    let (apdus, _) = cardpipe_personalize::bench::apdus_per_card(&image, &master, &opts).unwrap();
+    let image = Arc::new(cardpipe_card::script::sample_image(20_000, 1));
+    let opts = cardpipe_card::script::ScriptOptions::extended();
+    let (apdus, _) = cardpipe_card::bench::apdus_per_card(&image, &master, &opts).unwrap();
     let latency = Duration::from_secs_f64(t * scale) / apdus as u32;
     let stock = Arc::new(BlankStock::new(master.clone(), 0xB1, move |_| Faults {
         apdu_latency: latency,
@@ -369,8 +369,7 @@ async fn farm_throughput_against_the_physical_limit() {
         FarmSettings::default(),
     );
     let (ok, wall) =
-        cardpipe_personalize::farm::drive(&farm, n * per, image, Arc::new(master), opts, 2 * n)
-            .await;
+        cardpipe_card::farm::drive(&farm, n * per, image, Arc::new(master), opts, 2 * n).await;
     let real = wall.as_secs_f64() / scale;
     let per_hour = ok as f64 * 3600.0 / real;
     let limit = n as f64 * 3600.0 / t;

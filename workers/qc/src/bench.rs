@@ -12,17 +12,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cardpipe_keys::ca::{CaConfig, CaHierarchy, init};
-use cardpipe_keys::citizen::{CardKeyRole, CitizenProfiles};
-use cardpipe_keys::custody::{self, CardCredentials, TransportKey};
-use cardpipe_keys::issue::CardIssuer;
-use cardpipe_keys::keystore::{FileKeyStore, KdfParams};
-use cardpipe_keys::sod::SodSigner;
-use cardpipe_personalize::card_os::profile::*;
-use cardpipe_personalize::card_os::{Card, Defect};
-use cardpipe_personalize::reader::{BlankStock, Encoder, InProcessEncoder};
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::script::{self, CardImage, ScriptOptions};
+use cardpipe_card::card_os::profile::*;
+use cardpipe_card::card_os::{Card, Defect};
+use cardpipe_card::reader::{BlankStock, Encoder, InProcessEncoder};
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::script::{self, CardImage, ScriptOptions};
+use cardpipe_pki::ca::{CaConfig, CaHierarchy, init};
+use cardpipe_pki::citizen::{CardKeyRole, CitizenProfiles};
+use cardpipe_pki::custody::{self, CardCredentials, TransportKey};
+use cardpipe_pki::issue::CardIssuer;
+use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
+use cardpipe_pki::sod::SodSigner;
 use secrecy::SecretString;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -157,7 +157,7 @@ impl Fixture {
 
     /// Issues a credentials package for card `card_ref` (sample chip data `seed`).
     pub fn credentials(&self, card_ref: &str, seed: u32) -> anyhow::Result<CardCredentials> {
-        let input = cardpipe_keys::lds::sample_input(seed);
+        let input = cardpipe_pki::lds::sample_input(seed);
         Ok(self.issuer.issue(
             card_ref,
             &input,
@@ -183,9 +183,7 @@ impl Fixture {
             id_pin: Zeroizing::new(ID_PIN.to_vec()),
             sign_pin: Zeroizing::new(SIGN_PIN.to_vec()),
             puk: Zeroizing::new(PUK_VALUE.to_vec()),
-            fingerprint_reference: Zeroizing::new(
-                cardpipe_personalize::card_os::bio::example_record(),
-            ),
+            fingerprint_reference: Zeroizing::new(cardpipe_card::card_os::bio::example_record()),
         })
     }
 

@@ -21,14 +21,14 @@
 
 use std::time::Instant;
 
-use cardpipe_keys::ca::CaHierarchy;
-use cardpipe_keys::lds::{self, DataGroup};
-use cardpipe_keys::pkix::{AT_SERIAL_NUMBER, PublicKey, verify_certificate_signature};
-use cardpipe_keys::sod::verify_sod;
-use cardpipe_personalize::apdu::{Command, sw};
-use cardpipe_personalize::card_os::profile::*;
-use cardpipe_personalize::reader::CardChannel;
-use cardpipe_personalize::script::{self, PersoError};
+use cardpipe_card::apdu::{Command, sw};
+use cardpipe_card::card_os::profile::*;
+use cardpipe_card::reader::CardChannel;
+use cardpipe_card::script::{self, PersoError};
+use cardpipe_pki::ca::CaHierarchy;
+use cardpipe_pki::lds::{self, DataGroup};
+use cardpipe_pki::pkix::{AT_SERIAL_NUMBER, PublicKey, verify_certificate_signature};
+use cardpipe_pki::sod::verify_sod;
 use der::Decode;
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
@@ -197,7 +197,7 @@ impl Recorder {
 }
 
 fn status(
-    r: &Result<cardpipe_personalize::apdu::Response, cardpipe_personalize::reader::ReaderError>,
+    r: &Result<cardpipe_card::apdu::Response, cardpipe_card::reader::ReaderError>,
 ) -> Result<u16, String> {
     match r {
         Ok(resp) => Ok(resp.sw),

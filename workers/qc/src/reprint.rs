@@ -20,7 +20,7 @@ use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, StoreError, StoreTx, Transition};
-use cardpipe_keys::crl::RevocationCause;
+use cardpipe_pki::crl::RevocationCause;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 

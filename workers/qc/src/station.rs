@@ -4,7 +4,7 @@
 //!   personalize and QC share one process). The card OS chip is inserted into an in-process
 //!   reader.
 //! - [`Stations::Line`]: the QC station readers of the production machine's line. The line
-//!   controller ([`cardpipe_personalize::line`]) brings the card — found on the transport by
+//!   controller ([`cardpipe_card::line`]) brings the card — found on the transport by
 //!   its recorded chip serial — into a free station; QC talks to it through pcscd like any
 //!   reader, then sends it to the stacker (passed) or the reject bin. Nothing is shared in
 //!   memory with the personalize worker, so QC can run in its own process.
@@ -16,10 +16,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cardpipe_personalize::line::{LineClient, LineError};
-use cardpipe_personalize::reader::{self, BlankStock, CardChannel, Encoder, InProcessEncoder};
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::tray::{OutputTray, TrayCard};
+use cardpipe_card::line::{LineClient, LineError};
+use cardpipe_card::reader::{self, BlankStock, CardChannel, Encoder, InProcessEncoder};
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::tray::{OutputTray, TrayCard};
 use serde::Deserialize;
 
 use crate::check::{CheckResult, Inspection, Reason};

@@ -23,11 +23,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cardpipe_card::tray::BlankSource;
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Dialect, StoreError, StoreTx};
-use cardpipe_personalize::tray::BlankSource;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;

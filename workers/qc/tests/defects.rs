@@ -2,7 +2,7 @@
 //! credentials (cardpipe-keys), a real chip (the card OS) personalized over SCP03, defects
 //! planted the way an unnoticed encoder or EEPROM fault would leave them.
 
-use cardpipe_personalize::card_os::profile::*;
+use cardpipe_card::card_os::profile::*;
 use cardpipe_qc::bench::{Fixture, Planted};
 use cardpipe_qc::check::Reason;
 
@@ -74,7 +74,7 @@ fn a_signature_key_not_on_chip_and_pins_out_of_transport_state_are_caught() {
     let creds = fx.credentials("APP-SIGN", 7).unwrap();
     let mut card = fx.personalize(&creds).unwrap();
     let chip = card.serial().to_hex();
-    card.inject_defect(&cardpipe_personalize::card_os::Defect::ReplaceKey { key_ref: KEY_SIGN });
+    card.inject_defect(&cardpipe_card::card_os::Defect::ReplaceKey { key_ref: KEY_SIGN });
     let inspection = fx.inspect(card, &creds, &chip);
     assert_eq!(inspection.verdict(), Some(Reason::KeyNotOnChip));
     assert_eq!(inspection.first_failure().unwrap().name, "sign_key_on_chip");
@@ -82,20 +82,20 @@ fn a_signature_key_not_on_chip_and_pins_out_of_transport_state_are_caught() {
     // A card personalized with other PINs than the site's transport PINs.
     let mut image = fx.image(&creds).unwrap();
     image.id_pin = zeroize::Zeroizing::new(b"999999".to_vec());
-    let mut enc = cardpipe_personalize::reader::InProcessEncoder::new(
+    let mut enc = cardpipe_card::reader::InProcessEncoder::new(
         "enc",
-        std::sync::Arc::new(cardpipe_personalize::reader::BlankStock::healthy(
-            cardpipe_personalize::scp03::MasterKeys::test_keys(),
+        std::sync::Arc::new(cardpipe_card::reader::BlankStock::healthy(
+            cardpipe_card::scp03::MasterKeys::test_keys(),
             9,
         )),
     );
-    use cardpipe_personalize::reader::Encoder;
+    use cardpipe_card::reader::Encoder;
     enc.insert().unwrap();
-    cardpipe_personalize::script::personalize(
+    cardpipe_card::script::personalize(
         &mut enc,
         &image,
         &fx.master,
-        &cardpipe_personalize::script::ScriptOptions::extended(),
+        &cardpipe_card::script::ScriptOptions::extended(),
     )
     .unwrap();
     enc.eject().unwrap();
@@ -117,7 +117,7 @@ fn a_certificate_of_another_card_is_refused() {
     let mut card = fx.personalize(&creds).unwrap();
     let chip = card.serial().to_hex();
     // C001 holds another citizen's (validly issued) certificate.
-    card.inject_defect(&cardpipe_personalize::card_os::Defect::ReplaceFile {
+    card.inject_defect(&cardpipe_card::card_os::Defect::ReplaceFile {
         app: App::Eid,
         fid: EF_CERT_AUTH,
         data: other.authentication_certificate.der.clone(),

@@ -16,6 +16,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use cardpipe_card::card_os::profile::*;
+use cardpipe_card::card_os::{Defect, Faults};
+use cardpipe_card::farm::{EncoderSource, Farm, FarmSettings};
+use cardpipe_card::pcsc_harness::{PcscTest, with_private_pcscd};
+use cardpipe_card::reader::{self, BlankStock, Encoder, PcscEncoder, ReaderError};
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::script::ScriptOptions;
+use cardpipe_card::simulate::{SimConfig, Simulation};
+use cardpipe_card::vpcd::SlotHandle;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, FingerprintEntry};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
@@ -25,18 +34,9 @@ use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_keys::settings::{Pki, PkiConfig};
 use cardpipe_keys::stage::KeysStage;
-use cardpipe_personalize::card_os::profile::*;
-use cardpipe_personalize::card_os::{Defect, Faults};
-use cardpipe_personalize::farm::{EncoderSource, Farm, FarmSettings};
-use cardpipe_personalize::pcsc_harness::{PcscTest, with_private_pcscd};
-use cardpipe_personalize::reader::{self, BlankStock, Encoder, PcscEncoder, ReaderError};
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::script::ScriptOptions;
-use cardpipe_personalize::simulate::{SimConfig, Simulation};
 use cardpipe_personalize::stage::{EncodersConfig, PersonalizeStage, SiteSecrets, cards};
-use cardpipe_personalize::vpcd::SlotHandle;
+use cardpipe_pki::settings::{Pki, PkiConfig};
 use cardpipe_qc::check::Reason;
 use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
 use cardpipe_qc::station::{LineStations, StationKind, Stations};
@@ -92,12 +92,12 @@ impl EncoderSource for MachineEncoders {
 /// the template match-on-card is personalized with.
 fn record(i: usize) -> (ApplicantRecord, Biometrics) {
     let (record, mut biometrics) =
-        cardpipe_keys::lds::sample_applicant(4000 + i as u32, &format!("REG-{i}"));
+        cardpipe_pki::lds::sample_applicant(4000 + i as u32, &format!("REG-{i}"));
     biometrics.fingerprints = [1u8, 6]
         .iter()
         .map(|&p| FingerprintEntry {
             position: p,
-            template: Some(cardpipe_personalize::card_os::bio::example_record()),
+            template: Some(cardpipe_card::card_os::bio::example_record()),
             missing_reason: None,
         })
         .collect();
@@ -176,7 +176,7 @@ fn qc_reads_cards_at_the_line_station_through_pcscd() {
                 "{names:?}"
             );
             // ... but a PC/SC farm configured as pipeline.toml ships never feeds blanks to it.
-            let farm_sees = cardpipe_personalize::farm::PcscSource {
+            let farm_sees = cardpipe_card::farm::PcscSource {
                 insert_timeout: Duration::from_secs(1),
                 skip_readers: EncodersConfig::default().skip_readers,
             }
@@ -261,7 +261,7 @@ fn qc_reads_cards_at_the_line_station_through_pcscd() {
                 let stations = LineStations::connect(&controller, Duration::from_secs(5)).unwrap();
                 let spare = stations.clone();
                 let qc = QcStage::new(
-                    cardpipe_personalize::tray::OutputTray::new(),
+                    cardpipe_card::tray::OutputTray::new(),
                     pki.clone(),
                     encoders.pins(),
                     qc_config,

@@ -14,6 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use cardpipe_card::card_os::profile::*;
+use cardpipe_card::card_os::{Card, Defect, Faults};
+use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource};
+use cardpipe_card::reader::BlankStock;
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::script::ScriptOptions;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, FingerprintEntry};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
@@ -23,18 +29,12 @@ use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_keys::keystore::{FileKeyStore, KdfParams};
-use cardpipe_keys::lds::DataGroup;
-use cardpipe_keys::settings::{Pki, PkiConfig};
-use cardpipe_keys::sod::SodSigner;
 use cardpipe_keys::stage::KeysStage;
-use cardpipe_personalize::card_os::profile::*;
-use cardpipe_personalize::card_os::{Card, Defect, Faults};
-use cardpipe_personalize::farm::{Farm, FarmSettings, InProcessSource};
-use cardpipe_personalize::reader::BlankStock;
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::script::ScriptOptions;
 use cardpipe_personalize::stage::{EncodersConfig, PersonalizeStage, SiteSecrets, cards};
+use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
+use cardpipe_pki::lds::DataGroup;
+use cardpipe_pki::settings::{Pki, PkiConfig};
+use cardpipe_pki::sod::SodSigner;
 use cardpipe_qc::check::Reason;
 use cardpipe_qc::reprint::{self, ReprintReason, Requester};
 use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
@@ -46,12 +46,12 @@ use sqlx::Row;
 /// the template match-on-card is personalized with.
 fn record(i: usize) -> (ApplicantRecord, Biometrics) {
     let (record, mut biometrics) =
-        cardpipe_keys::lds::sample_applicant(4000 + i as u32, &format!("REG-{i}"));
+        cardpipe_pki::lds::sample_applicant(4000 + i as u32, &format!("REG-{i}"));
     biometrics.fingerprints = [1u8, 6]
         .iter()
         .map(|&p| FingerprintEntry {
             position: p,
-            template: Some(cardpipe_personalize::card_os::bio::example_record()),
+            template: Some(cardpipe_card::card_os::bio::example_record()),
             missing_reason: None,
         })
         .collect();
@@ -243,7 +243,7 @@ fn rogue_signer() -> (tempfile::TempDir, Arc<SodSigner>) {
         .unwrap(),
     );
     let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-    let h = cardpipe_keys::ca::init(store.as_ref(), &cardpipe_keys::ca::CaConfig::default(), now)
+    let h = cardpipe_pki::ca::init(store.as_ref(), &cardpipe_pki::ca::CaConfig::default(), now)
         .unwrap();
     let signer = SodSigner::new(store, &h.document_signer).unwrap();
     (dir, Arc::new(signer))
@@ -455,7 +455,7 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         out.old_blank_serial.as_deref(),
         Some(old_card.blank_serial.as_str())
     );
-    let certs = cardpipe_keys::store::certificates_of(&services.store, &target)
+    let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
         .await
         .unwrap();
     assert_eq!(
@@ -489,7 +489,7 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         rows.iter()
             .any(|r| r.blank_serial == old_card.blank_serial && r.state == "recalled")
     );
-    let certs = cardpipe_keys::store::certificates_of(&services.store, &target)
+    let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
         .await
         .unwrap();
     assert_eq!(certs.len(), 4, "{certs:?}");

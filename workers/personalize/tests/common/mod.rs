@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cardpipe_card::farm::Farm;
+use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::script::ScriptOptions;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, FingerprintEntry};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
@@ -15,15 +18,12 @@ use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::stages::StepStage;
-use cardpipe_keys::ca::{CaConfig, init};
-use cardpipe_keys::citizen::CitizenProfiles;
-use cardpipe_keys::custody::{CardCredentials, TransportKey};
-use cardpipe_keys::issue::CardIssuer;
-use cardpipe_keys::keystore::{FileKeyStore, KdfParams};
-use cardpipe_personalize::farm::Farm;
-use cardpipe_personalize::scp03::MasterKeys;
-use cardpipe_personalize::script::ScriptOptions;
 use cardpipe_personalize::stage::{PersonalizeStage, SiteSecrets, TransportPins, cards};
+use cardpipe_pki::ca::{CaConfig, init};
+use cardpipe_pki::citizen::CitizenProfiles;
+use cardpipe_pki::custody::{CardCredentials, TransportKey};
+use cardpipe_pki::issue::CardIssuer;
+use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
 use secrecy::SecretString;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -83,12 +83,12 @@ fn fingerprint(position: u8) -> Vec<u8> {
     // A valid ISO/IEC 19794-2 record (the card OS's example) for the match-on-card
     // reference; the finger position is only in DG3's header.
     let _ = position;
-    cardpipe_personalize::card_os::bio::example_record()
+    cardpipe_card::card_os::bio::example_record()
 }
 
 pub fn record(i: usize) -> (ApplicantRecord, Biometrics) {
     let (record, mut biometrics) =
-        cardpipe_keys::lds::sample_applicant(2000 + i as u32, &format!("REG-{i}"));
+        cardpipe_pki::lds::sample_applicant(2000 + i as u32, &format!("REG-{i}"));
     biometrics.fingerprints = [1u8, 6]
         .iter()
         .map(|&p| FingerprintEntry {
@@ -113,7 +113,7 @@ pub async fn seed(
     for i in 0..n {
         let id = ApplicationId::generate();
         let (rec, bio) = record(i);
-        let chip = cardpipe_keys::stage::chip_input(&rec, &bio);
+        let chip = cardpipe_pki::lds::chip_input(&rec, &bio);
         let creds = pki
             .issuer
             .issue(
