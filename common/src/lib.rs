@@ -2,6 +2,8 @@
 //!
 //! Everything the stages of the card production pipeline share. A tour:
 //!
+//! * [`contract`]: how one stage asks another for work it owns (outbox topics,
+//!   queue names, payloads) — stage crates never call each other.
 //! * [`domain`]: applications, batches, cards, and the application state
 //!   machine — one checked transition function.
 //! * [`clock`]: the `Clock` every time rule reads; a test clock moves on demand.
@@ -16,8 +18,12 @@
 //!   with retries, parking, crash recovery and graceful shutdown.
 //! * [`config`]: `pipeline.toml` layered with environment overrides, checked
 //!   apart from building; [`backends`] builds what it names.
+//! * [`solar_hijri`]: Solar Hijri dates and Persian digits for citizen-facing text
+//!   (ICU4X's Persian calendar).
 //! * [`cpu`]: the calling thread's CPU clock, so benchmarks report per-core rates.
 //! * [`telemetry`]: logs, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
+//! * [`discrepancies`]: office discrepancies, raised by delivery and resolved by
+//!   supervisors in the console.
 //! * [`audit`]: the append-only, hash-chained log of operator and registry actions.
 //!
 //! A stage never learns which backend it runs on: it gets [`runtime::Services`].
@@ -27,12 +33,15 @@ pub mod backends;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod contract;
 pub mod cpu;
+pub mod discrepancies;
 pub mod domain;
 pub mod envelope;
 pub mod objects;
 pub mod records;
 pub mod runtime;
+pub mod solar_hijri;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

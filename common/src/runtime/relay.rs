@@ -90,6 +90,17 @@ impl Relay {
         self
     }
 
+    /// Adds sinks for other topics, as (topic, sink) pairs (e.g. a stage's sinks).
+    pub fn with_sinks(
+        mut self,
+        sinks: impl IntoIterator<Item = (&'static str, Arc<dyn OutboxSink>)>,
+    ) -> Self {
+        for (topic, sink) in sinks {
+            self.sinks.insert(topic.to_owned(), sink);
+        }
+        self
+    }
+
     /// Adds a sink for another topic (e.g. registry callbacks).
     pub fn with_sink(mut self, topic: &str, sink: Arc<dyn OutboxSink>) -> Self {
         self.sinks.insert(topic.to_owned(), sink);

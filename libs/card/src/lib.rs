@@ -21,6 +21,8 @@
 //! - [`farm`]: the encoder farm (async pool over blocking encoders, hot plug, health,
 //!   yield, metrics).
 //! - [`pcsc_harness`]: runs a test against its own private pcscd (integration tests only).
+//! - [`config`]: the `[encoders]` section and the farm it builds; [`cards`]: the `cards`
+//!   table accounting for every blank.
 //! - [`tray`]: the output tray personalized cards wait in for QC, and the blank-card source
 //!   (stock) the feed takes blanks from.
 //!
@@ -30,6 +32,8 @@
 pub mod apdu;
 pub mod bench;
 pub mod card_os;
+pub mod cards;
+pub mod config;
 pub mod cplc;
 pub mod farm;
 pub mod line;

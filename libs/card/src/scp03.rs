@@ -343,7 +343,7 @@ fn counter_block(counter: u128) -> [u8; 16] {
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
 
 /// Host side before EXTERNAL AUTHENTICATE.

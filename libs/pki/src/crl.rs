@@ -31,29 +31,15 @@ use crate::pkix::{
 };
 use crate::{KeysError, Result};
 
-/// Why a card's certificates are revoked (pipeline vocabulary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RevocationCause {
-    /// Not collected within six months.
-    Voided,
-    /// Application withdrawn by the registry.
-    Cancelled,
-    /// Card reported lost.
-    Lost,
-    /// Replaced by a reprint.
-    Reprinted,
-}
+use cardpipe_common::contract::RevocationCause;
 
-impl RevocationCause {
-    /// The RFC 5280 reason code.
-    pub fn reason(self) -> CrlReason {
-        match self {
-            RevocationCause::Lost => CrlReason::KeyCompromise,
-            RevocationCause::Cancelled => CrlReason::AffiliationChanged,
-            RevocationCause::Reprinted => CrlReason::Superseded,
-            RevocationCause::Voided => CrlReason::CessationOfOperation,
-        }
+/// The RFC 5280 reason code of a pipeline revocation cause.
+pub fn reason_code(cause: RevocationCause) -> CrlReason {
+    match cause {
+        RevocationCause::Lost => CrlReason::KeyCompromise,
+        RevocationCause::Cancelled => CrlReason::AffiliationChanged,
+        RevocationCause::Reprinted => CrlReason::Superseded,
+        RevocationCause::Voided => CrlReason::CessationOfOperation,
     }
 }
 
@@ -135,7 +121,7 @@ pub fn generate_crl(
         entries.push(RevokedCert {
             serial_number: SerialNumber::new(&bytes)?,
             revocation_date: x509_time(r.revoked_at)?,
-            crl_entry_extensions: Some(vec![extension(&r.cause.reason(), false)?]),
+            crl_entry_extensions: Some(vec![extension(&reason_code(r.cause), false)?]),
         });
     }
     let number_bytes = request.number.to_be_bytes();
@@ -300,9 +286,12 @@ mod tests {
         };
         let empty = generate_crl(store.as_ref(), &h.issuing, &[], next).unwrap();
         assert_eq!(parse_crl(&empty.der, &h.issuing).unwrap().revoked, vec![]);
-        assert_eq!(RevocationCause::Reprinted.reason(), CrlReason::Superseded);
         assert_eq!(
-            RevocationCause::Cancelled.reason(),
+            reason_code(RevocationCause::Reprinted),
+            CrlReason::Superseded
+        );
+        assert_eq!(
+            reason_code(RevocationCause::Cancelled),
             CrlReason::AffiliationChanged
         );
     }

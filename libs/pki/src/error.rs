@@ -80,3 +80,9 @@ impl KeysError {
         move |source| KeysError::Pkcs11 { context, source }
     }
 }
+
+impl From<crate::tlv::TlvError> for KeysError {
+    fn from(e: crate::tlv::TlvError) -> Self {
+        KeysError::Lds(e.0)
+    }
+}

@@ -53,6 +53,6 @@ pub mod rotation;
 pub mod settings;
 pub mod sod;
 pub mod store;
-mod tlv;
+pub mod tlv;
 
 pub use error::{KeysError, Result};

@@ -375,24 +375,10 @@ pub fn serial_hex(serial: &SerialNumber) -> String {
 /// times cheaper than re-encoding the whole structure tree per card; the tests parse the
 /// results back with the `x509-cert`/`cms` decoders and check the encoding is canonical.
 pub(crate) mod derw {
-    /// Appends a definite-length DER length.
-    pub(crate) fn len(out: &mut Vec<u8>, n: usize) {
-        if n < 0x80 {
-            out.push(n as u8);
-        } else if n <= 0xFF {
-            out.extend_from_slice(&[0x81, n as u8]);
-        } else if n <= 0xFFFF {
-            out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
-        } else {
-            out.extend_from_slice(&[0x83, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-        }
-    }
-
-    /// Appends `tag || len || content`.
+    /// Appends `tag || len || content` (DER's minimal definite length: the BER-TLV codec,
+    /// [`crate::tlv`], writes exactly that).
     pub(crate) fn put(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
-        out.push(tag);
-        len(out, content.len());
-        out.extend_from_slice(content);
+        crate::tlv::put(out, u32::from(tag), content);
     }
 
     /// `tag || len || content` as a new vector.

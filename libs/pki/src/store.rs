@@ -10,7 +10,8 @@ use time::OffsetDateTime;
 
 use crate::ca::{CaHierarchy, UsageCounts};
 use crate::citizen::IssuedCertificate;
-use crate::crl::{RevocationCause, RevokedCertificate};
+use crate::crl::RevokedCertificate;
+use cardpipe_common::contract::RevocationCause;
 
 fn corrupt(table: &'static str, column: &'static str, message: impl ToString) -> StoreError {
     StoreError::Corrupt {
@@ -218,14 +219,52 @@ pub async fn revoke_tx(
     Ok(done.rows_affected())
 }
 
+/// Marks the listed certificates of `app` revoked (those still valid), in the caller's
+/// transaction. A revocation requested for one card must not reach the certificates of the
+/// card that replaces it, so requests name the serials they mean.
+pub async fn revoke_serials_tx(
+    tx: &mut StoreTx,
+    app: &ApplicationId,
+    serials: &[String],
+    cause: RevocationCause,
+    at: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for serial in serials {
+        let done = sqlx::query(
+            "UPDATE certificates SET status = 'revoked', revoked_at = $1, revocation_cause = $2
+             WHERE application_id = $3 AND serial = $4 AND status = 'valid'",
+        )
+        .bind(to_rfc3339(at))
+        .bind(cause_name(cause))
+        .bind(app.as_str())
+        .bind(serial)
+        .execute(&mut **tx)
+        .await?;
+        n += done.rows_affected();
+    }
+    Ok(n)
+}
+
+/// Serials of the valid certificates of `app`, read in the caller's transaction.
+pub async fn valid_serials_tx(
+    tx: &mut StoreTx,
+    app: &ApplicationId,
+) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT serial FROM certificates WHERE application_id = $1 AND status = 'valid' ORDER BY serial",
+    )
+    .bind(app.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("serial").map_err(StoreError::from))
+        .collect()
+}
+
 /// Stable text of a cause (as stored).
 pub fn cause_name(cause: RevocationCause) -> &'static str {
-    match cause {
-        RevocationCause::Voided => "voided",
-        RevocationCause::Cancelled => "cancelled",
-        RevocationCause::Lost => "lost",
-        RevocationCause::Reprinted => "reprinted",
-    }
+    cause.as_str()
 }
 
 fn parse_cause(s: &str) -> Result<RevocationCause, StoreError> {

@@ -1,10 +1,16 @@
-//! Minimal BER-TLV (ISO/IEC 7816-4 / ICAO Doc 9303-10): tags up to three bytes, definite
-//! lengths up to four length bytes. Enough for the LDS; nothing else in the crate needs it.
+//! BER-TLV (ISO/IEC 7816-4 / ICAO Doc 9303-10): tags up to three bytes, definite lengths up
+//! to four length bytes. The one codec of the workspace: the LDS data groups and EF.SOD here,
+//! and the card OS's and the personalization script's data objects (`cardpipe-card`).
 
-use crate::{KeysError, Result};
+/// A malformed TLV (what was wrong, never the bytes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("BER-TLV: {0}")]
+pub struct TlvError(pub String);
+
+type Result<T> = std::result::Result<T, TlvError>;
 
 /// Appends one TLV.
-pub(crate) fn put(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
+pub fn put(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
     if tag > 0xFFFF {
         out.extend_from_slice(&[(tag >> 16) as u8, (tag >> 8) as u8, tag as u8]);
     } else if tag > 0xFF {
@@ -34,7 +40,7 @@ pub(crate) fn put(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
 }
 
 /// A TLV with a constructed value built by `f`.
-pub(crate) fn nest(out: &mut Vec<u8>, tag: u32, f: impl FnOnce(&mut Vec<u8>)) {
+pub fn nest(out: &mut Vec<u8>, tag: u32, f: impl FnOnce(&mut Vec<u8>)) {
     let mut inner = Vec::new();
     f(&mut inner);
     put(out, tag, &inner);
@@ -42,17 +48,29 @@ pub(crate) fn nest(out: &mut Vec<u8>, tag: u32, f: impl FnOnce(&mut Vec<u8>)) {
 
 /// One parsed TLV.
 #[derive(Clone, Copy)]
-pub(crate) struct Tlv<'a> {
+pub struct Tlv<'a> {
+    /// The tag (up to three bytes, big-endian).
     pub tag: u32,
+    /// The value.
     pub value: &'a [u8],
 }
 
-fn err(msg: &str) -> KeysError {
-    KeysError::Lds(msg.to_owned())
+impl std::fmt::Debug for Tlv<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The value may be personal data: only its length.
+        f.debug_struct("Tlv")
+            .field("tag", &format_args!("{:X}", self.tag))
+            .field("len", &self.value.len())
+            .finish()
+    }
+}
+
+fn err(msg: &str) -> TlvError {
+    TlvError(msg.to_owned())
 }
 
 /// Parses one TLV from the front of `input`, returning it and the rest.
-pub(crate) fn take(input: &[u8]) -> Result<(Tlv<'_>, &[u8])> {
+pub fn take(input: &[u8]) -> Result<(Tlv<'_>, &[u8])> {
     let (&first, mut rest) = input.split_first().ok_or_else(|| err("truncated tag"))?;
     let mut tag = u32::from(first);
     if first & 0x1F == 0x1F {
@@ -91,10 +109,10 @@ pub(crate) fn take(input: &[u8]) -> Result<(Tlv<'_>, &[u8])> {
 }
 
 /// Parses exactly one TLV that must fill `input` and carry `tag`.
-pub(crate) fn expect<'a>(input: &'a [u8], tag: u32, what: &str) -> Result<&'a [u8]> {
+pub fn expect<'a>(input: &'a [u8], tag: u32, what: &str) -> Result<&'a [u8]> {
     let (tlv, rest) = take(input)?;
     if tlv.tag != tag || !rest.is_empty() {
-        return Err(KeysError::Lds(format!(
+        return Err(TlvError(format!(
             "{what}: expected a single {tag:X} template"
         )));
     }
@@ -102,7 +120,7 @@ pub(crate) fn expect<'a>(input: &'a [u8], tag: u32, what: &str) -> Result<&'a [u
 }
 
 /// Splits a constructed value into its TLVs.
-pub(crate) fn children(mut input: &[u8]) -> Result<Vec<Tlv<'_>>> {
+pub fn children(mut input: &[u8]) -> Result<Vec<Tlv<'_>>> {
     let mut out = Vec::new();
     while !input.is_empty() {
         let (tlv, rest) = take(input)?;

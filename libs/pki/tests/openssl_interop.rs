@@ -5,9 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
+use cardpipe_common::contract::RevocationCause;
 use cardpipe_pki::ca::{CaConfig, CaHierarchy, init};
 use cardpipe_pki::citizen::CitizenProfiles;
-use cardpipe_pki::crl::{CrlRequest, RevocationCause, RevokedCertificate, generate_crl};
+use cardpipe_pki::crl::{CrlRequest, RevokedCertificate, generate_crl};
 use cardpipe_pki::custody::{CardCredentials, TransportKey};
 use cardpipe_pki::issue::CardIssuer;
 use cardpipe_pki::keystore::{FileKeyStore, KdfParams};

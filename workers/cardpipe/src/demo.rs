@@ -1,7 +1,7 @@
 //! `cardpipe run --demo N`: one night of the production centre, on any machine.
 //!
 //! The demo plays the civil registry: it generates a nightly batch of `N` applicants
-//! (`cardpipe_intake::synth`: Persian names, valid national codes, ten ISO/IEC 19794-2
+//! (`cardpipe_registry::synth`: Persian names, valid national codes, ten ISO/IEC 19794-2
 //! templates and a portrait each; a few applicants enrolled twice so deduplication has
 //! something to find, and one record of every kind the registry contract rejects), submits it
 //! through the same intake path as the registry API (streamed, validated, idempotent), and
@@ -24,9 +24,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::runtime::Services;
-use cardpipe_intake::config::RegistryConfig;
 use cardpipe_intake::intake;
-use cardpipe_intake::synth::{Generator, SynthSpec};
+use cardpipe_registry::config::RegistryConfig;
+use cardpipe_registry::synth::{Generator, SynthSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;

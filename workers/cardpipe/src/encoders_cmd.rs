@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cardpipe_card::config::{EncodersConfig, SECTION};
 use cardpipe_card::farm::{self, Farm, FarmSettings, InProcessSource, PcscSource};
 use cardpipe_card::simulate::{SimConfig, Simulation, SocketMode};
 use cardpipe_common::config::LoadedConfig;
-use cardpipe_personalize::stage::{EncodersConfig, SECTION};
 use clap::{Args, Subcommand};
 
 /// `cardpipe encoders ...`.

@@ -18,6 +18,7 @@
 //! Every process runs an outbox relay (claims make that safe) and serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
+mod context;
 mod dedup_cmd;
 mod demo;
 mod encoders_cmd;
@@ -202,7 +203,7 @@ fn synth_batch(
         .map_err(|_| anyhow::anyhow!("--applied-on must be a date as YYYY-MM-DD, got {text:?}"))?,
         None => cardpipe_intake::intake::tehran_today(time::OffsetDateTime::now_utc()),
     };
-    let spec = cardpipe_intake::synth::SynthSpec {
+    let spec = cardpipe_registry::synth::SynthSpec {
         seed,
         records,
         bad,
@@ -214,14 +215,14 @@ fn synth_batch(
             let file = std::fs::File::create(path)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
             let mut writer = std::io::BufWriter::new(file);
-            let expectations = cardpipe_intake::synth::write_batch(&spec, &mut writer)?;
+            let expectations = cardpipe_registry::synth::write_batch(&spec, &mut writer)?;
             writer.flush()?;
             expectations
         }
         None => {
             let stdout = std::io::stdout();
             let mut writer = std::io::BufWriter::new(stdout.lock());
-            let expectations = cardpipe_intake::synth::write_batch(&spec, &mut writer)?;
+            let expectations = cardpipe_registry::synth::write_batch(&spec, &mut writer)?;
             writer.flush()?;
             expectations
         }

@@ -76,7 +76,6 @@ pub async fn run(loaded: LoadedConfig, command: OfficesCommand) -> anyhow::Resul
             let delivery = cardpipe_delivery::Delivery::new(
                 &services,
                 cardpipe_delivery::config::load(&loaded)?,
-                None,
             )?;
             let new = clients::add(
                 &delivery,

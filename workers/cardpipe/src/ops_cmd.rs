@@ -558,7 +558,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             Ok(())
         }
         OpsCommand::Discrepancies { open } => {
-            let list = cardpipe_delivery::discrepancies::list(&services, open)
+            let list = cardpipe_common::discrepancies::list(&services, open)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut t = new_table(&[
@@ -597,11 +597,8 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             println!(
                 "discrepancy {id} resolved: {}{} (audited as {})",
                 r.discrepancy.resolution.as_deref().unwrap_or(""),
-                r.reprint
-                    .map(|p| format!(
-                        "; reprint {} requested, {} certificates revoked",
-                        p.id, p.revoked
-                    ))
+                r.reprint_id
+                    .map(|id| format!("; reprint {id} requested (QC revokes the lost card's certificates and makes a new card)"))
                     .unwrap_or_default(),
                 op.login
             );

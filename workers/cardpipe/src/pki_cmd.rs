@@ -56,7 +56,7 @@ async fn open(
 ) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
     let config = &loaded.config;
     let services = backends::connect(config, Arc::new(SystemClock)).await?;
-    let pki = cardpipe_pki::settings::shared(loaded)?;
+    let pki = cardpipe_pki::settings::open_loaded(loaded)?;
     Ok((services, pki))
 }
 

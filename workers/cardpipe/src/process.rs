@@ -15,6 +15,7 @@ use cardpipe_common::telemetry;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::Context;
 use crate::stages;
 
 /// The store URL without its password.
@@ -41,6 +42,7 @@ pub async fn run(
     full_http: bool,
     demo: Option<crate::demo::DemoSpec>,
 ) -> anyhow::Result<()> {
+    let loaded = Arc::new(loaded);
     let config = &loaded.config;
     crate::stages::check_sections(&loaded)?;
     if demo.is_some() {
@@ -67,7 +69,8 @@ pub async fn run(
         // Before any stage or relay writes to the store (SQLite allows one writer).
         stages::prepare_routes(&services, &loaded).await?;
     }
-    let built = stages::build(&stage_names, &services, &loaded)?;
+    let ctx = Context::new(services.clone(), loaded.clone(), &stage_names);
+    let built = stages::build(&stage_names, &ctx)?;
     // States no stage of this process takes work from: where applications come to rest.
     let resting: Vec<ApplicationState> = ALL_STATES
         .into_iter()
@@ -81,7 +84,11 @@ pub async fn run(
     let grace = Duration::from_secs(config.runtime.shutdown_grace_seconds);
     let mut relay = Relay::new(services.clone())
         .with_poll_interval(Duration::from_millis(config.runtime.relay_poll_ms));
-    for (topic, sink) in stages::outbox_sinks(&services, &loaded)? {
+    let with_ca = full_http
+        || stage_names
+            .iter()
+            .any(|n| n == cardpipe_keys::stage::STAGE_NAME);
+    for (topic, sink) in stages::outbox_sinks(&ctx, with_ca)? {
         relay = relay.with_sink(topic, sink);
     }
     let running = pipeline::start(&services, with_settings.collect(), relay, grace).await?;
@@ -89,11 +96,11 @@ pub async fn run(
     let background_stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
     if full_http {
-        stages::background(&services, &loaded, background_stop.clone(), &mut background)?;
+        stages::background(&ctx, background_stop.clone(), &mut background)?;
     }
     let mut app = cardpipe_common::telemetry::http::router(services.clone(), stage_names.clone());
     if full_http {
-        app = app.merge(stages::routes(&services, &loaded)?);
+        app = app.merge(stages::routes(&ctx)?);
     }
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -114,7 +121,7 @@ pub async fn run(
     let demo_stop = CancellationToken::new();
     let demo_task = demo.map(|spec| {
         let (services, stop) = (services.clone(), demo_stop.clone());
-        let registry = cardpipe_intake::config::load(&loaded);
+        let registry = cardpipe_registry::config::load(&loaded);
         tokio::spawn(async move {
             if let Err(err) =
                 async { crate::demo::run(services, registry?, spec, resting, stop).await }.await

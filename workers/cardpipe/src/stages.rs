@@ -8,6 +8,8 @@ use axum::Router;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::runtime::relay::OutboxSink;
 use cardpipe_common::runtime::{Services, Stage};
+
+use crate::context::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +23,7 @@ pub fn names(config: &LoadedConfig) -> Vec<String> {
     // Dedup broker scatter: one stage per gallery shard (an invalid [dedup] is reported by
     // the configuration check and when the dedup stage is built).
     if let Ok(dedup) = cardpipe_dedup::stage::DedupConfig::from_loaded(config) {
-        names.extend(dedup.shard_stage_names().into_iter().map(str::to_owned));
+        names.extend(dedup.shard_stage_names());
     }
     names
 }
@@ -32,11 +34,8 @@ pub const SECTIONS: &[&str] = &[
 ];
 
 /// Builds the named stages.
-pub fn build(
-    names: &[String],
-    _services: &Services,
-    _config: &LoadedConfig,
-) -> anyhow::Result<Vec<Arc<dyn Stage>>> {
+pub fn build(names: &[String], ctx: &Context) -> anyhow::Result<Vec<Arc<dyn Stage>>> {
+    let (_services, _config) = (&ctx.services, &*ctx.config);
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut tray = None;
     let known = self::names(_config);
@@ -44,8 +43,7 @@ pub fn build(
         anyhow::bail!("unknown stage {unknown:?}");
     }
     if names.iter().any(|n| n == cardpipe_keys::stage::STAGE_NAME) {
-        let pki = cardpipe_pki::settings::shared(_config)?;
-        stages.push(Arc::new(cardpipe_keys::stage::KeysStage::new(pki)));
+        stages.push(Arc::new(cardpipe_keys::stage::KeysStage::new(ctx.pki()?)));
     }
     {
         // Dedup: the searching stage and, with the broker scatter, one stage per shard; the
@@ -55,12 +53,7 @@ pub fn build(
         let dedup = names.iter().any(|n| n == cardpipe_dedup::stage::STAGE_NAME);
         let shard_ks: Vec<u32> = names.iter().filter_map(|n| parse_shard_stage(n)).collect();
         if dedup || !shard_ks.is_empty() {
-            let config = cardpipe_dedup::stage::DedupConfig::from_loaded(_config)?;
-            let owned = match config.scatter {
-                cardpipe_dedup::stage::ScatterMode::Broker => Some(shard_ks.as_slice()),
-                cardpipe_dedup::stage::ScatterMode::Local => None,
-            };
-            let engine = cardpipe_dedup::stage::shared_with(_config, owned)?;
+            let engine = ctx.dedup()?;
             if dedup {
                 stages.push(Arc::new(cardpipe_dedup::stage::DedupStage::new(
                     engine.clone(),
@@ -89,7 +82,7 @@ pub fn build(
         ));
         tray = Some(stage.farm().tray().clone());
         // Console: show this farm's live state, apply operators' service decisions to it.
-        cardpipe_console::attach_farm(stage.farm().clone());
+        ctx.set_farm(stage.farm().clone());
         tokio::spawn(cardpipe_console::actions::follow_encoder_decisions(
             _services.clone(),
             stage.farm().clone(),
@@ -128,7 +121,7 @@ pub fn build(
         stages.push(Arc::new(
             cardpipe_qc::stage::QcStage::new(
                 cardpipe_card::tray::OutputTray::new(),
-                cardpipe_pki::settings::shared(_config)?,
+                ctx.pki()?,
                 cfg.pins(),
                 qc_cfg,
                 _services,
@@ -141,7 +134,7 @@ pub fn build(
         .any(|n| n == cardpipe_delivery::shipping::STAGE_NAME)
     {
         // [delivery]: boxes per pickup office (the offices register is upserted on first use).
-        let delivery = cardpipe_delivery::shared(_services, _config)?;
+        let delivery = ctx.delivery()?;
         stages.push(Arc::new(cardpipe_delivery::shipping::ShippingStage::new(
             delivery,
         )));
@@ -150,11 +143,9 @@ pub fn build(
 }
 
 /// `[encoders]` (read by the personalize and QC stages).
-fn encoders_config(
-    config: &LoadedConfig,
-) -> anyhow::Result<cardpipe_personalize::stage::EncodersConfig> {
+fn encoders_config(config: &LoadedConfig) -> anyhow::Result<cardpipe_card::config::EncodersConfig> {
     config
-        .section(cardpipe_personalize::stage::SECTION)
+        .section(cardpipe_card::config::SECTION)
         .map_err(|e| anyhow::anyhow!("{}", cardpipe_common::config::describe(&e)))
 }
 
@@ -169,7 +160,7 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
             problems.push(format!("{e:#}"));
         }
     };
-    note(cardpipe_intake::config::load(config).map(drop));
+    note(cardpipe_registry::config::load(config).map(drop));
     note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
     note(cardpipe_pki::settings::PkiConfig::from_loaded(config).map(drop));
     note(encoders_config(config).map(drop));
@@ -197,7 +188,8 @@ pub async fn prepare_routes(services: &Services, config: &LoadedConfig) -> anyho
 
 /// HTTP routes served by `cardpipe run` and `cardpipe serve` (registry API,
 /// console), merged with /metrics, /healthz and /readyz.
-pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Router> {
+pub fn routes(ctx: &Context) -> anyhow::Result<Router> {
+    let (_services, _config) = (&ctx.services, &*ctx.config);
     let mut router = Router::new();
     // Operator console at /console/ (logins, roles, CSRF; adjudication, parked work, encoders,
     // audit log...). It decides possible duplicates through cardpipe_dedup::adjudication; the
@@ -206,46 +198,49 @@ pub fn routes(_services: &Services, _config: &LoadedConfig) -> anyhow::Result<Ro
         _services.clone(),
         &cardpipe_console::ConsoleConfig::load(_config)?,
         NAMES.iter().map(|s| s.to_string()).collect(),
-        Some(cardpipe_dedup::stage::shared(_config)?),
+        ctx.farm(),
     ));
     // Registry API (bearer tokens from [registry] clients; OpenAPI at /api/openapi.json).
     router = router.merge(cardpipe_intake::api::router(
         _services.clone(),
-        cardpipe_intake::config::load(_config)?,
+        cardpipe_registry::config::load(_config)?,
     ));
     // Delivery: offices register, box receipt, office change / transfers, handover.
     // Every route needs a bearer token: [registry] clients, or delivery API clients
     // (`cardpipe offices clients add`) bound to one office or centre-wide.
     router = router.merge(cardpipe_delivery::api::router(
-        cardpipe_delivery::shared(_services, _config)?,
+        ctx.delivery()?,
         _services.clone(),
-        cardpipe_intake::config::load(_config)?,
+        cardpipe_registry::config::load(_config)?,
     ));
     // Registry reprints (/api/v1/reprints, bearer token). Operators use `cardpipe stock`,
     // `cardpipe reprint` and the console: the unauthenticated operator JSON routes are gone.
     router = router.merge(cardpipe_qc::api::router(
         _services.clone(),
-        cardpipe_intake::config::load(_config)?,
+        cardpipe_registry::config::load(_config)?,
     ));
     Ok(router)
 }
 
 /// Outbox sinks besides broker jobs (topic, sink), used by every relay.
+///
+/// `with_ca`: this process holds the CA (it runs the keys stage or the time-driven loops),
+/// so it also publishes CRLs on request.
 pub fn outbox_sinks(
-    _services: &Services,
-    _config: &LoadedConfig,
+    ctx: &Context,
+    with_ca: bool,
 ) -> anyhow::Result<Vec<(&'static str, Arc<dyn OutboxSink>)>> {
-    let sinks: Vec<(&'static str, Arc<dyn OutboxSink>)> = vec![
-        // Registry withdrawals etc.: {"application_id": .., "cause": "cancelled"}.
-        (
-            cardpipe_keys::ops::REVOCATION_TOPIC,
-            Arc::new(cardpipe_keys::ops::RevocationSink::new(_services.clone())),
-        ),
+    let (_services, _config) = (&ctx.services, &*ctx.config);
+    // Keys: revocations (registry withdrawals, reprints), destruction of wrapped keys after
+    // QC, and CRL publication on request (voiding) where the CA is.
+    let pki = if with_ca { Some(ctx.pki()?) } else { None };
+    let mut sinks = cardpipe_keys::ops::sinks(_services, pki);
+    sinks.extend::<Vec<(&'static str, Arc<dyn OutboxSink>)>>(vec![
         // Registry status callbacks (HMAC-signed webhook, [registry.callbacks]).
         (
-            cardpipe_intake::callbacks::CALLBACK_TOPIC,
-            Arc::new(cardpipe_intake::callbacks::WebhookSink::new(
-                cardpipe_intake::config::load(_config)?.callbacks,
+            cardpipe_registry::callbacks::CALLBACK_TOPIC,
+            Arc::new(cardpipe_registry::callbacks::WebhookSink::new(
+                cardpipe_registry::config::load(_config)?.callbacks,
                 _services.clock.clone(),
             )?),
         ),
@@ -253,22 +248,28 @@ pub fn outbox_sinks(
         (
             cardpipe_delivery::reminders::SMS_TOPIC,
             Arc::new(cardpipe_delivery::reminders::SmsSink::new(
-                cardpipe_delivery::shared(_services, _config)?,
+                ctx.delivery()?,
                 _services.clone(),
             )?),
         ),
-        // QC passed: destroy the wrapped private keys; QC budget spent: park for an operator.
+        // Adjudicators' decisions taken in the console, applied by dedup.
         (
-            cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
-            Arc::new(cardpipe_qc::stage::KeyDestructionSink::new(
+            cardpipe_common::contract::ADJUDICATION_TOPIC,
+            Arc::new(cardpipe_dedup::adjudication::AdjudicationSink::new(
                 _services.clone(),
             )),
         ),
+        // Reprints other components ask for (a card lost in transit), made by QC's workflow.
+        (
+            cardpipe_common::contract::REPRINT_TOPIC,
+            Arc::new(cardpipe_qc::reprint::ReprintSink::new(_services.clone())),
+        ),
+        // QC budget spent: park the application's personalize job for an operator.
         (
             cardpipe_qc::stage::PARK_TOPIC,
             Arc::new(cardpipe_qc::stage::ParkSink::new(_services.clone())),
         ),
-    ];
+    ]);
     Ok(sinks)
 }
 
@@ -276,14 +277,14 @@ pub fn outbox_sinks(
 /// by `cardpipe run` and `cardpipe serve`; each runs exactly once across
 /// replicas through a database lease, and stops when `shutdown` is cancelled.
 pub fn background(
-    _services: &Services,
-    _config: &LoadedConfig,
+    ctx: &Context,
     _shutdown: CancellationToken,
     _tasks: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
+    let (_services, _config) = (&ctx.services, &*ctx.config);
     // Keys: scheduled CRL publication and age-based Document Signer rotation (leases).
     {
-        let pki = cardpipe_pki::settings::shared(_config)?;
+        let pki = ctx.pki()?;
         let tick = std::time::Duration::from_secs(pki.config.crl_interval_seconds.clamp(1, 60));
         _tasks.spawn(cardpipe_keys::ops::background(
             _services.clone(),
@@ -296,17 +297,14 @@ pub fn background(
     _tasks.spawn(
         cardpipe_intake::scheduler::Scheduler::new(
             _services.clone(),
-            Arc::new(cardpipe_intake::config::load(_config)?),
+            Arc::new(cardpipe_registry::config::load(_config)?),
         )
         .run(_shutdown.clone()),
     );
     // Delivery: daily dispatch at the cut-off, reminders, daily voiding (lease `delivery-scheduler`).
     _tasks.spawn(
-        cardpipe_delivery::background::Scheduler::new(
-            cardpipe_delivery::shared(_services, _config)?,
-            _services.clone(),
-        )
-        .run(_shutdown.clone()),
+        cardpipe_delivery::background::Scheduler::new(ctx.delivery()?, _services.clone())
+            .run(_shutdown.clone()),
     );
     // Stock: periodic reconciliation behind cardpipe_stock_imbalance_cards.
     {

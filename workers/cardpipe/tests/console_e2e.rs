@@ -451,11 +451,19 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     b.click_and_wait("#decision-submit").await;
     assert!(b.text("#flash").await.contains("decided: cleared"));
     b.screenshot("07-adjudicated").await;
-    let actor = one(
-        &db,
-        &format!("SELECT actor FROM application_history WHERE application_id = '{duplicate}' AND to_state = 'cleared'"),
-    )
-    .await;
+    // The console records the decision; dedup applies it through the outbox (topic
+    // dedup.adjudication) within a relay round or two.
+    let sql = format!(
+        "SELECT actor FROM application_history WHERE application_id = '{duplicate}' AND to_state = 'cleared'"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let actor = loop {
+        let actor = one(&db, &sql).await;
+        if actor.is_some() || std::time::Instant::now() > deadline {
+            break actor;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(actor.as_deref(), Some("operator:admin"));
 
     // Parked work: retry.

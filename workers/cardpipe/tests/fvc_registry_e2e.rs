@@ -54,7 +54,7 @@ fn fvc(db: u8, finger: u8, impression: u8) -> Vec<u8> {
 
 /// Applicant `i` of the generator with its fingerprints replaced.
 fn applicant(
-    generator: &cardpipe_intake::synth::Generator,
+    generator: &cardpipe_registry::synth::Generator,
     i: usize,
     prints: &[(u8, Vec<u8>)],
 ) -> Value {
@@ -121,7 +121,7 @@ async fn every_fvc_template_flows_from_the_registry_api_to_packed_or_possible_du
         dir.path().join("pipeline.toml"),
         format!(
             "[[registry.clients]]\nname = \"fvc-registry\"\ntoken_sha256 = \"{}\"\n",
-            cardpipe_intake::config::hash_token(TOKEN)
+            cardpipe_registry::config::hash_token(TOKEN)
         ),
     )
     .unwrap();
@@ -146,7 +146,7 @@ async fn every_fvc_template_flows_from_the_registry_api_to_packed_or_possible_du
 
     // The batch: 32 applicants built from every FVC template, then the two bad lines.
     let today = cardpipe_intake::intake::tehran_today(time::OffsetDateTime::now_utc());
-    let generator = cardpipe_intake::synth::Generator::new(cardpipe_intake::synth::spec(
+    let generator = cardpipe_registry::synth::Generator::new(cardpipe_registry::synth::spec(
         0xF7C2, 40, false, today,
     ));
     let mut lines = Vec::new();

@@ -5,18 +5,14 @@ use std::sync::Arc;
 
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::contract::{self, AdjudicationDecision, RevocationCause};
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked::{self, ParkedError};
 use cardpipe_common::store::{Store, Transition};
-use cardpipe_dedup::adjudication::{self, DecideError};
-use cardpipe_dedup::stage::DedupEngine;
 use serde_json::json;
 
 use crate::auth::{AuthError, Operator};
-
-/// Outbox topic the keys stage revokes certificates from (cardpipe_keys::ops::REVOCATION_TOPIC).
-pub const REVOCATION_TOPIC: &str = "revocation";
 
 /// Why an action was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -209,18 +205,11 @@ pub async fn parked_fail(
         )));
     }
     if to == ApplicationState::Cancelled {
-        let payload = json!({
-            "application_id": app_id.as_str(),
-            "cause": "cancelled",
-            "from_state": app.state.as_str(),
-            "at": to_rfc3339(now),
-        });
-        Store::enqueue_outbox(
+        contract::request_revocation(
             &mut tx,
-            &uuid::Uuid::now_v7().to_string(),
-            REVOCATION_TOPIC,
-            app_id.as_str(),
-            &payload.to_string(),
+            &app_id,
+            RevocationCause::Cancelled,
+            Vec::new(),
             now,
         )
         .await?;
@@ -258,36 +247,89 @@ async fn find_parked(services: &Services, job_id: &str) -> Result<parked::Parked
         .ok_or_else(|| ActionError::NotFound(format!("no parked job {job_id}")))
 }
 
-/// Decides a possible duplicate through the dedup adjudication (confirming needs a
-/// supervisor; clearing an operator).
+/// Sends an adjudicator's decision on a possible duplicate to dedup (confirming needs a
+/// supervisor; clearing an operator). Checked here (decision, reason, the application still
+/// waiting for a decision), then recorded in one transaction with its audit entry as a
+/// request the dedup stage applies (outbox topic `dedup.adjudication`): the console never
+/// moves an application itself. Returns the state asked for.
 pub async fn adjudicate(
     services: &Services,
-    engine: Option<&Arc<DedupEngine>>,
     who: &Operator,
     application_id: &str,
     decision: &str,
     reason: &str,
 ) -> Result<ApplicationState, ActionError> {
-    match decision {
-        "confirmed_duplicate" => who.require_supervisor("confirming a duplicate")?,
-        _ => who.require_act("adjudicating a possible duplicate")?,
+    let to = match decision {
+        "confirmed_duplicate" => {
+            who.require_supervisor("confirming a duplicate")?;
+            ApplicationState::ConfirmedDuplicate
+        }
+        "cleared" => {
+            who.require_act("adjudicating a possible duplicate")?;
+            ApplicationState::Cleared
+        }
+        _ => {
+            return Err(ActionError::BadInput(
+                "decision must be \"confirmed_duplicate\" or \"cleared\"".into(),
+            ));
+        }
+    };
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > 2000 {
+        return Err(ActionError::BadInput(
+            "reason must be 1..=2000 characters".into(),
+        ));
     }
-    adjudication::decide_as(
-        services,
-        engine,
-        application_id,
-        decision,
-        reason,
-        &who.login,
-        who.role.as_str(),
-    )
-    .await
-    .map_err(|e| match e {
-        DecideError::BadInput(m) => ActionError::BadInput(m),
-        DecideError::NotFound => ActionError::NotFound(format!("no application {application_id}")),
-        e @ DecideError::Conflict { .. } => ActionError::Conflict(e.to_string()),
-        DecideError::Internal(e) => ActionError::Internal(e),
-    })
+    if application_id.is_empty()
+        || application_id.len() > 64
+        || !application_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ActionError::BadInput("invalid application id".into()));
+    }
+    let id = ApplicationId(application_id.to_owned());
+    let app = services
+        .store
+        .application(&id)
+        .await
+        .map_err(|e| ActionError::Internal(e.into()))?
+        .ok_or_else(|| ActionError::NotFound(format!("no application {application_id}")))?;
+    if app.state != ApplicationState::PossibleDuplicate {
+        return Err(ActionError::Conflict(format!(
+            "application {application_id} is {}, not waiting for a decision",
+            app.state.as_str()
+        )));
+    }
+    let now = services.clock.now();
+    let request = AdjudicationDecision {
+        application_id: application_id.to_owned(),
+        decision: to.as_str().to_owned(),
+        reason: reason.to_owned(),
+        operator: who.login.clone(),
+        role: who.role.as_str().to_owned(),
+    };
+    let submitted = async {
+        let mut tx = services.store.begin().await?;
+        contract::request_adjudication(&mut tx, &request, now).await?;
+        audit::record_in(
+            &mut tx,
+            now,
+            &AuditEvent {
+                actor: &who.login,
+                role: who.role.as_str(),
+                action: "console.adjudication_submitted",
+                subject: application_id,
+                details: json!({ "decision": to.as_str() }),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok::<(), cardpipe_common::store::StoreError>(())
+    }
+    .await;
+    submitted.map_err(|e| ActionError::Internal(e.into()))?;
+    Ok(to)
 }
 
 /// Takes an encoder out of service (or back in): records the decision for every process
@@ -391,17 +433,17 @@ pub async fn follow_encoder_decisions(
 
 /// Resolves an office discrepancy (supervisor): a missing card `found` or `lost` (revoked and
 /// reprinted, reason lost in transit), an extra card `returned`; audited by
-/// [`cardpipe_delivery::discrepancies::resolve`].
+/// [`cardpipe_common::discrepancies::resolve`].
 pub async fn resolve_discrepancy(
     services: &Services,
     who: &Operator,
     id: &str,
     outcome: &str,
     note: &str,
-) -> Result<cardpipe_delivery::discrepancies::Resolved, ActionError> {
-    use cardpipe_delivery::office::OfficeError;
+) -> Result<cardpipe_common::discrepancies::Resolved, ActionError> {
+    use cardpipe_common::discrepancies::DiscrepancyError;
     who.require_supervisor("resolving office discrepancies")?;
-    cardpipe_delivery::discrepancies::resolve(
+    cardpipe_common::discrepancies::resolve(
         services,
         id,
         outcome,
@@ -410,11 +452,9 @@ pub async fn resolve_discrepancy(
     )
     .await
     .map_err(|e| match e {
-        OfficeError::BadRequest(m) | OfficeError::Unprocessable(m) | OfficeError::Forbidden(m) => {
-            ActionError::BadInput(m)
-        }
-        OfficeError::NotFound(m) => ActionError::NotFound(format!("{m} not found")),
-        OfficeError::Conflict(m) => ActionError::Conflict(m),
-        OfficeError::Internal(e) => ActionError::Internal(e),
+        DiscrepancyError::BadRequest(m) => ActionError::BadInput(m),
+        DiscrepancyError::NotFound(m) => ActionError::NotFound(format!("{m} not found")),
+        DiscrepancyError::Conflict(m) => ActionError::Conflict(m),
+        DiscrepancyError::Store(e) => ActionError::Internal(e.into()),
     })
 }

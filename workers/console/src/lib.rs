@@ -18,7 +18,7 @@ pub mod data;
 pub mod html;
 pub mod web;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cardpipe_card::farm::Farm;
@@ -71,19 +71,6 @@ impl ConsoleConfig {
     }
 }
 
-static FARM: Mutex<Option<Arc<Farm>>> = Mutex::new(None);
-
-/// Tells the console which encoder farm this process drives (stages.rs does, when it builds
-/// the personalize stage in the same process).
-pub fn attach_farm(farm: Arc<Farm>) {
-    *FARM.lock().unwrap_or_else(|e| e.into_inner()) = Some(farm);
-}
-
-/// The farm attached to this process, if any.
-pub fn attached_farm() -> Option<Arc<Farm>> {
-    FARM.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
 /// Creates the first supervisor if the store has no operator yet (see
 /// [`auth::ensure_admin`]; the password goes to `<data_dir>/console-admin-password`). A
 /// process serving the console awaits this before it listens, so the password file exists
@@ -117,7 +104,7 @@ pub fn router(
     services: Services,
     config: &ConsoleConfig,
     stages: Vec<String>,
-    engine: Option<Arc<cardpipe_dedup::stage::DedupEngine>>,
+    farm: Option<Arc<Farm>>,
 ) -> axum::Router {
     let guard = auth::LoginGuard::new(
         &services,
@@ -127,7 +114,7 @@ pub fn router(
     web::router(web::ConsoleState {
         services,
         stages,
-        engine,
+        farm,
         guard,
         secure_cookies: config.secure_cookies,
     })

@@ -14,13 +14,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use cardpipe_card::farm::Farm;
 use cardpipe_common::audit;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
-use cardpipe_dedup::stage::DedupEngine;
 use serde::Deserialize;
 
 use crate::actions::{self, ActionError};
@@ -39,8 +39,8 @@ pub struct ConsoleState {
     pub services: Services,
     /// Stages whose queues the overview shows.
     pub stages: Vec<String>,
-    /// The dedup engine of this process (a cleared application joins its gallery at once).
-    pub engine: Option<Arc<DedupEngine>>,
+    /// The encoder farm this process drives, if it runs the personalize stage.
+    pub farm: Option<Arc<Farm>>,
     /// The login guard (rate limit and failure metric).
     pub guard: LoginGuard,
     /// Add `Secure` to cookies (behind TLS).
@@ -57,7 +57,7 @@ impl std::fmt::Debug for ConsoleState {
 
 impl ConsoleState {
     fn farm(&self) -> Option<Arc<Farm>> {
-        crate::attached_farm()
+        self.farm.clone()
     }
 }
 
@@ -116,21 +116,21 @@ async fn security_headers(req: axum::extract::Request, next: Next) -> Response {
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
+    CookieJar::from_headers(headers)
+        .get(name)
+        .map(|c| c.value().to_owned())
 }
 
+/// A console cookie: `HttpOnly; SameSite=Strict`, path `/console`, `Secure` behind TLS.
 fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> String {
-    format!(
-        "{name}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
-        if secure { "; Secure" } else { "" }
-    )
+    Cookie::build((name.to_owned(), value.to_owned()))
+        .path("/console")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .max_age(time::Duration::seconds(max_age))
+        .secure(secure)
+        .build()
+        .to_string()
 }
 
 fn html(body: String) -> Response {
@@ -186,12 +186,7 @@ fn forbidden(s: &Session, message: &str) -> Response {
 
 /// Constant-time comparison of CSRF tokens.
 fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && !a.is_empty()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    !a.is_empty() && bool::from(subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()))
 }
 
 #[allow(clippy::result_large_err)] // the error is the page to answer with
@@ -790,7 +785,7 @@ async fn adjudication(
         Ok(None) => return not_found(&s, "No such application"),
         Err(e) => return internal(e),
     };
-    let cands = match cardpipe_dedup::stage::candidates(&st.services, &app_id).await {
+    let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
         Err(e) => return internal(e),
     };
@@ -890,7 +885,7 @@ async fn photo(
         return r;
     }
     let app_id = ApplicationId(id);
-    let cands = match cardpipe_dedup::stage::candidates(&st.services, &app_id).await {
+    let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
         Err(e) => return internal(e),
     };
@@ -934,17 +929,11 @@ async fn decide(
         Err(r) => return r,
     };
     let here = format!("/console/adjudications/{}", url(&id));
-    match actions::adjudicate(
-        &st.services,
-        st.engine.as_ref(),
-        &s.operator,
-        &id,
-        &f.decision,
-        &f.reason,
-    )
-    .await
-    {
-        Ok(to) => back(&here, Ok(format!("decided: {}", to.as_str()))),
+    match actions::adjudicate(&st.services, &s.operator, &id, &f.decision, &f.reason).await {
+        Ok(to) => back(
+            &here,
+            Ok(format!("decided: {} (dedup applies it)", to.as_str())),
+        ),
         Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
         Err(e) => back(&here, Err(action_error(e))),
     }
@@ -1342,7 +1331,7 @@ async fn shipments(
         Ok(s) => s,
         Err(r) => return r,
     };
-    let list = match cardpipe_delivery::discrepancies::list(&st.services, false).await {
+    let list = match cardpipe_common::discrepancies::list(&st.services, false).await {
         Ok(l) => l,
         Err(e) => return internal(e),
     };
@@ -1364,7 +1353,7 @@ async fn shipments(
                     esc(d.resolution_note.as_deref().unwrap_or(""))
                 )
             } else if supervisor {
-                let options: String = cardpipe_delivery::discrepancies::Resolution::for_kind(&d.kind)
+                let options: String = cardpipe_common::discrepancies::Resolution::for_kind(&d.kind)
                     .iter()
                     .map(|o| format!("<option value=\"{0}\">{0}</option>", o.as_str()))
                     .collect();
@@ -1453,8 +1442,8 @@ async fn resolve_discrepancy(
             Ok(format!(
                 "discrepancy {id} resolved: {}{}",
                 r.discrepancy.resolution.as_deref().unwrap_or(""),
-                r.reprint
-                    .map(|p| format!(" (reprint {} requested)", p.id))
+                r.reprint_id
+                    .map(|id| format!(" (reprint {id} requested)"))
                     .unwrap_or_default()
             )),
         ),
@@ -1479,6 +1468,17 @@ mod tests {
             HeaderValue::from_static("a=1; cardpipe_session=xyz"),
         );
         assert_eq!(cookie(&h, SESSION_COOKIE).as_deref(), Some("xyz"));
-        assert!(set_cookie("n", "v", 5, false).contains("HttpOnly; SameSite=Strict"));
+        let set = set_cookie("n", "v", 5, false);
+        for part in [
+            "n=v",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Path=/console",
+            "Max-Age=5",
+        ] {
+            assert!(set.contains(part), "{set}");
+        }
+        assert!(!set.contains("Secure"), "{set}");
+        assert!(set_cookie("n", "", 0, true).contains("Secure"));
     }
 }

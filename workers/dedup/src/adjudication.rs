@@ -13,8 +13,10 @@
 //!
 //! This JSON API does not authenticate operators (it takes the operator's name from the body
 //! and audits it with role `operator-unauthenticated`): serve it only on the operators'
-//! network. The console (workers/console) authenticates operators, enforces roles and calls
-//! [`decide_as`] directly.
+//! network. The console (workers/console) authenticates operators, enforces roles and sends
+//! the decision through the outbox (topic
+//! [`ADJUDICATION_TOPIC`](cardpipe_common::contract::ADJUDICATION_TOPIC)); [`AdjudicationSink`]
+//! applies it here with [`decide_as`].
 
 use std::sync::Arc;
 
@@ -25,7 +27,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cardpipe_common::broker::Job;
-use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
@@ -34,13 +35,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
 
+use cardpipe_registry::callbacks::{CallbackEvent, enqueue_callback};
+
 use crate::stage::{self, DedupEngine, NEXT_STAGE};
 use cardpipe_biometrics::matcher::TenPrint;
-
-/// Outbox topic of registry callbacks.
-pub const CALLBACK_TOPIC: &str = "callback";
-/// Callback event of an operator decision.
-pub const DECIDED_EVENT: &str = "duplicate_decided";
 
 #[derive(Clone)]
 struct AppState {
@@ -125,7 +123,7 @@ async fn detail(State(st): State<AppState>, Path(id): Path<String>) -> Response 
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such application"),
         Err(e) => return internal(e),
     };
-    let cands = match stage::candidates(&st.services, &app_id).await {
+    let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
         Err(e) => return internal(e),
     };
@@ -179,7 +177,7 @@ async fn photo(State(st): State<AppState>, Path((id, which)): Path<(String, Stri
         return error(StatusCode::BAD_REQUEST, "invalid id");
     }
     let app_id = ApplicationId(id);
-    let cands = match stage::candidates(&st.services, &app_id).await {
+    let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
         Err(e) => return internal(e),
     };
@@ -372,22 +370,14 @@ pub async fn decide_as(
                 .with_priority(app.priority == cardpipe_common::domain::Priority::Urgent);
             Store::enqueue_job(&mut tx, &job, now).await?;
         }
-        let payload = json!({
-            "event": DECIDED_EVENT,
-            "registry_application_id": app.registry_id,
-            "application_id": app_id.as_str(),
-            "state": to.as_str(),
-            "decision": to.as_str(),
-            "reason": reason,
-            "detail": { "decision": to.as_str(), "operator": operator },
-            "at": to_rfc3339(now),
-        });
-        Store::enqueue_outbox(
+        enqueue_callback(
             &mut tx,
-            &uuid::Uuid::now_v7().to_string(),
-            CALLBACK_TOPIC,
             app_id.as_str(),
-            &payload.to_string(),
+            CallbackEvent::DuplicateDecided,
+            &app.registry_id,
+            Some(to),
+            Some(reason),
+            json!({ "decision": to.as_str(), "operator": operator }),
             now,
         )
         .await?;
@@ -424,4 +414,48 @@ pub async fn decide_as(
     }
     tracing::info!(application = %app_id, decision = to.as_str(), %operator, "possible duplicate decided");
     Ok(to)
+}
+
+/// Outbox sink for [`ADJUDICATION_TOPIC`](cardpipe_common::contract::ADJUDICATION_TOPIC):
+/// applies decisions operators took in the console. A decision the application no longer
+/// admits (decided meanwhile by someone else, bad input) is logged and dropped — retrying
+/// cannot change it; a store failure is retried.
+#[derive(Debug)]
+pub struct AdjudicationSink {
+    services: Services,
+}
+
+impl AdjudicationSink {
+    /// A sink on `services`.
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+}
+
+#[async_trait::async_trait]
+impl cardpipe_common::runtime::relay::OutboxSink for AdjudicationSink {
+    async fn deliver(&self, row: &cardpipe_common::store::OutboxRow) -> anyhow::Result<()> {
+        let d: cardpipe_common::contract::AdjudicationDecision = serde_json::from_str(&row.payload)
+            .map_err(|e| {
+                anyhow::anyhow!("outbox row {} is not an adjudication decision: {e}", row.id)
+            })?;
+        match decide_as(
+            &self.services,
+            None,
+            &d.application_id,
+            &d.decision,
+            &d.reason,
+            &d.operator,
+            &d.role,
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(DecideError::Internal(e)) => Err(e),
+            Err(refused) => {
+                tracing::warn!(application = %d.application_id, operator = %d.operator, error = %refused, "adjudication decision not applied");
+                Ok(())
+            }
+        }
+    }
 }

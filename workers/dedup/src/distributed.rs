@@ -30,8 +30,7 @@
 //!   and was never redelivered is taken over after `2 × shard_timeout_ms + 5 s` (service
 //!   clock); a scatter from before such a takeover is closed and started again.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -52,16 +51,9 @@ use cardpipe_biometrics::matcher::{Candidate, FusedScore, Probe};
 /// Prefix of the shard stages: `dedup-shard-0`, `dedup-shard-1`, ...
 pub const SHARD_STAGE_PREFIX: &str = "dedup-shard-";
 
-/// The stage name of shard `k` (interned: stage names are `&'static str`).
-pub fn shard_stage_name(k: u32) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashMap<u32, &'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    names
-        .entry(k)
-        .or_insert_with(|| Box::leak(format!("{SHARD_STAGE_PREFIX}{k}").into_boxed_str()))
+/// The stage name of shard `k`.
+pub fn shard_stage_name(k: u32) -> String {
+    format!("{SHARD_STAGE_PREFIX}{k}")
 }
 
 /// The shard of a `dedup-shard-<k>` stage name.
@@ -341,7 +333,7 @@ pub async fn scatter_gather(
         let name = shard_stage_name(k);
         services
             .broker
-            .publish(&Job::new(name, id.as_str()))
+            .publish(&Job::new(name.as_str(), id.as_str()))
             .await
             .with_context(|| format!("publishing the dedup sub-job to stage {name}"))?;
     }
@@ -404,7 +396,9 @@ impl ShardStage {
         Ok(ShardStage {
             engine,
             shard,
-            name: shard_stage_name(shard),
+            // Stage names are `&'static str`; a process builds one stage per shard it
+            // holds, once, at start.
+            name: Box::leak(shard_stage_name(shard).into_boxed_str()),
         })
     }
 
@@ -494,7 +488,6 @@ mod tests {
     #[test]
     fn shard_stage_names_round_trip() {
         assert_eq!(shard_stage_name(3), "dedup-shard-3");
-        assert!(std::ptr::eq(shard_stage_name(3), shard_stage_name(3)));
         assert_eq!(parse_shard_stage("dedup-shard-12"), Some(12));
         assert_eq!(parse_shard_stage("dedup-shard-"), None);
         assert_eq!(parse_shard_stage("dedup-shard-01"), None);

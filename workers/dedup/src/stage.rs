@@ -26,8 +26,8 @@
 //! * **Metrics**: `cardpipe_dedup_search_duration_seconds`, `cardpipe_dedup_gallery_subjects{shard}`,
 //!   `cardpipe_dedup_possible_duplicates_total`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -53,9 +53,9 @@ use cardpipe_biometrics::matcher::{
 };
 
 /// The stage's name (queue, `cardpipe worker dedup`, `[stages.dedup]`).
-pub const STAGE_NAME: &str = "dedup";
+pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::DEDUP;
 /// The stage an application goes to when it is clear.
-pub const NEXT_STAGE: &str = "keys";
+pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::KEYS;
 /// Input states.
 pub const ACCEPTS: &[ApplicationState] = &[ApplicationState::DedupPending];
 
@@ -177,7 +177,7 @@ impl DedupConfig {
     }
 
     /// The shard stages (`dedup-shard-<k>`) of a broker scatter; none for a local one.
-    pub fn shard_stage_names(&self) -> Vec<&'static str> {
+    pub fn shard_stage_names(&self) -> Vec<String> {
         match self.scatter {
             ScatterMode::Local => Vec::new(),
             ScatterMode::Broker => (0..self.shards)
@@ -260,17 +260,6 @@ impl std::fmt::Debug for DedupEngine {
             .field("subjects", &self.shards.len())
             .finish()
     }
-}
-
-/// A stored candidate (rank 1 = best).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StoredCandidate {
-    pub rank: i64,
-    pub candidate_id: String,
-    pub score: f64,
-    pub fmr: f64,
-    /// Per finger position 1..=10 (index 0 = position 1).
-    pub finger_scores: Vec<Option<f64>>,
 }
 
 impl DedupEngine {
@@ -446,30 +435,6 @@ impl DedupEngine {
     }
 }
 
-/// The process-wide engine of the `cardpipe` binary (shared by the stage and the
-/// adjudication routes).
-pub fn shared(config: &LoadedConfig) -> anyhow::Result<Arc<DedupEngine>> {
-    shared_with(config, None)
-}
-
-/// Like [`shared`], holding the shards `owned` instead of the configured ones when this
-/// first call builds the engine (`cardpipe worker dedup-shard-<k>` holds shard k only).
-pub fn shared_with(
-    config: &LoadedConfig,
-    owned: Option<&[u32]>,
-) -> anyhow::Result<Arc<DedupEngine>> {
-    static ENGINE: OnceLock<Arc<DedupEngine>> = OnceLock::new();
-    if let Some(e) = ENGINE.get() {
-        return Ok(e.clone());
-    }
-    let config = DedupConfig::from_loaded(config)?;
-    let engine = match owned {
-        Some(owned) => DedupEngine::with_shards(config, owned)?,
-        None => DedupEngine::new(config)?,
-    };
-    Ok(ENGINE.get_or_init(|| engine).clone())
-}
-
 fn templates_context(id: &str) -> String {
     format!("dedup-templates:{id}")
 }
@@ -585,36 +550,6 @@ async fn write_enrolled(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// The stored candidate list of an application, best first.
-pub async fn candidates(
-    services: &Services,
-    id: &ApplicationId,
-) -> Result<Vec<StoredCandidate>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT rank, candidate_id, score, fmr, finger_scores FROM dedup_candidates
-         WHERE application_id = $1 ORDER BY rank",
-    )
-    .bind(id.as_str())
-    .fetch_all(services.store.pool())
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let fingers: String = r.try_get("finger_scores")?;
-            Ok(StoredCandidate {
-                rank: r.try_get::<i64, _>("rank")?,
-                candidate_id: r.try_get("candidate_id")?,
-                score: r.try_get("score")?,
-                fmr: r.try_get("fmr")?,
-                finger_scores: serde_json::from_str(&fingers).map_err(|e| StoreError::Corrupt {
-                    table: "dedup_candidates",
-                    column: "finger_scores",
-                    message: e.to_string(),
-                })?,
-            })
-        })
-        .collect()
 }
 
 /// The dedup stage.

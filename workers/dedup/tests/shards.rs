@@ -400,7 +400,9 @@ async fn batch(mode: Mode) {
             ApplicationState::KeysIssued => *clear_per_person.entry(s.person).or_default() += 1,
             ApplicationState::PossibleDuplicate => {
                 flagged += 1;
-                let c = stage::candidates(&services, id).await.expect("candidates");
+                let c = cardpipe_common::contract::candidates(&services.store, id)
+                    .await
+                    .expect("candidates");
                 assert_eq!(
                     person_of_id.get(&c[0].candidate_id),
                     Some(&s.person),
@@ -498,7 +500,7 @@ async fn redelivery_and_missing_shard(mode: Mode) {
     let config = config(ScatterMode::Broker);
     services
         .broker
-        .declare_stage(shard_stage_name(1), &settings(3).retry)
+        .declare_stage(&shard_stage_name(1), &settings(3).retry)
         .await
         .expect("declare");
     let cluster = Cluster::start(&d, &config, 1, &[0, 2], 3).await;
@@ -694,7 +696,7 @@ async fn concurrent_twins(mode: Mode, scatter: ScatterMode) {
             b
         };
         let other = if flagged == a { b } else { a };
-        let c = stage::candidates(&services, flagged)
+        let c = cardpipe_common::contract::candidates(&services.store, flagged)
             .await
             .expect("candidates");
         assert_eq!(c[0].candidate_id, other.0);

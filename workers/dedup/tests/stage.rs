@@ -246,7 +246,9 @@ async fn scenario(mode: Mode) {
             match state(&services, &ids[i]).await {
                 ApplicationState::KeysIssued => clear += 1,
                 ApplicationState::PossibleDuplicate => {
-                    let c = stage::candidates(&services, &ids[i]).await.expect("cands");
+                    let c = cardpipe_common::contract::candidates(&services.store, &ids[i])
+                        .await
+                        .expect("cands");
                     assert!(!c.is_empty());
                     assert_eq!(
                         person_of_id.get(&c[0].candidate_id),
@@ -324,7 +326,9 @@ async fn scenario(mode: Mode) {
         1
     );
     assert_eq!(engine.shards().len(), by_person.len() + 1, "enrolled once");
-    let dup_cands = stage::candidates(&services, &dup).await.unwrap();
+    let dup_cands = cardpipe_common::contract::candidates(&services.store, &dup)
+        .await
+        .unwrap();
     assert_eq!(dup_cands[0].candidate_id, {
         // The clear enrolment of that person.
         let p = pop.subjects[dup_of].person;
@@ -468,7 +472,9 @@ async fn scenario(mode: Mode) {
         state(&services, &late).await,
         ApplicationState::PossibleDuplicate
     );
-    let c = stage::candidates(&services, &late).await.unwrap();
+    let c = cardpipe_common::contract::candidates(&services.store, &late)
+        .await
+        .unwrap();
     assert_eq!(
         person_of_id.get(&c[0].candidate_id),
         Some(&pop.subjects[0].person)

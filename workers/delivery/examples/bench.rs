@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = DeliveryConfig::default();
     cfg.sms.url = format!("http://{addr}/sms");
     cfg.sms.rate_per_second = 100_000.0;
-    let delivery = Delivery::new(&services, cfg, None)?;
+    let delivery = Delivery::new(&services, cfg)?;
     delivery.ensure_offices(&services).await?;
 
     // Seed n applications in qc_passed with a sealed record and a shipping job.

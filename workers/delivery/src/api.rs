@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cardpipe_common::runtime::Services;
-use cardpipe_intake::config::RegistryConfig;
+use cardpipe_registry::config::RegistryConfig;
 use serde::Deserialize;
 use serde_json::json;
 

@@ -87,7 +87,7 @@ impl Scheduler {
         .await
         .and_then(|r| sqlx::Row::try_get(&r, "n"))?;
         self.delivery.metrics.set_near_voiding(near);
-        let open = crate::discrepancies::open_count(&self.services)
+        let open = cardpipe_common::discrepancies::open_count(&self.services)
             .await
             .map_err(|e| anyhow::anyhow!("counting open discrepancies: {e}"))?;
         self.delivery.metrics.set_discrepancies_open(open);

@@ -1,7 +1,7 @@
 //! Who may call the office-facing delivery API ([`crate::api`]), and as whom.
 //!
 //! Three kinds of callers, all with bearer tokens compared by SHA-256 digest (the hashing is
-//! the registry API's, [`cardpipe_intake::config::hash_token`]; tokens are never stored):
+//! the registry API's, [`cardpipe_registry::config::hash_token`]; tokens are never stored):
 //!
 //! * **registry clients** — the `[registry] clients` of pipeline.toml (the same tokens as the
 //!   registry API): may change a pickup office, nothing else of the office side;
@@ -18,7 +18,7 @@ use base64::Engine;
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::runtime::Services;
-use cardpipe_intake::config::{RegistryConfig, hash_token};
+use cardpipe_registry::config::{RegistryConfig, hash_token};
 use rand::RngCore;
 use serde::Serialize;
 use serde_json::json;

@@ -14,16 +14,18 @@
 //!   office (re-route before packing, transfer after dispatch); the handover with a 1:1
 //!   fingerprint check against the enrolled template, the previous card, the PINs and the
 //!   fee (double after a voided card) → `collected`, with a registry callback and an audit entry.
-//! * [`reminders`] — Persian SMS with Solar Hijri dates ([`hijri`]): on arrival, after
+//! * [`reminders`] — Persian SMS with Solar Hijri dates (`cardpipe_common::solar_hijri`): on arrival, after
 //!   configured days, a month before voiding and a final notice; never in quiet hours; one
 //!   row per (application, kind) and an outbox row, delivered by [`reminders::SmsSink`]
 //!   through an HTTP gateway, rate-limited, retried, failures reported.
 //! * [`voiding`] — daily: cards not collected six calendar months after issuance are voided,
-//!   their certificates revoked and the CRL republished, the card recalled, the citizen told.
+//!   revocation of their certificates and a fresh CRL asked of the keys stage, the card
+//!   recalled, the citizen told.
 //! * [`clients`] — who may call the API: `[registry]` clients, and office or centre-wide
 //!   delivery API clients created at run time (`cardpipe offices clients add`, hashed tokens).
-//! * [`discrepancies`] — missing and extra cards resolved by a supervisor (found, lost in
-//!   transit → revocation and reprint, returned).
+//! * Discrepancies (missing and extra cards in a received box) are raised here and resolved
+//!   by supervisors through `cardpipe_common::discrepancies` (found, lost in transit →
+//!   a reprint asked of QC, returned).
 //! * [`background`] — the loop `cardpipe run` starts: dispatch, reminders and voiding under
 //!   the `delivery-scheduler` lease.
 
@@ -31,9 +33,8 @@ pub mod api;
 pub mod background;
 pub mod clients;
 pub mod config;
-pub mod discrepancies;
 pub mod dispatch;
-pub mod hijri;
+
 pub mod manifest;
 pub mod metrics;
 pub mod office;
@@ -42,7 +43,7 @@ pub mod reminders;
 pub mod shipping;
 pub mod voiding;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use cardpipe_common::runtime::Services;
 use time::{Date, OffsetDateTime, Time, UtcOffset};
@@ -94,14 +95,12 @@ pub fn add_months(date: Date, months: i32) -> Date {
     Date::from_calendar_date(year, month, day).unwrap_or(date)
 }
 
-/// The delivery engine: configuration, metrics, the CA (for revocation at voiding).
+/// The delivery engine: configuration, metrics, the office register.
 pub struct Delivery {
     /// `[delivery]`.
     pub cfg: DeliveryConfig,
     /// Metrics registered in the services' registry.
     pub metrics: metrics::DeliveryMetrics,
-    /// The CA, to republish the CRL after voiding (None: the keys stage's schedule does).
-    pub pki: Option<Arc<cardpipe_pki::settings::Pki>>,
     /// The register as loaded.
     pub register: Vec<offices::Office>,
     offices_loaded: tokio::sync::OnceCell<()>,
@@ -121,11 +120,7 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     /// An engine for `cfg`, registering its metrics in `services`.
-    pub fn new(
-        services: &Services,
-        cfg: DeliveryConfig,
-        pki: Option<Arc<cardpipe_pki::settings::Pki>>,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub fn new(services: &Services, cfg: DeliveryConfig) -> anyhow::Result<Arc<Self>> {
         cfg.validate()?;
         let register = offices::load_register(&cfg.offices_file)?;
         let metrics = metrics::DeliveryMetrics::new();
@@ -139,7 +134,6 @@ impl Delivery {
             ),
             cfg,
             metrics,
-            pki,
             register,
             offices_loaded: tokio::sync::OnceCell::new(),
         }))
@@ -195,20 +189,6 @@ impl Delivery {
             i32::from(self.cfg.void_after_months),
         )
     }
-}
-
-/// The process-wide engine of the `cardpipe` binary (stage, routes, background and sink).
-pub fn shared(
-    services: &Services,
-    config: &cardpipe_common::config::LoadedConfig,
-) -> anyhow::Result<Arc<Delivery>> {
-    static ENGINE: OnceLock<Arc<Delivery>> = OnceLock::new();
-    if let Some(e) = ENGINE.get() {
-        return Ok(e.clone());
-    }
-    let pki = cardpipe_pki::settings::shared(config)?;
-    let engine = Delivery::new(services, config::load(config)?, Some(pki))?;
-    Ok(ENGINE.get_or_init(|| engine).clone())
 }
 
 #[cfg(test)]

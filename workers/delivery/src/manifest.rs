@@ -7,8 +7,8 @@
 
 use serde::Serialize;
 
-use crate::hijri::{SolarHijri, persian_digits};
 use crate::offices::Office;
+use cardpipe_common::solar_hijri::{SolarHijri, persian_digits};
 
 /// One card line.
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, StoreError, Transition};
-use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
+use cardpipe_registry::callbacks::{CallbackEvent, enqueue_callback};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
@@ -188,7 +188,7 @@ pub struct ReceiptOutcome {
 /// The office acknowledges box `box_id`: listed cards found move `shipped` → `at_office`;
 /// missing and extra cards are recorded as discrepancies for the centre. `by` must act for
 /// the box's office (403 otherwise). A box already received accepts, later, the missing
-/// cards that an operator resolved as `found` ([`crate::discrepancies`]).
+/// cards that an operator resolved as `found` ([`cardpipe_common::discrepancies`]).
 pub async fn receive_box(
     delivery: &Delivery,
     services: &Services,

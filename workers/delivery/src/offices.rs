@@ -340,14 +340,15 @@ mod tests {
 
     #[test]
     fn every_office_code_the_registry_generator_uses_is_registered() {
-        // cardpipe_intake::synth draws `<city prefix>-<001..040>` for its six cities.
+        // cardpipe_registry::synth draws `<city prefix>-<001..040>` for its six cities.
         let codes: std::collections::HashSet<_> = parse_register(DEFAULT_REGISTER)
             .unwrap()
             .into_iter()
             .map(|o| o.code)
             .collect();
-        let spec = cardpipe_intake::synth::spec(7, 300, false, time::macros::date!(2026 - 01 - 10));
-        let generator = cardpipe_intake::synth::Generator::new(spec);
+        let spec =
+            cardpipe_registry::synth::spec(7, 300, false, time::macros::date!(2026 - 01 - 10));
+        let generator = cardpipe_registry::synth::Generator::new(spec);
         for i in 0..300 {
             let record = generator.valid(i);
             let office = record["pickup_office"].as_str().unwrap();

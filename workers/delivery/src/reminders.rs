@@ -28,8 +28,8 @@ use sqlx::Row;
 use time::{Date, OffsetDateTime};
 
 use crate::config::SmsConfig;
-use crate::hijri::{SolarHijri, persian_digits};
 use crate::{Delivery, add_months, offices, tehran_date};
+use cardpipe_common::solar_hijri::{SolarHijri, persian_digits};
 
 /// Outbox topic of citizen SMS.
 pub const SMS_TOPIC: &str = "sms";

@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use crate::{Delivery, offices};
 
 /// The stage name (queue, `[stages.shipping]`, `cardpipe worker shipping`).
-pub const STAGE_NAME: &str = "shipping";
+pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::SHIPPING;
 
 /// Packs cards into boxes per pickup office.
 #[derive(Debug)]

@@ -1,20 +1,21 @@
 //! Voiding: once a day (at `[delivery] voiding_time`, Tehran), every card still waiting at
 //! its office on or after its voiding date (issuance + `void_after_months` calendar months)
-//! is voided. In one transaction per chunk: `at_office` → `voided` (compare-and-set), its
-//! certificates revoked (cause `voided`), a `card_recalls` row (the card goes back to the
-//! centre for destruction), the citizen's SMS (a new application is needed, at double fee)
-//! and the registry callback. Then the CRL is republished.
+//! is voided. In one transaction per chunk: `at_office` → `voided` (compare-and-set), a
+//! `card_recalls` row (the card goes back to the centre for destruction), the citizen's SMS
+//! (a new application is needed, at double fee), the registry callback, and one request to
+//! the keys stage (outbox topic `crl.publish`) to revoke the chunk's certificates (cause
+//! `voided`) and publish a CRL at once.
 //!
 //! Exactly once across replicas: only the `delivery-scheduler` lease holder runs it, the
 //! day's run is recorded in `scheduled_runs`, and each card's move is a compare-and-set.
 
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::contract::{self, RevocationCause, RevocationRequest};
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, Transition};
-use cardpipe_intake::callbacks::{CallbackEvent, enqueue_callback};
-use cardpipe_pki::crl::RevocationCause;
+use cardpipe_registry::callbacks::{CallbackEvent, enqueue_callback};
 use serde_json::json;
 use sqlx::Row;
 use time::{Date, OffsetDateTime};
@@ -60,7 +61,6 @@ pub async fn void_due(
         ));
     }
     let mut voided = 0usize;
-    let mut revoked = 0u64;
     let chunks: Vec<_> = cards.chunks(100).collect();
     let last = chunks.len().saturating_sub(1);
     if chunks.is_empty() {
@@ -84,6 +84,7 @@ pub async fn void_due(
             return Ok(None);
         }
         let mut in_chunk = 0;
+        let mut revoke = Vec::new();
         for (app, office, box_id, void_on, registry_id) in chunk {
             let id = ApplicationId(app.clone());
             let moved = Store::transition(
@@ -103,13 +104,11 @@ pub async fn void_due(
             if !moved {
                 continue;
             }
-            revoked += cardpipe_keys::ops::revoke_application(
-                services,
-                Some(&mut tx),
-                &id,
-                RevocationCause::Voided,
-            )
-            .await?;
+            revoke.push(RevocationRequest {
+                application_id: app.clone(),
+                cause: RevocationCause::Voided,
+                serials: Vec::new(),
+            });
             sqlx::query("UPDATE delivery_cards SET voided_at = $1 WHERE application_id = $2")
                 .bind(to_rfc3339(now))
                 .bind(app)
@@ -149,6 +148,9 @@ pub async fn void_due(
             in_chunk += 1;
         }
         if in_chunk > 0 {
+            // The keys stage revokes the voided cards' certificates and publishes a CRL at
+            // once (it holds the CA key); the request commits with the voiding.
+            contract::request_crl_publication(&mut tx, revoke, now).await?;
             audit::record_in(
                 &mut tx,
                 now,
@@ -167,19 +169,10 @@ pub async fn void_due(
         delivery.metrics.voided(in_chunk as u64);
     }
     if voided > 0 {
-        tracing::info!(voided, revoked, "uncollected cards voided");
-        if let Some(pki) = &delivery.pki {
-            match cardpipe_keys::ops::publish_crl(services, pki).await {
-                Ok(crl) => tracing::info!(
-                    number = crl.number,
-                    revoked = crl.revoked,
-                    "CRL republished after voiding"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "CRL republication after voiding failed; the scheduled publication will include the revocations")
-                }
-            }
-        }
+        tracing::info!(
+            voided,
+            "uncollected cards voided; revocation and a CRL requested"
+        );
     }
     Ok(Some(voided))
 }

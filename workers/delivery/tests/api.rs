@@ -9,15 +9,15 @@
 use std::sync::Arc;
 
 use cardpipe_common::clock::{Clock, TestClock, to_rfc3339};
+use cardpipe_common::discrepancies::{self, DiscrepancyError};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_delivery::config::DeliveryConfig;
-use cardpipe_delivery::discrepancies;
 use cardpipe_delivery::office::OfficeError;
 use cardpipe_delivery::{Delivery, api, clients};
-use cardpipe_intake::config::{ClientConfig, RegistryConfig, hash_token};
+use cardpipe_registry::config::{ClientConfig, RegistryConfig, hash_token};
 use serde_json::{Value, json};
 use sqlx::Row;
 use time::macros::datetime;
@@ -102,7 +102,7 @@ async fn audit_actors(services: &Services, action: &str) -> Vec<(String, String)
 async fn api_contract(mode: Mode) {
     let clock = Arc::new(TestClock::at(datetime!(2026-02-01 08:00 UTC)));
     let (services, _guard) = testing::services(mode, Some(clock as Arc<dyn Clock>)).await;
-    let delivery = Delivery::new(&services, DeliveryConfig::default(), None).unwrap();
+    let delivery = Delivery::new(&services, DeliveryConfig::default()).unwrap();
     let api = serve(&services, delivery.clone()).await;
     let hq = clients::add(&delivery, &services, "hq", None, ("sara", "supervisor"))
         .await
@@ -478,15 +478,15 @@ async fn offices_and_discrepancies(
     // Outcomes must fit the kind; a note is required.
     assert!(matches!(
         discrepancies::resolve(services, &d_b, "returned", "x", by).await,
-        Err(OfficeError::BadRequest(ref m)) if m.contains("found or lost")
+        Err(DiscrepancyError::BadRequest(ref m)) if m.contains("found or lost")
     ));
     assert!(matches!(
         discrepancies::resolve(services, &d_x, "lost", "x", by).await,
-        Err(OfficeError::BadRequest(ref m)) if m.contains("returned")
+        Err(DiscrepancyError::BadRequest(ref m)) if m.contains("returned")
     ));
     assert!(matches!(
         discrepancies::resolve(services, &d_b, "found", "  ", by).await,
-        Err(OfficeError::BadRequest(ref m)) if m.contains("note")
+        Err(DiscrepancyError::BadRequest(ref m)) if m.contains("note")
     ));
     // B turned up: found, then TEH-001 receives it on the same box.
     let found = discrepancies::resolve(services, &d_b, "found", "under the tray liner", by)
@@ -494,10 +494,10 @@ async fn offices_and_discrepancies(
         .unwrap();
     assert_eq!(found.discrepancy.resolution.as_deref(), Some("found"));
     assert_eq!(found.discrepancy.resolved_by.as_deref(), Some("sara"));
-    assert!(found.reprint.is_none());
+    assert!(found.reprint_id.is_none());
     assert!(matches!(
         discrepancies::resolve(services, &d_b, "lost", "again", by).await,
-        Err(OfficeError::Conflict(_))
+        Err(DiscrepancyError::Conflict(_))
     ));
     // Only found cards may be received late; another office still may not.
     check(
@@ -535,27 +535,28 @@ async fn offices_and_discrepancies(
         1
     );
 
-    // C was lost in transit: revoked and reprinted (urgent, keys job), in one go.
+    // C was lost in transit: in the same transaction as the resolution, QC's reprint
+    // workflow is asked (outbox topic qc.reprint) for a new card under the id the
+    // discrepancy records; QC revokes and remakes it (workers/qc/tests/reprint_contract.rs).
     let lost = discrepancies::resolve(services, &d_c, "lost", "carrier lost the parcel", by)
         .await
         .unwrap();
-    let reprint = lost.reprint.expect("a reprint for a lost card");
-    assert_eq!(reprint.reason.as_str(), "lost_in_transit");
+    let reprint_id = lost.reprint_id.clone().expect("a reprint for a lost card");
     assert_eq!(
         lost.discrepancy.reprint_id.as_deref(),
-        Some(reprint.id.as_str())
+        Some(reprint_id.as_str())
     );
-    assert_eq!(
-        state(services, &c).await,
-        ApplicationState::ReprintRequested
-    );
-    let reason: String = sqlx::query("SELECT reason FROM reprints WHERE application_id = $1")
+    let row = sqlx::query("SELECT payload FROM outbox WHERE topic = $1 AND subject = $2")
+        .bind(cardpipe_common::contract::REPRINT_TOPIC)
         .bind(c.as_str())
         .fetch_one(services.store.pool())
         .await
-        .unwrap()
-        .get("reason");
-    assert_eq!(reason, "lost_in_transit");
+        .unwrap();
+    let request: cardpipe_common::contract::ReprintRequest =
+        serde_json::from_str(&row.get::<String, _>("payload")).unwrap();
+    assert_eq!(request.id, reprint_id);
+    assert_eq!(request.reason, "lost_in_transit");
+    assert_eq!(request.operator, "sara");
 
     // The stray card went back to the centre.
     let returned =
@@ -578,7 +579,8 @@ async fn offices_and_discrepancies(
             .iter()
             .all(|(a, r)| a == "sara" && r == "supervisor")
     );
-    assert_eq!(audit_actors(services, "reprint.request").await.len(), 1);
+    // The reprint itself is QC's (its sink applies the request; not running here).
+    assert_eq!(audit_actors(services, "reprint.request").await.len(), 0);
 
     // A revoked client's token stops working at once; revoking is audited.
     clients::revoke(services, "teh-001-desk", by).await.unwrap();

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -23,13 +23,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use crate::callbacks::{CallbackEvent, REVOCATION_TOPIC, enqueue_callback};
-use crate::config::RegistryConfig;
 use crate::intake::{self, IntakeError};
 use crate::validate;
-
-/// The OpenAPI 3 document.
-pub const OPENAPI: &str = include_str!("openapi.json");
+use cardpipe_common::contract::{self, RevocationCause};
+use cardpipe_registry::OPENAPI;
+use cardpipe_registry::auth::{
+    Client, application_of_client, batch_owner, require_registry_client,
+};
+use cardpipe_registry::callbacks::{CallbackEvent, enqueue_callback};
+use cardpipe_registry::config::RegistryConfig;
 
 /// Every (method, path) the router serves, in axum's `{param}` syntax.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -68,10 +70,6 @@ struct AppState {
     services: Services,
     cfg: Arc<RegistryConfig>,
 }
-
-/// The authenticated registry client.
-#[derive(Debug, Clone)]
-pub struct Client(pub String);
 
 /// An API error: status and a message naming fields, never values.
 #[derive(Debug)]
@@ -152,35 +150,6 @@ async fn audit_registry(
     )
     .await?;
     Ok(())
-}
-
-/// Middleware for every registry route: refuses a request without a valid bearer
-/// token before its body is read, and hands the handler the [`Client`] it belongs to.
-/// Other crates' registry routes (reprints) layer it with their own copy of the config.
-pub async fn require_registry_client(
-    State(cfg): State<Arc<RegistryConfig>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token.and_then(|t| cfg.client_for_token(t)) {
-        Some(name) => {
-            let client = Client(name.to_owned());
-            req.extensions_mut().insert(client);
-            next.run(req).await
-        }
-        None => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({ "error": "a valid bearer token is required" })),
-        )
-            .into_response(),
-    }
 }
 
 /// The registry API router.
@@ -490,37 +459,6 @@ async fn check_owner(state: &AppState, client: &str, app: &Application) -> Resul
     }
 }
 
-/// The application with this registry id if the registry client `client` submitted it;
-/// `None` both when it does not exist and when another client owns it (a client cannot
-/// learn which of another client's ids exist).
-pub async fn application_of_client(
-    services: &Services,
-    client: &str,
-    registry_id: &str,
-) -> Result<Option<Application>, StoreError> {
-    let Some(app) = services
-        .store
-        .application_by_registry_id(registry_id)
-        .await?
-    else {
-        return Ok(None);
-    };
-    Ok((batch_owner(services, &app).await?.as_deref() == Some(client)).then_some(app))
-}
-
-async fn batch_owner(services: &Services, app: &Application) -> Result<Option<String>, StoreError> {
-    match &app.batch_id {
-        Some(b) => sqlx::query("SELECT client FROM batches WHERE id = $1")
-            .bind(b)
-            .fetch_optional(services.store.pool())
-            .await?
-            .map(|r| r.try_get("client"))
-            .transpose()
-            .map_err(StoreError::from),
-        None => Ok(None),
-    }
-}
-
 async fn status_of(state: &AppState, app: &Application) -> Result<Value, ApiError> {
     let record = records::load_record(&state.services, &app.id).await?;
     let history: Vec<Value> = state
@@ -596,22 +534,15 @@ async fn withdraw(
             now,
         )
         .await?;
-        // Hook for the keys stage: its `revocation` sink (cardpipe_keys::ops::RevocationSink)
-        // revokes every certificate issued for this application. Written whatever the
-        // state (a no-op when none was issued) so a key issuance racing this withdrawal
-        // is still revoked; rows wait in the outbox until a relay with that sink runs.
-        let payload = json!({
-            "application_id": app.id.as_str(),
-            "cause": "cancelled",
-            "from_state": app.state.as_str(),
-            "at": to_rfc3339(now),
-        });
-        Store::enqueue_outbox(
+        // The keys stage revokes every certificate issued for this application (outbox
+        // topic `revocation`). Written whatever the state (a no-op when none was issued) so
+        // a key issuance racing this withdrawal is still revoked; rows wait in the outbox
+        // until a relay with that sink runs.
+        contract::request_revocation(
             &mut tx,
-            &uuid::Uuid::now_v7().to_string(),
-            REVOCATION_TOPIC,
-            app.id.as_str(),
-            &payload.to_string(),
+            &app.id,
+            RevocationCause::Cancelled,
+            Vec::new(),
             now,
         )
         .await?;

@@ -12,9 +12,9 @@ use cardpipe_common::testing::{self, Mode};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::config::RegistryConfig;
 use crate::intake;
-use crate::synth::{Generator, spec};
+use cardpipe_registry::config::RegistryConfig;
+use cardpipe_registry::synth::{Generator, spec};
 
 /// Figures of one run.
 #[derive(Debug, Clone, Serialize)]

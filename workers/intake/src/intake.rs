@@ -23,9 +23,9 @@ use time::{OffsetDateTime, UtcOffset};
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::io::StreamReader;
 
-use crate::callbacks::{CallbackEvent, enqueue_callback};
-use crate::config::RegistryConfig;
 use crate::validate::{self, ArtifactRef, FieldError, Flag, PrintRef};
+use cardpipe_registry::callbacks::{CallbackEvent, enqueue_callback};
+use cardpipe_registry::config::RegistryConfig;
 
 /// Asia/Tehran (UTC+03:30, no daylight saving since 2022).
 pub const TEHRAN: UtcOffset = match UtcOffset::from_hms(3, 30, 0) {

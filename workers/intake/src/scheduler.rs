@@ -23,12 +23,12 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RegistryConfig;
+use cardpipe_registry::config::RegistryConfig;
 
 /// The lease naming the replica that releases.
 pub const LEASE: &str = "intake-release-scheduler";
 /// The stage (job name) released applications go to.
-pub const NEXT_STAGE: &str = "dedup";
+pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::DEDUP;
 
 /// The scheduler's state (its throttle window).
 #[derive(Debug)]

@@ -11,13 +11,12 @@ use cardpipe_common::domain::Priority;
 use cardpipe_common::domain::applicant::{
     ApplicantGroup, ApplicantRecord, Biometrics, Fees, FingerprintEntry, Gender,
 };
-use icu_calendar::Date as IcuDate;
-use icu_calendar::cal::Persian;
+use cardpipe_common::solar_hijri::SolarHijri;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use time::Date;
 
-use crate::config::RegistryConfig;
+use cardpipe_registry::config::RegistryConfig;
 
 /// Issuance fee paid online before enrolment (20,000 toman).
 pub const ISSUANCE_FEE_RIAL: i64 = 200_000;
@@ -143,8 +142,7 @@ pub fn check_national_code(raw: &str) -> Result<String, &'static str> {
 
 /// The Solar Hijri year of a Gregorian date.
 pub fn solar_hijri_year(date: Date) -> Option<i32> {
-    let iso = IcuDate::try_new_iso(date.year(), u8::from(date.month()), date.day()).ok()?;
-    Some(iso.to_calendar(Persian).year().extended_year())
+    SolarHijri::from_gregorian(date).ok().map(|d| d.year)
 }
 
 /// Full years between `birth` and `on`.
@@ -914,7 +912,7 @@ mod tests {
         );
         assert_eq!(check_national_code("12345"), Err("must be 10 digits"));
         for i in 0..1000 {
-            let c = crate::synth::national_code(3, i);
+            let c = cardpipe_registry::synth::national_code(3, i);
             assert!(check_national_code(&c).is_ok(), "synthetic code {i}");
         }
     }

@@ -24,19 +24,21 @@ use cardpipe_common::domain::ApplicationId;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::relay::OutboxSink;
 use cardpipe_common::store::{OutboxRow, Store, StoreError, StoreTx};
-use serde::{Deserialize, Serialize};
+
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
-use cardpipe_pki::crl::{CrlRequest, RevocationCause, generate_crl};
+use cardpipe_common::contract::{
+    CRL_TOPIC, CrlPublication, KEY_DESTRUCTION_TOPIC, KeyDestruction, REVOCATION_TOPIC,
+    RevocationCause, RevocationRequest,
+};
+use cardpipe_pki::crl::{CrlRequest, generate_crl};
 use cardpipe_pki::rotation::{RotationDecision, decide_for};
 use cardpipe_pki::settings::Pki;
 use cardpipe_pki::store;
 
 /// Object key of the newest CRL.
 pub const LATEST_CRL_KEY: &str = "crl/latest.crl";
-/// Outbox topic of revocation requests.
-pub const REVOCATION_TOPIC: &str = "revocation";
 
 /// Marks every valid certificate of `app_id` revoked with `cause`, in `tx` when given
 /// (so a caller's state change and the revocation commit together), else in its own
@@ -59,13 +61,17 @@ pub async fn revoke_application(
     }
 }
 
-/// A revocation request announced through the outbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RevocationRequest {
-    /// The application whose certificates to revoke.
-    pub application_id: String,
-    /// Why.
-    pub cause: RevocationCause,
+/// Carries out one revocation request (idempotent: only valid certificates change).
+async fn apply(services: &Services, request: &RevocationRequest) -> Result<u64, StoreError> {
+    let app = ApplicationId(request.application_id.clone());
+    if request.serials.is_empty() {
+        return revoke_application(services, None, &app, request.cause).await;
+    }
+    let now = services.clock.now();
+    let mut tx = services.store.begin().await?;
+    let n = store::revoke_serials_tx(&mut tx, &app, &request.serials, request.cause, now).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Outbox sink for topic `revocation`.
@@ -90,16 +96,102 @@ impl OutboxSink for RevocationSink {
                 row.id
             )
         })?;
-        let n = revoke_application(
-            &self.services,
-            None,
-            &ApplicationId(request.application_id.clone()),
-            request.cause,
-        )
-        .await?;
+        let n = apply(&self.services, &request).await?;
         tracing::info!(application = %request.application_id, cause = store::cause_name(request.cause), revoked = n, "certificates revoked");
         Ok(())
     }
+}
+
+/// Outbox sink for [`CRL_TOPIC`]: records the listed revocations, then signs and publishes
+/// a CRL (`cardpipe run`'s voiding asks for one after each chunk of voided cards).
+pub struct CrlSink {
+    services: Services,
+    pki: Arc<Pki>,
+}
+
+impl std::fmt::Debug for CrlSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrlSink").finish_non_exhaustive()
+    }
+}
+
+impl CrlSink {
+    /// A sink signing with `pki`'s issuing CA.
+    pub fn new(services: Services, pki: Arc<Pki>) -> Self {
+        Self { services, pki }
+    }
+}
+
+#[async_trait]
+impl OutboxSink for CrlSink {
+    async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
+        let request: CrlPublication = serde_json::from_str(&row.payload).map_err(|e| {
+            anyhow::anyhow!(
+                "outbox row {} is not a CRL publication request: {e}",
+                row.id
+            )
+        })?;
+        let mut revoked = 0;
+        for r in &request.revoke {
+            revoked += apply(&self.services, r).await?;
+        }
+        let crl = publish_crl(&self.services, &self.pki).await?;
+        tracing::info!(
+            number = crl.number,
+            listed = crl.revoked,
+            revoked,
+            "CRL published on request"
+        );
+        Ok(())
+    }
+}
+
+/// Outbox sink for [`KEY_DESTRUCTION_TOPIC`]: destroys the wrapped private keys of cards
+/// that passed QC (crypto-shredding).
+#[derive(Debug)]
+pub struct KeyDestructionSink {
+    services: Services,
+}
+
+impl KeyDestructionSink {
+    /// A sink on `services`.
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+}
+
+#[async_trait]
+impl OutboxSink for KeyDestructionSink {
+    async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
+        let req: KeyDestruction = serde_json::from_str(&row.payload)
+            .map_err(|e| anyhow::anyhow!("outbox row {} is not a key destruction: {e}", row.id))?;
+        destroy_wrapped_keys(&self.services, &ApplicationId(req.application_id)).await?;
+        Ok(())
+    }
+}
+
+/// The outbox sinks of the keys stage (topic, sink). Revocation and key destruction need
+/// only the store; CRL publication needs the CA, so only a process that holds it (`pki`:
+/// the keys worker, `cardpipe run` / `serve`) registers that topic — a relay claims only
+/// the topics it has sinks for.
+pub fn sinks(
+    services: &Services,
+    pki: Option<Arc<Pki>>,
+) -> Vec<(&'static str, Arc<dyn OutboxSink>)> {
+    let mut sinks: Vec<(&'static str, Arc<dyn OutboxSink>)> = vec![
+        (
+            REVOCATION_TOPIC,
+            Arc::new(RevocationSink::new(services.clone())),
+        ),
+        (
+            KEY_DESTRUCTION_TOPIC,
+            Arc::new(KeyDestructionSink::new(services.clone())),
+        ),
+    ];
+    if let Some(pki) = pki {
+        sinks.push((CRL_TOPIC, Arc::new(CrlSink::new(services.clone(), pki))));
+    }
+    sinks
 }
 
 /// A published CRL.

@@ -25,18 +25,18 @@ use cardpipe_common::store::{StoreError, StoreTx};
 use futures::future::BoxFuture;
 
 use crate::ops::{RotationOutcome, rotate_document_signer};
-use cardpipe_pki::crl::RevocationCause;
+use cardpipe_common::contract::RevocationCause;
 use cardpipe_pki::lds;
 use cardpipe_pki::rotation::{RotationDecision, decide_for};
 use cardpipe_pki::settings::Pki;
 use cardpipe_pki::store;
 
 /// The stage name.
-pub const STAGE_NAME: &str = "keys";
+pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::KEYS;
 /// The stage after this one.
-pub const NEXT_STAGE: &str = "personalize";
+pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::PERSONALIZE;
 /// Artifact kind of the personalization package.
-pub const CREDENTIALS_ARTIFACT: &str = "credentials";
+pub const CREDENTIALS_ARTIFACT: &str = cardpipe_common::contract::CREDENTIALS_ARTIFACT;
 
 const ACCEPTS: &[ApplicationState] = &[
     ApplicationState::DedupClear,

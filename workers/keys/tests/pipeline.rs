@@ -12,6 +12,7 @@ use std::time::Duration as StdDuration;
 
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::clock::{Clock, TestClock};
+use cardpipe_common::contract::RevocationCause;
 use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics};
 use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
 use cardpipe_common::records;
@@ -27,7 +28,7 @@ use cardpipe_keys::ops::{
 use cardpipe_keys::stage::{CREDENTIALS_ARTIFACT, KeysStage};
 use cardpipe_pki::ca::CaHierarchy;
 use cardpipe_pki::citizen::CardKeyRole;
-use cardpipe_pki::crl::{RevocationCause, parse_crl};
+use cardpipe_pki::crl::parse_crl;
 use cardpipe_pki::custody::{CardCredentials, TransportKey, unwrap};
 use cardpipe_pki::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
 use cardpipe_pki::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
@@ -140,7 +141,7 @@ async fn start(services: &Services, pki: Arc<Pki>) -> RunningPipeline {
     let relay = Relay::new(services.clone())
         .with_poll_interval(StdDuration::from_millis(50))
         .with_sink(
-            ops::REVOCATION_TOPIC,
+            cardpipe_common::contract::REVOCATION_TOPIC,
             Arc::new(RevocationSink::new(services.clone())),
         );
     pipeline::start(services, stages, relay, StdDuration::from_secs(10))
@@ -350,7 +351,7 @@ async fn keys_stage_end_to_end(mode: Mode) {
     Store::enqueue_outbox(
         &mut tx,
         &uuid::Uuid::now_v7().to_string(),
-        ops::REVOCATION_TOPIC,
+        cardpipe_common::contract::REVOCATION_TOPIC,
         ids[1].as_str(),
         &format!(r#"{{"application_id":"{}","cause":"lost"}}"#, ids[1]),
         services.clock.now(),
@@ -658,7 +659,7 @@ async fn revocation_sink_rejects_garbage_and_is_idempotent() {
     let row = |payload: &str| OutboxRow {
         seq: 1,
         id: "x".into(),
-        topic: ops::REVOCATION_TOPIC.into(),
+        topic: cardpipe_common::contract::REVOCATION_TOPIC.into(),
         subject: "s".into(),
         payload: payload.into(),
         attempts: 0,

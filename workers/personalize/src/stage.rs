@@ -27,288 +27,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cardpipe_common::clock::to_rfc3339;
-use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
+use cardpipe_common::domain::{Application, ApplicationState};
 use cardpipe_common::records::{self, RecordError};
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
-use cardpipe_common::store::{Store, StoreError, StoreTx};
 use cardpipe_pki::citizen::CardKeyRole;
-use cardpipe_pki::custody::{self, CardCredentials, TransportKey};
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use sqlx::Row;
-use time::OffsetDateTime;
+use cardpipe_pki::custody::{self, CardCredentials};
 use zeroize::Zeroizing;
 
-use cardpipe_card::card_os::Faults;
-use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource, Outcome, PcscSource};
-use cardpipe_card::reader::BlankStock;
-use cardpipe_card::scp03::MasterKeys;
+use cardpipe_card::config::{EncodersConfig, SiteSecrets};
+use cardpipe_card::farm::{Farm, Outcome};
 use cardpipe_card::script::{self, CardImage, PersoError, ScriptOptions};
 
 /// The stage name.
-pub const STAGE_NAME: &str = "personalize";
+pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::PERSONALIZE;
 /// The stage after this one.
-pub const NEXT_STAGE: &str = "qc";
+pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::QC;
 /// Artifact kind of the keys stage's package.
-pub const CREDENTIALS_ARTIFACT: &str = "credentials";
-/// The configuration section.
-pub const SECTION: &str = "encoders";
+pub const CREDENTIALS_ARTIFACT: &str = cardpipe_common::contract::CREDENTIALS_ARTIFACT;
 
 const ACCEPTS: &[ApplicationState] = &[ApplicationState::KeysIssued, ApplicationState::QcFailed];
-
-/// Which encoders the farm drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum EncoderKind {
-    /// The card OS in this process (embedded mode).
-    #[default]
-    InProcess,
-    /// PC/SC readers through pcscd.
-    Pcsc,
-}
-
-/// `[encoders]` in pipeline.toml.
-#[derive(Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EncodersConfig {
-    /// `in_process` or `pcsc`.
-    pub kind: EncoderKind,
-    /// In-process encoders to create.
-    pub count: usize,
-    /// Simulated encode time per card (slow EEPROM), ms; 0 = as fast as the CPU.
-    pub encode_time_ms: u64,
-    /// In-process blanks: share with a dead chip.
-    pub dead_rate: f64,
-    /// In-process blanks: share pulled out mid-write.
-    pub tear_rate: f64,
-    /// In-process blanks: per-write failure probability.
-    pub write_failure_rate: f64,
-    /// SCP03 master keys enc ‖ mac ‖ dek, hex (3 × 16, 24 or 32 bytes); empty = the
-    /// simulator's test keys.
-    pub master_keys_hex: SecretString,
-    /// Transport key id (must match `[pki] transport_key_id`).
-    pub transport_key_id: String,
-    /// Transport key, 64 hex digits; empty = `data_dir/pki-transport-<id>.key`.
-    pub transport_key_hex: SecretString,
-    /// Transport ID PIN.
-    pub transport_id_pin: SecretString,
-    /// Transport signature PIN.
-    pub transport_sign_pin: SecretString,
-    /// Transport PUK.
-    pub transport_puk: SecretString,
-    /// Spoiled blanks per application before it is parked.
-    pub max_blanks: u32,
-    /// Failures in a row that take an encoder out of service.
-    pub max_consecutive_failures: u32,
-    /// Reader re-scan period, ms.
-    pub rescan_interval_ms: u64,
-    /// How long a job waits for a free encoder, ms.
-    pub acquire_timeout_ms: u64,
-    /// How long a PC/SC insert waits for a card, ms.
-    pub insert_timeout_ms: u64,
-    /// Extended length APDUs (4 KiB chunks) instead of short ones.
-    pub extended_length: bool,
-    /// PC/SC readers that are not encoders: names starting with any of these are skipped
-    /// (the QC stations of `cardpipe encoders simulate --qc-stations`).
-    pub skip_readers: Vec<String>,
-}
-
-impl Default for EncodersConfig {
-    fn default() -> Self {
-        Self {
-            kind: EncoderKind::InProcess,
-            count: 4,
-            encode_time_ms: 0,
-            dead_rate: 0.0,
-            tear_rate: 0.0,
-            write_failure_rate: 0.0,
-            master_keys_hex: SecretString::from(""),
-            transport_key_id: "encoder-site-01".into(),
-            transport_key_hex: SecretString::from(""),
-            transport_id_pin: SecretString::from("123456"),
-            transport_sign_pin: SecretString::from("654321"),
-            transport_puk: SecretString::from("12345678"),
-            max_blanks: 3,
-            max_consecutive_failures: 5,
-            rescan_interval_ms: 2000,
-            acquire_timeout_ms: 30_000,
-            insert_timeout_ms: 5000,
-            extended_length: true,
-            skip_readers: vec!["QC Station".into()],
-        }
-    }
-}
-
-impl std::fmt::Debug for EncodersConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EncodersConfig")
-            .field("kind", &self.kind)
-            .field("count", &self.count)
-            .field("encode_time_ms", &self.encode_time_ms)
-            .field("transport_key_id", &self.transport_key_id)
-            .field("max_blanks", &self.max_blanks)
-            .finish_non_exhaustive()
-    }
-}
-
-impl EncodersConfig {
-    /// The SCP03 master keys.
-    pub fn master_keys(&self) -> anyhow::Result<MasterKeys> {
-        let hex_keys = self.master_keys_hex.expose_secret().trim();
-        if hex_keys.is_empty() {
-            return Ok(MasterKeys::test_keys());
-        }
-        let raw = Zeroizing::new(
-            hex::decode(hex_keys)
-                .map_err(|_| anyhow::anyhow!("encoders.master_keys_hex is not hex"))?,
-        );
-        let n = raw.len() / 3;
-        if raw.len() % 3 != 0 || ![16, 24, 32].contains(&n) {
-            anyhow::bail!("encoders.master_keys_hex must be 3 × 16, 24 or 32 bytes");
-        }
-        MasterKeys::new(&raw[..n], &raw[n..2 * n], &raw[2 * n..])
-            .map_err(|e| anyhow::anyhow!("encoders.master_keys_hex: {e}"))
-    }
-
-    /// The transport key (from the config, or the embedded-mode file shared with `[pki]`).
-    pub fn transport_key(&self, data_dir: &Path) -> anyhow::Result<TransportKey> {
-        let pki = cardpipe_pki::settings::PkiConfig {
-            transport_key_id: self.transport_key_id.clone(),
-            transport_key_hex: self.transport_key_hex.clone(),
-            ..Default::default()
-        };
-        pki.transport_key(data_dir)
-    }
-
-    /// The transport PINs.
-    pub fn pins(&self) -> TransportPins {
-        let z = |s: &SecretString| Zeroizing::new(s.expose_secret().as_bytes().to_vec());
-        TransportPins {
-            id_pin: z(&self.transport_id_pin),
-            sign_pin: z(&self.transport_sign_pin),
-            puk: z(&self.transport_puk),
-        }
-    }
-
-    /// Script options.
-    pub fn script(&self) -> ScriptOptions {
-        if self.extended_length {
-            ScriptOptions::extended()
-        } else {
-            ScriptOptions::default()
-        }
-    }
-
-    /// Farm settings.
-    pub fn farm_settings(&self) -> FarmSettings {
-        FarmSettings {
-            max_consecutive_failures: self.max_consecutive_failures.max(1),
-            acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
-        }
-    }
-
-    /// The blank stock of in-process encoders: fault rates and the slow-EEPROM latency
-    /// (encode time spread over the APDUs of a typical card).
-    pub fn blank_stock(&self, master: &MasterKeys) -> Arc<BlankStock> {
-        let latency = if self.encode_time_ms == 0 {
-            Duration::ZERO
-        } else {
-            let apdus = cardpipe_card::bench::apdus_per_card(
-                &script::sample_image(20_000, 0),
-                master,
-                &self.script(),
-            )
-            .map(|(a, _)| a.max(1))
-            .unwrap_or(60);
-            Duration::from_millis(self.encode_time_ms) / apdus as u32
-        };
-        let (dead, tear, wfr) = (self.dead_rate, self.tear_rate, self.write_failure_rate);
-        let seed: u64 = rand::random();
-        Arc::new(BlankStock::new(master.clone(), rand::random(), move |n| {
-            let u = |salt: u64| unit(seed ^ salt, n);
-            Faults {
-                dead: u(1) < dead,
-                write_failure_rate: wfr,
-                seed: seed ^ u64::from(n),
-                tear_at_write: (u(2) < tear).then_some(3 + (u(3) * 8.0) as u32),
-                apdu_latency: latency,
-            }
-        }))
-    }
-
-    /// Builds the farm this configuration describes.
-    pub fn farm(&self) -> anyhow::Result<Arc<Farm>> {
-        Ok(match self.kind {
-            EncoderKind::InProcess => {
-                let stock = self.blank_stock(&self.master_keys()?);
-                Farm::new(
-                    Box::new(InProcessSource::new(self.count.max(1), stock)),
-                    self.farm_settings(),
-                )
-            }
-            EncoderKind::Pcsc => {
-                // pcsc-lite is loaded at run time: a machine without it refuses here, with
-                // what to install, rather than logging failed reader scans forever.
-                cardpipe_card::pcsc::library()
-                    .map_err(|e| anyhow::anyhow!("[encoders] kind = \"pcsc\": {e}"))?;
-                Farm::new(
-                    Box::new(PcscSource {
-                        insert_timeout: Duration::from_millis(self.insert_timeout_ms),
-                        skip_readers: self.skip_readers.clone(),
-                    }),
-                    self.farm_settings(),
-                )
-            }
-        })
-    }
-}
-
-/// A deterministic value in [0, 1) for blank `n`.
-fn unit(seed: u64, n: u32) -> f64 {
-    let mut x = seed ^ (u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
-    x ^= x >> 33;
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// The transport PINs written to every card. `Debug` is redacted.
-#[derive(Clone)]
-pub struct TransportPins {
-    /// ID PIN.
-    pub id_pin: Zeroizing<Vec<u8>>,
-    /// Signature PIN.
-    pub sign_pin: Zeroizing<Vec<u8>>,
-    /// PUK.
-    pub puk: Zeroizing<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TransportPins {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TransportPins(redacted)")
-    }
-}
-
-/// The secrets of an encoder site. `Debug` shows the transport key id only.
-pub struct SiteSecrets {
-    /// SCP03 master keys.
-    pub master: Arc<MasterKeys>,
-    /// The transport key that unwraps the citizen keys.
-    pub transport: TransportKey,
-    /// Transport PINs.
-    pub pins: TransportPins,
-}
-
-impl std::fmt::Debug for SiteSecrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SiteSecrets")
-            .field("transport_key_id", &self.transport.key_id())
-            .finish_non_exhaustive()
-    }
-}
 
 /// The personalize stage.
 #[derive(Debug)]
@@ -503,17 +240,18 @@ impl Stage for PersonalizeStage {
                 app.id
             );
         }
-        let interrupted = cards::spoil_in_progress(store, &app.id, "interrupted", now()).await?;
+        let interrupted =
+            cardpipe_card::cards::spoil_in_progress(store, &app.id, "interrupted", now()).await?;
         if interrupted > 0 {
             tracing::warn!(application = %app.id, blanks = interrupted, "blank(s) left in progress by an earlier attempt recorded spoiled");
         }
         if app.state == ApplicationState::QcFailed {
-            cards::spoil_personalized(store, &app.id, "qc_failed", now()).await?;
+            cardpipe_card::cards::spoil_personalized(store, &app.id, "qc_failed", now()).await?;
         }
         let image = Arc::new(self.image(services, app).await?);
         let mut encoder_failures = 0u32;
         loop {
-            let spoiled = cards::counted_spoils(store, &app.id).await?;
+            let spoiled = cardpipe_card::cards::counted_spoils(store, &app.id).await?;
             if spoiled >= i64::from(self.max_blanks) {
                 return Err(Permanent(format!(
                     "{spoiled} blanks spoiled for this application (budget {}); parked for an operator",
@@ -536,7 +274,7 @@ impl Stage for PersonalizeStage {
             let chip = match inserted {
                 Ok(chip) => chip.to_string(),
                 Err(e) if e.spoils_blank() => {
-                    cards::insert_spoiled(
+                    cardpipe_card::cards::insert_spoiled(
                         store,
                         &blank,
                         None,
@@ -571,7 +309,15 @@ impl Stage for PersonalizeStage {
                     continue;
                 }
             };
-            cards::insert_in_progress(store, &blank, &chip, &app.id, &encoder, now()).await?;
+            cardpipe_card::cards::insert_in_progress(
+                store,
+                &blank,
+                &chip,
+                &app.id,
+                &encoder,
+                now(),
+            )
+            .await?;
             let (img, master, opts) = (
                 image.clone(),
                 self.secrets.master.clone(),
@@ -604,9 +350,9 @@ impl Stage for PersonalizeStage {
                         .holding(guard)
                         .because(format!("chip {chip} (blank {blank}) on {encoder}"))
                         .with_writes(Box::new(move |tx| {
-                            Box::pin(
-                                async move { cards::mark_personalized(tx, &blank, &id, at).await },
-                            )
+                            Box::pin(async move {
+                                cardpipe_card::cards::mark_personalized(tx, &blank, &id, at).await
+                            })
                         })));
                 }
                 Err(e) => {
@@ -616,7 +362,7 @@ impl Stage for PersonalizeStage {
                     } else {
                         format!("encoder: {e}")
                     };
-                    cards::spoil(store, &blank, &reason, now()).await?;
+                    cardpipe_card::cards::spoil(store, &blank, &reason, now()).await?;
                     tracing::warn!(application = %app.id, %encoder, %blank, %chip, %reason, "blank spoiled");
                     match &e {
                         _ if card_fault => lease.report(Outcome::Spoiled),
@@ -636,242 +382,6 @@ impl Stage for PersonalizeStage {
                 }
             }
         }
-    }
-}
-
-/// The `cards` table (migrations `0005_cards.sql`).
-pub mod cards {
-    use super::*;
-
-    /// One row of `cards`.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct CardRow {
-        /// Blank card body serial.
-        pub blank_serial: String,
-        /// Chip serial (CPLC), when the chip answered.
-        pub chip_serial: Option<String>,
-        /// Application.
-        pub application_id: String,
-        /// Encoder.
-        pub encoder: String,
-        /// in_progress | personalized | spoiled | ...
-        pub state: String,
-        /// Why it was spoiled.
-        pub spoil_reason: Option<String>,
-        /// 1 for the application's first blank, +1 for each further one.
-        pub attempt: i64,
-    }
-
-    async fn next_attempt(store: &Store, app: &ApplicationId) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM cards WHERE application_id = $1")
-            .bind(app.as_str())
-            .fetch_one(store.pool())
-            .await?;
-        Ok(row.try_get::<i64, _>("n")? + 1)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn insert(
-        store: &Store,
-        blank: &str,
-        chip: Option<&str>,
-        app: &ApplicationId,
-        encoder: &str,
-        state: &str,
-        reason: Option<&str>,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let attempt = next_attempt(store, app).await?;
-        let mut tx = store.begin().await?;
-        sqlx::query(
-            "INSERT INTO cards (blank_serial, chip_serial, application_id, encoder, state, spoil_reason, attempt, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-        )
-        .bind(blank)
-        .bind(chip)
-        .bind(app.as_str())
-        .bind(encoder)
-        .bind(state)
-        .bind(reason)
-        .bind(attempt)
-        .bind(to_rfc3339(at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Records a blank before anything is written to it. Fails (unique index) when the
-    /// application already has a blank in progress or a personalized card.
-    pub async fn insert_in_progress(
-        store: &Store,
-        blank: &str,
-        chip: &str,
-        app: &ApplicationId,
-        encoder: &str,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        insert(
-            store,
-            blank,
-            Some(chip),
-            app,
-            encoder,
-            "in_progress",
-            None,
-            at,
-        )
-        .await
-    }
-
-    /// Records a blank spoiled before it was in progress (dead chip).
-    pub async fn insert_spoiled(
-        store: &Store,
-        blank: &str,
-        chip: Option<&str>,
-        app: &ApplicationId,
-        encoder: &str,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        insert(
-            store,
-            blank,
-            chip,
-            app,
-            encoder,
-            "spoiled",
-            Some(reason),
-            at,
-        )
-        .await
-    }
-
-    /// Spoils one blank that is in progress.
-    pub async fn spoil(
-        store: &Store,
-        blank: &str,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE cards SET state = 'spoiled', spoil_reason = $2, updated_at = $3
-             WHERE blank_serial = $1 AND state = 'in_progress'",
-        )
-        .bind(blank)
-        .bind(reason)
-        .bind(to_rfc3339(at))
-        .execute(store.pool())
-        .await?;
-        Ok(())
-    }
-
-    async fn spoil_where(
-        store: &Store,
-        app: &ApplicationId,
-        state: &str,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "UPDATE cards SET state = 'spoiled', spoil_reason = $3, updated_at = $4
-             WHERE application_id = $1 AND state = $2",
-        )
-        .bind(app.as_str())
-        .bind(state)
-        .bind(reason)
-        .bind(to_rfc3339(at))
-        .execute(store.pool())
-        .await?;
-        Ok(r.rows_affected())
-    }
-
-    /// Spoils every blank of the application still in progress (a crash left it).
-    pub async fn spoil_in_progress(
-        store: &Store,
-        app: &ApplicationId,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<u64, StoreError> {
-        spoil_where(store, app, "in_progress", reason, at).await
-    }
-
-    /// Spoils the application's personalized card (QC refused it).
-    pub async fn spoil_personalized(
-        store: &Store,
-        app: &ApplicationId,
-        reason: &str,
-        at: OffsetDateTime,
-    ) -> Result<u64, StoreError> {
-        spoil_where(store, app, "personalized", reason, at).await
-    }
-
-    /// Spoiled blanks that count against the application's budget (card faults and
-    /// interruptions; not encoder faults or QC refusals: `qc_failed` or `qc_failed:<reason>`,
-    /// which QC bounds itself).
-    pub async fn counted_spoils(store: &Store, app: &ApplicationId) -> Result<i64, StoreError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM cards WHERE application_id = $1 AND state = 'spoiled'
-             AND spoil_reason NOT LIKE 'encoder:%' AND spoil_reason NOT LIKE 'qc_failed%'",
-        )
-        .bind(app.as_str())
-        .fetch_one(store.pool())
-        .await?;
-        row.try_get("n").map_err(Into::into)
-    }
-
-    /// In the completion transaction: the blank becomes the application's card. Refused
-    /// (the whole completion rolls back) unless it is still in progress for `app`.
-    pub async fn mark_personalized(
-        tx: &mut StoreTx,
-        blank: &str,
-        app: &ApplicationId,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let r = sqlx::query(
-            "UPDATE cards SET state = 'personalized', updated_at = $3
-             WHERE blank_serial = $1 AND application_id = $2 AND state = 'in_progress'",
-        )
-        .bind(blank)
-        .bind(app.as_str())
-        .bind(to_rfc3339(at))
-        .execute(&mut **tx)
-        .await?;
-        if r.rows_affected() != 1 {
-            return Err(StoreError::Corrupt {
-                table: "cards",
-                column: "state",
-                message: format!("blank {blank} is no longer in progress"),
-            });
-        }
-        Ok(())
-    }
-
-    /// Every card row of an application, oldest first.
-    pub async fn for_application(
-        store: &Store,
-        app: &ApplicationId,
-    ) -> Result<Vec<CardRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT blank_serial, chip_serial, application_id, encoder, state, spoil_reason, attempt
-             FROM cards WHERE application_id = $1 ORDER BY attempt",
-        )
-        .bind(app.as_str())
-        .fetch_all(store.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CardRow {
-                    blank_serial: r.try_get("blank_serial")?,
-                    chip_serial: r.try_get("chip_serial")?,
-                    application_id: r.try_get("application_id")?,
-                    encoder: r.try_get("encoder")?,
-                    state: r.try_get("state")?,
-                    spoil_reason: r.try_get("spoil_reason")?,
-                    attempt: r.try_get("attempt")?,
-                })
-            })
-            .collect()
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cardpipe_card::card_os::Faults;
+use cardpipe_card::cards;
 use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource};
 use cardpipe_card::reader::BlankStock;
 use cardpipe_card::scp03::MasterKeys;
@@ -18,7 +19,6 @@ use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::runtime::{JobContext, Stage};
 use cardpipe_common::telemetry::metrics::JobOutcome;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_personalize::stage::cards;
 
 use common::*;
 

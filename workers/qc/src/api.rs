@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use cardpipe_common::runtime::Services;
-use cardpipe_intake::api::{Client, application_of_client, require_registry_client};
-use cardpipe_intake::config::RegistryConfig;
+use cardpipe_registry::auth::{Client, application_of_client, require_registry_client};
+use cardpipe_registry::config::RegistryConfig;
 use serde::Deserialize;
 use serde_json::json;
 

@@ -1,8 +1,9 @@
 //! Reprints: an operator or the registry asks for a new card (damaged, lost in transit, data
 //! error). In ONE transaction:
 //! - the application moves to `reprint_requested` (checked transition, compare-and-set);
-//! - every valid certificate of the old card is revoked (lost in transit: key compromise;
-//!   otherwise superseded) — the next CRL lists them;
+//! - the keys stage is asked (outbox topic `revocation`) to revoke every valid certificate
+//!   of the old card, named by serial (lost in transit: key compromise; otherwise
+//!   superseded) — the next CRL lists them;
 //! - the old card row becomes `recalled` (so a new card may be made) and, when the card is
 //!   still in the centre (`qc_passed`, `packed`), its serial goes back to the vault as
 //!   `returned`, awaiting destruction; a card already shipped is returned to stock when it
@@ -17,10 +18,10 @@
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::broker::Job;
 use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::contract::{self, RevocationCause};
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Store, StoreError, StoreTx, Transition};
-use cardpipe_pki::crl::RevocationCause;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -163,6 +164,18 @@ pub async fn request_in(
     reason: ReprintReason,
     requester: Requester<'_>,
 ) -> Result<ReprintOutcome, ReprintError> {
+    let id = format!("RPR-{}", uuid::Uuid::now_v7().simple());
+    request_with_id(tx, services, &id, app_id, reason, requester).await
+}
+
+async fn request_with_id(
+    tx: &mut StoreTx,
+    services: &Services,
+    id: &str,
+    app_id: &ApplicationId,
+    reason: ReprintReason,
+    requester: Requester<'_>,
+) -> Result<ReprintOutcome, ReprintError> {
     let (who, role) = requester.parts();
     stock::check_operator(who)?;
     let app = services
@@ -199,9 +212,11 @@ pub async fn request_in(
     if !moved {
         return Err(ReprintError::Conflict(app_id.to_string()));
     }
-    let revoked =
-        cardpipe_keys::ops::revoke_application(services, Some(&mut *tx), app_id, reason.cause())
-            .await?;
+    // The keys stage revokes (it owns the certificates); the request names the old card's
+    // serials so that, applied after the reprint's new certificates exist, it cannot reach them.
+    let serials = cardpipe_pki::store::valid_serials_tx(tx, app_id).await?;
+    let revoked = serials.len() as u64;
+    contract::request_revocation(tx, app_id, reason.cause(), serials, now).await?;
     let old = sqlx::query(
         "SELECT blank_serial FROM cards WHERE application_id = $1 AND state = 'personalized'",
     )
@@ -242,12 +257,11 @@ pub async fn request_in(
         .bind(app_id.as_str())
         .execute(&mut **tx)
         .await?;
-    let id = format!("RPR-{}", uuid::Uuid::now_v7().simple());
     sqlx::query(
         "INSERT INTO reprints (id, application_id, reason, requested_by, old_blank_serial, revoked, requested_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(&id)
+    .bind(id)
     .bind(app_id.as_str())
     .bind(reason.as_str())
     .bind(&actor)
@@ -258,7 +272,7 @@ pub async fn request_in(
     .await?;
     Store::enqueue_job(
         tx,
-        &Job::new(cardpipe_keys::stage::STAGE_NAME, app_id.as_str()).with_priority(true),
+        &Job::new(contract::stage_names::KEYS, app_id.as_str()).with_priority(true),
         now,
     )
     .await?;
@@ -278,11 +292,70 @@ pub async fn request_in(
     )
     .await?;
     Ok(ReprintOutcome {
-        id,
+        id: id.to_owned(),
         application_id: app_id.to_string(),
         reason,
         revoked,
         old_blank_serial: old,
         returned_to_stock: returned,
     })
+}
+
+/// Outbox sink for [`REPRINT_TOPIC`](cardpipe_common::contract::REPRINT_TOPIC): reprints
+/// other components ask for (delivery, for a card lost in transit). Applying a request
+/// twice makes one reprint (its id is the request's); a request the application no longer
+/// admits is logged and dropped, a store failure retried.
+#[derive(Debug)]
+pub struct ReprintSink {
+    services: Services,
+}
+
+impl ReprintSink {
+    /// A sink on `services`.
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+}
+
+#[async_trait::async_trait]
+impl cardpipe_common::runtime::relay::OutboxSink for ReprintSink {
+    async fn deliver(&self, row: &cardpipe_common::store::OutboxRow) -> anyhow::Result<()> {
+        let r: contract::ReprintRequest = serde_json::from_str(&row.payload)
+            .map_err(|e| anyhow::anyhow!("outbox row {} is not a reprint request: {e}", row.id))?;
+        let Some(reason) = ReprintReason::parse(&r.reason) else {
+            tracing::warn!(application = %r.application_id, reason = %r.reason, "reprint request with an unknown reason dropped");
+            return Ok(());
+        };
+        let already = sqlx::query("SELECT 1 AS one FROM reprints WHERE id = $1")
+            .bind(&r.id)
+            .fetch_optional(self.services.store.pool())
+            .await
+            .map_err(StoreError::from)?;
+        if already.is_some() {
+            return Ok(());
+        }
+        let app_id = ApplicationId(r.application_id.clone());
+        let mut tx = self.services.store.begin().await?;
+        match request_with_id(
+            &mut tx,
+            &self.services,
+            &r.id,
+            &app_id,
+            reason,
+            Requester::Operator(&r.operator),
+        )
+        .await
+        {
+            Ok(out) => {
+                tx.commit().await?;
+                tracing::info!(application = %app_id, reprint = %out.id, reason = reason.as_str(), "reprint requested");
+                Ok(())
+            }
+            Err(ReprintError::Store(e)) => Err(e.into()),
+            Err(refused) => {
+                tracing::warn!(application = %app_id, reprint = %r.id, error = %refused, "reprint request not applied");
+                Ok(())
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! 3. a QC report (checks, results, timings) is stored as an object (`qc_report` artifact);
 //! 4. ONE transaction (the runner's completion): the state, the `qc_reports` row, and
 //!    - passed: the blank `at_encoder → consumed` in stock, and an outbox row
-//!      ([`KEY_DESTRUCTION_TOPIC`]) whose sink destroys the wrapped private keys;
+//!      ([`KEY_DESTRUCTION_TOPIC`]) whose sink, the keys stage's, destroys the wrapped private keys;
 //!    - failed: the card row `spoiled` with `qc_failed:<reason>` (the stock trigger spoils the
 //!      serial), and either a job for `personalize` (a fresh blank) or, once `[qc]
 //!      max_attempts` cards failed, an outbox row ([`PARK_TOPIC`]) that parks the application's
@@ -28,14 +28,16 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cardpipe_card::cards;
+use cardpipe_card::config::TransportPins;
 use cardpipe_card::tray::OutputTray;
 use cardpipe_common::broker::Job;
 use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::contract::{self, KEY_DESTRUCTION_TOPIC};
 use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
 use cardpipe_common::runtime::relay::OutboxSink;
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
 use cardpipe_common::store::{OutboxRow, StoreError, StoreTx};
-use cardpipe_personalize::stage::{TransportPins, cards};
 use cardpipe_pki::custody::CardCredentials;
 use cardpipe_pki::settings::Pki;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -50,13 +52,11 @@ use crate::station::{StationKind, Stations, Ticket};
 use crate::stock;
 
 /// The stage name.
-pub const STAGE_NAME: &str = "qc";
+pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::QC;
 /// Artifact kind of the QC report.
 pub const REPORT_ARTIFACT: &str = "qc_report";
 /// Artifact kind of the keys stage's package.
-pub const CREDENTIALS_ARTIFACT: &str = "credentials";
-/// Outbox topic: destroy the wrapped private keys of a card that passed.
-pub const KEY_DESTRUCTION_TOPIC: &str = "qc.destroy_keys";
+pub const CREDENTIALS_ARTIFACT: &str = cardpipe_common::contract::CREDENTIALS_ARTIFACT;
 /// Outbox topic: park the application's personalize job for an operator.
 pub const PARK_TOPIC: &str = "qc.park";
 /// The configuration section.
@@ -404,7 +404,7 @@ impl Stage for QcStage {
         match verdict {
             None => {
                 tracing::info!(application = %app.id, blank = %card.blank_serial, elapsed_ms = report.elapsed_ms, "card passed QC");
-                let payload = serde_json::json!({ "application_id": app.id.as_str() }).to_string();
+                let payload = contract::key_destruction_payload(&app.id);
                 Ok(Completion::to(ApplicationState::QcPassed)
                     .then(self.config.next_stage.clone())
                     .artifact(REPORT_ARTIFACT, key)
@@ -447,7 +447,7 @@ impl Stage for QcStage {
                 if exhausted {
                     let park = ParkRequest {
                         job_id: uuid::Uuid::now_v7().to_string(),
-                        stage: cardpipe_personalize::stage::STAGE_NAME.to_owned(),
+                        stage: cardpipe_common::contract::stage_names::PERSONALIZE.to_owned(),
                         application_id: app.id.to_string(),
                         error: format!(
                             "{failed} cards refused by QC (budget {}; last: {reason}); parked for an operator",
@@ -456,7 +456,8 @@ impl Stage for QcStage {
                     };
                     completion = completion.announce(PARK_TOPIC, serde_json::to_string(&park)?);
                 } else {
-                    completion = completion.then(cardpipe_personalize::stage::STAGE_NAME);
+                    completion =
+                        completion.then(cardpipe_common::contract::stage_names::PERSONALIZE);
                 }
                 Ok(completion.with_writes(Box::new(move |tx| {
                     Box::pin(async move {
@@ -517,40 +518,6 @@ async fn insert_qc_row(tx: &mut StoreTx, r: &QcRow) -> Result<(), StoreError> {
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// Payload of [`KEY_DESTRUCTION_TOPIC`] rows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KeyDestruction {
-    /// The application whose wrapped keys to destroy.
-    pub application_id: String,
-}
-
-/// Destroys the wrapped private keys of cards that passed QC (crypto-shredding).
-#[derive(Debug)]
-pub struct KeyDestructionSink {
-    services: Services,
-}
-
-impl KeyDestructionSink {
-    /// A sink on `services`.
-    pub fn new(services: Services) -> Self {
-        Self { services }
-    }
-}
-
-#[async_trait]
-impl OutboxSink for KeyDestructionSink {
-    async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
-        let req: KeyDestruction = serde_json::from_str(&row.payload)
-            .map_err(|e| anyhow::anyhow!("outbox row {} is not a key destruction: {e}", row.id))?;
-        cardpipe_keys::ops::destroy_wrapped_keys(
-            &self.services,
-            &ApplicationId(req.application_id),
-        )
-        .await?;
-        Ok(())
-    }
 }
 
 /// Payload of [`PARK_TOPIC`] rows.

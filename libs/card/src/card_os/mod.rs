@@ -1016,34 +1016,17 @@ fn write_at(file: &mut Vec<u8>, offset: usize, data: &[u8]) {
     file[offset..offset + data.len()].copy_from_slice(data);
 }
 
-/// BER-TLV with a one-byte tag and definite length.
+/// BER-TLV with a one-byte tag and definite length (the workspace's one codec,
+/// [`cardpipe_pki::tlv`]).
 pub(crate) fn wrap_tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    match value.len() {
-        n @ 0..=0x7F => v.push(n as u8),
-        n @ 0x80..=0xFF => v.extend_from_slice(&[0x81, n as u8]),
-        n => {
-            v.push(0x82);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    v.extend_from_slice(value);
+    let mut v = Vec::with_capacity(value.len() + 4);
+    cardpipe_pki::tlv::put(&mut v, u32::from(tag), value);
     v
 }
 
 /// Parses exactly one BER-TLV with the given one-byte tag covering all of `data`.
 pub(crate) fn parse_tlv(tag: u8, data: &[u8]) -> Option<&[u8]> {
-    let (&t, rest) = data.split_first()?;
-    if t != tag {
-        return None;
-    }
-    let (len, rest) = match rest {
-        [n @ 0..=0x7F, r @ ..] => (usize::from(*n), r),
-        [0x81, n, r @ ..] => (usize::from(*n), r),
-        [0x82, a, b, r @ ..] => (usize::from(u16::from_be_bytes([*a, *b])), r),
-        _ => return None,
-    };
-    (rest.len() == len).then_some(rest)
+    cardpipe_pki::tlv::expect(data, u32::from(tag), "data object").ok()
 }
 
 #[cfg(test)]

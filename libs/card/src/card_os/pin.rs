@@ -86,12 +86,7 @@ impl Pin {
         if self.tries_left == 0 {
             return Check::Blocked;
         }
-        let equal = value.len() == candidate.len()
-            && value
-                .iter()
-                .zip(candidate)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let equal = bool::from(subtle::ConstantTimeEq::ct_eq(&value[..], candidate));
         if equal {
             self.tries_left = self.max_tries;
             Check::Ok

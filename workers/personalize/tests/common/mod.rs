@@ -1,4 +1,4 @@
-//! Shared fixtures: a CA hierarchy, credentials packages issued with `cardpipe_keys`, seeded
+//! Shared fixtures: a CA hierarchy, credentials packages issued with `cardpipe_pki`, seeded
 //! applications in `keys_issued`, and a pipeline running the personalize stage.
 #![allow(dead_code)]
 
@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cardpipe_card::cards;
+use cardpipe_card::config::{SiteSecrets, TransportPins};
 use cardpipe_card::farm::Farm;
 use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::script::ScriptOptions;
@@ -18,7 +20,7 @@ use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::stages::StepStage;
-use cardpipe_personalize::stage::{PersonalizeStage, SiteSecrets, TransportPins, cards};
+use cardpipe_personalize::stage::PersonalizeStage;
 use cardpipe_pki::ca::{CaConfig, init};
 use cardpipe_pki::citizen::CitizenProfiles;
 use cardpipe_pki::custody::{CardCredentials, TransportKey};

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use cardpipe_card::card_os::profile::*;
 use cardpipe_card::card_os::{Card, Defect, Faults};
+use cardpipe_card::cards;
+use cardpipe_card::config::{EncodersConfig, SiteSecrets};
 use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource};
 use cardpipe_card::reader::BlankStock;
 use cardpipe_card::scp03::MasterKeys;
@@ -30,14 +32,14 @@ use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_keys::stage::KeysStage;
-use cardpipe_personalize::stage::{EncodersConfig, PersonalizeStage, SiteSecrets, cards};
+use cardpipe_personalize::stage::PersonalizeStage;
 use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
 use cardpipe_pki::lds::DataGroup;
 use cardpipe_pki::settings::{Pki, PkiConfig};
 use cardpipe_pki::sod::SodSigner;
 use cardpipe_qc::check::Reason;
 use cardpipe_qc::reprint::{self, ReprintReason, Requester};
-use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
+use cardpipe_qc::stage::{ParkSink, QcConfig, QcStage};
 use cardpipe_qc::stock::{self, AutoLot, NewLot, StockConfig, StockError, StockSource};
 use secrecy::SecretString;
 use sqlx::Row;
@@ -194,10 +196,7 @@ async fn start(rig: &mut Rig) -> RunningPipeline {
     ];
     let relay = Relay::new(services.clone())
         .with_poll_interval(Duration::from_millis(50))
-        .with_sink(
-            cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
-            Arc::new(KeyDestructionSink::new(services.clone())),
-        )
+        .with_sinks(cardpipe_keys::ops::sinks(services, Some(rig.pki.clone())))
         .with_sink(
             cardpipe_qc::stage::PARK_TOPIC,
             Arc::new(ParkSink::new(services.clone())),
@@ -455,11 +454,24 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         out.old_blank_serial.as_deref(),
         Some(old_card.blank_serial.as_str())
     );
-    let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
-        .await
-        .unwrap();
+    // The keys stage revokes them: the request went through the outbox (topic revocation,
+    // naming the two serials) to its sink on the running relay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let certs = loop {
+        let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
+            .await
+            .unwrap();
+        let revoked = certs.iter().filter(|c| c.status == "revoked").count();
+        if revoked >= 2 || tokio::time::Instant::now() > deadline {
+            break certs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
-        certs.iter().filter(|c| c.status == "revoked").count(),
+        certs
+            .iter()
+            .filter(|c| c.status == "revoked" && c.revocation_cause.as_deref() == Some("lost"))
+            .count(),
         2,
         "{certs:?}"
     );

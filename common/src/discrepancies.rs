@@ -1,11 +1,13 @@
-//! Office discrepancies (cards missing from, or extra in, a received box — raised by
-//! [`crate::office::receive_box`]) and their resolution by a centre supervisor:
+//! Office discrepancies (cards missing from, or extra in, a received box — raised by the
+//! delivery stage when an office receives a box) and their resolution by a centre
+//! supervisor. A shared operator work list, like [`crate::runtime::parked`]: the stage that
+//! raises the items and the console that resolves them both use it.
 //!
 //! * a **missing** card is `found` (it turned up: the office can then receive it with a
 //!   late receipt on the box, `POST /api/v1/delivery/boxes/{box}/receipt` with
-//!   `"scanned": [id]`), or `lost` (lost in transit: in the same transaction the card's
-//!   certificates are revoked and a reprint with reason `lost_in_transit` is requested
-//!   through [`cardpipe_qc::reprint`]);
+//!   `"scanned": [id]`), or `lost` (lost in transit: in the same transaction a reprint with
+//!   reason `lost_in_transit` is asked of QC's reprint workflow, outbox topic `qc.reprint`,
+//!   which revokes the lost card's certificates and makes a new card);
 //! * an **extra** card is `returned` (sent back to the centre or re-routed to its office).
 //!
 //! Who, when, the outcome and a note are stored on the discrepancy row and in the audit log.
@@ -13,16 +15,39 @@
 //! `cardpipe ops discrepancy-resolve` call [`resolve`] after checking the supervisor role.
 //! Open discrepancies are counted by `cardpipe_delivery_discrepancies_open`.
 
-use cardpipe_common::audit::{self, AuditEvent};
-use cardpipe_common::clock::to_rfc3339;
-use cardpipe_common::domain::{ApplicationId, ApplicationState};
-use cardpipe_common::runtime::Services;
-use cardpipe_qc::reprint::{self, ReprintError, ReprintOutcome, ReprintReason, Requester};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::Row;
 
-use crate::office::OfficeError;
+use crate::audit::{self, AuditEvent};
+use crate::clock::to_rfc3339;
+use crate::contract::{self, ReprintRequest};
+use crate::domain::{ApplicationId, ApplicationState};
+use crate::runtime::Services;
+use crate::store::StoreError;
+
+/// Why a discrepancy could not be listed or resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscrepancyError {
+    /// The request is malformed (outcome, note).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Nothing with that id.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for DiscrepancyError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(StoreError::from(e))
+    }
+}
 
 /// How a discrepancy ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -123,7 +148,10 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Discrepancy, sqlx::Error> {
 }
 
 /// Discrepancies, open ones first, then newest first (`open_only`: only open ones).
-pub async fn list(services: &Services, open_only: bool) -> Result<Vec<Discrepancy>, OfficeError> {
+pub async fn list(
+    services: &Services,
+    open_only: bool,
+) -> Result<Vec<Discrepancy>, DiscrepancyError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM delivery_discrepancies {} 
          ORDER BY CASE WHEN resolved_at IS NULL THEN 0 ELSE 1 END, reported_at DESC, id
@@ -141,7 +169,7 @@ pub async fn list(services: &Services, open_only: bool) -> Result<Vec<Discrepanc
 }
 
 /// One discrepancy.
-pub async fn get(services: &Services, id: &str) -> Result<Option<Discrepancy>, OfficeError> {
+pub async fn get(services: &Services, id: &str) -> Result<Option<Discrepancy>, DiscrepancyError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM delivery_discrepancies WHERE id = $1"
     )))
@@ -152,7 +180,7 @@ pub async fn get(services: &Services, id: &str) -> Result<Option<Discrepancy>, O
 }
 
 /// Open discrepancies in the store (the `cardpipe_delivery_discrepancies_open` gauge).
-pub async fn open_count(services: &Services) -> Result<i64, OfficeError> {
+pub async fn open_count(services: &Services) -> Result<i64, DiscrepancyError> {
     Ok(
         sqlx::query("SELECT COUNT(*) AS n FROM delivery_discrepancies WHERE resolved_at IS NULL")
             .fetch_one(services.store.pool())
@@ -166,19 +194,8 @@ pub async fn open_count(services: &Services) -> Result<i64, OfficeError> {
 pub struct Resolved {
     /// The discrepancy as now stored.
     pub discrepancy: Discrepancy,
-    /// The reprint of a lost card.
-    pub reprint: Option<ReprintOutcome>,
-}
-
-fn reprint_error(e: ReprintError) -> OfficeError {
-    match e {
-        ReprintError::NotFound(id) => OfficeError::NotFound(format!("application {id}")),
-        e @ (ReprintError::NotReprintable { .. } | ReprintError::Conflict(_)) => {
-            OfficeError::Conflict(e.to_string())
-        }
-        ReprintError::Invalid(e) => OfficeError::BadRequest(e.to_string()),
-        ReprintError::Store(e) => OfficeError::Internal(e.into()),
-    }
+    /// The reprint asked for a lost card (its id; QC makes it).
+    pub reprint_id: Option<String>,
 }
 
 /// Resolves discrepancy `id` with `outcome` (see the module docs) and a note; `by` = (login,
@@ -189,18 +206,18 @@ pub async fn resolve(
     outcome: &str,
     note: &str,
     by: (&str, &str),
-) -> Result<Resolved, OfficeError> {
+) -> Result<Resolved, DiscrepancyError> {
     let note = note.trim();
     if note.is_empty() || note.chars().count() > 500 {
-        return Err(OfficeError::BadRequest(
+        return Err(DiscrepancyError::BadRequest(
             "note: 1..=500 characters are required".into(),
         ));
     }
     let d = get(services, id)
         .await?
-        .ok_or_else(|| OfficeError::NotFound(format!("discrepancy {id}")))?;
+        .ok_or_else(|| DiscrepancyError::NotFound(format!("discrepancy {id}")))?;
     if !d.is_open() {
-        return Err(OfficeError::Conflict(format!(
+        return Err(DiscrepancyError::Conflict(format!(
             "discrepancy {id} was already resolved ({})",
             d.resolution.as_deref().unwrap_or("?")
         )));
@@ -209,7 +226,7 @@ pub async fn resolve(
     let outcome = Resolution::parse(outcome)
         .filter(|o| allowed.contains(o))
         .ok_or_else(|| {
-            OfficeError::BadRequest(format!(
+            DiscrepancyError::BadRequest(format!(
                 "outcome: a {} card is resolved as {}",
                 d.kind,
                 allowed
@@ -223,29 +240,30 @@ pub async fn resolve(
     if outcome == Resolution::Found {
         let state = services.store.application(&app_id).await?.map(|a| a.state);
         if state != Some(ApplicationState::Shipped) {
-            return Err(OfficeError::Conflict(format!(
+            return Err(DiscrepancyError::Conflict(format!(
                 "the card is {}; only a card still on its way (shipped) can be found",
+                state.map_or("unknown", |s| s.as_str())
+            )));
+        }
+    }
+    if outcome == Resolution::Lost {
+        let state = services.store.application(&app_id).await?.map(|a| a.state);
+        if state != Some(ApplicationState::Shipped) {
+            return Err(DiscrepancyError::Conflict(format!(
+                "the card is {}; only a card still on its way (shipped) can be lost in transit",
                 state.map_or("unknown", |s| s.as_str())
             )));
         }
     }
     let now = services.clock.now();
     let mut tx = services.store.begin().await?;
-    let reprint = if outcome == Resolution::Lost {
-        Some(
-            reprint::request_in(
-                &mut tx,
-                services,
-                &app_id,
-                ReprintReason::LostInTransit,
-                Requester::Operator(by.0),
-            )
-            .await
-            .map_err(reprint_error)?,
-        )
-    } else {
-        None
-    };
+    // A card lost in transit is replaced: QC's reprint workflow (revocation of the lost
+    // card's certificates, a new card) is asked for in this transaction.
+    let reprint = (outcome == Resolution::Lost)
+        .then(|| ReprintRequest::new(&app_id, "lost_in_transit", by.0));
+    if let Some(r) = &reprint {
+        contract::request_reprint(&mut tx, r, now).await?;
+    }
     let reprint_id = reprint.as_ref().map(|r| r.id.clone());
     let done = sqlx::query(
         "UPDATE delivery_discrepancies SET resolved_at = $1, resolution = $2, resolved_by = $3,
@@ -261,7 +279,7 @@ pub async fn resolve(
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() == 0 {
-        return Err(OfficeError::Conflict(format!(
+        return Err(DiscrepancyError::Conflict(format!(
             "discrepancy {id} was resolved meanwhile"
         )));
     }
@@ -289,9 +307,9 @@ pub async fn resolve(
     );
     let discrepancy = get(services, id)
         .await?
-        .ok_or_else(|| OfficeError::NotFound(format!("discrepancy {id}")))?;
+        .ok_or_else(|| DiscrepancyError::NotFound(format!("discrepancy {id}")))?;
     Ok(Resolved {
         discrepancy,
-        reprint,
+        reprint_id,
     })
 }

@@ -25,9 +25,6 @@ use crate::config::CallbackConfig;
 
 /// Outbox topic of registry callbacks.
 pub const CALLBACK_TOPIC: &str = "callback";
-/// Outbox topic announcing that an application's certificates must be revoked
-/// (written on withdrawal; the keys stage registers the sink that revokes).
-pub const REVOCATION_TOPIC: &str = "revocation";
 
 /// The states a citizen cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,18 +1,13 @@
-//! The Solar Hijri (Jalali) calendar for citizen-facing text: dates in SMS are written in
-//! the Iranian civil calendar with Persian digits (۰–۹); everything stored stays Gregorian.
-//!
-//! The conversion is the arithmetic of the jalaali algorithm (Borkowski's break years of the
-//! 2820-year cycle, as used by jalaali-js): exact for the years this pipeline meets
-//! (1 Farvardin of every year between 1178 and 3177 lands on the March equinox day the
-//! Iranian calendar authority publishes). It is checked against known Nowruz dates.
+//! The Solar Hijri (Jalali) calendar for citizen-facing text and for the rules stated in
+//! it: dates in SMS and manifests are written in the Iranian civil calendar with Persian
+//! digits (۰–۹); everything stored stays Gregorian. The arithmetic is ICU4X's
+//! (`icu_calendar`, the Persian calendar), the one implementation in the workspace; this
+//! module only adds the Persian month names and digits. It is checked against published
+//! Nowruz dates.
 
+use icu_calendar::Date as IcuDate;
+use icu_calendar::cal::{Iso, Persian};
 use time::{Date, Month};
-
-/// Years in which the leap-year rule changes (the jalaali break table).
-const BREAKS: [i32; 20] = [
-    -61, 9, 38, 199, 426, 686, 756, 818, 1111, 1181, 1210, 1635, 2060, 2097, 2192, 2262, 2324,
-    2394, 2456, 3178,
-];
 
 /// Persian month names, Farvardin first.
 pub const MONTHS: [&str; 12] = [
@@ -41,92 +36,38 @@ pub struct SolarHijri {
     pub day: u8,
 }
 
-/// A Gregorian date outside the supported range.
+/// A date the calendar cannot represent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("date {0} is outside the supported Solar Hijri range (1178–3177)")]
+#[error("date {0} cannot be converted between the Gregorian and Solar Hijri calendars")]
 pub struct OutOfRange(pub String);
-
-/// (leap offset, Gregorian year of Farvardin 1, March day of Farvardin 1).
-fn jal_cal(jy: i32) -> Option<(i32, i32, u8)> {
-    let gy = jy + 621;
-    let mut leap_j = -14;
-    let mut jp = BREAKS[0];
-    if jy < jp || jy >= BREAKS[BREAKS.len() - 1] {
-        return None;
-    }
-    let mut jump = 0;
-    for &jm in &BREAKS[1..] {
-        jump = jm - jp;
-        if jy < jm {
-            break;
-        }
-        leap_j += jump / 33 * 8 + (jump % 33) / 4;
-        jp = jm;
-    }
-    let mut n = jy - jp;
-    leap_j += n / 33 * 8 + ((n % 33) + 3) / 4;
-    if jump % 33 == 4 && jump - n == 4 {
-        leap_j += 1;
-    }
-    let leap_g = gy / 4 - ((gy / 100 + 1) * 3) / 4 - 150;
-    let march = 20 + leap_j - leap_g;
-    if jump - n < 6 {
-        n = n - jump + (jump + 4) / 33 * 33;
-    }
-    let mut leap = (((n + 1) % 33) - 1) % 4;
-    if leap == -1 {
-        leap = 4;
-    }
-    Some((leap, gy, u8::try_from(march).ok()?))
-}
 
 impl SolarHijri {
     /// The Solar Hijri date of a Gregorian date.
     pub fn from_gregorian(date: Date) -> Result<Self, OutOfRange> {
-        let out = || OutOfRange(date.to_string());
-        let jdn = date.to_julian_day();
-        let mut jy = date.year() - 621;
-        let (_, gy, march) = jal_cal(jy).ok_or_else(out)?;
-        let first = Date::from_calendar_date(gy, Month::March, march).map_err(|_| out())?;
-        let mut k = jdn - first.to_julian_day();
-        if k >= 0 {
-            if k <= 185 {
-                return Ok(Self {
-                    year: jy,
-                    month: (1 + k / 31) as u8,
-                    day: (k % 31 + 1) as u8,
-                });
-            }
-            k -= 186;
-        } else {
-            jy -= 1;
-            k += 179;
-            // The year before this Nowruz: its Esfand has 30 days when it is a leap year.
-            let (prev_leap, _, _) = jal_cal(jy).ok_or_else(out)?;
-            if prev_leap == 0 {
-                k += 1;
-            }
-        }
+        let iso = IcuDate::try_new_iso(date.year(), u8::from(date.month()), date.day())
+            .map_err(|_| OutOfRange(date.to_string()))?;
+        let persian = iso.to_calendar(Persian);
         Ok(Self {
-            year: jy,
-            month: (7 + k / 30) as u8,
-            day: (k % 30 + 1) as u8,
+            year: persian.year().extended_year(),
+            month: persian.month().ordinal,
+            day: persian.day_of_month().0,
         })
     }
 
     /// The Gregorian date of this Solar Hijri date.
     pub fn to_gregorian(self) -> Result<Date, OutOfRange> {
         let out = || OutOfRange(format!("{}/{}/{}", self.year, self.month, self.day));
-        let (_, gy, march) = jal_cal(self.year).ok_or_else(out)?;
-        let first = Date::from_calendar_date(gy, Month::March, march).map_err(|_| out())?;
-        let m = i32::from(self.month);
-        let offset = (m - 1) * 31 - (m / 7) * (m - 7) + i32::from(self.day) - 1;
-        Date::from_julian_day(first.to_julian_day() + offset).map_err(|_| out())
+        let iso = IcuDate::try_new_persian(self.year, self.month, self.day)
+            .map_err(|_| out())?
+            .to_calendar(Iso);
+        let month = Month::try_from(iso.month().ordinal).map_err(|_| out())?;
+        Date::from_calendar_date(iso.year().extended_year(), month, iso.day_of_month().0)
+            .map_err(|_| out())
     }
 
     /// Whether the year has 366 days (Esfand has 30 days).
     pub fn is_leap_year(year: i32) -> bool {
-        jal_cal(year).is_some_and(|(leap, _, _)| leap == 0)
+        IcuDate::try_new_persian(year, 1, 1).is_ok_and(|d| d.is_in_leap_year())
     }
 
     /// `۱ فروردین ۱۴۰۳`: day, month name and year in Persian digits.

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use cardpipe_card::card_os::profile::*;
 use cardpipe_card::card_os::{Defect, Faults};
+use cardpipe_card::cards;
+use cardpipe_card::config::{EncodersConfig, SiteSecrets};
 use cardpipe_card::farm::{EncoderSource, Farm, FarmSettings};
 use cardpipe_card::pcsc_harness::{PcscTest, with_private_pcscd};
 use cardpipe_card::reader::{self, BlankStock, Encoder, PcscEncoder, ReaderError};
@@ -35,10 +37,10 @@ use cardpipe_common::runtime::{Services, Stage, StageSettings};
 use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_keys::stage::KeysStage;
-use cardpipe_personalize::stage::{EncodersConfig, PersonalizeStage, SiteSecrets, cards};
+use cardpipe_personalize::stage::PersonalizeStage;
 use cardpipe_pki::settings::{Pki, PkiConfig};
 use cardpipe_qc::check::Reason;
-use cardpipe_qc::stage::{KeyDestructionSink, ParkSink, QcConfig, QcStage};
+use cardpipe_qc::stage::{ParkSink, QcConfig, QcStage};
 use cardpipe_qc::station::{LineStations, StationKind, Stations};
 use sqlx::Row;
 
@@ -277,10 +279,7 @@ fn qc_reads_cards_at_the_line_station_through_pcscd() {
                 ];
                 let relay = Relay::new(services.clone())
                     .with_poll_interval(Duration::from_millis(50))
-                    .with_sink(
-                        cardpipe_qc::stage::KEY_DESTRUCTION_TOPIC,
-                        Arc::new(KeyDestructionSink::new(services.clone())),
-                    )
+                    .with_sinks(cardpipe_keys::ops::sinks(&services, Some(pki.clone())))
                     .with_sink(
                         cardpipe_qc::stage::PARK_TOPIC,
                         Arc::new(ParkSink::new(services.clone())),

@@ -32,13 +32,13 @@ use cardpipe_common::records;
 use cardpipe_common::runtime::pipeline::{self, RunningPipeline};
 use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
+use cardpipe_common::solar_hijri::SolarHijri;
 use cardpipe_common::store::{NewApplication, Store, Transition};
 use cardpipe_common::testing::stages::StepStage;
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_delivery::background::Scheduler;
 use cardpipe_delivery::clients::Caller;
 use cardpipe_delivery::config::DeliveryConfig;
-use cardpipe_delivery::hijri::SolarHijri;
 use cardpipe_delivery::office::{self, BoxReceipt, Handover, OfficeChange, OfficeError};
 use cardpipe_delivery::reminders::{SMS_TOPIC, SmsSink};
 use cardpipe_delivery::shipping::ShippingStage;
@@ -285,7 +285,7 @@ async fn env(mode: Mode) -> Env {
     cfg.sms.authorization = "Bearer sms-test-token".into();
     cfg.sms.rate_per_second = 500.0;
     cfg.sms.max_attempts = 4;
-    let delivery = Delivery::new(&services, cfg, Some(pki.clone())).unwrap();
+    let delivery = Delivery::new(&services, cfg).unwrap();
     let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
         (Arc::new(KeysStage::new(pki.clone())), fast()),
         (
@@ -312,10 +312,7 @@ async fn env(mode: Mode) -> Env {
                     SMS_TOPIC,
                     Arc::new(SmsSink::new(delivery.clone(), services.clone()).unwrap()),
                 )
-                .with_sink(
-                    cardpipe_keys::ops::REVOCATION_TOPIC,
-                    Arc::new(cardpipe_keys::ops::RevocationSink::new(services.clone())),
-                )
+                .with_sinks(cardpipe_keys::ops::sinks(&services, Some(pki.clone())))
         })
         .collect();
     Env {

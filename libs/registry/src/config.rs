@@ -108,13 +108,10 @@ impl RegistryConfig {
         let mut found = None;
         for client in &self.clients {
             let stored = client.token_sha256.to_ascii_lowercase();
-            if stored.len() == digest.len()
-                && stored
-                    .bytes()
-                    .zip(digest.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-            {
+            if bool::from(subtle::ConstantTimeEq::ct_eq(
+                stored.as_bytes(),
+                digest.as_bytes(),
+            )) {
                 found = Some(client.name.as_str());
             }
         }
