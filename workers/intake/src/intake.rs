@@ -3,10 +3,11 @@
 //! chunk holding the applications, their sealed records, flags, per-line
 //! outcomes and callbacks. The idempotency key names the batch: a
 //! resubmission of a finished batch returns its stored report and reads
-//! nothing; a resubmission of an interrupted one resumes after the last
-//! committed line.
+//! nothing; a resubmission of an interrupted one reads again every line not yet
+//! recorded (a chunk's acceptances and rejections commit together), so each line ends
+//! accepted or rejected exactly once whatever failed when.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::{Buf, Bytes, BytesMut};
 use cardpipe_common::clock::to_rfc3339;
@@ -181,7 +182,8 @@ impl Decoder for Lines {
         if let Some(pos) = buf[self.scanned..].iter().position(|&b| b == b'\n') {
             let end = self.scanned + pos;
             self.scanned = 0;
-            if self.discarding {
+            // Over the limit whether or not its end arrived in the same read.
+            if self.discarding || end > self.max {
                 buf.advance(end + 1);
                 self.discarding = false;
                 return Ok(Some(LineItem::TooLong));
@@ -451,7 +453,14 @@ struct BatchCtx<'a> {
     client: &'a str,
 }
 
-async fn commit_chunk(ctx: &BatchCtx<'_>, lines: Vec<(i64, BytesMut)>) -> Result<(), IntakeError> {
+/// Validates and records one chunk: its valid lines as applications, its invalid ones and
+/// `too_long` (lines over the size limit) as rejections — all in ONE transaction, so a
+/// failed commit leaves none of them recorded and a resubmission reads them all again.
+async fn commit_chunk(
+    ctx: &BatchCtx<'_>,
+    lines: Vec<(i64, BytesMut)>,
+    too_long: Vec<i64>,
+) -> Result<(), IntakeError> {
     let services = ctx.services;
     let today = tehran_today(services.clock.now());
     let mut outcomes = Vec::with_capacity(lines.len());
@@ -471,6 +480,23 @@ async fn commit_chunk(ctx: &BatchCtx<'_>, lines: Vec<(i64, BytesMut)>) -> Result
     let now = services.clock.now();
     let actor = format!("registry:{}", ctx.client);
     let mut tx = services.store.begin().await?;
+    if !too_long.is_empty() {
+        let errors = serde_json::to_string(&[FieldError::new(
+            "(record)",
+            format!("line longer than {} bytes", ctx.cfg.max_line_bytes),
+        )])
+        .expect("serialises");
+        for line in too_long {
+            sqlx::query(
+                "INSERT INTO batch_records (batch_id, line, outcome, errors) VALUES ($1, $2, 'rejected', $3)",
+            )
+            .bind(ctx.batch_id)
+            .bind(line)
+            .bind(&errors)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     for (o, keys) in outcomes.iter().zip(artifacts) {
         match o {
             Outcome::Accepted(a) => {
@@ -694,14 +720,17 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Lines committed by an interrupted earlier submission are skipped.
-    let done: Option<i64> =
-        sqlx::query("SELECT MAX(line) AS last FROM batch_records WHERE batch_id = $1")
-            .bind(batch_id)
-            .fetch_one(services.store.pool())
-            .await?
-            .try_get("last")?;
-    let resume_after = done.unwrap_or(0);
+    // Lines an interrupted earlier submission recorded are skipped — by line number, not
+    // "everything up to the highest line": whatever failed when, each line is recorded
+    // exactly once (a chunk and its rejections commit in one transaction, and a line that
+    // was not recorded is read again).
+    let recorded: HashSet<i64> = sqlx::query("SELECT line FROM batch_records WHERE batch_id = $1")
+        .bind(batch_id)
+        .fetch_all(services.store.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>("line"))
+        .collect::<Result<_, _>>()?;
     let reader = StreamReader::new(body.map_err(std::io::Error::other));
     let mut lines = FramedRead::with_capacity(
         reader,
@@ -725,7 +754,7 @@ where
     while let Some(item) = lines.next().await {
         let item = item.map_err(IntakeError::Body)?;
         line_no += 1;
-        if line_no <= resume_after {
+        if recorded.contains(&line_no) {
             continue;
         }
         match item {
@@ -755,27 +784,8 @@ async fn flush(
     chunk: &mut Vec<(i64, BytesMut)>,
     too_long: &mut Vec<i64>,
 ) -> Result<(), IntakeError> {
-    if !too_long.is_empty() {
-        let mut tx = ctx.services.store.begin().await?;
-        let errors = serde_json::to_string(&[FieldError::new(
-            "(record)",
-            format!("line longer than {} bytes", ctx.cfg.max_line_bytes),
-        )])
-        .expect("serialises");
-        for line in too_long.drain(..) {
-            sqlx::query(
-                "INSERT INTO batch_records (batch_id, line, outcome, errors) VALUES ($1, $2, 'rejected', $3)",
-            )
-            .bind(ctx.batch_id)
-            .bind(line)
-            .bind(&errors)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-    }
-    if !chunk.is_empty() {
-        commit_chunk(ctx, std::mem::take(chunk)).await?;
+    if !chunk.is_empty() || !too_long.is_empty() {
+        commit_chunk(ctx, std::mem::take(chunk), std::mem::take(too_long)).await?;
     }
     Ok(())
 }
