@@ -232,6 +232,19 @@ pub async fn candidates(
         .collect()
 }
 
+/// The pickup office codes of the register delivery loads at start (table
+/// `delivery_offices`): what intake checks a record's `pickup_office` against. Empty when no
+/// register was loaded.
+pub async fn pickup_office_codes(store: &Store) -> Result<Vec<String>, StoreError> {
+    use sqlx::Row;
+    sqlx::query("SELECT code FROM delivery_offices ORDER BY code")
+        .fetch_all(store.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("code").map_err(StoreError::from))
+        .collect()
+}
+
 fn payload(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("contract payloads serialise")
 }

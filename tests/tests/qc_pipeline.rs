@@ -454,6 +454,17 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         out.old_blank_serial.as_deref(),
         Some(old_card.blank_serial.as_str())
     );
+    // A second request while the first is in flight is refused.
+    assert!(matches!(
+        reprint::request(
+            &services,
+            &target,
+            ReprintReason::Damaged,
+            Requester::Operator("desk.bob")
+        )
+        .await,
+        Err(reprint::ReprintError::NotReprintable { .. })
+    ));
     // The keys stage revokes them: the request went through the outbox (topic revocation,
     // naming the two serials) to its sink on the running relay.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -475,17 +486,6 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         2,
         "{certs:?}"
     );
-    // A second request while the first is in flight is refused.
-    assert!(matches!(
-        reprint::request(
-            &services,
-            &target,
-            ReprintReason::Damaged,
-            Requester::Operator("desk.bob")
-        )
-        .await,
-        Err(reprint::ReprintError::NotReprintable { .. })
-    ));
     wait_for(
         &services,
         std::slice::from_ref(&target),

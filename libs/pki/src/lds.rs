@@ -471,6 +471,30 @@ fn biometric_header(v: &mut Vec<u8>, bio_type: u8, subtype: Option<u8>, format_t
 /// "FAC\0" format identifier and "010\0" version of an ISO/IEC 19794-5:2005 record.
 const FACE_RECORD_MAGIC: &[u8; 8] = &[b'F', b'A', b'C', 0, b'0', b'1', b'0', 0];
 
+/// Largest elementary file of the cardpipe chip profile (its FCP carries a 16-bit size):
+/// every data group must fit, DG2 with the portrait first among them.
+pub const MAX_DATA_GROUP_BYTES: usize = 0xFFFF;
+
+/// Whether `jpeg` can be the card's portrait: it encodes as DG2 (a JPEG whose header the
+/// face record needs) and the DG2 fits [`MAX_DATA_GROUP_BYTES`]. Intake applies this, so no
+/// application is refused for its photo after its keys were issued. The error names sizes,
+/// never content.
+pub fn check_portrait(jpeg: &[u8]) -> std::result::Result<(), String> {
+    let dg2 = encode_dg2(jpeg).map_err(|e| match e {
+        KeysError::Lds(m) => m,
+        other => other.to_string(),
+    })?;
+    if dg2.len() > MAX_DATA_GROUP_BYTES {
+        return Err(format!(
+            "photo of {} bytes does not fit the chip: its DG2 would be {} bytes, the card holds at most {MAX_DATA_GROUP_BYTES} (send at most {} bytes)",
+            jpeg.len(),
+            dg2.len(),
+            MAX_DATA_GROUP_BYTES.saturating_sub(dg2.len() - jpeg.len())
+        ));
+    }
+    Ok(())
+}
+
 /// Encodes DG2 from the JPEG photo.
 pub fn encode_dg2(jpeg: &[u8]) -> Result<Vec<u8>> {
     if jpeg.get(..2) != Some(&[0xFF, 0xD8][..]) {

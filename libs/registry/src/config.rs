@@ -66,7 +66,8 @@ pub struct RegistryConfig {
     pub photo_max_side: u16,
     /// Object keys the registry may reference for artifacts must start with this.
     pub artifact_prefix: String,
-    /// Known pickup office codes; empty: any well-formed code.
+    /// Known pickup office codes; empty: the offices register delivery loads at start (any
+    /// well-formed code only when no register is loaded).
     pub offices: Vec<String>,
     /// Minimum age in full years on the application date.
     pub minimum_age: i32,

@@ -145,11 +145,10 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
     let stock = cfg.blank_stock(&cfg.master_keys()?);
     let sim = tokio::task::spawn_blocking(move || Simulation::start(sim_cfg)).await??;
     sim.auto_feed(stock);
-    println!(
-        "{} virtual encoders up (pcscd pid {:?}):",
-        args.count,
-        sim.pcscd_pid()
-    );
+    match sim.pcscd_pid() {
+        Some(pid) => println!("{} virtual encoders up (pcscd process {pid}):", args.count),
+        None => println!("{} virtual encoders up (the system's pcscd):", args.count),
+    }
     for r in sim.readers() {
         println!("  {r}");
     }
@@ -158,6 +157,10 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
         println!("{} QC stations on the line:", sim.stations().len());
         for s in sim.stations() {
             println!("  {}", s.reader);
+        }
+        if sim.stations().len() % 2 == 1 {
+            // vpcd serves readers in pairs: pcscd also lists the pair's second reader.
+            println!("  (pcscd also lists this station's twin reader; it never holds a card)");
         }
         println!("line controller: {addr}");
         println!("QC workers: [qc] station = \"line\", line_controller = \"{addr}\"");

@@ -308,6 +308,18 @@ fn main() -> ExitCode {
                         }
                     );
                 }
+                if loaded.config.broker.kind == cardpipe_common::config::BrokerKind::Memory {
+                    // An in-process broker is private to this process: a worker on it would
+                    // never receive another process's work nor hand its own on.
+                    anyhow::bail!(
+                        "`cardpipe worker {stage}` needs a broker shared with the other processes, \
+                         but [broker] kind is \"memory\" (in-process). Set \
+                         CARDPIPE__BROKER__KIND=rabbitmq and CARDPIPE__BROKER__URL=amqp://..., \
+                         and a shared store (CARDPIPE__STORE__URL=postgres://...) — see \
+                         README \"Running distributed\" — or run every stage in one process \
+                         with `cardpipe run`."
+                    );
+                }
                 process::run(loaded, vec![stage], false, None).await
             }
             Command::Serve => process::run(loaded, Vec::new(), true, None).await,

@@ -70,6 +70,11 @@ pub async fn run(
         stages::prepare_routes(&services, &loaded).await?;
     }
     let ctx = Context::new(services.clone(), loaded.clone(), &stage_names);
+    if full_http {
+        // The pickup offices register, before the registry API takes batches: intake refuses
+        // records naming an office that is not in it.
+        ctx.delivery()?.ensure_offices(&services).await?;
+    }
     let built = stages::build(&stage_names, &ctx)?;
     // States no stage of this process takes work from: where applications come to rest.
     let resting: Vec<ApplicationState> = ALL_STATES

@@ -229,6 +229,25 @@ fn the_pcsc_binding_is_the_only_unsafe_code() {
     );
 }
 
+/// A worker on the in-process broker would never share work with another process: it
+/// refuses to start and says what to set.
+#[test]
+fn a_worker_refuses_the_in_process_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+        .args(["worker", "qc"])
+        .current_dir(dir.path())
+        .env_remove("CARDPIPE_CONFIG")
+        .env_remove("CARDPIPE__BROKER__KIND")
+        .output()
+        .expect("run cardpipe");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a broker shared"), "{err}");
+    assert!(err.contains("CARDPIPE__BROKER__KIND=rabbitmq"), "{err}");
+    assert!(err.contains("cardpipe run"), "{err}");
+}
+
 /// PC/SC features fail with what to install when pcsc-lite is missing (here: a library path
 /// that does not exist), instead of starting a worker that never finds a reader.
 #[test]
@@ -240,6 +259,14 @@ fn pcsc_encoders_without_pcsc_lite_name_what_to_install() {
         .current_dir(dir.path())
         .env_remove("CARDPIPE_CONFIG")
         .env("CARDPIPE__ENCODERS__KIND", "pcsc")
+        // A worker needs a shared broker (it refuses the in-process one).
+        .env("CARDPIPE__BROKER__KIND", "rabbitmq")
+        .env(
+            "CARDPIPE__BROKER__URL",
+            std::env::var("CARDPIPE_TEST_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        )
+        .env("CARDPIPE__ENVELOPE__MASTER_KEY", "11".repeat(32))
         .env("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")
         .env("CARDPIPE__HTTP__LISTEN", "127.0.0.1:0")
         .stdin(std::process::Stdio::null())

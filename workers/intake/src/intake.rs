@@ -741,6 +741,23 @@ where
         },
         64 * 1024,
     );
+    // Pickup offices: the configured list, else the register delivery loaded at start, so an
+    // unknown office is refused here and no card is made for an office that does not exist.
+    let with_register;
+    let cfg = if cfg.offices.is_empty() {
+        let codes = cardpipe_common::contract::pickup_office_codes(&services.store).await?;
+        if codes.is_empty() {
+            cfg
+        } else {
+            with_register = RegistryConfig {
+                offices: codes,
+                ..cfg.clone()
+            };
+            &with_register
+        }
+    } else {
+        cfg
+    };
     let ctx = BatchCtx {
         services,
         cfg,

@@ -846,6 +846,9 @@ pub fn check_artifacts(
             ));
         } else if let Err(reason) = check_jpeg(p, cfg.photo_min_side, cfg.photo_max_side) {
             errors.push(FieldError::new("photo", reason));
+        } else if let Err(reason) = cardpipe_pki::lds::check_portrait(p) {
+            // What the chip can hold, checked here rather than after keys are issued.
+            errors.push(FieldError::new("photo", reason));
         }
     }
     if let Some(list) = &prints {

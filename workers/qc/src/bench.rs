@@ -2,7 +2,7 @@
 //!
 //! A [`Fixture`] holds a CA hierarchy in a temporary file keystore (plus a rogue one, for
 //! EF.SOD signed by the wrong Document Signer). For each card it issues a real credentials
-//! package (`cardpipe_keys`: LDS, EF.SOD, two certificates, wrapped keys), personalizes an
+//! package (`cardpipe_pki`: LDS, EF.SOD, two certificates, wrapped keys), personalizes an
 //! in-process card OS chip over SCP03 with the personalization script, plants a [`Planted`]
 //! defect on a share of them, and inspects every card with [`crate::check::inspect`]. The
 //! report gives cards/s checked (wall and per CPU second) and the share rejected per reason,

@@ -1,5 +1,5 @@
 //! QC catches each planted defect with its own reason code, and passes a good card: real
-//! credentials (cardpipe-keys), a real chip (the card OS) personalized over SCP03, defects
+//! credentials (cardpipe-pki), a real chip (the card OS) personalized over SCP03, defects
 //! planted the way an unnoticed encoder or EEPROM fault would leave them.
 
 use cardpipe_card::card_os::profile::*;

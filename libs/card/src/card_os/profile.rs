@@ -40,8 +40,8 @@ pub const PUK: u8 = 0x83;
 /// Fingerprint reference data for match-on-card.
 pub const BIO_FINGER: u8 = 0x91;
 
-/// Largest EF this card OS stores (the 16-bit size of the FCP).
-pub const MAX_EF_SIZE: usize = 0xFFFF;
+/// Largest EF this card OS stores (the 16-bit size of the FCP): the LDS's bound, one value.
+pub const MAX_EF_SIZE: usize = cardpipe_pki::lds::MAX_DATA_GROUP_BYTES;
 
 /// An application on the chip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
