@@ -360,7 +360,8 @@ fn qc_reads_cards_at_the_line_station_through_pcscd() {
                     Stations::Line(spare).inspect(&lost, Box::new(|_| panic!("nothing to inspect")))
                 })
                 .await
-                .unwrap();
+                .unwrap()
+                .expect("a free station: a verdict on the card");
                 assert_eq!(
                     inspection.verdict(),
                     Some(Reason::CardNotFound),

@@ -336,7 +336,7 @@ impl Stage for QcStage {
         let pins = self.pins.clone();
         let recorded = card.chip_serial.clone();
         let stations = self.stations.clone();
-        let (inspection, station) = tokio::task::spawn_blocking(move || {
+        let inspected = tokio::task::spawn_blocking(move || {
             stations.inspect(
                 &ticket,
                 Box::new(move |channel| {
@@ -355,6 +355,9 @@ impl Stage for QcStage {
             )
         })
         .await?;
+        // No station could take the card: it was not read, so it is not spoiled; the job is
+        // retried with backoff (and parked for an operator once its attempts are spent).
+        let (inspection, station) = inspected.map_err(|e| anyhow::anyhow!("{e}; retrying"))?;
         let elapsed = clock.elapsed();
         let verdict = inspection.verdict();
         self.metrics.observe(verdict, elapsed.as_secs_f64());

@@ -62,13 +62,26 @@ impl Stations {
     /// card on (stacker when the inspection passed, else reject bin) and returns the
     /// inspection (its first check: how the card was identified) and the station's name.
     /// Blocking: run it on a blocking thread.
-    pub fn inspect(&self, ticket: &Ticket, inspect: Inspect) -> (Inspection, String) {
+    ///
+    /// A station that is busy (another QC process's card is in it), none becoming free, or a
+    /// line controller that does not answer is [`StationUnavailable`]: the card was not read,
+    /// so it is no reason to spoil it — the job is retried later.
+    pub fn inspect(
+        &self,
+        ticket: &Ticket,
+        inspect: Inspect,
+    ) -> Result<(Inspection, String), StationUnavailable> {
         match self {
-            Stations::Tray(tray) => tray_inspect(tray, ticket, inspect),
+            Stations::Tray(tray) => Ok(tray_inspect(tray, ticket, inspect)),
             Stations::Line(line) => line.inspect(ticket, inspect),
         }
     }
 }
+
+/// No QC station could take the card now; nothing happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no QC station available: {0}")]
+pub struct StationUnavailable(pub String);
 
 fn single(name: &str, reason: Reason, detail: String) -> Inspection {
     Inspection {
@@ -180,30 +193,30 @@ impl LineStations {
         self.available.notify_one();
     }
 
-    fn inspect(&self, ticket: &Ticket, inspect: Inspect) -> (Inspection, String) {
+    fn inspect(
+        &self,
+        ticket: &Ticket,
+        inspect: Inspect,
+    ) -> Result<(Inspection, String), StationUnavailable> {
         let Some(chip) = ticket.chip_serial.clone() else {
-            return (
+            return Ok((
                 single(
                     "card_on_line",
                     Reason::CardNotFound,
                     "no chip serial recorded: the line cannot locate the card".into(),
                 ),
                 "line".into(),
-            );
+            ));
         };
         let Some(station) = self.take_station() else {
-            return (
-                single(
-                    "card_on_line",
-                    Reason::CardNotFound,
-                    "no QC station became free".into(),
-                ),
-                "line".into(),
-            );
+            return Err(StationUnavailable(format!(
+                "none of this process's QC stations became free within {:?}",
+                self.timeout * 6
+            )));
         };
         let inspection = self.at_station(&station, &chip, ticket, inspect);
         self.give_back(station.clone());
-        (inspection, station)
+        Ok((inspection?, station))
     }
 
     fn at_station(
@@ -212,29 +225,29 @@ impl LineStations {
         chip: &str,
         ticket: &Ticket,
         inspect: Inspect,
-    ) -> Inspection {
+    ) -> Result<Inspection, StationUnavailable> {
         match self.client.load(station, chip) {
             Ok(()) => {}
             Err(LineError::NotFound(_)) => {
-                return single(
+                return Ok(single(
                     "card_on_line",
                     Reason::CardNotFound,
                     format!(
                         "no card with chip {chip} on the line's transport (blank {})",
                         ticket.blank_serial
                     ),
-                );
+                ));
             }
-            Err(LineError::Busy(_)) => {
-                // A card left in the station by a crashed QC run: clear it to the reject bin
-                // (its own QC job will find it gone and have it re-made), then retry once.
-                tracing::warn!(%station, "QC station held a card; sent to the reject bin");
-                let _ = self.client.unload(station, false);
-                if let Err(e) = self.client.load(station, chip) {
-                    return single("card_on_line", Reason::CardNotFound, e.to_string());
-                }
+            // Another QC process's card is in the station (replicas share the line), or the
+            // controller did not answer: the card stays on the transport; try again later.
+            Err(e @ LineError::Busy(_)) => {
+                tracing::warn!(%station, "QC station busy; the job will be retried");
+                return Err(StationUnavailable(e.to_string()));
             }
-            Err(e) => return single("card_on_line", Reason::CardNotFound, e.to_string()),
+            Err(e) => {
+                tracing::warn!(%station, error = %e, "line controller failed; the job will be retried");
+                return Err(StationUnavailable(format!("line controller: {e}")));
+            }
         }
         let located = CheckResult {
             name: "blank_serial".into(),
@@ -274,6 +287,6 @@ impl LineStations {
             }
         };
         inspection.checks.insert(0, located);
-        inspection
+        Ok(inspection)
     }
 }
