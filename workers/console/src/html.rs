@@ -1,22 +1,12 @@
-//! Small HTML building helpers: escaping, the page frame (inline CSS, no CDN), tables.
+//! Small HTML building blocks on [`maud`]: the page frame (inline CSS, no CDN), tables,
+//! progress bars, flash messages, Persian text.
+//!
+//! Everything is a [`Markup`] built with [`html!`], so text and attribute values are escaped
+//! by construction; [`PreEscaped`] is used only for the fixed stylesheet below.
 
 use std::fmt::Write;
 
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 /// Percent-encodes a query or path component.
 pub fn url(text: &str) -> String {
@@ -33,11 +23,8 @@ pub fn url(text: &str) -> String {
 
 /// Persian text (names): isolated, right to left, language `fa`, inside the left-to-right
 /// console.
-pub fn bidi(text: &str) -> String {
-    format!(
-        "<bdi dir=\"rtl\" lang=\"fa\" class=\"persian\">{}</bdi>",
-        esc(text)
-    )
+pub fn bidi(text: &str) -> Markup {
+    html! { bdi dir="rtl" lang="fa" class="persian" { (text) } }
 }
 
 const CSS: &str = r#"
@@ -74,91 +61,148 @@ code{font-size:12px;background:#eef1f5;padding:1px 3px;border-radius:3px}
 .muted{color:#6b7785}
 "#;
 
-/// The page frame. `nav` is false on the login page.
-pub fn page(title: &str, who: Option<(&str, &str, &str)>, body: &str) -> String {
-    let mut out = String::new();
-    let _ = write!(
-        out,
-        "<!doctype html><html lang=\"en\" dir=\"ltr\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{} — cardpipe console</title><style>{CSS}</style></head><body>",
-        esc(title)
-    );
-    if let Some((login, role, csrf)) = who {
-        let _ = write!(
-            out,
-            "<header><span class=\"brand\">cardpipe</span>\
-             <a href=\"/console/\">Overview</a>\
-             <a href=\"/console/search\">Search</a>\
-             <a href=\"/console/adjudications\">Adjudication</a>\
-             <a href=\"/console/parked\">Parked work</a>\
-             <a href=\"/console/encoders\">Encoders</a>\
-             <a href=\"/console/stock\">Stock</a>\
-             <a href=\"/console/shipments\">Shipments</a>\
-             <a href=\"/console/audit\">Audit log</a>\
-             <span class=\"who\">{} ({})</span>\
-             <form method=\"post\" action=\"/console/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-             <button class=\"light\" type=\"submit\">Sign out</button></form></header>",
-            esc(login),
-            esc(role),
-            esc(csrf)
-        );
+/// The page frame: `who` is the signed-in operator's (login, role, CSRF token), `None` on
+/// the login and error pages (no navigation).
+pub fn page(title: &str, who: Option<(&str, &str, &str)>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" dir="ltr" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width,initial-scale=1";
+                title { (title) " — cardpipe console" }
+                // The one pre-escaped piece: a fixed constant, nothing from data.
+                style { (PreEscaped(CSS)) }
+            }
+            body {
+                @if let Some((login, role, csrf)) = who {
+                    header {
+                        span class="brand" { "cardpipe" }
+                        a href="/console/" { "Overview" }
+                        a href="/console/search" { "Search" }
+                        a href="/console/adjudications" { "Adjudication" }
+                        a href="/console/parked" { "Parked work" }
+                        a href="/console/encoders" { "Encoders" }
+                        a href="/console/stock" { "Stock" }
+                        a href="/console/shipments" { "Shipments" }
+                        a href="/console/audit" { "Audit log" }
+                        span class="who" { (login) " (" (role) ")" }
+                        form method="post" action="/console/logout" {
+                            input type="hidden" name="csrf" value=(csrf);
+                            button class="light" type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
     }
-    let _ = write!(out, "<main>{body}</main></body></html>");
-    out
 }
 
-/// A table: header cells and rows of already-rendered HTML cells.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut out = String::from("<table><thead><tr>");
-    for h in headers {
-        let _ = write!(out, "<th>{}</th>", esc(h));
-    }
-    out.push_str("</tr></thead><tbody>");
-    for row in rows {
-        out.push_str("<tr>");
-        for cell in row {
-            let _ = write!(out, "<td>{cell}</td>");
+/// A table: header cells (text) and rows of cells (markup).
+pub fn table(headers: &[&str], rows: &[Vec<Markup>]) -> Markup {
+    html! {
+        table {
+            thead { tr { @for h in headers { th { (h) } } } }
+            tbody {
+                @for row in rows {
+                    tr { @for cell in row { td { (cell) } } }
+                }
+            }
         }
-        out.push_str("</tr>");
     }
-    out.push_str("</tbody></table>");
-    out
 }
 
 /// A progress bar (0..=1).
-pub fn bar(fraction: f64) -> String {
-    format!(
-        "<span class=\"bar\" title=\"{:.0}%\"><span style=\"width:{:.1}%\"></span></span> {:.0}%",
-        fraction * 100.0,
-        (fraction * 100.0).clamp(0.0, 100.0),
-        fraction * 100.0
-    )
+pub fn bar(fraction: f64) -> Markup {
+    let percent = fraction * 100.0;
+    html! {
+        span class="bar" title=(format_args!("{percent:.0}%")) {
+            span style=(format_args!("width:{:.1}%", percent.clamp(0.0, 100.0))) {}
+        }
+        " " (format_args!("{percent:.0}%"))
+    }
 }
 
 /// A flash message from `?ok=` / `?error=`.
-pub fn flash(ok: Option<&str>, error: Option<&str>) -> String {
-    let mut out = String::new();
-    if let Some(m) = ok {
-        let _ = write!(out, "<p class=\"msg ok\" id=\"flash\">{}</p>", esc(m));
+pub fn flash(ok: Option<&str>, error: Option<&str>) -> Markup {
+    html! {
+        @if let Some(m) = ok { p class="msg ok" id="flash" { (m) } }
+        @if let Some(m) = error { p class="msg err" id="flash" { (m) } }
     }
-    if let Some(m) = error {
-        let _ = write!(out, "<p class=\"msg err\" id=\"flash\">{}</p>", esc(m));
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const HOSTILE: &str = "<script>alert(1)</script>";
+
     #[test]
-    fn escapes_markup_and_encodes_urls() {
-        assert_eq!(
-            esc("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
+    fn encodes_urls_and_marks_persian_text() {
         assert_eq!(url("a b/ج"), "a%20b%2F%D8%AC");
-        assert!(bidi("علی").contains("dir=\"rtl\" lang=\"fa\""));
+        assert_eq!(
+            bidi("علی <b>").into_string(),
+            "<bdi dir=\"rtl\" lang=\"fa\" class=\"persian\">علی &lt;b&gt;</bdi>"
+        );
+    }
+
+    #[test]
+    fn hostile_values_come_out_escaped_in_pages_tables_and_flashes() {
+        let quoted = "x\" onmouseover=\"alert(2)";
+        let cells = vec![vec![
+            html! { (HOSTILE) },
+            html! { a href=(format!("/console/applications/{}", url(quoted))) title=(quoted) { (quoted) } },
+        ]];
+        let body = html! {
+            (flash(Some(HOSTILE), Some(quoted)))
+            (table(&[HOSTILE, "ok"], &cells))
+            (bidi(HOSTILE))
+        };
+        let out = page(HOSTILE, Some((HOSTILE, "supervisor", quoted)), body).into_string();
+        // The only script-looking text is escaped, everywhere it appears.
+        assert!(!out.contains("<script"), "{out}");
+        assert_eq!(
+            out.matches("&lt;script&gt;alert(1)&lt;/script&gt;").count(),
+            6,
+            "{out}"
+        );
+        // A quote cannot end an attribute value early.
+        assert!(!out.contains("\" onmouseover="), "{out}");
+        assert!(
+            out.contains("name=\"csrf\" value=\"x&quot; onmouseover=&quot;alert(2)\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("title=\"x&quot; onmouseover=&quot;alert(2)\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("href=\"/console/applications/x%22%20onmouseover%3D%22alert%282%29\"")
+        );
+        assert!(
+            out.contains(
+                "<p class=\"msg err\" id=\"flash\">x&quot; onmouseover=&quot;alert(2)</p>"
+            )
+        );
+        assert!(
+            out.starts_with("<!DOCTYPE html><html lang=\"en\" dir=\"ltr\"><head>"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<title>&lt;script&gt;alert(1)&lt;/script&gt; — cardpipe console</title>")
+        );
+        assert!(out.contains("<th>&lt;script&gt;alert(1)&lt;/script&gt;</th><th>ok</th>"));
+        assert!(out.ends_with("</main></body></html>"), "{out}");
+    }
+
+    #[test]
+    fn bars_and_empty_flashes() {
+        assert_eq!(
+            bar(0.5).into_string(),
+            "<span class=\"bar\" title=\"50%\"><span style=\"width:50.0%\"></span></span> 50%"
+        );
+        assert_eq!(bar(1.5).into_string().matches("width:100.0%").count(), 1);
+        assert!(flash(None, None).into_string().is_empty());
     }
 }

@@ -8,7 +8,11 @@
 //!   encoders, stock and shipments when those tables exist);
 //! * [`actions`]: what operators do (retry / drop / force-fail parked work, adjudicate a
 //!   possible duplicate, take an encoder out of service) — role-checked and audited;
-//! * [`web`]: the server-rendered console under `/console/` (no scripts, no CDN, inline CSS).
+//! * [`web`]: the server-rendered console under `/console/` (no scripts, no CDN, inline CSS);
+//! * [`html`]: the page frame, tables, flash messages and Persian text.
+//!
+//! The HTML is built with the [`maud`] template engine (`html!` to `Markup`), so every value
+//! from data is escaped by construction; only the fixed inline stylesheet is pre-escaped.
 //!
 //! `cardpipe serve` and `cardpipe run` serve it (workers/cardpipe/src/stages.rs `routes`).
 

@@ -5,6 +5,10 @@
 //! double-submit token); every action goes through [`crate::actions`], which checks the role
 //! and audits. Responses carry a strict Content-Security-Policy (no scripts at all, images and
 //! forms from this origin only, inline styles).
+//!
+//! Pages are [`maud`] templates ([`html!`] to [`Markup`], the frame and tables in
+//! [`crate::html`]): every value from data is escaped by construction, and no HTML is built
+//! by hand as a string.
 
 use std::sync::Arc;
 
@@ -21,12 +25,13 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
+use maud::{Markup, Render, html};
 use serde::Deserialize;
 
 use crate::actions::{self, ActionError};
 use crate::auth::{self, AuthError, LoginGuard, Session};
 use crate::data;
-use crate::html::{bar, bidi, esc, flash, page, table, url};
+use crate::html::{bar, bidi, flash, page, table, url};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "cardpipe_session";
@@ -133,8 +138,12 @@ fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> String {
         .to_string()
 }
 
-fn html(body: String) -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
+fn html(page: Markup) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page.into_string(),
+    )
+        .into_response()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -145,8 +154,9 @@ fn internal(e: impl std::fmt::Display) -> Response {
         page(
             "Error",
             None,
-            "<h1>Internal error</h1><p>The error was logged.</p>",
-        ),
+            html! { h1 { "Internal error" } p { "The error was logged." } },
+        )
+        .into_string(),
     )
         .into_response()
 }
@@ -163,7 +173,7 @@ async fn session(st: &ConsoleState, headers: &HeaderMap) -> Result<Session, Resp
     }
 }
 
-fn frame(s: &Session, title: &str, body: &str) -> Response {
+fn frame(s: &Session, title: &str, body: Markup) -> Response {
     html(page(
         title,
         Some((&s.operator.login, s.operator.role.as_str(), &s.csrf)),
@@ -175,10 +185,7 @@ fn forbidden(s: &Session, message: &str) -> Response {
     let mut res = frame(
         s,
         "Not allowed",
-        &format!(
-            "<h1>Not allowed</h1><p class=\"msg err\">{}</p>",
-            esc(message)
-        ),
+        html! { h1 { "Not allowed" } p class="msg err" { (message) } },
     );
     *res.status_mut() = StatusCode::FORBIDDEN;
     res
@@ -197,8 +204,13 @@ fn check_csrf(s: &Session, token: &str) -> Result<(), Response> {
         let mut res = frame(
             s,
             "Form expired",
-            "<h1>Form expired</h1><p class=\"msg err\">The form's security token does not match \
-             this session (an old page, or a request from another site). Reload the page and try again.</p>",
+            html! {
+                h1 { "Form expired" }
+                p class="msg err" {
+                    "The form's security token does not match this session (an old page, or a \
+                     request from another site). Reload the page and try again."
+                }
+            },
         );
         *res.status_mut() = StatusCode::FORBIDDEN;
         Err(res)
@@ -216,11 +228,8 @@ async fn form_session(
     Ok(s)
 }
 
-fn csrf_field(s: &Session) -> String {
-    format!(
-        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
-        esc(&s.csrf)
-    )
+fn csrf_field(s: &Session) -> Markup {
+    html! { input type="hidden" name="csrf" value=(s.csrf); }
 }
 
 /// Redirect after an action, with its outcome as a flash message.
@@ -252,16 +261,28 @@ struct Flash {
 
 async fn login_form(State(st): State<ConsoleState>, Query(f): Query<Flash>) -> Response {
     let token = hex::encode(rand::random::<[u8; 16]>());
-    let body = format!(
-        "<h1>cardpipe console — sign in</h1>{}\
-         <form method=\"post\" action=\"/console/login\" id=\"login\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{token}\">\
-         <p><label>Login<br><input type=\"text\" name=\"login\" id=\"login-name\" autocomplete=\"username\" required></label></p>\
-         <p><label>Password<br><input type=\"password\" name=\"password\" id=\"login-password\" autocomplete=\"current-password\" required></label></p>\
-         <p><button type=\"submit\" id=\"login-submit\">Sign in</button></p></form>",
-        flash(f.ok.as_deref(), f.error.as_deref())
-    );
-    let mut res = html(page("Sign in", None, &body));
+    let body = html! {
+        h1 { "cardpipe console — sign in" }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        form method="post" action="/console/login" id="login" {
+            input type="hidden" name="csrf" value=(token);
+            p {
+                label {
+                    "Login" br;
+                    input type="text" name="login" id="login-name" autocomplete="username" required;
+                }
+            }
+            p {
+                label {
+                    "Password" br;
+                    input type="password" name="password" id="login-password"
+                        autocomplete="current-password" required;
+                }
+            }
+            p { button type="submit" id="login-submit" { "Sign in" } }
+        }
+    };
+    let mut res = html(page("Sign in", None, body));
     if let Ok(v) = HeaderValue::from_str(&set_cookie(
         LOGIN_CSRF_COOKIE,
         &token,
@@ -406,76 +427,80 @@ async fn overview(State(st): State<ConsoleState>, headers: HeaderMap) -> Respons
         Err(e) => return internal(e),
     };
     let total: i64 = o.states.iter().map(|(_, n)| n).sum();
-    let mut body = format!(
-        "<h1>Pipeline overview</h1><div class=\"cards\">\
-         <div class=\"card\"><div class=\"n\" id=\"total-applications\">{total}</div>applications</div>\
-         <div class=\"card\"><div class=\"n\">{}</div>possible duplicates</div>\
-         <div class=\"card\"><div class=\"n\" id=\"parked-count\">{}</div>parked jobs</div>\
-         <div class=\"card\"><div class=\"n\">{}</div>state changes in the last hour</div></div>",
-        o.states
-            .iter()
-            .find(|(s, _)| *s == ApplicationState::PossibleDuplicate)
-            .map_or(0, |(_, n)| *n),
-        o.parked,
-        o.throughput_last_hour.iter().map(|(_, n)| n).sum::<i64>(),
-    );
-    body.push_str("<h2>Applications per state</h2>");
-    let rows: Vec<Vec<String>> = o
+    let possible_duplicates = o
+        .states
+        .iter()
+        .find(|(s, _)| *s == ApplicationState::PossibleDuplicate)
+        .map_or(0, |(_, n)| *n);
+    let changes_last_hour: i64 = o.throughput_last_hour.iter().map(|(_, n)| n).sum();
+    let state_rows: Vec<Vec<Markup>> = o
         .states
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| vec![esc(s.as_str()), format!("{n}")])
+        .map(|(s, n)| vec![s.as_str().render(), n.render()])
         .collect();
-    body.push_str(&table(&["state", "applications"], &rows));
-    body.push_str("<h2>Queues</h2>");
-    let rows: Vec<Vec<String>> = o
+    let queue_rows: Vec<Vec<Markup>> = o
         .queues
         .iter()
         .map(|(stage, d)| match d {
             Some(d) => vec![
-                esc(stage),
-                d.ready.to_string(),
-                d.retrying.to_string(),
-                d.parked.to_string(),
+                stage.render(),
+                d.ready.render(),
+                d.retrying.render(),
+                d.parked.render(),
             ],
-            None => vec![esc(stage), "—".into(), "—".into(), "—".into()],
+            None => vec![stage.render(), "—".render(), "—".render(), "—".render()],
         })
         .collect();
-    if rows.is_empty() {
-        body.push_str("<p class=\"muted\">This process runs no stage; queue depths are on the workers' /metrics.</p>");
-    } else {
-        body.push_str(&table(&["stage", "ready", "retrying", "parked"], &rows));
-    }
-    body.push_str("<h2>Throughput (state changes, last hour)</h2>");
-    let rows: Vec<Vec<String>> = o
+    let throughput_rows: Vec<Vec<Markup>> = o
         .throughput_last_hour
         .iter()
-        .map(|(s, n)| vec![esc(s), n.to_string()])
+        .map(|(s, n)| vec![s.render(), n.render()])
         .collect();
-    body.push_str(&table(&["entered state", "changes"], &rows));
-    body.push_str("<h2>Batches</h2>");
-    body.push_str(&batch_table(&o.batches));
-    frame(&s, "Overview", &body)
+    let body = html! {
+        h1 { "Pipeline overview" }
+        div class="cards" {
+            div class="card" { div class="n" id="total-applications" { (total) } "applications" }
+            div class="card" { div class="n" { (possible_duplicates) } "possible duplicates" }
+            div class="card" { div class="n" id="parked-count" { (o.parked) } "parked jobs" }
+            div class="card" {
+                div class="n" { (changes_last_hour) } "state changes in the last hour"
+            }
+        }
+        h2 { "Applications per state" }
+        (table(&["state", "applications"], &state_rows))
+        h2 { "Queues" }
+        @if queue_rows.is_empty() {
+            p class="muted" {
+                "This process runs no stage; queue depths are on the workers' /metrics."
+            }
+        } @else {
+            (table(&["stage", "ready", "retrying", "parked"], &queue_rows))
+        }
+        h2 { "Throughput (state changes, last hour)" }
+        (table(&["entered state", "changes"], &throughput_rows))
+        h2 { "Batches" }
+        (batch_table(&o.batches))
+    };
+    frame(&s, "Overview", body)
 }
 
-fn batch_table(batches: &[data::BatchProgress]) -> String {
-    let rows: Vec<Vec<String>> = batches
+fn batch_table(batches: &[data::BatchProgress]) -> Markup {
+    let rows: Vec<Vec<Markup>> = batches
         .iter()
         .map(|b| {
             vec![
-                format!(
-                    "<a href=\"/console/batches/{}\" class=\"batch-link\">{}</a>",
-                    url(&b.id),
-                    esc(&b.id)
-                ),
-                esc(&b.client),
-                esc(&b.state),
-                esc(&b.priority),
-                b.records.to_string(),
-                b.accepted.to_string(),
-                b.rejected.to_string(),
+                html! {
+                    a href=(format!("/console/batches/{}", url(&b.id))) class="batch-link" { (b.id) }
+                },
+                b.client.render(),
+                b.state.render(),
+                b.priority.render(),
+                b.records.render(),
+                b.accepted.render(),
+                b.rejected.render(),
                 bar(b.fraction()),
-                esc(&b.created_at),
+                b.created_at.render(),
             ]
         })
         .collect();
@@ -506,40 +531,35 @@ async fn batch(
         Ok(a) => a,
         Err(e) => return internal(e),
     };
-    let mut body = format!("<h1>Batch <code>{}</code></h1>", esc(&b.id));
-    body.push_str(&batch_table(std::slice::from_ref(&b)));
-    body.push_str("<h2>Applications per state</h2>");
-    let rows: Vec<Vec<String>> = b
+    let state_rows: Vec<Vec<Markup>> = b
         .states
         .iter()
-        .map(|(s, n)| vec![esc(s), n.to_string()])
+        .map(|(s, n)| vec![s.render(), n.render()])
         .collect();
-    body.push_str(&table(&["state", "applications"], &rows));
-    body.push_str(&format!("<h2>Applications (first {})</h2>", apps.len()));
-    let rows: Vec<Vec<String>> = apps
+    let app_rows: Vec<Vec<Markup>> = apps
         .iter()
         .map(|(id, reg, state, at)| {
             vec![
-                format!(
-                    "<a href=\"/console/applications/{}\">{}</a>",
-                    url(id),
-                    esc(id)
-                ),
-                esc(reg),
-                esc(state),
-                esc(at),
+                html! { a href=(format!("/console/applications/{}", url(id))) { (id) } },
+                reg.render(),
+                state.render(),
+                at.render(),
             ]
         })
         .collect();
-    body.push_str(&table(
-        &["application", "registry id", "state", "updated"],
-        &rows,
-    ));
-    frame(&s, "Batch", &body)
+    let body = html! {
+        h1 { "Batch " code { (b.id) } }
+        (batch_table(std::slice::from_ref(&b)))
+        h2 { "Applications per state" }
+        (table(&["state", "applications"], &state_rows))
+        h2 { "Applications (first " (apps.len()) ")" }
+        (table(&["application", "registry id", "state", "updated"], &app_rows))
+    };
+    frame(&s, "Batch", body)
 }
 
 fn not_found(s: &Session, what: &str) -> Response {
-    let mut res = frame(s, what, &format!("<h1>{}</h1>", esc(what)));
+    let mut res = frame(s, what, html! { h1 { (what) } });
     *res.status_mut() = StatusCode::NOT_FOUND;
     res
 }
@@ -559,26 +579,31 @@ async fn search(
         Err(r) => return r,
     };
     let query = q.q.unwrap_or_default();
-    let mut body = format!(
-        "<h1>Find an application</h1><form method=\"get\" action=\"/console/search\" class=\"inline\">\
-         <input type=\"text\" name=\"q\" id=\"search-q\" size=\"40\" value=\"{}\" placeholder=\"application id, registry id or tracking code\">\
-         <button type=\"submit\" id=\"search-submit\">Search</button></form>",
-        esc(&query)
-    );
+    let mut not_found = false;
     if !query.trim().is_empty() {
         match data::find(&st.services, &query).await {
             Ok(Some(id)) => {
                 return Redirect::to(&format!("/console/applications/{}", url(id.as_str())))
                     .into_response();
             }
-            Ok(None) => body.push_str(&format!(
-                "<p class=\"msg err\">No application with id, registry id or tracking code {}.</p>",
-                esc(query.trim())
-            )),
+            Ok(None) => not_found = true,
             Err(e) => return internal(e),
         }
     }
-    frame(&s, "Search", &body)
+    let body = html! {
+        h1 { "Find an application" }
+        form method="get" action="/console/search" class="inline" {
+            input type="text" name="q" id="search-q" size="40" value=(query)
+                placeholder="application id, registry id or tracking code";
+            button type="submit" id="search-submit" { "Search" }
+        }
+        @if not_found {
+            p class="msg err" {
+                "No application with id, registry id or tracking code " (query.trim()) "."
+            }
+        }
+    };
+    frame(&s, "Search", body)
 }
 
 async fn application(
@@ -596,124 +621,110 @@ async fn application(
         Ok(None) => return not_found(&s, "No such application"),
         Err(e) => return internal(e),
     };
-    let mut body = format!(
-        "<h1>Application <code>{}</code></h1>{}",
-        esc(v.app.id.as_str()),
-        flash(f.ok.as_deref(), f.error.as_deref())
-    );
-    let (first, last, father) = v
-        .names
-        .clone()
-        .unwrap_or_else(|| ("—".into(), "—".into(), "—".into()));
-    let rows = vec![
-        vec!["registry id".into(), esc(&v.app.registry_id)],
-        vec![
-            "state".into(),
-            format!(
-                "<strong id=\"app-state\">{}</strong>",
-                esc(v.app.state.as_str())
-            ),
-        ],
-        vec![
-            "name".into(),
-            format!(
-                "<span id=\"app-name\">{}</span>",
-                bidi(&format!("{first} {last}"))
-            ),
-        ],
-        vec!["father's name".into(), bidi(&father)],
-        vec![
-            "national code".into(),
-            format!(
-                "<code id=\"national-code\">{}</code>",
-                esc(v.national_code.as_deref().unwrap_or("—"))
-            ),
-        ],
-        vec![
-            "tracking code".into(),
-            esc(v.tracking_code.as_deref().unwrap_or("—")),
-        ],
-        vec![
-            "pickup office".into(),
-            esc(v.pickup_office.as_deref().unwrap_or("—")),
-        ],
-        vec![
-            "batch".into(),
-            v.app.batch_id.as_deref().map_or("—".into(), |b| {
-                format!("<a href=\"/console/batches/{}\">{}</a>", url(b), esc(b))
-            }),
-        ],
-        vec!["priority".into(), esc(v.app.priority.as_str())],
-    ];
-    body.push_str(&table(&["", ""], &rows));
-    if v.app.state == ApplicationState::PossibleDuplicate {
-        body.push_str(&format!(
-            "<p><a href=\"/console/adjudications/{}\">Adjudicate this possible duplicate</a></p>",
-            url(v.app.id.as_str())
-        ));
-    }
-    body.push_str("<h2>History</h2>");
-    let rows: Vec<Vec<String>> = v
-        .history
-        .iter()
-        .map(|h| {
-            vec![
-                esc(&cardpipe_common::clock::to_rfc3339(h.at)),
-                esc(h.from_state.map_or("—", |s| s.as_str())),
-                esc(h.to_state.as_str()),
-                esc(&h.stage),
-                h.attempt.to_string(),
-                esc(&h.actor),
-                esc(h.reason.as_deref().unwrap_or("")),
-            ]
-        })
-        .collect();
-    body.push_str(&format!(
-        "<div id=\"history\">{}</div>",
-        table(
-            &["at", "from", "to", "stage", "attempt", "actor", "reason"],
-            &rows
-        )
-    ));
-    if !v.parked.is_empty() {
-        body.push_str("<h2>Parked work</h2>");
-        body.push_str(&parked_rows(&s, &v.parked));
-    }
     // Quality-control reports (formerly GET /api/qc/{id}, now only here).
     let reports = match data::qc_reports(&st.services, &v.app.id).await {
         Ok(r) => r,
         Err(e) => return internal(e),
     };
-    if !reports.is_empty() {
-        body.push_str("<h2>Quality control</h2>");
-        let rows: Vec<Vec<String>> = reports
-            .iter()
-            .map(|r| r.iter().map(|c| esc(c)).collect())
-            .collect();
-        body.push_str(&format!(
-            "<div id=\"qc-reports\">{}</div>",
-            table(
-                &[
-                    "checked at",
-                    "outcome",
-                    "reason",
-                    "blank serial",
-                    "chip serial",
-                    "ms",
-                    "report"
-                ],
-                &rows
-            )
-        ));
-    }
-    body.push_str("<h2>Artifacts</h2>");
-    let rows: Vec<Vec<String>> = v
+    let (first, last, father) = v
+        .names
+        .clone()
+        .unwrap_or_else(|| ("—".into(), "—".into(), "—".into()));
+    let rows = vec![
+        vec!["registry id".render(), v.app.registry_id.render()],
+        vec![
+            "state".render(),
+            html! { strong id="app-state" { (v.app.state.as_str()) } },
+        ],
+        vec![
+            "name".render(),
+            html! { span id="app-name" { (bidi(&format!("{first} {last}"))) } },
+        ],
+        vec!["father's name".render(), bidi(&father)],
+        vec![
+            "national code".render(),
+            html! { code id="national-code" { (v.national_code.as_deref().unwrap_or("—")) } },
+        ],
+        vec![
+            "tracking code".render(),
+            v.tracking_code.as_deref().unwrap_or("—").render(),
+        ],
+        vec![
+            "pickup office".render(),
+            v.pickup_office.as_deref().unwrap_or("—").render(),
+        ],
+        vec![
+            "batch".render(),
+            v.app.batch_id.as_deref().map_or("—".render(), |b| {
+                html! { a href=(format!("/console/batches/{}", url(b))) { (b) } }
+            }),
+        ],
+        vec!["priority".render(), v.app.priority.as_str().render()],
+    ];
+    let history: Vec<Vec<Markup>> = v
+        .history
+        .iter()
+        .map(|h| {
+            vec![
+                cardpipe_common::clock::to_rfc3339(h.at).render(),
+                h.from_state.map_or("—", |s| s.as_str()).render(),
+                h.to_state.as_str().render(),
+                h.stage.render(),
+                h.attempt.render(),
+                h.actor.render(),
+                h.reason.as_deref().unwrap_or("").render(),
+            ]
+        })
+        .collect();
+    let report_rows: Vec<Vec<Markup>> = reports
+        .iter()
+        .map(|r| r.iter().map(|c| c.render()).collect())
+        .collect();
+    let artifacts: Vec<Vec<Markup>> = v
         .artifacts
         .iter()
-        .map(|(k, key)| vec![esc(k), format!("<code>{}</code>", esc(key))])
+        .map(|(k, key)| vec![k.render(), html! { code { (key) } }])
         .collect();
-    body.push_str(&table(&["kind", "object key"], &rows));
-    frame(&s, "Application", &body)
+    let body = html! {
+        h1 { "Application " code { (v.app.id.as_str()) } }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        (table(&["", ""], &rows))
+        @if v.app.state == ApplicationState::PossibleDuplicate {
+            p {
+                a href=(format!("/console/adjudications/{}", url(v.app.id.as_str()))) {
+                    "Adjudicate this possible duplicate"
+                }
+            }
+        }
+        h2 { "History" }
+        div id="history" {
+            (table(&["at", "from", "to", "stage", "attempt", "actor", "reason"], &history))
+        }
+        @if !v.parked.is_empty() {
+            h2 { "Parked work" }
+            (parked_rows(&s, &v.parked))
+        }
+        @if !report_rows.is_empty() {
+            h2 { "Quality control" }
+            div id="qc-reports" {
+                (table(
+                    &[
+                        "checked at",
+                        "outcome",
+                        "reason",
+                        "blank serial",
+                        "chip serial",
+                        "ms",
+                        "report",
+                    ],
+                    &report_rows,
+                ))
+            }
+        }
+        h2 { "Artifacts" }
+        (table(&["kind", "object key"], &artifacts))
+    };
+    frame(&s, "Application", body)
 }
 
 // ---------------------------------------------------------------------------
@@ -732,41 +743,36 @@ async fn adjudications(
         Ok(l) => l,
         Err(e) => return internal(e),
     };
-    let mut body = format!(
-        "<h1>Possible duplicates</h1>{}",
-        flash(f.ok.as_deref(), f.error.as_deref())
-    );
-    if list.is_empty() {
-        body.push_str("<p id=\"no-adjudications\">No possible duplicate is waiting.</p>");
-    } else {
-        let rows: Vec<Vec<String>> = list
-            .iter()
-            .map(|a| {
-                vec![
-                    format!(
-                        "<a class=\"adjudicate-link\" href=\"/console/adjudications/{}\">{}</a>",
-                        url(&a.application_id),
-                        esc(&a.application_id)
-                    ),
-                    esc(&a.registry_id),
-                    esc(&a.flagged_at),
-                    a.candidates.to_string(),
-                    format!("{:.1}", a.best_score),
-                ]
-            })
-            .collect();
-        body.push_str(&table(
-            &[
-                "application",
-                "registry id",
-                "flagged",
-                "candidates",
-                "best score",
-            ],
-            &rows,
-        ));
-    }
-    frame(&s, "Adjudication", &body)
+    let rows: Vec<Vec<Markup>> = list
+        .iter()
+        .map(|a| {
+            vec![
+                html! {
+                    a class="adjudicate-link"
+                        href=(format!("/console/adjudications/{}", url(&a.application_id))) {
+                        (a.application_id)
+                    }
+                },
+                a.registry_id.render(),
+                a.flagged_at.render(),
+                a.candidates.render(),
+                format_args!("{:.1}", a.best_score).render(),
+            ]
+        })
+        .collect();
+    let body = html! {
+        h1 { "Possible duplicates" }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        @if rows.is_empty() {
+            p id="no-adjudications" { "No possible duplicate is waiting." }
+        } @else {
+            (table(
+                &["application", "registry id", "flagged", "candidates", "best score"],
+                &rows,
+            ))
+        }
+    };
+    frame(&s, "Adjudication", body)
 }
 
 async fn adjudication(
@@ -802,64 +808,92 @@ async fn adjudication(
             records::load_record(&services, &id)
                 .await
                 .map(|r| bidi(&format!("{} {}", r.first_name, r.last_name)))
-                .unwrap_or_else(|_| "—".into())
+                .unwrap_or_else(|_| "—".render())
         }
     };
-    let mut body = format!(
-        "<h1>Possible duplicate <code>{}</code></h1>{}<p>State: <strong id=\"adj-state\">{}</strong> · \
-         <a href=\"/console/applications/{}\">application detail</a></p>",
-        esc(&id),
-        flash(f.ok.as_deref(), f.error.as_deref()),
-        esc(app.state.as_str()),
-        url(&id)
-    );
+    // The names are read before rendering: (candidate, applicant's name, candidate's name).
+    let mut shown = Vec::with_capacity(cands.len());
     for c in &cands {
         let other = ApplicationId(c.candidate_id.clone());
-        body.push_str(&format!(
-            "<h2>Candidate {} — fused score {:.1}, FMR {:.2e}</h2><div class=\"photos\">\
-             <figure><img alt=\"applicant photo\" src=\"/console/adjudications/{}/photo/applicant\">\
-             <figcaption>This application: {}</figcaption></figure>\
-             <figure><img alt=\"candidate photo\" src=\"/console/adjudications/{}/photo/{}\">\
-             <figcaption>Candidate <a href=\"/console/applications/{}\">{}</a>: {}</figcaption></figure></div>",
-            c.rank,
-            c.score,
-            c.fmr,
-            url(&id),
-            names(&app_id).await,
-            url(&id),
-            url(&c.candidate_id),
-            url(&c.candidate_id),
-            esc(&c.candidate_id),
-            names(&other).await,
-        ));
-        let rows: Vec<Vec<String>> = c
-            .finger_scores
-            .iter()
-            .enumerate()
-            .map(|(i, score)| {
-                vec![
-                    (i + 1).to_string(),
-                    FINGERS.get(i).copied().unwrap_or("").to_owned(),
-                    score.map_or("—".into(), |v| format!("{v:.1}")),
-                ]
-            })
-            .collect();
-        body.push_str(&table(&["position", "finger", "score"], &rows));
+        shown.push((c, names(&app_id).await, names(&other).await));
     }
-    if app.state == ApplicationState::PossibleDuplicate {
-        body.push_str(&format!(
-            "<h2>Decision</h2><form method=\"post\" action=\"/console/adjudications/{}/decide\" id=\"decide\">{}\
-             <p><label><input type=\"radio\" name=\"decision\" value=\"cleared\" id=\"decision-cleared\" required> \
-             Not the same person: clear (continues to keys)</label><br>\
-             <label><input type=\"radio\" name=\"decision\" value=\"confirmed_duplicate\" id=\"decision-confirm\"> \
-             Same person: confirm the duplicate (supervisor; final)</label></p>\
-             <p><label>Reason<br><input type=\"text\" name=\"reason\" id=\"decision-reason\" size=\"60\" required maxlength=\"500\"></label></p>\
-             <p><button type=\"submit\" id=\"decision-submit\">Record decision</button></p></form>",
-            url(&id),
-            csrf_field(&s)
-        ));
-    }
-    frame(&s, "Adjudication", &body)
+    let here = url(&id);
+    let body = html! {
+        h1 { "Possible duplicate " code { (id) } }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        p {
+            "State: " strong id="adj-state" { (app.state.as_str()) } " · "
+            a href=(format!("/console/applications/{here}")) { "application detail" }
+        }
+        @for (c, applicant_name, candidate_name) in &shown {
+            h2 {
+                "Candidate " (c.rank) " — fused score " (format_args!("{:.1}", c.score))
+                ", FMR " (format_args!("{:.2e}", c.fmr))
+            }
+            div class="photos" {
+                figure {
+                    img alt="applicant photo"
+                        src=(format!("/console/adjudications/{here}/photo/applicant"));
+                    figcaption { "This application: " (applicant_name) }
+                }
+                figure {
+                    img alt="candidate photo"
+                        src=(format!("/console/adjudications/{here}/photo/{}", url(&c.candidate_id)));
+                    figcaption {
+                        "Candidate "
+                        a href=(format!("/console/applications/{}", url(&c.candidate_id))) {
+                            (c.candidate_id)
+                        }
+                        ": " (candidate_name)
+                    }
+                }
+            }
+            (table(&["position", "finger", "score"], &finger_rows(&c.finger_scores)))
+        }
+        @if app.state == ApplicationState::PossibleDuplicate {
+            h2 { "Decision" }
+            form method="post" action=(format!("/console/adjudications/{here}/decide")) id="decide" {
+                (csrf_field(&s))
+                p {
+                    label {
+                        input type="radio" name="decision" value="cleared" id="decision-cleared"
+                            required;
+                        " Not the same person: clear (continues to keys)"
+                    }
+                    br;
+                    label {
+                        input type="radio" name="decision" value="confirmed_duplicate"
+                            id="decision-confirm";
+                        " Same person: confirm the duplicate (supervisor; final)"
+                    }
+                }
+                p {
+                    label {
+                        "Reason" br;
+                        input type="text" name="reason" id="decision-reason" size="60" required
+                            maxlength="500";
+                    }
+                }
+                p { button type="submit" id="decision-submit" { "Record decision" } }
+            }
+        }
+    };
+    frame(&s, "Adjudication", body)
+}
+
+/// The per-finger scores of a candidate: position, finger, score.
+fn finger_rows(scores: &[Option<f64>]) -> Vec<Vec<Markup>> {
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, score)| {
+            vec![
+                (i + 1).render(),
+                FINGERS.get(i).copied().unwrap_or("").render(),
+                score.map_or("—".render(), |v| format_args!("{v:.1}").render()),
+            ]
+        })
+        .collect()
 }
 
 /// ISO/IEC 19794-2 finger positions 1..=10.
@@ -942,33 +976,35 @@ async fn decide(
 // ---------------------------------------------------------------------------
 // Parked work
 
-fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> String {
-    let rows: Vec<Vec<String>> = jobs
+fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> Markup {
+    let csrf = csrf_field(s);
+    let rows: Vec<Vec<Markup>> = jobs
         .iter()
         .map(|p| {
             let job = url(&p.job_id);
-            let csrf = csrf_field(s);
             vec![
-                format!("<code>{}</code>", esc(&p.job_id)),
-                esc(&p.stage),
-                format!(
-                    "<a href=\"/console/applications/{}\">{}</a>",
-                    url(&p.subject),
-                    esc(&p.subject)
-                ),
-                p.attempt.to_string(),
-                format!("<code>{}</code>", esc(&p.error)),
-                esc(&p.parked_at),
-                format!(
-                    "<form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/retry\">{csrf}\
-                     <button type=\"submit\" class=\"retry\">Retry</button></form>\
-                     <form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/drop\">{csrf}\
-                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
-                     <button type=\"submit\" class=\"danger\">Drop</button></form>\
-                     <form method=\"post\" class=\"inline\" action=\"/console/parked/{job}/fail\">{csrf}\
-                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
-                     <button type=\"submit\" class=\"danger\">Force-fail</button></form>"
-                ),
+                html! { code { (p.job_id) } },
+                p.stage.render(),
+                html! { a href=(format!("/console/applications/{}", url(&p.subject))) { (p.subject) } },
+                p.attempt.render(),
+                html! { code { (p.error) } },
+                p.parked_at.render(),
+                html! {
+                    form method="post" class="inline" action=(format!("/console/parked/{job}/retry")) {
+                        (csrf)
+                        button type="submit" class="retry" { "Retry" }
+                    }
+                    form method="post" class="inline" action=(format!("/console/parked/{job}/drop")) {
+                        (csrf)
+                        input type="text" name="reason" placeholder="reason" required maxlength="500";
+                        button type="submit" class="danger" { "Drop" }
+                    }
+                    form method="post" class="inline" action=(format!("/console/parked/{job}/fail")) {
+                        (csrf)
+                        input type="text" name="reason" placeholder="reason" required maxlength="500";
+                        button type="submit" class="danger" { "Force-fail" }
+                    }
+                },
             ]
         })
         .collect();
@@ -999,21 +1035,21 @@ async fn parked_page(
         Ok(j) => j,
         Err(e) => return internal(e),
     };
-    let mut body = format!(
-        "<h1>Parked work</h1>{}<p class=\"muted\">Retry sends the job back to its stage as a fresh attempt. \
-         Drop (supervisor) forgets the job and leaves the application where it is. Force-fail (supervisor) \
-         ends the application: rejected if never released, otherwise cancelled (certificates revoked).</p>",
-        flash(f.ok.as_deref(), f.error.as_deref())
-    );
-    if jobs.is_empty() {
-        body.push_str("<p id=\"no-parked\">Nothing is parked.</p>");
-    } else {
-        body.push_str(&format!(
-            "<div id=\"parked\">{}</div>",
-            parked_rows(&s, &jobs)
-        ));
-    }
-    frame(&s, "Parked work", &body)
+    let body = html! {
+        h1 { "Parked work" }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        p class="muted" {
+            "Retry sends the job back to its stage as a fresh attempt. Drop (supervisor) forgets \
+             the job and leaves the application where it is. Force-fail (supervisor) ends the \
+             application: rejected if never released, otherwise cancelled (certificates revoked)."
+        }
+        @if jobs.is_empty() {
+            p id="no-parked" { "Nothing is parked." }
+        } @else {
+            div id="parked" { (parked_rows(&s, &jobs)) }
+        }
+    };
+    frame(&s, "Parked work", body)
 }
 
 #[derive(Deserialize)]
@@ -1069,17 +1105,8 @@ async fn encoders(
         Ok(l) => l,
         Err(e) => return internal(e),
     };
-    let mut body = format!(
-        "<h1>Encoders</h1>{}<p class=\"muted\">{}</p>",
-        flash(f.ok.as_deref(), f.error.as_deref()),
-        if farm.is_some() {
-            "Live state from this process's encoder farm; counts from the cards table."
-        } else {
-            "This process drives no encoder: counts from the cards table, service state from operators' decisions."
-        }
-    );
     let csrf = csrf_field(&s);
-    let rows: Vec<Vec<String>> = list
+    let rows: Vec<Vec<Markup>> = list
         .iter()
         .map(|e| {
             let state = match (e.present, e.in_service) {
@@ -1087,50 +1114,62 @@ async fn encoders(
                 (_, true) => "in service".to_owned(),
                 (_, false) => format!("out of service: {}", e.reason.as_deref().unwrap_or("")),
             };
-            let flip = if e.in_service {
+            let (in_service, label, class) = if e.in_service {
                 ("0", "Take out of service", "danger")
             } else {
                 ("1", "Return to service", "light")
             };
             vec![
-                esc(&e.name),
-                esc(&state),
-                e.busy.map_or("—".into(), |b| if b { "busy".into() } else { "idle".into() }),
-                e.personalized.to_string(),
-                e.spoiled.to_string(),
-                e.yield_ratio().map_or("—".into(), |y| format!("{:.1}%", y * 100.0)),
-                e.last_hour.to_string(),
-                format!(
-                    "<form method=\"post\" class=\"inline\" action=\"/console/encoders/service\">{csrf}\
-                     <input type=\"hidden\" name=\"encoder\" value=\"{}\"><input type=\"hidden\" name=\"in_service\" value=\"{}\">\
-                     <input type=\"text\" name=\"reason\" placeholder=\"reason\" required maxlength=\"500\">\
-                     <button type=\"submit\" class=\"{}\">{}</button></form>",
-                    esc(&e.name),
-                    flip.0,
-                    flip.2,
-                    flip.1
-                ),
+                e.name.render(),
+                state.render(),
+                e.busy.map_or("—", |b| if b { "busy" } else { "idle" }).render(),
+                e.personalized.render(),
+                e.spoiled.render(),
+                e.yield_ratio()
+                    .map_or("—".render(), |y| format_args!("{:.1}%", y * 100.0).render()),
+                e.last_hour.render(),
+                html! {
+                    form method="post" class="inline" action="/console/encoders/service" {
+                        (csrf)
+                        input type="hidden" name="encoder" value=(e.name);
+                        input type="hidden" name="in_service" value=(in_service);
+                        input type="text" name="reason" placeholder="reason" required maxlength="500";
+                        button type="submit" class=(class) { (label) }
+                    }
+                },
             ]
         })
         .collect();
-    if rows.is_empty() {
-        body.push_str("<p>No encoder has been seen yet.</p>");
-    } else {
-        body.push_str(&table(
-            &[
-                "encoder",
-                "state",
-                "now",
-                "personalized",
-                "spoiled",
-                "yield",
-                "cards last hour",
-                "service",
-            ],
-            &rows,
-        ));
-    }
-    frame(&s, "Encoders", &body)
+    let body = html! {
+        h1 { "Encoders" }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        p class="muted" {
+            @if farm.is_some() {
+                "Live state from this process's encoder farm; counts from the cards table."
+            } @else {
+                "This process drives no encoder: counts from the cards table, service state from \
+                 operators' decisions."
+            }
+        }
+        @if rows.is_empty() {
+            p { "No encoder has been seen yet." }
+        } @else {
+            (table(
+                &[
+                    "encoder",
+                    "state",
+                    "now",
+                    "personalized",
+                    "spoiled",
+                    "yield",
+                    "cards last hour",
+                    "service",
+                ],
+                &rows,
+            ))
+        }
+    };
+    frame(&s, "Encoders", body)
 }
 
 #[derive(Deserialize)]
@@ -1205,106 +1244,102 @@ async fn audit_page(
         Ok(e) => e,
         Err(e) => return internal(e),
     };
-    let mut body = format!(
-        "<h1>Audit log</h1><form method=\"get\" class=\"inline\" action=\"/console/audit\">\
-         <input type=\"text\" name=\"subject\" value=\"{}\" placeholder=\"subject (application, job, operator…)\">\
-         <button type=\"submit\">Filter</button></form> \
-         <form method=\"get\" class=\"inline\" action=\"/console/audit\"><input type=\"hidden\" name=\"verify\" value=\"1\">\
-         <button type=\"submit\" id=\"audit-verify\">Verify the whole chain</button></form>",
-        esc(subject.as_deref().unwrap_or(""))
-    );
-    if q.verify.is_some() {
+    let verified = if q.verify.is_some() {
         match audit::verify(&st.services.store).await {
-            Ok(r) if r.intact() => body.push_str(&format!(
-                "<p class=\"msg ok\" id=\"verify-result\">The chain is intact: {} entries, every hash and link checks.</p>",
-                r.entries
-            )),
-            Ok(r) => {
-                body.push_str("<div class=\"msg err\" id=\"verify-result\"><strong>The chain is broken:</strong><ul>");
-                for p in &r.problems {
-                    body.push_str(&format!("<li>{}</li>", esc(&p.to_string())));
-                }
-                body.push_str("</ul></div>");
-            }
+            Ok(r) => Some(r),
             Err(e) => return internal(e),
         }
-    }
-    let rows: Vec<Vec<String>> = entries
+    } else {
+        None
+    };
+    let rows: Vec<Vec<Markup>> = entries
         .iter()
         .map(|e| {
             vec![
-                e.seq.to_string(),
-                esc(&e.at),
-                esc(&e.actor),
-                esc(&e.role),
-                esc(&e.action),
-                esc(&e.subject),
-                format!("<code>{}</code>", esc(&e.details)),
-                format!(
-                    "<code title=\"{}\">{}…</code>",
-                    esc(&e.hash),
-                    esc(&e.hash[..12.min(e.hash.len())])
-                ),
+                e.seq.render(),
+                e.at.render(),
+                e.actor.render(),
+                e.role.render(),
+                e.action.render(),
+                e.subject.render(),
+                html! { code { (e.details) } },
+                html! { code title=(e.hash) { (e.hash[..12.min(e.hash.len())]) "…" } },
             ]
         })
         .collect();
-    body.push_str(&table(
-        &[
-            "#", "at", "actor", "role", "action", "subject", "details", "hash",
-        ],
-        &rows,
-    ));
-    frame(&s, "Audit log", &body)
+    let body = html! {
+        h1 { "Audit log" }
+        form method="get" class="inline" action="/console/audit" {
+            input type="text" name="subject" value=(subject.as_deref().unwrap_or(""))
+                placeholder="subject (application, job, operator…)";
+            button type="submit" { "Filter" }
+        }
+        " "
+        form method="get" class="inline" action="/console/audit" {
+            input type="hidden" name="verify" value="1";
+            button type="submit" id="audit-verify" { "Verify the whole chain" }
+        }
+        @if let Some(r) = &verified {
+            @if r.intact() {
+                p class="msg ok" id="verify-result" {
+                    "The chain is intact: " (r.entries) " entries, every hash and link checks."
+                }
+            } @else {
+                div class="msg err" id="verify-result" {
+                    strong { "The chain is broken:" }
+                    ul { @for p in &r.problems { li { (p) } } }
+                }
+            }
+        }
+        (table(
+            &["#", "at", "actor", "role", "action", "subject", "details", "hash"],
+            &rows,
+        ))
+    };
+    frame(&s, "Audit log", body)
 }
 
 async fn area(st: &ConsoleState, s: &Session, area: &str, title: &str, what: &str) -> Response {
-    let body = format!("<h1>{}</h1>", esc(title));
-    match area_tables_html(st, area, what, body).await {
-        Ok(body) => frame(s, title, &body),
+    match area_tables(st, area, what).await {
+        Ok(tables) => frame(s, title, html! { h1 { (title) } (tables) }),
         Err(r) => r,
     }
 }
 
-/// `body` followed by the area's tables, read generically.
-async fn area_tables_html(
-    st: &ConsoleState,
-    area: &str,
-    what: &str,
-    mut body: String,
-) -> Result<String, Response> {
+/// The area's tables, read generically (or a "not available" note when it has none).
+async fn area_tables(st: &ConsoleState, area: &str, what: &str) -> Result<Markup, Response> {
     let tables = match data::area_tables(&st.services, area).await {
         Ok(t) => t,
         Err(e) => return Err(internal(e)),
     };
-    if tables.is_empty() {
-        body.push_str(&format!(
-            "<div class=\"na\" id=\"not-available\"><strong>Not available.</strong> This installation has no {} \
-             tables yet (the stage that keeps them is not part of this build, or its migrations have not run). \
-             Nothing to show.</div>",
-            esc(what)
-        ));
-    } else {
-        for t in tables {
-            body.push_str(&format!(
-                "<h2><code>{}</code> ({} rows{})</h2>",
-                esc(&t.name),
-                t.total,
-                if t.total > t.rows.len() as i64 {
-                    format!(", first {}", t.rows.len())
-                } else {
-                    String::new()
-                }
-            ));
-            let headers: Vec<&str> = t.columns.iter().map(String::as_str).collect();
-            let rows: Vec<Vec<String>> = t
-                .rows
-                .iter()
-                .map(|r| r.iter().map(|c| esc(c)).collect())
-                .collect();
-            body.push_str(&table(&headers, &rows));
+    Ok(html! {
+        @if tables.is_empty() {
+            div class="na" id="not-available" {
+                strong { "Not available." }
+                " This installation has no " (what) " tables yet (the stage that keeps them is \
+                 not part of this build, or its migrations have not run). Nothing to show."
+            }
         }
-    }
-    Ok(body)
+        @for t in &tables {
+            h2 {
+                code { (t.name) }
+                " (" (t.total) " rows"
+                @if t.total > t.rows.len() as i64 { ", first " (t.rows.len()) }
+                ")"
+            }
+            (generic_table(t))
+        }
+    })
+}
+
+fn generic_table(t: &data::GenericTable) -> Markup {
+    let headers: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+    let rows: Vec<Vec<Markup>> = t
+        .rows
+        .iter()
+        .map(|r| r.iter().map(|c| c.render()).collect())
+        .collect();
+    table(&headers, &rows)
 }
 
 async fn stock(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
@@ -1337,66 +1372,71 @@ async fn shipments(
     };
     let supervisor = s.operator.role.is_supervisor();
     let csrf = csrf_field(&s);
-    let rows: Vec<Vec<String>> = list
+    let rows: Vec<Vec<Markup>> = list
         .iter()
         .map(|d| {
             let action = if !d.is_open() {
-                format!(
-                    "<strong>{}</strong> by {} at {}{}<br><span class=\"muted\">{}</span>",
-                    esc(d.resolution.as_deref().unwrap_or("")),
-                    esc(d.resolved_by.as_deref().unwrap_or("")),
-                    esc(d.resolved_at.as_deref().unwrap_or("")),
-                    d.reprint_id
-                        .as_deref()
-                        .map(|r| format!(" (reprint <code>{}</code>)", esc(r)))
-                        .unwrap_or_default(),
-                    esc(d.resolution_note.as_deref().unwrap_or(""))
-                )
+                html! {
+                    strong { (d.resolution.as_deref().unwrap_or("")) }
+                    " by " (d.resolved_by.as_deref().unwrap_or(""))
+                    " at " (d.resolved_at.as_deref().unwrap_or(""))
+                    @if let Some(r) = d.reprint_id.as_deref() { " (reprint " code { (r) } ")" }
+                    br;
+                    span class="muted" { (d.resolution_note.as_deref().unwrap_or("")) }
+                }
             } else if supervisor {
-                let options: String = cardpipe_common::discrepancies::Resolution::for_kind(&d.kind)
-                    .iter()
-                    .map(|o| format!("<option value=\"{0}\">{0}</option>", o.as_str()))
-                    .collect();
-                format!(
-                    "<form method=\"post\" class=\"inline\" action=\"/console/shipments/discrepancies/{}/resolve\">{csrf}\
-                     <select name=\"outcome\">{options}</select>\
-                     <input type=\"text\" name=\"note\" placeholder=\"note\" required maxlength=\"500\">\
-                     <button type=\"submit\">Resolve</button></form>",
-                    url(&d.id)
-                )
+                let options = cardpipe_common::discrepancies::Resolution::for_kind(&d.kind);
+                html! {
+                    form method="post" class="inline"
+                        action=(format!("/console/shipments/discrepancies/{}/resolve", url(&d.id))) {
+                        (csrf)
+                        select name="outcome" {
+                            @for o in options { option value=(o.as_str()) { (o.as_str()) } }
+                        }
+                        input type="text" name="note" placeholder="note" required maxlength="500";
+                        button type="submit" { "Resolve" }
+                    }
+                }
             } else {
-                "<span class=\"muted\">open (a supervisor resolves it)</span>".to_owned()
+                html! { span class="muted" { "open (a supervisor resolves it)" } }
             };
             vec![
-                format!("<code>{}</code>", esc(&d.id)),
-                esc(&d.kind),
-                format!("<code>{}</code>", esc(&d.box_id)),
-                esc(&d.office_code),
-                format!(
-                    "<a href=\"/console/applications/{}\">{}</a>",
-                    url(&d.application_id),
-                    esc(&d.application_id)
-                ),
-                esc(&d.reported_by),
-                esc(&d.reported_at),
+                html! { code { (d.id) } },
+                d.kind.render(),
+                html! { code { (d.box_id) } },
+                d.office_code.render(),
+                html! {
+                    a href=(format!("/console/applications/{}", url(&d.application_id))) {
+                        (d.application_id)
+                    }
+                },
+                d.reported_by.render(),
+                d.reported_at.render(),
                 action,
             ]
         })
         .collect();
     let open = list.iter().filter(|d| d.is_open()).count();
     let title = "Shipments and office discrepancies";
-    let body = format!(
-        "<h1>{title}</h1>{}<h2 id=\"discrepancies\">Office discrepancies ({open} open)</h2>\
-         <p class=\"muted\">A missing card is <em>found</em> (the office can then receive it) or \
-         <em>lost</em> in transit (its certificates are revoked and a reprint is requested); an extra \
-         card is <em>returned</em> to the centre or its own office. Supervisors resolve.</p>{}",
-        flash(f.ok.as_deref(), f.error.as_deref()),
-        if rows.is_empty() {
-            "<p id=\"no-discrepancies\">No discrepancy has been reported.</p>".to_owned()
-        } else {
-            format!(
-                "<div id=\"discrepancy-list\">{}</div>",
-                table(
+    let tables = match area_tables(&st, "shipments", "shipping or delivery").await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let body = html! {
+        h1 { (title) }
+        (flash(f.ok.as_deref(), f.error.as_deref()))
+        h2 id="discrepancies" { "Office discrepancies (" (open) " open)" }
+        p class="muted" {
+            "A missing card is " em { "found" } " (the office can then receive it) or "
+            em { "lost" } " in transit (its certificates are revoked and a reprint is requested); \
+             an extra card is " em { "returned" } " to the centre or its own office. Supervisors \
+             resolve."
+        }
+        @if rows.is_empty() {
+            p id="no-discrepancies" { "No discrepancy has been reported." }
+        } @else {
+            div id="discrepancy-list" {
+                (table(
                     &[
                         "id",
                         "kind",
@@ -1408,14 +1448,12 @@ async fn shipments(
                         "resolution",
                     ],
                     &rows,
-                )
-            )
+                ))
+            }
         }
-    );
-    match area_tables_html(&st, "shipments", "shipping or delivery", body).await {
-        Ok(body) => frame(&s, title, &body),
-        Err(r) => r,
-    }
+        (tables)
+    };
+    frame(&s, title, body)
 }
 
 #[derive(Deserialize)]
@@ -1480,5 +1518,86 @@ mod tests {
         }
         assert!(!set.contains("Secure"), "{set}");
         assert!(set_cookie("n", "", 0, true).contains("Secure"));
+    }
+
+    /// Values from data (ids, errors, table cells, the CSRF token) cannot inject markup: text
+    /// is escaped, attribute values keep their quotes, path components are percent-encoded.
+    #[test]
+    fn hostile_values_are_escaped_in_console_tables() {
+        const HOSTILE: &str = "<script>alert(1)</script>";
+        const QUOTED: &str = "j\" onclick=\"alert(2)";
+        let session = Session {
+            operator: crate::auth::Operator {
+                login: "olga".into(),
+                role: crate::auth::Role::Operator,
+            },
+            csrf: QUOTED.into(),
+        };
+        let parked = parked_rows(
+            &session,
+            &[parked::ParkedJob {
+                job_id: QUOTED.into(),
+                stage: HOSTILE.into(),
+                subject: HOSTILE.into(),
+                attempt: 3,
+                error: HOSTILE.into(),
+                parked_at: "2026-01-01T00:00:00Z".into(),
+            }],
+        )
+        .into_string();
+        let batches = batch_table(&[data::BatchProgress {
+            id: QUOTED.into(),
+            client: HOSTILE.into(),
+            state: "received".into(),
+            priority: "normal".into(),
+            records: 2,
+            accepted: 1,
+            rejected: 1,
+            created_at: HOSTILE.into(),
+            states: Default::default(),
+        }])
+        .into_string();
+        let generic = generic_table(&data::GenericTable {
+            name: "t".into(),
+            columns: vec![HOSTILE.into()],
+            rows: vec![vec![QUOTED.into()]],
+            total: 1,
+        })
+        .into_string();
+        for out in [&parked, &batches, &generic] {
+            assert!(!out.contains("<script"), "{out}");
+            assert!(!out.contains("\" onclick="), "{out}");
+            assert!(
+                out.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "{out}"
+            );
+        }
+        // Each of the three forms carries the token, its quotes escaped inside the value.
+        assert_eq!(
+            parked
+                .matches("name=\"csrf\" value=\"j&quot; onclick=&quot;alert(2)\"")
+                .count(),
+            3,
+            "{parked}"
+        );
+        assert!(
+            parked.contains("action=\"/console/parked/j%22%20onclick%3D%22alert%282%29/retry\""),
+            "{parked}"
+        );
+        assert!(
+            parked.contains("<td><code>&lt;script&gt;alert(1)&lt;/script&gt;</code></td>"),
+            "{parked}"
+        );
+        assert!(
+            batches.contains(
+                "<a href=\"/console/batches/j%22%20onclick%3D%22alert%282%29\" class=\"batch-link\">\
+                 j&quot; onclick=&quot;alert(2)</a>"
+            ),
+            "{batches}"
+        );
+        assert!(
+            generic.contains("<td>j&quot; onclick=&quot;alert(2)</td>"),
+            "{generic}"
+        );
     }
 }
