@@ -737,6 +737,46 @@ async fn lifecycle(mode: Mode) {
                     office::handover(&env.delivery, &services, &wrong_person, &centre()).await,
                     Err(OfficeError::Forbidden(_))
                 ));
+                // Fingerprint attempts are limited per card and day ([delivery]
+                // handover_attempts_per_day = 3): two more wrong fingers use them up, and then
+                // even the right one is refused until a supervisor unlocks the card.
+                for _ in 0..2 {
+                    assert!(matches!(
+                        office::handover(&env.delivery, &services, &wrong_person, &centre()).await,
+                        Err(OfficeError::Forbidden(ref m)) if m.contains("does not match")
+                    ));
+                }
+                assert!(matches!(
+                    office::handover(&env.delivery, &services, &good, &centre()).await,
+                    Err(OfficeError::Forbidden(ref m)) if m.contains("used up")
+                ));
+                assert_eq!(env.state(c).await, ApplicationState::AtOffice);
+                office::unlock_handover(&services, c.as_str(), ("sara", "supervisor"))
+                    .await
+                    .unwrap();
+                let attempts: Vec<(String, String)> = sqlx::query(
+                    "SELECT action, details FROM audit_log WHERE subject = $1 AND action LIKE 'delivery.handover%' ORDER BY seq",
+                )
+                .bind(c.as_str())
+                .fetch_all(services.store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get("action"), r.get("details")))
+                .collect();
+                assert_eq!(
+                    attempts.len(),
+                    5,
+                    "three refused with their score, one exhausted, one unlock: {attempts:?}"
+                );
+                assert!(
+                    attempts[..3]
+                        .iter()
+                        .all(|(a, d)| a == "delivery.handover_refused" && d.contains("\"score\"")),
+                    "{attempts:?}"
+                );
+                assert!(attempts[3].1.contains("attempts_exhausted"), "{attempts:?}");
+                assert_eq!(attempts[4].0, "delivery.handover_unlock");
                 let no_card = Handover {
                     previous_card_presented: false,
                     ..good.clone()

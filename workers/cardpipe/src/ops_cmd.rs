@@ -126,6 +126,12 @@ pub enum OpsCommand {
         #[arg(long)]
         note: String,
     },
+    /// Give a card whose fingerprint attempts of today at handover are used up
+    /// ([delivery] handover_attempts_per_day) new attempts (supervisor; audited).
+    HandoverUnlock {
+        /// The application id of the card.
+        application_id: String,
+    },
 }
 
 /// Actions on parked work.
@@ -600,6 +606,22 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 r.reprint_id
                     .map(|id| format!("; reprint {id} requested (QC revokes the lost card's certificates and makes a new card)"))
                     .unwrap_or_default(),
+                op.login
+            );
+            Ok(())
+        }
+        OpsCommand::HandoverUnlock { application_id } => {
+            let op = acting(&services, who).await?;
+            op.require_supervisor("unlocking fingerprint attempts at handover")?;
+            cardpipe_delivery::office::unlock_handover(
+                &services,
+                &application_id,
+                (&op.login, op.role.as_str()),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "application {application_id}: fingerprint attempts at handover unlocked for today (audited as {})",
                 op.login
             );
             Ok(())

@@ -30,6 +30,9 @@ pub struct DeliveryConfig {
     pub delivery_fee_rial: i64,
     /// Largest false-match rate accepted for the 1:1 fingerprint check at handover.
     pub handover_fmr: f64,
+    /// Fingerprint attempts per card and (Tehran) day at handover; then a centre supervisor
+    /// must unlock the card (`cardpipe ops handover-unlock`).
+    pub handover_attempts_per_day: u32,
     /// Reminders.
     pub reminders: ReminderConfig,
     /// The SMS gateway.
@@ -49,6 +52,7 @@ impl Default for DeliveryConfig {
             tick_ms: 1000,
             delivery_fee_rial: 20_000,
             handover_fmr: 1e-4,
+            handover_attempts_per_day: 3,
             reminders: ReminderConfig::default(),
             sms: SmsConfig::default(),
         }
@@ -168,6 +172,9 @@ impl DeliveryConfig {
                 "delivery.handover_fmr: must be in (0, 1), got {}",
                 self.handover_fmr
             );
+        }
+        if self.handover_attempts_per_day == 0 {
+            anyhow::bail!("delivery.handover_attempts_per_day: must be at least 1");
         }
         if self.sms.rate_per_second.is_nan() || self.sms.rate_per_second <= 0.0 {
             anyhow::bail!("delivery.sms.rate_per_second: must be positive");

@@ -791,6 +791,77 @@ pub async fn fee_due(
     Ok((fee, double))
 }
 
+/// Reserves one fingerprint attempt of today (Tehran) for `app`; `false` when `max` are used.
+async fn reserve_attempt(
+    services: &Services,
+    app: &ApplicationId,
+    max: u32,
+    now: OffsetDateTime,
+) -> Result<bool, OfficeError> {
+    let day = crate::tehran_date(now).to_string();
+    let mut tx = services.store.begin().await?;
+    sqlx::query(
+        "INSERT INTO delivery_handover_attempts (application_id, day, attempts) VALUES ($1, $2, 0)
+         ON CONFLICT (application_id, day) DO NOTHING",
+    )
+    .bind(app.as_str())
+    .bind(&day)
+    .execute(&mut *tx)
+    .await?;
+    let reserved = sqlx::query(
+        "UPDATE delivery_handover_attempts SET attempts = attempts + 1
+         WHERE application_id = $1 AND day = $2 AND attempts < $3",
+    )
+    .bind(app.as_str())
+    .bind(&day)
+    .bind(i64::from(max))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    tx.commit().await?;
+    Ok(reserved)
+}
+
+/// A centre supervisor gives a card whose fingerprint attempts of today are used up a new
+/// day's worth (`by` = login, role; the caller has checked the role). Audited.
+pub async fn unlock_handover(
+    services: &Services,
+    application_id: &str,
+    by: (&str, &str),
+) -> Result<u64, OfficeError> {
+    let now = services.clock.now();
+    let day = crate::tehran_date(now).to_string();
+    let mut tx = services.store.begin().await?;
+    let cleared = sqlx::query(
+        "DELETE FROM delivery_handover_attempts WHERE application_id = $1 AND day = $2",
+    )
+    .bind(application_id)
+    .bind(&day)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if cleared == 0 {
+        return Err(OfficeError::NotFound(format!(
+            "fingerprint attempts of today for application {application_id}"
+        )));
+    }
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: by.0,
+            role: by.1,
+            action: "delivery.handover_unlock",
+            subject: application_id,
+            details: json!({ "day": day }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(cleared)
+}
+
 /// Hands a card over after verifying the holder: 1:1 fingerprint match against the enrolled
 /// templates, previous card, PINs set, fee. → `collected`, registry callback, audit entry.
 /// `by` must act for the office the holder collects from (403 otherwise).
@@ -891,13 +962,44 @@ pub async fn handover(
     let (reference, _) = TenPrint::from_placed(&templates).map_err(|e| {
         OfficeError::Internal(anyhow::anyhow!("enrolled templates of {}: {e}", app.id))
     })?;
+    // One of the card's attempts of the day is reserved before the check (atomically, so
+    // parallel tries cannot exceed the limit); used up, the card waits for a supervisor.
+    let now = services.clock.now();
+    if !reserve_attempt(
+        services,
+        &app.id,
+        delivery.cfg.handover_attempts_per_day,
+        now,
+    )
+    .await?
+    {
+        delivery.metrics.handover("attempts_exhausted");
+        audit::record(
+            &services.store,
+            services.clock.as_ref(),
+            &AuditEvent {
+                actor: &client,
+                role: by.role(),
+                action: "delivery.handover_refused",
+                subject: app.id.as_str(),
+                details: json!({
+                    "reason": "attempts_exhausted", "office": office_code, "clerk": req.clerk,
+                    "attempts_per_day": delivery.cfg.handover_attempts_per_day,
+                }),
+            },
+        )
+        .await?;
+        return Err(OfficeError::Forbidden(format!(
+            "fingerprint: the {} attempts of today for this card are used up; a centre supervisor can unlock it",
+            delivery.cfg.handover_attempts_per_day
+        )));
+    }
     let verdict = verify(
         &Probe::new(&probe_tp),
         &reference,
         delivery.cfg.handover_fmr,
         Calibration::fvc2002(),
     );
-    let now = services.clock.now();
     if !verdict.is_match {
         delivery.metrics.handover("fingerprint_mismatch");
         audit::record(
