@@ -32,6 +32,15 @@ pub enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Write the CA certificates (public, PEM) for relying parties and outside verifiers:
+    /// root.pem, issuing.pem, document-signer.pem, each retired Document Signer, and
+    /// chain.pem (issuing + root, for citizen certificates). No private key leaves the
+    /// keystore. Prints each certificate's SHA-256 fingerprint.
+    Export {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 /// `cardpipe bench pki`.
@@ -87,6 +96,7 @@ pub async fn run(loaded: LoadedConfig, command: PkiCommand) -> anyhow::Result<()
                 ops::LATEST_CRL_KEY
             );
         }
+        PkiCommand::Export { out } => export(&services, &out).await?,
         PkiCommand::Rotate { force } => {
             match ops::rotate_document_signer(&services, &pki, force).await? {
                 RotationOutcome::Rotated { version, label } => {
@@ -97,6 +107,42 @@ pub async fn run(loaded: LoadedConfig, command: PkiCommand) -> anyhow::Result<()
         }
     }
     services.store.close().await;
+    Ok(())
+}
+
+async fn export(
+    services: &cardpipe_common::runtime::Services,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Some((version, hierarchy)) =
+        cardpipe_pki::store::current_hierarchy(&services.store).await?
+    else {
+        anyhow::bail!("no CA hierarchy yet: run `cardpipe pki init` first");
+    };
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let mut files: Vec<(String, &cardpipe_pki::ca::CaCertificate)> = vec![
+        ("root.pem".into(), &hierarchy.root),
+        ("issuing.pem".into(), &hierarchy.issuing),
+        ("document-signer.pem".into(), &hierarchy.document_signer),
+    ];
+    for (i, ds) in hierarchy.retired_document_signers.iter().enumerate() {
+        files.push((format!("document-signer-retired-{}.pem", i + 1), ds));
+    }
+    println!("CA certificates of hierarchy version {version}:");
+    for (name, cert) in &files {
+        let path = out.join(name);
+        std::fs::write(&path, cert.pem()?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        println!(
+            "  {:<32} SHA-256 {}",
+            path.display(),
+            hex::encode_upper(cardpipe_pki::pkix::sha256(&cert.certificate))
+        );
+    }
+    let chain = out.join("chain.pem");
+    std::fs::write(&chain, hierarchy.chain_pem()?)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", chain.display()))?;
+    println!("  {:<32} issuing + root", chain.display());
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The command line of the office follow-up (embedded backends under a temporary ./var):
 //! `cardpipe offices clients add|list|revoke` (supervisors only, token printed once and
 //! stored hashed, audited), `cardpipe ops discrepancies` / `discrepancy-resolve` (supervisors
-//! only), and the operator checks of `cardpipe stock` / `cardpipe reprint`.
+//! only), and the operator checks of `cardpipe stock` / `cardpipe reprint`; also
+//! `cardpipe pki export` (the CA certificates for relying parties).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -275,4 +276,37 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     assert_ne!(stored, token);
     assert_eq!(stored.len(), 64);
     db.close().await;
+}
+
+/// `cardpipe pki export` writes the public CA certificates a relying party needs, each a
+/// parseable PEM certificate, and chain.pem with issuing + root; nothing private.
+#[test]
+fn the_ca_certificates_can_be_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&cli(d, &["migrate"]));
+    ok(&cli(d, &["pki", "init"]));
+    let out = ok(&cli(d, &["pki", "export", "--out", "ca"]));
+    for name in ["root.pem", "issuing.pem", "document-signer.pem"] {
+        assert!(out.contains(name), "{out}");
+        let pem = std::fs::read_to_string(d.join("ca").join(name)).unwrap();
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE-----"),
+            "{name}: {pem}"
+        );
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1, "{name}");
+        assert!(!pem.contains("PRIVATE"), "{name}");
+    }
+    assert!(out.contains("SHA-256 "), "{out}");
+    let chain = std::fs::read_to_string(d.join("ca/chain.pem")).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    let root = std::fs::read_to_string(d.join("ca/root.pem")).unwrap();
+    assert!(chain.ends_with(&root), "chain.pem ends with the root");
+    // Without a hierarchy there is nothing to export, said plainly.
+    let empty = tempfile::tempdir().unwrap();
+    ok(&cli(empty.path(), &["migrate"]));
+    refused(
+        &cli(empty.path(), &["pki", "export", "--out", "ca"]),
+        "cardpipe pki init",
+    );
 }
