@@ -169,6 +169,14 @@ pub struct RuntimeConfig {
     pub shutdown_grace_seconds: u64,
     /// How often the outbox relay polls when nothing wakes it.
     pub relay_poll_ms: u64,
+    /// Longest one delivery of the internal relay lane (job hand-off to the broker,
+    /// requests between stages) may take before it counts as failed.
+    pub relay_internal_timeout_seconds: u64,
+    /// Longest one delivery of the external relay lane (registry webhooks, SMS
+    /// gateway) may take before it counts as failed.
+    pub relay_external_timeout_seconds: u64,
+    /// Failed deliveries after which an outbox row goes to the dead letters.
+    pub relay_max_attempts: u32,
 }
 
 /// `[stage_defaults]`: knobs every stage has.
@@ -228,7 +236,69 @@ fn figment_for(file: Option<&Path>) -> Figment {
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment.merge(Env::prefixed("CARDPIPE__").split("__"))
+    figment.merge(TextSafeEnv(Env::prefixed("CARDPIPE__").split("__")))
+}
+
+/// The `CARDPIPE__*` variables, with secrets and codes kept as the text written. figment's
+/// `Env` reads every value as TOML-ish data, so `CARDPIPE__ENCODERS__TRANSPORT_ID_PIN=012345`
+/// became the integer 12345 (refused as "expected a string", and a leading zero lost); keys
+/// whose names say they hold a PIN, key, password, token, secret, URL or id are text.
+struct TextSafeEnv(Env);
+
+/// Whether the key (its last dotted segment) names a value that is always text.
+fn is_text_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    [
+        "pin",
+        "puk",
+        "hex",
+        "key",
+        "password",
+        "passphrase",
+        "secret",
+        "token",
+        "url",
+        "id",
+    ]
+    .iter()
+    .any(|suffix| last == *suffix || last.ends_with(&format!("_{suffix}")))
+}
+
+impl figment::Provider for TextSafeEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut dict = Dict::new();
+        for (key, raw) in self.0.iter() {
+            let value = if is_text_key(key.as_str()) {
+                Value::from(raw)
+            } else {
+                raw.parse().expect("infallible")
+            };
+            let nested = figment::util::nest(key.as_str(), value)
+                .into_dict()
+                .expect("a non-empty key nests into a dict");
+            merge_dicts(&mut dict, nested);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+fn merge_dicts(into: &mut figment::value::Dict, from: figment::value::Dict) {
+    use figment::value::Value;
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Dict(_, inner)), Value::Dict(_, more)) => merge_dicts(inner, more),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
 }
 
 /// Where a key's value came from, for error messages.
@@ -441,6 +511,26 @@ impl LoadedConfig {
         if c.runtime.relay_poll_ms == 0 {
             err("runtime.relay_poll_ms", "must be at least 1".into());
         }
+        for (key, value) in [
+            (
+                "runtime.relay_internal_timeout_seconds",
+                c.runtime.relay_internal_timeout_seconds,
+            ),
+            (
+                "runtime.relay_external_timeout_seconds",
+                c.runtime.relay_external_timeout_seconds,
+            ),
+        ] {
+            if !(1..=600).contains(&value) {
+                err(
+                    key,
+                    format!("must be between 1 and 600 seconds, not {value}"),
+                );
+            }
+        }
+        if c.runtime.relay_max_attempts == 0 {
+            err("runtime.relay_max_attempts", "must be at least 1".into());
+        }
         let mut stage_checks = vec![("stage_defaults".to_owned(), c.stage_defaults.clone())];
         for name in c.stages.keys() {
             if known_stages.contains(&name.as_str()) {
@@ -536,6 +626,31 @@ impl PipelineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_and_codes_from_the_environment_stay_text() {
+        for key in [
+            "encoders.transport_id_pin",
+            "encoders.transport_puk",
+            "encoders.master_keys_hex",
+            "envelope.master_key",
+            "pki.passphrase",
+            "store.url",
+            "envelope.key_id",
+            "registry.callbacks.secret",
+        ] {
+            assert!(is_text_key(key), "{key}");
+        }
+        for key in [
+            "store.max_connections",
+            "dedup.shards",
+            "encoders.kind",
+            "runtime.relay_poll_ms",
+            "encoders.allow_test_secrets",
+        ] {
+            assert!(!is_text_key(key), "{key}");
+        }
+    }
 
     #[test]
     fn section_errors_name_the_key_as_written_and_its_file() {

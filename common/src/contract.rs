@@ -51,6 +51,9 @@ pub enum RevocationCause {
     Lost,
     /// Replaced by a reprint.
     Reprinted,
+    /// The card failed quality control and went to the reject bin; its remake gets fresh
+    /// keys and certificates (one chip per private key).
+    Spoiled,
 }
 
 impl RevocationCause {
@@ -61,6 +64,7 @@ impl RevocationCause {
             RevocationCause::Cancelled => "cancelled",
             RevocationCause::Lost => "lost",
             RevocationCause::Reprinted => "reprinted",
+            RevocationCause::Spoiled => "spoiled",
         }
     }
 }
@@ -102,6 +106,10 @@ pub const KEY_DESTRUCTION_TOPIC: &str = "qc.destroy_keys";
 pub struct KeyDestruction {
     /// The application whose wrapped keys to destroy.
     pub application_id: String,
+    /// Only this package (a spoiled card's, while its remake's package may already exist);
+    /// absent: every package of the application (after the card passed QC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_key: Option<String>,
 }
 
 /// Outbox topic: apply an adjudicator's decision on a possible duplicate (dedup stage).
@@ -282,6 +290,15 @@ pub async fn request_crl_publication(
 pub fn key_destruction_payload(app: &ApplicationId) -> String {
     payload(&KeyDestruction {
         application_id: app.as_str().to_owned(),
+        object_key: None,
+    })
+}
+
+/// The [`KEY_DESTRUCTION_TOPIC`] payload for one package of `app` (a spoiled card's).
+pub fn package_destruction_payload(app: &ApplicationId, object_key: &str) -> String {
+    payload(&KeyDestruction {
+        application_id: app.as_str().to_owned(),
+        object_key: Some(object_key.to_owned()),
     })
 }
 

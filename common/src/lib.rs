@@ -24,6 +24,8 @@
 //! * [`telemetry`]: logs, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
 //! * [`discrepancies`]: office discrepancies, raised by delivery and resolved by
 //!   supervisors in the console.
+//! * [`dead_letters`]: outbox rows the relay gave up on, re-queued or discarded by a
+//!   supervisor.
 //! * [`audit`]: the append-only, hash-chained log of operator and registry actions.
 //!
 //! A stage never learns which backend it runs on: it gets [`runtime::Services`].
@@ -35,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod contract;
 pub mod cpu;
+pub mod dead_letters;
 pub mod discrepancies;
 pub mod domain;
 pub mod envelope;

@@ -263,3 +263,43 @@ contract!(
     rabbitmq,
     Arc::new(testing::rabbit_broker().await) as Arc<dyn Broker>
 );
+
+/// A process that does not consume a stage (serve, `cardpipe ops`) still reads its queue
+/// depths from RabbitMQ: the work, retry and parking queues declared by a worker.
+#[tokio::test]
+async fn rabbitmq_depths_are_readable_by_a_process_that_did_not_declare_the_stage() {
+    let prefix = testing::unique("cardpipe-depth-");
+    let url = testing::amqp_url();
+    let worker: Arc<dyn Broker> = Arc::new(testing::rabbit_broker_with_prefix(&url, &prefix).await);
+    // Long retry delays: the retried job stays in its wait queue while we look.
+    let slow = RetryPolicy {
+        delays: vec![Duration::from_secs(600), Duration::from_secs(600)],
+        max_attempts: 3,
+    };
+    worker.declare_stage(STAGE, &slow).await.expect("declare");
+    for i in 0..2 {
+        worker
+            .publish(&Job::new(STAGE, format!("ready-{i}")))
+            .await
+            .expect("publish");
+    }
+    let mut parked = Job::new(STAGE, "parked");
+    parked.last_error = Some("boom".into());
+    worker.publish_parked(&parked).await.expect("park");
+    let mut retried = Job::new(STAGE, "retried");
+    retried.attempt = 2;
+    worker.publish_retry(&retried, 1).await.expect("retry");
+
+    let observer: Arc<dyn Broker> =
+        Arc::new(testing::rabbit_broker_with_prefix(&url, &prefix).await);
+    let d = observer
+        .depth(STAGE)
+        .await
+        .expect("depth without declaring");
+    assert_eq!((d.ready, d.parked), (2, 1), "{d:?}");
+    assert_eq!(d.retrying, 1, "the retry queue is found: {d:?}");
+    assert!(
+        observer.depth("never-declared").await.is_err(),
+        "a stage nobody declared is an error, not zeros"
+    );
+}

@@ -213,10 +213,12 @@ async fn outbox_delivers_in_order_per_subject(store: Store) {
             .is_empty()
     );
     for row in &first {
-        store
-            .mark_outbox_published(row.seq, t0)
-            .await
-            .expect("mark");
+        assert!(
+            store
+                .mark_outbox_published(row.seq, "relay-1", t0)
+                .await
+                .expect("mark")
+        );
     }
     let second = store
         .claim_outbox(&["job"], "relay-2", t0, Duration::seconds(30), 10)
@@ -224,10 +226,17 @@ async fn outbox_delivers_in_order_per_subject(store: Store) {
         .expect("claim");
     assert_eq!(second.len(), 1);
     // A failed delivery comes back after its backoff, not before.
-    store
-        .mark_outbox_failed(second[0].seq, "broker down", t0 + Duration::seconds(5))
-        .await
-        .expect("fail");
+    assert!(
+        store
+            .mark_outbox_failed(
+                second[0].seq,
+                "relay-2",
+                "broker down",
+                t0 + Duration::seconds(5)
+            )
+            .await
+            .expect("fail")
+    );
     assert!(
         store
             .claim_outbox(
@@ -271,6 +280,116 @@ async fn outbox_delivers_in_order_per_subject(store: Store) {
             .await
             .expect("purge"),
         2
+    );
+}
+
+/// Updates after a claim are fenced by the holder: a relay whose claim passed to another
+/// changes nothing; a given-up row moves to the dead letters, stops blocking its subject,
+/// and comes back (same message id) when re-queued.
+async fn outbox_updates_are_fenced_and_dead_letters_kept(store: Store) {
+    let t0 = now();
+    let mut tx = store.begin().await.expect("begin");
+    for n in 1..=2 {
+        Store::enqueue_job(&mut tx, &Job::new(format!("s{n}"), "fenced"), t0)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    let lease = Duration::seconds(30);
+    let slow = store
+        .claim_outbox(&["job"], "relay-slow", t0, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(slow.len(), 1);
+    // The slow relay's claim expires and another relay takes the row over.
+    let later = t0 + Duration::seconds(31);
+    let fast = store
+        .claim_outbox(&["job"], "relay-fast", later, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(fast.len(), 1);
+    assert_eq!(fast[0].seq, slow[0].seq);
+    // The slow relay can neither mark it published, reschedule it nor dead-letter it.
+    assert!(
+        !store
+            .mark_outbox_published(slow[0].seq, "relay-slow", later)
+            .await
+            .expect("mark")
+    );
+    assert!(
+        !store
+            .mark_outbox_failed(slow[0].seq, "relay-slow", "late", later)
+            .await
+            .expect("fail")
+    );
+    assert!(
+        !store
+            .dead_letter_outbox(slow[0].seq, "relay-slow", "late", later)
+            .await
+            .expect("dead")
+    );
+    assert!(store.dead_letters(10).await.expect("list").is_empty());
+    // Released claims are claimable at once (not only after the lease).
+    store
+        .release_outbox_claims(&[fast[0].seq], "relay-fast")
+        .await
+        .expect("release");
+    let again = store
+        .claim_outbox(&["job"], "relay-fast", later, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    // The holder gives it up: it leaves the outbox for the dead letters, and the next row
+    // of the subject becomes claimable.
+    assert!(
+        store
+            .dead_letter_outbox(again[0].seq, "relay-fast", "refused: 422", later)
+            .await
+            .expect("dead")
+    );
+    let letters = store.dead_letters(10).await.expect("list");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].seq, again[0].seq);
+    assert_eq!(letters[0].id, again[0].id);
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(letters[0].last_error, "refused: 422");
+    assert_eq!(store.dead_letter_count().await.expect("count"), 1);
+    let next = store
+        .claim_outbox(&["job"], "relay-fast", later, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0].seq, again[0].seq);
+    assert!(
+        store
+            .mark_outbox_published(next[0].seq, "relay-fast", later)
+            .await
+            .expect("mark")
+    );
+    // Re-queued: the same message is claimable again, with no attempts counted.
+    let mut tx = store.begin().await.expect("begin");
+    let requeued = Store::requeue_dead_letter(&mut tx, letters[0].seq, later)
+        .await
+        .expect("requeue")
+        .expect("found");
+    tx.commit().await.expect("commit");
+    assert_eq!(requeued.id, again[0].id);
+    assert_eq!(store.dead_letter_count().await.expect("count"), 0);
+    let back = store
+        .claim_outbox(&["job"], "relay-fast", later, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].id, again[0].id);
+    assert_eq!(back[0].attempts, 0);
+    assert_eq!(back[0].payload, slow[0].payload);
+    // Unknown numbers are reported as such.
+    let mut tx = store.begin().await.expect("begin");
+    assert!(
+        Store::discard_dead_letter(&mut tx, 999_999)
+            .await
+            .expect("discard")
+            .is_none()
     );
 }
 
@@ -442,6 +561,11 @@ macro_rules! contract {
             async fn outbox_delivers_in_order_per_subject() {
                 let (store, _guard) = $make;
                 super::outbox_delivers_in_order_per_subject(store).await
+            }
+            #[tokio::test]
+            async fn outbox_updates_are_fenced_and_dead_letters_kept() {
+                let (store, _guard) = $make;
+                super::outbox_updates_are_fenced_and_dead_letters_kept(store).await
             }
             #[tokio::test]
             async fn leases_and_runs_are_exclusive() {

@@ -391,8 +391,69 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         assert_eq!(report.outcome, "passed");
         assert!(report.checks.len() >= 10 && report.checks.iter().all(|c| c.passed));
         assert_eq!(report.blank_serial, good[0].blank_serial);
+        assert!(report.revoked_certificates.is_empty());
+
+        // One chip per private key (issue 14 item 2): every refused card's two certificates
+        // are revoked as `spoiled` and named in its QC report; the remake holds fresh ones.
+        let failed_reports: Vec<String> = sqlx::query(
+            "SELECT object_key FROM qc_reports WHERE application_id = $1 AND outcome = 'failed'",
+        )
+        .bind(id.as_str())
+        .fetch_all(services.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>("object_key"))
+        .collect();
+        let certs = cardpipe_pki::store::certificates_of(&services.store, id)
+            .await
+            .unwrap();
+        assert_eq!(
+            certs.len(),
+            2 * (failed_reports.len() + 1),
+            "fresh certificates per card: {certs:?}"
+        );
+        let valid: Vec<_> = certs.iter().filter(|c| c.status == "valid").collect();
+        assert_eq!(valid.len(), 2, "{certs:?}");
+        let mut named = std::collections::BTreeSet::new();
+        for key in &failed_reports {
+            let failed: cardpipe_qc::stage::QcReport =
+                serde_json::from_slice(&services.objects.get(key).await.unwrap().unwrap()).unwrap();
+            assert_eq!(failed.revoked_certificates.len(), 2, "{key}");
+            named.extend(failed.revoked_certificates);
+        }
+        let spoiled: std::collections::BTreeSet<String> = certs
+            .iter()
+            .filter(|c| c.status == "revoked" && c.revocation_cause.as_deref() == Some("spoiled"))
+            .map(|c| c.serial.clone())
+            .collect();
+        assert_eq!(spoiled, named, "revoked = the refused cards' certificates");
+        assert!(valid.iter().all(|c| !named.contains(&c.serial)));
     }
     assert!(spoiled_total > 0);
+    // The revocations went out on a CRL published after the failures.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let refused_certs = 2 * count(
+        &services,
+        "SELECT COUNT(*) AS n FROM qc_reports WHERE outcome = $1",
+        "failed",
+    )
+    .await;
+    loop {
+        let listed: Option<i64> = sqlx::query("SELECT MAX(revoked_count) AS n FROM crl_state")
+            .fetch_one(services.store.pool())
+            .await
+            .unwrap()
+            .get("n");
+        if listed.unwrap_or(0) >= refused_certs {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CRL lists the {refused_certs} spoiled certificates (largest: {listed:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Wrapped private keys of passed cards are destroyed (the outbox sink ran).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -440,6 +501,10 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         .into_iter()
         .find(|r| r.state == "personalized")
         .unwrap();
+    let certs_before = cardpipe_pki::store::certificates_of(&services.store, &target)
+        .await
+        .unwrap()
+        .len();
     let out = reprint::request(
         &services,
         &target,
@@ -504,7 +569,7 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
     let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
         .await
         .unwrap();
-    assert_eq!(certs.len(), 4, "{certs:?}");
+    assert_eq!(certs.len(), certs_before + 2, "{certs:?}");
     assert_eq!(
         certs.iter().filter(|c| c.status == "valid").count(),
         2,
@@ -622,7 +687,7 @@ async fn budget_parks(mode: Mode) {
     let running = start(&mut rig).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let parked = cardpipe_common::runtime::parked::list(&services, Some("personalize"))
+        let parked = cardpipe_common::runtime::parked::list(&services, Some("keys"))
             .await
             .unwrap();
         if parked.iter().any(|p| p.subject == ids[0].as_str()) {

@@ -36,6 +36,9 @@ use super::{
 /// How long a publish waits for the connection to recover before failing.
 const RECOVERY_WAIT: Duration = Duration::from_secs(30);
 
+/// Retry queues read at most per stage by a process that did not declare them.
+const MAX_DISCOVERED_RETRY_STEPS: usize = 32;
+
 /// The RabbitMQ broker.
 pub struct RabbitBroker {
     connection: Connection,
@@ -349,20 +352,42 @@ impl Broker for RabbitBroker {
     }
 
     async fn depth(&self, stage: &str) -> Result<QueueDepth, BrokerError> {
-        let steps = self
+        let known_steps = self
             .retry_steps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(stage)
-            .copied()
-            .ok_or_else(|| BrokerError::UnknownQueue(stage.to_owned()))?;
+            .copied();
+        // A process that does not consume the stage (serve, `cardpipe ops`) has not
+        // declared its queues: it reads them passively, and a missing work queue means
+        // nobody ever declared the stage.
+        let ready = match (
+            self.message_count(&self.names.work(stage)).await,
+            self.message_count(&self.names.priority(stage)).await,
+        ) {
+            (Ok(work), Ok(priority)) => work + priority,
+            (Err(e), _) | (_, Err(e)) if known_steps.is_some() => return Err(e),
+            _ => return Err(BrokerError::UnknownQueue(stage.to_owned())),
+        };
         let mut retrying = 0;
-        for step in 0..steps {
-            retrying += self.message_count(&self.names.retry(stage, step)).await?;
+        match known_steps {
+            Some(steps) => {
+                for step in 0..steps {
+                    retrying += self.message_count(&self.names.retry(stage, step)).await?;
+                }
+            }
+            // The retry queues are numbered from 0 without gaps: read until one is missing.
+            None => {
+                for step in 0..MAX_DISCOVERED_RETRY_STEPS {
+                    match self.message_count(&self.names.retry(stage, step)).await {
+                        Ok(n) => retrying += n,
+                        Err(_) => break,
+                    }
+                }
+            }
         }
         Ok(QueueDepth {
-            ready: self.message_count(&self.names.work(stage)).await?
-                + self.message_count(&self.names.priority(stage)).await?,
+            ready,
             retrying,
             parked: self.message_count(&self.names.parked(stage)).await?,
         })

@@ -134,9 +134,10 @@ impl ApplicationState {
             (Received, Rejected | DedupPending) => true,
             (DedupPending, DedupClear | PossibleDuplicate) => true,
             (PossibleDuplicate, ConfirmedDuplicate | Cleared) => true,
-            (DedupClear | Cleared | ReprintRequested, KeysIssued) => true,
-            // A failed QC goes back to personalization on a fresh blank.
-            (KeysIssued | QcFailed, Personalized) => true,
+            // A card that failed QC is remade with fresh keys and certificates on a fresh
+            // blank (one chip per private key): back through the keys stage.
+            (DedupClear | Cleared | ReprintRequested | QcFailed, KeysIssued) => true,
+            (KeysIssued, Personalized) => true,
             (Personalized, QcPassed | QcFailed) => true,
             (QcPassed, Packed) => true,
             (Packed, Shipped) => true,
@@ -207,9 +208,11 @@ mod tests {
     }
 
     #[test]
-    fn qc_failure_loops_back_to_personalization_and_duplicates_are_adjudicated() {
+    fn qc_failure_loops_back_to_fresh_keys_and_duplicates_are_adjudicated() {
         assert!(Personalized.transition(QcFailed).is_ok());
-        assert!(QcFailed.transition(Personalized).is_ok());
+        assert!(QcFailed.transition(KeysIssued).is_ok());
+        // Never the spoiled card's keys again.
+        assert!(QcFailed.transition(Personalized).is_err());
         assert!(DedupPending.transition(PossibleDuplicate).is_ok());
         assert!(PossibleDuplicate.transition(Cleared).is_ok());
         assert!(Cleared.transition(KeysIssued).is_ok());

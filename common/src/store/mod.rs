@@ -16,7 +16,7 @@ mod leases;
 mod outbox;
 
 pub use applications::{NewApplication, Transition};
-pub use outbox::{JOB_TOPIC, OutboxRow};
+pub use outbox::{DeadLetter, JOB_TOPIC, OutboxRow};
 
 use std::str::FromStr;
 use std::time::Duration;

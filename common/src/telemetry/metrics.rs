@@ -100,6 +100,9 @@ pub struct Metrics {
     in_flight: Family<StageLabel, Gauge>,
     outbox_published: Family<TopicLabel, Counter>,
     outbox_failed: Family<TopicLabel, Counter>,
+    outbox_dead_lettered: Family<TopicLabel, Counter>,
+    outbox_claims_lost: Family<TopicLabel, Counter>,
+    outbox_dead_letters: Gauge,
     outbox_pending: Gauge,
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     applications: Family<StateLabel, Gauge>,
@@ -168,6 +171,24 @@ impl Metrics {
             "Failed outbox deliveries (retried later), by topic",
             outbox_failed.clone(),
         );
+        let outbox_dead_lettered = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "outbox_dead_lettered",
+            "Outbox rows given up and moved to the dead letters (permanent error or too many attempts), by topic",
+            outbox_dead_lettered.clone(),
+        );
+        let outbox_claims_lost = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "outbox_claims_lost",
+            "Outbox rows delivered by a relay whose claim had meanwhile passed to another relay (the fenced update changed nothing), by topic",
+            outbox_claims_lost.clone(),
+        );
+        let outbox_dead_letters = Gauge::default();
+        registry.register(
+            "outbox_dead_letters",
+            "Outbox dead letters waiting for an operator (re-queue or discard)",
+            outbox_dead_letters.clone(),
+        );
         let outbox_pending = Gauge::default();
         registry.register(
             "outbox_pending",
@@ -222,6 +243,9 @@ impl Metrics {
             in_flight,
             outbox_published,
             outbox_failed,
+            outbox_dead_lettered,
+            outbox_claims_lost,
+            outbox_dead_letters,
             outbox_pending,
             outbox_oldest_age,
             applications,
@@ -280,7 +304,25 @@ impl Metrics {
             .inc();
     }
 
-    /// An outbox delivery failed.
+    /// An outbox row of `topic` was moved to the dead letters.
+    pub fn outbox_dead_lettered(&self, topic: &str) {
+        self.outbox_dead_lettered
+            .get_or_create(&TopicLabel {
+                topic: topic.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A relay's fenced update found its claim taken over by another relay.
+    pub fn outbox_claim_lost(&self, topic: &str) {
+        self.outbox_claims_lost
+            .get_or_create(&TopicLabel {
+                topic: topic.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A delivery of an outbox row of `topic` failed (it is retried later).
     pub fn outbox_failed(&self, topic: &str) {
         self.outbox_failed
             .get_or_create(&TopicLabel {
@@ -347,6 +389,9 @@ impl Metrics {
             });
             last.set(published.unix_timestamp() as f64);
             next.set(next_update.unix_timestamp() as f64);
+        }
+        if let Ok(dead) = store.dead_letter_count().await {
+            self.outbox_dead_letters.set(dead);
         }
         if let Ok((pending, oldest)) = store.outbox_backlog().await {
             self.outbox_pending.set(pending);

@@ -162,16 +162,6 @@ pub async fn spoil_in_progress(
     spoil_where(store, app, "in_progress", reason, at).await
 }
 
-/// Spoils the application's personalized card (QC refused it).
-pub async fn spoil_personalized(
-    store: &Store,
-    app: &ApplicationId,
-    reason: &str,
-    at: OffsetDateTime,
-) -> Result<u64, StoreError> {
-    spoil_where(store, app, "personalized", reason, at).await
-}
-
 /// Spoiled blanks that count against the application's budget (card faults and
 /// interruptions; not encoder faults or QC refusals: `qc_failed` or `qc_failed:<reason>`,
 /// which QC bounds itself).

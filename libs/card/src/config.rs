@@ -75,6 +75,10 @@ pub struct EncodersConfig {
     /// PC/SC readers that are not encoders: names starting with any of these are skipped
     /// (the QC stations of `cardpipe encoders simulate --qc-stations`).
     pub skip_readers: Vec<String>,
+    /// Lab only: let a deployment with real encoders, an HSM or distributed backends use
+    /// the built-in test secrets (the simulator's SCP03 keys, the default transport PINs).
+    /// `cardpipe config check` and every process start refuse them otherwise.
+    pub allow_test_secrets: bool,
 }
 
 impl Default for EncodersConfig {
@@ -99,6 +103,7 @@ impl Default for EncodersConfig {
             insert_timeout_ms: 5000,
             extended_length: true,
             skip_readers: vec!["QC Station".into()],
+            allow_test_secrets: false,
         }
     }
 }
@@ -115,7 +120,42 @@ impl std::fmt::Debug for EncodersConfig {
     }
 }
 
+/// Built-in transport PINs (ID PIN, signature PIN, PUK): fine for the simulator, public.
+const TEST_PINS: [(&str, &str); 3] = [
+    ("encoders.transport_id_pin", "123456"),
+    ("encoders.transport_sign_pin", "654321"),
+    ("encoders.transport_puk", "12345678"),
+];
+
 impl EncodersConfig {
+    /// The keys of this section that hold a built-in test secret (never the values): an
+    /// empty `master_keys_hex` or one spelling the simulator's SCP03 test keys, and the
+    /// default transport PINs. A deployment with real encoders, an HSM or distributed
+    /// backends must not run with any of them (issue 14: the test keys are public, so anyone
+    /// could open a secure channel to the cards).
+    pub fn test_secrets_in_use(&self) -> Vec<&'static str> {
+        let mut found = Vec::new();
+        let keys_hex = self.master_keys_hex.expose_secret().trim();
+        let test_keys = keys_hex.is_empty()
+            || self
+                .master_keys()
+                .is_ok_and(|k| k == MasterKeys::test_keys());
+        if test_keys {
+            found.push("encoders.master_keys_hex");
+        }
+        let pins = [
+            &self.transport_id_pin,
+            &self.transport_sign_pin,
+            &self.transport_puk,
+        ];
+        for ((key, builtin), pin) in TEST_PINS.iter().zip(pins) {
+            if pin.expose_secret() == *builtin {
+                found.push(key);
+            }
+        }
+        found
+    }
+
     /// The SCP03 master keys.
     pub fn master_keys(&self) -> anyhow::Result<MasterKeys> {
         let hex_keys = self.master_keys_hex.expose_secret().trim();
@@ -270,5 +310,44 @@ impl std::fmt::Debug for SiteSecrets {
         f.debug_struct("SiteSecrets")
             .field("transport_key_id", &self.transport.key_id())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_test_secrets_are_named_never_shown() {
+        let defaults = EncodersConfig::default();
+        assert_eq!(
+            defaults.test_secrets_in_use(),
+            [
+                "encoders.master_keys_hex",
+                "encoders.transport_id_pin",
+                "encoders.transport_sign_pin",
+                "encoders.transport_puk"
+            ]
+        );
+        // The simulator's keys spelt out are as public as the empty default.
+        let spelt = EncodersConfig {
+            master_keys_hex: SecretString::from(
+                hex::encode((0x40u8..0x50).collect::<Vec<_>>()).repeat(3),
+            ),
+            ..EncodersConfig::default()
+        };
+        assert!(
+            spelt
+                .test_secrets_in_use()
+                .contains(&"encoders.master_keys_hex")
+        );
+        let own = EncodersConfig {
+            master_keys_hex: SecretString::from("a1".repeat(48)),
+            transport_id_pin: SecretString::from("271828"),
+            transport_sign_pin: SecretString::from("314159"),
+            transport_puk: SecretString::from("16180339"),
+            ..EncodersConfig::default()
+        };
+        assert!(own.test_secrets_in_use().is_empty());
     }
 }

@@ -39,6 +39,8 @@ pub fn reason_code(cause: RevocationCause) -> CrlReason {
         RevocationCause::Lost => CrlReason::KeyCompromise,
         RevocationCause::Cancelled => CrlReason::AffiliationChanged,
         RevocationCause::Reprinted => CrlReason::Superseded,
+        // The remake supersedes the card in the reject bin.
+        RevocationCause::Spoiled => CrlReason::Superseded,
         RevocationCause::Voided => CrlReason::CessationOfOperation,
     }
 }

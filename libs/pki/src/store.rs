@@ -184,6 +184,25 @@ pub async fn insert_custody(
     Ok(())
 }
 
+/// Marks one package of `app` destroyed (a spoiled card's); returns the rows changed.
+pub async fn mark_package_destroyed(
+    store: &Store,
+    app: &ApplicationId,
+    object_key: &str,
+    at: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE wrapped_key_custody SET destroyed_at = $1
+         WHERE application_id = $2 AND object_key = $3 AND destroyed_at IS NULL",
+    )
+    .bind(to_rfc3339(at))
+    .bind(app.as_str())
+    .bind(object_key)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Marks every package of `app` destroyed; returns the rows changed.
 pub async fn mark_destroyed(
     store: &Store,
@@ -273,6 +292,7 @@ fn parse_cause(s: &str) -> Result<RevocationCause, StoreError> {
         "cancelled" => RevocationCause::Cancelled,
         "lost" => RevocationCause::Lost,
         "reprinted" => RevocationCause::Reprinted,
+        "spoiled" => RevocationCause::Spoiled,
         other => return Err(corrupt("certificates", "revocation_cause", other)),
     })
 }

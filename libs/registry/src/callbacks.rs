@@ -14,7 +14,7 @@
 
 use async_trait::async_trait;
 use cardpipe_common::domain::ApplicationState;
-use cardpipe_common::runtime::relay::OutboxSink;
+use cardpipe_common::runtime::relay::{Lane, OutboxSink, PermanentFailure};
 use cardpipe_common::store::{OutboxRow, Store, StoreError, StoreTx};
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -219,8 +219,22 @@ impl OutboxSink for WebhookSink {
             .await?;
         let status = response.status();
         if !status.is_success() {
+            // A malformed-request answer repeats however often it is sent: give the row
+            // to an operator (dead letters) instead of retrying it for hours.
+            if PERMANENT_STATUSES.contains(&status.as_u16()) {
+                return Err(PermanentFailure(format!("registry webhook answered {status}")).into());
+            }
             anyhow::bail!("registry webhook answered {status}");
         }
         Ok(())
     }
+
+    /// Another party's latency: the external lane, so a hung webhook never delays
+    /// the hand-off between stages.
+    fn lane(&self) -> Lane {
+        Lane::External
+    }
 }
+
+/// Webhook answers that say the request itself is wrong (retrying cannot help).
+const PERMANENT_STATUSES: [u16; 6] = [400, 404, 410, 413, 415, 422];

@@ -172,8 +172,8 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
         "  export PCSCLITE_CSOCK_NAME={}",
         sim.socket_path().display()
     );
-    println!("ctrl-c stops the encoders.");
-    tokio::signal::ctrl_c().await?;
+    println!("ctrl-c or SIGTERM stops the encoders (and their pcscd).");
+    crate::process::wait_for_signal().await;
     println!("stopping");
     tokio::task::spawn_blocking(move || drop(sim)).await?;
     Ok(())

@@ -132,6 +132,36 @@ pub enum OpsCommand {
         /// The application id of the card.
         application_id: String,
     },
+    /// Outbox dead letters (deliveries the relay gave up on): list, or re-queue / discard
+    /// one (supervisor; audited).
+    DeadLetters {
+        #[command(subcommand)]
+        action: Option<DeadLetterAction>,
+    },
+}
+
+/// Actions on outbox dead letters.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List dead letters, newest first (the default).
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put a dead letter back into the outbox, to be delivered again (supervisor).
+    Requeue {
+        /// Dead letter number (first column of the list).
+        seq: i64,
+    },
+    /// Delete a dead letter for good (supervisor).
+    Discard {
+        /// Dead letter number (first column of the list).
+        seq: i64,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// Actions on parked work.
@@ -359,6 +389,14 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             }
             println!("Throughput\n{t}");
             println!("Parked jobs: {}", o.parked);
+            let (pending, oldest) = services.store.outbox_backlog().await?;
+            println!(
+                "Outbox: {pending} undelivered{}; dead letters: {} (cardpipe ops dead-letters)",
+                oldest
+                    .map(|at| format!(", oldest written {at}"))
+                    .unwrap_or_default(),
+                services.store.dead_letter_count().await?
+            );
             Ok(())
         }
         OpsCommand::Batches { limit } => {
@@ -561,6 +599,67 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 "{t}\n{} waiting (decide in the console: /console/adjudications)",
                 list.len()
             );
+            Ok(())
+        }
+        OpsCommand::DeadLetters { action } => {
+            match action.unwrap_or(DeadLetterAction::List { limit: 100 }) {
+                DeadLetterAction::List { limit } => {
+                    let letters = services.store.dead_letters(limit.clamp(1, 10_000)).await?;
+                    let mut t = new_table(&[
+                        "number",
+                        "topic",
+                        "subject",
+                        "written",
+                        "given up",
+                        "attempts",
+                        "last error",
+                    ]);
+                    for d in &letters {
+                        t.add_row(vec![
+                            num(d.seq),
+                            Cell::new(&d.topic),
+                            Cell::new(&d.subject),
+                            Cell::new(&d.created_at),
+                            Cell::new(&d.dead_at),
+                            num(d.attempts),
+                            Cell::new(&d.last_error),
+                        ]);
+                    }
+                    let total = services.store.dead_letter_count().await?;
+                    println!(
+                        "{t}\n{total} dead letter(s); a supervisor re-queues one with `cardpipe ops dead-letters requeue NUMBER` once its cause is fixed"
+                    );
+                }
+                DeadLetterAction::Requeue { seq } => {
+                    let op = acting(&services, who).await?;
+                    op.require_supervisor("re-queueing a dead letter")?;
+                    let letter = cardpipe_common::dead_letters::requeue(
+                        &services,
+                        seq,
+                        (&op.login, op.role.as_str()),
+                    )
+                    .await?;
+                    println!(
+                        "dead letter {seq} ({} for {}) re-queued; the relay delivers it again (audited as {})",
+                        letter.topic, letter.subject, op.login
+                    );
+                }
+                DeadLetterAction::Discard { seq, reason } => {
+                    let op = acting(&services, who).await?;
+                    op.require_supervisor("discarding a dead letter")?;
+                    let letter = cardpipe_common::dead_letters::discard(
+                        &services,
+                        seq,
+                        (&op.login, op.role.as_str()),
+                        &reason,
+                    )
+                    .await?;
+                    println!(
+                        "dead letter {seq} ({} for {}) discarded (audited as {})",
+                        letter.topic, letter.subject, op.login
+                    );
+                }
+            }
             Ok(())
         }
         OpsCommand::Discrepancies { open } => {

@@ -9,7 +9,7 @@ use cardpipe_common::config::{LoadedConfig, PipelineConfig};
 use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::domain::state::ALL_STATES;
 use cardpipe_common::runtime::pipeline;
-use cardpipe_common::runtime::relay::Relay;
+use cardpipe_common::runtime::relay::{Lane, LaneSettings, Relay};
 use cardpipe_common::store::{Store, redact_url};
 use cardpipe_common::telemetry;
 use secrecy::ExposeSecret;
@@ -88,7 +88,20 @@ pub async fn run(
     });
     let grace = Duration::from_secs(config.runtime.shutdown_grace_seconds);
     let mut relay = Relay::new(services.clone())
-        .with_poll_interval(Duration::from_millis(config.runtime.relay_poll_ms));
+        .with_poll_interval(Duration::from_millis(config.runtime.relay_poll_ms))
+        .with_lane(
+            Lane::Internal,
+            LaneSettings::INTERNAL.with_timeout(Duration::from_secs(
+                config.runtime.relay_internal_timeout_seconds,
+            )),
+        )
+        .with_lane(
+            Lane::External,
+            LaneSettings::EXTERNAL.with_timeout(Duration::from_secs(
+                config.runtime.relay_external_timeout_seconds,
+            )),
+        )
+        .with_max_attempts(i64::from(config.runtime.relay_max_attempts));
     let with_ca = full_http
         || stage_names
             .iter()
@@ -156,7 +169,8 @@ pub async fn run(
     result
 }
 
-async fn wait_for_signal() {
+/// Waits for ctrl-c or SIGTERM (how a service manager stops a process).
+pub(crate) async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

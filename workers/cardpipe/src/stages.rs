@@ -8,6 +8,7 @@ use axum::Router;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::runtime::relay::OutboxSink;
 use cardpipe_common::runtime::{Services, Stage};
+use secrecy::ExposeSecret;
 
 use crate::context::Context;
 use tokio::task::JoinSet;
@@ -168,11 +169,62 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
     note(cardpipe_qc::stock::load(config).map(drop));
     note(cardpipe_console::ConsoleConfig::load(config).map(drop));
     note(cardpipe_delivery::config::load(config).map(drop));
+    note(refuse_test_secrets(config));
     if problems.is_empty() {
         Ok(())
     } else {
         anyhow::bail!("configuration is invalid:\n  - {}", problems.join("\n  - "))
     }
+}
+
+/// Refuses the built-in test secrets (the simulator's SCP03 keys, the default transport
+/// PINs) where real cards or a real deployment are involved: PC/SC encoders, a line of QC
+/// stations, CA keys in an HSM, or a distributed broker, store or object store. The embedded
+/// demo keeps them (it needs no setup); `[encoders] allow_test_secrets` lets a lab opt in.
+fn refuse_test_secrets(config: &LoadedConfig) -> anyhow::Result<()> {
+    use cardpipe_common::config::{BrokerKind, ObjectsKind};
+    let Ok(encoders) = encoders_config(config) else {
+        return Ok(()); // reported by its own check
+    };
+    if encoders.allow_test_secrets {
+        return Ok(());
+    }
+    let c = &config.config;
+    let mut why: Vec<&str> = Vec::new();
+    if encoders.kind == cardpipe_card::config::EncoderKind::Pcsc {
+        why.push("encoders.kind = \"pcsc\"");
+    }
+    if cardpipe_qc::stage::load(config)
+        .is_ok_and(|qc| qc.station == cardpipe_qc::station::StationKind::Line)
+    {
+        why.push("qc.station = \"line\"");
+    }
+    if cardpipe_pki::settings::PkiConfig::from_loaded(config)
+        .is_ok_and(|pki| pki.keystore == cardpipe_pki::settings::KeystoreKind::Pkcs11)
+    {
+        why.push("pki.keystore = \"pkcs11\"");
+    }
+    if c.broker.kind == BrokerKind::Rabbitmq {
+        why.push("broker.kind = \"rabbitmq\"");
+    }
+    if c.store.url.expose_secret().starts_with("postgres") {
+        why.push("a PostgreSQL store");
+    }
+    if c.objects.kind == ObjectsKind::S3 {
+        why.push("objects.kind = \"s3\"");
+    }
+    let in_use = encoders.test_secrets_in_use();
+    if why.is_empty() || in_use.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} hold built-in test secrets (public: anyone could open a secure channel to the \
+         cards or use their transport PINs), refused with {}; set the card issuer's SCP03 \
+         master keys and your own transport PINs (CARDPIPE__ENCODERS__MASTER_KEYS_HEX, ...), \
+         or encoders.allow_test_secrets = true in a lab",
+        in_use.join(", "),
+        why.join(", ")
+    )
 }
 
 /// What the HTTP routes need before the process listens: the console's first supervisor.

@@ -267,6 +267,11 @@ fn pcsc_encoders_without_pcsc_lite_name_what_to_install() {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         )
         .env("CARDPIPE__ENVELOPE__MASTER_KEY", "11".repeat(32))
+        // Real encoders refuse the built-in test secrets (config_check_refuses_test_secrets).
+        .env("CARDPIPE__ENCODERS__MASTER_KEYS_HEX", "a1".repeat(48))
+        .env("CARDPIPE__ENCODERS__TRANSPORT_ID_PIN", "271828")
+        .env("CARDPIPE__ENCODERS__TRANSPORT_SIGN_PIN", "314159")
+        .env("CARDPIPE__ENCODERS__TRANSPORT_PUK", "16180339")
         .env("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")
         .env("CARDPIPE__HTTP__LISTEN", "127.0.0.1:0")
         .stdin(std::process::Stdio::null())
@@ -296,4 +301,88 @@ fn pcsc_encoders_without_pcsc_lite_name_what_to_install() {
             && err.contains("apt-get install libpcsclite1 pcscd"),
         "{err}"
     );
+}
+
+/// `cardpipe config check` (and every process start) refuses the built-in test secrets —
+/// the simulator's public SCP03 keys and the default transport PINs — once real encoders, an
+/// HSM or a distributed backend is configured, naming the keys and never their values; the
+/// embedded defaults and an explicit lab opt-in keep them (issue 14 item 5).
+#[test]
+fn config_check_refuses_test_secrets_with_real_encoders_hsm_or_distributed_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardpipe"));
+        cmd.args(["config", "check"])
+            .current_dir(dir.path())
+            .env_remove("CARDPIPE_CONFIG");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run cardpipe");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = check(&[]);
+    assert!(ok, "embedded defaults: {text}");
+    let own_secrets = [
+        ("CARDPIPE__ENCODERS__MASTER_KEYS_HEX", "a1a2a3a4".repeat(12)),
+        // Digits only, with a leading zero: read as text, not as a number.
+        ("CARDPIPE__ENCODERS__TRANSPORT_ID_PIN", "012345".into()),
+        ("CARDPIPE__ENCODERS__TRANSPORT_SIGN_PIN", "314159".into()),
+        ("CARDPIPE__ENCODERS__TRANSPORT_PUK", "16180339".into()),
+    ];
+    let test_keys_hex = "404142434445464748494a4b4c4d4e4f".repeat(3);
+    for (trigger, value) in [
+        ("CARDPIPE__ENCODERS__KIND", "pcsc"),
+        ("CARDPIPE__PKI__KEYSTORE", "pkcs11"),
+        ("CARDPIPE__OBJECTS__KIND", "s3"),
+    ] {
+        let mut envs = vec![(trigger, value)];
+        if trigger == "CARDPIPE__PKI__KEYSTORE" {
+            envs.push(("CARDPIPE__PKI__PKCS11_PIN", "9999"));
+        }
+        if trigger == "CARDPIPE__OBJECTS__KIND" {
+            envs.extend([
+                ("CARDPIPE__OBJECTS__ENDPOINT", "http://127.0.0.1:9"),
+                ("CARDPIPE__OBJECTS__ACCESS_KEY", "a"),
+                ("CARDPIPE__OBJECTS__SECRET_KEY", "b"),
+            ]);
+        }
+        let (ok, text) = check(&envs);
+        assert!(!ok, "{trigger}: test secrets accepted: {text}");
+        for key in [
+            "encoders.master_keys_hex",
+            "encoders.transport_id_pin",
+            "encoders.transport_sign_pin",
+            "encoders.transport_puk",
+        ] {
+            assert!(text.contains(key), "{trigger}: {key} not named: {text}");
+        }
+        for value in ["123456", "654321", "12345678", "404142"] {
+            assert!(
+                !text.contains(value),
+                "{trigger}: a secret value shown: {text}"
+            );
+        }
+        // The simulator's keys spelt out are refused like the empty default.
+        let mut spelt: Vec<(&str, &str)> = envs.clone();
+        spelt.extend(own_secrets.iter().skip(1).map(|(k, v)| (*k, v.as_str())));
+        spelt.push(("CARDPIPE__ENCODERS__MASTER_KEYS_HEX", &test_keys_hex));
+        let (ok, text) = check(&spelt);
+        assert!(!ok, "{trigger}: spelt-out test keys accepted: {text}");
+        assert!(text.contains("encoders.master_keys_hex"), "{text}");
+        assert!(!text.contains("encoders.transport_puk"), "{text}");
+        // The operator's own secrets pass; so does a lab's explicit opt-in.
+        let mut own: Vec<(&str, &str)> = envs.clone();
+        own.extend(own_secrets.iter().map(|(k, v)| (*k, v.as_str())));
+        let (ok, text) = check(&own);
+        assert!(ok, "{trigger}: own secrets refused: {text}");
+        let mut lab = envs.clone();
+        lab.push(("CARDPIPE__ENCODERS__ALLOW_TEST_SECRETS", "true"));
+        let (ok, text) = check(&lab);
+        assert!(ok, "{trigger}: lab opt-in refused: {text}");
+    }
 }

@@ -458,3 +458,49 @@ pub async fn resolve_discrepancy(
         DiscrepancyError::Store(e) => ActionError::Internal(e.into()),
     })
 }
+
+impl From<cardpipe_common::dead_letters::DeadLetterError> for ActionError {
+    fn from(e: cardpipe_common::dead_letters::DeadLetterError) -> Self {
+        use cardpipe_common::dead_letters::DeadLetterError;
+        match e {
+            e @ DeadLetterError::NotFound(_) => ActionError::NotFound(e.to_string()),
+            DeadLetterError::Store(e) => ActionError::Internal(e.into()),
+        }
+    }
+}
+
+/// Puts an outbox dead letter back into the outbox (supervisor; audited).
+pub async fn dead_letter_requeue(
+    services: &Services,
+    who: &Operator,
+    seq: i64,
+) -> Result<cardpipe_common::store::DeadLetter, ActionError> {
+    who.require_supervisor("re-queueing a dead letter")?;
+    Ok(
+        cardpipe_common::dead_letters::requeue(services, seq, (&who.login, who.role.as_str()))
+            .await?,
+    )
+}
+
+/// Deletes an outbox dead letter for good (supervisor; audited with the reason).
+pub async fn dead_letter_discard(
+    services: &Services,
+    who: &Operator,
+    seq: i64,
+    reason: &str,
+) -> Result<cardpipe_common::store::DeadLetter, ActionError> {
+    who.require_supervisor("discarding a dead letter")?;
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(ActionError::BadInput(
+            "a reason is required to discard a dead letter".into(),
+        ));
+    }
+    Ok(cardpipe_common::dead_letters::discard(
+        services,
+        seq,
+        (&who.login, who.role.as_str()),
+        reason,
+    )
+    .await?)
+}

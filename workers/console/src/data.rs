@@ -507,6 +507,37 @@ pub async fn qc_reports(
         .collect()
 }
 
+/// The certificates issued for an application (serial, key role, issued at, status,
+/// revocation cause, revoked at), oldest first: a card refused by QC shows its two revoked
+/// `spoiled`, the remake its fresh pair.
+pub async fn certificates(
+    services: &Services,
+    id: &ApplicationId,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let rows = sqlx::query(
+        "SELECT serial, key_role, issued_at, status, revocation_cause, revoked_at
+         FROM certificates WHERE application_id = $1 ORDER BY issued_at, serial",
+    )
+    .bind(id.as_str())
+    .fetch_all(services.store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let text = |c: &str| -> anyhow::Result<String> {
+                Ok(r.try_get::<Option<String>, _>(c)?.unwrap_or_default())
+            };
+            Ok(vec![
+                text("serial")?,
+                text("key_role")?,
+                text("issued_at")?,
+                text("status")?,
+                text("revocation_cause")?,
+                text("revoked_at")?,
+            ])
+        })
+        .collect()
+}
+
 /// A table read generically: column names and up to `limit` rows as text.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenericTable {

@@ -83,6 +83,10 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/adjudications/{id}/decide", post(decide))
         .route("/console/parked", get(parked_page))
         .route("/console/parked/{job}/{action}", post(parked_action))
+        .route(
+            "/console/dead-letters/{seq}/{action}",
+            post(dead_letter_action),
+        )
         .route("/console/encoders", get(encoders))
         .route("/console/encoders/service", post(encoder_service))
         .route("/console/audit", get(audit_page))
@@ -626,6 +630,14 @@ async fn application(
         Ok(r) => r,
         Err(e) => return internal(e),
     };
+    let certificates = match data::certificates(&st.services, &v.app.id).await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let certificate_rows: Vec<Vec<Markup>> = certificates
+        .iter()
+        .map(|r| r.iter().map(|c| c.render()).collect())
+        .collect();
     let (first, last, father) = v
         .names
         .clone()
@@ -718,6 +730,15 @@ async fn application(
                         "report",
                     ],
                     &report_rows,
+                ))
+            }
+        }
+        @if !certificate_rows.is_empty() {
+            h2 { "Certificates" }
+            div id="certificates" {
+                (table(
+                    &["serial", "key", "issued at", "status", "revocation cause", "revoked at"],
+                    &certificate_rows,
                 ))
             }
         }
@@ -1035,6 +1056,44 @@ async fn parked_page(
         Ok(j) => j,
         Err(e) => return internal(e),
     };
+    let letters = match st.services.store.dead_letters(500).await {
+        Ok(l) => l,
+        Err(e) => return internal(e),
+    };
+    let supervisor = s.operator.role.is_supervisor();
+    let csrf = csrf_field(&s);
+    let letter_rows: Vec<Vec<Markup>> = letters
+        .iter()
+        .map(|d| {
+            let action = if supervisor {
+                html! {
+                    form method="post" class="inline"
+                        action=(format!("/console/dead-letters/{}/requeue", d.seq)) {
+                        (csrf)
+                        button type="submit" { "Re-queue" }
+                    }
+                    form method="post" class="inline"
+                        action=(format!("/console/dead-letters/{}/discard", d.seq)) {
+                        (csrf)
+                        input type="text" name="reason" placeholder="reason" required maxlength="500";
+                        button type="submit" { "Discard" }
+                    }
+                }
+            } else {
+                html! { span class="muted" { "a supervisor re-queues or discards it" } }
+            };
+            vec![
+                d.seq.render(),
+                d.topic.render(),
+                d.subject.render(),
+                d.created_at.render(),
+                d.dead_at.render(),
+                d.attempts.render(),
+                d.last_error.render(),
+                action,
+            ]
+        })
+        .collect();
     let body = html! {
         h1 { "Parked work" }
         (flash(f.ok.as_deref(), f.error.as_deref()))
@@ -1047,6 +1106,22 @@ async fn parked_page(
             p id="no-parked" { "Nothing is parked." }
         } @else {
             div id="parked" { (parked_rows(&s, &jobs)) }
+        }
+        h2 id="dead-letters" { "Undelivered messages (" (letters.len()) " dead letters)" }
+        p class="muted" {
+            "Registry callbacks, citizen messages and job hand-offs the outbox relay gave up on: \
+             refused as malformed by the receiver, or failed too many times. Re-queue \
+             (supervisor) once the cause is fixed; discard (supervisor) what must not be sent."
+        }
+        @if letter_rows.is_empty() {
+            p id="no-dead-letters" { "No dead letters." }
+        } @else {
+            div id="dead-letter-list" {
+                (table(
+                    &["number", "topic", "subject", "written", "given up", "attempts", "last error", ""],
+                    &letter_rows,
+                ))
+            }
         }
     };
     frame(&s, "Parked work", body)
@@ -1079,6 +1154,42 @@ async fn parked_action(
         "fail" => actions::parked_fail(&st.services, &s.operator, &job, &f.reason)
             .await
             .map(|to| format!("job {job} force-failed: application is now {}", to.as_str())),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    match outcome {
+        Ok(m) => back("/console/parked", Ok(m)),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
+        Err(e) => back("/console/parked", Err(action_error(e))),
+    }
+}
+
+async fn dead_letter_action(
+    State(st): State<ConsoleState>,
+    headers: HeaderMap,
+    Path((seq, action)): Path<(i64, String)>,
+    Form(f): Form<ReasonForm>,
+) -> Response {
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let outcome = match action.as_str() {
+        "requeue" => actions::dead_letter_requeue(&st.services, &s.operator, seq)
+            .await
+            .map(|d| {
+                format!(
+                    "dead letter {seq} ({} for {}) re-queued",
+                    d.topic, d.subject
+                )
+            }),
+        "discard" => actions::dead_letter_discard(&st.services, &s.operator, seq, &f.reason)
+            .await
+            .map(|d| {
+                format!(
+                    "dead letter {seq} ({} for {}) discarded",
+                    d.topic, d.subject
+                )
+            }),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     match outcome {

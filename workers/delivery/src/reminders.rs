@@ -21,7 +21,7 @@ use cardpipe_common::clock::to_rfc3339;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
-use cardpipe_common::runtime::relay::OutboxSink;
+use cardpipe_common::runtime::relay::{Lane, OutboxSink, PermanentFailure};
 use cardpipe_common::store::{OutboxRow, StoreError, StoreTx};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -378,9 +378,18 @@ impl SmsSink {
 
 #[async_trait]
 impl OutboxSink for SmsSink {
+    /// The SMS gateway is another party: the external lane.
+    fn lane(&self) -> Lane {
+        Lane::External
+    }
+
     async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
-        let payload: SmsPayload = serde_json::from_str(&row.payload)
-            .map_err(|e| anyhow::anyhow!("sms outbox row {} is not an SMS payload: {e}", row.id))?;
+        let payload: SmsPayload = serde_json::from_str(&row.payload).map_err(|e| {
+            PermanentFailure(format!(
+                "sms outbox row {} is not an SMS payload: {e}",
+                row.id
+            ))
+        })?;
         let Some(r) = sqlx::query(
             "SELECT r.application_id, r.kind, r.office_code, r.state, r.attempts, a.state AS app_state
              FROM delivery_reminders r JOIN applications a ON a.id = r.application_id WHERE r.id = $1",

@@ -682,7 +682,13 @@ pub fn check_fields(value: &Value, cfg: &RegistryConfig, today: Date) -> Checked
                 format!("delivery fee above the {MAX_DELIVERY_FEE_RIAL} rial limit"),
             );
         }
-        if f.issuance_rial + f.office_fee_rial + f.delivery_fee_rial > MAX_TOTAL_RIAL {
+        // Saturating: amounts come from the registry's file and may be as large as
+        // i64 allows; each is flagged above, the sum must not overflow.
+        let total = f
+            .issuance_rial
+            .saturating_add(f.office_fee_rial)
+            .saturating_add(f.delivery_fee_rial);
+        if total > MAX_TOTAL_RIAL {
             flag(
                 "fees",
                 format!("total charged above the {MAX_TOTAL_RIAL} rial limit"),
@@ -1030,6 +1036,31 @@ mod tests {
         let errors = fields(slots(&|_| None));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].field, "fingerprints");
+    }
+
+    /// Amounts as large as JSON integers allow are flagged as overcharges per field and in
+    /// the total, which must not overflow.
+    #[test]
+    fn huge_fees_are_refused_without_overflow() {
+        let v = serde_json::json!({
+            "fees": {"issuance_rial": i64::MAX, "office_fee_rial": i64::MAX,
+                     "delivery_fee_rial": i64::MAX}
+        });
+        let checked = check_fields(&v, &RegistryConfig::default(), date!(2026 - 01 - 01));
+        for field in [
+            "fees.issuance_rial",
+            "fees.office_fee_rial",
+            "fees.delivery_fee_rial",
+            "fees",
+        ] {
+            assert!(
+                checked
+                    .flags
+                    .iter()
+                    .any(|f| f.field == field && f.flag == "overcharge"),
+                "{field}"
+            );
+        }
     }
 
     #[test]

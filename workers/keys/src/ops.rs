@@ -165,7 +165,13 @@ impl OutboxSink for KeyDestructionSink {
     async fn deliver(&self, row: &OutboxRow) -> anyhow::Result<()> {
         let req: KeyDestruction = serde_json::from_str(&row.payload)
             .map_err(|e| anyhow::anyhow!("outbox row {} is not a key destruction: {e}", row.id))?;
-        destroy_wrapped_keys(&self.services, &ApplicationId(req.application_id)).await?;
+        let app = ApplicationId(req.application_id);
+        match req.object_key {
+            Some(key) => destroy_package(&self.services, &app, &key).await?,
+            None => {
+                destroy_wrapped_keys(&self.services, &app).await?;
+            }
+        }
         Ok(())
     }
 }
@@ -381,6 +387,27 @@ pub async fn destroy_wrapped_keys(
     store::mark_destroyed(&services.store, app_id, services.clock.now()).await?;
     tracing::info!(application = %app_id, objects = deleted, "wrapped card keys destroyed");
     Ok(deleted)
+}
+
+/// Destroys one personalization package of `app_id` (a card spoiled at QC: its remake has
+/// fresh keys, possibly already a package of its own) and records it. Idempotent. A key
+/// outside `applications/<id>/credentials-*` is refused: the request names a package, not
+/// any object.
+pub async fn destroy_package(
+    services: &Services,
+    app_id: &ApplicationId,
+    object_key: &str,
+) -> anyhow::Result<()> {
+    let prefix = format!("applications/{app_id}/credentials-");
+    anyhow::ensure!(
+        object_key.starts_with(&prefix) && !object_key.contains(".."),
+        "key destruction for application {app_id} names an object that is not its package"
+    );
+    services.objects.delete(object_key).await?;
+    store::mark_package_destroyed(&services.store, app_id, object_key, services.clock.now())
+        .await?;
+    tracing::info!(application = %app_id, "wrapped card keys of a spoiled card destroyed");
+    Ok(())
 }
 
 /// The keys stage's time-driven loop: every `tick`, publish a CRL when due and roll the

@@ -1,5 +1,6 @@
-//! The keys stage: `dedup_clear | cleared | reprint_requested → keys_issued`, then
-//! `personalize`.
+//! The keys stage: `dedup_clear | cleared | reprint_requested | qc_failed → keys_issued`,
+//! then `personalize`. A card QC refused is remade with fresh keys and certificates (one chip
+//! per private key); QC revoked the spoiled card's certificates when it spoiled the card.
 //!
 //! For one application it loads the sealed record and biometrics, issues the credential set
 //! ([`CardIssuer::issue`](cardpipe_pki::issue::CardIssuer::issue)), writes the
@@ -42,6 +43,7 @@ const ACCEPTS: &[ApplicationState] = &[
     ApplicationState::DedupClear,
     ApplicationState::Cleared,
     ApplicationState::ReprintRequested,
+    ApplicationState::QcFailed,
 ];
 
 /// The keys stage.
@@ -137,7 +139,13 @@ impl Stage for KeysStage {
         services.objects.put(&key, Bytes::from(json)).await?;
 
         let id = app.id.clone();
-        let reprint = app.state == ApplicationState::ReprintRequested;
+        // Certificates still valid from the previous card: a reprint's (revoked here) or,
+        // defensively, a spoiled card's (QC revokes them as it spoils the card).
+        let previous_cause = match app.state {
+            ApplicationState::ReprintRequested => Some(RevocationCause::Reprinted),
+            ApplicationState::QcFailed => Some(RevocationCause::Spoiled),
+            _ => None,
+        };
         let certs = [
             credentials.authentication_certificate.clone(),
             credentials.signature_certificate.clone(),
@@ -151,8 +159,8 @@ impl Stage for KeysStage {
             .artifact(CREDENTIALS_ARTIFACT, key)
             .with_writes(extra_writes(move |tx| {
                 Box::pin(async move {
-                    if reprint {
-                        store::revoke_tx(tx, &id, RevocationCause::Reprinted, now).await?;
+                    if let Some(cause) = previous_cause {
+                        store::revoke_tx(tx, &id, cause, now).await?;
                     }
                     for cert in &certs {
                         store::insert_certificate(tx, &id, cert, &object_key, now).await?;

@@ -1,4 +1,4 @@
-//! `cardpipe-personalize` — the personalize stage: `keys_issued | qc_failed → personalized`.
+//! `cardpipe-personalize` — the personalize stage: `keys_issued → personalized`.
 //!
 //! The card itself (APDUs, SCP03, the card OS, PC/SC and in-process encoders, the farm and
 //! the personalization script) lives in the `cardpipe-card` library. This crate is the

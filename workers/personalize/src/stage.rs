@@ -1,9 +1,9 @@
-//! The personalize stage: `keys_issued | qc_failed → personalized`, then `qc`.
+//! The personalize stage: `keys_issued → personalized`, then `qc`. (A card QC refused comes
+//! back through the keys stage with fresh keys, never to this stage with the old ones.)
 //!
 //! For one application:
 //! 1. resolve leftovers of an earlier delivery: a blank still `in_progress` for this
 //!    application (a crash after or while writing it) is recorded spoiled ("interrupted");
-//!    for `qc_failed`, the personalized card QC refused is recorded spoiled ("qc_failed");
 //! 2. load the credentials package (artifact `credentials`), unwrap both private keys with
 //!    the encoder site's transport key, take the fingerprint reference from the enrolled
 //!    templates and the transport PINs from configuration, and build the [`CardImage`];
@@ -45,7 +45,7 @@ pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::QC;
 /// Artifact kind of the keys stage's package.
 pub const CREDENTIALS_ARTIFACT: &str = cardpipe_common::contract::CREDENTIALS_ARTIFACT;
 
-const ACCEPTS: &[ApplicationState] = &[ApplicationState::KeysIssued, ApplicationState::QcFailed];
+const ACCEPTS: &[ApplicationState] = &[ApplicationState::KeysIssued];
 
 /// The personalize stage.
 #[derive(Debug)]
@@ -244,9 +244,6 @@ impl Stage for PersonalizeStage {
             cardpipe_card::cards::spoil_in_progress(store, &app.id, "interrupted", now()).await?;
         if interrupted > 0 {
             tracing::warn!(application = %app.id, blanks = interrupted, "blank(s) left in progress by an earlier attempt recorded spoiled");
-        }
-        if app.state == ApplicationState::QcFailed {
-            cardpipe_card::cards::spoil_personalized(store, &app.id, "qc_failed", now()).await?;
         }
         let image = Arc::new(self.image(services, app).await?);
         let mut encoder_failures = 0u32;

@@ -1,5 +1,5 @@
 //! The QC stage: `personalized → qc_passed` (then `shipping`) or `→ qc_failed` (back to
-//! `personalize` on a fresh blank).
+//! `keys`: fresh keys and certificates, then a fresh blank).
 //!
 //! For one application:
 //! 1. the personalized card row (blank serial, chip serial, encoder) and the credentials package
@@ -15,9 +15,11 @@
 //!    - passed: the blank `at_encoder → consumed` in stock, and an outbox row
 //!      ([`KEY_DESTRUCTION_TOPIC`]) whose sink, the keys stage's, destroys the wrapped private keys;
 //!    - failed: the card row `spoiled` with `qc_failed:<reason>` (the stock trigger spoils the
-//!      serial), and either a job for `personalize` (a fresh blank) or, once `[qc]
-//!      max_attempts` cards failed, an outbox row ([`PARK_TOPIC`]) that parks the application's
-//!      personalize job for an operator.
+//!      serial), the card's two certificates revoked (`spoiled`) with a CRL publication
+//!      requested, its wrapped-key package destroyed (outbox), and either a job for `keys`
+//!      (the remake gets fresh keys and certificates on a fresh blank: one chip per private
+//!      key) or, once `[qc] max_attempts` cards failed, an outbox row ([`PARK_TOPIC`]) that
+//!      parks the application's keys job for an operator.
 //!
 //! A card the station cannot get (the process restarted and the in-memory tray is gone; the
 //! card is not on the line's transport) fails with `card_not_found` and is re-made, never
@@ -57,7 +59,7 @@ pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::QC;
 pub const REPORT_ARTIFACT: &str = "qc_report";
 /// Artifact kind of the keys stage's package.
 pub const CREDENTIALS_ARTIFACT: &str = cardpipe_common::contract::CREDENTIALS_ARTIFACT;
-/// Outbox topic: park the application's personalize job for an operator.
+/// Outbox topic: park the application's next job (the remake's `keys` job) for an operator.
 pub const PARK_TOPIC: &str = "qc.park";
 /// The configuration section.
 pub const SECTION: &str = "qc";
@@ -139,6 +141,10 @@ pub struct QcReport {
     pub started_at: String,
     /// Wall time of the inspection, ms.
     pub elapsed_ms: u64,
+    /// A failed card: its certificates (serials), revoked as `spoiled` in the transaction
+    /// that spoils it; the remake gets fresh keys and certificates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certificates: Vec<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -263,7 +269,7 @@ impl QcStage {
         &self,
         services: &Services,
         app: &Application,
-    ) -> anyhow::Result<CardCredentials> {
+    ) -> anyhow::Result<(String, CardCredentials)> {
         let key = services
             .store
             .artifact(&app.id, CREDENTIALS_ARTIFACT)
@@ -279,7 +285,7 @@ impl QcStage {
         if creds.card_ref != app.id.as_str() {
             return Err(Permanent("credentials package is for another application".into()).into());
         }
-        Ok(creds)
+        Ok((key, creds))
     }
 }
 
@@ -315,7 +321,7 @@ impl Stage for QcStage {
             .find(|r| r.state == "personalized")
             .cloned()
             .ok_or_else(|| Permanent("no personalized card recorded for the application".into()))?;
-        let creds = self.credentials(services, app).await?;
+        let (package_key, creds) = self.credentials(services, app).await?;
         let ca = self.pki.current(services).await?;
         let previous = failures(services, &app.id).await?;
         let attempt = u32::try_from(previous)
@@ -380,6 +386,14 @@ impl Stage for QcStage {
             checks: inspection.checks.clone(),
             started_at: to_rfc3339(started_at),
             elapsed_ms: elapsed.as_millis() as u64,
+            revoked_certificates: if verdict.is_some() {
+                vec![
+                    creds.authentication_certificate.serial.clone(),
+                    creds.signature_certificate.serial.clone(),
+                ]
+            } else {
+                Vec::new()
+            },
         };
         let report_id = uuid::Uuid::now_v7().to_string();
         let key = format!("applications/{}/qc-{report_id}.json", app.id);
@@ -444,13 +458,22 @@ impl Stage for QcStage {
                     .unwrap_or_default();
                 tracing::warn!(application = %app.id, blank = %card.blank_serial, %reason, failed, exhausted, "card failed QC");
                 let spoil = format!("qc_failed:{}", reason.as_str());
+                let serials = report.revoked_certificates.clone();
                 let mut completion = Completion::to(ApplicationState::QcFailed)
                     .artifact(REPORT_ARTIFACT, key)
-                    .because(format!("QC failed ({reason}): {detail}"));
+                    .announce(
+                        KEY_DESTRUCTION_TOPIC,
+                        contract::package_destruction_payload(&app.id, &package_key),
+                    )
+                    .because(format!(
+                        "QC failed ({reason}): {detail}; the card's certificates {} revoked \
+                         (spoiled), the remake gets fresh keys",
+                        serials.join(", ")
+                    ));
                 if exhausted {
                     let park = ParkRequest {
                         job_id: uuid::Uuid::now_v7().to_string(),
-                        stage: cardpipe_common::contract::stage_names::PERSONALIZE.to_owned(),
+                        stage: cardpipe_common::contract::stage_names::KEYS.to_owned(),
                         application_id: app.id.to_string(),
                         error: format!(
                             "{failed} cards refused by QC (budget {}; last: {reason}); parked for an operator",
@@ -459,8 +482,7 @@ impl Stage for QcStage {
                     };
                     completion = completion.announce(PARK_TOPIC, serde_json::to_string(&park)?);
                 } else {
-                    completion =
-                        completion.then(cardpipe_common::contract::stage_names::PERSONALIZE);
+                    completion = completion.then(cardpipe_common::contract::stage_names::KEYS);
                 }
                 Ok(completion.with_writes(Box::new(move |tx| {
                     Box::pin(async move {
@@ -482,6 +504,17 @@ impl Stage for QcStage {
                                 message: format!("blank {blank} is no longer personalized"),
                             });
                         }
+                        // One chip per private key: the spoiled card's certificates die
+                        // with it, and relying parties learn it from a fresh CRL.
+                        cardpipe_pki::store::revoke_serials_tx(
+                            tx,
+                            &id,
+                            &serials,
+                            contract::RevocationCause::Spoiled,
+                            at,
+                        )
+                        .await?;
+                        contract::request_crl_publication(tx, Vec::new(), at).await?;
                         Ok(())
                     })
                 })))

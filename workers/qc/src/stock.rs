@@ -842,11 +842,22 @@ pub struct Reconciliation {
     /// Card rows that disagree with the stock (made from a blank not in stock, or spoiled /
     /// live in one and not the other).
     pub card_mismatches: i64,
+    /// Blanks issued to an encoder more than [`STRANDED_AFTER`] ago with no card row: the
+    /// encoder's process died between issuing the blank and recording the card (the blank
+    /// is in the encoder's hopper or reject bin; an operator finds it and spoils or
+    /// returns it).
+    #[serde(default)]
+    pub stranded_at_encoder: i64,
     /// Everything that does not add up, in cards.
     pub imbalance: i64,
     /// `imbalance == 0`.
     pub balanced: bool,
 }
+
+/// How long a blank may sit at an encoder without a card row before reconciliation
+/// counts it as stranded (an encoding takes seconds; the card row is written as the
+/// blank is taken).
+pub const STRANDED_AFTER: time::Duration = time::Duration::minutes(10);
 
 /// Computes the reconciliation for `day` (UTC; today when `None`).
 pub async fn reconcile(
@@ -966,6 +977,16 @@ pub async fn reconcile(
         .await?
         .try_get("n")?
     };
+    let stranded_before = to_rfc3339(now - STRANDED_AFTER);
+    let stranded_at_encoder: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM stock_serials s
+         WHERE s.state = 'at_encoder' AND s.updated_at < $1
+           AND NOT EXISTS (SELECT 1 FROM cards c WHERE c.blank_serial = s.serial)",
+    )
+    .bind(&stranded_before)
+    .fetch_one(pool)
+    .await?
+    .try_get("n")?;
     let imbalance = out_lots
         .iter()
         .map(|l| l.balance.difference.abs())
@@ -973,7 +994,8 @@ pub async fn reconcile(
         + orphans
         + day_balance.difference.abs()
         + journal_mismatches
-        + card_mismatches;
+        + card_mismatches
+        + stranded_at_encoder;
     Ok(Reconciliation {
         generated_at: to_rfc3339(now),
         lots: out_lots,
@@ -983,6 +1005,7 @@ pub async fn reconcile(
         day_moves,
         journal_mismatches,
         card_mismatches,
+        stranded_at_encoder,
         imbalance,
         balanced: imbalance == 0,
     })
