@@ -102,6 +102,16 @@ pub fn sealer(config: &PipelineConfig) -> anyhow::Result<Sealer> {
             .with_previous(id, key)
             .with_context(|| format!("envelope.previous_keys.{id}"))?;
     }
+    if !env.lookup_key.expose_secret().is_empty() {
+        sealer = sealer
+            .with_lookup_key(&env.lookup_key_id, &env.lookup_key)
+            .context("envelope.lookup_key")?;
+    }
+    for (id, key) in &env.previous_lookup_keys {
+        sealer = sealer
+            .with_previous_lookup_key(id, key)
+            .with_context(|| format!("envelope.previous_lookup_keys.{id}"))?;
+    }
     Ok(sealer)
 }
 

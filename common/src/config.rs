@@ -141,6 +141,19 @@ pub struct EnvelopeConfig {
     /// Older master keys that can still open data sealed under them, by id.
     #[serde(default)]
     pub previous_keys: BTreeMap<String, SecretString>,
+    /// Id of the current lookup-digest key (recorded beside every national-code digest).
+    #[serde(default)]
+    pub lookup_key_id: String,
+    /// A dedicated lookup-digest key, 64 hex digits. Empty: derived from the master key.
+    #[serde(default = "empty_secret")]
+    pub lookup_key: SecretString,
+    /// Older lookup-digest keys whose digests are still found, by id.
+    #[serde(default)]
+    pub previous_lookup_keys: BTreeMap<String, SecretString>,
+}
+
+fn empty_secret() -> SecretString {
+    SecretString::from(String::new())
 }
 
 /// `[http]`
@@ -504,6 +517,33 @@ impl LoadedConfig {
                 "envelope.master_key",
                 "must be set in distributed mode: every replica needs the same key".into(),
             );
+        }
+        let lookup_key = c.envelope.lookup_key.expose_secret();
+        if !lookup_key.is_empty() {
+            if lookup_key.len() != 64 || !lookup_key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                err(
+                    "envelope.lookup_key",
+                    "must be 64 hex digits (32 bytes)".into(),
+                );
+            }
+            if c.envelope.lookup_key_id.is_empty()
+                || c.envelope.lookup_key_id.len() > 64
+                || c.envelope.lookup_key_id.starts_with("derived:")
+            {
+                err(
+                    "envelope.lookup_key_id",
+                    "must be 1..=64 characters, not starting with \"derived:\", when lookup_key is set".into(),
+                );
+            }
+        }
+        for (id, key) in &c.envelope.previous_lookup_keys {
+            let key = key.expose_secret();
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                err(
+                    &format!("envelope.previous_lookup_keys.{id}"),
+                    "must be 64 hex digits (32 bytes)".into(),
+                );
+            }
         }
         if c.envelope.key_id.is_empty() || c.envelope.key_id.len() > 64 {
             err("envelope.key_id", "must be 1..=64 characters".into());

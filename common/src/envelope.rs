@@ -8,6 +8,13 @@
 //! copied to another application or kind fails to open. Rotating the master
 //! key means adding a key id; old blobs keep naming theirs.
 //!
+//! Lookup digests (the keyed digest of a national code that finds an applicant's
+//! applications without storing the code) have keys of their own, versioned by id: a
+//! dedicated `[envelope] lookup_key`, or else one derived from each master key (id
+//! `derived:<master key id>`). Lookups try every known lookup key, current first, so a
+//! rotation of either key never makes a stored digest unfindable; the re-digester
+//! ([`crate::records::redigest`]) moves stored digests to the current key in the background.
+//!
 //! Blob layout: `CPE1` | key id length (u8) | key id | wrapped-key nonce (12)
 //! | wrapped key + tag (48) | data nonce (12) | ciphertext + tag.
 
@@ -42,7 +49,8 @@ pub enum EnvelopeError {
 pub struct Sealer {
     current: String,
     keys: HashMap<String, Zeroizing<[u8; 32]>>,
-    digest_key: Zeroizing<[u8; 32]>,
+    /// Lookup-digest keys by id, the current one first.
+    lookup_keys: Vec<(String, Zeroizing<[u8; 32]>)>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -64,28 +72,59 @@ impl Sealer {
     /// A sealer whose current master key is `id` = `hex_key`.
     pub fn new(id: &str, hex_key: &SecretString) -> Result<Self, EnvelopeError> {
         let key = parse_key(id, hex_key)?;
-        // A separate key for lookup digests, derived so it differs from the
-        // encryption key.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref()).expect("any key length");
-        mac.update(b"cardpipe lookup digest v1");
-        let digest_key = Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+        let lookup_keys = vec![(format!("derived:{id}"), derive_lookup_key(&key))];
         let mut keys = HashMap::new();
         keys.insert(id.to_owned(), key);
         Ok(Self {
             current: id.to_owned(),
             keys,
-            digest_key,
+            lookup_keys,
         })
     }
 
-    /// Adds an older master key that can still open blobs naming it.
+    /// Adds an older master key that can still open blobs naming it (and find the lookup
+    /// digests made with the lookup key derived from it).
     pub fn with_previous(
         mut self,
         id: &str,
         hex_key: &SecretString,
     ) -> Result<Self, EnvelopeError> {
-        self.keys.insert(id.to_owned(), parse_key(id, hex_key)?);
+        let key = parse_key(id, hex_key)?;
+        self.lookup_keys
+            .push((format!("derived:{id}"), derive_lookup_key(&key)));
+        self.keys.insert(id.to_owned(), key);
         Ok(self)
+    }
+
+    /// Makes `hex_key` (id `id`) the current lookup-digest key; the keys known so far still
+    /// find the digests made with them.
+    pub fn with_lookup_key(
+        mut self,
+        id: &str,
+        hex_key: &SecretString,
+    ) -> Result<Self, EnvelopeError> {
+        let key = parse_key(id, hex_key)?;
+        self.lookup_keys.retain(|(known, _)| known != id);
+        self.lookup_keys.insert(0, (id.to_owned(), key));
+        Ok(self)
+    }
+
+    /// Adds an older lookup-digest key whose digests are still found.
+    pub fn with_previous_lookup_key(
+        mut self,
+        id: &str,
+        hex_key: &SecretString,
+    ) -> Result<Self, EnvelopeError> {
+        let key = parse_key(id, hex_key)?;
+        if !self.lookup_keys.iter().any(|(known, _)| known == id) {
+            self.lookup_keys.push((id.to_owned(), key));
+        }
+        Ok(self)
+    }
+
+    /// Id of the current lookup-digest key (stored beside each digest).
+    pub fn lookup_key_id(&self) -> &str {
+        &self.lookup_keys[0].0
     }
 
     /// A fresh random 32-byte key as hex (for `cardpipe` to create a key file).
@@ -181,15 +220,34 @@ impl Sealer {
     }
 
     /// A keyed digest for looking personal data up without storing it in
-    /// clear (national code, ...): HMAC-SHA256 as hex.
+    /// clear (national code, ...): HMAC-SHA256 as hex, under the current lookup key.
     pub fn lookup_digest(&self, kind: &str, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.digest_key.as_ref())
-            .expect("any key length");
-        mac.update(kind.as_bytes());
-        mac.update(b"\0");
-        mac.update(value.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        digest_with(&self.lookup_keys[0].1, kind, value)
     }
+
+    /// The digests of `value` under every known lookup key, current first: what a lookup
+    /// must search for while stored digests are being moved to the current key.
+    pub fn lookup_digests(&self, kind: &str, value: &str) -> Vec<String> {
+        self.lookup_keys
+            .iter()
+            .map(|(_, key)| digest_with(key, kind, value))
+            .collect()
+    }
+}
+
+/// The lookup key derived from a master key, so it differs from the encryption key.
+fn derive_lookup_key(master: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master).expect("any key length");
+    mac.update(b"cardpipe lookup digest v1");
+    Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()))
+}
+
+fn digest_with(key: &[u8; 32], kind: &str, value: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(kind.as_bytes());
+    mac.update(b"\0");
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 #[cfg(test)]
@@ -237,6 +295,46 @@ mod tests {
             matches!(other.open("record:a", &blob), Err(EnvelopeError::UnknownKey(id)) if id == "2025")
         );
         assert!(Sealer::new("bad", &"zz".to_owned().into()).is_err());
+    }
+
+    #[test]
+    fn lookup_digests_survive_master_and_lookup_key_rotation() {
+        let old_hex = Sealer::generate_key_hex();
+        let old = Sealer::new("2025", &old_hex).unwrap();
+        let stored = old.lookup_digest("national_code", "0012345679");
+        assert_eq!(old.lookup_key_id(), "derived:2025");
+        // A new master key: the old derived lookup key still finds the stored digest.
+        let rotated = Sealer::new("2026", &Sealer::generate_key_hex())
+            .unwrap()
+            .with_previous("2025", &old_hex)
+            .unwrap();
+        assert_eq!(rotated.lookup_key_id(), "derived:2026");
+        let digests = rotated.lookup_digests("national_code", "0012345679");
+        assert_eq!(digests.len(), 2);
+        assert_eq!(
+            digests[0],
+            rotated.lookup_digest("national_code", "0012345679")
+        );
+        assert!(digests.contains(&stored));
+        // A dedicated lookup key becomes current; the derived ones still find old digests.
+        let lookup_hex = Sealer::generate_key_hex();
+        let dedicated = rotated.with_lookup_key("l1", &lookup_hex).unwrap();
+        assert_eq!(dedicated.lookup_key_id(), "l1");
+        let digests = dedicated.lookup_digests("national_code", "0012345679");
+        assert_eq!(digests.len(), 3);
+        assert!(digests.contains(&stored));
+        assert_ne!(digests[0], stored);
+        // Rotating the dedicated key: the previous one is still searched.
+        let next = Sealer::new("2026", &Sealer::generate_key_hex())
+            .unwrap()
+            .with_lookup_key("l2", &Sealer::generate_key_hex())
+            .unwrap()
+            .with_previous_lookup_key("l1", &lookup_hex)
+            .unwrap();
+        assert!(
+            next.lookup_digests("national_code", "0012345679")
+                .contains(&dedicated.lookup_digest("national_code", "0012345679"))
+        );
     }
 
     #[test]

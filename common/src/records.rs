@@ -101,8 +101,8 @@ pub async fn insert_record(
         &serde_json::to_vec(record).expect("records serialise"),
     );
     sqlx::query(
-        "INSERT INTO applicant_records (application_id, tracking_code, national_code_digest, birth_date, pickup_office, sealed_record)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO applicant_records (application_id, tracking_code, national_code_digest, birth_date, pickup_office, sealed_record, lookup_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id.as_str())
     .bind(&record.tracking_code)
@@ -110,6 +110,7 @@ pub async fn insert_record(
     .bind(record.birth_date.to_string())
     .bind(&record.pickup_office)
     .bind(sealed)
+    .bind(services.sealer.lookup_key_id())
     .execute(&mut **tx)
     .await?;
     let now = services.clock.now();
@@ -219,21 +220,126 @@ pub async fn find_by_tracking_code(
 }
 
 /// Applications of a national code (optionally with this birth date),
-/// newest first — for tracking-code recovery and the "already in flight" rule.
+/// newest first — for tracking-code recovery and the "already in flight" rule. Every known
+/// lookup key is searched, so digests not yet moved to the current key are found.
 pub async fn find_by_national_code(
     services: &Services,
     national_code: &str,
     birth_date: Option<Date>,
 ) -> Result<Vec<ApplicationId>, RecordError> {
-    let rows = sqlx::query(
-        "SELECT application_id FROM applicant_records WHERE national_code_digest = $1
-         AND ($2 = '' OR birth_date = $2) ORDER BY application_id DESC",
+    let mut ids = Vec::new();
+    for digest in services
+        .sealer
+        .lookup_digests("national_code", national_code)
+    {
+        let rows = sqlx::query(
+            "SELECT application_id FROM applicant_records WHERE national_code_digest = $1
+             AND ($2 = '' OR birth_date = $2)",
+        )
+        .bind(digest)
+        .bind(birth_date.map(|d| d.to_string()).unwrap_or_default())
+        .fetch_all(services.store.pool())
+        .await?;
+        for r in rows {
+            ids.push(ApplicationId(r.try_get("application_id")?));
+        }
+    }
+    ids.sort_by(|a, b| b.as_str().cmp(a.as_str()));
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Records whose national-code digest is not under the current lookup key.
+pub async fn stale_digests(services: &Services) -> Result<i64, RecordError> {
+    Ok(
+        sqlx::query("SELECT COUNT(*) FROM applicant_records WHERE lookup_key_id <> $1")
+            .bind(services.sealer.lookup_key_id())
+            .fetch_one(services.store.pool())
+            .await?
+            .try_get(0)?,
     )
-    .bind(digest_national_code(services, national_code))
-    .bind(birth_date.map(|d| d.to_string()).unwrap_or_default())
+}
+
+/// Moves up to `limit` national-code digests to the current lookup key (opening each sealed
+/// record for its national code); returns how many moved. Each row is updated only if its
+/// digest is still the one read (another replica may have moved it). A record that cannot
+/// be opened (its master key no longer configured) is left as it is and counted as stale.
+pub async fn redigest(services: &Services, limit: i64) -> Result<u64, RecordError> {
+    let current = services.sealer.lookup_key_id().to_owned();
+    let rows = sqlx::query(
+        "SELECT application_id, national_code_digest, sealed_record FROM applicant_records
+         WHERE lookup_key_id <> $1 ORDER BY application_id LIMIT $2",
+    )
+    .bind(&current)
+    .bind(limit)
     .fetch_all(services.store.pool())
     .await?;
-    rows.iter()
-        .map(|r| Ok(ApplicationId(r.try_get("application_id")?)))
-        .collect()
+    let mut moved = 0;
+    for row in rows {
+        let id: String = row.try_get("application_id")?;
+        let old: String = row.try_get("national_code_digest")?;
+        let sealed: Vec<u8> = row.try_get("sealed_record")?;
+        let Ok(plain) = services.sealer.open(&format!("record:{id}"), &sealed) else {
+            tracing::warn!(application = %id, "a sealed record cannot be opened with the configured master keys; its lookup digest stays under its old key");
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<ApplicantRecord>(&plain) else {
+            continue;
+        };
+        let done = sqlx::query(
+            "UPDATE applicant_records SET national_code_digest = $1, lookup_key_id = $2
+             WHERE application_id = $3 AND national_code_digest = $4",
+        )
+        .bind(digest_national_code(services, &record.national_code))
+        .bind(&current)
+        .bind(&id)
+        .bind(&old)
+        .execute(services.store.pool())
+        .await?;
+        moved += done.rows_affected();
+    }
+    Ok(moved)
+}
+
+/// Moves national-code digests to the current lookup key every `every` (1,000 per pass,
+/// passes repeated while rows move) and keeps `cardpipe_lookup_digests_stale` current, until
+/// `shutdown`. Safe on several replicas at once (each row's update is compare-and-set).
+pub async fn redigest_background(
+    services: Services,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let stale = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    services.metrics.register(|r| {
+        r.register(
+            "lookup_digests_stale",
+            "Applicant records whose national-code digest is not yet under the current lookup key",
+            stale.clone(),
+        )
+    });
+    loop {
+        loop {
+            match redigest(&services, 1000).await {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(
+                    moved = n,
+                    "national-code digests moved to the current lookup key"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-digesting national codes failed; retrying later");
+                    break;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+        if let Ok(n) = stale_digests(&services).await {
+            stale.set(n);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }

@@ -100,6 +100,51 @@ async fn writes_are_atomic(store: Arc<dyn ObjectStore>) {
     writer.await.expect("writer");
 }
 
+/// A bounded read returns objects up to the bound and refuses a larger one by name, without
+/// handing back its bytes; an absent object is `None`, an empty one is empty.
+async fn bounded_reads(store: Arc<dyn ObjectStore>) {
+    let prefix = format!("bounded/{}", uuid::Uuid::new_v4().simple());
+    let key = format!("{prefix}/photo");
+    let body = Bytes::from(vec![7u8; 10_000]);
+    store.put(&key, body.clone()).await.expect("put");
+    assert_eq!(
+        store.get_bounded(&key, 10_000).await.expect("at the bound"),
+        Some(body.clone())
+    );
+    assert_eq!(
+        store
+            .get_bounded(&key, 50_000)
+            .await
+            .expect("under the bound"),
+        Some(body)
+    );
+    let err = store
+        .get_bounded(&key, 9_999)
+        .await
+        .expect_err("over the bound");
+    assert!(
+        matches!(
+            err,
+            cardpipe_common::objects::ObjectError::TooLarge { max: 9_999, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("larger than 9999 bytes"), "{err}");
+    assert_eq!(
+        store
+            .get_bounded(&format!("{prefix}/absent"), 10)
+            .await
+            .expect("absent"),
+        None
+    );
+    let empty = format!("{prefix}/empty");
+    store.put(&empty, Bytes::new()).await.expect("put empty");
+    assert_eq!(
+        store.get_bounded(&empty, 10).await.expect("empty"),
+        Some(Bytes::new())
+    );
+}
+
 macro_rules! contract {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -113,6 +158,11 @@ macro_rules! contract {
             async fn bad_keys_are_refused() {
                 let (store, _guard) = $make;
                 super::bad_keys_are_refused(store).await
+            }
+            #[tokio::test]
+            async fn bounded_reads() {
+                let (store, _guard) = $make;
+                super::bounded_reads(store).await
             }
             #[tokio::test]
             async fn writes_are_atomic() {

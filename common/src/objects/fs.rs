@@ -94,6 +94,28 @@ impl ObjectStore for FsObjectStore {
         }
     }
 
+    async fn get_bounded(&self, key: &str, max: u64) -> Result<Option<Bytes>, ObjectError> {
+        use tokio::io::AsyncReadExt;
+        let file = match tokio::fs::File::open(self.path(key)?).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend("get", key, e)),
+        };
+        // Read at most max + 1 bytes: the file may grow between a size check and the read.
+        let mut data = Vec::new();
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| backend("get", key, e))?;
+        if data.len() as u64 > max {
+            return Err(ObjectError::TooLarge {
+                key: key.to_owned(),
+                max,
+            });
+        }
+        Ok(Some(Bytes::from(data)))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), ObjectError> {
         match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),

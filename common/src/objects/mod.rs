@@ -33,6 +33,15 @@ pub enum ObjectError {
         /// The backend's message.
         message: String,
     },
+    /// The object is larger than the reader accepts ([`ObjectStore::get_bounded`]); nothing
+    /// past the bound was read.
+    #[error("object {key:?} is larger than {max} bytes")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// The bound.
+        max: u64,
+    },
 }
 
 /// The object store contract every backend meets.
@@ -44,6 +53,19 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError>;
     /// Reads an object; `None` when absent.
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError>;
+    /// Reads an object of at most `max` bytes; a larger one is [`ObjectError::TooLarge`]
+    /// without being read whole (untrusted keys, e.g. a registry's artifact references,
+    /// must not make the process hold an object of any size). The default reads the object
+    /// and checks its length: backends override it to check the size first.
+    async fn get_bounded(&self, key: &str, max: u64) -> Result<Option<Bytes>, ObjectError> {
+        match self.get(key).await? {
+            Some(b) if b.len() as u64 > max => Err(ObjectError::TooLarge {
+                key: key.to_owned(),
+                max,
+            }),
+            other => Ok(other),
+        }
+    }
     /// Deletes an object (absent is fine).
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
     /// Keys under a prefix, sorted.

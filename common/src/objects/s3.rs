@@ -158,6 +158,48 @@ impl ObjectStore for S3ObjectStore {
         }
     }
 
+    async fn get_bounded(&self, key: &str, max: u64) -> Result<Option<Bytes>, ObjectError> {
+        validate_key(key)?;
+        // A ranged GET of the first max + 1 bytes: the server sends no more than that, and the
+        // object's full length comes back in Content-Range.
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes=0-{max}"))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Ok(None);
+            }
+            // An empty object answers a ranged GET with 416 on some servers.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                return Ok(Some(Bytes::new()));
+            }
+            Err(e) => return Err(backend("get", key, e)),
+        };
+        let total = out
+            .content_range()
+            .and_then(|r| r.rsplit('/').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| backend("get", key, e))?
+            .into_bytes();
+        if total.is_some_and(|t| t > max) || data.len() as u64 > max {
+            return Err(ObjectError::TooLarge {
+                key: key.to_owned(),
+                max,
+            });
+        }
+        Ok(Some(data))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), ObjectError> {
         validate_key(key)?;
         self.client

@@ -74,6 +74,11 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
 /// A card is due at its pickup office within this long of the application being received.
 const OVERDUE_AFTER: time::Duration = time::Duration::days(30);
 
@@ -113,6 +118,7 @@ pub struct Metrics {
     /// read as "stale since 1970").
     crl_times: Arc<OnceLock<(FloatGauge, FloatGauge)>>,
     intake_records: Family<OutcomeLabel, Counter>,
+    intake_submissions_refused: Family<ReasonLabel, Counter>,
     batches_released: Counter,
 }
 
@@ -226,6 +232,12 @@ impl Metrics {
             "Registry batch records accepted or rejected at intake",
             intake_records.clone(),
         );
+        let intake_submissions_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "intake_submissions_refused",
+            "Registry batch submissions refused at a bound of [registry.intake]",
+            intake_submissions_refused.clone(),
+        );
         let batches_released = Counter::default();
         registry.register(
             "batches_released",
@@ -237,6 +249,7 @@ impl Metrics {
             applications_overdue,
             crl_times: Arc::new(OnceLock::new()),
             intake_records,
+            intake_submissions_refused,
             batches_released,
             jobs,
             job_duration,
@@ -338,6 +351,16 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc_by(n);
+    }
+
+    /// A batch submission was refused at a bound: `body_too_large`, `too_many_records` or
+    /// `too_many_submissions` (a fixed set: low cardinality).
+    pub fn intake_submission_refused(&self, reason: &'static str) {
+        self.intake_submissions_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// `n` scheduled batches were released into the pipeline.

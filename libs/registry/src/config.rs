@@ -40,6 +40,41 @@ impl std::fmt::Debug for CallbackConfig {
     }
 }
 
+/// `[registry.intake]`: what one batch submission may cost the process. A submission past a
+/// bound is refused with 413 (body bytes, records) or 429 (concurrent submissions, with
+/// `Retry-After`); what it had committed stays, and a resubmission resumes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IntakeLimits {
+    /// Largest request body of one batch submission (bytes).
+    pub max_body_bytes: u64,
+    /// Most NDJSON lines (records, rejected ones included) in one batch.
+    pub max_records: u64,
+    /// Batch submissions received at once by this process; more get 429.
+    pub max_concurrent_submissions: usize,
+    /// `Retry-After` of a 429 (seconds).
+    pub retry_after_secs: u64,
+    /// A chunk is committed once its buffered lines reach this many bytes, even before
+    /// `chunk_size` records: bounds the memory of one submission to about twice this.
+    pub chunk_bytes: usize,
+    /// Largest fingerprint template accepted by object key (bytes); photos by key are
+    /// bounded by `photo_max_bytes`.
+    pub template_max_bytes: u64,
+}
+
+impl Default for IntakeLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 8 * 1024 * 1024 * 1024,
+            max_records: 250_000,
+            max_concurrent_submissions: 4,
+            retry_after_secs: 30,
+            chunk_bytes: 16 * 1024 * 1024,
+            template_max_bytes: 64 * 1024,
+        }
+    }
+}
+
 /// `[registry]`: the registry interface, intake rules and the release scheduler.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,6 +106,8 @@ pub struct RegistryConfig {
     pub offices: Vec<String>,
     /// Minimum age in full years on the application date.
     pub minimum_age: i32,
+    /// What one submission may cost (`[registry.intake]`).
+    pub intake: IntakeLimits,
 }
 
 impl Default for RegistryConfig {
@@ -93,6 +130,7 @@ impl Default for RegistryConfig {
             artifact_prefix: "registry/".into(),
             offices: Vec::new(),
             minimum_age: 15,
+            intake: IntakeLimits::default(),
         }
     }
 }

@@ -18,10 +18,12 @@
 //! Every process runs an outbox relay (claims make that safe) and serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
+mod bench_cmd;
 mod context;
 mod dedup_cmd;
 mod demo;
 mod encoders_cmd;
+mod identity;
 mod offices_cmd;
 mod ops_cmd;
 mod pki_cmd;
@@ -100,7 +102,20 @@ enum Command {
         #[command(subcommand)]
         command: ops_cmd::AuditCommand,
     },
-    /// Console operators: `add LOGIN --role operator|supervisor|auditor`, `list`.
+    /// Sign in on this terminal: the password is checked (console sign-in limits) and a
+    /// session token (8 h) is kept in the token file (mode 0600) for actions that name
+    /// `--as LOGIN`.
+    Login {
+        /// The operator's login.
+        login: String,
+    },
+    /// Sign out: end the session (all sessions in the token file when no login is named).
+    Logout {
+        /// The operator's login.
+        login: Option<String>,
+    },
+    /// Console operators: `add`, `list`, `disable`, `enable`, `reset-password` (supervisor,
+    /// audited).
     Operators {
         #[command(subcommand)]
         command: ops_cmd::OperatorsCommand,
@@ -136,6 +151,10 @@ enum BenchCommand {
     /// Dedup: FVC2002 accuracy, comparisons and codes per second per core, 1:N galleries
     /// (memory per subject, latency, recall, FNIR at FPIR 0.1 %); build with --release.
     Dedup(dedup_cmd::BenchDedupArgs),
+    /// Intake: batches received at once (default 3 x 100k records), records/s and peak RSS.
+    Intake(bench_cmd::BenchIntakeArgs),
+    /// Sign-in: a flood of parallel wrong guesses; password checks run and peak RSS.
+    SignIn(bench_cmd::BenchSignInArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +350,8 @@ fn main() -> ExitCode {
             Command::Encoders { command } => encoders_cmd::run(loaded, command).await,
             Command::Audit { command } => ops_cmd::audit_cmd(loaded, command).await,
             Command::Operators { command } => ops_cmd::operators_cmd(loaded, command).await,
+            Command::Login { login } => ops_cmd::login_cmd(loaded, &login).await,
+            Command::Logout { login } => ops_cmd::logout_cmd(loaded, login.as_deref()).await,
             Command::Ops(args) => ops_cmd::ops_cmd(loaded, args, stages::NAMES).await,
             Command::Stock { command } => qc_cmd::stock(loaded, command).await,
             Command::Reprint(args) => qc_cmd::reprint(loaded, args).await,
@@ -341,6 +362,12 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::Dedup(args),
             } => dedup_cmd::bench(args),
+            Command::Bench {
+                command: BenchCommand::Intake(args),
+            } => bench_cmd::intake(args).await,
+            Command::Bench {
+                command: BenchCommand::SignIn(args),
+            } => bench_cmd::sign_in(args).await,
             Command::Synth {
                 command:
                     SynthCommand::Batch {

@@ -6,7 +6,6 @@
 use cardpipe_common::backends;
 use cardpipe_common::clock::SystemClock;
 use cardpipe_common::config::LoadedConfig;
-use cardpipe_console::auth;
 use cardpipe_delivery::clients;
 use clap::Subcommand;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
@@ -57,10 +56,9 @@ pub async fn run(loaded: LoadedConfig, command: OfficesCommand) -> anyhow::Resul
     let OfficesCommand::Clients { command } = command;
     let supervisor = |login: String| {
         let services = services.clone();
+        let loaded = &loaded;
         async move {
-            let op = auth::operator(&services.store, &login)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("--as {login}: no such (enabled) operator"))?;
+            let op = crate::identity::authenticate(&services, loaded, &login, "--as").await?;
             op.require_supervisor("managing delivery API clients")?;
             anyhow::Ok(op)
         }

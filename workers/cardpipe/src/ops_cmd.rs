@@ -16,6 +16,8 @@ use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
 use cardpipe_console::auth::{self, Operator, Role};
 use cardpipe_console::{actions, data};
+
+use crate::identity;
 use clap::Subcommand;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
@@ -41,7 +43,8 @@ pub enum AuditCommand {
 /// `cardpipe operators ...`
 #[derive(Debug, Subcommand)]
 pub enum OperatorsCommand {
-    /// Add an operator. The password is read from standard input (one line) or, with
+    /// Add an operator (a supervisor, `--as`; only the very first operator may be added
+    /// without one). The password is read from standard input (one line) or, with
     /// --generate, generated and printed once.
     Add {
         /// Login (a-z, 0-9, '.', '_', '-').
@@ -52,12 +55,46 @@ pub enum OperatorsCommand {
         /// Generate a random password and print it once.
         #[arg(long)]
         generate: bool,
-        /// Who adds it (recorded in the audit log); default: the local system user.
-        #[arg(long = "as")]
+        /// The supervisor adding it (authenticated: `cardpipe login` or a password prompt).
+        #[arg(long = "as", env = "CARDPIPE_OPERATOR")]
         by: Option<String>,
     },
     /// List operators and roles.
     List,
+    /// Disable an operator: sign-in refused and every session ended at once (supervisor).
+    Disable {
+        /// Login.
+        login: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+        /// The supervisor doing it.
+        #[arg(long = "as", env = "CARDPIPE_OPERATOR")]
+        by: String,
+    },
+    /// Enable a disabled operator again (supervisor).
+    Enable {
+        /// Login.
+        login: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+        /// The supervisor doing it.
+        #[arg(long = "as", env = "CARDPIPE_OPERATOR")]
+        by: String,
+    },
+    /// Set a new password (standard input, one line, or --generate) and end the operator's
+    /// sessions (supervisor).
+    ResetPassword {
+        /// Login.
+        login: String,
+        /// Generate a random password and print it once.
+        #[arg(long)]
+        generate: bool,
+        /// The supervisor doing it.
+        #[arg(long = "as", env = "CARDPIPE_OPERATOR")]
+        by: String,
+    },
 }
 
 /// `cardpipe ops ...` (`discrepancies`, `discrepancy-resolve`: office discrepancies)
@@ -280,9 +317,43 @@ pub async fn audit_cmd(loaded: LoadedConfig, command: AuditCommand) -> anyhow::R
     }
 }
 
+/// A new password: generated, or the first line of standard input.
+fn new_password(generate: bool) -> anyhow::Result<String> {
+    if generate {
+        return Ok(auth::random_password(20));
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow::anyhow!("reading the password from standard input: {e}"))?;
+    Ok(text.lines().next().unwrap_or("").to_owned())
+}
+
+/// `cardpipe login`.
+pub async fn login_cmd(loaded: LoadedConfig, login: &str) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    let console = cardpipe_console::ConsoleConfig::load(&loaded)?;
+    identity::login(&services, &console, login).await
+}
+
+/// `cardpipe logout`.
+pub async fn logout_cmd(loaded: LoadedConfig, login: Option<&str>) -> anyhow::Result<()> {
+    let services = connect(&loaded).await?;
+    identity::logout(&services, login).await
+}
+
 /// `cardpipe operators`.
 pub async fn operators_cmd(loaded: LoadedConfig, command: OperatorsCommand) -> anyhow::Result<()> {
     let services = connect(&loaded).await?;
+    let supervisor = |by: String, what: &'static str| {
+        let services = services.clone();
+        let loaded = &loaded;
+        async move {
+            let op = identity::authenticate(&services, loaded, &by, "--as").await?;
+            op.require_supervisor(what)?;
+            anyhow::Ok(op)
+        }
+    };
     match command {
         OperatorsCommand::Add {
             login,
@@ -291,29 +362,25 @@ pub async fn operators_cmd(loaded: LoadedConfig, command: OperatorsCommand) -> a
             by,
         } => {
             let role = Role::parse(&role)?;
-            let password = if generate {
-                auth::random_password(20)
-            } else {
-                let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                    anyhow::anyhow!("reading the password from standard input: {e}")
-                })?;
-                text.lines().next().unwrap_or("").to_owned()
-            };
-            let by = by.unwrap_or_else(|| {
-                format!(
-                    "system:{}",
-                    std::env::var("USER").unwrap_or_else(|_| "cli".into())
-                )
-            });
-            let by_role = match auth::operator(&services.store, &by).await? {
-                Some(o) => {
-                    o.require_supervisor("adding operators")?;
-                    o.role.as_str()
+            let first = auth::operators(&services.store).await?.is_empty();
+            let (by, by_role) = match by {
+                Some(by) => {
+                    let op = supervisor(by, "adding operators").await?;
+                    (op.login, op.role.as_str())
                 }
-                None if by.starts_with("system:") => "system",
-                None => anyhow::bail!("--as {by}: no such operator"),
+                // Bootstrap only: nobody could authenticate yet.
+                None if first => (
+                    format!(
+                        "system:{}",
+                        std::env::var("USER").unwrap_or_else(|_| "cli".into())
+                    ),
+                    "system",
+                ),
+                None => anyhow::bail!(
+                    "adding an operator needs --as LOGIN of a supervisor (only the first operator may be added without one)"
+                ),
             };
+            let password = new_password(generate)?;
             auth::add_operator(&services, &login, role, &password, (&by, by_role)).await?;
             println!("operator {login} added as {}", role.as_str());
             if generate {
@@ -333,16 +400,57 @@ pub async fn operators_cmd(loaded: LoadedConfig, command: OperatorsCommand) -> a
             println!("{t}");
             Ok(())
         }
+        OperatorsCommand::Disable { login, reason, by }
+        | OperatorsCommand::Enable { login, reason, by } => {
+            let disable = auth::operators(&services.store)
+                .await?
+                .iter()
+                .any(|(l, _, disabled)| *l == login && !disabled);
+            let op = supervisor(by, "disabling or enabling operators").await?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must not be empty");
+            }
+            auth::set_operator_disabled(
+                &services,
+                &login,
+                disable,
+                reason.trim(),
+                (&op.login, op.role.as_str()),
+            )
+            .await?;
+            println!(
+                "operator {login} {}",
+                if disable { "disabled" } else { "enabled" }
+            );
+            Ok(())
+        }
+        OperatorsCommand::ResetPassword {
+            login,
+            generate,
+            by,
+        } => {
+            let op = supervisor(by, "resetting passwords").await?;
+            let password = new_password(generate)?;
+            auth::reset_password(&services, &login, &password, (&op.login, op.role.as_str()))
+                .await?;
+            println!("operator {login}: password reset; their sessions ended");
+            if generate {
+                println!("password (shown once): {password}");
+            }
+            Ok(())
+        }
     }
 }
 
-async fn acting(services: &Services, login: Option<&str>) -> anyhow::Result<Operator> {
+async fn acting(
+    services: &Services,
+    loaded: &LoadedConfig,
+    login: Option<&str>,
+) -> anyhow::Result<Operator> {
     let login = login.ok_or_else(|| {
         anyhow::anyhow!("this action needs --as LOGIN (an operator; see `cardpipe operators list`)")
     })?;
-    auth::operator(&services.store, login)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("--as {login}: no such (enabled) operator"))
+    identity::authenticate(services, loaded, login, "--as").await
 }
 
 fn batch_style() -> ProgressStyle {
@@ -512,7 +620,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 Ok(())
             }
             ParkedAction::Retry { job } => {
-                let op = acting(&services, who).await?;
+                let op = acting(&services, &loaded, who).await?;
                 let new = actions::parked_retry(&services, &op, &job).await?;
                 println!(
                     "job {job} sent back to {} as job {} (audited as {})",
@@ -521,7 +629,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 Ok(())
             }
             ParkedAction::Drop { job, reason } => {
-                let op = acting(&services, who).await?;
+                let op = acting(&services, &loaded, who).await?;
                 let p = actions::parked_drop(&services, &op, &job, &reason).await?;
                 println!(
                     "job {job} of application {} dropped (audited as {})",
@@ -530,7 +638,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 Ok(())
             }
             ParkedAction::Fail { job, reason } => {
-                let op = acting(&services, who).await?;
+                let op = acting(&services, &loaded, who).await?;
                 let to = actions::parked_fail(&services, &op, &job, &reason).await?;
                 println!(
                     "job {job} force-failed; the application is now {} (audited as {})",
@@ -571,10 +679,10 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 Ok(())
             }
             EncoderAction::Out { name, reason } => {
-                encoder_service(&services, who, &name, false, &reason).await
+                encoder_service(&services, &loaded, who, &name, false, &reason).await
             }
             EncoderAction::In { name, reason } => {
-                encoder_service(&services, who, &name, true, &reason).await
+                encoder_service(&services, &loaded, who, &name, true, &reason).await
             }
         },
         OpsCommand::Adjudications => {
@@ -631,7 +739,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                     );
                 }
                 DeadLetterAction::Requeue { seq } => {
-                    let op = acting(&services, who).await?;
+                    let op = acting(&services, &loaded, who).await?;
                     op.require_supervisor("re-queueing a dead letter")?;
                     let letter = cardpipe_common::dead_letters::requeue(
                         &services,
@@ -645,7 +753,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                     );
                 }
                 DeadLetterAction::Discard { seq, reason } => {
-                    let op = acting(&services, who).await?;
+                    let op = acting(&services, &loaded, who).await?;
                     op.require_supervisor("discarding a dead letter")?;
                     let letter = cardpipe_common::dead_letters::discard(
                         &services,
@@ -697,7 +805,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             Ok(())
         }
         OpsCommand::DiscrepancyResolve { id, outcome, note } => {
-            let op = acting(&services, who).await?;
+            let op = acting(&services, &loaded, who).await?;
             let r = actions::resolve_discrepancy(&services, &op, &id, &outcome, &note).await?;
             println!(
                 "discrepancy {id} resolved: {}{} (audited as {})",
@@ -710,7 +818,7 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             Ok(())
         }
         OpsCommand::HandoverUnlock { application_id } => {
-            let op = acting(&services, who).await?;
+            let op = acting(&services, &loaded, who).await?;
             op.require_supervisor("unlocking fingerprint attempts at handover")?;
             cardpipe_delivery::office::unlock_handover(
                 &services,
@@ -750,12 +858,13 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
 
 async fn encoder_service(
     services: &Services,
+    loaded: &LoadedConfig,
     who: Option<&str>,
     name: &str,
     in_service: bool,
     reason: &str,
 ) -> anyhow::Result<()> {
-    let op = acting(services, who).await?;
+    let op = acting(services, loaded, who).await?;
     actions::encoder_service(services, None, &op, name, in_service, reason).await?;
     println!(
         "encoder {name} {} (applied by every process driving it within seconds; audited as {})",

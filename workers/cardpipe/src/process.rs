@@ -129,9 +129,13 @@ pub async fn run(
     let http = {
         let stop = http_stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            // With the peer address in each request (the console's per-address sign-in limit).
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
         })
     };
     tracing::info!(listen = %config.http.listen, stages = ?stage_names, "cardpipe running; /metrics /healthz /readyz served");

@@ -120,16 +120,16 @@ async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
     Ok(services)
 }
 
-/// Checks that `login` is an enabled console operator who may act (`supervisor`: and is a
+/// Authenticates `login` (`--operator`: a session from `cardpipe login` or the password at
+/// the terminal) as an enabled console operator who may act (`supervisor`: and is a
 /// supervisor, for `what`).
 async fn require_operator(
     services: &Services,
+    loaded: &LoadedConfig,
     login: &str,
     supervisor: Option<&str>,
 ) -> anyhow::Result<()> {
-    let op = cardpipe_console::auth::operator(&services.store, login)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("--operator {login}: no such (enabled) console operator"))?;
+    let op = crate::identity::authenticate(services, loaded, login, "--operator").await?;
     match supervisor {
         Some(what) => op.require_supervisor(what)?,
         None => op.require_act("stock operations")?,
@@ -155,7 +155,7 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
             lot,
             operator,
         } => {
-            require_operator(&services, &operator, None).await?;
+            require_operator(&services, &loaded, &operator, None).await?;
             let lot = NewLot {
                 lot_id: lot,
                 supplier,
@@ -187,7 +187,7 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
             reason,
             operator,
         } => {
-            require_operator(&services, &operator, None).await?;
+            require_operator(&services, &loaded, &operator, None).await?;
             stock::return_card(&services, &serial, &operator, &reason).await?;
             println!("{serial}: returned");
         }
@@ -196,13 +196,13 @@ pub async fn stock(loaded: LoadedConfig, command: StockCommand) -> anyhow::Resul
                 operator: op,
                 serials,
             } => {
-                require_operator(&services, &op, None).await?;
+                require_operator(&services, &loaded, &op, None).await?;
                 let operator = op;
                 let list = (!serials.is_empty()).then_some(serials);
                 print(&stock::prepare_destruction(&services, &operator, list.as_deref()).await?)?;
             }
             DestroyStep::Witness { id, operator: op } => {
-                require_operator(&services, &op, Some("witnessing a destruction")).await?;
+                require_operator(&services, &loaded, &op, Some("witnessing a destruction")).await?;
                 let operator = op;
                 print(&stock::witness_destruction(&services, &id, &operator).await?)?;
             }
@@ -218,7 +218,13 @@ pub async fn reprint(loaded: LoadedConfig, args: ReprintArgs) -> anyhow::Result<
         anyhow::anyhow!("--reason must be damaged, lost_in_transit or data_error")
     })?;
     let services = connect(&loaded).await?;
-    require_operator(&services, &args.operator, Some("requesting a reprint")).await?;
+    require_operator(
+        &services,
+        &loaded,
+        &args.operator,
+        Some("requesting a reprint"),
+    )
+    .await?;
     let out = reprint::request(
         &services,
         &ApplicationId(args.application_id),

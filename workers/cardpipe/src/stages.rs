@@ -358,6 +358,12 @@ pub fn background(
         cardpipe_delivery::background::Scheduler::new(ctx.delivery()?, _services.clone())
             .run(_shutdown.clone()),
     );
+    // Envelope: national-code digests moved to the current lookup key after a rotation.
+    _tasks.spawn(cardpipe_common::records::redigest_background(
+        _services.clone(),
+        std::time::Duration::from_secs(60),
+        _shutdown.clone(),
+    ));
     // Stock: periodic reconciliation behind cardpipe_stock_imbalance_cards.
     {
         let cfg = cardpipe_qc::stock::load(_config)?;

@@ -288,12 +288,27 @@ async fn count(store: &Store, sql: &str) -> i64 {
 }
 
 fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+    cli_with_input(dir, args, "")
+}
+
+/// Runs the binary with `input` on standard input (a password) and the token file of `dir`.
+fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
         .args(args)
         .current_dir(dir)
         .env_remove("CARDPIPE_CONFIG")
-        .output()
-        .expect("run cardpipe")
+        .env_remove("CARDPIPE_OPERATOR")
+        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cardpipe");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("cardpipe output")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -542,7 +557,13 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     );
     run.terminate();
 
-    // The same operations on the command line.
+    // The same operations on the command line, each operator signed in with `cardpipe login`.
+    let signed_in = cli_with_input(dir.path(), &["login", "admin"], &format!("{password}\n"));
+    assert!(
+        signed_in.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed_in.stderr)
+    );
     let add = cli(
         dir.path(),
         &[
@@ -561,7 +582,23 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
         "{}",
         String::from_utf8_lossy(&add.stderr)
     );
-    assert!(String::from_utf8_lossy(&add.stdout).contains("password (shown once)"));
+    let added = String::from_utf8_lossy(&add.stdout).into_owned();
+    let sara_password = added
+        .lines()
+        .find_map(|l| l.strip_prefix("password (shown once): "))
+        .expect("the generated password is printed once")
+        .trim()
+        .to_owned();
+    let sara_in = cli_with_input(
+        dir.path(),
+        &["login", "sara"],
+        &format!("{sara_password}\n"),
+    );
+    assert!(
+        sara_in.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sara_in.stderr)
+    );
     let status = cli(dir.path(), &["ops", "status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(

@@ -11,13 +11,27 @@ use cardpipe_common::store::Store;
 use sqlx::Row;
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+    cli_with_input(dir, args, "")
+}
+
+/// Runs the binary with `input` on standard input (a password) and the token file of `dir`.
+fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
         .args(args)
         .current_dir(dir)
         .env_remove("CARDPIPE_CONFIG")
         .env_remove("CARDPIPE_OPERATOR")
-        .output()
-        .expect("run cardpipe")
+        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cardpipe");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("cardpipe output")
 }
 
 fn ok(out: &Output) -> String {
@@ -41,18 +55,13 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ok(&cli(d, &["migrate"]));
-    ok(&cli(
+    ok(&cli_with_input(
         d,
-        &[
-            "operators",
-            "add",
-            "boss",
-            "--role",
-            "supervisor",
-            "--generate",
-        ],
+        &["operators", "add", "boss", "--role", "supervisor"],
+        "boss-password-1\n",
     ));
-    ok(&cli(
+    ok(&cli_with_input(d, &["login", "boss"], "boss-password-1\n"));
+    ok(&cli_with_input(
         d,
         &[
             "operators",
@@ -60,11 +69,12 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
             "olga",
             "--role",
             "operator",
-            "--generate",
             "--as",
             "boss",
         ],
+        "olga-password-1\n",
     ));
+    ok(&cli_with_input(d, &["login", "olga"], "olga-password-1\n"));
 
     // Delivery API clients: supervisors only; the token is printed once, stored hashed.
     refused(
@@ -244,7 +254,7 @@ async fn offices_clients_and_discrepancies_on_the_command_line() {
                 "mallory",
             ],
         ),
-        "no such",
+        "not signed in",
     );
 
     // Audited under the supervisor.

@@ -5,13 +5,17 @@
 //!   database keeps only its SHA-256, the login, a per-session CSRF token and the expiry.
 //! * The first supervisor, `admin`, is created at start when no operator exists, with a random
 //!   password written to `<data_dir>/console-admin-password` (mode 0600). It is never logged.
-//! * Failed logins count per login in a sliding window; past the limit the login is refused
-//!   (even with the right password) until the window passes. Every failure increments
-//!   `cardpipe_console_login_failures_total{reason}`.
+//! * Sign-in attempts are limited per login and per client address within a window, in the
+//!   store (table `sign_in_limits`), so every replica shares the count. An attempt is
+//!   reserved atomically BEFORE its password is checked: parallel guesses never get more
+//!   checks than the limit. Past it the login is refused (even with the right password)
+//!   until the window passes; a successful sign-in gives its reservations back. At most
+//!   `login_concurrent_checks` argon2id checks (19 MiB each) run at once per process; a
+//!   sign-in that cannot get one within a few seconds is refused as busy. Every refusal
+//!   increments `cardpipe_console_login_failures_total{reason}`.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -131,9 +135,12 @@ pub enum AuthError {
     /// Wrong login or password (deliberately not saying which).
     #[error("wrong login or password")]
     BadCredentials,
-    /// Too many failures for this login.
+    /// Too many attempts for this login or from this address.
     #[error("too many failed logins for this account; try again in {0} seconds")]
     RateLimited(u64),
+    /// Too many sign-ins are being checked at once.
+    #[error("too many sign-ins are being checked at once; try again in a few seconds")]
+    Busy,
     /// The role does not allow the action.
     #[error("{0}")]
     Forbidden(String),
@@ -270,6 +277,120 @@ pub async fn add_operator(
             action: "operator.add",
             subject: login,
             details: serde_json::json!({ "role": role.as_str() }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Disables (`true`) or enables an operator, audited as done by `by` (login, role; the
+/// caller has checked that it is a supervisor). Disabling ends the operator's sessions at
+/// once (console and command line) and refuses to disable the last enabled supervisor, so
+/// the centre can never lock itself out.
+pub async fn set_operator_disabled(
+    services: &Services,
+    login: &str,
+    disabled: bool,
+    reason: &str,
+    by: (&str, &str),
+) -> Result<(), AuthError> {
+    let now = services.clock.now();
+    let mut tx = services.store.begin().await?;
+    let row = sqlx::query("SELECT role, disabled FROM operators WHERE login = $1")
+        .bind(login)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| AuthError::Unknown(login.to_owned()))?;
+    let role = Role::parse(&row.try_get::<String, _>("role")?)?;
+    if disabled && role.is_supervisor() {
+        let others: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM operators WHERE role = 'supervisor' AND disabled = 0 AND login <> $1",
+        )
+        .bind(login)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        if others == 0 {
+            return Err(AuthError::Forbidden(format!(
+                "{login} is the last enabled supervisor; enable or add another first"
+            )));
+        }
+    }
+    sqlx::query("UPDATE operators SET disabled = $1 WHERE login = $2")
+        .bind(i64::from(disabled))
+        .bind(login)
+        .execute(&mut *tx)
+        .await?;
+    if disabled {
+        sqlx::query("DELETE FROM console_sessions WHERE login = $1")
+            .bind(login)
+            .execute(&mut *tx)
+            .await?;
+    }
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: by.0,
+            role: by.1,
+            action: if disabled {
+                "operator.disable"
+            } else {
+                "operator.enable"
+            },
+            subject: login,
+            details: serde_json::json!({ "reason": reason }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Sets a new password for an operator (hashing off the async threads), ends the operator's
+/// sessions and audits it as done by `by` (the caller has checked that it is a supervisor).
+pub async fn reset_password(
+    services: &Services,
+    login: &str,
+    password: &str,
+    by: (&str, &str),
+) -> Result<(), AuthError> {
+    check_password(password)?;
+    let password = password.to_owned();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| AuthError::Hash(e.to_string()))??;
+    let now = services.clock.now();
+    let mut tx = services.store.begin().await?;
+    let done = sqlx::query(
+        "UPDATE operators SET password_hash = $1, password_changed_at = $2 WHERE login = $3",
+    )
+    .bind(&hash)
+    .bind(to_rfc3339(now))
+    .bind(login)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(AuthError::Unknown(login.to_owned()));
+    }
+    sqlx::query("DELETE FROM console_sessions WHERE login = $1")
+        .bind(login)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM sign_in_limits WHERE limit_key = $1")
+        .bind(format!("login:{login}"))
+        .execute(&mut *tx)
+        .await?;
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: by.0,
+            role: by.1,
+            action: "operator.reset_password",
+            subject: login,
+            details: serde_json::json!({}),
         },
     )
     .await?;
@@ -460,14 +581,21 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
-/// The login rate limit and its failure counter.
+/// The sign-in limits and their refusal counter (see the module docs).
 #[derive(Clone)]
 pub struct LoginGuard {
-    failures: Arc<Mutex<HashMap<String, Vec<OffsetDateTime>>>>,
-    /// Failures allowed in the window.
+    /// Attempts allowed per login within the window.
     pub max_failures: usize,
+    /// Attempts allowed per client address within the window.
+    pub max_per_address: usize,
     /// The window.
     pub window: Duration,
+    /// Password checks allowed at once in this process.
+    checks: Arc<tokio::sync::Semaphore>,
+    /// How long a sign-in waits for a password check slot before it is refused as busy.
+    check_wait: Duration,
+    /// Password checks run (argon2id evaluations, the dummy one for unknown logins included).
+    evaluated: Counter,
     counter: Family<ReasonLabel, Counter>,
 }
 
@@ -475,58 +603,100 @@ impl std::fmt::Debug for LoginGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoginGuard")
             .field("max_failures", &self.max_failures)
+            .field("max_per_address", &self.max_per_address)
             .field("window", &self.window)
             .finish()
     }
 }
 
+/// What [`LoginGuard::new`] takes.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    /// Attempts allowed per login within the window.
+    pub per_login: usize,
+    /// Attempts allowed per client address within the window.
+    pub per_address: usize,
+    /// The window.
+    pub window: Duration,
+    /// Password checks at once in this process.
+    pub concurrent_checks: usize,
+}
+
 impl LoginGuard {
-    /// A guard allowing `max_failures` per login per `window`, registering
-    /// `cardpipe_console_login_failures_total` in the services' metrics.
-    pub fn new(services: &Services, max_failures: usize, window: Duration) -> Self {
+    /// A guard with `limits`, registering `cardpipe_console_login_failures_total` and
+    /// `cardpipe_console_password_checks_total` in the services' metrics.
+    pub fn new(services: &Services, limits: LoginLimits) -> Self {
         let counter = Family::<ReasonLabel, Counter>::default();
+        let evaluated = Counter::default();
         services.metrics.register(|r| {
             r.register(
                 "console_login_failures",
-                "Failed console logins (reason = bad_credentials | rate_limited)",
+                "Refused sign-ins (reason = bad_credentials | rate_limited | busy)",
                 counter.clone(),
-            )
+            );
+            r.register(
+                "console_password_checks",
+                "Password checks (argon2id) run for sign-ins",
+                evaluated.clone(),
+            );
         });
         Self {
-            failures: Arc::default(),
-            max_failures: max_failures.max(1),
-            window,
+            max_failures: limits.per_login.max(1),
+            max_per_address: limits.per_address.max(1),
+            window: limits.window,
+            checks: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_checks.max(1))),
+            check_wait: Duration::from_secs(5),
+            evaluated,
             counter,
         }
     }
 
-    /// Failures counted so far with `reason`.
+    /// Refusals counted so far with `reason`.
     pub fn failures_total(&self, reason: &'static str) -> u64 {
         self.counter.get_or_create(&ReasonLabel { reason }).get()
     }
 
-    /// Checks `login`/`password`; counts failures and enforces the limit.
+    /// Password checks run so far by this guard.
+    pub fn checks_evaluated(&self) -> u64 {
+        self.evaluated.get()
+    }
+
+    fn refuse(&self, reason: &'static str, error: AuthError) -> AuthError {
+        self.counter.get_or_create(&ReasonLabel { reason }).inc();
+        error
+    }
+
+    /// Checks `login`/`password` from `client` (the peer address, when known): reserves an
+    /// attempt for the address and for the login, then checks the password.
     pub async fn login(
         &self,
         store: &Store,
         login: &str,
         password: &str,
+        client: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Operator, AuthError> {
         let key = login.trim().to_ascii_lowercase();
+        let address_key =
+            client.map(|c| format!("addr:{}", c.chars().take(64).collect::<String>()));
+        if let Some(address_key) = &address_key
+            && let Some(wait) = self
+                .reserve(store, address_key, self.max_per_address, now)
+                .await?
         {
-            let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            let list = map.entry(key.clone()).or_default();
-            list.retain(|t| *t + self.window > now);
-            if list.len() >= self.max_failures {
-                let wait = (list[0] + self.window - now).whole_seconds().max(1) as u64;
-                self.counter
-                    .get_or_create(&ReasonLabel {
-                        reason: "rate_limited",
-                    })
-                    .inc();
-                return Err(AuthError::RateLimited(wait));
-            }
+            return Err(self.refuse("rate_limited", AuthError::RateLimited(wait)));
+        }
+        // A login that cannot exist is refused without a password check (the format rules
+        // are public) and without a row of its own: the key space stays that of real logins.
+        if check_login(&key).is_err() {
+            return Err(self.refuse("bad_credentials", AuthError::BadCredentials));
+        }
+        let login_key = format!("login:{key}");
+        if let Some(wait) = self
+            .reserve(store, &login_key, self.max_failures, now)
+            .await?
+        {
+            return Err(self.refuse("rate_limited", AuthError::RateLimited(wait)));
         }
         let row = sqlx::query(
             "SELECT login, role, password_hash FROM operators WHERE login = $1 AND disabled = 0",
@@ -539,33 +709,82 @@ impl LoginGuard {
             // Verify against a fixed hash anyway so timing does not reveal unknown logins.
             None => (DUMMY_HASH.to_owned(), false),
         };
+        let Ok(permit) =
+            tokio::time::timeout(self.check_wait, self.checks.clone().acquire_owned()).await
+        else {
+            return Err(self.refuse("busy", AuthError::Busy));
+        };
+        let permit = permit.map_err(|_| self.refuse("busy", AuthError::Busy))?;
+        self.evaluated.inc();
         let candidate = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || verify_password(&candidate, &hash))
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_password(&candidate, &hash)
+        })
+        .await
+        .unwrap_or(false);
         if ok && found {
             let row = row.expect("found");
-            self.failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            // The reservations of a successful sign-in are given back.
+            sqlx::query("DELETE FROM sign_in_limits WHERE limit_key = $1")
+                .bind(&login_key)
+                .execute(store.pool())
+                .await?;
+            if let Some(address_key) = &address_key {
+                sqlx::query(
+                    "UPDATE sign_in_limits SET attempts = attempts - 1
+                     WHERE limit_key = $1 AND attempts > 0",
+                )
+                .bind(address_key)
+                .execute(store.pool())
+                .await?;
+            }
             return Ok(Operator {
                 login: row.try_get("login")?,
                 role: Role::parse(&row.try_get::<String, _>("role")?)?,
             });
         }
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .push(now);
-        self.counter
-            .get_or_create(&ReasonLabel {
-                reason: "bad_credentials",
-            })
-            .inc();
-        Err(AuthError::BadCredentials)
+        Err(self.refuse("bad_credentials", AuthError::BadCredentials))
+    }
+
+    /// Counts one attempt for `key` (atomic in the store: an upsert that restarts the
+    /// window once it has passed); `Some(seconds to wait)` when the attempt is past `max`.
+    async fn reserve(
+        &self,
+        store: &Store,
+        key: &str,
+        max: usize,
+        now: OffsetDateTime,
+    ) -> Result<Option<u64>, AuthError> {
+        let window = time::Duration::try_from(self.window).unwrap_or(time::Duration::HOUR);
+        let cutoff = to_rfc3339(now - window);
+        sqlx::query("DELETE FROM sign_in_limits WHERE window_start <= $1")
+            .bind(&cutoff)
+            .execute(store.pool())
+            .await?;
+        let row = sqlx::query(
+            "INSERT INTO sign_in_limits (limit_key, window_start, attempts) VALUES ($1, $2, 1)
+             ON CONFLICT (limit_key) DO UPDATE SET
+               attempts = CASE WHEN sign_in_limits.window_start <= $3 THEN 1
+                               ELSE sign_in_limits.attempts + 1 END,
+               window_start = CASE WHEN sign_in_limits.window_start <= $3 THEN $2
+                                   ELSE sign_in_limits.window_start END
+             RETURNING attempts, window_start",
+        )
+        .bind(key)
+        .bind(to_rfc3339(now))
+        .bind(&cutoff)
+        .fetch_one(store.pool())
+        .await?;
+        let attempts: i64 = row.try_get("attempts")?;
+        if attempts <= i64::try_from(max).unwrap_or(i64::MAX) {
+            return Ok(None);
+        }
+        let started: String = row.try_get("window_start")?;
+        let wait = from_rfc3339(&started)
+            .map(|s| (s + window - now).whole_seconds().max(1) as u64)
+            .unwrap_or(self.window.as_secs());
+        Ok(Some(wait))
     }
 }
 

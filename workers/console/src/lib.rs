@@ -37,10 +37,16 @@ pub const SECTION: &str = "console";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleConfig {
-    /// Failed logins allowed per login within the window before it is locked for the window.
+    /// Sign-in attempts allowed per login within the window; past it the login is locked for
+    /// the rest of the window (a successful sign-in resets the count).
     pub login_max_failures: usize,
+    /// Sign-in attempts allowed per client address within the window.
+    pub login_max_attempts_per_address: usize,
     /// The window, seconds.
     pub login_window_seconds: u64,
+    /// Password checks (argon2id, 19 MiB each) run at once per process; a sign-in that waits
+    /// more than 5 s for one is refused as busy.
+    pub login_concurrent_checks: usize,
     /// Mark cookies `Secure` (set when the console is served over HTTPS).
     pub secure_cookies: bool,
     /// Create the first supervisor `admin` when no operator exists.
@@ -51,7 +57,9 @@ impl Default for ConsoleConfig {
     fn default() -> Self {
         Self {
             login_max_failures: 5,
+            login_max_attempts_per_address: 50,
             login_window_seconds: 900,
+            login_concurrent_checks: 4,
             secure_cookies: false,
             create_admin: true,
         }
@@ -59,6 +67,16 @@ impl Default for ConsoleConfig {
 }
 
 impl ConsoleConfig {
+    /// The sign-in limits of this configuration.
+    pub fn login_limits(&self) -> auth::LoginLimits {
+        auth::LoginLimits {
+            per_login: self.login_max_failures,
+            per_address: self.login_max_attempts_per_address,
+            window: Duration::from_secs(self.login_window_seconds),
+            concurrent_checks: self.login_concurrent_checks,
+        }
+    }
+
     /// Reads `[console]` (defaults when the section is absent).
     pub fn load(config: &LoadedConfig) -> anyhow::Result<Self> {
         match config.section::<Self>(SECTION) {
@@ -110,11 +128,7 @@ pub fn router(
     stages: Vec<String>,
     farm: Option<Arc<Farm>>,
 ) -> axum::Router {
-    let guard = auth::LoginGuard::new(
-        &services,
-        config.login_max_failures,
-        Duration::from_secs(config.login_window_seconds),
-    );
+    let guard = auth::LoginGuard::new(&services, config.login_limits());
     web::router(web::ConsoleState {
         services,
         stages,

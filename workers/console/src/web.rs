@@ -305,8 +305,30 @@ struct LoginForm {
     csrf: String,
 }
 
+/// The peer address of a request, when the server was started with connect info (the
+/// per-address sign-in limit); `None` under a bare router (tests).
+#[derive(Debug)]
+struct ClientAddress(Option<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddress(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip().to_string()),
+        ))
+    }
+}
+
 async fn login(
     State(st): State<ConsoleState>,
+    ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -320,11 +342,17 @@ async fn login(
     let now = st.services.clock.now();
     let operator = match st
         .guard
-        .login(&st.services.store, &f.login, &f.password, now)
+        .login(
+            &st.services.store,
+            &f.login,
+            &f.password,
+            client.as_deref(),
+            now,
+        )
         .await
     {
         Ok(o) => o,
-        Err(e @ (AuthError::BadCredentials | AuthError::RateLimited(_))) => {
+        Err(e @ (AuthError::BadCredentials | AuthError::RateLimited(_) | AuthError::Busy)) => {
             let login = f.login.trim().to_ascii_lowercase();
             let subject = if auth::check_login(&login).is_ok() {
                 login
@@ -340,7 +368,11 @@ async fn login(
                     action: "console.login_failed",
                     subject: &subject,
                     details: serde_json::json!({
-                        "reason": if matches!(e, AuthError::RateLimited(_)) { "rate_limited" } else { "bad_credentials" }
+                        "reason": match e {
+                            AuthError::RateLimited(_) => "rate_limited",
+                            AuthError::Busy => "busy",
+                            _ => "bad_credentials",
+                        }
                     }),
                 },
             )

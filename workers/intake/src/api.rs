@@ -69,6 +69,8 @@ const OFFICE_CHANGEABLE: &[ApplicationState] = &[
 struct AppState {
     services: Services,
     cfg: Arc<RegistryConfig>,
+    /// One permit per batch submission being received (`max_concurrent_submissions`).
+    submissions: Arc<tokio::sync::Semaphore>,
 }
 
 /// An API error: status and a message naming fields, never values.
@@ -88,6 +90,7 @@ impl From<IntakeError> for ApiError {
             IntakeError::NotFound(_) => StatusCode::NOT_FOUND,
             IntakeError::Busy | IntakeError::Conflict(_) => StatusCode::CONFLICT,
             IntakeError::Body(_) => StatusCode::BAD_REQUEST,
+            IntakeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IntakeError::Store(_) | IntakeError::Records(_) => {
                 tracing::error!(error = %e, "registry API request failed");
                 return ApiError(
@@ -154,9 +157,13 @@ async fn audit_registry(
 
 /// The registry API router.
 pub fn router(services: Services, config: RegistryConfig) -> Router {
+    let submissions = Arc::new(tokio::sync::Semaphore::new(
+        config.intake.max_concurrent_submissions.max(1),
+    ));
     let state = AppState {
         services,
         cfg: Arc::new(config),
+        submissions,
     };
     Router::new()
         .route("/api/openapi.json", get(openapi))
@@ -200,14 +207,70 @@ async fn submit(
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| bad("the Idempotency-Key header is required"))?
         .to_owned();
-    let submission = intake::submit_batch(
+    let limits = &state.cfg.intake;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        state
+            .services
+            .metrics
+            .intake_submission_refused("body_too_large");
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the batch body is larger than {} bytes (registry.intake.max_body_bytes); split the batch",
+                limits.max_body_bytes
+            ),
+        ));
+    }
+    // Refused at once rather than queued: a queued submission would hold its connection and
+    // body buffers while it waits.
+    let Ok(_permit) = state.submissions.clone().try_acquire_owned() else {
+        state
+            .services
+            .metrics
+            .intake_submission_refused("too_many_submissions");
+        let retry_after = limits.retry_after_secs.max(1);
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_after.to_string())],
+            Json(json!({ "error": format!(
+                "{} batch submissions are being received (registry.intake.max_concurrent_submissions); retry after {retry_after} s",
+                limits.max_concurrent_submissions
+            ) })),
+        )
+            .into_response());
+    };
+    let submission = match intake::submit_batch(
         &state.services,
         &state.cfg,
         &client,
         &key,
         body.into_data_stream(),
     )
-    .await?;
+    .await
+    {
+        Ok(s) => s,
+        Err(IntakeError::TooLarge {
+            reason,
+            batch_id,
+            message,
+        }) => {
+            state.services.metrics.intake_submission_refused(reason);
+            audit_registry(
+                &state,
+                &client,
+                "registry.batch_truncated",
+                &batch_id,
+                json!({ "idempotency_key": key, "reason": reason }),
+            )
+            .await?;
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, message));
+        }
+        Err(e) => return Err(e.into()),
+    };
     audit_registry(
         &state,
         &client,

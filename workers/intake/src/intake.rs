@@ -16,7 +16,7 @@ use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{NewApplication, Store, StoreError};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -62,7 +62,23 @@ pub enum IntakeError {
     /// Not allowed in the current state.
     #[error("{0}")]
     Conflict(String),
+    /// The submission is past a bound of `[registry.intake]` (body bytes, records): what
+    /// was committed before stays; the registry splits the batch.
+    #[error("{message}")]
+    TooLarge {
+        /// Which bound: `body_too_large` or `too_many_records` (a metric label).
+        reason: &'static str,
+        /// The batch, closed with the lines received before the bound.
+        batch_id: String,
+        /// What was refused and what was kept.
+        message: String,
+    },
 }
+
+/// The body stream passed `max_body_bytes` (carried through the line reader's I/O error).
+#[derive(Debug, thiserror::Error)]
+#[error("the batch body is larger than {0} bytes (registry.intake.max_body_bytes)")]
+struct BodyTooLarge(u64);
 
 impl From<sqlx::Error> for IntakeError {
     fn from(e: sqlx::Error) -> Self {
@@ -254,6 +270,7 @@ async fn fetch_artifact(
     cfg: &RegistryConfig,
     r: ArtifactRef,
     field: &str,
+    max_bytes: u64,
     errors: &mut Vec<FieldError>,
 ) -> Option<Vec<u8>> {
     match r {
@@ -269,8 +286,15 @@ async fn fetch_artifact(
                 ));
                 return None;
             }
-            match services.objects.get(&key).await {
+            match services.objects.get_bounded(&key, max_bytes).await {
                 Ok(Some(b)) => Some(b.to_vec()),
+                Err(cardpipe_common::objects::ObjectError::TooLarge { max, .. }) => {
+                    errors.push(FieldError::new(
+                        field,
+                        format!("object is larger than {max} bytes"),
+                    ));
+                    None
+                }
                 Ok(None) => {
                     errors.push(FieldError::new(
                         field,
@@ -317,7 +341,10 @@ async fn validate_line(
     drop(value);
     let mut errors = std::mem::take(&mut checked.errors);
     let photo = match checked.photo.take() {
-        Some(r) => fetch_artifact(services, cfg, r, "photo", &mut errors).await,
+        Some(r) => {
+            let max = cfg.photo_max_bytes as u64;
+            fetch_artifact(services, cfg, r, "photo", max, &mut errors).await
+        }
         None => None,
     };
     let prints = match checked.prints.take() {
@@ -330,7 +357,8 @@ async fn validate_line(
                     PrintRef::Missing(reason) => out.push((pos, None, Some(reason))),
                     PrintRef::Template(r) => {
                         let field = format!("fingerprints.position_{pos}.template");
-                        match fetch_artifact(services, cfg, r, &field, &mut errors).await {
+                        let max = cfg.intake.template_max_bytes;
+                        match fetch_artifact(services, cfg, r, &field, max, &mut errors).await {
                             Some(b) => out.push((pos, Some(b), None)),
                             None => ok = false,
                         }
@@ -731,7 +759,17 @@ where
         .iter()
         .map(|r| r.try_get::<i64, _>("line"))
         .collect::<Result<_, _>>()?;
-    let reader = StreamReader::new(body.map_err(std::io::Error::other));
+    let max_body = cfg.intake.max_body_bytes;
+    let mut body_bytes: u64 = 0;
+    let body = body.map(move |part| {
+        let part = part.map_err(std::io::Error::other)?;
+        body_bytes = body_bytes.saturating_add(part.len() as u64);
+        if body_bytes > max_body {
+            return Err(std::io::Error::other(BodyTooLarge(max_body)));
+        }
+        Ok(part)
+    });
+    let reader = StreamReader::new(body);
     let mut lines = FramedRead::with_capacity(
         reader,
         Lines {
@@ -765,11 +803,33 @@ where
         client,
     };
     let chunk_size = cfg.chunk_size.max(1);
+    let chunk_bytes = cfg.intake.chunk_bytes.max(1);
+    let max_records = i64::try_from(cfg.intake.max_records).unwrap_or(i64::MAX);
     let mut chunk: Vec<(i64, BytesMut)> = Vec::with_capacity(chunk_size);
+    let mut buffered: usize = 0;
     let mut too_long: Vec<i64> = Vec::new();
     let mut line_no: i64 = 0;
     while let Some(item) = lines.next().await {
-        let item = item.map_err(IntakeError::Body)?;
+        let item = match item {
+            Ok(_) if line_no >= max_records => {
+                let why = format!(
+                    "the batch has more than {max_records} lines (registry.intake.max_records)"
+                );
+                let reason = "too_many_records";
+                return Err(truncate(&ctx, &mut chunk, &mut too_long, line_no, reason, why).await);
+            }
+            Ok(item) => item,
+            Err(e) => match e.get_ref().and_then(|e| e.downcast_ref::<BodyTooLarge>()) {
+                Some(too_large) => {
+                    let why = too_large.to_string();
+                    let reason = "body_too_large";
+                    return Err(
+                        truncate(&ctx, &mut chunk, &mut too_long, line_no, reason, why).await,
+                    );
+                }
+                None => return Err(IntakeError::Body(e)),
+            },
+        };
         line_no += 1;
         if recorded.contains(&line_no) {
             continue;
@@ -777,9 +837,13 @@ where
         match item {
             LineItem::TooLong => too_long.push(line_no),
             LineItem::Line(b) if b.iter().all(u8::is_ascii_whitespace) => {}
-            LineItem::Line(b) => chunk.push((line_no, b)),
+            LineItem::Line(b) => {
+                buffered += b.len();
+                chunk.push((line_no, b));
+            }
         }
-        if chunk.len() + too_long.len() >= chunk_size {
+        if chunk.len() + too_long.len() >= chunk_size || buffered >= chunk_bytes {
+            buffered = 0;
             flush(&ctx, &mut chunk, &mut too_long).await?;
             services
                 .store
@@ -794,6 +858,34 @@ where
     }
     flush(&ctx, &mut chunk, &mut too_long).await?;
     finish(services, batch_id).await
+}
+
+/// A submission past a bound of `[registry.intake]`: the whole lines read so far are
+/// committed and the batch is closed with them (nothing accepted is lost, and its report
+/// lists them); the answer names the bound and the last line received, so the registry sends
+/// the rest as a new batch.
+async fn truncate(
+    ctx: &BatchCtx<'_>,
+    chunk: &mut Vec<(i64, BytesMut)>,
+    too_long: &mut Vec<i64>,
+    last_line: i64,
+    reason: &'static str,
+    why: String,
+) -> IntakeError {
+    if let Err(e) = flush(ctx, chunk, too_long).await {
+        return e;
+    }
+    if let Err(e) = finish(ctx.services, ctx.batch_id).await {
+        return e;
+    }
+    IntakeError::TooLarge {
+        reason,
+        batch_id: ctx.batch_id.to_owned(),
+        message: format!(
+            "{why}: lines 1 to {last_line} were received as batch {}; send the rest as a new batch",
+            ctx.batch_id
+        ),
+    }
 }
 
 async fn flush(
