@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::domain::ApplicationId;
+use crate::runtime::Services;
 use crate::store::{Store, StoreError, StoreTx};
 
 /// The stages' queue names (`cardpipe worker <name>`).
@@ -37,6 +38,64 @@ pub mod stage_names {
 /// Artifact kind of the card package the keys stage writes and personalization reads
 /// (credentials: certificates, wrapped private keys, LDS data groups, EF.SOD).
 pub const CREDENTIALS_ARTIFACT: &str = "credentials";
+
+/// Object key of a card package of `app`: `issuance` (1-based: the application's committed
+/// packages + 1) and the package's own authentication-certificate serial. Not one name per
+/// issuance: two deliveries of the same keys job can run at once (a re-queued stranded job
+/// beside the original), and the loser's package would overwrite the winner's after the
+/// winner committed. A package of an attempt that never committed is destroyed with the
+/// application's others ([`KEY_DESTRUCTION_TOPIC`]: QC pass and every terminal path).
+pub fn credentials_object_key(app: &ApplicationId, issuance: i64, serial: &str) -> String {
+    format!("applications/{app}/credentials-{issuance}-{serial}.sealed")
+}
+
+/// Seals a card package (it holds DG1 name and national code, DG2 photo, DG3 templates,
+/// DG11 address): the envelope binds it to `credentials:<application>`.
+pub fn seal_credentials(services: &Services, app: &ApplicationId, package: &[u8]) -> Vec<u8> {
+    services.sealer.seal(&format!("credentials:{app}"), package)
+}
+
+/// Reads and opens the card package at `key` (`None` when the object is absent). Packages
+/// written before sealing (`*.json`) are read as they are.
+pub async fn load_credentials(
+    services: &Services,
+    app: &ApplicationId,
+    key: &str,
+) -> anyhow::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+    let Some(bytes) = services.objects.get(key).await? else {
+        return Ok(None);
+    };
+    if key.ends_with(".json") {
+        return Ok(Some(zeroize::Zeroizing::new(bytes.to_vec())));
+    }
+    Ok(Some(
+        services
+            .sealer
+            .open(&format!("credentials:{app}"), &bytes)
+            .map_err(|e| anyhow::anyhow!("credentials package {key}: {e}"))?,
+    ))
+}
+
+/// Writes a [`KEY_DESTRUCTION_TOPIC`] request for every package of `app` in the caller's
+/// transaction: an application that ends without a passed card (cancelled, force-failed,
+/// voided) has its wrapped keys destroyed like one that passed QC. Harmless when the
+/// application never had keys.
+pub async fn request_key_destruction(
+    tx: &mut StoreTx,
+    app: &ApplicationId,
+    at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    Store::enqueue_outbox(
+        tx,
+        &id,
+        KEY_DESTRUCTION_TOPIC,
+        app.as_str(),
+        &key_destruction_payload(app),
+        at,
+    )
+    .await
+}
 
 /// Why a card's certificates are revoked (pipeline vocabulary; the keys stage maps it to
 /// the RFC 5280 reason code).

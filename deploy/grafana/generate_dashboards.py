@@ -391,6 +391,32 @@ def pipeline():
                      [(f"sum by (topic) (rate(cardpipe_outbox_published_total[{RATE}]))", "{{topic}} published"),
                       (f"sum by (topic) (rate(cardpipe_outbox_delivery_failures_total[{RATE}]))", "{{topic}} failed")],
                      unit="ops"), 8, 8)
+    l.add(timeseries("Dead letters",
+                     [("max(cardpipe_outbox_dead_letters)", "waiting for a supervisor"),
+                      (f"sum by (topic) (increase(cardpipe_outbox_dead_lettered_total[{RATE}]))", "{{topic}} given up")],
+                     steps=[(None, "green"), (1, "red")],
+                     desc="Deliveries the relay gave up on (refused as malformed, or past relay_max_attempts): "
+                          "`cardpipe ops dead-letters`, the console's Parked work page."), 12, 7)
+    l.add(timeseries("Outbox claims lost",
+                     [(f"sum by (topic) (rate(cardpipe_outbox_claims_lost_total[{RATE}]))", "{{topic}}")],
+                     unit="ops",
+                     desc="Deliveries whose claim had passed to another relay before they were recorded "
+                          "(fenced: recorded by the holder only). Persistent non-zero: claims too short."), 12, 7)
+
+    l.row("Hostile input and keys")
+    l.add(timeseries("Intake submissions refused",
+                     [(f"sum by (reason) (increase(cardpipe_intake_submissions_refused_total[{RATE}]))", "{{reason}}")],
+                     desc="Registry batches refused at a bound of [registry.intake] (413/429)."), 8, 7)
+    l.add(timeseries("Console sign-ins",
+                     [(f"sum by (reason) (rate(cardpipe_console_login_failures_total[{RATE}]))", "refused: {{reason}}"),
+                      (f"sum(rate(cardpipe_console_password_checks_total[{RATE}]))", "password checks")],
+                     unit="ops",
+                     desc="Refused sign-ins by reason and password checks run: a flood shows refusals, "
+                          "not checks (the limits are reserved before the password is checked)."), 8, 7)
+    l.add(stat("Lookup digests not yet re-keyed", "max(cardpipe_lookup_digests_stale)",
+               steps=[(None, "green"), (1, "orange")],
+               desc="National-code digests still under an old lookup key after a rotation; "
+                    "remove the old key only at 0."), 8, 7)
 
     l.row("Keys and CRL")
     l.add(stat("Time since last CRL", "time() - max(cardpipe_crl_last_published_timestamp_seconds)",

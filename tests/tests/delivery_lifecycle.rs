@@ -560,29 +560,36 @@ async fn lifecycle(mode: Mode) {
             .starts_with("EMS20260110-")
     );
     let json_key: String = shipment.get("manifest_json_key");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&services.objects.get(&json_key).await.unwrap().unwrap()).unwrap();
+    // Sealed at rest (holders' names): not readable without the envelope key.
+    let stored = services.objects.get(&json_key).await.unwrap().unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&stored).is_err());
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &cardpipe_delivery::dispatch::load_manifest(&services, &json_key)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(manifest["boxes"].as_array().unwrap().len(), 4);
     let csv = String::from_utf8(
-        services
-            .objects
-            .get(&shipment.get::<String, _>("manifest_csv_key"))
-            .await
-            .unwrap()
-            .unwrap()
-            .to_vec(),
+        cardpipe_delivery::dispatch::load_manifest(
+            &services,
+            &shipment.get::<String, _>("manifest_csv_key"),
+        )
+        .await
+        .unwrap()
+        .to_vec(),
     )
     .unwrap();
     assert_eq!(csv.lines().count(), 6, "{csv}");
     assert!(csv.contains(&box_a) && csv.contains(a.as_str()));
     let html = String::from_utf8(
-        services
-            .objects
-            .get(&shipment.get::<String, _>("manifest_html_key"))
-            .await
-            .unwrap()
-            .unwrap()
-            .to_vec(),
+        cardpipe_delivery::dispatch::load_manifest(
+            &services,
+            &shipment.get::<String, _>("manifest_html_key"),
+        )
+        .await
+        .unwrap()
+        .to_vec(),
     )
     .unwrap();
     assert!(

@@ -501,10 +501,14 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         .into_iter()
         .find(|r| r.state == "personalized")
         .unwrap();
-    let certs_before = cardpipe_pki::store::certificates_of(&services.store, &target)
+    let before = cardpipe_pki::store::certificates_of(&services.store, &target)
         .await
-        .unwrap()
-        .len();
+        .unwrap();
+    let certs_before = before.len();
+    let spoiled_before = before
+        .iter()
+        .filter(|c| c.revocation_cause.as_deref() == Some("spoiled"))
+        .count();
     let out = reprint::request(
         &services,
         &target,
@@ -537,7 +541,11 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
             .await
             .unwrap();
-        let revoked = certs.iter().filter(|c| c.status == "revoked").count();
+        // The reprint's revocations (cause `lost`); a spoiled earlier card's are `spoiled`.
+        let revoked = certs
+            .iter()
+            .filter(|c| c.status == "revoked" && c.revocation_cause.as_deref() == Some("lost"))
+            .count();
         if revoked >= 2 || tokio::time::Instant::now() > deadline {
             break certs;
         }
@@ -569,7 +577,14 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
     let certs = cardpipe_pki::store::certificates_of(&services.store, &target)
         .await
         .unwrap();
-    assert_eq!(certs.len(), certs_before + 2, "{certs:?}");
+    // The reprint's certificates, plus two more for each remake of it QC spoiled (a remake
+    // gets fresh keys and certificates; planted defects can hit the reprint too).
+    let spoiled_since = certs
+        .iter()
+        .filter(|c| c.revocation_cause.as_deref() == Some("spoiled"))
+        .count()
+        - spoiled_before;
+    assert_eq!(certs.len(), certs_before + 2 + spoiled_since, "{certs:?}");
     assert_eq!(
         certs.iter().filter(|c| c.status == "valid").count(),
         2,
@@ -650,7 +665,19 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
     }
     // Nothing is stuck in the outbox (the shipping jobs went to its queue).
     let (backlog, _) = services.store.outbox_backlog().await.unwrap();
-    assert_eq!(backlog, 0);
+    if backlog != 0 {
+        let rows = sqlx::query(
+            "SELECT topic, attempts, last_error FROM outbox WHERE published_at IS NULL",
+        )
+        .fetch_all(services.store.pool())
+        .await
+        .unwrap();
+        let rows: Vec<(String, i64, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get("topic"), r.get("attempts"), r.get("last_error")))
+            .collect();
+        panic!("{backlog} outbox rows left: {rows:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -694,7 +721,14 @@ async fn budget_parks(mode: Mode) {
             assert!(parked[0].error.contains("refused by QC"), "{parked:?}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        if tokio::time::Instant::now() >= deadline {
+            let app = services.store.application(&ids[0]).await.unwrap().unwrap();
+            let history = services.store.history(&ids[0]).await.unwrap();
+            let all = cardpipe_common::runtime::parked::list(&services, None)
+                .await
+                .unwrap();
+            panic!("never parked: {} {history:#?} {all:#?}", app.state);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     running.shutdown().await.unwrap();

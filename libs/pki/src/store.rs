@@ -184,6 +184,35 @@ pub async fn insert_custody(
     Ok(())
 }
 
+/// Packages of `app` recorded so far (committed keys-stage completions): the next one is
+/// number `committed_packages + 1`.
+pub async fn committed_packages(store: &Store, app: &ApplicationId) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query("SELECT COUNT(*) FROM wrapped_key_custody WHERE application_id = $1")
+            .bind(app.as_str())
+            .fetch_one(store.pool())
+            .await?
+            .try_get(0)?,
+    )
+}
+
+/// Serials of the certificates issued with the package at `credentials_key`, sorted.
+pub async fn package_serials(
+    store: &Store,
+    credentials_key: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut serials: Vec<String> =
+        sqlx::query("SELECT serial FROM certificates WHERE credentials_key = $1")
+            .bind(credentials_key)
+            .fetch_all(store.pool())
+            .await?
+            .iter()
+            .map(|r| r.try_get("serial"))
+            .collect::<Result<_, _>>()?;
+    serials.sort();
+    Ok(serials)
+}
+
 /// Marks one package of `app` destroyed (a spoiled card's); returns the rows changed.
 pub async fn mark_package_destroyed(
     store: &Store,

@@ -213,6 +213,7 @@ pub async fn parked_fail(
             now,
         )
         .await?;
+        contract::request_key_destruction(&mut tx, &app_id, now).await?;
     }
     delete_parked(&mut tx, job_id).await?;
     audit::record_in(

@@ -294,7 +294,24 @@ pub async fn dispatch(
     }))
 }
 
+/// Manifests list holders' names: they are sealed like every artifact with personal data,
+/// bound to their object key ([`load_manifest`] opens them).
 async fn put(services: &Services, key: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
-    services.objects.put(key, Bytes::from(bytes)).await?;
+    let bytes = zeroize::Zeroizing::new(bytes);
+    let sealed = services.sealer.seal(&format!("manifest:{key}"), &bytes);
+    services.objects.put(key, Bytes::from(sealed)).await?;
     Ok(())
+}
+
+/// A dispatched manifest (JSON, CSV or HTML, by its recorded key), opened.
+pub async fn load_manifest(
+    services: &Services,
+    key: &str,
+) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let sealed = services
+        .objects
+        .get(key)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("manifest {key} not found"))?;
+    Ok(services.sealer.open(&format!("manifest:{key}"), &sealed)?)
 }

@@ -109,6 +109,22 @@ pub async fn void_due(
                 cause: RevocationCause::Voided,
                 serials: Vec::new(),
             });
+            // Normally destroyed when the card passed QC; requested again so no path leaves
+            // a package behind (idempotent).
+            cardpipe_common::contract::request_key_destruction(&mut tx, &id, now).await?;
+            // Each voided application is its own audit entry (the chunk's entry adds the count).
+            audit::record_in(
+                &mut tx,
+                now,
+                &AuditEvent {
+                    actor: "system:delivery-voiding",
+                    role: "system",
+                    action: "delivery.void_application",
+                    subject: app,
+                    details: json!({ "office": office, "box": box_id, "void_on": void_on }),
+                },
+            )
+            .await?;
             sqlx::query("UPDATE delivery_cards SET voided_at = $1 WHERE application_id = $2")
                 .bind(to_rfc3339(now))
                 .bind(app)

@@ -597,6 +597,8 @@ async fn withdraw(
             now,
         )
         .await?;
+        // Its wrapped keys are destroyed (a no-op when none were issued).
+        contract::request_key_destruction(&mut tx, &app.id, now).await?;
         // The keys stage revokes every certificate issued for this application (outbox
         // topic `revocation`). Written whatever the state (a no-op when none was issued) so
         // a key issuance racing this withdrawal is still revoked; rows wait in the outbox

@@ -20,6 +20,7 @@ use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::domain::ApplicationId;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::relay::OutboxSink;
@@ -384,7 +385,22 @@ pub async fn destroy_wrapped_keys(
         services.objects.delete(key).await?;
         deleted += 1;
     }
-    store::mark_destroyed(&services.store, app_id, services.clock.now()).await?;
+    let marked = store::mark_destroyed(&services.store, app_id, services.clock.now()).await?;
+    // Audited once per destruction that did something (a repeated request finds nothing).
+    if deleted > 0 || marked > 0 {
+        audit::record(
+            &services.store,
+            services.clock.as_ref(),
+            &AuditEvent {
+                actor: "system:keys",
+                role: "system",
+                action: "keys.destroy_wrapped_keys",
+                subject: app_id.as_str(),
+                details: serde_json::json!({ "objects": deleted, "packages": marked }),
+            },
+        )
+        .await?;
+    }
     tracing::info!(application = %app_id, objects = deleted, "wrapped card keys destroyed");
     Ok(deleted)
 }
@@ -404,8 +420,23 @@ pub async fn destroy_package(
         "key destruction for application {app_id} names an object that is not its package"
     );
     services.objects.delete(object_key).await?;
-    store::mark_package_destroyed(&services.store, app_id, object_key, services.clock.now())
+    let marked =
+        store::mark_package_destroyed(&services.store, app_id, object_key, services.clock.now())
+            .await?;
+    if marked > 0 {
+        audit::record(
+            &services.store,
+            services.clock.as_ref(),
+            &AuditEvent {
+                actor: "system:keys",
+                role: "system",
+                action: "keys.destroy_package",
+                subject: app_id.as_str(),
+                details: serde_json::json!({ "object_key": object_key }),
+            },
+        )
         .await?;
+    }
     tracing::info!(application = %app_id, "wrapped card keys of a spoiled card destroyed");
     Ok(())
 }

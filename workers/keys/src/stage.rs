@@ -4,10 +4,12 @@
 //!
 //! For one application it loads the sealed record and biometrics, issues the credential set
 //! ([`CardIssuer::issue`](cardpipe_pki::issue::CardIssuer::issue)), writes the
-//! [`CardCredentials`](cardpipe_pki::custody::CardCredentials) package (JSON; both private keys
-//! wrapped under the encoder site's transport key, never clear) to
-//! `applications/<id>/credentials-<uuid>.json` — a fresh key per attempt, so an attempt that
-//! never commits is invisible — and completes with, in ONE transaction: the artifact
+//! [`CardCredentials`](cardpipe_pki::custody::CardCredentials) package (JSON, sealed under the
+//! envelope key as `credentials:<id>`; both private keys also wrapped under the encoder
+//! site's transport key, never clear) to `applications/<id>/credentials-<n>-<serial>.sealed`
+//! (n: the application's committed packages + 1; see
+//! [`credentials_object_key`](cardpipe_common::contract::credentials_object_key) for why the
+//! serial is in the name) — and completes with, in ONE transaction: the artifact
 //! `credentials`, both certificates in `certificates`, +1 document for the Document Signer
 //! in `ds_usage`, the package in `wrapped_key_custody`, and for a reprint the revocation
 //! (`reprinted`) of the previous card's certificates.
@@ -130,13 +132,17 @@ impl Stage for KeysStage {
             other => other.into(),
         })?;
 
-        let key = format!(
-            "applications/{}/credentials-{}.json",
-            app.id,
-            uuid::Uuid::new_v4().simple()
+        // Sealed: the package holds DG1, DG2, DG3 and DG11.
+        let issuance = store::committed_packages(&services.store, &app.id).await? + 1;
+        let key = cardpipe_common::contract::credentials_object_key(
+            &app.id,
+            issuance,
+            &credentials.authentication_certificate.serial,
         );
-        let json = serde_json::to_vec(&credentials)?;
-        services.objects.put(&key, Bytes::from(json)).await?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&credentials)?);
+        let sealed = cardpipe_common::contract::seal_credentials(services, &app.id, &json);
+        drop(json);
+        services.objects.put(&key, Bytes::from(sealed)).await?;
 
         let id = app.id.clone();
         // Certificates still valid from the previous card: a reprint's (revoked here) or,

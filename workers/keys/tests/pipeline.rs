@@ -175,9 +175,17 @@ async fn credentials(services: &Services, id: &ApplicationId) -> (String, CardCr
         .unwrap()
         .expect("credentials artifact recorded");
     assert!(key.starts_with(&format!("applications/{id}/credentials-")));
-    let bytes = services
+    let stored = services
         .objects
         .get(&key)
+        .await
+        .unwrap()
+        .expect("package stored");
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&stored).is_err(),
+        "the package is sealed, not JSON in clear"
+    );
+    let bytes = cardpipe_common::contract::load_credentials(services, id, &key)
         .await
         .unwrap()
         .expect("package stored");

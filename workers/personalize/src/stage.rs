@@ -131,15 +131,27 @@ impl PersonalizeStage {
             .artifact(&app.id, CREDENTIALS_ARTIFACT)
             .await?
             .ok_or_else(|| Permanent("no credentials package recorded".into()))?;
-        let bytes = services
-            .objects
-            .get(&key)
+        let bytes = cardpipe_common::contract::load_credentials(services, &app.id, &key)
             .await?
             .ok_or_else(|| Permanent(format!("credentials package {key} missing")))?;
         let creds: CardCredentials = serde_json::from_slice(&bytes)
             .map_err(|e| Permanent(format!("credentials package {key} unreadable: {e}")))?;
+        drop(bytes);
         if creds.card_ref != app.id.as_str() {
             return Err(Permanent("credentials package is for another application".into()).into());
+        }
+        // The package must carry the certificates recorded with it: a duplicate delivery of a
+        // keys job that lost its commit could have rewritten the object afterwards.
+        let mut serials = vec![
+            creds.authentication_certificate.serial.clone(),
+            creds.signature_certificate.serial.clone(),
+        ];
+        serials.sort();
+        if cardpipe_pki::store::package_serials(&services.store, &key).await? != serials {
+            return Err(Permanent(format!(
+                "credentials package {key} does not carry the certificates recorded for it; reprint"
+            ))
+            .into());
         }
         let biometrics = records::load_biometrics(services, &app.id)
             .await

@@ -275,13 +275,12 @@ impl QcStage {
             .artifact(&app.id, CREDENTIALS_ARTIFACT)
             .await?
             .ok_or_else(|| Permanent("no credentials package recorded".into()))?;
-        let bytes = services
-            .objects
-            .get(&key)
+        let bytes = cardpipe_common::contract::load_credentials(services, &app.id, &key)
             .await?
             .ok_or_else(|| Permanent(format!("credentials package {key} missing")))?;
         let creds: CardCredentials = serde_json::from_slice(&bytes)
             .map_err(|e| Permanent(format!("credentials package {key} unreadable: {e}")))?;
+        drop(bytes);
         if creds.card_ref != app.id.as_str() {
             return Err(Permanent("credentials package is for another application".into()).into());
         }

@@ -153,6 +153,15 @@ pub async fn seed(
         Store::put_artifact(&mut tx, &id, "credentials", &key, now)
             .await
             .unwrap();
+        // As the keys stage records them: personalization checks the package against them.
+        for cert in [
+            &creds.authentication_certificate,
+            &creds.signature_certificate,
+        ] {
+            cardpipe_pki::store::insert_certificate(&mut tx, &id, cert, &key, now)
+                .await
+                .unwrap();
+        }
         Store::enqueue_job(&mut tx, &Job::new("personalize", id.as_str()), now)
             .await
             .unwrap();
