@@ -209,6 +209,44 @@ impl ObjectStore for S3ObjectStore {
             .send()
             .await
             .map_err(|e| backend("delete", key, e))?;
+        // On a versioned bucket the delete above only adds a delete marker: every version
+        // (personal data, wrapped keys) is removed too. A server without versioning support
+        // answers the listing with an error or with no versions; the plain delete stands.
+        let Ok(versions) = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(key)
+            .send()
+            .await
+        else {
+            return Ok(());
+        };
+        let ids = versions
+            .versions()
+            .iter()
+            .filter(|v| v.key() == Some(key))
+            .filter_map(|v| v.version_id())
+            .chain(
+                versions
+                    .delete_markers()
+                    .iter()
+                    .filter(|m| m.key() == Some(key))
+                    .filter_map(|m| m.version_id()),
+            )
+            .filter(|id| *id != "null")
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        for id in ids {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .version_id(&id)
+                .send()
+                .await
+                .map_err(|e| backend("delete", key, e))?;
+        }
         Ok(())
     }
 
