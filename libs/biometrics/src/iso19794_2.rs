@@ -461,12 +461,13 @@ fn tile_areas(block: &[u8], start: usize, length_includes_header: bool) -> Resul
     Ok(())
 }
 
+/// Refuses a (finger position, view number) pair that appears twice (position 0, "unknown",
+/// may repeat). Linear in the number of views: a 2011 record may hold 65,535.
 fn check_unique_views(views: &[FingerView], offset: usize) -> Result<(), IsoError> {
-    for (i, a) in views.iter().enumerate() {
-        if views[..i]
-            .iter()
-            .any(|b| b.position == a.position && b.view_number == a.view_number && a.position != 0)
-        {
+    let mut seen = vec![false; 256 * 16];
+    for v in views.iter().filter(|v| v.position != 0) {
+        let slot = &mut seen[usize::from(v.position) * 16 + usize::from(v.view_number & 0x0F)];
+        if std::mem::replace(slot, true) {
             return Err(invalid(
                 "view number",
                 offset,
@@ -894,6 +895,79 @@ mod tests {
         b[28..30].copy_from_slice(&(0x4000u16 | 12345).to_be_bytes());
         let msg = parse(&b).unwrap_err().to_string();
         assert!(!msg.contains("12345"), "{msg}");
+    }
+
+    /// One 2011 finger representation (no quality block, 6-byte minutiae, no extended data)
+    /// at 300×400 pixels, 197 ppcm.
+    fn rep_2011(position: u8, rep_number: u8, minutiae: &[Minutia]) -> Vec<u8> {
+        let mut rep = vec![0; 4]; // representation length, patched below
+        rep.extend_from_slice(&[0x07, 0xE6, 1, 1, 0, 0, 0, 0xFF, 0xFF]); // date-time
+        rep.push(0); // technology
+        rep.extend_from_slice(&[0, 0, 0, 0]); // vendor + device type
+        rep.push(0); // no quality block
+        rep.extend_from_slice(&[position, rep_number]);
+        rep.extend_from_slice(&197u16.to_be_bytes());
+        rep.extend_from_slice(&197u16.to_be_bytes());
+        rep.push(0);
+        rep.extend_from_slice(&300u16.to_be_bytes());
+        rep.extend_from_slice(&400u16.to_be_bytes());
+        rep.push(0x60);
+        rep.push(minutiae.len() as u8);
+        for m in minutiae {
+            rep.extend_from_slice(&((m.kind.bits() << 14) | m.x).to_be_bytes());
+            rep.extend_from_slice(&m.y.to_be_bytes());
+            rep.extend_from_slice(&[m.angle, m.quality]);
+        }
+        rep.extend_from_slice(&[0, 0]); // no extended data
+        let len = rep.len() as u32;
+        rep[..4].copy_from_slice(&len.to_be_bytes());
+        rep
+    }
+
+    /// A whole 2011 record of these representations.
+    fn record_2011(reps: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = reps.concat();
+        let mut b = b"FMR\x00030\x00".to_vec();
+        b.extend_from_slice(&((15 + body.len()) as u32).to_be_bytes());
+        b.extend_from_slice(&(reps.len() as u16).to_be_bytes());
+        b.push(0);
+        b.extend_from_slice(&body);
+        b
+    }
+
+    /// Regression (fuzzing): a 2011 record may hold more than 255 representations. It parses,
+    /// and the 2005 writer refuses it with a typed error instead of wrapping the view count
+    /// (the old fuzz target treated that refusal as a crash).
+    #[test]
+    fn more_than_255_representations() {
+        let minutiae = &sample().views[0].minutiae[..3];
+        let reps: Vec<Vec<u8>> = (0..300).map(|_| rep_2011(0, 0, minutiae)).collect();
+        let rec = parse(&record_2011(&reps)).unwrap();
+        assert_eq!(rec.views.len(), 300);
+        assert!(rec.views.iter().all(|v| v.minutiae == minutiae));
+        assert_eq!(
+            rec.to_bytes().unwrap_err(),
+            IsoError::Unencodable {
+                field: "number of finger views",
+                reason: "must be 1..=255"
+            }
+        );
+        // 255 of them still encode as 2005 and read back to the same views.
+        let rec = parse(&record_2011(&reps[..255])).unwrap();
+        let again = parse(&rec.to_bytes().unwrap()).unwrap();
+        assert_eq!(again.views, rec.views);
+        // Distinct (position, view number) pairs are checked across all of them.
+        let mut reps: Vec<Vec<u8>> = (0..16).map(|n| rep_2011(2, n, minutiae)).collect();
+        reps.extend((0..300).map(|_| rep_2011(0, 0, minutiae)));
+        assert_eq!(parse(&record_2011(&reps)).unwrap().views.len(), 316);
+        reps.push(rep_2011(2, 0x15, minutiae)); // view number 5 again (high nibble ignored)
+        assert!(matches!(
+            parse(&record_2011(&reps)),
+            Err(IsoError::Invalid {
+                field: "view number",
+                ..
+            })
+        ));
     }
 
     /// Builds a 2011 record by hand for the same minutiae and checks it reads identically.

@@ -457,20 +457,29 @@ impl HostSession {
 
     /// Wraps a plain command: encrypts its data (C-DEC, after EXTERNAL AUTHENTICATE) and
     /// appends the 8-byte C-MAC, chaining the full 16-byte MAC into the next one.
+    /// A command too long to wrap is refused before anything changes, so the session goes
+    /// on with the next command.
     pub fn wrap(&mut self, cmd: &Command) -> Result<Command, Scp03Error> {
+        let encrypt = self.authenticated && self.level.c_dec() && !cmd.data.is_empty();
+        let data_len = if encrypt {
+            (cmd.data.len() / 16 + 1) * 16 // `pad80`
+        } else {
+            cmd.data.len()
+        };
+        let lc = data_len + 8;
+        if lc > 65535 {
+            return Err(Scp03Error::TooLong);
+        }
         let mut data = cmd.data.clone();
         if self.authenticated {
             self.enc_counter += 1;
-            if self.level.c_dec() && !data.is_empty() {
+            if encrypt {
                 let icv = ecb_encrypt_block(&self.keys.s_enc, counter_block(self.enc_counter));
                 data = cbc_encrypt(&self.keys.s_enc, &icv, &pad80(&data));
             }
         }
         self.authenticated = true;
-        let lc = data.len() + 8;
-        if lc > 65535 {
-            return Err(Scp03Error::TooLong);
-        }
+        debug_assert_eq!(data.len() + 8, lc);
         let extended = cmd.extended || lc > 255 || cmd.le.is_some_and(|le| le > 256);
         let mut input = self.mac_chain.to_vec();
         input.extend_from_slice(&mac_header(cmd, lc, extended));
@@ -756,6 +765,29 @@ mod tests {
                 assert_eq!(resp.data.len(), if level.r_mac() { 11 } else { 3 });
                 assert_eq!(hs.unwrap(resp).unwrap().data, vec![0x55; 3]);
             }
+        }
+    }
+
+    /// Found by reading for the fuzz targets: a command too long to wrap used to advance the
+    /// encryption counter before it was refused, so the next command failed on the card.
+    #[test]
+    fn a_refused_command_leaves_the_session_usable() {
+        for level in [SecurityLevel::C_MAC, SecurityLevel::C_DEC_C_MAC_R_MAC] {
+            let (mut hs, mut cs) = open(level);
+            let first = Command::new(0x80, 0xD6, 0, 0).with_data(vec![1; 10]);
+            let wire = hs.wrap(&first).unwrap();
+            assert_eq!(cs.unwrap_command(&wire).unwrap().data, first.data);
+            // Padding takes 65,520 data bytes to 65,536 (+ 8 MAC bytes): too long.
+            let max = if level.c_dec() { 65_519 } else { 65_527 };
+            let long = Command::new(0x80, 0xD6, 0, 0).with_data(vec![2; max + 1]);
+            assert_eq!(hs.wrap(&long).unwrap_err(), Scp03Error::TooLong);
+            let next = Command::new(0x80, 0xD6, 0, 1).with_data(vec![3; 40]);
+            let wire = hs.wrap(&next).unwrap();
+            assert_eq!(cs.unwrap_command(&wire).unwrap().data, next.data);
+            let fits = Command::new(0x80, 0xD6, 0, 2).with_data(vec![4; max]);
+            let wire = hs.wrap(&fits).unwrap();
+            assert_eq!(wire.data.len(), if level.c_dec() { 65_528 } else { 65_535 });
+            assert_eq!(cs.unwrap_command(&wire).unwrap().data, fits.data);
         }
     }
 

@@ -435,25 +435,38 @@ fn face_record(jpeg: &[u8]) -> Result<Vec<u8>> {
     Ok(r)
 }
 
+/// Width and height from the JPEG's frame header (SOF), walking the marker segments as intake's
+/// structural check does: fill bytes (any number of `FF` before a marker, ITU-T T.81
+/// B.1.1.2) and the markers without a length (TEM, RSTn) are skipped. `None` when there is no
+/// frame header before the scan.
 fn jpeg_dimensions(jpeg: &[u8]) -> Option<(u16, u16)> {
     if jpeg.get(..2)? != [0xFF, 0xD8] {
         return None;
     }
     let mut i = 2;
-    while i + 4 <= jpeg.len() {
-        if jpeg[i] != 0xFF {
+    loop {
+        if *jpeg.get(i)? != 0xFF {
             return None;
         }
+        while *jpeg.get(i + 1)? == 0xFF {
+            i += 1;
+        }
         let marker = jpeg[i + 1];
-        let len = usize::from(u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]));
+        i += 2;
+        match marker {
+            0x01 | 0xD0..=0xD7 => continue,
+            // SOI, EOI or the scan: no frame header before it.
+            0xD8..=0xDA => return None,
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([*jpeg.get(i)?, *jpeg.get(i + 1)?]));
         if matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) {
-            let h = u16::from_be_bytes([*jpeg.get(i + 5)?, *jpeg.get(i + 6)?]);
-            let w = u16::from_be_bytes([*jpeg.get(i + 7)?, *jpeg.get(i + 8)?]);
+            let h = u16::from_be_bytes([*jpeg.get(i + 3)?, *jpeg.get(i + 4)?]);
+            let w = u16::from_be_bytes([*jpeg.get(i + 5)?, *jpeg.get(i + 6)?]);
             return Some((w, h));
         }
-        i += 2 + len;
+        i += len;
     }
-    None
 }
 
 fn biometric_header(v: &mut Vec<u8>, bio_type: u8, subtype: Option<u8>, format_type: u16) {
@@ -851,6 +864,38 @@ pub fn chip_input(record: &ApplicantRecord, biometrics: &Biometrics) -> ChipData
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (`jpeg_check`): a JPEG with fill bytes before a marker, which intake's
+    /// structural check accepts, got a 0×0 face record in DG2.
+    #[test]
+    fn face_record_dimensions_skip_fill_bytes_and_standalone_markers() {
+        let sof = [0xFF, 0xC0, 0, 11, 8, 0x01, 0x40, 0x00, 0xF0, 1, 1, 0x11, 0];
+        let app0 = [0xFF, 0xE0, 0, 4, 0, 0];
+        for prefix in [
+            &[][..],
+            &[0xFF, 0xFF][..],       // fill bytes before APP0
+            &[0xFF, 0xD0, 0xFF][..], // a restart marker, then a fill byte
+            &[0xFF, 0x01][..],       // TEM
+        ] {
+            let mut jpeg = vec![0xFF, 0xD8];
+            jpeg.extend_from_slice(prefix);
+            jpeg.extend_from_slice(&app0);
+            jpeg.extend_from_slice(&[0xFF]); // a fill byte before the frame header
+            jpeg.extend_from_slice(&sof);
+            jpeg.extend_from_slice(&[0xFF, 0xD9]);
+            let face = decode_dg2(&encode_dg2(&jpeg).unwrap()).unwrap();
+            assert_eq!(
+                (face.width, face.height),
+                (240, 320),
+                "prefix {prefix:02X?}"
+            );
+            assert_eq!(face.jpeg, jpeg);
+        }
+        // No frame header before the scan: unknown (0×0).
+        let jpeg = [0xFF, 0xD8, 0xFF, 0xDA, 0, 2, 0xFF, 0xD9];
+        let face = decode_dg2(&encode_dg2(&jpeg).unwrap()).unwrap();
+        assert_eq!((face.width, face.height), (0, 0));
+    }
 
     #[test]
     fn everything_roundtrips() {

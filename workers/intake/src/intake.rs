@@ -177,17 +177,36 @@ pub struct Submission {
     pub replayed: bool,
 }
 
-enum LineItem {
+/// One item of the NDJSON line splitter ([`Lines`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineItem {
+    /// A line without its `\n` (and without a `\r` before it).
     Line(BytesMut),
+    /// A line longer than the limit, skipped.
     TooLong,
 }
 
 /// Splits NDJSON into lines of at most `max` bytes; a longer line becomes
 /// [`LineItem::TooLong`] and is skipped without being buffered.
-struct Lines {
+///
+/// Public for the fuzz targets (`fuzz/fuzz_targets/ndjson_lines.rs`); intake uses it only
+/// inside [`submit_batch`].
+#[derive(Debug)]
+pub struct Lines {
     max: usize,
     scanned: usize,
     discarding: bool,
+}
+
+impl Lines {
+    /// A splitter for lines of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            scanned: 0,
+            discarding: false,
+        }
+    }
 }
 
 impl Decoder for Lines {
@@ -770,15 +789,7 @@ where
         Ok(part)
     });
     let reader = StreamReader::new(body);
-    let mut lines = FramedRead::with_capacity(
-        reader,
-        Lines {
-            max: cfg.max_line_bytes,
-            scanned: 0,
-            discarding: false,
-        },
-        64 * 1024,
-    );
+    let mut lines = FramedRead::with_capacity(reader, Lines::new(cfg.max_line_bytes), 64 * 1024);
     // Pickup offices: the configured list, else the register delivery loaded at start, so an
     // unknown office is refused here and no card is made for an office that does not exist.
     let with_register;
