@@ -42,7 +42,11 @@ fn files(root: &Path, out: &mut Vec<std::path::PathBuf>) {
 /// A byte window distinctive enough to mean "this artifact" when found (a rejected record's
 /// "photo" of zeros would match any file).
 fn distinctive(window: &[u8]) -> bool {
-    window.iter().collect::<std::collections::BTreeSet<_>>().len() >= 16
+    window
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        >= 16
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -75,7 +79,11 @@ async fn a_demo_night_leaves_no_personal_data_in_clear() {
             batch.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = std::fs::read_to_string(&batch)
         .unwrap()
         .lines()
@@ -172,7 +180,10 @@ async fn a_demo_night_leaves_no_personal_data_in_clear() {
         let bytes = std::fs::read(path).unwrap();
         for (what, needle) in &needles {
             if contains(&bytes, needle) {
-                found.push(format!("{what} in {}", path.strip_prefix(d).unwrap().display()));
+                found.push(format!(
+                    "{what} in {}",
+                    path.strip_prefix(d).unwrap().display()
+                ));
             }
         }
     }
