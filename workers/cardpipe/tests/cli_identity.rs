@@ -6,28 +6,15 @@
 //! took any login on trust and `operators add` without `--as` skipped the supervisor check.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+
+mod common;
 
 use cardpipe_common::store::Store;
 use sqlx::Row;
 
 fn cli(dir: &Path, args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CARDPIPE_CONFIG")
-        .env_remove("CARDPIPE_OPERATOR")
-        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cardpipe");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
-    drop(stdin);
-    child.wait_with_output().expect("cardpipe output")
+    common::cli_with_input(dir, args, input)
 }
 
 fn ok(out: &Output) -> String {

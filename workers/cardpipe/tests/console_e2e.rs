@@ -21,7 +21,7 @@ use sqlx::Row;
 
 mod common;
 
-use common::{Running, free_port};
+use common::{Running, cli_with_input, free_port};
 
 const APPLICANTS: usize = 12;
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -289,26 +289,6 @@ async fn count(store: &Store, sql: &str) -> i64 {
 
 fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
     cli_with_input(dir, args, "")
-}
-
-/// Runs the binary with `input` on standard input (a password) and the token file of `dir`.
-fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CARDPIPE_CONFIG")
-        .env_remove("CARDPIPE_OPERATOR")
-        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run cardpipe");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
-    drop(stdin);
-    child.wait_with_output().expect("cardpipe output")
 }
 
 #[tokio::test(flavor = "multi_thread")]

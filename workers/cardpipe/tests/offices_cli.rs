@@ -5,33 +5,16 @@
 //! `cardpipe pki export` (the CA certificates for relying parties).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 use cardpipe_common::store::Store;
+use common::cli_with_input;
 use sqlx::Row;
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
     cli_with_input(dir, args, "")
-}
-
-/// Runs the binary with `input` on standard input (a password) and the token file of `dir`.
-fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CARDPIPE_CONFIG")
-        .env_remove("CARDPIPE_OPERATOR")
-        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run cardpipe");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
-    drop(stdin);
-    child.wait_with_output().expect("cardpipe output")
 }
 
 fn ok(out: &Output) -> String {

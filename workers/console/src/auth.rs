@@ -216,6 +216,59 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+thread_local! {
+    /// argon2 working memory of this password-check thread, kept between checks.
+    static CHECK_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`verify_password`] in this thread's kept working memory: a 19 MiB block allocated and
+/// freed per check raised glibc's mmap threshold and then fragmented the heap (a flood of
+/// sign-ins grew the process by hundreds of MiB); reused, the memory stays one block per
+/// password-check thread. Constant-time comparison of the derived output.
+fn verify_password_reusing_memory(password: &str, hash: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(parsed.algorithm),
+        argon2::Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let mut out = vec![0u8; expected.len()];
+    let hashed = CHECK_MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        let blocks = params.block_count();
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+            password.as_bytes(),
+            salt,
+            &mut out,
+            &mut memory[..blocks],
+        )
+    });
+    hashed.is_ok()
+        && bool::from(subtle::ConstantTimeEq::ct_eq(
+            out.as_slice(),
+            expected.as_bytes(),
+        ))
+}
+
 /// A random password of `len` letters and digits.
 pub fn random_password(len: usize) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
@@ -592,6 +645,8 @@ pub struct LoginGuard {
     pub window: Duration,
     /// Password checks allowed at once in this process.
     checks: Arc<tokio::sync::Semaphore>,
+    /// The threads that run them (as many as the permits).
+    checkers: CheckerPool,
     /// How long a sign-in waits for a password check slot before it is refused as busy.
     check_wait: Duration,
     /// Password checks run (argon2id evaluations, the dummy one for unknown logins included).
@@ -606,6 +661,54 @@ impl std::fmt::Debug for LoginGuard {
             .field("max_per_address", &self.max_per_address)
             .field("window", &self.window)
             .finish()
+    }
+}
+
+type CheckJob = Box<dyn FnOnce() + Send>;
+
+/// A few long-lived threads for password checks. argon2id allocates 19 MiB per check; on
+/// tokio's blocking pool every new thread kept its own malloc arena with such a block in
+/// it, so a flood left the process at hundreds of MiB. With as many threads as permits the
+/// memory is bounded by `login_concurrent_checks` x 19 MiB.
+#[derive(Clone)]
+struct CheckerPool {
+    jobs: std::sync::mpsc::Sender<CheckJob>,
+}
+
+impl CheckerPool {
+    fn new(threads: usize) -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<CheckJob>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for n in 0..threads {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("password-check-{n}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job; the pool ends when
+                        // every guard holding the sender is gone.
+                        let job = match queue.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-check thread");
+            }
+        }
+        Self { jobs }
+    }
+
+    /// Queues `job`; if every thread is gone it runs here (never silently dropped).
+    fn run(&self, job: CheckJob) {
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            job();
+        }
     }
 }
 
@@ -645,6 +748,7 @@ impl LoginGuard {
             max_per_address: limits.per_address.max(1),
             window: limits.window,
             checks: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_checks.max(1))),
+            checkers: CheckerPool::new(limits.concurrent_checks.max(1)),
             check_wait: Duration::from_secs(5),
             evaluated,
             counter,
@@ -717,12 +821,13 @@ impl LoginGuard {
         let permit = permit.map_err(|_| self.refuse("busy", AuthError::Busy))?;
         self.evaluated.inc();
         let candidate = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            verify_password(&candidate, &hash)
-        })
-        .await
-        .unwrap_or(false);
+        let (done, verdict) = tokio::sync::oneshot::channel();
+        self.checkers.run(Box::new(move || {
+            let ok = verify_password_reusing_memory(&candidate, &hash);
+            drop(permit);
+            let _ = done.send(ok);
+        }));
+        let ok = verdict.await.unwrap_or(false);
         if ok && found {
             let row = row.expect("found");
             // The reservations of a successful sign-in are given back.
@@ -803,6 +908,13 @@ mod tests {
         assert!(!verify_password("correct horse batterY", &h));
         assert!(!verify_password("anything", DUMMY_HASH));
         assert!(!verify_password("anything", "not a hash"));
+        // The kept-memory check agrees with the library's, twice in one thread.
+        for _ in 0..2 {
+            assert!(verify_password_reusing_memory("correct horse battery", &h));
+            assert!(!verify_password_reusing_memory("correct horse batterY", &h));
+        }
+        assert!(!verify_password_reusing_memory("anything", DUMMY_HASH));
+        assert!(!verify_password_reusing_memory("anything", "not a hash"));
     }
 
     #[test]

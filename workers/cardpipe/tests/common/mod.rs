@@ -107,3 +107,24 @@ impl Running {
         }
     }
 }
+
+/// Runs the `cardpipe` binary in `dir` with `input` on standard input (a password) and the
+/// token file `dir/sessions.json`, as an operator at a terminal of their own would.
+pub fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CARDPIPE_CONFIG")
+        .env_remove("CARDPIPE_OPERATOR")
+        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cardpipe");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("cardpipe output")
+}
