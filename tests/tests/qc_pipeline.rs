@@ -663,6 +663,21 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
             "{action}"
         );
     }
+    // Revocations, CRL publications and key destructions are each their own audit entry.
+    for action in [
+        "pki.revoke",
+        "pki.crl_publish",
+        "keys.destroy_wrapped_keys",
+        "keys.destroy_package",
+    ] {
+        let n = count(
+            &services,
+            "SELECT COUNT(*) AS n FROM audit_log WHERE action = $1",
+            action,
+        )
+        .await;
+        assert!(n >= 1, "no {action} audit entry");
+    }
     // Nothing is stuck in the outbox (the shipping jobs went to its queue).
     let (backlog, _) = services.store.outbox_backlog().await.unwrap();
     if backlog != 0 {

@@ -359,6 +359,24 @@ impl Pki {
             tokio::task::spawn_blocking(move || crate::ca::init(keystore.as_ref(), &ca, now))
                 .await??;
         let created = store::insert_hierarchy(&services.store, 1, &hierarchy, "init", now).await?;
+        if created {
+            // Every PKI operation is its own audit entry.
+            cardpipe_common::audit::record(
+                &services.store,
+                services.clock.as_ref(),
+                &cardpipe_common::audit::AuditEvent {
+                    actor: &format!("system:{}", self.holder),
+                    role: "system",
+                    action: "pki.init",
+                    subject: "ca-hierarchy-1",
+                    details: serde_json::json!({
+                        "backend": hierarchy.backend,
+                        "document_signer": hierarchy.document_signer.key_label,
+                    }),
+                },
+            )
+            .await?;
+        }
         services
             .store
             .release_lease("pki-init", &self.holder)

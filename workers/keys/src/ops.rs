@@ -52,14 +52,45 @@ pub async fn revoke_application(
 ) -> Result<u64, StoreError> {
     let now = services.clock.now();
     match tx {
-        Some(tx) => store::revoke_tx(tx, app_id, cause, now).await,
+        Some(tx) => {
+            let n = store::revoke_tx(tx, app_id, cause, now).await?;
+            audit_revocation(tx, app_id, cause, n, now).await?;
+            Ok(n)
+        }
         None => {
             let mut tx = services.store.begin().await?;
             let n = store::revoke_tx(&mut tx, app_id, cause, now).await?;
+            audit_revocation(&mut tx, app_id, cause, n, now).await?;
             tx.commit().await?;
             Ok(n)
         }
     }
+}
+
+/// A revocation that changed certificates is its own audit entry, in its transaction.
+async fn audit_revocation(
+    tx: &mut StoreTx,
+    app_id: &ApplicationId,
+    cause: RevocationCause,
+    certificates: u64,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    if certificates == 0 {
+        return Ok(());
+    }
+    audit::record_in(
+        tx,
+        now,
+        &AuditEvent {
+            actor: "system:keys",
+            role: "system",
+            action: "pki.revoke",
+            subject: app_id.as_str(),
+            details: serde_json::json!({ "cause": cause.as_str(), "certificates": certificates }),
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// Carries out one revocation request (idempotent: only valid certificates change).
@@ -71,6 +102,7 @@ async fn apply(services: &Services, request: &RevocationRequest) -> Result<u64, 
     let now = services.clock.now();
     let mut tx = services.store.begin().await?;
     let n = store::revoke_serials_tx(&mut tx, &app, &request.serials, request.cause, now).await?;
+    audit_revocation(&mut tx, &app, request.cause, n, now).await?;
     tx.commit().await?;
     Ok(n)
 }
@@ -237,6 +269,22 @@ async fn publish(
     let revoked = store::revoked(&mut tx).await?;
     let (number, previous) =
         store::reserve_crl_number(&mut tx, now, next_update, revoked.len()).await?;
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: "system:keys",
+            role: "system",
+            action: "pki.crl_publish",
+            subject: &format!("crl-{number}"),
+            details: serde_json::json!({
+                "number": number,
+                "revoked": revoked.len(),
+                "next_update": cardpipe_common::clock::to_rfc3339(next_update),
+            }),
+        },
+    )
+    .await?;
     tx.commit().await?;
     let keystore = pki.keystore().clone();
     let issuing = current.hierarchy.issuing.clone();
@@ -360,6 +408,18 @@ async fn rotate_under_lease(
         tx.rollback().await?;
         return Ok(RotationOutcome::Lost);
     }
+    audit::record_in(
+        &mut tx,
+        now,
+        &AuditEvent {
+            actor: "system:keys",
+            role: "system",
+            action: "pki.ds_rotate",
+            subject: &next.document_signer.key_label,
+            details: serde_json::json!({ "version": version, "reason": reason }),
+        },
+    )
+    .await?;
     tx.commit().await?;
     let label = next.document_signer.key_label.clone();
     tracing::info!(version, label = %label, reason = %reason, "Document Signer rotated");
