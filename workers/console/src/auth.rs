@@ -216,17 +216,16 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-thread_local! {
-    /// argon2 working memory of this password-check thread, kept between checks.
-    static CHECK_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// [`verify_password`] in this thread's kept working memory: a 19 MiB block allocated and
-/// freed per check raised glibc's mmap threshold and then fragmented the heap (a flood of
-/// sign-ins grew the process by hundreds of MiB); reused, the memory stays one block per
-/// password-check thread. Constant-time comparison of the derived output.
-fn verify_password_reusing_memory(password: &str, hash: &str) -> bool {
+/// [`verify_password`] in a password-check thread's kept working memory (`memory`, owned by
+/// the thread): a 19 MiB block allocated and freed per check raised glibc's mmap threshold
+/// and then fragmented the heap (a flood of sign-ins grew the process by hundreds of MiB);
+/// reused, the memory stays one block per password-check thread. Constant-time comparison
+/// of the derived output.
+fn verify_password_reusing_memory(
+    password: &str,
+    hash: &str,
+    memory: &mut Vec<argon2::Block>,
+) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
     };
@@ -249,19 +248,16 @@ fn verify_password_reusing_memory(password: &str, hash: &str) -> bool {
         return false;
     };
     let mut out = vec![0u8; expected.len()];
-    let hashed = CHECK_MEMORY.with(|memory| {
-        let mut memory = memory.borrow_mut();
-        let blocks = params.block_count();
-        if memory.len() < blocks {
-            memory.resize(blocks, argon2::Block::default());
-        }
-        Argon2::new(algorithm, version, params).hash_password_into_with_memory(
-            password.as_bytes(),
-            salt,
-            &mut out,
-            &mut memory[..blocks],
-        )
-    });
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
+    }
+    let hashed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+        password.as_bytes(),
+        salt,
+        &mut out,
+        &mut memory[..blocks],
+    );
     hashed.is_ok()
         && bool::from(subtle::ConstantTimeEq::ct_eq(
             out.as_slice(),
@@ -664,7 +660,7 @@ impl std::fmt::Debug for LoginGuard {
     }
 }
 
-type CheckJob = Box<dyn FnOnce() + Send>;
+type CheckJob = Box<dyn FnOnce(&mut Vec<argon2::Block>) + Send>;
 
 /// A few long-lived threads for password checks. argon2id allocates 19 MiB per check; on
 /// tokio's blocking pool every new thread kept its own malloc arena with such a block in
@@ -684,6 +680,8 @@ impl CheckerPool {
             let spawned = std::thread::Builder::new()
                 .name(format!("password-check-{n}"))
                 .spawn(move || {
+                    // This thread's argon2 working memory, reused by every check it runs.
+                    let mut memory = Vec::new();
                     loop {
                         // The lock is held only while taking a job; the pool ends when
                         // every guard holding the sender is gone.
@@ -692,7 +690,7 @@ impl CheckerPool {
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(),
+                            Ok(job) => job(&mut memory),
                             Err(_) => return,
                         }
                     }
@@ -707,7 +705,7 @@ impl CheckerPool {
     /// Queues `job`; if every thread is gone it runs here (never silently dropped).
     fn run(&self, job: CheckJob) {
         if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
-            job();
+            job(&mut Vec::new());
         }
     }
 }
@@ -822,8 +820,8 @@ impl LoginGuard {
         self.evaluated.inc();
         let candidate = password.to_owned();
         let (done, verdict) = tokio::sync::oneshot::channel();
-        self.checkers.run(Box::new(move || {
-            let ok = verify_password_reusing_memory(&candidate, &hash);
+        self.checkers.run(Box::new(move |memory| {
+            let ok = verify_password_reusing_memory(&candidate, &hash, memory);
             drop(permit);
             let _ = done.send(ok);
         }));
@@ -909,12 +907,29 @@ mod tests {
         assert!(!verify_password("anything", DUMMY_HASH));
         assert!(!verify_password("anything", "not a hash"));
         // The kept-memory check agrees with the library's, twice in one thread.
+        let mut memory = Vec::new();
         for _ in 0..2 {
-            assert!(verify_password_reusing_memory("correct horse battery", &h));
-            assert!(!verify_password_reusing_memory("correct horse batterY", &h));
+            assert!(verify_password_reusing_memory(
+                "correct horse battery",
+                &h,
+                &mut memory
+            ));
+            assert!(!verify_password_reusing_memory(
+                "correct horse batterY",
+                &h,
+                &mut memory
+            ));
         }
-        assert!(!verify_password_reusing_memory("anything", DUMMY_HASH));
-        assert!(!verify_password_reusing_memory("anything", "not a hash"));
+        assert!(!verify_password_reusing_memory(
+            "anything",
+            DUMMY_HASH,
+            &mut memory
+        ));
+        assert!(!verify_password_reusing_memory(
+            "anything",
+            "not a hash",
+            &mut memory
+        ));
     }
 
     #[test]
