@@ -613,6 +613,14 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         after_reprint.iter().all(|(_, p)| *p),
         "keys, personalize, qc and shipping jobs of the reprint are priority jobs: {lanes:?}"
     );
+    // The last QC pass's announcements (shipping job, key destruction) are delivered before
+    // the relay stops.
+    let drained = tokio::time::Instant::now() + Duration::from_secs(30);
+    while services.store.outbox_backlog().await.unwrap().0 > 0
+        && tokio::time::Instant::now() < drained
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.shutdown().await.unwrap();
 
     // Destruction: two different operators sign off.
