@@ -400,12 +400,12 @@ pub async fn operators_cmd(loaded: LoadedConfig, command: OperatorsCommand) -> a
             println!("{t}");
             Ok(())
         }
-        OperatorsCommand::Disable { login, reason, by }
-        | OperatorsCommand::Enable { login, reason, by } => {
-            let disable = auth::operators(&services.store)
-                .await?
-                .iter()
-                .any(|(l, _, disabled)| *l == login && !disabled);
+        command @ (OperatorsCommand::Disable { .. } | OperatorsCommand::Enable { .. }) => {
+            let (disable, login, reason, by) = match command {
+                OperatorsCommand::Disable { login, reason, by } => (true, login, reason, by),
+                OperatorsCommand::Enable { login, reason, by } => (false, login, reason, by),
+                _ => unreachable!("matched above"),
+            };
             let op = supervisor(by, "disabling or enabling operators").await?;
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must not be empty");

@@ -212,6 +212,23 @@ async fn command_line_identities_authenticate_and_supervisors_manage_operators()
         &cli(d, &["login", "olga"], &format!("{OLGA}\n")),
         "wrong login or password",
     );
+    // Each subcommand does what it says: a second disable is refused, never a toggle.
+    refused(
+        &cli(
+            d,
+            &[
+                "operators",
+                "disable",
+                "olga",
+                "--reason",
+                "again",
+                "--as",
+                "boss",
+            ],
+            "",
+        ),
+        "already disabled",
+    );
     ok(&cli(
         d,
         &[
@@ -225,6 +242,22 @@ async fn command_line_identities_authenticate_and_supervisors_manage_operators()
         ],
         "",
     ));
+    refused(
+        &cli(
+            d,
+            &[
+                "operators",
+                "enable",
+                "olga",
+                "--reason",
+                "again",
+                "--as",
+                "boss",
+            ],
+            "",
+        ),
+        "already enabled",
+    );
     ok(&cli(d, &["login", "olga"], &format!("{OLGA}\n")));
 
     // A reset password ends the sessions; the old password stops working.

@@ -352,6 +352,12 @@ pub async fn set_operator_disabled(
         .await?
         .ok_or_else(|| AuthError::Unknown(login.to_owned()))?;
     let role = Role::parse(&row.try_get::<String, _>("role")?)?;
+    if (row.try_get::<i64, _>("disabled")? != 0) == disabled {
+        return Err(AuthError::BadInput(format!(
+            "operator {login} is already {}",
+            if disabled { "disabled" } else { "enabled" }
+        )));
+    }
     if disabled && role.is_supervisor() {
         let others: i64 = sqlx::query(
             "SELECT COUNT(*) FROM operators WHERE role = 'supervisor' AND disabled = 0 AND login <> $1",
