@@ -265,18 +265,33 @@ pub async fn stale_digests(services: &Services) -> Result<i64, RecordError> {
 /// digest is still the one read (another replica may have moved it). A record that cannot
 /// be opened (its master key no longer configured) is left as it is and counted as stale.
 pub async fn redigest(services: &Services, limit: i64) -> Result<u64, RecordError> {
+    Ok(redigest_after(services, "", limit).await?.0)
+}
+
+/// [`redigest`] of the stale records after application `after` (in id order): returns the
+/// rows moved and the last id looked at (`None` when fewer than `limit` were left), so a
+/// caller walks past records it cannot open instead of meeting them first on every pass.
+pub async fn redigest_after(
+    services: &Services,
+    after: &str,
+    limit: i64,
+) -> Result<(u64, Option<String>), RecordError> {
     let current = services.sealer.lookup_key_id().to_owned();
     let rows = sqlx::query(
         "SELECT application_id, national_code_digest, sealed_record FROM applicant_records
-         WHERE lookup_key_id <> $1 ORDER BY application_id LIMIT $2",
+         WHERE lookup_key_id <> $1 AND application_id > $2 ORDER BY application_id LIMIT $3",
     )
     .bind(&current)
+    .bind(after)
     .bind(limit)
     .fetch_all(services.store.pool())
     .await?;
+    let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+    let mut last = None;
     let mut moved = 0;
     for row in rows {
         let id: String = row.try_get("application_id")?;
+        last = Some(id.clone());
         let old: String = row.try_get("national_code_digest")?;
         let sealed: Vec<u8> = row.try_get("sealed_record")?;
         let Ok(plain) = services.sealer.open(&format!("record:{id}"), &sealed) else {
@@ -298,11 +313,11 @@ pub async fn redigest(services: &Services, limit: i64) -> Result<u64, RecordErro
         .await?;
         moved += done.rows_affected();
     }
-    Ok(moved)
+    Ok((moved, if full { last } else { None }))
 }
 
-/// Moves national-code digests to the current lookup key every `every` (1,000 per pass,
-/// passes repeated while rows move) and keeps `cardpipe_lookup_digests_stale` current, until
+/// Moves national-code digests to the current lookup key every `every` (a walk over the
+/// stale records, 1,000 per query) and keeps `cardpipe_lookup_digests_stale` current, until
 /// `shutdown`. Safe on several replicas at once (each row's update is compare-and-set).
 pub async fn redigest_background(
     services: Services,
@@ -318,13 +333,22 @@ pub async fn redigest_background(
         )
     });
     loop {
+        // One walk over the stale records per period, 1,000 per query.
+        let mut after = String::new();
         loop {
-            match redigest(&services, 1000).await {
-                Ok(0) => break,
-                Ok(n) => tracing::info!(
-                    moved = n,
-                    "national-code digests moved to the current lookup key"
-                ),
+            match redigest_after(&services, &after, 1000).await {
+                Ok((moved, next)) => {
+                    if moved > 0 {
+                        tracing::info!(
+                            moved,
+                            "national-code digests moved to the current lookup key"
+                        );
+                    }
+                    match next {
+                        Some(next) => after = next,
+                        None => break,
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "re-digesting national codes failed; retrying later");
                     break;
