@@ -32,7 +32,11 @@ pub async fn connect(config: &PipelineConfig, clock: Arc<dyn Clock>) -> anyhow::
                 crate::store::redact_url(store_url)
             )
         })?;
-    store.migrate().await.context("applying migrations")?;
+    if config.store.migrate_at_start {
+        store.migrate().await.context("applying migrations")?;
+    } else {
+        store.check_migrated().await?;
+    }
     let broker: Arc<dyn Broker> = match config.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::new()),
         BrokerKind::Rabbitmq => Arc::new(

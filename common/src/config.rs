@@ -75,6 +75,15 @@ pub struct StoreConfig {
     pub url: SecretString,
     /// Pool size.
     pub max_connections: u32,
+    /// PostgreSQL: the database owner's URL, used only by `cardpipe migrate`, which then
+    /// grants the role of `url` what it needs (INSERT and SELECT only on the audit log).
+    /// Empty: `url` owns the schema.
+    #[serde(default)]
+    pub owner_url: SecretString,
+    /// Apply pending migrations when a process starts (embedded mode). With `false` a process
+    /// only checks that the schema is current and tells to run `cardpipe migrate` otherwise
+    /// (required when `url`'s role may not change the schema).
+    pub migrate_at_start: bool,
 }
 
 /// Which broker backend.
@@ -190,6 +199,8 @@ pub struct RuntimeConfig {
     pub relay_external_timeout_seconds: u64,
     /// Failed deliveries after which an outbox row goes to the dead letters.
     pub relay_max_attempts: u32,
+    /// How often the API process signs a checkpoint of the audit chain (and once at shutdown).
+    pub audit_checkpoint_seconds: u64,
 }
 
 /// `[stage_defaults]`: knobs every stage has.
@@ -454,6 +465,16 @@ impl LoadedConfig {
         if c.store.max_connections == 0 {
             err("store.max_connections", "must be at least 1".into());
         }
+        let owner_url = c.store.owner_url.expose_secret();
+        if !(owner_url.is_empty()
+            || owner_url.starts_with("postgres://")
+            || owner_url.starts_with("postgresql://"))
+        {
+            err(
+                "store.owner_url",
+                "must be a postgres:// URL (roles exist on PostgreSQL only) or empty".into(),
+            );
+        }
         if c.broker.kind == BrokerKind::Rabbitmq {
             let url = c.broker.url.expose_secret();
             if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
@@ -550,6 +571,12 @@ impl LoadedConfig {
         }
         if c.runtime.relay_poll_ms == 0 {
             err("runtime.relay_poll_ms", "must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&c.runtime.audit_checkpoint_seconds) {
+            err(
+                "runtime.audit_checkpoint_seconds",
+                "must be 1..=86400 (a day)".into(),
+            );
         }
         for (key, value) in [
             (

@@ -33,7 +33,10 @@ async fn append(store: &Store, n: usize) {
 /// Tampering needs the triggers gone, as it would for a DBA covering tracks.
 async fn drop_guards(store: &Store) {
     let statements: &[&str] = match store.dialect() {
-        Dialect::Postgres => &["DROP TRIGGER audit_log_no_update ON audit_log"],
+        Dialect::Postgres => &[
+            "DROP TRIGGER audit_log_no_update ON audit_log",
+            "DROP TRIGGER audit_log_no_truncate ON audit_log",
+        ],
         Dialect::Sqlite => &[
             "DROP TRIGGER audit_log_no_update",
             "DROP TRIGGER audit_log_no_delete",
@@ -81,6 +84,12 @@ async fn the_log_refuses_update_and_delete() {
             .execute(store.pool())
             .await;
         assert!(delete.is_err(), "{:?}: delete allowed", store.dialect());
+        if store.dialect() == Dialect::Postgres {
+            let truncate = sqlx::query("TRUNCATE audit_log")
+                .execute(store.pool())
+                .await;
+            assert!(truncate.is_err(), "truncate allowed");
+        }
     }
 }
 
@@ -105,20 +114,20 @@ async fn verify_names_edited_removed_and_truncated_entries() {
             .await
             .unwrap();
         let report = audit::verify(&store).await.unwrap();
-        assert_eq!(
-            report.problems,
-            vec![
-                AuditProblem::Edited { seq: 2 },
-                AuditProblem::Missing { from: 4, to: 4 },
-                AuditProblem::BrokenLink { seq: 5 },
-                AuditProblem::HeadMismatch {
-                    head_seq: 6,
-                    last_seq: 5
-                },
-            ],
-            "{:?}",
-            store.dialect()
-        );
+        let mut expected = vec![
+            AuditProblem::Edited { seq: 2 },
+            AuditProblem::Missing { from: 4, to: 4 },
+            AuditProblem::BrokenLink { seq: 5 },
+        ];
+        // SQLite's head row (its append lock) also shows the cut tail; on PostgreSQL that is
+        // the signed checkpoints' work (libs/pki/tests/audit_checkpoints.rs).
+        if store.dialect() == Dialect::Sqlite {
+            expected.push(AuditProblem::HeadMismatch {
+                head_seq: 6,
+                last_seq: 5,
+            });
+        }
+        assert_eq!(report.problems, expected, "{:?}", store.dialect());
         assert!(
             report.problems[0]
                 .to_string()

@@ -417,6 +417,13 @@ def pipeline():
                steps=[(None, "green"), (1, "orange")],
                desc="National-code digests still under an old lookup key after a rotation; "
                     "remove the old key only at 0."), 8, 7)
+    l.add(timeseries("Audit checkpoints",
+                     [(f"sum by (outcome) (increase(cardpipe_audit_checkpoints_total[{RATE}]))", "{{outcome}}")],
+                     desc="Signed audit checkpoint passes. 'refused': the audit chain no longer extends the "
+                          "newest checkpoint (tampering; alert CardpipeAuditCheckpointRefused)."), 12, 7)
+    l.add(stat("Audit entry vouched for", "max(cardpipe_audit_checkpoint_seq)",
+               desc="The audit entry the newest signed checkpoint vouches for; it should follow the "
+                    "audit log within runtime.audit_checkpoint_seconds."), 12, 7)
 
     l.row("Keys and CRL")
     l.add(stat("Time since last CRL", "time() - max(cardpipe_crl_last_published_timestamp_seconds)",

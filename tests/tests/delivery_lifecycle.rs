@@ -22,6 +22,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
 use cardpipe_biometrics::synth::PopulationSpec;
+use cardpipe_common::audit;
 use cardpipe_common::broker::{Job, RetryPolicy};
 use cardpipe_common::clock::{Clock, TestClock, from_rfc3339};
 use cardpipe_common::domain::applicant::{
@@ -39,6 +40,7 @@ use cardpipe_common::testing::{self, Mode};
 use cardpipe_delivery::background::Scheduler;
 use cardpipe_delivery::clients::Caller;
 use cardpipe_delivery::config::DeliveryConfig;
+use cardpipe_delivery::dispatch;
 use cardpipe_delivery::office::{self, BoxReceipt, Handover, OfficeChange, OfficeError};
 use cardpipe_delivery::reminders::{SMS_TOPIC, SmsSink};
 use cardpipe_delivery::shipping::ShippingStage;
@@ -166,10 +168,11 @@ fn record(i: usize, p: &Person) -> (ApplicantRecord, Biometrics) {
         applicant_group: p.group,
         previous_card_issued_on: None,
         pickup_office: p.office.into(),
+        // The delivery fee is not prepaid: the office collects it at handover.
         fees: Fees {
             issuance_rial: 200_000,
             office_fee_rial: 90_000,
-            delivery_fee_rial: 20_000,
+            delivery_fee_rial: 0,
         },
     };
     let biometrics = Biometrics {
@@ -1141,9 +1144,22 @@ async fn lifecycle(mode: Mode) {
     assert!(a_texts[0].contains(&teh.name) && a_texts[0].contains(&teh.address));
     // Arrival on 11 January 2026 = 21 Dey 1404; the last day to collect 9 July 2026 = 18 Tir 1405.
     assert!(a_texts[0].contains("۲۱ دی ۱۴۰۴"), "{}", a_texts[0]);
+    // A first card: the birth certificate, not a previous card; the fee the office will ask.
+    assert!(
+        a_texts[0].contains("با شناسنامه مراجعه") && !a_texts[0].contains("کارت ملی قبلی"),
+        "{}",
+        a_texts[0]
+    );
+    assert!(a_texts[0].contains("۲۰٬۰۰۰ ریال"), "{}", a_texts[0]);
+    let c_texts = texts_to("09120000003");
+    assert!(
+        c_texts[0].contains("کارت ملی قبلی"),
+        "group 3 brings the previous card: {}",
+        c_texts[0]
+    );
     assert!(a_texts[1].contains("۱۸ تیر ۱۴۰۵"), "{}", a_texts[1]);
     assert!(
-        a_texts.last().unwrap().contains("دو برابر"),
+        a_texts.last().unwrap().contains("دو برابر (۴۰۰٬۰۰۰ ریال)"),
         "the voiding notice tells of the double fee"
     );
     let d_texts = texts_to("09120000004");
@@ -1200,10 +1216,9 @@ async fn lifecycle(mode: Mode) {
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
-        office::fee_due(&env.delivery, &services, &again_id)
-            .await
-            .unwrap(),
-        (40_000, true)
+        office::fee_due(&services, &again_id).await.unwrap(),
+        (20_000, true),
+        "after a voided card the issuance fee doubled (paid before enrolment); the delivery fee does not"
     );
 
     env.pipeline.take().unwrap().shutdown().await.unwrap();
@@ -1217,4 +1232,84 @@ async fn lifecycle_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lifecycle_distributed() {
     lifecycle(Mode::Distributed).await;
+}
+
+/// `cardpipe ops dispatch --now`: a supervisor ships every packed card before the cut-off, in
+/// a shipment of its own, audited; the day's run at the cut-off then ships only what was
+/// packed later, and a second dispatch with nothing packed ships nothing.
+async fn dispatch_now(mode: Mode) {
+    let mut env = env(mode).await;
+    let services = env.services.clone();
+    let people = [
+        Person {
+            office: "TEH-001",
+            group: ApplicantGroup::FirstCard,
+            mobile: "09120000011",
+        },
+        Person {
+            office: "ISF-001",
+            group: ApplicantGroup::FirstCard,
+            mobile: "09120000012",
+        },
+    ];
+    let ids = seed(&env, &people).await;
+    wait_state(&services, &ids, ApplicationState::Personalized).await;
+    for id in &ids {
+        move_to(
+            &services,
+            id,
+            ApplicationState::Personalized,
+            ApplicationState::QcPassed,
+            Some("shipping"),
+        )
+        .await;
+    }
+    wait_state(&services, &ids, ApplicationState::Packed).await;
+    let scheduler = Scheduler::new(env.delivery.clone(), services.clone());
+    assert_eq!(
+        scheduler.tick().await.unwrap().dispatched,
+        0,
+        "09:00: before the cut-off"
+    );
+
+    let shipped = dispatch::dispatch_now(&env.delivery, &services, ("chief", "supervisor"))
+        .await
+        .unwrap();
+    assert_eq!((shipped.cards, shipped.boxes), (2, 2));
+    for id in &ids {
+        assert_eq!(env.state(id).await, ApplicationState::Shipped);
+    }
+    let audited = audit::recent(&services.store, shipped.shipment_id.as_deref(), 10)
+        .await
+        .unwrap();
+    assert_eq!(audited.len(), 1);
+    assert_eq!(
+        (audited[0].actor.as_str(), audited[0].action.as_str()),
+        ("chief", "delivery.dispatch_now")
+    );
+    // Nothing left: a second one ships nothing; the cut-off's run still happens, empty.
+    let again = dispatch::dispatch_now(&env.delivery, &services, ("chief", "supervisor"))
+        .await
+        .unwrap();
+    assert_eq!((again.shipment_id, again.cards), (None, 0));
+    env.clock.set(tehran(tehran_date(env.clock.now()), 16, 5));
+    assert_eq!(scheduler.tick().await.unwrap().dispatched, 0);
+    let runs: i64 = sqlx::query("SELECT COUNT(*) AS n FROM scheduled_runs WHERE name = $1")
+        .bind(dispatch::RUN_NAME)
+        .fetch_one(services.store.pool())
+        .await
+        .unwrap()
+        .get("n");
+    assert_eq!(runs, 3, "two extra dispatches and the day's run");
+    env.pipeline.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dispatch_now_embedded() {
+    dispatch_now(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dispatch_now_distributed() {
+    dispatch_now(Mode::Distributed).await;
 }

@@ -14,8 +14,6 @@ use cardpipe_common::envelope::Sealer;
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::testing::{self, Mode};
-use cardpipe_delivery::Delivery;
-use cardpipe_delivery::config::DeliveryConfig;
 use cardpipe_intake::api::router;
 use cardpipe_intake::intake::{BatchReport, tehran_today};
 use cardpipe_registry::config::{ClientConfig, RegistryConfig, hash_token};
@@ -198,13 +196,20 @@ async fn lookups_survive_master_and_lookup_key_rotation(mode: Mode) {
     renewed["tracking_code"] = lines[2]["tracking_code"].clone();
     let report = submit(&rotated, "after-rotation-2", &[renewed]).await;
     assert_eq!(report.accepted, 1, "{report:?}");
+    // Paid the normal issuance fee: intake flags the unpaid double (found through the old
+    // digest), and the handover knows of the voided card too.
+    assert!(
+        report
+            .flags
+            .iter()
+            .any(|f| f.flag == "double_fee_unpaid" && f.field == "fees.issuance_rial"),
+        "{report:?}"
+    );
     let renewed_id = application(&rotated, "REG-ROTATION-RENEWED-1").await;
-    let delivery = Delivery::new(&rotated, DeliveryConfig::default()).unwrap();
-    let (fee, double) = cardpipe_delivery::office::fee_due(&delivery, &rotated, &renewed_id)
+    let (_, double) = cardpipe_delivery::office::fee_due(&rotated, &renewed_id)
         .await
         .unwrap();
     assert!(double, "the voided card's fee rule needs the old digest");
-    assert_eq!(fee, 2 * DeliveryConfig::default().delivery_fee_rial);
 
     // The re-digester moves the two old digests to the current key, then nothing is stale.
     assert_eq!(records::redigest(&rotated, 1000).await.unwrap(), 2);
@@ -244,9 +249,8 @@ async fn lookups_survive_master_and_lookup_key_rotation(mode: Mode) {
             .unwrap(),
     );
     assert_eq!(recovered(&next, &lines[1]).await, vec![in_flight_code]);
-    let delivery = Delivery::new(&next, DeliveryConfig::default()).unwrap();
     assert!(
-        cardpipe_delivery::office::fee_due(&delivery, &next, &renewed_id)
+        cardpipe_delivery::office::fee_due(&next, &renewed_id)
             .await
             .unwrap()
             .1

@@ -4,6 +4,7 @@
 pub mod applicant;
 pub mod application;
 pub mod batch;
+pub mod fees;
 pub mod state;
 
 pub use application::{Application, ApplicationId, HistoryEntry, Priority};

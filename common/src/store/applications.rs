@@ -211,6 +211,36 @@ impl Store {
         row.as_ref().map(read_application).transpose()
     }
 
+    /// One application by any of the names the outside world knows it by: cardpipe's id, the
+    /// registry's id or the citizen's tracking code (tried in that order; the three are
+    /// distinct formats, and each is unique).
+    pub async fn application_by_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Option<Application>, StoreError> {
+        let reference = reference.trim();
+        if reference.is_empty() {
+            return Ok(None);
+        }
+        if let Some(app) = self
+            .application(&ApplicationId(reference.to_owned()))
+            .await?
+        {
+            return Ok(Some(app));
+        }
+        if let Some(app) = self.application_by_registry_id(reference).await? {
+            return Ok(Some(app));
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {APPLICATION_COLUMNS} FROM applications
+             WHERE id = (SELECT application_id FROM applicant_records WHERE tracking_code = $1)"
+        )))
+        .bind(reference)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(read_application).transpose()
+    }
+
     /// Ids of applications in `state`, oldest change first.
     pub async fn application_ids_in_state(
         &self,

@@ -61,6 +61,16 @@ pub enum StoreError {
     /// The row does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// The schema is older than this build and this process may not migrate it.
+    #[error(
+        "the database schema is at migration {applied} but this cardpipe needs {needed}: run `cardpipe migrate` as the schema owner ([store] owner_url), or set [store] migrate_at_start = true"
+    )]
+    NotMigrated {
+        /// Latest applied migration (0: none).
+        applied: i64,
+        /// Latest migration of this build.
+        needed: i64,
+    },
 }
 
 /// A transaction on the store.
@@ -72,6 +82,9 @@ pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
 }
+
+/// The audit tables the services may only append to and read (PostgreSQL grants).
+pub const AUDIT_TABLES: &str = "audit_log";
 
 /// The PostgreSQL migrations, embedded at build time.
 pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -133,6 +146,71 @@ impl Store {
             Dialect::Sqlite => SQLITE_MIGRATOR.run(&self.pool).await?,
         }
         Ok(())
+    }
+
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self.dialect {
+            Dialect::Postgres => &POSTGRES_MIGRATOR,
+            Dialect::Sqlite => &SQLITE_MIGRATOR,
+        }
+    }
+
+    /// Checks, without changing anything, that every migration of this build is applied (for
+    /// a process whose role may not change the schema: `[store] migrate_at_start = false`).
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let latest = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(None);
+        match applied {
+            Some(v) if v >= latest => Ok(()),
+            v => Err(StoreError::NotMigrated {
+                applied: v.unwrap_or(0),
+                needed: latest,
+            }),
+        }
+    }
+
+    /// PostgreSQL: applies the migrations as the schema owner (this store's role) and grants
+    /// `app_role` what the services need: every right on the tables, except on the audit log
+    /// only INSERT and SELECT (no UPDATE, DELETE, TRUNCATE; not owning it, it cannot drop the
+    /// triggers either), and SELECT only on the migration history.
+    pub async fn migrate_and_grant(&self, app_role: &str) -> Result<(), StoreError> {
+        self.migrate().await?;
+        if self.dialect != Dialect::Postgres {
+            return Ok(());
+        }
+        let role: String = sqlx::query_scalar("SELECT CAST(quote_ident($1) AS TEXT)")
+            .bind(app_role)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut tx = self.pool.begin().await?;
+        for statement in [
+            format!("GRANT USAGE ON SCHEMA public TO {role}"),
+            format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+            ),
+            format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+            format!("REVOKE ALL ON {AUDIT_TABLES} FROM {role}"),
+            format!("GRANT SELECT, INSERT ON {AUDIT_TABLES} TO {role}"),
+            format!("REVOKE ALL ON _sqlx_migrations FROM {role}"),
+            format!("GRANT SELECT ON _sqlx_migrations TO {role}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The login role this store connects as.
+    pub async fn current_role(&self) -> Result<String, StoreError> {
+        Ok(sqlx::query_scalar("SELECT CAST(current_user AS TEXT)")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The backend.

@@ -120,6 +120,8 @@ pub struct Metrics {
     intake_records: Family<OutcomeLabel, Counter>,
     intake_submissions_refused: Family<ReasonLabel, Counter>,
     batches_released: Counter,
+    audit_checkpoints: Family<OutcomeLabel, Counter>,
+    audit_checkpoint_seq: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -244,8 +246,22 @@ impl Metrics {
             "Scheduled batches released into the pipeline",
             batches_released.clone(),
         );
+        let audit_checkpoints = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "audit_checkpoints",
+            "Signed audit checkpoint passes: written, unchanged (the chain had not moved), refused (the chain no longer extends the newest checkpoint) or failed",
+            audit_checkpoints.clone(),
+        );
+        let audit_checkpoint_seq = Gauge::default();
+        registry.register(
+            "audit_checkpoint_seq",
+            "Audit entry the newest checkpoint this process wrote vouches for",
+            audit_checkpoint_seq.clone(),
+        );
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
+            audit_checkpoints,
+            audit_checkpoint_seq,
             applications_overdue,
             crl_times: Arc::new(OnceLock::new()),
             intake_records,
@@ -354,13 +370,27 @@ impl Metrics {
     }
 
     /// A batch submission was refused at a bound: `body_too_large`, `too_many_records` or
-    /// `too_many_submissions` (a fixed set: low cardinality).
+    /// `too_many_submissions`; or `idempotency_key_reused` with a different body (a fixed set:
+    /// low cardinality).
     pub fn intake_submission_refused(&self, reason: &'static str) {
         self.intake_submissions_refused
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// A signed audit checkpoint pass ended: `written` (vouching for entry `seq`),
+    /// `unchanged` or `failed`.
+    pub fn audit_checkpoint(&self, outcome: &'static str, seq: Option<i64>) {
+        self.audit_checkpoints
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        if let Some(seq) = seq {
+            self.audit_checkpoint_seq.set(seq);
+        }
     }
 
     /// `n` scheduled batches were released into the pipeline.

@@ -26,6 +26,7 @@
 //!   stage handler calls.
 //! - [`rotation`] — when to roll the Document Signer, and the roll itself.
 //! - [`crl`] — revocation reasons and CRL generation.
+//! - [`checkpoint`] — signed checkpoints of the audit chain (key in the keystore / HSM).
 //! - [`bench`] — the `cardpipe bench pki` measurement.
 //!
 //! Where it meets the database:
@@ -41,6 +42,7 @@
 
 pub mod bench;
 pub mod ca;
+pub mod checkpoint;
 pub mod citizen;
 pub mod crl;
 pub mod custody;

@@ -50,7 +50,8 @@ pub async fn require_registry_client(
     }
 }
 
-/// The application with this registry id if the registry client `client` submitted it;
+/// The application with this registry id (or cardpipe's id, or its tracking code: see
+/// `Store::application_by_reference`) if the registry client `client` submitted it;
 /// `None` both when it does not exist and when another client owns it (a client cannot
 /// learn which of another client's ids exist).
 pub async fn application_of_client(
@@ -58,11 +59,7 @@ pub async fn application_of_client(
     client: &str,
     registry_id: &str,
 ) -> Result<Option<Application>, StoreError> {
-    let Some(app) = services
-        .store
-        .application_by_registry_id(registry_id)
-        .await?
-    else {
+    let Some(app) = services.store.application_by_reference(registry_id).await? else {
         return Ok(None);
     };
     Ok((batch_owner(services, &app).await?.as_deref() == Some(client)).then_some(app))

@@ -400,7 +400,8 @@ impl Generator {
             "applicant_group": group,
             "residence": "domestic",
             "pickup_office": office,
-            "fees": { "issuance_rial": 200_000, "office_fee_rial": office_fee, "delivery_fee_rial": 20_000 },
+            // Half prepay the delivery fee at enrolment; the others pay it at handover.
+            "fees": { "issuance_rial": 200_000, "office_fee_rial": office_fee, "delivery_fee_rial": if i.is_multiple_of(2) { 20_000 } else { 0 } },
             "photo": person.photo_b64,
             "fingerprints": fingerprints,
             "priority": if i.is_multiple_of(97) { "urgent" } else { "normal" },

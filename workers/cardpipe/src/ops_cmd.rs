@@ -16,6 +16,7 @@ use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
 use cardpipe_console::auth::{self, Operator, Role};
 use cardpipe_console::{actions, data};
+use cardpipe_pki::checkpoint;
 
 use crate::identity;
 use clap::Subcommand;
@@ -26,9 +27,20 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 /// `cardpipe audit ...`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Walk the whole hash chain; exit status 1 and every problem listed when an entry was
-    /// edited or removed.
+    /// Walk the whole hash chain and check it against the newest signed checkpoint; exit
+    /// status 1 and every problem listed when an entry was edited or removed, the log ends
+    /// before the checkpoint (truncated, tail cut), was rewritten, or a checkpoint is forged.
     Verify,
+    /// Sign a checkpoint of the chain's head now (the API process does it on a schedule and at
+    /// shutdown).
+    Checkpoint,
+    /// Add the next checkpoint signing key (`audit-checkpoint-<n+1>`) to the keystore; later
+    /// checkpoints use it, earlier ones still verify under theirs. Supervisor only; audited.
+    RotateKey {
+        /// The supervisor rotating (authenticated: `cardpipe login` or a password prompt).
+        #[arg(long = "as", value_name = "LOGIN")]
+        by: String,
+    },
     /// The newest entries, optionally about one subject.
     List {
         /// Only entries about this subject (application id, job id, login...).
@@ -169,6 +181,14 @@ pub enum OpsCommand {
         /// The application id of the card.
         application_id: String,
     },
+    /// Dispatch every packed card now, in a shipment of its own, without waiting for the
+    /// cut-off ([delivery] dispatch_cutoff); the day's run still ships what is packed later
+    /// (supervisor; audited as delivery.dispatch_now).
+    Dispatch {
+        /// Required: say that the dispatch happens now.
+        #[arg(long)]
+        now: bool,
+    },
     /// Outbox dead letters (deliveries the relay gave up on): list, or re-queue / discard
     /// one (supervisor; audited).
     DeadLetters {
@@ -274,27 +294,89 @@ pub async fn audit_cmd(loaded: LoadedConfig, command: AuditCommand) -> anyhow::R
     let services = connect(&loaded).await?;
     match command {
         AuditCommand::Verify => {
-            let report = audit::verify(&services.store).await?;
-            if report.intact() {
+            let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
+            let found = checkpoint::newest(&services, pki.keystore().as_ref()).await?;
+            let anchor = found
+                .newest
+                .as_ref()
+                .map(checkpoint::SignedCheckpoint::anchor);
+            let report = audit::verify_against(&services.store, anchor.as_ref()).await?;
+            let problems: Vec<String> = found
+                .bad
+                .iter()
+                .map(ToString::to_string)
+                .chain(report.problems.iter().map(ToString::to_string))
+                .collect();
+            let anchored = match &found.newest {
+                Some(c) => format!(
+                    "checked against the signed checkpoint of entry {} ({}, key {}; {} stored)",
+                    c.seq, c.at, c.key_label, found.stored
+                ),
+                None => "no signed checkpoint yet: a cut tail would not show (the API process signs one every runtime.audit_checkpoint_seconds and at shutdown; `cardpipe audit checkpoint` signs one now)".to_owned(),
+            };
+            if problems.is_empty() {
                 println!(
-                    "audit log intact: {} entries, every hash and link checks",
+                    "audit log intact: {} entries, every hash and link checks; {anchored}",
                     report.entries
                 );
                 Ok(())
             } else {
                 println!(
-                    "audit log BROKEN ({} entries read, {} problems):",
+                    "audit log BROKEN ({} entries read, {} problems; {anchored}):",
                     report.entries,
-                    report.problems.len()
+                    problems.len()
                 );
-                for p in &report.problems {
+                for p in &problems {
                     println!("  - {p}");
                 }
                 Err(anyhow::anyhow!(
                     "the audit chain does not verify ({} problems)",
-                    report.problems.len()
+                    problems.len()
                 ))
             }
+        }
+        AuditCommand::Checkpoint => {
+            let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
+            match checkpoint::write(&services, pki.keystore()).await? {
+                Some(c) => println!(
+                    "signed the checkpoint of entry {} with {} ({})",
+                    c.seq,
+                    c.key_label,
+                    c.object_key()
+                ),
+                None => println!(
+                    "nothing to sign: the chain's head already has a checkpoint (or the log is empty)"
+                ),
+            }
+            Ok(())
+        }
+        AuditCommand::RotateKey { by } => {
+            let op = identity::authenticate(&services, &loaded, &by, "--as").await?;
+            op.require_supervisor("rotating the audit checkpoint key")?;
+            let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
+            let previous = checkpoint::current_key(pki.keystore().as_ref())?;
+            let label = checkpoint::rotate_key(pki.keystore().as_ref())?;
+            audit::record(
+                &services.store,
+                services.clock.as_ref(),
+                &audit::AuditEvent {
+                    actor: &op.login,
+                    role: op.role.as_str(),
+                    action: "audit.rotate_checkpoint_key",
+                    subject: &label,
+                    details: serde_json::json!({ "previous": previous }),
+                },
+            )
+            .await?;
+            // The rotation is itself vouched for at once, under the new key.
+            if let Err(err) = checkpoint::write(&services, pki.keystore()).await {
+                println!("warning: no checkpoint signed under the new key yet: {err}");
+            }
+            println!(
+                "new checkpoint key {label}; earlier checkpoints still verify under {}",
+                previous.as_deref().unwrap_or("(none)")
+            );
+            Ok(())
         }
         AuditCommand::List { subject, limit } => {
             let entries =
@@ -831,6 +913,32 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
                 "application {application_id}: fingerprint attempts at handover unlocked for today (audited as {})",
                 op.login
             );
+            Ok(())
+        }
+        OpsCommand::Dispatch { now } => {
+            anyhow::ensure!(
+                now,
+                "`cardpipe ops dispatch` ships at once: say so with --now (the daily dispatch runs at [delivery] dispatch_cutoff)"
+            );
+            let op = acting(&services, &loaded, who).await?;
+            op.require_supervisor("dispatching now")?;
+            let delivery = cardpipe_delivery::Delivery::new(
+                &services,
+                cardpipe_delivery::config::load(&loaded)?,
+            )?;
+            let d = cardpipe_delivery::dispatch::dispatch_now(
+                &delivery,
+                &services,
+                (&op.login, op.role.as_str()),
+            )
+            .await?;
+            match (&d.shipment_id, &d.carrier_reference) {
+                (Some(id), Some(reference)) => println!(
+                    "shipment {id} dispatched: {} cards in {} boxes, carrier reference {reference} (audited as {})",
+                    d.cards, d.boxes, op.login
+                ),
+                _ => println!("nothing packed: no shipment"),
+            }
             Ok(())
         }
         OpsCommand::Stock | OpsCommand::Shipments => {

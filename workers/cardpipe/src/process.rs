@@ -23,13 +23,37 @@ pub fn describe_store(config: &PipelineConfig) -> String {
     redact_url(config.store.url.expose_secret())
 }
 
-/// Applies migrations.
+/// Applies migrations; with `[store] owner_url`, as the schema owner, then grants the
+/// services' role (`[store] url`) its rights (INSERT and SELECT only on the audit log).
 pub async fn migrate(loaded: LoadedConfig) -> anyhow::Result<()> {
     let config = &loaded.config;
     telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
-    let store = Store::connect(config.store.url.expose_secret(), 1).await?;
-    store.migrate().await?;
-    println!("migrations applied to {}", describe_store(config));
+    let owner_url = config.store.owner_url.expose_secret();
+    if owner_url.is_empty() {
+        let store = Store::connect(config.store.url.expose_secret(), 1).await?;
+        store.migrate().await?;
+        println!("migrations applied to {}", describe_store(config));
+        return Ok(());
+    }
+    let app = Store::connect(config.store.url.expose_secret(), 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting as the services' role (store.url): {e}"))?;
+    let app_role = app.current_role().await?;
+    app.close().await;
+    let owner = Store::connect(owner_url, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting as the schema owner (store.owner_url): {e}"))?;
+    let owner_role = owner.current_role().await?;
+    anyhow::ensure!(
+        owner_role != app_role,
+        "store.owner_url and store.url log in as the same role {owner_role:?}: the services would own the audit log; give them a role of their own"
+    );
+    owner.migrate_and_grant(&app_role).await?;
+    owner.close().await;
+    println!(
+        "migrations applied to {} as {owner_role}; {app_role} may only insert into and read the audit log",
+        redact_url(owner_url)
+    );
     Ok(())
 }
 
@@ -166,6 +190,15 @@ pub async fn run(
         }
     }
     let result = running.shutdown().await;
+    if full_http {
+        // The last audit entries of this run (shutdown included) get a signed checkpoint.
+        match ctx.pki() {
+            Ok(pki) => cardpipe_pki::checkpoint::write_logged(&services, pki.keystore()).await,
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "audit checkpoint not written: no keystore")
+            }
+        }
+    }
     http_stop.cancel();
     let _ = http.await;
     services.store.close().await;

@@ -345,6 +345,14 @@ pub fn background(
             _shutdown.clone(),
         ));
     }
+    // Audit: a signed checkpoint of the chain's head every runtime.audit_checkpoint_seconds
+    // (one more is signed at shutdown, in process::run).
+    _tasks.spawn(cardpipe_pki::checkpoint::run_schedule(
+        _services.clone(),
+        ctx.pki()?.keystore().clone(),
+        std::time::Duration::from_secs(_config.config.runtime.audit_checkpoint_seconds),
+        _shutdown.clone(),
+    ));
     // Intake: release scheduler (lease `intake-release-scheduler`, throttled, urgent first).
     _tasks.spawn(
         cardpipe_intake::scheduler::Scheduler::new(

@@ -126,6 +126,15 @@ async fn command_line_identities_authenticate_and_supervisors_manage_operators()
     ));
     ok(&cli(d, &["login", "olga"], &format!("{OLGA}\n")));
 
+    // Dispatching at once is a supervisor's; with nothing packed it ships nothing.
+    refused(
+        &cli(d, &["ops", "--as", "olga", "dispatch", "--now"], ""),
+        "supervisor",
+    );
+    refused(&cli(d, &["ops", "--as", "boss", "dispatch"], ""), "--now");
+    let none = ok(&cli(d, &["ops", "--as", "boss", "dispatch", "--now"], ""));
+    assert!(none.contains("nothing packed"), "{none}");
+
     // olga cannot act as sara (who has not signed in here): a two-person rule needs sara's
     // own password.
     refused(

@@ -62,6 +62,14 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
     exported_metrics_are_catalogued(&metrics);
     let status = run.terminate();
     assert!(status.success(), "cardpipe exited with {status}");
+    // The run's audit entries are vouched for by the checkpoint signed at shutdown.
+    let verified = common::cli_with_input(dir.path(), &["audit", "verify"], "");
+    let said = String::from_utf8_lossy(&verified.stdout).into_owned();
+    assert!(verified.status.success(), "{said}");
+    assert!(
+        said.contains("checked against the signed checkpoint of entry"),
+        "{said}"
+    );
 
     let states = per_state(dir.path()).await;
     let total: i64 = states.iter().map(|(_, n)| n).sum();

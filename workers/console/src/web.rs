@@ -1425,7 +1425,9 @@ async fn audit_page(
         @if let Some(r) = &verified {
             @if r.intact() {
                 p class="msg ok" id="verify-result" {
-                    "The chain is intact: " (r.entries) " entries, every hash and link checks."
+                    "The chain is intact: " (r.entries) " entries, every hash and link checks. "
+                    "Whether entries were cut from its end is checked against the signed checkpoints by "
+                    code { "cardpipe audit verify" } "."
                 }
             } @else {
                 div class="msg err" id="verify-result" {

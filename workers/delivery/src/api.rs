@@ -15,6 +15,9 @@
 //! for its own office (403 for a box, transfer or handover of another office; `office_code`
 //! may be left out); the identity goes to the audit log with every accepted action.
 //!
+//! An application is named by cardpipe's id, the registry's id or the tracking code, whichever
+//! the caller knows (path parameters and `application_id` in a handover).
+//!
 //! Errors are JSON `{"error": "..."}` naming the field or rule, never personal values.
 
 use std::sync::Arc;

@@ -26,8 +26,6 @@ pub struct DeliveryConfig {
     pub voiding_time: String,
     /// How often the background loop looks for due work (milliseconds).
     pub tick_ms: u64,
-    /// Delivery fee charged at handover (rial); doubled when the holder's earlier card was voided.
-    pub delivery_fee_rial: i64,
     /// Largest false-match rate accepted for the 1:1 fingerprint check at handover.
     pub handover_fmr: f64,
     /// Fingerprint attempts per card and (Tehran) day at handover; then a centre supervisor
@@ -50,7 +48,6 @@ impl Default for DeliveryConfig {
             void_after_months: 6,
             voiding_time: "01:00".into(),
             tick_ms: 1000,
-            delivery_fee_rial: 20_000,
             handover_fmr: 1e-4,
             handover_attempts_per_day: 3,
             reminders: ReminderConfig::default(),
@@ -74,7 +71,11 @@ pub struct ReminderConfig {
     /// End of quiet hours (HH:MM).
     pub quiet_end: String,
     /// Template of the arrival SMS. Placeholders: {name}, {office_name}, {office_address},
-    /// {office_phone}, {tracking_code}, {date}, {void_date}, {days}.
+    /// {office_phone}, {tracking_code}, {date}, {void_date}, {days}; {bring} (what the holder
+    /// must bring: the previous card too for groups 3 and 4), {fee} (the delivery fee due at
+    /// handover, or that it was prepaid), {double_issuance} (the issuance fee after a voided
+    /// card) — all from the fee model and the handover rules, so the text never disagrees with
+    /// what the office asks.
     pub arrival_text: String,
     /// Template of the reminders (same placeholders).
     pub reminder_text: String,
@@ -92,10 +93,10 @@ impl Default for ReminderConfig {
             final_notice_days_before: 7,
             quiet_start: "22:00".into(),
             quiet_end: "08:00".into(),
-            arrival_text: "{name} گرامی، کارت هوشمند ملی شما از {date} در {office_name} به نشانی {office_address} آماده تحویل است. لطفاً با کارت ملی قبلی مراجعه فرمایید. کد پیگیری: {tracking_code}".into(),
-            reminder_text: "{name} گرامی، کارت هوشمند ملی شما {days} روز است در {office_name} به نشانی {office_address} در انتظار تحویل است. مهلت تحویل تا {void_date}. کد پیگیری: {tracking_code}".into(),
+            arrival_text: "{name} گرامی، کارت هوشمند ملی شما از {date} در {office_name} به نشانی {office_address} آماده تحویل است. لطفاً تا {void_date} با {bring} مراجعه فرمایید. {fee} کد پیگیری: {tracking_code}".into(),
+            reminder_text: "{name} گرامی، کارت هوشمند ملی شما {days} روز است در {office_name} به نشانی {office_address} در انتظار تحویل است. مهلت تحویل تا {void_date}؛ همراه داشتن {bring} الزامی است. کد پیگیری: {tracking_code}".into(),
             final_text: "{name} گرامی، آخرین اخطار: کارت هوشمند ملی شما در {office_name} به نشانی {office_address} تا {void_date} تحویل گرفته نشود باطل می‌شود.".into(),
-            voided_text: "{name} گرامی، کارت هوشمند ملی شما چون تا {void_date} تحویل گرفته نشد باطل شد. برای دریافت کارت باید درخواست جدید ثبت کنید و هزینه صدور دو برابر است. کد پیگیری: {tracking_code}".into(),
+            voided_text: "{name} گرامی، کارت هوشمند ملی شما چون تا {void_date} تحویل گرفته نشد باطل شد. برای دریافت کارت باید درخواست جدید ثبت کنید و هزینه صدور دو برابر ({double_issuance}) است. کد پیگیری: {tracking_code}".into(),
         }
     }
 }

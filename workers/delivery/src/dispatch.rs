@@ -49,12 +49,103 @@ pub async fn due(
     crate::daily_run_due(services, RUN_NAME, delivery.dispatch_cutoff, now).await
 }
 
+/// Lease held while a dispatch runs, by the daily one and by [`dispatch_now`] alike: two
+/// dispatches never seal and ship the same boxes at once.
+pub const RUN_LEASE: &str = "delivery-dispatch-run";
+
 /// Runs the dispatch of `day` now (idempotent: a second call for the same day does nothing).
 pub async fn dispatch(
     delivery: &Delivery,
     services: &Services,
     day: Date,
     holder: &str,
+) -> anyhow::Result<Option<Dispatched>> {
+    let actor = ("system:delivery-dispatch", "system");
+    exclusively(services, holder, async {
+        ship(
+            delivery,
+            services,
+            day,
+            &day.to_string(),
+            holder,
+            actor,
+            "delivery.dispatch",
+        )
+        .await
+    })
+    .await
+}
+
+/// A supervisor's extra dispatch, at once: every packed card leaves in a shipment of its own
+/// (the day's run at the cut-off still ships what is packed after). `actor` is the
+/// supervisor's login and role, audited as `delivery.dispatch_now`.
+pub async fn dispatch_now(
+    delivery: &Delivery,
+    services: &Services,
+    actor: (&str, &str),
+) -> anyhow::Result<Dispatched> {
+    let now = services.clock.now();
+    let day = crate::tehran_date(now);
+    let holder = format!("dispatch-now-{}", uuid::Uuid::new_v4().simple());
+    // Its own run period, so it never takes the place of the day's run.
+    let period = format!("{day}/now-{}", uuid::Uuid::now_v7().simple());
+    let shipped = exclusively(services, &holder, async {
+        ship(
+            delivery,
+            services,
+            day,
+            &period,
+            &holder,
+            actor,
+            "delivery.dispatch_now",
+        )
+        .await
+    })
+    .await?;
+    Ok(shipped.unwrap_or(Dispatched {
+        shipment_id: None,
+        carrier_reference: None,
+        boxes: 0,
+        cards: 0,
+    }))
+}
+
+/// Runs `work` holding [`RUN_LEASE`] (waiting up to a minute for another dispatch to end).
+async fn exclusively<T>(
+    services: &Services,
+    holder: &str,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !services
+        .store
+        .try_lease(
+            RUN_LEASE,
+            holder,
+            services.clock.now(),
+            time::Duration::minutes(10),
+        )
+        .await?
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "another dispatch has been running for over a minute; try again later"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let result = work.await;
+    let _ = services.store.release_lease(RUN_LEASE, holder).await;
+    result
+}
+
+async fn ship(
+    delivery: &Delivery,
+    services: &Services,
+    day: Date,
+    period: &str,
+    holder: &str,
+    (actor, role): (&str, &str),
+    action: &str,
 ) -> anyhow::Result<Option<Dispatched>> {
     delivery.ensure_offices(services).await?;
     let now = services.clock.now();
@@ -186,7 +277,7 @@ pub async fn dispatch(
     }
     // 4. One transaction: the day's run, the shipment, the boxes, every card.
     let mut tx = services.store.begin().await?;
-    if !Store::record_run(&mut tx, RUN_NAME, &day.to_string(), holder, now).await? {
+    if !Store::record_run(&mut tx, RUN_NAME, period, holder, now).await? {
         tx.rollback().await?;
         return Ok(None);
     }
@@ -207,7 +298,7 @@ pub async fn dispatch(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&shipment_id)
-    .bind(day.to_string())
+    .bind(period)
     .bind(&shipment.carrier)
     .bind(&carrier_reference)
     .bind(shipment.boxes.len() as i64)
@@ -230,7 +321,7 @@ pub async fn dispatch(
                     to: ApplicationState::Shipped,
                     stage: "dispatch",
                     attempt: 0,
-                    actor: "system:delivery-dispatch",
+                    actor,
                     reason: Some(&format!("box {} carrier {carrier_reference}", b.box_id)),
                     at: now,
                 },
@@ -268,9 +359,9 @@ pub async fn dispatch(
         &mut tx,
         now,
         &AuditEvent {
-            actor: "system:delivery-dispatch",
-            role: "system",
-            action: "delivery.dispatch",
+            actor,
+            role,
+            action,
             subject: &shipment_id,
             details: json!({
                 "carrier_reference": carrier_reference,

@@ -11,6 +11,7 @@ use cardpipe_biometrics::matcher::{Calibration, PlacementError, Probe, TenPrint,
 use cardpipe_common::audit::{self, AuditEvent};
 use cardpipe_common::clock::{from_rfc3339, to_rfc3339};
 use cardpipe_common::domain::applicant::ApplicantGroup;
+use cardpipe_common::domain::fees;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
@@ -114,10 +115,10 @@ async fn application(
     services: &Services,
     id: &str,
 ) -> Result<cardpipe_common::domain::Application, OfficeError> {
-    let id = ApplicationId(id.to_owned());
+    // cardpipe's id, the registry's id or the tracking code: whichever the caller knows.
     services
         .store
-        .application(&id)
+        .application_by_reference(id)
         .await?
         .ok_or_else(|| OfficeError::NotFound(format!("application {id}")))
 }
@@ -764,31 +765,29 @@ pub struct HandoverOutcome {
     pub application_id: String,
     /// Fee recorded (rial).
     pub fee_rial: i64,
-    /// Whether the fee was doubled (an earlier card of the holder was voided).
+    /// Whether an earlier card of the holder was voided uncollected (the issuance fee of this
+    /// application was double; the delivery fee is not).
     pub double_fee: bool,
     /// Fused fingerprint score (−log10 FMR).
     pub match_score: f64,
 }
 
-/// The delivery fee due from the holder of `id`: doubled when an earlier application of the
-/// same person was voided.
-pub async fn fee_due(
-    delivery: &Delivery,
-    services: &Services,
-    id: &ApplicationId,
-) -> Result<(i64, bool), OfficeError> {
+/// What the office collects at handover from the holder of `id` (the fee model,
+/// [`cardpipe_common::domain::fees`]): the delivery fee minus what was prepaid with the
+/// enrolment. Also whether an earlier card of the same person was voided uncollected (its
+/// issuance fee was then double, paid before enrolment; nothing doubles at handover).
+pub async fn fee_due(services: &Services, id: &ApplicationId) -> Result<(i64, bool), OfficeError> {
     let record = records::load_record(services, id).await?;
     let others = records::find_by_national_code(services, &record.national_code, None).await?;
-    let mut double = false;
+    let mut after_voided_card = false;
     for other in others.iter().filter(|o| *o != id) {
         if let Some(app) = services.store.application(other).await?
             && app.state == ApplicationState::Voided
         {
-            double = true;
+            after_voided_card = true;
         }
     }
-    let fee = delivery.cfg.delivery_fee_rial * if double { 2 } else { 1 };
-    Ok((fee, double))
+    Ok((fees::due_at_handover(&record.fees), after_voided_card))
 }
 
 /// Reserves one fingerprint attempt of today (Tehran) for `app`; `false` when `max` are used.
@@ -1021,16 +1020,13 @@ pub async fn handover(
             "fingerprint: the live fingerprint does not match the enrolled template".into(),
         ));
     }
-    let (fee, double) = fee_due(delivery, services, &app.id).await?;
+    let (fee, double) = fee_due(services, &app.id).await?;
     if req.fee_rial != fee {
         delivery.metrics.handover("refused");
         return Err(OfficeError::Unprocessable(format!(
-            "fee_rial: the delivery fee due is {fee} rial{}",
-            if double {
-                " (double: an earlier card was voided)"
-            } else {
-                ""
-            }
+            "fee_rial: {fee} rial is due at handover (the delivery fee of {} rial, less {} rial prepaid at enrolment)",
+            fees::DELIVERY_RIAL,
+            fees::DELIVERY_RIAL - fee
         )));
     }
     let mut tx = services.store.begin().await?;

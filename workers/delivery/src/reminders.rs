@@ -18,6 +18,8 @@ use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use cardpipe_common::clock::to_rfc3339;
+use cardpipe_common::domain::applicant::ApplicantGroup;
+use cardpipe_common::domain::fees;
 use cardpipe_common::domain::{ApplicationId, ApplicationState};
 use cardpipe_common::records;
 use cardpipe_common::runtime::Services;
@@ -42,6 +44,42 @@ pub const VOIDED: &str = "voided";
 pub struct SmsPayload {
     /// `delivery_reminders.id`.
     pub reminder_id: String,
+}
+
+/// What the holder must bring to the office: the handover asks groups 3 and 4 (cards issued
+/// 1380–1396) for the previous national card.
+pub fn what_to_bring(group: ApplicantGroup) -> &'static str {
+    match group {
+        ApplicantGroup::Replace13801389 | ApplicantGroup::Voluntary13901396 => {
+            "کارت ملی قبلی و شناسنامه"
+        }
+        ApplicantGroup::FirstCard | ApplicantGroup::LostOrChanged => "شناسنامه",
+    }
+}
+
+/// An amount in rial, Persian digits with the Persian thousands separator.
+pub fn rial(amount: i64) -> String {
+    let digits = amount.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push('٬');
+        }
+        grouped.push(c);
+    }
+    format!("{} ریال", persian_digits(&grouped))
+}
+
+/// The sentence about the delivery fee: due at handover, or prepaid.
+pub fn fee_note(due_at_handover: i64) -> String {
+    if due_at_handover > 0 {
+        format!(
+            "هزینه تحویل ({}) هنگام تحویل دریافت می‌شود.",
+            rial(due_at_handover)
+        )
+    } else {
+        "هزینه تحویل پرداخت شده است.".to_owned()
+    }
 }
 
 /// The metric label of a reminder kind (low cardinality).
@@ -370,6 +408,9 @@ impl SmsSink {
                     "days",
                     persian_digits(&(today - available_on).whole_days().to_string()),
                 ),
+                ("bring", what_to_bring(record.applicant_group).to_owned()),
+                ("fee", fee_note(fees::due_at_handover(&record.fees))),
+                ("double_issuance", rial(fees::issuance_due(true))),
             ],
         );
         Ok((record.mobile, text))

@@ -396,6 +396,20 @@ async fn offices_and_discrepancies(
         403,
         "TEH-002",
     );
+    // The registry's id names the same card (and meets the same office check, not a 404).
+    check(
+        api.post(
+            "/api/v1/delivery/handovers",
+            Some(&teh2),
+            json!({
+                "application_id": format!("REG-{a}"), "clerk": "z1", "fingerprint": "AAAA",
+                "previous_card_presented": true, "pins_set": true, "fee_rial": 20000
+            }),
+        )
+        .await,
+        403,
+        "TEH-002",
+    );
     // Pickup-office changes: not for office clients; the registry only for its own batches.
     check(
         api.put(

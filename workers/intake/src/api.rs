@@ -91,6 +91,7 @@ impl From<IntakeError> for ApiError {
             IntakeError::Busy | IntakeError::Conflict(_) => StatusCode::CONFLICT,
             IntakeError::Body(_) => StatusCode::BAD_REQUEST,
             IntakeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IntakeError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             IntakeError::Store(_) | IntakeError::Records(_) => {
                 tracing::error!(error = %e, "registry API request failed");
                 return ApiError(
@@ -268,6 +269,13 @@ async fn submit(
             )
             .await?;
             return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, message));
+        }
+        Err(e @ IntakeError::KeyReused { .. }) => {
+            state
+                .services
+                .metrics
+                .intake_submission_refused("idempotency_key_reused");
+            return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     };
@@ -657,8 +665,17 @@ async fn change_office(
             "pickup_office: must be 1–32 letters, digits, '-', '_' or '.'",
         ));
     }
-    if !state.cfg.offices.is_empty() && !state.cfg.offices.contains(&office) {
-        return Err(bad("pickup_office: unknown office code"));
+    // The configured list, else the offices register (as for a batch record): no card is
+    // re-routed to an office that does not exist.
+    let known = if state.cfg.offices.is_empty() {
+        cardpipe_common::contract::pickup_office_codes(&services.store).await?
+    } else {
+        state.cfg.offices.clone()
+    };
+    if !known.is_empty() && !known.contains(&office) {
+        return Err(bad(format!(
+            "pickup_office: {office:?} is not in the offices register"
+        )));
     }
     let app = owned_application(&state, &client, &registry_id).await?;
     if !OFFICE_CHANGEABLE.contains(&app.state) {
@@ -702,13 +719,11 @@ async fn status(
     Extension(Client(client)): Extension<Client>,
     Path(tracking_code): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = records::find_by_tracking_code(&state.services, tracking_code.trim())
-        .await?
-        .ok_or_else(|| not_found("application"))?;
+    // The tracking code, or the registry's or cardpipe's id.
     let app = state
         .services
         .store
-        .application(&id)
+        .application_by_reference(&tracking_code)
         .await?
         .ok_or_else(|| not_found("application"))?;
     check_owner(&state, &client, &app).await?;

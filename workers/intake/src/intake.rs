@@ -19,6 +19,7 @@ use cardpipe_common::store::{NewApplication, Store, StoreError};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
 use sqlx::Row;
 use time::{OffsetDateTime, UtcOffset};
 use tokio_util::codec::{Decoder, FramedRead};
@@ -62,6 +63,17 @@ pub enum IntakeError {
     /// Not allowed in the current state.
     #[error("{0}")]
     Conflict(String),
+    /// The Idempotency-Key names a batch that was received with other lines: nothing of this
+    /// body is recorded.
+    #[error(
+        "this Idempotency-Key was used for batch {batch_id} with a different body ({detail}); a new batch needs a new key"
+    )]
+    KeyReused {
+        /// The earlier batch.
+        batch_id: String,
+        /// Where the bodies differ.
+        detail: String,
+    },
     /// The submission is past a bound of `[registry.intake]` (body bytes, records): what
     /// was committed before stays; the registry splits the batch.
     #[error("{message}")]
@@ -421,11 +433,12 @@ async fn refuse_in_flight(
     let mut seen_tracking: HashMap<String, i64> = HashMap::new();
     let mut out = Vec::with_capacity(outcomes.len());
     for o in outcomes {
-        let Outcome::Accepted(a) = o else {
+        let Outcome::Accepted(mut a) = o else {
             out.push(o);
             continue;
         };
         let mut errors = Vec::new();
+        let mut after_voided_card = false;
         let rid = &a.record.registry_id;
         if let Some(line) = seen_ids.get(rid) {
             errors.push(FieldError::new(
@@ -451,9 +464,13 @@ async fn refuse_in_flight(
             for id in
                 records::find_by_national_code(services, &a.record.national_code, None).await?
             {
-                if let Some(app) = services.store.application(&id).await?
-                    && !app.state.is_final()
-                {
+                let Some(app) = services.store.application(&id).await? else {
+                    continue;
+                };
+                if app.state == ApplicationState::Voided {
+                    after_voided_card = true;
+                }
+                if !app.state.is_final() {
                     errors.push(FieldError::new(
                         "national_code",
                         "an application for this national code is already in flight",
@@ -475,6 +492,11 @@ async fn refuse_in_flight(
                 "tracking_code",
                 "already used by another application",
             ));
+        }
+        if after_voided_card {
+            // The issuance fee doubles after a voided card: the fee flags follow that rule.
+            a.flags.retain(|f| !f.field.starts_with("fees"));
+            a.flags.extend(validate::fee_flags(&a.record.fees, true));
         }
         if errors.is_empty() {
             seen_ids.insert(rid.clone(), a.line);
@@ -724,6 +746,47 @@ where
     let batch_id: String = row.try_get("id")?;
     let state: String = row.try_get("state")?;
     if state != "receiving" {
+        let stored = stored_digest(services, &batch_id).await?;
+        let truncated = batch_truncated(services, &batch_id).await?;
+        if let Some((lines, digest)) = stored {
+            let mut reader = line_reader(body, cfg);
+            let mut hasher = BodyDigest::default();
+            let mut line_no = 0i64;
+            while let Some(item) = reader.next().await {
+                let item = match item {
+                    Ok(item) => item,
+                    // A batch closed at the body bound: the same body resent passes it again.
+                    Err(e) if e.get_ref().is_some_and(|e| e.is::<BodyTooLarge>()) => {
+                        if truncated && line_no >= lines {
+                            break;
+                        }
+                        return Err(key_reused(&batch_id, "it is longer"));
+                    }
+                    Err(e) => return Err(IntakeError::Body(e)),
+                };
+                line_no += 1;
+                hasher.add(&item);
+                if line_no == lines {
+                    if hasher.hex() != digest {
+                        return Err(key_reused(
+                            &batch_id,
+                            &format!("line {line_no} or an earlier one differs"),
+                        ));
+                    }
+                    if truncated {
+                        // Lines past the bound were never part of the batch.
+                        line_no = lines;
+                        break;
+                    }
+                }
+            }
+            if line_no != lines {
+                return Err(key_reused(
+                    &batch_id,
+                    &format!("{line_no} lines; the batch received {lines}"),
+                ));
+            }
+        }
         let report = batch_report(services, client, &batch_id)
             .await?
             .ok_or_else(|| IntakeError::NotFound("batch".into()))?;
@@ -778,18 +841,9 @@ where
         .iter()
         .map(|r| r.try_get::<i64, _>("line"))
         .collect::<Result<_, _>>()?;
-    let max_body = cfg.intake.max_body_bytes;
-    let mut body_bytes: u64 = 0;
-    let body = body.map(move |part| {
-        let part = part.map_err(std::io::Error::other)?;
-        body_bytes = body_bytes.saturating_add(part.len() as u64);
-        if body_bytes > max_body {
-            return Err(std::io::Error::other(BodyTooLarge(max_body)));
-        }
-        Ok(part)
-    });
-    let reader = StreamReader::new(body);
-    let mut lines = FramedRead::with_capacity(reader, Lines::new(cfg.max_line_bytes), 64 * 1024);
+    let stored = stored_digest(services, batch_id).await?;
+    let mut lines = line_reader(body, cfg);
+    let mut digest = BodyDigest::default();
     // Pickup offices: the configured list, else the register delivery loaded at start, so an
     // unknown office is refused here and no card is made for an office that does not exist.
     let with_register;
@@ -827,6 +881,8 @@ where
                     "the batch has more than {max_records} lines (registry.intake.max_records)"
                 );
                 let reason = "too_many_records";
+                record_digest(services, batch_id, line_no, &digest, stored.as_ref()).await?;
+                mark_truncated(services, batch_id).await?;
                 return Err(truncate(&ctx, &mut chunk, &mut too_long, line_no, reason, why).await);
             }
             Ok(item) => item,
@@ -834,6 +890,8 @@ where
                 Some(too_large) => {
                     let why = too_large.to_string();
                     let reason = "body_too_large";
+                    record_digest(services, batch_id, line_no, &digest, stored.as_ref()).await?;
+                    mark_truncated(services, batch_id).await?;
                     return Err(
                         truncate(&ctx, &mut chunk, &mut too_long, line_no, reason, why).await,
                     );
@@ -842,6 +900,16 @@ where
             },
         };
         line_no += 1;
+        digest.add(&item);
+        if let Some((stored_lines, stored_digest)) = &stored
+            && *stored_lines == line_no
+            && digest.hex() != *stored_digest
+        {
+            return Err(key_reused(
+                batch_id,
+                &format!("line {line_no} or an earlier one differs"),
+            ));
+        }
         if recorded.contains(&line_no) {
             continue;
         }
@@ -856,6 +924,7 @@ where
         if chunk.len() + too_long.len() >= chunk_size || buffered >= chunk_bytes {
             buffered = 0;
             flush(&ctx, &mut chunk, &mut too_long).await?;
+            record_digest(services, batch_id, line_no, &digest, stored.as_ref()).await?;
             services
                 .store
                 .try_lease(
@@ -867,8 +936,121 @@ where
                 .await?;
         }
     }
+    if let Some((stored_lines, _)) = &stored
+        && *stored_lines > line_no
+    {
+        return Err(key_reused(
+            batch_id,
+            &format!("{line_no} lines; {stored_lines} were received before"),
+        ));
+    }
     flush(&ctx, &mut chunk, &mut too_long).await?;
+    record_digest(services, batch_id, line_no, &digest, stored.as_ref()).await?;
     finish(services, batch_id).await
+}
+
+/// The body as lines of at most `max_line_bytes`, failing past `max_body_bytes`.
+fn line_reader<S, E>(
+    body: S,
+    cfg: &RegistryConfig,
+) -> impl Stream<Item = Result<LineItem, std::io::Error>> + Send + Unpin
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max_body = cfg.intake.max_body_bytes;
+    let mut body_bytes: u64 = 0;
+    let body = body.map(move |part| {
+        let part = part.map_err(std::io::Error::other)?;
+        body_bytes = body_bytes.saturating_add(part.len() as u64);
+        if body_bytes > max_body {
+            return Err(std::io::Error::other(BodyTooLarge(max_body)));
+        }
+        Ok(part)
+    });
+    let reader = StreamReader::new(body);
+    FramedRead::with_capacity(reader, Lines::new(cfg.max_line_bytes), 64 * 1024)
+}
+
+/// SHA-256 over the lines read so far: what an Idempotency-Key stands for.
+#[derive(Default, Clone)]
+struct BodyDigest(Sha256);
+
+impl BodyDigest {
+    fn add(&mut self, item: &LineItem) {
+        match item {
+            LineItem::Line(b) => {
+                self.0.update(b);
+                self.0.update(b"\n");
+            }
+            // The line's bytes were skipped unread; a marker keeps the count in the digest.
+            LineItem::TooLong => self.0.update(b"\0too-long\n"),
+        }
+    }
+
+    fn hex(&self) -> String {
+        hex::encode(self.0.clone().finalize())
+    }
+}
+
+fn key_reused(batch_id: &str, detail: &str) -> IntakeError {
+    IntakeError::KeyReused {
+        batch_id: batch_id.to_owned(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// The digest stored for a batch: lines covered and their SHA-256 (`None` before any chunk,
+/// and for batches received before digests were kept).
+async fn stored_digest(
+    services: &Services,
+    batch_id: &str,
+) -> Result<Option<(i64, String)>, IntakeError> {
+    let row = sqlx::query("SELECT body_lines, body_sha256 FROM batches WHERE id = $1")
+        .bind(batch_id)
+        .fetch_one(services.store.pool())
+        .await?;
+    let lines: Option<i64> = row.try_get("body_lines")?;
+    let digest: Option<String> = row.try_get("body_sha256")?;
+    Ok(lines.zip(digest))
+}
+
+/// Whether the batch was closed at a bound of `[registry.intake]`.
+async fn batch_truncated(services: &Services, batch_id: &str) -> Result<bool, IntakeError> {
+    let n: i64 = sqlx::query_scalar("SELECT body_truncated FROM batches WHERE id = $1")
+        .bind(batch_id)
+        .fetch_one(services.store.pool())
+        .await?;
+    Ok(n != 0)
+}
+
+async fn mark_truncated(services: &Services, batch_id: &str) -> Result<(), IntakeError> {
+    sqlx::query("UPDATE batches SET body_truncated = 1 WHERE id = $1")
+        .bind(batch_id)
+        .execute(services.store.pool())
+        .await?;
+    Ok(())
+}
+
+/// Stores the digest of lines 1..=`lines` once they are committed (never moving it back: a
+/// resubmission recomputes the same prefix).
+async fn record_digest(
+    services: &Services,
+    batch_id: &str,
+    lines: i64,
+    digest: &BodyDigest,
+    stored: Option<&(i64, String)>,
+) -> Result<(), IntakeError> {
+    if stored.is_some_and(|(n, _)| *n >= lines) {
+        return Ok(());
+    }
+    sqlx::query("UPDATE batches SET body_lines = $1, body_sha256 = $2 WHERE id = $3")
+        .bind(lines)
+        .bind(digest.hex())
+        .bind(batch_id)
+        .execute(services.store.pool())
+        .await?;
+    Ok(())
 }
 
 /// A submission past a bound of `[registry.intake]`: the whole lines read so far are
@@ -993,6 +1175,30 @@ pub async fn list_batches(
     .fetch_all(services.store.pool())
     .await?;
     Ok(rows.iter().map(read_batch).collect::<Result<_, _>>()?)
+}
+
+/// The batch a client received under `idempotency_key`, if it was received completely: what
+/// a sender regenerating its body (the demo, whose dates follow the day) resumes without
+/// sending it again.
+pub async fn received_batch(
+    services: &Services,
+    client: &str,
+    idempotency_key: &str,
+) -> Result<Option<BatchReport>, IntakeError> {
+    let row = sqlx::query(
+        "SELECT id FROM batches WHERE client = $1 AND idempotency_key = $2 AND state <> 'receiving'",
+    )
+    .bind(client)
+    .bind(idempotency_key)
+    .fetch_optional(services.store.pool())
+    .await?;
+    match row {
+        Some(row) => {
+            let id: String = row.try_get("id")?;
+            Ok(batch_report(services, client, &id).await?)
+        }
+        None => Ok(None),
+    }
 }
 
 /// The full report of one of `client`'s batches.

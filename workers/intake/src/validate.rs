@@ -18,14 +18,7 @@ use time::Date;
 
 use cardpipe_registry::config::RegistryConfig;
 
-/// Issuance fee paid online before enrolment (20,000 toman).
-pub const ISSUANCE_FEE_RIAL: i64 = 200_000;
-/// Most the office may charge to complete an enrolment (9,000 toman).
-pub const MAX_OFFICE_FEE_RIAL: i64 = 90_000;
-/// Most the office may charge for delivery (2,000 toman).
-pub const MAX_DELIVERY_FEE_RIAL: i64 = 20_000;
-/// Most anyone may pay in all (31,000 toman).
-pub const MAX_TOTAL_RIAL: i64 = 310_000;
+use cardpipe_common::domain::fees::{self, ISSUANCE_RIAL};
 
 /// Reason given to applicants residing abroad.
 pub const ABROAD_REASON: &str = "applicants residing abroad receive the legacy national card for now; this pipeline does not issue it";
@@ -53,12 +46,24 @@ impl FieldError {
 /// and to the registry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Flag {
-    /// Kind (`overcharge`).
+    /// Kind (`overcharge`, `double_fee_unpaid`).
     pub flag: String,
     /// The field.
     pub field: String,
     /// Why.
     pub reason: String,
+}
+
+/// The fee model's flags ([`cardpipe_common::domain::fees`]) as intake records them.
+pub fn fee_flags(f: &Fees, after_voided_card: bool) -> Vec<Flag> {
+    fees::flags(f, after_voided_card)
+        .into_iter()
+        .map(|f| Flag {
+            flag: f.flag.into(),
+            field: f.field.into(),
+            reason: f.reason,
+        })
+        .collect()
 }
 
 /// Where an artifact's bytes are.
@@ -651,49 +656,15 @@ pub fn check_fields(value: &Value, cfg: &RegistryConfig, today: Date) -> Checked
     };
     r.errors.append(&mut fee_errors);
     if let Some(f) = fees {
-        if f.issuance_rial < ISSUANCE_FEE_RIAL {
+        if f.issuance_rial < ISSUANCE_RIAL {
             r.err(
                 "fees.issuance_rial",
-                format!("issuance fee of {ISSUANCE_FEE_RIAL} rial not fully paid"),
+                format!("issuance fee of {ISSUANCE_RIAL} rial not fully paid"),
             );
         }
-        let mut flag = |field: &str, reason: String| {
-            out.flags.push(Flag {
-                flag: "overcharge".into(),
-                field: field.into(),
-                reason,
-            })
-        };
-        if f.issuance_rial > ISSUANCE_FEE_RIAL {
-            flag(
-                "fees.issuance_rial",
-                format!("issuance fee above {ISSUANCE_FEE_RIAL} rial"),
-            );
-        }
-        if f.office_fee_rial > MAX_OFFICE_FEE_RIAL {
-            flag(
-                "fees.office_fee_rial",
-                format!("office fee above the {MAX_OFFICE_FEE_RIAL} rial limit"),
-            );
-        }
-        if f.delivery_fee_rial > MAX_DELIVERY_FEE_RIAL {
-            flag(
-                "fees.delivery_fee_rial",
-                format!("delivery fee above the {MAX_DELIVERY_FEE_RIAL} rial limit"),
-            );
-        }
-        // Saturating: amounts come from the registry's file and may be as large as
-        // i64 allows; each is flagged above, the sum must not overflow.
-        let total = f
-            .issuance_rial
-            .saturating_add(f.office_fee_rial)
-            .saturating_add(f.delivery_fee_rial);
-        if total > MAX_TOTAL_RIAL {
-            flag(
-                "fees",
-                format!("total charged above the {MAX_TOTAL_RIAL} rial limit"),
-            );
-        }
+        // As for a first application; intake re-checks against a voided earlier card of the
+        // same national code (the issuance fee then doubles).
+        out.flags.extend(fee_flags(&f, false));
     }
     // Photo.
     let mut art_errors = Vec::new();

@@ -284,6 +284,43 @@ async fn resubmitting_creates_nothing_new(mode: Mode) {
         count(&services, "SELECT COUNT(*) FROM outbox").await,
         outbox
     );
+    // The same key with another body is refused, naming the batch it stands for; nothing of
+    // that body is recorded.
+    let (other, _) = batch(13, 20, true, &services);
+    let fewer: Vec<u8> = {
+        let text = String::from_utf8(body.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        (lines[..lines.len() - 1].join("\n") + "\n").into_bytes()
+    };
+    for (changed, why) in [(other, "differs"), (fewer, "lines")] {
+        let (s, v, text) = call(
+            &app,
+            "POST",
+            "/api/v1/batches",
+            Some(TOKEN),
+            &[
+                ("idempotency-key", "night-2"),
+                ("content-type", "application/x-ndjson"),
+            ],
+            Body::from(changed),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains(&first.batch_id), "{error}");
+        assert!(error.contains(why), "{error}");
+    }
+    assert_eq!(
+        count(&services, "SELECT COUNT(*) FROM applications").await,
+        apps
+    );
+    let text = services.metrics.encode();
+    assert!(
+        text.contains(
+            "cardpipe_intake_submissions_refused_total{reason=\"idempotency_key_reused\"} 2"
+        ),
+        "{text}"
+    );
     // The same records under another key are refused as already in flight.
     let (_, third, _) = submit(&app, "night-2-again", body).await;
     assert_eq!(third.accepted, 0);
@@ -526,6 +563,27 @@ async fn status_recovery_office_change_and_withdrawal(mode: Mode) {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["state"], "received");
     assert_eq!(v["application_id"], rid);
+    // The registry's id and cardpipe's id name it too.
+    let internal = services
+        .store
+        .application_by_registry_id(rid)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    for reference in [rid.to_owned(), internal.0.clone()] {
+        let (s, by_id, _) = call(
+            &app,
+            "GET",
+            &format!("/api/v1/status/{reference}"),
+            Some(TOKEN),
+            &[],
+            Body::empty(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{reference}");
+        assert_eq!(by_id, v, "{reference}");
+    }
     let (s, v) = json_call(
         &app,
         "POST",
@@ -547,6 +605,32 @@ async fn status_recovery_office_change_and_withdrawal(mode: Mode) {
     )
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // The offices register (as delivery loads it at start): a code outside it is refused.
+    for code in ["POST-10234", "TEH-001"] {
+        sqlx::query(
+            "INSERT INTO delivery_offices (code, name, kind, province, city, address, phone, updated_at)
+             VALUES ($1, $1, 'post_office', 'Tehran', 'Tehran', '-', '-', '2026-01-01T00:00:00Z')",
+        )
+        .bind(code)
+        .execute(services.store.pool())
+        .await
+        .unwrap();
+    }
+    let (s, v) = json_call(
+        &app,
+        "PUT",
+        &format!("/api/v1/applications/{rid}/pickup-office"),
+        json!({"pickup_office": "POST-99999"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("\"POST-99999\" is not in the offices register"),
+        "{v}"
+    );
     let (s, v) = json_call(
         &app,
         "PUT",
@@ -925,6 +1009,29 @@ async fn interrupted_submission_resumes_on_resubmission() {
         "committed chunks stay: {partial}"
     );
     let app = router(services.clone(), cfg);
+    // Resumed with other lines under the same key: refused, nothing added.
+    let (other, _) = batch(72, 20, false, &services);
+    let (s, v, text) = call(
+        &app,
+        "POST",
+        "/api/v1/batches",
+        Some(TOKEN),
+        &[
+            ("idempotency-key", "resume"),
+            ("content-type", "application/x-ndjson"),
+        ],
+        Body::from(other),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert!(
+        v["error"].as_str().unwrap().contains("different body"),
+        "{v}"
+    );
+    assert_eq!(
+        count(&services, "SELECT COUNT(*) FROM applications").await,
+        partial
+    );
     let (s, report, _) = submit(&app, "resume", body).await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(report.accepted, 20);
