@@ -10,6 +10,10 @@ set -euo pipefail
 CACHE=${CARDPIPE_CACHE:-/var/tmp/cardpipe}
 S3S_VERSION=0.14.1
 S3_PORT=${CARDPIPE_TEST_S3_PORT:-8014}
+# A second S3 server with bucket versioning (s3s-fs has none): moto's server, pinned, for the
+# test that deleting an object removes every version of it (personal data, wrapped keys).
+MOTO_VERSION=5.1.22
+S3_VERSIONED_PORT=${CARDPIPE_TEST_S3_VERSIONED_PORT:-8015}
 mkdir -p "$CACHE"
 
 log() { printf '[services] %s\n' "$*"; }
@@ -20,6 +24,7 @@ PACKAGES=(
   pcscd libpcsclite1 pcsc-tools vsmartcard-vpcd opensc python3-pyscard  # encoders through real pcscd
   softhsm2 opensc-pkcs11                          # CA keys in a PKCS#11 token
   openssl                                         # interop checks (CLI)
+  python3-venv                                    # moto (versioned S3 server) in a venv
   # No -dev package: building needs only Rust and a C compiler (+ perl, make for the
   # vendored OpenSSL); pcsc-lite is loaded at run time (workers/cardpipe/tests/fresh_machine.rs).
   prometheus                                      # promtool for alert rule tests
@@ -135,4 +140,17 @@ if ! ss -ltn | grep -q ":$S3_PORT "; then
     "$CACHE/s3data" >"$CACHE/s3s-fs.log" 2>&1 &
   for _ in $(seq 1 30); do ss -ltn | grep -q ":$S3_PORT " && break; sleep 0.5; done
 fi
-log "PostgreSQL, RabbitMQ and S3 are up"
+
+# --- S3 with versioning (moto server, pinned, in a venv outside the clone) --
+MOTO="$CACHE/moto-$MOTO_VERSION"
+if [[ ! -x "$MOTO/bin/moto_server" ]]; then
+  log "installing moto $MOTO_VERSION into $MOTO (once, ~1 min)"
+  python3 -m venv "$MOTO"
+  "$MOTO/bin/pip" install -q "moto[server]==$MOTO_VERSION"
+fi
+if ! ss -ltn | grep -q ":$S3_VERSIONED_PORT "; then
+  log "starting moto (S3 with versioning) on :$S3_VERSIONED_PORT"
+  nohup "$MOTO/bin/moto_server" -H 127.0.0.1 -p "$S3_VERSIONED_PORT" >"$CACHE/moto.log" 2>&1 &
+  for _ in $(seq 1 60); do ss -ltn | grep -q ":$S3_VERSIONED_PORT " && break; sleep 0.5; done
+fi
+log "PostgreSQL, RabbitMQ, S3 and versioned S3 are up"
