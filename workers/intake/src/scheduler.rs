@@ -7,8 +7,10 @@
 //!   compare-and-set (`Store::transition`) whose job is written only when the
 //!   move happened — two replicas that both believe they hold the lease still
 //!   release each application once.
-//! * Throttled: at most `release_per_minute` applications per clock minute
-//!   (the window is kept by the lease holder; a takeover starts a new window).
+//! * Paced by a token bucket: `release_per_minute / 60` tokens a second, holding at most one
+//!   poll interval's worth (at least one), so releases follow the rate smoothly instead of
+//!   a minute's budget in a burst at each minute boundary. The bucket is the lease holder's;
+//!   a takeover starts with one interval's worth.
 //! * Urgent batches first, then urgent records, then release time, then line order.
 
 use std::sync::Arc;
@@ -30,13 +32,14 @@ pub const LEASE: &str = "intake-release-scheduler";
 /// The stage (job name) released applications go to.
 pub const NEXT_STAGE: &str = cardpipe_common::contract::stage_names::DEDUP;
 
-/// The scheduler's state (its throttle window).
+/// The scheduler's state (its token bucket).
 #[derive(Debug)]
 pub struct Scheduler {
     services: Services,
     cfg: Arc<RegistryConfig>,
     holder: String,
-    window: Option<(i64, u32)>,
+    /// When the bucket was last filled, and the tokens it held then.
+    bucket: Option<(OffsetDateTime, f64)>,
 }
 
 impl Scheduler {
@@ -46,7 +49,7 @@ impl Scheduler {
             services,
             cfg,
             holder: format!("release-{}", uuid::Uuid::new_v4()),
-            window: None,
+            bucket: None,
         }
     }
 
@@ -60,17 +63,21 @@ impl Scheduler {
             .try_lease(LEASE, &self.holder, now, time::Duration::seconds(30))
             .await?
         {
-            self.window = None;
+            self.bucket = None;
             return Ok(0);
         }
-        let minute = now.unix_timestamp().div_euclid(60);
-        let used = match self.window {
-            Some((m, used)) if m == minute => used,
-            _ => 0,
+        let rate = f64::from(self.cfg.release_per_minute) / 60.0;
+        let capacity = (rate * self.cfg.release_poll_ms as f64 / 1000.0).max(1.0);
+        let tokens = match self.bucket {
+            Some((at, tokens)) => {
+                (tokens + (now - at).as_seconds_f64().max(0.0) * rate).min(capacity)
+            }
+            None => capacity,
         };
-        let budget = self.cfg.release_per_minute.saturating_sub(used);
+        // (A hair over: tokens added a second at a time must reach a whole one on time.)
+        let budget = (tokens + 1e-9).floor() as usize;
         let mut released = 0usize;
-        let mut left = budget as usize;
+        let mut left = budget;
         while left > 0 {
             let take = left.min(self.cfg.chunk_size.max(1));
             let ids = due(&self.services, now, take as i64).await?;
@@ -84,7 +91,7 @@ impl Scheduler {
                 break;
             }
         }
-        self.window = Some((minute, used + released as u32));
+        self.bucket = Some((now, tokens - released as f64));
         mark_released(&self.services, now).await?;
         Ok(released)
     }
