@@ -42,7 +42,7 @@ use cardpipe_delivery::clients::Caller;
 use cardpipe_delivery::config::DeliveryConfig;
 use cardpipe_delivery::dispatch;
 use cardpipe_delivery::office::{self, BoxReceipt, Handover, OfficeChange, OfficeError};
-use cardpipe_delivery::reminders::{SMS_TOPIC, SmsSink};
+use cardpipe_delivery::reminders::{self, SMS_TOPIC, SmsSink};
 use cardpipe_delivery::shipping::ShippingStage;
 use cardpipe_delivery::{Delivery, TEHRAN, offices, tehran_date};
 use cardpipe_keys::stage::KeysStage;
@@ -1312,4 +1312,157 @@ async fn dispatch_now_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dispatch_now_distributed() {
     dispatch_now(Mode::Distributed).await;
+}
+
+/// Without a gateway a message is recorded `unsent` and written to the log file (its text in
+/// Persian: what to bring, where, until when in Solar Hijri, the fee due); once a gateway is
+/// configured the scheduler re-queues it and it is sent. A failed one is sent again by a
+/// supervisor (audited).
+async fn unsent_messages_go_out_when_a_gateway_comes(mode: Mode) {
+    let mut env = env(mode).await;
+    let services = env.services.clone();
+    let people = [Person {
+        office: "TEH-002",
+        group: ApplicantGroup::Replace13801389,
+        mobile: "09120000021",
+    }];
+    let ids = seed(&env, &people).await;
+    wait_state(&services, &ids, ApplicationState::Personalized).await;
+    move_to(
+        &services,
+        &ids[0],
+        ApplicationState::Personalized,
+        ApplicationState::QcPassed,
+        Some("shipping"),
+    )
+    .await;
+    wait_state(&services, &ids, ApplicationState::Packed).await;
+    dispatch::dispatch_now(&env.delivery, &services, ("chief", "supervisor"))
+        .await
+        .unwrap();
+    let box_id = office::card(&services, &ids[0])
+        .await
+        .unwrap()
+        .unwrap()
+        .box_id;
+    office::receive_box(
+        &env.delivery,
+        &services,
+        &box_id,
+        &BoxReceipt {
+            office_code: "TEH-002".into(),
+            clerk: "clerk1".into(),
+            scanned: None,
+        },
+        &centre(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.state(&ids[0]).await, ApplicationState::AtOffice);
+
+    // No gateway: the arrival notice is unsent, and its text is in the log file.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sms.ndjson");
+    let mut cfg = env.delivery.cfg.clone();
+    cfg.sms.url = String::new();
+    cfg.sms.log_file = log.display().to_string();
+    let offline = Delivery::new(&services, cfg).unwrap();
+    let relay = Relay::new(services.clone()).with_sink(
+        SMS_TOPIC,
+        Arc::new(SmsSink::new(offline.clone(), services.clone()).unwrap()),
+    );
+    assert_eq!(
+        Scheduler::new(offline.clone(), services.clone())
+            .tick()
+            .await
+            .unwrap()
+            .reminders,
+        1
+    );
+    relay.drain_once().await.unwrap();
+    let listed = reminders::messages(&services, Some("unsent"), 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].kind.starts_with("arrival"));
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let text = line["text"].as_str().unwrap();
+    assert_eq!(line["to"], "09120000021");
+    assert!(
+        text.contains("کارت ملی قبلی"),
+        "group 3 brings the previous card: {text}"
+    );
+    assert!(text.contains("۲۰٬۰۰۰ ریال"), "the delivery fee due: {text}");
+    assert!(text.contains("۱۴۰۵"), "until when, Solar Hijri: {text}");
+    assert!(env.gateway.received.lock().unwrap().is_empty());
+
+    // A gateway is configured: the scheduler re-queues it and it is sent (a minute later:
+    // the offline scheduler's lease has run out).
+    env.clock.advance(Duration::minutes(1));
+    let with_gateway = Scheduler::new(env.delivery.clone(), services.clone());
+    with_gateway.tick().await.unwrap();
+    env.drain().await;
+    let sent = reminders::messages(&services, Some("sent"), 10)
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(env.gateway.received.lock().unwrap().len(), 1);
+
+    // A failed one goes out again at a supervisor's word, audited; a sent one does not.
+    sqlx::query("UPDATE delivery_reminders SET state = 'failed' WHERE id = $1")
+        .bind(&sent[0].id)
+        .execute(services.store.pool())
+        .await
+        .unwrap();
+    reminders::resend(
+        &env.delivery,
+        &services,
+        &sent[0].id,
+        ("chief", "supervisor"),
+    )
+    .await
+    .unwrap();
+    env.drain().await;
+    assert_eq!(
+        reminders::messages(&services, Some("sent"), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let err = reminders::resend(
+        &env.delivery,
+        &services,
+        &sent[0].id,
+        ("chief", "supervisor"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("only failed or unsent"), "{err}");
+    let audited = audit::recent(&services.store, Some(ids[0].as_str()), 50)
+        .await
+        .unwrap();
+    assert!(
+        audited
+            .iter()
+            .any(|e| e.action == "sms.resend" && e.actor == "chief")
+    );
+    env.pipeline.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsent_messages_go_out_when_a_gateway_comes_embedded() {
+    unsent_messages_go_out_when_a_gateway_comes(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsent_messages_go_out_when_a_gateway_comes_distributed() {
+    unsent_messages_go_out_when_a_gateway_comes(Mode::Distributed).await;
 }

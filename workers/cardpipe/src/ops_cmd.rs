@@ -189,11 +189,36 @@ pub enum OpsCommand {
         #[arg(long)]
         now: bool,
     },
+    /// Citizen messages (SMS): list them, or send a failed or unsent one again (supervisor;
+    /// audited). Unsent ones (no gateway then) go out by themselves once a gateway is set.
+    Sms {
+        #[command(subcommand)]
+        action: Option<SmsAction>,
+    },
     /// Outbox dead letters (deliveries the relay gave up on): list, or re-queue / discard
     /// one (supervisor; audited).
     DeadLetters {
         #[command(subcommand)]
         action: Option<DeadLetterAction>,
+    },
+}
+
+/// Actions on citizen messages (SMS).
+#[derive(Debug, Subcommand)]
+pub enum SmsAction {
+    /// List messages, newest first (the default): kind, state, attempts, why not sent.
+    List {
+        /// Only messages in this state (pending, sent, unsent, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Send a failed or unsent message again (supervisor; audited as sms.resend).
+    Resend {
+        /// Message id (first column of the list).
+        id: String,
     },
 }
 
@@ -791,6 +816,63 @@ pub async fn ops_cmd(loaded: LoadedConfig, args: OpsArgs, stages: &[&str]) -> an
             );
             Ok(())
         }
+        OpsCommand::Sms { action } => match action.unwrap_or(SmsAction::List {
+            state: None,
+            limit: 100,
+        }) {
+            SmsAction::List { state, limit } => {
+                let rows = cardpipe_delivery::reminders::messages(
+                    &services,
+                    state.as_deref(),
+                    limit.clamp(1, 10_000),
+                )
+                .await?;
+                let mut t = new_table(&[
+                    "id",
+                    "application",
+                    "kind",
+                    "state",
+                    "attempts",
+                    "due",
+                    "sent",
+                    "why not sent",
+                ]);
+                for r in &rows {
+                    t.add_row(vec![
+                        Cell::new(&r.id),
+                        Cell::new(&r.application_id),
+                        Cell::new(&r.kind),
+                        Cell::new(&r.state),
+                        num(r.attempts),
+                        Cell::new(&r.due_on),
+                        Cell::new(r.sent_at.as_deref().unwrap_or("")),
+                        Cell::new(r.last_error.as_deref().unwrap_or("")),
+                    ]);
+                }
+                println!("{t}\n{} messages", rows.len());
+                Ok(())
+            }
+            SmsAction::Resend { id } => {
+                let op = acting(&services, &loaded, who).await?;
+                op.require_supervisor("sending a message again")?;
+                let delivery = cardpipe_delivery::Delivery::new(
+                    &services,
+                    cardpipe_delivery::config::load(&loaded)?,
+                )?;
+                cardpipe_delivery::reminders::resend(
+                    &delivery,
+                    &services,
+                    &id,
+                    (&op.login, op.role.as_str()),
+                )
+                .await?;
+                println!(
+                    "message {id} queued to be sent again (audited as {})",
+                    op.login
+                );
+                Ok(())
+            }
+        },
         OpsCommand::DeadLetters { action } => {
             match action.unwrap_or(DeadLetterAction::List { limit: 100 }) {
                 DeadLetterAction::List { limit } => {

@@ -134,6 +134,17 @@ async fn command_line_identities_authenticate_and_supervisors_manage_operators()
     refused(&cli(d, &["ops", "--as", "boss", "dispatch"], ""), "--now");
     let none = ok(&cli(d, &["ops", "--as", "boss", "dispatch", "--now"], ""));
     assert!(none.contains("nothing packed"), "{none}");
+    // Citizen messages: anyone lists them; sending one again is a supervisor's.
+    let listed = ok(&cli(d, &["ops", "sms", "list", "--state", "unsent"], ""));
+    assert!(listed.contains("0 messages"), "{listed}");
+    refused(
+        &cli(d, &["ops", "--as", "olga", "sms", "resend", "R-1"], ""),
+        "supervisor",
+    );
+    refused(
+        &cli(d, &["ops", "--as", "boss", "sms", "resend", "R-1"], ""),
+        "message R-1 not found",
+    );
 
     // olga cannot act as sara (who has not signed in here): a two-person rule needs sara's
     // own password.

@@ -77,6 +77,20 @@ impl Scheduler {
         }
         report.reminders =
             reminders::schedule(&self.delivery, &self.services, self.services.clock.now()).await?;
+        // Messages recorded while no gateway was configured go out now that one is.
+        let requeued = reminders::requeue_unsent(
+            &self.delivery,
+            &self.services,
+            self.services.clock.now(),
+            500,
+        )
+        .await?;
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                "unsent messages re-queued: an SMS gateway is configured"
+            );
+        }
         let horizon = crate::tehran_date(now) + time::Duration::days(30);
         let near: i64 = sqlx::query(
             "SELECT COUNT(*) AS n FROM delivery_cards c JOIN applications a ON a.id = c.application_id

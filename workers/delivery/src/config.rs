@@ -105,7 +105,8 @@ impl Default for ReminderConfig {
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SmsConfig {
-    /// Gateway URL (POST); empty: SMS are recorded as sent to nobody (`gateway_status` 0).
+    /// Gateway URL (POST); empty: messages are recorded `unsent` (and written to `log_file`
+    /// if set), and sent once a gateway is configured.
     pub url: String,
     /// Value of the `Authorization` header (e.g. `Bearer <token>`); empty: none.
     pub authorization: String,
@@ -117,6 +118,11 @@ pub struct SmsConfig {
     pub max_attempts: u32,
     /// Per-request timeout (seconds).
     pub timeout_secs: u64,
+    /// Without a gateway (`url` empty): append each message to this file (NDJSON), so its
+    /// text can be read and sent by other means; the message stays `unsent` and goes out
+    /// when a gateway is configured. It holds citizens' names and mobile numbers in clear:
+    /// for development and the demo, never on a production machine. Empty: no file.
+    pub log_file: String,
 }
 
 impl std::fmt::Debug for SmsConfig {
@@ -137,6 +143,7 @@ impl Default for SmsConfig {
             rate_per_second: 20.0,
             max_attempts: 8,
             timeout_secs: 10,
+            log_file: String::new(),
         }
     }
 }

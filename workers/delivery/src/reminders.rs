@@ -46,6 +46,168 @@ pub struct SmsPayload {
     pub reminder_id: String,
 }
 
+/// Appends one message to the no-gateway log file (NDJSON, created 0600).
+fn append_to_log(
+    path: &str,
+    id: &str,
+    kind: &str,
+    to: &str,
+    text: &str,
+    at: OffsetDateTime,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let line = serde_json::json!({
+        "id": id, "kind": kind, "to": to, "text": text, "at": to_rfc3339(at),
+    });
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("[delivery.sms] log_file {path}: {e}"))?;
+    writeln!(file, "{line}").map_err(|e| anyhow::anyhow!("[delivery.sms] log_file {path}: {e}"))
+}
+
+/// Once a gateway is configured, every message recorded `unsent` (no gateway then) goes back
+/// to the outbox, at most `limit` per call; returns how many. Messages whose card is no longer
+/// waiting are cancelled when their turn comes, as any other.
+pub async fn requeue_unsent(
+    delivery: &Delivery,
+    services: &Services,
+    now: OffsetDateTime,
+    limit: i64,
+) -> anyhow::Result<usize> {
+    if delivery.cfg.sms.url.is_empty() {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "SELECT id, application_id FROM delivery_reminders WHERE state = 'unsent' ORDER BY created_at, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(services.store.pool())
+    .await?;
+    let mut requeued = 0;
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let app: String = row.try_get("application_id")?;
+        let mut tx = services.store.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE delivery_reminders SET state = 'pending', attempts = 0, last_error = NULL
+             WHERE id = $1 AND state = 'unsent'",
+        )
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 1 {
+            outbox_sms(&mut tx, &app, &id, now, delivery.next_sendable(now)).await?;
+            requeued += 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(requeued)
+}
+
+/// One citizen message as operators see it (no recipient, no text: those are personal).
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageRow {
+    /// `delivery_reminders.id`.
+    pub id: String,
+    /// The application.
+    pub application_id: String,
+    /// `arrival:<office>`, `after_7d`, `final_notice`, `voided`...
+    pub kind: String,
+    /// `pending`, `sent`, `unsent`, `failed`, `cancelled`.
+    pub state: String,
+    /// Send attempts so far.
+    pub attempts: i64,
+    /// Due date (Tehran).
+    pub due_on: String,
+    /// When the gateway took it.
+    pub sent_at: Option<String>,
+    /// Why it is not sent.
+    pub last_error: Option<String>,
+}
+
+/// The newest messages, optionally in one state.
+pub async fn messages(
+    services: &Services,
+    state: Option<&str>,
+    limit: i64,
+) -> anyhow::Result<Vec<MessageRow>> {
+    let rows = sqlx::query(
+        "SELECT id, application_id, kind, state, attempts, due_on, sent_at, last_error
+         FROM delivery_reminders WHERE ($1 = '' OR state = $1) ORDER BY created_at DESC, id LIMIT $2",
+    )
+    .bind(state.unwrap_or(""))
+    .bind(limit)
+    .fetch_all(services.store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(MessageRow {
+                id: r.try_get("id")?,
+                application_id: r.try_get("application_id")?,
+                kind: r.try_get("kind")?,
+                state: r.try_get("state")?,
+                attempts: r.try_get("attempts")?,
+                due_on: r.try_get("due_on")?,
+                sent_at: r.try_get("sent_at")?,
+                last_error: r.try_get("last_error")?,
+            })
+        })
+        .collect()
+}
+
+/// Sends a `failed` or `unsent` message again (a supervisor's action, audited as
+/// `sms.resend`): back to `pending` with its attempts reset, and into the outbox.
+pub async fn resend(
+    delivery: &Delivery,
+    services: &Services,
+    id: &str,
+    (actor, role): (&str, &str),
+) -> anyhow::Result<()> {
+    let now = services.clock.now();
+    let row = sqlx::query("SELECT application_id, state FROM delivery_reminders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(services.store.pool())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("message {id} not found (see `cardpipe ops sms`)"))?;
+    let app: String = row.try_get("application_id")?;
+    let state: String = row.try_get("state")?;
+    anyhow::ensure!(
+        state == "failed" || state == "unsent",
+        "message {id} is {state}: only failed or unsent messages are sent again"
+    );
+    let mut tx = services.store.begin().await?;
+    let moved = sqlx::query(
+        "UPDATE delivery_reminders SET state = 'pending', attempts = 0, last_error = NULL
+         WHERE id = $1 AND state = $2",
+    )
+    .bind(id)
+    .bind(&state)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(moved == 1, "message {id} changed meanwhile; look again");
+    outbox_sms(&mut tx, &app, id, now, delivery.next_sendable(now)).await?;
+    cardpipe_common::audit::record_in(
+        &mut tx,
+        now,
+        &cardpipe_common::audit::AuditEvent {
+            actor,
+            role,
+            action: "sms.resend",
+            subject: &app,
+            details: serde_json::json!({ "message": id, "was": state }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// What the holder must bring to the office: the handover asks groups 3 and 4 (cards issued
 /// 1380–1396) for the previous national card.
 pub fn what_to_bring(group: ApplicantGroup) -> &'static str {
@@ -485,14 +647,21 @@ impl OutboxSink for SmsSink {
         }
         let sms = &self.delivery.cfg.sms;
         if sms.url.is_empty() {
-            self.finish(
-                &payload.reminder_id,
-                "unsent",
-                None,
-                None,
-                Some("no SMS gateway configured ([delivery.sms] url)"),
-            )
-            .await?;
+            let mut why = "no SMS gateway configured ([delivery.sms] url)".to_owned();
+            if !sms.log_file.is_empty() {
+                let (mobile, text) = self.text(&app, &kind, &office).await?;
+                append_to_log(
+                    &sms.log_file,
+                    &payload.reminder_id,
+                    &kind,
+                    &mobile,
+                    &text,
+                    now,
+                )?;
+                why.push_str("; written to [delivery.sms] log_file");
+            }
+            self.finish(&payload.reminder_id, "unsent", None, None, Some(&why))
+                .await?;
             self.delivery.metrics.sms_held(metric, "unconfigured");
             return Ok(());
         }
