@@ -249,6 +249,8 @@ pub struct LoadedConfig {
     /// The values.
     pub config: PipelineConfig,
     figment: Figment,
+    /// The file given with `--config`, read again by [`LoadedConfig::reload`].
+    file: Option<std::path::PathBuf>,
 }
 
 fn figment_for(file: Option<&Path>) -> Figment {
@@ -383,7 +385,11 @@ impl LoadedConfig {
         }
         let figment = figment_for(file);
         match figment.extract::<PipelineConfig>() {
-            Ok(config) => Ok(Self { config, figment }),
+            Ok(config) => Ok(Self {
+                config,
+                figment,
+                file: file.map(Path::to_path_buf),
+            }),
             Err(errors) => Err(errors
                 .into_iter()
                 .map(|e| {
@@ -412,6 +418,12 @@ impl LoadedConfig {
                 })
                 .collect()),
         }
+    }
+
+    /// Reads every layer again (the same `--config` file, `./pipeline.toml`, the
+    /// environment): what a running process takes on SIGHUP.
+    pub fn reload(&self) -> Result<Self, Vec<ConfigError>> {
+        Self::load(self.file.as_deref())
     }
 
     /// Reads a stage crate's own section (`[registry]`, `[dedup]`, ...);

@@ -139,6 +139,13 @@ pub async fn run(
     let mut background = tokio::task::JoinSet::new();
     if full_http {
         stages::background(&ctx, background_stop.clone(), &mut background)?;
+        #[cfg(unix)]
+        background.spawn(reload_on_hangup(
+            ctx.delivery()?,
+            services.clone(),
+            loaded.clone(),
+            background_stop.clone(),
+        ));
     }
     let mut app = cardpipe_common::telemetry::http::router(services.clone(), stage_names.clone());
     if full_http {
@@ -204,6 +211,60 @@ pub async fn run(
     services.store.close().await;
     tracing::info!("stopped");
     result
+}
+
+/// On SIGHUP, reads the configuration files again and takes the delivery times of day
+/// (dispatch cut-off, voiding time, quiet hours) into the running scheduler: a new cut-off
+/// needs no restart. Logged and audited (`config.reload`); an invalid file changes nothing.
+#[cfg(unix)]
+async fn reload_on_hangup(
+    delivery: Arc<cardpipe_delivery::Delivery>,
+    services: cardpipe_common::runtime::Services,
+    loaded: Arc<LoadedConfig>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            got = hangup.recv() => if got.is_none() { return Ok(()) },
+        }
+        let reloaded = loaded
+            .reload()
+            .map_err(|errors| {
+                anyhow::anyhow!(
+                    "{}",
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })
+            .and_then(|new| cardpipe_delivery::config::load(&new))
+            .and_then(|cfg| delivery.reload_times(&cfg));
+        match reloaded {
+            Ok(changed) => {
+                tracing::info!(changed = ?changed, "configuration reloaded on SIGHUP");
+                cardpipe_common::audit::record(
+                    &services.store,
+                    services.clock.as_ref(),
+                    &cardpipe_common::audit::AuditEvent {
+                        actor: "system:sighup",
+                        role: "system",
+                        action: "config.reload",
+                        subject: "delivery",
+                        details: serde_json::json!({ "changed": changed }),
+                    },
+                )
+                .await?;
+            }
+            Err(err) => tracing::error!(
+                error = %format!("{err:#}"),
+                "configuration not reloaded on SIGHUP: the running values stay"
+            ),
+        }
+    }
 }
 
 /// Waits for ctrl-c or SIGTERM (how a service manager stops a process).

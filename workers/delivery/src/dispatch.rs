@@ -46,7 +46,7 @@ pub async fn due(
     services: &Services,
     now: OffsetDateTime,
 ) -> anyhow::Result<Option<Date>> {
-    crate::daily_run_due(services, RUN_NAME, delivery.dispatch_cutoff, now).await
+    crate::daily_run_due(services, RUN_NAME, delivery.dispatch_cutoff(), now).await
 }
 
 /// Lease held while a dispatch runs, by the daily one and by [`dispatch_now`] alike: two

@@ -104,9 +104,30 @@ pub struct Delivery {
     /// The register as loaded.
     pub register: Vec<offices::Office>,
     offices_loaded: tokio::sync::OnceCell<()>,
-    pub(crate) dispatch_cutoff: Time,
-    pub(crate) voiding_time: Time,
-    pub(crate) quiet: (Time, Time),
+    /// The times of day the scheduler follows; [`Delivery::reload_times`] changes them in a
+    /// running process (SIGHUP), so a new cut-off needs no restart.
+    times: std::sync::RwLock<Times>,
+}
+
+/// The times of day of `[delivery]` (Tehran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Times {
+    dispatch_cutoff: Time,
+    voiding_time: Time,
+    quiet: (Time, Time),
+}
+
+impl Times {
+    fn of(cfg: &DeliveryConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            dispatch_cutoff: config::parse_hhmm("dispatch_cutoff", &cfg.dispatch_cutoff)?,
+            voiding_time: config::parse_hhmm("voiding_time", &cfg.voiding_time)?,
+            quiet: (
+                config::parse_hhmm("reminders.quiet_start", &cfg.reminders.quiet_start)?,
+                config::parse_hhmm("reminders.quiet_end", &cfg.reminders.quiet_end)?,
+            ),
+        })
+    }
 }
 
 impl std::fmt::Debug for Delivery {
@@ -126,12 +147,7 @@ impl Delivery {
         let metrics = metrics::DeliveryMetrics::new();
         metrics.register(&services.metrics);
         Ok(Arc::new(Self {
-            dispatch_cutoff: config::parse_hhmm("dispatch_cutoff", &cfg.dispatch_cutoff)?,
-            voiding_time: config::parse_hhmm("voiding_time", &cfg.voiding_time)?,
-            quiet: (
-                config::parse_hhmm("reminders.quiet_start", &cfg.reminders.quiet_start)?,
-                config::parse_hhmm("reminders.quiet_end", &cfg.reminders.quiet_end)?,
-            ),
+            times: std::sync::RwLock::new(Times::of(&cfg)?),
             cfg,
             metrics,
             register,
@@ -152,10 +168,51 @@ impl Delivery {
         Ok(())
     }
 
+    fn times(&self) -> Times {
+        *self.times.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The daily dispatch cut-off in force (Tehran).
+    pub fn dispatch_cutoff(&self) -> Time {
+        self.times().dispatch_cutoff
+    }
+
+    /// The daily voiding run time in force (Tehran).
+    pub fn voiding_time(&self) -> Time {
+        self.times().voiding_time
+    }
+
+    /// Takes the times of day of `cfg` (dispatch cut-off, voiding time, quiet hours) into
+    /// this running engine: the scheduler follows them from its next tick. Returns what
+    /// changed (`"dispatch_cutoff 16:00 -> 17:30"`); nothing changes when `cfg` is invalid.
+    pub fn reload_times(&self, cfg: &DeliveryConfig) -> anyhow::Result<Vec<String>> {
+        cfg.validate()?;
+        let new = Times::of(cfg)?;
+        let mut times = self.times.write().unwrap_or_else(|e| e.into_inner());
+        let hhmm = |t: Time| format!("{:02}:{:02}", t.hour(), t.minute());
+        let mut changed = Vec::new();
+        for (name, old, new) in [
+            (
+                "dispatch_cutoff",
+                times.dispatch_cutoff,
+                new.dispatch_cutoff,
+            ),
+            ("voiding_time", times.voiding_time, new.voiding_time),
+            ("reminders.quiet_start", times.quiet.0, new.quiet.0),
+            ("reminders.quiet_end", times.quiet.1, new.quiet.1),
+        ] {
+            if old != new {
+                changed.push(format!("{name} {} -> {}", hhmm(old), hhmm(new)));
+            }
+        }
+        *times = new;
+        Ok(changed)
+    }
+
     /// Whether `at` falls in the quiet hours (Tehran time).
     pub fn is_quiet(&self, at: OffsetDateTime) -> bool {
         let t = at.to_offset(TEHRAN).time();
-        let (start, end) = self.quiet;
+        let (start, end) = self.times().quiet;
         if start == end {
             false
         } else if start < end {
@@ -171,14 +228,12 @@ impl Delivery {
             return at;
         }
         let local = at.to_offset(TEHRAN);
-        let end_today = tehran_instant(local.date(), self.quiet.1);
+        let quiet_end = self.times().quiet.1;
+        let end_today = tehran_instant(local.date(), quiet_end);
         if end_today > at {
             end_today
         } else {
-            tehran_instant(
-                local.date().next_day().unwrap_or(local.date()),
-                self.quiet.1,
-            )
+            tehran_instant(local.date().next_day().unwrap_or(local.date()), quiet_end)
         }
     }
 

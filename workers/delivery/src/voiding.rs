@@ -31,7 +31,7 @@ pub async fn due(
     services: &Services,
     now: OffsetDateTime,
 ) -> anyhow::Result<Option<Date>> {
-    crate::daily_run_due(services, RUN_NAME, delivery.voiding_time, now).await
+    crate::daily_run_due(services, RUN_NAME, delivery.voiding_time(), now).await
 }
 
 /// Voids every card due on `day`; returns how many were voided (None: the day's run was

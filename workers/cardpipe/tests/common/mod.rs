@@ -89,6 +89,16 @@ impl Running {
         self.seen.join("\n")
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "could not signal cardpipe");
+    }
+
     /// SIGTERM, then waits up to 60 s for a clean stop (a test failure if it does not stop).
     pub fn terminate(mut self) -> ExitStatus {
         let pid = self.child.id().to_string();
