@@ -924,6 +924,8 @@ async fn lifecycle(mode: Mode) {
                 assert!(
                     matches!(office::handover(&env.delivery, &services, &in_transit, &centre()).await, Err(OfficeError::Conflict(ref m)) if m.contains("transferred"))
                 );
+                // The registry sees it on its way, not at the new office.
+                assert_eq!(env.state(d).await, ApplicationState::InTransit);
             }
             if day == date!(2026 - 01 - 17) {
                 let t = transfer_id.clone().unwrap();
@@ -934,6 +936,7 @@ async fn lifecycle(mode: Mode) {
                 office::receive_transfer(&services, &t, "TBZ-001", "clerk4", &centre())
                     .await
                     .unwrap();
+                assert_eq!(env.state(d).await, ApplicationState::AtOffice);
             }
         }
         day = day.next_day().unwrap();

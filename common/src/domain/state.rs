@@ -44,6 +44,9 @@ pub enum ApplicationState {
     Shipped,
     /// The pickup office acknowledged the box.
     AtOffice,
+    /// On its way to another pickup office (a transfer the citizen asked for), until that
+    /// office acknowledges it; not available for pickup meanwhile.
+    InTransit,
     /// Handed over to the holder.
     Collected,
     /// Not collected in time; certificates revoked; final.
@@ -55,7 +58,7 @@ pub enum ApplicationState {
 use ApplicationState::*;
 
 /// Every state, in pipeline order (for reports and metrics).
-pub const ALL_STATES: [ApplicationState; 18] = [
+pub const ALL_STATES: [ApplicationState; 19] = [
     Received,
     Rejected,
     DedupPending,
@@ -71,6 +74,7 @@ pub const ALL_STATES: [ApplicationState; 18] = [
     Packed,
     Shipped,
     AtOffice,
+    InTransit,
     Collected,
     Voided,
     Cancelled,
@@ -105,6 +109,7 @@ impl ApplicationState {
             Packed => "packed",
             Shipped => "shipped",
             AtOffice => "at_office",
+            InTransit => "in_transit",
             Collected => "collected",
             Voided => "voided",
             Cancelled => "cancelled",
@@ -142,9 +147,16 @@ impl ApplicationState {
             (QcPassed, Packed) => true,
             (Packed, Shipped) => true,
             (Shipped, AtOffice) => true,
+            // A transfer to another office: from the first office, or straight from the box
+            // when the transfer was asked for before the box arrived; the receipt at the new
+            // office (or a change back to where the card is) makes it available again.
+            (AtOffice | Shipped, InTransit) => true,
+            (InTransit, AtOffice) => true,
             (AtOffice, Collected | Voided) => true,
             // Voiding is final: the holder needs a new application (at double fee).
-            (QcPassed | Packed | Shipped | AtOffice | Collected, ReprintRequested) => true,
+            (QcPassed | Packed | Shipped | AtOffice | InTransit | Collected, ReprintRequested) => {
+                true
+            }
             _ => false,
         };
         if legal {

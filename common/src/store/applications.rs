@@ -297,13 +297,13 @@ impl Store {
     }
 
     /// Applications received before `received_before` whose card has not reached a pickup
-    /// office and that are still being worked on (not collected, voided, cancelled,
+    /// office (a card transferred on from its first office has) and that are still being worked on (not collected, voided, cancelled,
     /// rejected or a confirmed duplicate): the programme promises a card within a month.
     pub async fn count_overdue(&self, received_before: OffsetDateTime) -> Result<i64, StoreError> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS n FROM applications
              WHERE created_at < $1 AND state NOT IN
-               ('at_office', 'collected', 'voided', 'cancelled', 'rejected', 'confirmed_duplicate')",
+               ('at_office', 'in_transit', 'collected', 'voided', 'cancelled', 'rejected', 'confirmed_duplicate')",
         )
         .bind(to_rfc3339(received_before))
         .fetch_one(&self.pool)

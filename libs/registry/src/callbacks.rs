@@ -38,6 +38,8 @@ pub enum CallbackEvent {
     DuplicateDecided,
     /// The card is at the pickup office.
     AtOffice,
+    /// The card is on its way to another pickup office (a transfer).
+    InTransit,
     /// The citizen collected the card.
     Collected,
     /// The card was voided (not collected within six months).
@@ -55,6 +57,7 @@ impl CallbackEvent {
                 Self::DuplicateDecided
             }
             ApplicationState::AtOffice => Self::AtOffice,
+            ApplicationState::InTransit => Self::InTransit,
             ApplicationState::Collected => Self::Collected,
             ApplicationState::Voided => Self::Voided,
             ApplicationState::Cancelled => Self::Cancelled,

@@ -322,8 +322,9 @@ pub async fn receive_box(
     })
 }
 
-/// One listed card of a box reaches its office: `shipped` → `at_office`, available unless
-/// it is being transferred elsewhere, registry callback. False when it was not `shipped`.
+/// One listed card of a box reaches its office: `shipped` → `at_office` and available, or
+/// `shipped` → `in_transit` when a transfer to another office was asked for meanwhile (it is
+/// forwarded from here); registry callback. False when it was not `shipped`.
 async fn receive_card(
     tx: &mut cardpipe_common::store::StoreTx,
     app: &str,
@@ -333,12 +334,23 @@ async fn receive_card(
     now: OffsetDateTime,
 ) -> Result<bool, OfficeError> {
     let id = ApplicationId(app.to_owned());
+    let destination: String =
+        sqlx::query_scalar("SELECT office_code FROM delivery_cards WHERE application_id = $1")
+            .bind(app)
+            .fetch_one(&mut **tx)
+            .await?;
+    let forwarded = destination != office;
+    let to = if forwarded {
+        ApplicationState::InTransit
+    } else {
+        ApplicationState::AtOffice
+    };
     let moved = Store::transition(
         tx,
         &Transition {
             id: &id,
             from: ApplicationState::Shipped,
-            to: ApplicationState::AtOffice,
+            to,
             stage: "office-receipt",
             attempt: 0,
             actor,
@@ -353,26 +365,71 @@ async fn receive_card(
     let now_text = to_rfc3339(now);
     sqlx::query(
         "UPDATE delivery_cards SET received_at = $1,
-             available_at = CASE WHEN office_code = packed_office THEN $1 ELSE NULL END
-         WHERE application_id = $2",
+             available_at = CASE WHEN office_code = $2 THEN $1 ELSE NULL END
+         WHERE application_id = $3",
     )
     .bind(&now_text)
+    .bind(office)
     .bind(app)
     .execute(&mut **tx)
     .await?;
     let registry_id = registry_id(tx, &id).await?;
+    let (event, detail) = if forwarded {
+        (
+            CallbackEvent::InTransit,
+            json!({ "office": office, "to_office": destination }),
+        )
+    } else {
+        (CallbackEvent::AtOffice, json!({ "office": office }))
+    };
+    enqueue_callback(tx, app, event, &registry_id, Some(to), None, detail, now).await?;
+    Ok(true)
+}
+
+/// Moves a card between `at_office` and `in_transit` inside `tx` (compare-and-set: a card
+/// that changed state meanwhile fails the whole transaction) and tells the registry.
+async fn move_card(
+    tx: &mut cardpipe_common::store::StoreTx,
+    id: &ApplicationId,
+    (from, to): (ApplicationState, ApplicationState),
+    actor: &str,
+    detail: serde_json::Value,
+    now: OffsetDateTime,
+) -> Result<(), OfficeError> {
+    let moved = Store::transition(
+        tx,
+        &Transition {
+            id,
+            from,
+            to,
+            stage: "office-transfer",
+            attempt: 0,
+            actor,
+            reason: None,
+            at: now,
+        },
+    )
+    .await?;
+    if !moved {
+        return Err(OfficeError::Conflict(format!(
+            "the application is no longer {from}; retry"
+        )));
+    }
+    let registry_id = registry_id(tx, id).await?;
+    let event = CallbackEvent::for_state(to)
+        .ok_or_else(|| OfficeError::Internal(anyhow::anyhow!("no callback for state {to}")))?;
     enqueue_callback(
         tx,
-        app,
-        CallbackEvent::AtOffice,
+        id.as_str(),
+        event,
         &registry_id,
-        Some(ApplicationState::AtOffice),
+        Some(to),
         None,
-        json!({ "office": office }),
+        detail,
         now,
     )
     .await?;
-    Ok(true)
+    Ok(())
 }
 
 /// A late receipt on a box already received: only missing cards an operator resolved as
@@ -543,7 +600,7 @@ pub async fn change_office(
                 "the card is packed in a sealed box for today's dispatch; change the office after dispatch (a transfer)".into(),
             ));
         }
-        ApplicationState::Shipped | ApplicationState::AtOffice => {
+        ApplicationState::Shipped | ApplicationState::AtOffice | ApplicationState::InTransit => {
             let current = card(services, &app.id).await?.ok_or_else(|| {
                 OfficeError::Internal(anyhow::anyhow!("no delivery row for {}", app.id))
             })?;
@@ -578,6 +635,18 @@ pub async fn change_office(
                 .bind(app.id.as_str())
                 .execute(&mut *tx)
                 .await?;
+                if app.state == ApplicationState::InTransit {
+                    // It never left: available here again.
+                    move_card(
+                        &mut tx,
+                        &app.id,
+                        (ApplicationState::InTransit, ApplicationState::AtOffice),
+                        actor,
+                        json!({ "office": new_office }),
+                        now,
+                    )
+                    .await?;
+                }
                 record.pickup_office = new_office.to_owned();
                 records::update_record(&mut tx, services, &app.id, &record).await?;
                 let outcome = OfficeChange::Rerouted {
@@ -615,6 +684,18 @@ pub async fn change_office(
                 .bind(app.id.as_str())
                 .execute(&mut *tx)
                 .await?;
+            if app.state == ApplicationState::AtOffice {
+                // No longer available here: in transit until the new office receives it.
+                move_card(
+                    &mut tx,
+                    &app.id,
+                    (ApplicationState::AtOffice, ApplicationState::InTransit),
+                    actor,
+                    json!({ "office": from, "to_office": new_office }),
+                    now,
+                )
+                .await?;
+            }
             OfficeChange::Transfer {
                 transfer_id,
                 from_office: from,
@@ -680,10 +761,15 @@ pub async fn receive_transfer(
         )));
     }
     let app = application(services, &app_id).await?;
-    if app.state != ApplicationState::AtOffice {
+    if app.state != ApplicationState::InTransit {
         return Err(OfficeError::Conflict(format!(
-            "the card has not reached its first office yet (state {}); receive its box first",
-            app.state
+            "the card is not in transit (state {}){}",
+            app.state,
+            if app.state == ApplicationState::Shipped {
+                ": it has not reached its first office yet; receive its box there first"
+            } else {
+                ""
+            }
         )));
     }
     let now = services.clock.now();
@@ -708,6 +794,15 @@ pub async fn receive_transfer(
         .bind(office_code)
         .execute(&mut *tx)
         .await?;
+    move_card(
+        &mut tx,
+        &app.id,
+        (ApplicationState::InTransit, ApplicationState::AtOffice),
+        &actor,
+        json!({ "office": office_code, "transfer": transfer_id }),
+        now,
+    )
+    .await?;
     audit::record_in(
         &mut tx,
         now,
@@ -877,6 +972,12 @@ pub async fn handover(
     let app = application(services, &req.application_id).await?;
     if let Some(current) = card(services, &app.id).await? {
         by.require_office(&current.office_code)?;
+    }
+    if app.state == ApplicationState::InTransit {
+        delivery.metrics.handover("refused");
+        return Err(OfficeError::Conflict(
+            "the card is still being transferred to this office (in_transit)".into(),
+        ));
     }
     if app.state != ApplicationState::AtOffice {
         delivery.metrics.handover("refused");

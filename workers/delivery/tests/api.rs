@@ -442,6 +442,12 @@ async fn offices_and_discrepancies(
     .execute(services.store.pool())
     .await
     .unwrap();
+    // (As a transfer leaves it: in transit until the new office acknowledges it.)
+    sqlx::query("UPDATE applications SET state = 'in_transit' WHERE id = $1")
+        .bind(a.as_str())
+        .execute(services.store.pool())
+        .await
+        .unwrap();
     check(
         api.post(
             "/api/v1/delivery/transfers/TRF-T1/receipt",
