@@ -99,7 +99,7 @@ pub enum ReprintError {
     NotFound(String),
     /// The application is not in a state with a card to replace.
     #[error(
-        "application {id} is {state}: a reprint needs a card that passed QC (qc_passed, packed, shipped, at_office or collected)"
+        "application {id} is {state}: a reprint needs a card that passed QC (qc_passed, packed, shipped, at_office, in_transit or collected)"
     )]
     NotReprintable {
         /// Application.
