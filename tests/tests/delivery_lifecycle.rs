@@ -1237,6 +1237,25 @@ async fn lifecycle_distributed() {
     lifecycle(Mode::Distributed).await;
 }
 
+/// Seeds `people` and walks their cards to `packed` (keys and personalization by the stages,
+/// QC passed through the store API, packing by the shipping stage).
+async fn packed(env: &Env, people: &[Person]) -> Vec<ApplicationId> {
+    let ids = seed(env, people).await;
+    wait_state(&env.services, &ids, ApplicationState::Personalized).await;
+    for id in &ids {
+        move_to(
+            &env.services,
+            id,
+            ApplicationState::Personalized,
+            ApplicationState::QcPassed,
+            Some("shipping"),
+        )
+        .await;
+    }
+    wait_state(&env.services, &ids, ApplicationState::Packed).await;
+    ids
+}
+
 /// `cardpipe ops dispatch --now`: a supervisor ships every packed card before the cut-off, in
 /// a shipment of its own, audited; the day's run at the cut-off then ships only what was
 /// packed later, and a second dispatch with nothing packed ships nothing.
@@ -1255,19 +1274,7 @@ async fn dispatch_now(mode: Mode) {
             mobile: "09120000012",
         },
     ];
-    let ids = seed(&env, &people).await;
-    wait_state(&services, &ids, ApplicationState::Personalized).await;
-    for id in &ids {
-        move_to(
-            &services,
-            id,
-            ApplicationState::Personalized,
-            ApplicationState::QcPassed,
-            Some("shipping"),
-        )
-        .await;
-    }
-    wait_state(&services, &ids, ApplicationState::Packed).await;
+    let ids = packed(&env, &people).await;
     let scheduler = Scheduler::new(env.delivery.clone(), services.clone());
     assert_eq!(
         scheduler.tick().await.unwrap().dispatched,
@@ -1329,17 +1336,7 @@ async fn unsent_messages_go_out_when_a_gateway_comes(mode: Mode) {
         group: ApplicantGroup::Replace13801389,
         mobile: "09120000021",
     }];
-    let ids = seed(&env, &people).await;
-    wait_state(&services, &ids, ApplicationState::Personalized).await;
-    move_to(
-        &services,
-        &ids[0],
-        ApplicationState::Personalized,
-        ApplicationState::QcPassed,
-        Some("shipping"),
-    )
-    .await;
-    wait_state(&services, &ids, ApplicationState::Packed).await;
+    let ids = packed(&env, &people).await;
     dispatch::dispatch_now(&env.delivery, &services, ("chief", "supervisor"))
         .await
         .unwrap();

@@ -4,8 +4,7 @@
 //! both backend sets (SQLite + fs, PostgreSQL + the S3 server), with a file keystore and with
 //! the key in a SoftHSM2 token.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Dialect, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_pki::checkpoint::{self, SignedCheckpoint, WriteError};
-use cardpipe_pki::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
+use cardpipe_pki::keystore::softhsm::{self, SOFTHSM2_MODULE};
 use cardpipe_pki::keystore::{CaKeyStore, FileKeyStore, KdfParams, Pkcs11Config, Pkcs11KeyStore};
 use secrecy::SecretString;
 use serde_json::json;
@@ -349,33 +348,8 @@ async fn forged_checkpoints_are_refused_and_rotated_keys_keep_verifying() {
 
 const TOKEN: &str = "cardpipe-audit";
 
-/// Runs `body` in a child process that sees a fresh SoftHSM2 token (SoftHSM2 reads
-/// SOFTHSM2_CONF when the module loads; this workspace cannot set variables at run time).
 fn in_softhsm(test_name: &str, body: impl FnOnce(&Path)) {
-    if std::env::var("CARDPIPE_SOFTHSM_CHILD").as_deref() == Ok(test_name) {
-        let dir = PathBuf::from(std::env::var("CARDPIPE_SOFTHSM_DIR").unwrap());
-        body(&dir);
-        std::fs::write(dir.join(format!("{test_name}.done")), b"ok").unwrap();
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = SoftHsmSandbox::create(dir.path(), TOKEN, "12345678", "1234")
-        .unwrap_or_else(|e| panic!("SoftHSM2 is required for this test (CI installs it): {e}"));
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .envs(sandbox.env())
-        .env("CARDPIPE_SOFTHSM_CHILD", test_name)
-        .env("CARDPIPE_SOFTHSM_DIR", dir.path())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the SoftHSM2 child for {test_name} failed"
-    );
-    assert!(
-        dir.path().join(format!("{test_name}.done")).exists(),
-        "the child process ran no test body"
-    );
+    softhsm::run_in_sandbox(test_name, TOKEN, "1234", body);
 }
 
 #[test]

@@ -7,8 +7,7 @@
 //! matched nothing cannot pass silently. Without SoftHSM2 the tests fail with a message
 //! naming the package.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use cardpipe_pki::KeysError;
@@ -16,7 +15,7 @@ use cardpipe_pki::ca::{CaConfig, UsageCounts, init, status};
 use cardpipe_pki::citizen::CitizenProfiles;
 use cardpipe_pki::custody::TransportKey;
 use cardpipe_pki::issue::CardIssuer;
-use cardpipe_pki::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
+use cardpipe_pki::keystore::softhsm::SOFTHSM2_MODULE;
 use cardpipe_pki::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
 use cardpipe_pki::lds::sample_input;
 use cardpipe_pki::pkix::{sha256, verify_certificate_signature};
@@ -36,30 +35,7 @@ fn config() -> Pkcs11Config {
 
 /// Runs `body` in a child process that sees a fresh SoftHSM2 token.
 fn in_softhsm(test_name: &str, body: impl FnOnce(&Path)) {
-    if std::env::var("CARDPIPE_SOFTHSM_CHILD").as_deref() == Ok(test_name) {
-        let dir = PathBuf::from(std::env::var("CARDPIPE_SOFTHSM_DIR").unwrap());
-        body(&dir);
-        std::fs::write(dir.join(format!("{test_name}.done")), b"ok").unwrap();
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = SoftHsmSandbox::create(dir.path(), TOKEN, "12345678", USER_PIN)
-        .unwrap_or_else(|e| panic!("SoftHSM2 is required for this test (CI installs it): {e}"));
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .envs(sandbox.env())
-        .env("CARDPIPE_SOFTHSM_CHILD", test_name)
-        .env("CARDPIPE_SOFTHSM_DIR", dir.path())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the SoftHSM2 child process for {test_name} failed"
-    );
-    assert!(
-        dir.path().join(format!("{test_name}.done")).exists(),
-        "the child process ran no test body"
-    );
+    cardpipe_pki::keystore::softhsm::run_in_sandbox(test_name, TOKEN, USER_PIN, body);
 }
 
 #[test]

@@ -30,7 +30,7 @@ use cardpipe_pki::ca::CaHierarchy;
 use cardpipe_pki::citizen::CardKeyRole;
 use cardpipe_pki::crl::parse_crl;
 use cardpipe_pki::custody::{CardCredentials, TransportKey, unwrap};
-use cardpipe_pki::keystore::softhsm::{SOFTHSM2_MODULE, SoftHsmSandbox};
+use cardpipe_pki::keystore::softhsm::SOFTHSM2_MODULE;
 use cardpipe_pki::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
 use cardpipe_pki::pkix::to_pem;
 use cardpipe_pki::settings::{Pki, PkiConfig};
@@ -704,32 +704,7 @@ const TOKEN: &str = "cardpipe-keys-it";
 const USER_PIN: &str = "4321";
 
 fn in_softhsm(test_name: &str, body: impl FnOnce()) {
-    if std::env::var("CARDPIPE_SOFTHSM_CHILD").as_deref() == Ok(test_name) {
-        let dir = PathBuf::from(std::env::var("CARDPIPE_SOFTHSM_DIR").unwrap());
-        body();
-        std::fs::write(dir.join(format!("{test_name}.done")), b"ok").unwrap();
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox =
-        SoftHsmSandbox::create(dir.path(), TOKEN, "12345678", USER_PIN).unwrap_or_else(|e| {
-            panic!("SoftHSM2 is required for this test (apt-get install softhsm2): {e}")
-        });
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .envs(sandbox.env())
-        .env("CARDPIPE_SOFTHSM_CHILD", test_name)
-        .env("CARDPIPE_SOFTHSM_DIR", dir.path())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the SoftHSM2 child process for {test_name} failed"
-    );
-    assert!(
-        dir.path().join(format!("{test_name}.done")).exists(),
-        "the child process ran no test body"
-    );
+    cardpipe_pki::keystore::softhsm::run_in_sandbox(test_name, TOKEN, USER_PIN, |_| body());
 }
 
 #[test]

@@ -106,6 +106,48 @@ impl SoftHsmSandbox {
     }
 }
 
+/// Runs a test body against a fresh SoftHSM2 token.
+///
+/// SoftHSM2 reads `SOFTHSM2_CONF` when the module loads, and this workspace forbids the
+/// `unsafe` needed to set environment variables at run time, so the test creates its sandbox
+/// token and re-runs itself (`<test_name> --exact`) as a child process with the variable set.
+/// The child runs `body` with the sandbox directory and writes a marker file when it completed,
+/// so a filter that matched nothing cannot pass silently. Panics (failing the test) when
+/// SoftHSM2 is missing, the child fails, or it ran no body.
+pub fn run_in_sandbox(
+    test_name: &str,
+    token_label: &str,
+    user_pin: &str,
+    body: impl FnOnce(&Path),
+) {
+    const CHILD: &str = "CARDPIPE_SOFTHSM_CHILD";
+    const DIR: &str = "CARDPIPE_SOFTHSM_DIR";
+    if std::env::var(CHILD).as_deref() == Ok(test_name) {
+        let dir = std::path::PathBuf::from(std::env::var(DIR).expect("sandbox dir"));
+        body(&dir);
+        std::fs::write(dir.join(format!("{test_name}.done")), b"ok").expect("marker file");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sandbox = SoftHsmSandbox::create(dir.path(), token_label, "12345678", user_pin)
+        .unwrap_or_else(|e| panic!("SoftHSM2 is required for this test (CI installs it): {e}"));
+    let status = Command::new(std::env::current_exe().expect("test binary"))
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(sandbox.env())
+        .env(CHILD, test_name)
+        .env(DIR, dir.path())
+        .status()
+        .expect("starting the SoftHSM2 child process");
+    assert!(
+        status.success(),
+        "the SoftHSM2 child process for {test_name} failed"
+    );
+    assert!(
+        dir.path().join(format!("{test_name}.done")).exists(),
+        "the child process ran no test body"
+    );
+}
+
 /// Errors out with an actionable message unless both the module and `softhsm2-util` exist.
 pub fn check_installed() -> Result<()> {
     let util = Command::new("softhsm2-util").arg("--version").output();
