@@ -177,6 +177,46 @@ pub async fn services(
     }
 }
 
+/// Appends `n` operator actions (`parked.retry` on `app-<i>`) to the audit log.
+pub async fn audit_append(store: &Store, n: usize) {
+    for i in 0..n {
+        crate::audit::record(
+            store,
+            &SystemClock,
+            &crate::audit::AuditEvent {
+                actor: "op1",
+                role: "operator",
+                action: "parked.retry",
+                subject: &format!("app-{i}"),
+                details: serde_json::json!({ "reason": "operator retry", "n": i }),
+            },
+        )
+        .await
+        .expect("appending to the audit log");
+    }
+}
+
+/// Drops the triggers guarding the audit log, as the database owner covering tracks would
+/// (tamper tests).
+pub async fn audit_drop_guards(store: &Store) {
+    let statements: &[&str] = match store.dialect() {
+        crate::store::Dialect::Postgres => &[
+            "DROP TRIGGER audit_log_no_update ON audit_log",
+            "DROP TRIGGER audit_log_no_truncate ON audit_log",
+        ],
+        crate::store::Dialect::Sqlite => &[
+            "DROP TRIGGER audit_log_no_update",
+            "DROP TRIGGER audit_log_no_delete",
+        ],
+    };
+    for s in statements {
+        sqlx::query(*s)
+            .execute(store.pool())
+            .await
+            .expect("dropping an audit trigger");
+    }
+}
+
 /// Test-only stages for exercising the runtime (never registered in the
 /// `cardpipe` binary).
 pub mod stages {

@@ -1,11 +1,9 @@
 //! The audit chain on both store backends: appends link, concurrent appends never fork, and
 //! `verify` names an edited entry, a removed entry and a removed tail.
 
-use cardpipe_common::audit::{self, AuditEvent, AuditProblem};
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::audit::{self, AuditProblem};
 use cardpipe_common::store::{Dialect, Store};
 use cardpipe_common::testing;
-use serde_json::json;
 
 async fn backends() -> Vec<(Store, Option<tempfile::TempDir>)> {
     let (sqlite, dir) = testing::sqlite_store().await;
@@ -13,38 +11,11 @@ async fn backends() -> Vec<(Store, Option<tempfile::TempDir>)> {
 }
 
 async fn append(store: &Store, n: usize) {
-    for i in 0..n {
-        audit::record(
-            store,
-            &SystemClock,
-            &AuditEvent {
-                actor: "op1",
-                role: "operator",
-                action: "parked.retry",
-                subject: &format!("app-{i}"),
-                details: json!({ "reason": "operator retry", "n": i }),
-            },
-        )
-        .await
-        .unwrap();
-    }
+    testing::audit_append(store, n).await;
 }
 
-/// Tampering needs the triggers gone, as it would for a DBA covering tracks.
 async fn drop_guards(store: &Store) {
-    let statements: &[&str] = match store.dialect() {
-        Dialect::Postgres => &[
-            "DROP TRIGGER audit_log_no_update ON audit_log",
-            "DROP TRIGGER audit_log_no_truncate ON audit_log",
-        ],
-        Dialect::Sqlite => &[
-            "DROP TRIGGER audit_log_no_update",
-            "DROP TRIGGER audit_log_no_delete",
-        ],
-    };
-    for s in statements {
-        sqlx::query(*s).execute(store.pool()).await.unwrap();
-    }
+    testing::audit_drop_guards(store).await;
 }
 
 #[tokio::test]

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::KeysError;
 use crate::keystore::CaKeyStore;
-use crate::pkix::sha256;
+use crate::pkix::{PublicKey, sha256};
 
 /// Object-store prefix of the checkpoints.
 pub const PREFIX: &str = "audit/checkpoints/";
@@ -273,8 +273,104 @@ impl std::fmt::Display for BadCheckpoint {
     }
 }
 
+/// Where the public halves of the checkpoint keys come from: the keystore itself, or files
+/// exported with `cardpipe audit export-keys` (an auditor needs no access to the HSM).
+pub enum Verifier<'a> {
+    /// The CA keystore / HSM.
+    Keystore(&'a dyn CaKeyStore),
+    /// Exported public keys by label.
+    Exported(std::collections::BTreeMap<String, PublicKey>),
+}
+
+impl std::fmt::Debug for Verifier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verifier::Keystore(k) => write!(f, "Verifier::Keystore({})", k.backend()),
+            Verifier::Exported(keys) => write!(f, "Verifier::Exported({:?})", keys.keys()),
+        }
+    }
+}
+
+impl Verifier<'_> {
+    fn public_key(&self, label: &str) -> Result<PublicKey, String> {
+        match self {
+            Verifier::Keystore(keystore) => keystore
+                .public_key(label)
+                .map_err(|e| format!("its key {label} is not in the keystore ({e})")),
+            Verifier::Exported(keys) => keys
+                .get(label)
+                .cloned()
+                .ok_or_else(|| format!("its key {label} is not among the exported keys")),
+        }
+    }
+
+    /// Reads every `audit-checkpoint-<n>.pem` (SubjectPublicKeyInfo) in `dir`.
+    pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<Verifier<'static>> {
+        use der::Decode as _;
+        let mut keys = std::collections::BTreeMap::new();
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            let Some(label) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pem"))
+                .filter(|n| key_number(n).is_some())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (pem_label, der) = der::pem::decode_vec(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: not PEM ({e})", path.display()))?;
+            anyhow::ensure!(
+                pem_label == "PUBLIC KEY",
+                "{}: a {pem_label}, not a PUBLIC KEY",
+                path.display()
+            );
+            let spki = spki::SubjectPublicKeyInfoOwned::from_der(&der)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            keys.insert(label, PublicKey::from_spki(&spki)?);
+        }
+        anyhow::ensure!(
+            !keys.is_empty(),
+            "no audit-checkpoint-<n>.pem in {} (cardpipe audit export-keys writes them)",
+            dir.display()
+        );
+        Ok(Verifier::Exported(keys))
+    }
+}
+
+/// Writes the public half of every checkpoint key as `<dir>/audit-checkpoint-<n>.pem`
+/// (SubjectPublicKeyInfo PEM): what an auditor verifies checkpoints with.
+pub fn export_public_keys(
+    keystore: &dyn CaKeyStore,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use der::Encode as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    for key in keystore.list().context("listing the keystore")? {
+        if key_number(&key.label).is_none() {
+            continue;
+        }
+        let der = key
+            .public_key
+            .to_spki()?
+            .to_der()
+            .map_err(|e| anyhow::anyhow!("encoding {}: {e}", key.label))?;
+        let path = dir.join(format!("{}.pem", key.label));
+        std::fs::write(&path, crate::pkix::to_pem("PUBLIC KEY", &der)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 /// Reads one stored checkpoint and checks its signature and its place.
-fn check(key: &str, body: &[u8], keystore: &dyn CaKeyStore) -> Result<SignedCheckpoint, String> {
+fn check(key: &str, body: &[u8], verifier: &Verifier<'_>) -> Result<SignedCheckpoint, String> {
     let checkpoint: SignedCheckpoint =
         serde_json::from_slice(body).map_err(|e| format!("not a checkpoint ({e})"))?;
     if checkpoint.format != FORMAT {
@@ -292,12 +388,7 @@ fn check(key: &str, body: &[u8], keystore: &dyn CaKeyStore) -> Result<SignedChec
             checkpoint.key_label
         ));
     }
-    let public = keystore.public_key(&checkpoint.key_label).map_err(|e| {
-        format!(
-            "its key {} is not in the keystore ({e})",
-            checkpoint.key_label
-        )
-    })?;
+    let public = verifier.public_key(&checkpoint.key_label)?;
     let signature = base64::engine::general_purpose::STANDARD
         .decode(&checkpoint.signature)
         .map_err(|_| "the signature is not base64".to_owned())?;
@@ -322,8 +413,14 @@ pub struct Found {
     pub stored: usize,
 }
 
-/// The newest checkpoint that verifies, and every newer one that does not.
+/// The newest checkpoint that verifies under the keystore's keys, and every newer one that
+/// does not.
 pub async fn newest(services: &Services, keystore: &dyn CaKeyStore) -> anyhow::Result<Found> {
+    newest_with(services, &Verifier::Keystore(keystore)).await
+}
+
+/// [`newest`], with the public keys from `verifier`.
+pub async fn newest_with(services: &Services, verifier: &Verifier<'_>) -> anyhow::Result<Found> {
     let keys = services
         .objects
         .list(PREFIX)
@@ -336,7 +433,7 @@ pub async fn newest(services: &Services, keystore: &dyn CaKeyStore) -> anyhow::R
     for key in keys.iter().rev() {
         // Bounded: a checkpoint is a few hundred bytes.
         let checked = match services.objects.get_bounded(key, 64 * 1024).await {
-            Ok(Some(body)) => check(key, &body, keystore),
+            Ok(Some(body)) => check(key, &body, verifier),
             Ok(None) => continue,
             Err(cardpipe_common::objects::ObjectError::TooLarge { .. }) => {
                 Err("larger than any checkpoint".to_owned())

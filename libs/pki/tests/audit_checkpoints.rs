@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cardpipe_common::audit::{self, AuditEntry, AuditEvent, AuditProblem};
+use cardpipe_common::audit::{self, AuditEntry, AuditProblem};
 use cardpipe_common::runtime::Services;
 use cardpipe_common::store::{Dialect, Store};
 use cardpipe_common::testing::{self, Mode};
@@ -31,38 +31,12 @@ fn file_keystore(dir: &Path, name: &str) -> Arc<dyn CaKeyStore> {
 }
 
 async fn append(services: &Services, n: usize) {
-    for i in 0..n {
-        audit::record(
-            &services.store,
-            services.clock.as_ref(),
-            &AuditEvent {
-                actor: "op1",
-                role: "operator",
-                action: "parked.retry",
-                subject: &format!("app-{i}"),
-                details: json!({ "n": i }),
-            },
-        )
-        .await
-        .unwrap();
-    }
+    testing::audit_append(&services.store, n).await;
 }
 
 /// What the owner of the database does first: remove the triggers in the way.
 async fn drop_guards(store: &Store) {
-    let statements: &[&str] = match store.dialect() {
-        Dialect::Postgres => &[
-            "DROP TRIGGER audit_log_no_update ON audit_log",
-            "DROP TRIGGER audit_log_no_truncate ON audit_log",
-        ],
-        Dialect::Sqlite => &[
-            "DROP TRIGGER audit_log_no_update",
-            "DROP TRIGGER audit_log_no_delete",
-        ],
-    };
-    for s in statements {
-        sqlx::query(*s).execute(store.pool()).await.unwrap();
-    }
+    testing::audit_drop_guards(store).await;
 }
 
 /// ... and last, on SQLite, makes the head row agree with what is left.
@@ -344,6 +318,39 @@ async fn forged_checkpoints_are_refused_and_rotated_keys_keep_verifying() {
         assert_eq!(found.newest.as_ref(), Some(&first));
         assert!(found.bad.is_empty());
     }
+}
+
+#[tokio::test]
+async fn exported_public_keys_verify_like_the_keystore() {
+    let dir = tempfile::tempdir().unwrap();
+    let (services, _guard, keystore, first) = checkpointed_log(Mode::Embedded, dir.path()).await;
+    let keys = dir.path().join("keys");
+    let written = checkpoint::export_public_keys(keystore.as_ref(), &keys).unwrap();
+    assert_eq!(written, vec![keys.join("audit-checkpoint-1.pem")]);
+    let verifier = checkpoint::Verifier::from_dir(&keys).unwrap();
+    let found = checkpoint::newest_with(&services, &verifier).await.unwrap();
+    assert_eq!(found.newest, Some(first));
+
+    // Someone else's key under the same name verifies nothing.
+    let other = file_keystore(dir.path(), "other.keystore");
+    checkpoint::rotate_key(other.as_ref()).unwrap();
+    let wrong = dir.path().join("wrong-keys");
+    checkpoint::export_public_keys(other.as_ref(), &wrong).unwrap();
+    let found =
+        checkpoint::newest_with(&services, &checkpoint::Verifier::from_dir(&wrong).unwrap())
+            .await
+            .unwrap();
+    assert_eq!(found.newest, None);
+    assert!(
+        found.bad[0].reason.contains("does not verify"),
+        "{:?}",
+        found.bad
+    );
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = checkpoint::Verifier::from_dir(&empty).unwrap_err();
+    assert!(err.to_string().contains("export-keys"), "{err}");
 }
 
 const TOKEN: &str = "cardpipe-audit";

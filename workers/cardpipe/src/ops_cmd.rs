@@ -30,7 +30,19 @@ pub enum AuditCommand {
     /// Walk the whole hash chain and check it against the newest signed checkpoint; exit
     /// status 1 and every problem listed when an entry was edited or removed, the log ends
     /// before the checkpoint (truncated, tail cut), was rewritten, or a checkpoint is forged.
-    Verify,
+    Verify {
+        /// Verify checkpoints with the public keys in this directory (written by
+        /// `cardpipe audit export-keys`) instead of opening the keystore / HSM.
+        #[arg(long, value_name = "DIR")]
+        keys: Option<std::path::PathBuf>,
+    },
+    /// Write the public half of every checkpoint signing key to DIR
+    /// (`audit-checkpoint-<n>.pem`), for auditors who verify without the HSM.
+    ExportKeys {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Sign a checkpoint of the chain's head now (the API process does it on a schedule and at
     /// shutdown).
     Checkpoint,
@@ -318,9 +330,17 @@ fn num(n: impl ToString) -> Cell {
 pub async fn audit_cmd(loaded: LoadedConfig, command: AuditCommand) -> anyhow::Result<()> {
     let services = connect(&loaded).await?;
     match command {
-        AuditCommand::Verify => {
-            let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
-            let found = checkpoint::newest(&services, pki.keystore().as_ref()).await?;
+        AuditCommand::Verify { keys } => {
+            let found = match keys {
+                Some(dir) => {
+                    let verifier = checkpoint::Verifier::from_dir(&dir)?;
+                    checkpoint::newest_with(&services, &verifier).await?
+                }
+                None => {
+                    let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
+                    checkpoint::newest(&services, pki.keystore().as_ref()).await?
+                }
+            };
             let anchor = found
                 .newest
                 .as_ref()
@@ -359,6 +379,17 @@ pub async fn audit_cmd(loaded: LoadedConfig, command: AuditCommand) -> anyhow::R
                     problems.len()
                 ))
             }
+        }
+        AuditCommand::ExportKeys { out } => {
+            let pki = cardpipe_pki::settings::open_loaded(&loaded)?;
+            let written = checkpoint::export_public_keys(pki.keystore().as_ref(), &out)?;
+            if written.is_empty() {
+                println!("no checkpoint key yet (the first checkpoint creates it)");
+            }
+            for path in written {
+                println!("  {}", path.display());
+            }
+            Ok(())
         }
         AuditCommand::Checkpoint => {
             let pki = cardpipe_pki::settings::open_loaded(&loaded)?;

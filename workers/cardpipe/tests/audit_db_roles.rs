@@ -172,6 +172,24 @@ async fn the_services_role_appends_to_the_audit_log_and_cannot_rewrite_it() {
         "{}",
         text(&ok)
     );
+    // An auditor verifies with the exported public keys, without the keystore.
+    let keys = dir.path().join("auditor-keys");
+    let exported = cli(
+        dir.path(),
+        &["audit", "export-keys", "--out", keys.to_str().unwrap()],
+    );
+    assert!(exported.status.success(), "{}", text(&exported));
+    assert!(keys.join("audit-checkpoint-1.pem").exists());
+    let by_auditor = cli(
+        dir.path(),
+        &["audit", "verify", "--keys", keys.to_str().unwrap()],
+    );
+    assert!(by_auditor.status.success(), "{}", text(&by_auditor));
+    assert!(
+        text(&by_auditor).contains("checked against the signed checkpoint of entry 2"),
+        "{}",
+        text(&by_auditor)
+    );
 
     // The owner can drop the triggers and cut the tail; the checkpoint shows it.
     let owner_store = Store::connect(&owner_url, 1).await.unwrap();
@@ -185,14 +203,19 @@ async fn the_services_role_appends_to_the_audit_log_and_cannot_rewrite_it() {
             .unwrap();
     }
     owner_store.close().await;
-    let broken = cli(dir.path(), &["audit", "verify"]);
-    assert!(!broken.status.success(), "{}", text(&broken));
-    assert!(
-        text(&broken)
-            .contains("the log ends at entry 1 but a signed checkpoint vouches for entry 2"),
-        "{}",
-        text(&broken)
-    );
+    for args in [
+        vec!["audit", "verify"],
+        vec!["audit", "verify", "--keys", keys.to_str().unwrap()],
+    ] {
+        let broken = cli(dir.path(), &args);
+        assert!(!broken.status.success(), "{}", text(&broken));
+        assert!(
+            text(&broken)
+                .contains("the log ends at entry 1 but a signed checkpoint vouches for entry 2"),
+            "{}",
+            text(&broken)
+        );
+    }
 
     // Leave the server as it was.
     for statement in [
