@@ -746,8 +746,7 @@ where
     let batch_id: String = row.try_get("id")?;
     let state: String = row.try_get("state")?;
     if state != "receiving" {
-        let stored = stored_digest(services, &batch_id).await?;
-        let truncated = batch_truncated(services, &batch_id).await?;
+        let (stored, truncated) = stored_digest(services, &batch_id).await?;
         if let Some((lines, digest)) = stored {
             let mut reader = line_reader(body, cfg);
             let mut hasher = BodyDigest::default();
@@ -841,7 +840,7 @@ where
         .iter()
         .map(|r| r.try_get::<i64, _>("line"))
         .collect::<Result<_, _>>()?;
-    let stored = stored_digest(services, batch_id).await?;
+    let (stored, _) = stored_digest(services, batch_id).await?;
     let mut lines = line_reader(body, cfg);
     let mut digest = BodyDigest::default();
     // Pickup offices: the configured list, else the register delivery loaded at start, so an
@@ -1000,28 +999,22 @@ fn key_reused(batch_id: &str, detail: &str) -> IntakeError {
     }
 }
 
-/// The digest stored for a batch: lines covered and their SHA-256 (`None` before any chunk,
-/// and for batches received before digests were kept).
+/// The digest stored for a batch — lines covered and their SHA-256 (`None` before any chunk,
+/// and for batches received before digests were kept) — and whether the batch was closed at
+/// a bound of `[registry.intake]`.
 async fn stored_digest(
     services: &Services,
     batch_id: &str,
-) -> Result<Option<(i64, String)>, IntakeError> {
-    let row = sqlx::query("SELECT body_lines, body_sha256 FROM batches WHERE id = $1")
-        .bind(batch_id)
-        .fetch_one(services.store.pool())
-        .await?;
+) -> Result<(Option<(i64, String)>, bool), IntakeError> {
+    let row =
+        sqlx::query("SELECT body_lines, body_sha256, body_truncated FROM batches WHERE id = $1")
+            .bind(batch_id)
+            .fetch_one(services.store.pool())
+            .await?;
     let lines: Option<i64> = row.try_get("body_lines")?;
     let digest: Option<String> = row.try_get("body_sha256")?;
-    Ok(lines.zip(digest))
-}
-
-/// Whether the batch was closed at a bound of `[registry.intake]`.
-async fn batch_truncated(services: &Services, batch_id: &str) -> Result<bool, IntakeError> {
-    let n: i64 = sqlx::query_scalar("SELECT body_truncated FROM batches WHERE id = $1")
-        .bind(batch_id)
-        .fetch_one(services.store.pool())
-        .await?;
-    Ok(n != 0)
+    let truncated: i64 = row.try_get("body_truncated")?;
+    Ok((lines.zip(digest), truncated != 0))
 }
 
 async fn mark_truncated(services: &Services, batch_id: &str) -> Result<(), IntakeError> {
