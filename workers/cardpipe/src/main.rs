@@ -13,11 +13,13 @@
 //!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
-//! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs).
+//! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs);
+//! * `cardpipe abis serve` — the MOSIP ABIS API for a MOSIP deployment (abis_cmd.rs).
 //!
 //! Every process runs an outbox relay (claims make that safe) and serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
+mod abis_cmd;
 mod bench_cmd;
 mod context;
 mod dedup_cmd;
@@ -134,6 +136,12 @@ enum Command {
     Offices {
         #[command(subcommand)]
         command: offices_cmd::OfficesCommand,
+    },
+    /// The MOSIP ABIS API: `serve` answers MOSIP's insert / identify / delete / ping /
+    /// pendingJobs / referenceCount over a RabbitMQ queue pair and HTTP (`[abis]`).
+    Abis {
+        #[command(subcommand)]
+        command: abis_cmd::AbisCommand,
     },
     /// Benchmarks.
     Bench {
@@ -343,6 +351,7 @@ fn main() -> ExitCode {
             }
             Command::Serve => process::run(loaded, Vec::new(), true, None).await,
             Command::Migrate => process::migrate(loaded).await,
+            Command::Abis { command } => abis_cmd::run(loaded, command).await,
             Command::Pki { command } => pki_cmd::run(loaded, command).await,
             Command::Bench {
                 command: BenchCommand::Pki(args),

@@ -31,7 +31,7 @@ pub fn names(config: &LoadedConfig) -> Vec<String> {
 
 /// Extra top-level configuration sections read by stage crates.
 pub const SECTIONS: &[&str] = &[
-    "pki", "dedup", "encoders", "registry", "console", "delivery", "qc", "stock",
+    "pki", "dedup", "encoders", "registry", "console", "delivery", "qc", "stock", "abis",
 ];
 
 /// Builds the named stages.
@@ -163,6 +163,7 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
     };
     note(cardpipe_registry::config::load(config).map(drop));
     note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
+    note(cardpipe_dedup::mosip::config::AbisConfig::from_loaded(config).map(drop));
     note(cardpipe_pki::settings::PkiConfig::from_loaded(config).map(drop));
     note(encoders_config(config).map(drop));
     note(cardpipe_qc::stage::load(config).map(drop));

@@ -3,10 +3,14 @@
 //! MOSIP's ABIS contract is a set of queue messages — `Insert`, `Identify`, `Delete`,
 //! `PingStatus`, `PendingJobs`, `ReferenceCount` — each carrying a `requestId` chosen by the
 //! caller and a `referenceId` naming an enrolment, never personal data. Identify searches the
-//! biometrics of an *already inserted* reference id against the gallery (or a listed subset
-//! of it) and answers a candidate list with scores and per-modality analytics. The
-//! [`Abis`] trait mirrors that contract synchronously; the dedup stage wraps it in its broker
-//! plumbing, and an external ABIS can be plugged in behind the same trait.
+//! biometrics of an *already inserted* reference id (or fresh ones) against the gallery (or a
+//! listed subset of it) and answers a candidate list with scores and per-modality analytics.
+//! The [`Abis`] trait mirrors that contract synchronously over [`BuiltinAbis`], an in-memory
+//! gallery of its own (MOSIP's reference ids, not the pipeline's applications). The wire
+//! form MOSIP speaks — JSON messages over a RabbitMQ queue pair or HTTP, biometrics fetched
+//! by `referenceURL`, answers persisted — is [`crate::mosip`], served by
+//! `cardpipe abis serve`. The pipeline's own `dedup` stage does not go through this trait: it
+//! searches its sharded gallery directly ([`crate::stage`]).
 //!
 //! Idempotency: a request id that was already answered gets the recorded answer again
 //! (so a redelivered broker message is harmless); reusing a request id for a different
@@ -43,14 +47,19 @@ pub enum AbisError {
 }
 
 impl AbisError {
-    /// MOSIP ABIS failure reason code.
+    /// MOSIP ABIS failure reason code (ABIS API specification 0.9).
     pub fn failure_reason(&self) -> u8 {
+        use crate::mosip::message::FailureReason as R;
         match self {
-            AbisError::Internal(_) => 1,
-            AbisError::InvalidId { .. } | AbisError::RequestIdConflict(_) => 5,
-            AbisError::BadBiometrics(_) => 7,
-            AbisError::UnknownReference(_) => 6,
+            AbisError::Internal(_) => R::InternalError,
+            AbisError::InvalidId { .. } | AbisError::RequestIdConflict(_) => {
+                R::InvalidRequestStructure
+            }
+            AbisError::BadBiometrics(TenPrintError::Empty) => R::QualityCheckFailed,
+            AbisError::BadBiometrics(_) => R::InvalidCbeffFormat,
+            AbisError::UnknownReference(_) => R::ReferenceIdNotFound,
         }
+        .code()
     }
 }
 
@@ -252,6 +261,101 @@ impl BuiltinAbis {
     }
 }
 
+/// What an identify searches with.
+#[derive(Clone, Copy)]
+pub enum SearchProbe<'a> {
+    /// The biometrics of an enrolled reference id (which is left out of the answer).
+    Enrolled(&'a str),
+    /// Fresh biometrics (MOSIP's identify by `referenceURL`).
+    Fresh(&'a TenPrint),
+}
+
+impl BuiltinAbis {
+    /// Whether `reference_id` is enrolled.
+    pub fn contains(&self, reference_id: &str) -> Result<bool, AbisError> {
+        Ok(self.read()?.get(reference_id).is_some())
+    }
+
+    /// Enrols (or replaces) `reference_id` without request-id bookkeeping: for a caller that
+    /// keeps its own (the MOSIP API persists its answers). True when newly enrolled.
+    pub fn enrol(&self, reference_id: &str, tenprint: &TenPrint) -> Result<bool, AbisError> {
+        check_id(reference_id, "reference id")?;
+        Ok(self
+            .gallery
+            .write()
+            .map_err(|_| AbisError::Internal("gallery lock poisoned"))?
+            .insert(reference_id, tenprint))
+    }
+
+    /// Removes `reference_id` without request-id bookkeeping. True when it was enrolled.
+    pub fn remove(&self, reference_id: &str) -> Result<bool, AbisError> {
+        Ok(self
+            .gallery
+            .write()
+            .map_err(|_| AbisError::Internal("gallery lock poisoned"))?
+            .delete(reference_id))
+    }
+
+    /// A 1:N search: the best `max_results` candidates, over the whole gallery or only the
+    /// listed reference ids (ids not enrolled are ignored), strongest first; with
+    /// `target_fpir`, only candidates whose fused score clears `−log10(fpir / N)`.
+    pub fn search(
+        &self,
+        probe: SearchProbe<'_>,
+        only: Option<&[String]>,
+        max_results: usize,
+        target_fpir: Option<f64>,
+    ) -> Result<Vec<AbisCandidate>, AbisError> {
+        let _p = self.begin();
+        let gallery = self.read()?;
+        let (probe, exclude) = match probe {
+            SearchProbe::Enrolled(id) => {
+                let tp = gallery
+                    .get(id)
+                    .ok_or_else(|| AbisError::UnknownReference(id.to_owned()))?;
+                (Probe::new(&tp), Some(id))
+            }
+            SearchProbe::Fresh(tp) => (Probe::new(tp), None),
+        };
+        let min_score = match target_fpir {
+            Some(fpir) => -(fpir.clamp(1e-300, 1.0) / gallery.len().max(1) as f64).log10(),
+            None => 0.0,
+        };
+        let opts = IdentifyOptions {
+            max_results,
+            min_score,
+            ..self.options
+        };
+        let mut candidates: Vec<AbisCandidate> = match only {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| Some(id.as_str()) != exclude)
+                .filter_map(|id| {
+                    let v = gallery.verify(&probe, id, 1.0)?;
+                    Some(AbisCandidate {
+                        reference_id: id.clone(),
+                        scores: v.fused,
+                    })
+                })
+                .filter(|c| c.scores.score >= min_score)
+                .collect(),
+            None => gallery
+                .identify(&probe, &opts, exclude)
+                .into_iter()
+                .map(|c| AbisCandidate {
+                    reference_id: c.reference_id,
+                    scores: c.fused,
+                })
+                .collect(),
+        };
+        drop(gallery);
+        candidates.sort_by(|a, b| b.scores.score.total_cmp(&a.scores.score));
+        candidates.dedup_by(|a, b| a.reference_id == b.reference_id);
+        candidates.truncate(max_results);
+        Ok(candidates)
+    }
+}
+
 impl Abis for BuiltinAbis {
     fn ping(&self) -> Result<(), AbisError> {
         self.read().map(|_| ())
@@ -300,7 +404,6 @@ impl Abis for BuiltinAbis {
     fn identify(&self, request: &IdentifyRequest) -> Result<IdentifyResponse, AbisError> {
         check_id(&request.request_id, "request id")?;
         check_id(&request.reference_id, "reference id")?;
-        let _p = self.begin();
         let usage = Usage {
             op: 2,
             reference_id: request.reference_id.clone(),
@@ -308,45 +411,12 @@ impl Abis for BuiltinAbis {
         if let Some(Answer::Identify(a)) = self.remember()?.recall(&request.request_id, &usage)? {
             return Ok(a);
         }
-        let gallery = self.read()?;
-        let tp = gallery
-            .get(&request.reference_id)
-            .ok_or_else(|| AbisError::UnknownReference(request.reference_id.clone()))?;
-        let probe = Probe::new(&tp);
-        let min_score = match request.target_fpir {
-            Some(fpir) => -(fpir.clamp(1e-300, 1.0) / gallery.len().max(1) as f64).log10(),
-            None => 0.0,
-        };
-        let opts = IdentifyOptions {
-            max_results: request.max_results,
-            min_score,
-            ..self.options
-        };
-        let mut candidates: Vec<AbisCandidate> = match &request.gallery {
-            Some(ids) => ids
-                .iter()
-                .filter(|id| **id != request.reference_id)
-                .filter_map(|id| {
-                    let v = gallery.verify(&probe, id, 1.0)?;
-                    Some(AbisCandidate {
-                        reference_id: id.clone(),
-                        scores: v.fused,
-                    })
-                })
-                .filter(|c| c.scores.score >= min_score)
-                .collect(),
-            None => gallery
-                .identify(&probe, &opts, Some(&request.reference_id))
-                .into_iter()
-                .map(|c| AbisCandidate {
-                    reference_id: c.reference_id,
-                    scores: c.fused,
-                })
-                .collect(),
-        };
-        drop(gallery);
-        candidates.sort_by(|a, b| b.scores.score.total_cmp(&a.scores.score));
-        candidates.truncate(request.max_results);
+        let candidates = self.search(
+            SearchProbe::Enrolled(&request.reference_id),
+            request.gallery.as_deref(),
+            request.max_results,
+            request.target_fpir,
+        )?;
         let answer = IdentifyResponse {
             request_id: request.request_id.clone(),
             candidates,

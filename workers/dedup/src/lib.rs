@@ -9,7 +9,10 @@
 //!   1:N search against everyone enrolled, the decision (`deduplicated` or
 //!   `possible_duplicate`) and the gallery it keeps in memory.
 //! * [`abis`] — the [`abis::Abis`] trait, shaped like the MOSIP ABIS API, and
-//!   [`abis::BuiltinAbis`] over the gallery. An external ABIS can replace it.
+//!   [`abis::BuiltinAbis`] over a gallery of its own.
+//! * [`mosip`] — the MOSIP ABIS API on the wire (`cardpipe abis serve`): JSON messages over
+//!   a RabbitMQ queue pair and HTTP, biometrics fetched by `referenceURL` (CBEFF XML),
+//!   answers persisted.
 //! * [`scatter`], [`distributed`] — shard ownership with the scatter-gather merge, and its
 //!   broker form (`dedup-shard-<k>` stages and the gallery lock serialising enrolment across
 //!   processes).
@@ -22,5 +25,6 @@
 pub mod abis;
 pub mod adjudication;
 pub mod distributed;
+pub mod mosip;
 pub mod scatter;
 pub mod stage;
