@@ -570,6 +570,16 @@ def dedup():
                      [(f"sum by (service) (rate(cardpipe_dedup_shard_answers_total[{RATE}]))", "{{service}}")],
                      unit="ops", desc="Shard answers computed by the dedup-shard-<k> stages."), 12, 7)
 
+    l.row("MOSIP ABIS API (cardpipe abis serve)")
+    l.add(timeseries("ABIS requests",
+                     [(f"sum by (operation, outcome) (rate(cardpipe_abis_requests_total[{RATE}]))", "{{operation}} {{outcome}}")],
+                     unit="ops",
+                     desc="MOSIP ABIS API requests answered (queue and HTTP), by operation and outcome: "
+                          "'success' or the MOSIP failure reason code (7: data share unreachable, "
+                          "17: data share expired, 10: referenceId already inserted...)."), 16, 7)
+    l.add(stat("ABIS gallery", "max(cardpipe_abis_references)",
+               desc="Reference ids in the MOSIP ABIS gallery (separate from the pipeline's)."), 8, 7)
+
     return dashboard("cardpipe-dedup", "cardpipe / Dedup",
                      "Biometric deduplication: search latency, gallery size, candidates and adjudication.", l)
 

@@ -71,6 +71,8 @@ pub struct MosipAbis {
     /// Inserts and deletes one at a time (the persisted and the in-memory gallery change
     /// together); searches run alongside.
     writes: tokio::sync::Mutex<()>,
+    /// Inserts, identifies and deletes being worked on, for `pendingJobs`.
+    pending: AtomicU64,
     metrics: AbisMetrics,
 }
 
@@ -143,6 +145,7 @@ impl MosipAbis {
             abis,
             datashare,
             writes: tokio::sync::Mutex::new(()),
+            pending: AtomicU64::new(0),
             metrics,
         }))
     }
@@ -221,11 +224,11 @@ impl MosipAbis {
                 .map(|()| Outcome::Done)
                 .map_err(|e| abis_failure(&e)),
             Operation::PendingJobs => Ok(Outcome::JobsCount(
-                PENDING.load(Ordering::Relaxed).saturating_sub(1) as usize,
+                self.pending.load(Ordering::Relaxed) as usize
             )),
             Operation::ReferenceCount => Ok(Outcome::Count(self.reference_count())),
             Operation::Insert | Operation::Identify | Operation::Delete => {
-                let _pending = Pending::begin();
+                let _pending = Pending::begin(&self.pending);
                 if let Some(recorded) = self.recall(request).await? {
                     return Ok(recorded);
                 }
@@ -433,19 +436,17 @@ impl MosipAbis {
     }
 }
 
-/// Requests being worked on in this process (insert, identify, delete), for `pendingJobs`.
-static PENDING: AtomicU64 = AtomicU64::new(0);
-
-struct Pending;
-impl Pending {
-    fn begin() -> Self {
-        PENDING.fetch_add(1, Ordering::Relaxed);
-        Pending
+/// Counts a request as pending while it lives.
+struct Pending<'a>(&'a AtomicU64);
+impl<'a> Pending<'a> {
+    fn begin(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Pending(counter)
     }
 }
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        PENDING.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
