@@ -8,6 +8,8 @@ use std::fmt::Write;
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use crate::i18n::{Lang, Msg};
+
 /// Percent-encodes a query or path component.
 pub fn url(text: &str) -> String {
     let mut out = String::new();
@@ -27,20 +29,35 @@ pub fn bidi(text: &str) -> Markup {
     html! { bdi dir="rtl" lang="fa" class="persian" { (text) } }
 }
 
+/// An identifier (application, batch, job, tracking code): Latin, left to right even inside
+/// a right-to-left page.
+pub fn ltr(text: &str) -> Markup {
+    html! { bdi dir="ltr" { (text) } }
+}
+
 const CSS: &str = r#"
+@font-face{font-family:"Vazirmatn";src:url("/console/assets/Vazirmatn-Regular.woff2") format("woff2");font-weight:400;font-style:normal;font-display:swap}
+@font-face{font-family:"Vazirmatn";src:url("/console/assets/Vazirmatn-Bold.woff2") format("woff2");font-weight:700;font-style:normal;font-display:swap}
 *{box-sizing:border-box}
-body{margin:0;font:14px/1.45 "Noto Sans","Noto Sans Arabic","DejaVu Sans",system-ui,sans-serif;color:#1d2733;background:#f4f6f9}
+body{margin:0;font:14px/1.6 "Vazirmatn","Noto Sans","DejaVu Sans",system-ui,sans-serif;color:#1d2733;background:#f4f6f9}
 header{background:#17324d;color:#fff;display:flex;align-items:center;gap:18px;padding:8px 18px;flex-wrap:wrap}
 header a{color:#d7e6f5;text-decoration:none}header a:hover{color:#fff}
-header .brand{font-weight:700;color:#fff;margin-right:10px}
-header form{margin:0 0 0 auto}
-header .who{margin-left:auto;color:#b9cde0}
+header .brand{font-weight:700;color:#fff;margin-inline-end:10px}
+header form{margin:0}
+header .who{margin-inline-start:auto;color:#b9cde0}
+header .lang{border:1px solid #7f9bb8;border-radius:3px;padding:0 6px}
 main{padding:18px;max-width:1280px}
 h1{font-size:20px;margin:4px 0 14px}h2{font-size:16px;margin:22px 0 8px}
 table{border-collapse:collapse;background:#fff;margin:6px 0 14px;min-width:40%}
-th,td{border:1px solid #d5dce4;padding:4px 8px;text-align:left;vertical-align:top}
+th,td{border:1px solid #d5dce4;padding:4px 8px;text-align:start;vertical-align:top}
 th{background:#e9eef4;font-weight:600}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num,th.num{text-align:end;font-variant-numeric:tabular-nums}
+.charts{display:flex;flex-wrap:wrap;gap:16px}
+.chart{background:#fff;border:1px solid #d5dce4;border-radius:6px;padding:10px 14px;max-width:100%}
+.chart svg{display:block;max-width:100%;height:auto}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0 0;padding:0;list-style:none}
+.legend i{display:inline-block;width:12px;height:12px;border-radius:2px;vertical-align:middle;margin-inline-end:4px}
+.footer{margin-top:24px}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{background:#fff;border:1px solid #d5dce4;border-radius:6px;padding:10px 14px;min-width:150px}
 .card .n{font-size:22px;font-weight:700}
@@ -61,42 +78,86 @@ code{font-size:12px;background:#eef1f5;padding:1px 3px;border-radius:3px}
 .muted{color:#6b7785}
 "#;
 
-/// The page frame: `who` is the signed-in operator's (login, role, CSRF token), `None` on
-/// the login and error pages (no navigation).
-pub fn page(title: &str, who: Option<(&str, &str, &str)>, body: Markup) -> Markup {
+/// The link that switches to the other language and comes back to `here` (this page).
+pub fn lang_switch(lang: Lang, here: &str) -> Markup {
+    let other = lang.other();
+    html! {
+        a class="lang" id="lang-switch" lang=(other.code()) hreflang=(other.code())
+            title=(lang.t(Msg::SwitchLanguage))
+            href=(format!("/console/lang?to={}&back={}", other.code(), url(here))) {
+            (other.name())
+        }
+    }
+}
+
+/// The page frame in `lang` (`here` is this page's path, for the language switch): `who` is
+/// the signed-in operator's (login, role, CSRF token), `None` on the login and error pages
+/// (no navigation).
+pub fn page(
+    lang: Lang,
+    here: &str,
+    title: &str,
+    who: Option<(&str, &str, &str)>,
+    body: Markup,
+) -> Markup {
+    let t = |m| lang.t(m);
     html! {
         (DOCTYPE)
-        html lang="en" dir="ltr" {
+        html lang=(lang.code()) dir=(lang.dir()) {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width,initial-scale=1";
-                title { (title) " — cardpipe console" }
+                title { (title) " — " (t(Msg::Console)) }
                 // The one pre-escaped piece: a fixed constant, nothing from data.
                 style { (PreEscaped(CSS)) }
             }
             body {
-                @if let Some((login, role, csrf)) = who {
-                    header {
-                        span class="brand" { "cardpipe" }
-                        a href="/console/" { "Overview" }
-                        a href="/console/search" { "Search" }
-                        a href="/console/adjudications" { "Adjudication" }
-                        a href="/console/parked" { "Parked work" }
-                        a href="/console/encoders" { "Encoders" }
-                        a href="/console/stock" { "Stock" }
-                        a href="/console/shipments" { "Shipments" }
-                        a href="/console/audit" { "Audit log" }
-                        span class="who" { (login) " (" (role) ")" }
+                header {
+                    span class="brand" { "cardpipe" }
+                    @if let Some((login, role, csrf)) = who {
+                        a href="/console/" { (t(Msg::Overview)) }
+                        a href="/console/dashboard" id="nav-dashboard" { (t(Msg::Dashboard)) }
+                        a href="/console/search" { (t(Msg::Search)) }
+                        a href="/console/adjudications" { (t(Msg::Adjudication)) }
+                        a href="/console/parked" { (t(Msg::ParkedWork)) }
+                        a href="/console/encoders" { (t(Msg::Encoders)) }
+                        a href="/console/stock" { (t(Msg::Stock)) }
+                        a href="/console/shipments" { (t(Msg::Shipments)) }
+                        a href="/console/audit" { (t(Msg::AuditLog)) }
+                        span class="who" { (ltr(login)) " (" (role_name(lang, role)) ")" }
+                        (lang_switch(lang, here))
                         form method="post" action="/console/logout" {
                             input type="hidden" name="csrf" value=(csrf);
-                            button class="light" type="submit" { "Sign out" }
+                            button class="light" type="submit" { (t(Msg::SignOut)) }
                         }
+                    } @else {
+                        span class="who" {}
+                        (lang_switch(lang, here))
                     }
                 }
-                main { (body) }
+                main {
+                    (body)
+                    p class="muted footer" { (t(Msg::TimesNote)) }
+                }
             }
         }
     }
+}
+
+/// A role's name in `lang` (`operator`, `supervisor`, `auditor`).
+pub fn role_name(lang: Lang, role: &str) -> &str {
+    match role {
+        "operator" => lang.t(Msg::RoleOperator),
+        "supervisor" => lang.t(Msg::RoleSupervisor),
+        "auditor" => lang.t(Msg::RoleAuditor),
+        other => other,
+    }
+}
+
+/// A table with translated header cells.
+pub fn ttable(lang: Lang, headers: &[Msg], rows: &[Vec<Markup>]) -> Markup {
+    let headers: Vec<&str> = headers.iter().map(|m| lang.t(*m)).collect();
+    table(&headers, rows)
 }
 
 /// A table: header cells (text) and rows of cells (markup).
@@ -113,14 +174,18 @@ pub fn table(headers: &[&str], rows: &[Vec<Markup>]) -> Markup {
     }
 }
 
-/// A progress bar (0..=1).
-pub fn bar(fraction: f64) -> Markup {
+/// A progress bar (0..=1), its percentage in `lang`'s digits.
+pub fn bar(lang: Lang, fraction: f64) -> Markup {
     let percent = fraction * 100.0;
+    let label = match lang {
+        Lang::En => format!("{percent:.0}%"),
+        Lang::Fa => format!("٪{}", lang.num(format!("{percent:.0}"))),
+    };
     html! {
-        span class="bar" title=(format_args!("{percent:.0}%")) {
+        span class="bar" title=(label) {
             span style=(format_args!("width:{:.1}%", percent.clamp(0.0, 100.0))) {}
         }
-        " " (format_args!("{percent:.0}%"))
+        " " (label)
     }
 }
 
@@ -159,7 +224,14 @@ mod tests {
             (table(&[HOSTILE, "ok"], &cells))
             (bidi(HOSTILE))
         };
-        let out = page(HOSTILE, Some((HOSTILE, "supervisor", quoted)), body).into_string();
+        let out = page(
+            Lang::En,
+            "/console/",
+            HOSTILE,
+            Some((HOSTILE, "supervisor", quoted)),
+            body,
+        )
+        .into_string();
         // The only script-looking text is escaped, everywhere it appears.
         assert!(!out.contains("<script"), "{out}");
         assert_eq!(
@@ -190,19 +262,47 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("<title>&lt;script&gt;alert(1)&lt;/script&gt; — cardpipe console</title>")
+            out.contains("<title>&lt;script&gt;alert(1)&lt;/script&gt; — cardpipe console</title>"),
+            "{out}"
         );
         assert!(out.contains("<th>&lt;script&gt;alert(1)&lt;/script&gt;</th><th>ok</th>"));
-        assert!(out.ends_with("</main></body></html>"), "{out}");
+        assert!(out.ends_with("</p></main></body></html>"), "{out}");
+        // Persian: right to left, Persian navigation, the switch back to English.
+        let fa = page(
+            Lang::Fa,
+            "/console/audit?subject=a b",
+            "t",
+            Some(("ali", "operator", "c")),
+            html! {},
+        )
+        .into_string();
+        assert!(
+            fa.starts_with("<!DOCTYPE html><html lang=\"fa\" dir=\"rtl\">"),
+            "{fa}"
+        );
+        assert!(fa.contains("داشبورد") && fa.contains("(اپراتور)"), "{fa}");
+        assert!(
+            fa.contains(
+                "href=\"/console/lang?to=en&amp;back=%2Fconsole%2Faudit%3Fsubject%3Da%20b\""
+            ),
+            "{fa}"
+        );
     }
 
     #[test]
     fn bars_and_empty_flashes() {
         assert_eq!(
-            bar(0.5).into_string(),
+            bar(Lang::En, 0.5).into_string(),
             "<span class=\"bar\" title=\"50%\"><span style=\"width:50.0%\"></span></span> 50%"
         );
-        assert_eq!(bar(1.5).into_string().matches("width:100.0%").count(), 1);
+        assert!(bar(Lang::Fa, 0.5).into_string().ends_with(" ٪۵۰"));
+        assert_eq!(
+            bar(Lang::En, 1.5)
+                .into_string()
+                .matches("width:100.0%")
+                .count(),
+            1
+        );
         assert!(flash(None, None).into_string().is_empty());
     }
 }

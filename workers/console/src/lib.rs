@@ -9,7 +9,9 @@
 //! * [`actions`]: what operators do (retry / drop / force-fail parked work, adjudicate a
 //!   possible duplicate, take an encoder out of service) — role-checked and audited;
 //! * [`web`]: the server-rendered console under `/console/` (no scripts, no CDN, inline CSS);
-//! * [`html`]: the page frame, tables, flash messages and Persian text.
+//! * [`html`]: the page frame, tables, flash messages and Persian text;
+//! * [`i18n`]: the two languages (Persian, the default, and English), digits and dates;
+//! * [`dashboard`]: the dashboard's charts, drawn server-side as SVG.
 //!
 //! The HTML is built with the [`maud`] template engine (`html!` to `Markup`), so every value
 //! from data is escaped by construction; only the fixed inline stylesheet is pre-escaped.
@@ -18,8 +20,10 @@
 
 pub mod actions;
 pub mod auth;
+pub mod dashboard;
 pub mod data;
 pub mod html;
+pub mod i18n;
 pub mod web;
 
 use std::sync::Arc;

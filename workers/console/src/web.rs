@@ -31,7 +31,8 @@ use serde::Deserialize;
 use crate::actions::{self, ActionError};
 use crate::auth::{self, AuthError, LoginGuard, Session};
 use crate::data;
-use crate::html::{bar, bidi, flash, page, table, url};
+use crate::html::{bar, bidi, flash, ltr, page, role_name, table, ttable, url};
+use crate::i18n::{self, LANG_COOKIE, Lang, Msg};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "cardpipe_session";
@@ -73,6 +74,9 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console", get(|| async { Redirect::to("/console/") }))
         .route("/console/", get(overview))
         .route("/console/login", get(login_form).post(login))
+        .route("/console/lang", get(switch_language))
+        .route("/console/assets/{file}", get(asset))
+        .route("/console/dashboard", get(crate::dashboard::page))
         .route("/console/logout", post(logout))
         .route("/console/batches/{id}", get(batch))
         .route("/console/search", get(search))
@@ -96,6 +100,7 @@ pub fn router(state: ConsoleState) -> Router {
             "/console/shipments/discrepancies/{id}/resolve",
             post(resolve_discrepancy),
         )
+        .fallback(page_not_found)
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -106,7 +111,7 @@ async fn security_headers(req: axum::extract::Request, next: Next) -> Response {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; img-src 'self'; font-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
     h.insert(
@@ -142,6 +147,117 @@ fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> String {
         .to_string()
 }
 
+/// The request's language (the `cardpipe_lang` cookie, Persian without one) and path (where
+/// the language switch comes back to).
+#[derive(Debug, Clone)]
+pub struct Ui {
+    /// The page language.
+    pub lang: Lang,
+    /// This page's path and query.
+    pub here: String,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Ui {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let lang = Lang::from_code(cookie(&parts.headers, LANG_COOKIE).as_deref());
+        let here = parts
+            .uri
+            .path_and_query()
+            .map_or("/console/", |p| p.as_str());
+        Ok(Ui {
+            lang,
+            here: i18n::safe_back(Some(here)),
+        })
+    }
+}
+
+impl Ui {
+    /// A fixed text in the request's language.
+    pub fn t(&self, m: Msg) -> &'static str {
+        self.lang.t(m)
+    }
+}
+
+#[derive(Deserialize)]
+struct LangQuery {
+    to: Option<String>,
+    back: Option<String>,
+}
+
+/// `GET /console/lang?to=en&back=/console/…`: sets the language cookie (a year) and goes
+/// back to the page, which must be a console path (anything else goes to the overview).
+async fn switch_language(State(st): State<ConsoleState>, Query(q): Query<LangQuery>) -> Response {
+    let lang = Lang::from_code(q.to.as_deref());
+    let mut res = Redirect::to(&i18n::safe_back(q.back.as_deref())).into_response();
+    if let Ok(v) = HeaderValue::from_str(&set_cookie(
+        LANG_COOKIE,
+        lang.code(),
+        365 * 24 * 3600,
+        st.secure_cookies,
+    )) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+/// The console's own files: the Vazirmatn font (SIL Open Font License 1.1, its text served
+/// beside it), compiled into the binary.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    (
+        "Vazirmatn-Regular.woff2",
+        "font/woff2",
+        include_bytes!("../assets/Vazirmatn-Regular.woff2"),
+    ),
+    (
+        "Vazirmatn-Bold.woff2",
+        "font/woff2",
+        include_bytes!("../assets/Vazirmatn-Bold.woff2"),
+    ),
+    (
+        "Vazirmatn-OFL.txt",
+        "text/plain; charset=utf-8",
+        include_bytes!("../assets/Vazirmatn-OFL.txt"),
+    ),
+];
+
+/// `GET /console/assets/{file}`: no session needed (the login page uses the font); cached
+/// for a year (the files change only with the binary).
+async fn asset(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, _, _)| *name == file) {
+        Some((_, content_type, bytes)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            ],
+            *bytes,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Any other path: a 404 page in the request's language.
+async fn page_not_found(ui: Ui) -> Response {
+    let mut res = html(page(
+        ui.lang,
+        "/console/",
+        ui.t(Msg::NotFound),
+        None,
+        html! {
+            h1 { (ui.t(Msg::NotFound)) }
+            p { (ui.t(Msg::NotFoundText)) }
+            p { a href="/console/" { (ui.t(Msg::Overview)) } }
+        },
+    ));
+    *res.status_mut() = StatusCode::NOT_FOUND;
+    res
+}
+
 fn html(page: Markup) -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -150,15 +266,17 @@ fn html(page: Markup) -> Response {
         .into_response()
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
+pub(crate) fn internal(ui: &Ui, e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "console");
     (
         StatusCode::INTERNAL_SERVER_ERROR,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         page(
-            "Error",
+            ui.lang,
+            &ui.here,
+            ui.t(Msg::Error),
             None,
-            html! { h1 { "Internal error" } p { "The error was logged." } },
+            html! { h1 { (ui.t(Msg::InternalError)) } p { (ui.t(Msg::ErrorLogged)) } },
         )
         .into_string(),
     )
@@ -166,30 +284,47 @@ fn internal(e: impl std::fmt::Display) -> Response {
 }
 
 /// The session of the request, or a redirect to the login page.
-async fn session(st: &ConsoleState, headers: &HeaderMap) -> Result<Session, Response> {
+pub(crate) async fn session(
+    st: &ConsoleState,
+    ui: &Ui,
+    headers: &HeaderMap,
+) -> Result<Session, Response> {
     let Some(token) = cookie(headers, SESSION_COOKIE) else {
         return Err(Redirect::to("/console/login").into_response());
     };
     match auth::session(&st.services.store, &token, st.services.clock.now()).await {
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(Redirect::to("/console/login").into_response()),
-        Err(e) => Err(internal(e)),
+        Err(e) => Err(internal(ui, e)),
     }
 }
 
-fn frame(s: &Session, title: &str, body: Markup) -> Response {
+pub(crate) fn frame(ui: &Ui, s: &Session, title: &str, body: Markup) -> Response {
     html(page(
+        ui.lang,
+        &ui.here,
         title,
         Some((&s.operator.login, s.operator.role.as_str(), &s.csrf)),
         body,
     ))
 }
 
-fn forbidden(s: &Session, message: &str) -> Response {
+fn forbidden(ui: &Ui, s: &Session, message: &str) -> Response {
     let mut res = frame(
+        ui,
         s,
-        "Not allowed",
-        html! { h1 { "Not allowed" } p class="msg err" { (message) } },
+        ui.t(Msg::NotAllowed),
+        html! {
+            h1 { (ui.t(Msg::NotAllowed)) }
+            p class="msg err" {
+                (ui.t(Msg::ErrForbidden)) "."
+                @if ui.lang == Lang::Fa {
+                    br; span class="muted" { (ui.t(Msg::ErrDetails)) ": " bdi dir="ltr" lang="en" { (message) } }
+                } @else {
+                    " " (message)
+                }
+            }
+        },
     );
     *res.status_mut() = StatusCode::FORBIDDEN;
     res
@@ -201,19 +336,17 @@ fn same_token(a: &str, b: &str) -> bool {
 }
 
 #[allow(clippy::result_large_err)] // the error is the page to answer with
-fn check_csrf(s: &Session, token: &str) -> Result<(), Response> {
+fn check_csrf(ui: &Ui, s: &Session, token: &str) -> Result<(), Response> {
     if same_token(&s.csrf, token) {
         Ok(())
     } else {
         let mut res = frame(
+            ui,
             s,
-            "Form expired",
+            ui.t(Msg::FormExpired),
             html! {
-                h1 { "Form expired" }
-                p class="msg err" {
-                    "The form's security token does not match this session (an old page, or a \
-                     request from another site). Reload the page and try again."
-                }
+                h1 { (ui.t(Msg::FormExpired)) }
+                p class="msg err" { (ui.t(Msg::FormExpiredText)) }
             },
         );
         *res.status_mut() = StatusCode::FORBIDDEN;
@@ -224,11 +357,12 @@ fn check_csrf(s: &Session, token: &str) -> Result<(), Response> {
 /// The session of a form post, its CSRF token checked (every state-changing form).
 async fn form_session(
     st: &ConsoleState,
+    ui: &Ui,
     headers: &HeaderMap,
     csrf: &str,
 ) -> Result<Session, Response> {
-    let s = session(st, headers).await?;
-    check_csrf(&s, csrf)?;
+    let s = session(st, ui, headers).await?;
+    check_csrf(ui, &s, csrf)?;
     Ok(s)
 }
 
@@ -246,12 +380,34 @@ fn back(to: &str, outcome: Result<String, String>) -> Response {
     Redirect::to(&target).into_response()
 }
 
-fn action_error(e: ActionError) -> String {
-    if let ActionError::Internal(e) = &e {
-        tracing::error!(error = %e, "console action failed");
-        return "internal error (logged); nothing was changed".into();
+/// An action's failure for the flash message: in English the error as is; in Persian the
+/// kind of failure, then the error's own (English, shared with `cardpipe ops`) text as detail.
+fn action_error(lang: Lang, e: ActionError) -> String {
+    let kind = match &e {
+        ActionError::Internal(e) => {
+            tracing::error!(error = %e, "console action failed");
+            return lang.t(Msg::ActionInternal).into();
+        }
+        ActionError::BadInput(_) => Msg::ErrBadInput,
+        ActionError::NotFound(_) => Msg::ErrNotFound,
+        ActionError::Conflict(_) => Msg::ErrConflict,
+        ActionError::Auth(AuthError::Forbidden(_)) => Msg::ErrForbidden,
+        ActionError::Auth(_) => Msg::ErrBadInput,
+    };
+    match lang {
+        Lang::En => e.to_string(),
+        Lang::Fa => format!("{} ({}: {e})", lang.t(kind), lang.t(Msg::ErrDetails)),
     }
-    e.to_string()
+}
+
+/// A sign-in failure in `lang`.
+fn auth_error(lang: Lang, e: &AuthError) -> String {
+    match e {
+        AuthError::BadCredentials => lang.t(Msg::BadCredentials).into(),
+        AuthError::RateLimited(seconds) => i18n::rate_limited(lang, *seconds),
+        AuthError::Busy => lang.t(Msg::LoginBusy).into(),
+        other => other.to_string(),
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -263,30 +419,30 @@ struct Flash {
 // ---------------------------------------------------------------------------
 // Login
 
-async fn login_form(State(st): State<ConsoleState>, Query(f): Query<Flash>) -> Response {
+async fn login_form(State(st): State<ConsoleState>, ui: Ui, Query(f): Query<Flash>) -> Response {
     let token = hex::encode(rand::random::<[u8; 16]>());
     let body = html! {
-        h1 { "cardpipe console — sign in" }
+        h1 { (ui.t(Msg::SignInTitle)) }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         form method="post" action="/console/login" id="login" {
             input type="hidden" name="csrf" value=(token);
             p {
                 label {
-                    "Login" br;
+                    (ui.t(Msg::Login)) br;
                     input type="text" name="login" id="login-name" autocomplete="username" required;
                 }
             }
             p {
                 label {
-                    "Password" br;
+                    (ui.t(Msg::Password)) br;
                     input type="password" name="password" id="login-password"
                         autocomplete="current-password" required;
                 }
             }
-            p { button type="submit" id="login-submit" { "Sign in" } }
+            p { button type="submit" id="login-submit" { (ui.t(Msg::SignIn)) } }
         }
     };
-    let mut res = html(page("Sign in", None, body));
+    let mut res = html(page(ui.lang, &ui.here, ui.t(Msg::SignIn), None, body));
     if let Ok(v) = HeaderValue::from_str(&set_cookie(
         LOGIN_CSRF_COOKIE,
         &token,
@@ -328,16 +484,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddress {
 
 async fn login(
     State(st): State<ConsoleState>,
+    ui: Ui,
     ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
     let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or_default();
     if !same_token(&expected, &f.csrf) {
-        return back(
-            "/console/login",
-            Err("the sign-in form expired; please try again".into()),
-        );
+        return back("/console/login", Err(ui.t(Msg::LoginExpired).into()));
     }
     let now = st.services.clock.now();
     let operator = match st
@@ -377,14 +531,14 @@ async fn login(
                 },
             )
             .await;
-            return back("/console/login", Err(e.to_string()));
+            return back("/console/login", Err(auth_error(ui.lang, &e)));
         }
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let (token, session) = match auth::start_session(&st.services.store, &operator.login, now).await
     {
         Ok(s) => s,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     if let Err(e) = audit::record(
         &st.services.store,
@@ -399,7 +553,7 @@ async fn login(
     )
     .await
     {
-        return internal(e);
+        return internal(&ui, e);
     }
     let mut res = Redirect::to("/console/").into_response();
     let max_age = auth::SESSION_TTL.as_secs() as i64;
@@ -421,10 +575,11 @@ struct CsrfOnly {
 
 async fn logout(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -443,7 +598,7 @@ async fn logout(
         },
     )
     .await;
-    let mut res = back("/console/login", Ok("signed out".into()));
+    let mut res = back("/console/login", Ok(ui.t(Msg::SignedOut).into()));
     if let Ok(v) = HeaderValue::from_str(&set_cookie(SESSION_COOKIE, "", 0, st.secure_cookies)) {
         res.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -453,15 +608,16 @@ async fn logout(
 // ---------------------------------------------------------------------------
 // Overview, batches, search, applications
 
-async fn overview(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers).await {
+async fn overview(State(st): State<ConsoleState>, ui: Ui, headers: HeaderMap) -> Response {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let o = match data::overview(&st.services, &st.stages).await {
         Ok(o) => o,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
     let total: i64 = o.states.iter().map(|(_, n)| n).sum();
     let possible_duplicates = o
         .states
@@ -473,77 +629,92 @@ async fn overview(State(st): State<ConsoleState>, headers: HeaderMap) -> Respons
         .states
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| vec![s.as_str().render(), n.render()])
+        .map(|(s, n)| vec![state_code(s.as_str()), lang.num(n).render()])
         .collect();
     let queue_rows: Vec<Vec<Markup>> = o
         .queues
         .iter()
         .map(|(stage, d)| match d {
             Some(d) => vec![
-                stage.render(),
-                d.ready.render(),
-                d.retrying.render(),
-                d.parked.render(),
+                ltr(stage),
+                lang.num(d.ready).render(),
+                lang.num(d.retrying).render(),
+                lang.num(d.parked).render(),
             ],
-            None => vec![stage.render(), "—".render(), "—".render(), "—".render()],
+            None => vec![ltr(stage), "—".render(), "—".render(), "—".render()],
         })
         .collect();
     let throughput_rows: Vec<Vec<Markup>> = o
         .throughput_last_hour
         .iter()
-        .map(|(s, n)| vec![s.render(), n.render()])
+        .map(|(s, n)| vec![state_code(s), lang.num(n).render()])
         .collect();
     let body = html! {
-        h1 { "Pipeline overview" }
+        h1 { (ui.t(Msg::PipelineOverview)) }
         div class="cards" {
-            div class="card" { div class="n" id="total-applications" { (total) } "applications" }
-            div class="card" { div class="n" { (possible_duplicates) } "possible duplicates" }
-            div class="card" { div class="n" id="parked-count" { (o.parked) } "parked jobs" }
             div class="card" {
-                div class="n" { (changes_last_hour) } "state changes in the last hour"
+                div class="n" id="total-applications" data-n=(total) { (lang.num(total)) }
+                (ui.t(Msg::Applications))
+            }
+            div class="card" { div class="n" { (lang.num(possible_duplicates)) } (ui.t(Msg::PossibleDuplicates)) }
+            div class="card" { div class="n" id="parked-count" { (lang.num(o.parked)) } (ui.t(Msg::ParkedJobs)) }
+            div class="card" {
+                div class="n" { (lang.num(changes_last_hour)) } (ui.t(Msg::StateChangesLastHour))
             }
         }
-        h2 { "Applications per state" }
-        (table(&["state", "applications"], &state_rows))
-        h2 { "Queues" }
+        h2 { (ui.t(Msg::ApplicationsPerState)) }
+        (ttable(lang, &[Msg::State, Msg::Applications], &state_rows))
+        h2 { (ui.t(Msg::Queues)) }
         @if queue_rows.is_empty() {
-            p class="muted" {
-                "This process runs no stage; queue depths are on the workers' /metrics."
-            }
+            p class="muted" { (ui.t(Msg::NoStageHere)) }
         } @else {
-            (table(&["stage", "ready", "retrying", "parked"], &queue_rows))
+            (ttable(lang, &[Msg::Stage, Msg::Ready, Msg::Retrying, Msg::Parked], &queue_rows))
         }
-        h2 { "Throughput (state changes, last hour)" }
-        (table(&["entered state", "changes"], &throughput_rows))
-        h2 { "Batches" }
-        (batch_table(&o.batches))
+        h2 { (ui.t(Msg::Throughput)) }
+        (ttable(lang, &[Msg::EnteredState, Msg::Changes], &throughput_rows))
+        h2 { (ui.t(Msg::Batches)) }
+        (batch_table(lang, &o.batches))
     };
-    frame(&s, "Overview", body)
+    frame(&ui, &s, ui.t(Msg::Overview), body)
 }
 
-fn batch_table(batches: &[data::BatchProgress]) -> Markup {
+/// A state, stage or other code of the pipeline: Latin, left to right (the same words as
+/// the logs, the metrics and `cardpipe ops`).
+fn state_code(code: &str) -> Markup {
+    html! { code dir="ltr" { (code) } }
+}
+
+fn batch_table(lang: Lang, batches: &[data::BatchProgress]) -> Markup {
     let rows: Vec<Vec<Markup>> = batches
         .iter()
         .map(|b| {
             vec![
                 html! {
-                    a href=(format!("/console/batches/{}", url(&b.id))) class="batch-link" { (b.id) }
+                    a href=(format!("/console/batches/{}", url(&b.id))) class="batch-link" dir="ltr" { (b.id) }
                 },
-                b.client.render(),
-                b.state.render(),
-                b.priority.render(),
-                b.records.render(),
-                b.accepted.render(),
-                b.rejected.render(),
-                bar(b.fraction()),
-                b.created_at.render(),
+                ltr(&b.client),
+                state_code(&b.state),
+                state_code(&b.priority),
+                lang.num(b.records).render(),
+                lang.num(b.accepted).render(),
+                lang.num(b.rejected).render(),
+                bar(lang, b.fraction()),
+                lang.stored_time(&b.created_at).render(),
             ]
         })
         .collect();
-    table(
+    ttable(
+        lang,
         &[
-            "batch", "client", "state", "priority", "records", "accepted", "rejected", "progress",
-            "received",
+            Msg::BatchCol,
+            Msg::Client,
+            Msg::State,
+            Msg::Priority,
+            Msg::Records,
+            Msg::Accepted,
+            Msg::Rejected,
+            Msg::Progress,
+            Msg::Received,
         ],
         &rows,
     )
@@ -551,51 +722,53 @@ fn batch_table(batches: &[data::BatchProgress]) -> Markup {
 
 async fn batch(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let b = match data::batch(&st.services, &id).await {
         Ok(Some(b)) => b,
-        Ok(None) => return not_found(&s, "No such batch"),
-        Err(e) => return internal(e),
+        Ok(None) => return not_found(&ui, &s, ui.t(Msg::NoSuchBatch)),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
     let apps = match data::batch_applications(&st.services, &id, 500).await {
         Ok(a) => a,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let state_rows: Vec<Vec<Markup>> = b
         .states
         .iter()
-        .map(|(s, n)| vec![s.render(), n.render()])
+        .map(|(s, n)| vec![state_code(s), lang.num(n).render()])
         .collect();
     let app_rows: Vec<Vec<Markup>> = apps
         .iter()
         .map(|(id, reg, state, at)| {
             vec![
-                html! { a href=(format!("/console/applications/{}", url(id))) { (id) } },
-                reg.render(),
-                state.render(),
-                at.render(),
+                html! { a href=(format!("/console/applications/{}", url(id))) dir="ltr" { (id) } },
+                ltr(reg),
+                state_code(state),
+                lang.stored_time(at).render(),
             ]
         })
         .collect();
     let body = html! {
-        h1 { "Batch " code { (b.id) } }
-        (batch_table(std::slice::from_ref(&b)))
-        h2 { "Applications per state" }
-        (table(&["state", "applications"], &state_rows))
-        h2 { "Applications (first " (apps.len()) ")" }
-        (table(&["application", "registry id", "state", "updated"], &app_rows))
+        h1 { (ui.t(Msg::Batch)) " " code dir="ltr" { (b.id) } }
+        (batch_table(lang, std::slice::from_ref(&b)))
+        h2 { (ui.t(Msg::ApplicationsPerState)) }
+        (ttable(lang, &[Msg::State, Msg::Applications], &state_rows))
+        h2 { (ui.t(Msg::Applications)) " (" (ui.t(Msg::First)) " " (lang.num(apps.len())) ")" }
+        (ttable(lang, &[Msg::ApplicationCol, Msg::RegistryId, Msg::State, Msg::Updated], &app_rows))
     };
-    frame(&s, "Batch", body)
+    frame(&ui, &s, ui.t(Msg::Batch), body)
 }
 
-fn not_found(s: &Session, what: &str) -> Response {
-    let mut res = frame(s, what, html! { h1 { (what) } });
+fn not_found(ui: &Ui, s: &Session, what: &str) -> Response {
+    let mut res = frame(ui, s, what, html! { h1 { (what) } });
     *res.status_mut() = StatusCode::NOT_FOUND;
     res
 }
@@ -607,10 +780,11 @@ struct SearchQuery {
 
 async fn search(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(q): Query<SearchQuery>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -623,48 +797,51 @@ async fn search(
                     .into_response();
             }
             Ok(None) => not_found = true,
-            Err(e) => return internal(e),
+            Err(e) => return internal(&ui, e),
         }
     }
     let body = html! {
-        h1 { "Find an application" }
+        h1 { (ui.t(Msg::FindApplication)) }
         form method="get" action="/console/search" class="inline" {
-            input type="text" name="q" id="search-q" size="40" value=(query)
-                placeholder="application id, registry id or tracking code";
-            button type="submit" id="search-submit" { "Search" }
+            input type="text" name="q" id="search-q" size="40" value=(query) dir="ltr"
+                placeholder=(ui.t(Msg::SearchPlaceholder));
+            button type="submit" id="search-submit" { (ui.t(Msg::Search)) }
         }
         @if not_found {
             p class="msg err" {
-                "No application with id, registry id or tracking code " (query.trim()) "."
+                (ui.t(Msg::NoApplicationWith)) " " (ltr(query.trim())) "."
             }
         }
     };
-    frame(&s, "Search", body)
+    frame(&ui, &s, ui.t(Msg::Search), body)
 }
 
 async fn application(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let v = match data::application(&st.services, &ApplicationId(id.clone())).await {
         Ok(Some(v)) => v,
-        Ok(None) => return not_found(&s, "No such application"),
-        Err(e) => return internal(e),
+        Ok(None) => return not_found(&ui, &s, ui.t(Msg::NoSuchApplication)),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     // Quality-control reports (formerly GET /api/qc/{id}, now only here).
     let reports = match data::qc_reports(&st.services, &v.app.id).await {
         Ok(r) => r,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let certificates = match data::certificates(&st.services, &v.app.id).await {
         Ok(c) => c,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let certificate_rows: Vec<Vec<Markup>> = certificates
         .iter()
@@ -675,48 +852,52 @@ async fn application(
         .clone()
         .unwrap_or_else(|| ("—".into(), "—".into(), "—".into()));
     let rows = vec![
-        vec!["registry id".render(), v.app.registry_id.render()],
+        vec![t(Msg::RegistryId).render(), ltr(&v.app.registry_id)],
         vec![
-            "state".render(),
-            html! { strong id="app-state" { (v.app.state.as_str()) } },
+            t(Msg::State).render(),
+            html! { strong id="app-state" dir="ltr" { (v.app.state.as_str()) } },
         ],
         vec![
-            "name".render(),
+            t(Msg::Name).render(),
             html! { span id="app-name" { (bidi(&format!("{first} {last}"))) } },
         ],
-        vec!["father's name".render(), bidi(&father)],
+        vec![t(Msg::FathersName).render(), bidi(&father)],
         vec![
-            "national code".render(),
-            html! { code id="national-code" { (v.national_code.as_deref().unwrap_or("—")) } },
+            t(Msg::NationalCode).render(),
+            html! { code id="national-code" dir="ltr" { (v.national_code.as_deref().unwrap_or("—")) } },
         ],
         vec![
-            "tracking code".render(),
-            v.tracking_code.as_deref().unwrap_or("—").render(),
+            t(Msg::TrackingCode).render(),
+            ltr(v.tracking_code.as_deref().unwrap_or("—")),
         ],
         vec![
-            "pickup office".render(),
-            v.pickup_office.as_deref().unwrap_or("—").render(),
+            t(Msg::PickupOffice).render(),
+            ltr(v.pickup_office.as_deref().unwrap_or("—")),
         ],
         vec![
-            "batch".render(),
+            t(Msg::BatchCol).render(),
             v.app.batch_id.as_deref().map_or("—".render(), |b| {
-                html! { a href=(format!("/console/batches/{}", url(b))) { (b) } }
+                html! { a href=(format!("/console/batches/{}", url(b))) dir="ltr" { (b) } }
             }),
         ],
-        vec!["priority".render(), v.app.priority.as_str().render()],
+        vec![
+            t(Msg::Priority).render(),
+            state_code(v.app.priority.as_str()),
+        ],
     ];
     let history: Vec<Vec<Markup>> = v
         .history
         .iter()
         .map(|h| {
             vec![
-                cardpipe_common::clock::to_rfc3339(h.at).render(),
-                h.from_state.map_or("—", |s| s.as_str()).render(),
-                h.to_state.as_str().render(),
-                h.stage.render(),
-                h.attempt.render(),
-                h.actor.render(),
-                h.reason.as_deref().unwrap_or("").render(),
+                lang.datetime(h.at).render(),
+                h.from_state
+                    .map_or("—".render(), |s| state_code(s.as_str())),
+                state_code(h.to_state.as_str()),
+                state_code(&h.stage),
+                lang.num(h.attempt).render(),
+                ltr(&h.actor),
+                ltr(h.reason.as_deref().unwrap_or("")),
             ]
         })
         .collect();
@@ -727,57 +908,70 @@ async fn application(
     let artifacts: Vec<Vec<Markup>> = v
         .artifacts
         .iter()
-        .map(|(k, key)| vec![k.render(), html! { code { (key) } }])
+        .map(|(k, key)| vec![state_code(k), html! { code dir="ltr" { (key) } }])
         .collect();
     let body = html! {
-        h1 { "Application " code { (v.app.id.as_str()) } }
+        h1 { (t(Msg::Application)) " " code dir="ltr" { (v.app.id.as_str()) } }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         (table(&["", ""], &rows))
         @if v.app.state == ApplicationState::PossibleDuplicate {
             p {
                 a href=(format!("/console/adjudications/{}", url(v.app.id.as_str()))) {
-                    "Adjudicate this possible duplicate"
+                    (t(Msg::AdjudicateThis))
                 }
             }
         }
-        h2 { "History" }
+        h2 { (t(Msg::History)) }
         div id="history" {
-            (table(&["at", "from", "to", "stage", "attempt", "actor", "reason"], &history))
+            (ttable(
+                lang,
+                &[Msg::At, Msg::From, Msg::To, Msg::Stage, Msg::Attempt, Msg::Actor, Msg::Reason],
+                &history,
+            ))
         }
         @if !v.parked.is_empty() {
-            h2 { "Parked work" }
-            (parked_rows(&s, &v.parked))
+            h2 { (t(Msg::ParkedWork)) }
+            (parked_rows(lang, &s, &v.parked))
         }
         @if !report_rows.is_empty() {
-            h2 { "Quality control" }
+            h2 { (t(Msg::QualityControl)) }
             div id="qc-reports" {
-                (table(
+                (ttable(
+                    lang,
                     &[
-                        "checked at",
-                        "outcome",
-                        "reason",
-                        "blank serial",
-                        "chip serial",
-                        "ms",
-                        "report",
+                        Msg::CheckedAt,
+                        Msg::Outcome,
+                        Msg::Reason,
+                        Msg::BlankSerial,
+                        Msg::ChipSerial,
+                        Msg::Ms,
+                        Msg::Report,
                     ],
                     &report_rows,
                 ))
             }
         }
         @if !certificate_rows.is_empty() {
-            h2 { "Certificates" }
+            h2 { (t(Msg::Certificates)) }
             div id="certificates" {
-                (table(
-                    &["serial", "key", "issued at", "status", "revocation cause", "revoked at"],
+                (ttable(
+                    lang,
+                    &[
+                        Msg::Serial,
+                        Msg::Key,
+                        Msg::IssuedAt,
+                        Msg::Status,
+                        Msg::RevocationCause,
+                        Msg::RevokedAt,
+                    ],
                     &certificate_rows,
                 ))
             }
         }
-        h2 { "Artifacts" }
-        (table(&["kind", "object key"], &artifacts))
+        h2 { (t(Msg::Artifacts)) }
+        (ttable(lang, &[Msg::Kind, Msg::ObjectKey], &artifacts))
     };
-    frame(&s, "Application", body)
+    frame(&ui, &s, t(Msg::Application), body)
 }
 
 // ---------------------------------------------------------------------------
@@ -785,74 +979,77 @@ async fn application(
 
 async fn adjudications(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let list = match data::adjudications(&st.services).await {
         Ok(l) => l,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
     let rows: Vec<Vec<Markup>> = list
         .iter()
         .map(|a| {
             vec![
                 html! {
-                    a class="adjudicate-link"
+                    a class="adjudicate-link" dir="ltr"
                         href=(format!("/console/adjudications/{}", url(&a.application_id))) {
                         (a.application_id)
                     }
                 },
-                a.registry_id.render(),
-                a.flagged_at.render(),
-                a.candidates.render(),
-                format_args!("{:.1}", a.best_score).render(),
+                ltr(&a.registry_id),
+                lang.stored_time(&a.flagged_at).render(),
+                lang.num(a.candidates).render(),
+                lang.num(format_args!("{:.1}", a.best_score)).render(),
             ]
         })
         .collect();
     let body = html! {
-        h1 { "Possible duplicates" }
+        h1 { (ui.t(Msg::PossibleDuplicatesTitle)) }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         @if rows.is_empty() {
-            p id="no-adjudications" { "No possible duplicate is waiting." }
+            p id="no-adjudications" { (ui.t(Msg::NoAdjudications)) }
         } @else {
-            (table(
-                &["application", "registry id", "flagged", "candidates", "best score"],
+            (ttable(
+                lang,
+                &[Msg::ApplicationCol, Msg::RegistryId, Msg::Flagged, Msg::Candidates, Msg::BestScore],
                 &rows,
             ))
         }
     };
-    frame(&s, "Adjudication", body)
+    frame(&ui, &s, ui.t(Msg::Adjudication), body)
 }
 
 async fn adjudication(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let app_id = ApplicationId(id.clone());
     let app = match st.services.store.application(&app_id).await {
         Ok(Some(a)) => a,
-        Ok(None) => return not_found(&s, "No such application"),
-        Err(e) => return internal(e),
+        Ok(None) => return not_found(&ui, &s, ui.t(Msg::NoSuchApplication)),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     if cands.is_empty() {
-        return not_found(
-            &s,
-            "This application was never flagged as a possible duplicate",
-        );
+        return not_found(&ui, &s, ui.t(Msg::NeverFlagged));
     }
     let names = |id: &ApplicationId| {
         let services = st.services.clone();
@@ -872,109 +1069,113 @@ async fn adjudication(
     }
     let here = url(&id);
     let body = html! {
-        h1 { "Possible duplicate " code { (id) } }
+        h1 { (t(Msg::PossibleDuplicate)) " " code dir="ltr" { (id) } }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         p {
-            "State: " strong id="adj-state" { (app.state.as_str()) } " · "
-            a href=(format!("/console/applications/{here}")) { "application detail" }
+            (t(Msg::State)) ": " strong id="adj-state" dir="ltr" { (app.state.as_str()) } " · "
+            a href=(format!("/console/applications/{here}")) { (t(Msg::ApplicationDetail)) }
         }
         @for (c, applicant_name, candidate_name) in &shown {
             h2 {
-                "Candidate " (c.rank) " — fused score " (format_args!("{:.1}", c.score))
-                ", FMR " (format_args!("{:.2e}", c.fmr))
+                (t(Msg::Candidate)) " " (lang.num(c.rank)) " — " (t(Msg::FusedScore)) " "
+                (lang.num(format_args!("{:.1}", c.score)))
+                ", FMR " bdi dir="ltr" { (format_args!("{:.2e}", c.fmr)) }
             }
             div class="photos" {
                 figure {
-                    img alt="applicant photo"
+                    img alt=(t(Msg::ApplicantPhoto))
                         src=(format!("/console/adjudications/{here}/photo/applicant"));
-                    figcaption { "This application: " (applicant_name) }
+                    figcaption { (t(Msg::ThisApplication)) ": " (applicant_name) }
                 }
                 figure {
-                    img alt="candidate photo"
+                    img alt=(t(Msg::CandidatePhoto))
                         src=(format!("/console/adjudications/{here}/photo/{}", url(&c.candidate_id)));
                     figcaption {
-                        "Candidate "
-                        a href=(format!("/console/applications/{}", url(&c.candidate_id))) {
+                        (t(Msg::Candidate)) " "
+                        a href=(format!("/console/applications/{}", url(&c.candidate_id))) dir="ltr" {
                             (c.candidate_id)
                         }
                         ": " (candidate_name)
                     }
                 }
             }
-            (table(&["position", "finger", "score"], &finger_rows(&c.finger_scores)))
+            (ttable(lang, &[Msg::Position, Msg::Finger, Msg::Score], &finger_rows(lang, &c.finger_scores)))
         }
         @if app.state == ApplicationState::PossibleDuplicate {
-            h2 { "Decision" }
+            h2 { (t(Msg::Decision)) }
             form method="post" action=(format!("/console/adjudications/{here}/decide")) id="decide" {
                 (csrf_field(&s))
                 p {
                     label {
                         input type="radio" name="decision" value="cleared" id="decision-cleared"
                             required;
-                        " Not the same person: clear (continues to keys)"
+                        " " (t(Msg::DecisionClear))
                     }
                     br;
                     label {
                         input type="radio" name="decision" value="confirmed_duplicate"
                             id="decision-confirm";
-                        " Same person: confirm the duplicate (supervisor; final)"
+                        " " (t(Msg::DecisionConfirm))
                     }
                 }
                 p {
                     label {
-                        "Reason" br;
+                        (t(Msg::ReasonLabel)) br;
                         input type="text" name="reason" id="decision-reason" size="60" required
                             maxlength="500";
                     }
                 }
-                p { button type="submit" id="decision-submit" { "Record decision" } }
+                p { button type="submit" id="decision-submit" { (t(Msg::RecordDecision)) } }
             }
         }
     };
-    frame(&s, "Adjudication", body)
+    frame(&ui, &s, t(Msg::Adjudication), body)
 }
 
 /// The per-finger scores of a candidate: position, finger, score.
-fn finger_rows(scores: &[Option<f64>]) -> Vec<Vec<Markup>> {
+fn finger_rows(lang: Lang, scores: &[Option<f64>]) -> Vec<Vec<Markup>> {
     scores
         .iter()
         .enumerate()
         .map(|(i, score)| {
             vec![
-                (i + 1).render(),
-                FINGERS.get(i).copied().unwrap_or("").render(),
-                score.map_or("—".render(), |v| format_args!("{v:.1}").render()),
+                lang.num(i + 1).render(),
+                FINGERS.get(i).map_or("", |m| lang.t(*m)).render(),
+                score.map_or("—".render(), |v| {
+                    lang.num(format_args!("{v:.1}")).render()
+                }),
             ]
         })
         .collect()
 }
 
 /// ISO/IEC 19794-2 finger positions 1..=10.
-const FINGERS: [&str; 10] = [
-    "right thumb",
-    "right index",
-    "right middle",
-    "right ring",
-    "right little",
-    "left thumb",
-    "left index",
-    "left middle",
-    "left ring",
-    "left little",
+const FINGERS: [Msg; 10] = [
+    Msg::FingerRightThumb,
+    Msg::FingerRightIndex,
+    Msg::FingerRightMiddle,
+    Msg::FingerRightRing,
+    Msg::FingerRightLittle,
+    Msg::FingerLeftThumb,
+    Msg::FingerLeftIndex,
+    Msg::FingerLeftMiddle,
+    Msg::FingerLeftRing,
+    Msg::FingerLeftLittle,
 ];
 
 async fn photo(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path((id, which)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = session(&st, &headers).await {
+    if let Err(r) = session(&st, &ui, &headers).await {
         return r;
     }
     let app_id = ApplicationId(id);
     let cands = match cardpipe_common::contract::candidates(&st.services.store, &app_id).await {
         Ok(c) => c,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     // Only the photos of an adjudication: the applicant and its candidates.
     let target = if which == "applicant" && !cands.is_empty() {
@@ -994,7 +1195,7 @@ async fn photo(
         )
             .into_response(),
         Err(records::RecordError::Missing { .. }) => StatusCode::NOT_FOUND.into_response(),
-        Err(e) => internal(e),
+        Err(e) => internal(&ui, e),
     }
 }
 
@@ -1007,29 +1208,28 @@ struct DecideForm {
 
 async fn decide(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path(id): Path<String>,
     Form(f): Form<DecideForm>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let here = format!("/console/adjudications/{}", url(&id));
     match actions::adjudicate(&st.services, &s.operator, &id, &f.decision, &f.reason).await {
-        Ok(to) => back(
-            &here,
-            Ok(format!("decided: {} (dedup applies it)", to.as_str())),
-        ),
-        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
-        Err(e) => back(&here, Err(action_error(e))),
+        Ok(to) => back(&here, Ok(i18n::decided(ui.lang, to.as_str()))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&ui, &s, &m),
+        Err(e) => back(&here, Err(action_error(ui.lang, e))),
     }
 }
 
 // ---------------------------------------------------------------------------
 // Parked work
 
-fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> Markup {
+fn parked_rows(lang: Lang, s: &Session, jobs: &[parked::ParkedJob]) -> Markup {
+    let t = |m| lang.t(m);
     let csrf = csrf_field(s);
     let rows: Vec<Vec<Markup>> = jobs
         .iter()
@@ -1037,39 +1237,40 @@ fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> Markup {
             let job = url(&p.job_id);
             vec![
                 html! { code { (p.job_id) } },
-                p.stage.render(),
-                html! { a href=(format!("/console/applications/{}", url(&p.subject))) { (p.subject) } },
-                p.attempt.render(),
-                html! { code { (p.error) } },
-                p.parked_at.render(),
+                state_code(&p.stage),
+                html! { a href=(format!("/console/applications/{}", url(&p.subject))) dir="ltr" { (p.subject) } },
+                lang.num(p.attempt).render(),
+                html! { code dir="ltr" { (p.error) } },
+                lang.stored_time(&p.parked_at).render(),
                 html! {
                     form method="post" class="inline" action=(format!("/console/parked/{job}/retry")) {
                         (csrf)
-                        button type="submit" class="retry" { "Retry" }
+                        button type="submit" class="retry" { (t(Msg::Retry)) }
                     }
                     form method="post" class="inline" action=(format!("/console/parked/{job}/drop")) {
                         (csrf)
-                        input type="text" name="reason" placeholder="reason" required maxlength="500";
-                        button type="submit" class="danger" { "Drop" }
+                        input type="text" name="reason" placeholder=(t(Msg::ReasonPlaceholder)) required maxlength="500";
+                        button type="submit" class="danger" { (t(Msg::Drop)) }
                     }
                     form method="post" class="inline" action=(format!("/console/parked/{job}/fail")) {
                         (csrf)
-                        input type="text" name="reason" placeholder="reason" required maxlength="500";
-                        button type="submit" class="danger" { "Force-fail" }
+                        input type="text" name="reason" placeholder=(t(Msg::ReasonPlaceholder)) required maxlength="500";
+                        button type="submit" class="danger" { (t(Msg::ForceFail)) }
                     }
                 },
             ]
         })
         .collect();
-    table(
+    ttable(
+        lang,
         &[
-            "job",
-            "stage",
-            "application",
-            "attempts",
-            "last error",
-            "parked at",
-            "actions",
+            Msg::Job,
+            Msg::Stage,
+            Msg::ApplicationCol,
+            Msg::Attempts,
+            Msg::LastError,
+            Msg::ParkedAt,
+            Msg::Actions,
         ],
         &rows,
     )
@@ -1077,21 +1278,24 @@ fn parked_rows(s: &Session, jobs: &[parked::ParkedJob]) -> Markup {
 
 async fn parked_page(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let jobs = match parked::list(&st.services, None).await {
         Ok(j) => j,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let letters = match st.services.store.dead_letters(500).await {
         Ok(l) => l,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     let supervisor = s.operator.role.is_supervisor();
     let csrf = csrf_field(&s);
     let letter_rows: Vec<Vec<Markup>> = letters
@@ -1102,61 +1306,62 @@ async fn parked_page(
                     form method="post" class="inline"
                         action=(format!("/console/dead-letters/{}/requeue", d.seq)) {
                         (csrf)
-                        button type="submit" { "Re-queue" }
+                        button type="submit" { (t(Msg::Requeue)) }
                     }
                     form method="post" class="inline"
                         action=(format!("/console/dead-letters/{}/discard", d.seq)) {
                         (csrf)
-                        input type="text" name="reason" placeholder="reason" required maxlength="500";
-                        button type="submit" { "Discard" }
+                        input type="text" name="reason" placeholder=(t(Msg::ReasonPlaceholder)) required maxlength="500";
+                        button type="submit" { (t(Msg::Discard)) }
                     }
                 }
             } else {
-                html! { span class="muted" { "a supervisor re-queues or discards it" } }
+                html! { span class="muted" { (t(Msg::SupervisorRequeues)) } }
             };
             vec![
-                d.seq.render(),
-                d.topic.render(),
-                d.subject.render(),
-                d.created_at.render(),
-                d.dead_at.render(),
-                d.attempts.render(),
-                d.last_error.render(),
+                lang.num(d.seq).render(),
+                state_code(&d.topic),
+                ltr(&d.subject),
+                lang.stored_time(&d.created_at).render(),
+                lang.stored_time(&d.dead_at).render(),
+                lang.num(d.attempts).render(),
+                ltr(&d.last_error),
                 action,
             ]
         })
         .collect();
     let body = html! {
-        h1 { "Parked work" }
+        h1 { (t(Msg::ParkedWork)) }
         (flash(f.ok.as_deref(), f.error.as_deref()))
-        p class="muted" {
-            "Retry sends the job back to its stage as a fresh attempt. Drop (supervisor) forgets \
-             the job and leaves the application where it is. Force-fail (supervisor) ends the \
-             application: rejected if never released, otherwise cancelled (certificates revoked)."
-        }
+        p class="muted" { (t(Msg::ParkedHelp)) }
         @if jobs.is_empty() {
-            p id="no-parked" { "Nothing is parked." }
+            p id="no-parked" { (t(Msg::NothingParked)) }
         } @else {
-            div id="parked" { (parked_rows(&s, &jobs)) }
+            div id="parked" { (parked_rows(lang, &s, &jobs)) }
         }
-        h2 id="dead-letters" { "Undelivered messages (" (letters.len()) " dead letters)" }
-        p class="muted" {
-            "Registry callbacks, citizen messages and job hand-offs the outbox relay gave up on: \
-             refused as malformed by the receiver, or failed too many times. Re-queue \
-             (supervisor) once the cause is fixed; discard (supervisor) what must not be sent."
-        }
+        h2 id="dead-letters" { (i18n::dead_letters_heading(lang, letters.len())) }
+        p class="muted" { (t(Msg::DeadLettersHelp)) }
         @if letter_rows.is_empty() {
-            p id="no-dead-letters" { "No dead letters." }
+            p id="no-dead-letters" { (t(Msg::NoDeadLetters)) }
         } @else {
             div id="dead-letter-list" {
                 (table(
-                    &["number", "topic", "subject", "written", "given up", "attempts", "last error", ""],
+                    &[
+                        t(Msg::Number),
+                        t(Msg::Topic),
+                        t(Msg::Subject),
+                        t(Msg::Written),
+                        t(Msg::GivenUp),
+                        t(Msg::Attempts),
+                        t(Msg::LastError),
+                        "",
+                    ],
                     &letter_rows,
                 ))
             }
         }
     };
-    frame(&s, "Parked work", body)
+    frame(&ui, &s, t(Msg::ParkedWork), body)
 }
 
 #[derive(Deserialize)]
@@ -1168,66 +1373,58 @@ struct ReasonForm {
 
 async fn parked_action(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path((job, action)): Path<(String, String)>,
     Form(f): Form<ReasonForm>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let outcome = match action.as_str() {
         "retry" => actions::parked_retry(&st.services, &s.operator, &job)
             .await
-            .map(|j| format!("job {job} sent back to {} as job {}", j.stage, j.id)),
+            .map(|j| i18n::job_retried(ui.lang, &job, &j.stage, &j.id)),
         "drop" => actions::parked_drop(&st.services, &s.operator, &job, &f.reason)
             .await
-            .map(|p| format!("job {job} of {} dropped", p.subject)),
+            .map(|p| i18n::job_dropped(ui.lang, &job, &p.subject)),
         "fail" => actions::parked_fail(&st.services, &s.operator, &job, &f.reason)
             .await
-            .map(|to| format!("job {job} force-failed: application is now {}", to.as_str())),
+            .map(|to| i18n::job_failed(ui.lang, &job, to.as_str())),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     match outcome {
         Ok(m) => back("/console/parked", Ok(m)),
-        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
-        Err(e) => back("/console/parked", Err(action_error(e))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&ui, &s, &m),
+        Err(e) => back("/console/parked", Err(action_error(ui.lang, e))),
     }
 }
 
 async fn dead_letter_action(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path((seq, action)): Path<(i64, String)>,
     Form(f): Form<ReasonForm>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let outcome = match action.as_str() {
         "requeue" => actions::dead_letter_requeue(&st.services, &s.operator, seq)
             .await
-            .map(|d| {
-                format!(
-                    "dead letter {seq} ({} for {}) re-queued",
-                    d.topic, d.subject
-                )
-            }),
+            .map(|d| i18n::dead_letter_done(ui.lang, seq, &d.topic, &d.subject, true)),
         "discard" => actions::dead_letter_discard(&st.services, &s.operator, seq, &f.reason)
             .await
-            .map(|d| {
-                format!(
-                    "dead letter {seq} ({} for {}) discarded",
-                    d.topic, d.subject
-                )
-            }),
+            .map(|d| i18n::dead_letter_done(ui.lang, seq, &d.topic, &d.subject, false)),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     match outcome {
         Ok(m) => back("/console/parked", Ok(m)),
-        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
-        Err(e) => back("/console/parked", Err(action_error(e))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&ui, &s, &m),
+        Err(e) => back("/console/parked", Err(action_error(ui.lang, e))),
     }
 }
 
@@ -1236,47 +1433,54 @@ async fn dead_letter_action(
 
 async fn encoders(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let farm = st.farm();
     let list = match data::encoders(&st.services, farm.as_deref()).await {
         Ok(l) => l,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     let csrf = csrf_field(&s);
     let rows: Vec<Vec<Markup>> = list
         .iter()
         .map(|e| {
             let state = match (e.present, e.in_service) {
-                (Some(false), _) => "absent".to_owned(),
-                (_, true) => "in service".to_owned(),
-                (_, false) => format!("out of service: {}", e.reason.as_deref().unwrap_or("")),
+                (Some(false), _) => html! { (t(Msg::Absent)) },
+                (_, true) => html! { (t(Msg::InService)) },
+                (_, false) => html! {
+                    (t(Msg::OutOfService)) ": " (ltr(e.reason.as_deref().unwrap_or("")))
+                },
             };
             let (in_service, label, class) = if e.in_service {
-                ("0", "Take out of service", "danger")
+                ("0", t(Msg::TakeOut), "danger")
             } else {
-                ("1", "Return to service", "light")
+                ("1", t(Msg::ReturnToService), "light")
             };
             vec![
-                e.name.render(),
-                state.render(),
-                e.busy.map_or("—", |b| if b { "busy" } else { "idle" }).render(),
-                e.personalized.render(),
-                e.spoiled.render(),
+                ltr(&e.name),
+                state,
+                e.busy
+                    .map_or("—", |b| if b { t(Msg::Busy) } else { t(Msg::Idle) })
+                    .render(),
+                lang.num(e.personalized).render(),
+                lang.num(e.spoiled).render(),
                 e.yield_ratio()
-                    .map_or("—".render(), |y| format_args!("{:.1}%", y * 100.0).render()),
-                e.last_hour.render(),
+                    .map_or("—".render(), |y| lang.percent(y).render()),
+                lang.num(e.last_hour).render(),
                 html! {
                     form method="post" class="inline" action="/console/encoders/service" {
                         (csrf)
                         input type="hidden" name="encoder" value=(e.name);
                         input type="hidden" name="in_service" value=(in_service);
-                        input type="text" name="reason" placeholder="reason" required maxlength="500";
+                        input type="text" name="reason" placeholder=(t(Msg::ReasonPlaceholder)) required maxlength="500";
                         button type="submit" class=(class) { (label) }
                     }
                 },
@@ -1284,35 +1488,31 @@ async fn encoders(
         })
         .collect();
     let body = html! {
-        h1 { "Encoders" }
+        h1 { (t(Msg::Encoders)) }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         p class="muted" {
-            @if farm.is_some() {
-                "Live state from this process's encoder farm; counts from the cards table."
-            } @else {
-                "This process drives no encoder: counts from the cards table, service state from \
-                 operators' decisions."
-            }
+            @if farm.is_some() { (t(Msg::FarmLive)) } @else { (t(Msg::FarmNone)) }
         }
         @if rows.is_empty() {
-            p { "No encoder has been seen yet." }
+            p id="no-encoders" { (t(Msg::NoEncoder)) }
         } @else {
-            (table(
+            (ttable(
+                lang,
                 &[
-                    "encoder",
-                    "state",
-                    "now",
-                    "personalized",
-                    "spoiled",
-                    "yield",
-                    "cards last hour",
-                    "service",
+                    Msg::Encoder,
+                    Msg::State,
+                    Msg::Now,
+                    Msg::Personalized,
+                    Msg::Spoiled,
+                    Msg::Yield,
+                    Msg::CardsLastHour,
+                    Msg::Service,
                 ],
                 &rows,
             ))
         }
     };
-    frame(&s, "Encoders", body)
+    frame(&ui, &s, t(Msg::Encoders), body)
 }
 
 #[derive(Deserialize)]
@@ -1325,10 +1525,11 @@ struct EncoderForm {
 
 async fn encoder_service(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Form(f): Form<EncoderForm>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -1346,18 +1547,10 @@ async fn encoder_service(
     {
         Ok(()) => back(
             "/console/encoders",
-            Ok(format!(
-                "encoder {} {}",
-                f.encoder,
-                if in_service {
-                    "returned to service"
-                } else {
-                    "taken out of service"
-                }
-            )),
+            Ok(i18n::encoder_done(ui.lang, &f.encoder, in_service)),
         ),
-        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
-        Err(e) => back("/console/encoders", Err(action_error(e))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&ui, &s, &m),
+        Err(e) => back("/console/encoders", Err(action_error(ui.lang, e))),
     }
 }
 
@@ -1372,104 +1565,129 @@ struct AuditQuery {
 
 async fn audit_page(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(q): Query<AuditQuery>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     if !s.operator.role.can_audit() {
-        return forbidden(&s, "the audit log is for supervisors and auditors");
+        return forbidden(&ui, &s, "the audit log is for supervisors and auditors");
     }
     let subject = q.subject.filter(|x| !x.trim().is_empty());
     let entries = match audit::recent(&st.services.store, subject.as_deref(), 300).await {
         Ok(e) => e,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
     let verified = if q.verify.is_some() {
         match audit::verify(&st.services.store).await {
             Ok(r) => Some(r),
-            Err(e) => return internal(e),
+            Err(e) => return internal(&ui, e),
         }
     } else {
         None
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     let rows: Vec<Vec<Markup>> = entries
         .iter()
         .map(|e| {
             vec![
-                e.seq.render(),
-                e.at.render(),
-                e.actor.render(),
-                e.role.render(),
-                e.action.render(),
-                e.subject.render(),
-                html! { code { (e.details) } },
-                html! { code title=(e.hash) { (e.hash[..12.min(e.hash.len())]) "…" } },
+                lang.num(e.seq).render(),
+                lang.stored_time(&e.at).render(),
+                ltr(&e.actor),
+                role_name(lang, &e.role).render(),
+                state_code(&e.action),
+                ltr(&e.subject),
+                html! { code dir="ltr" { (e.details) } },
+                html! { code title=(e.hash) dir="ltr" { (e.hash[..12.min(e.hash.len())]) "…" } },
             ]
         })
         .collect();
     let body = html! {
-        h1 { "Audit log" }
+        h1 { (t(Msg::AuditLog)) }
         form method="get" class="inline" action="/console/audit" {
             input type="text" name="subject" value=(subject.as_deref().unwrap_or(""))
-                placeholder="subject (application, job, operator…)";
-            button type="submit" { "Filter" }
+                placeholder=(t(Msg::SubjectPlaceholder));
+            button type="submit" { (t(Msg::Filter)) }
         }
         " "
         form method="get" class="inline" action="/console/audit" {
             input type="hidden" name="verify" value="1";
-            button type="submit" id="audit-verify" { "Verify the whole chain" }
+            button type="submit" id="audit-verify" { (t(Msg::VerifyChain)) }
         }
         @if let Some(r) = &verified {
             @if r.intact() {
-                p class="msg ok" id="verify-result" {
-                    "The chain is intact: " (r.entries) " entries, every hash and link checks. "
-                    "Whether entries were cut from its end is checked against the signed checkpoints by "
-                    code { "cardpipe audit verify" } "."
+                p class="msg ok" id="verify-result" data-intact="true" {
+                    (t(Msg::ChainIntact)) " " (lang.num(r.entries)) " " (t(Msg::ChainEntries)) " "
+                    (t(Msg::ChainCheckpoints)) " "
+                    code dir="ltr" { "cardpipe audit verify" } "."
                 }
             } @else {
-                div class="msg err" id="verify-result" {
-                    strong { "The chain is broken:" }
-                    ul { @for p in &r.problems { li { (p) } } }
+                div class="msg err" id="verify-result" data-intact="false" {
+                    strong { (t(Msg::ChainBroken)) }
+                    ul { @for p in &r.problems { li dir="ltr" { (p) } } }
                 }
             }
         }
         (table(
-            &["#", "at", "actor", "role", "action", "subject", "details", "hash"],
+            &[
+                "#",
+                t(Msg::At),
+                t(Msg::Actor),
+                t(Msg::Role),
+                t(Msg::Action),
+                t(Msg::Subject),
+                t(Msg::Details),
+                t(Msg::Hash),
+            ],
             &rows,
         ))
     };
-    frame(&s, "Audit log", body)
+    frame(&ui, &s, t(Msg::AuditLog), body)
 }
 
-async fn area(st: &ConsoleState, s: &Session, area: &str, title: &str, what: &str) -> Response {
-    match area_tables(st, area, what).await {
-        Ok(tables) => frame(s, title, html! { h1 { (title) } (tables) }),
+async fn area(
+    st: &ConsoleState,
+    ui: &Ui,
+    s: &Session,
+    area: &str,
+    title: &str,
+    what: &str,
+) -> Response {
+    match area_tables(st, ui, area, what).await {
+        Ok(tables) => frame(ui, s, title, html! { h1 { (title) } (tables) }),
         Err(r) => r,
     }
 }
 
 /// The area's tables, read generically (or a "not available" note when it has none).
-async fn area_tables(st: &ConsoleState, area: &str, what: &str) -> Result<Markup, Response> {
+async fn area_tables(
+    st: &ConsoleState,
+    ui: &Ui,
+    area: &str,
+    what: &str,
+) -> Result<Markup, Response> {
     let tables = match data::area_tables(&st.services, area).await {
         Ok(t) => t,
-        Err(e) => return Err(internal(e)),
+        Err(e) => return Err(internal(ui, e)),
     };
+    let lang = ui.lang;
+    let comma = if lang.rtl() { "، " } else { ", " };
     Ok(html! {
         @if tables.is_empty() {
             div class="na" id="not-available" {
-                strong { "Not available." }
-                " This installation has no " (what) " tables yet (the stage that keeps them is \
-                 not part of this build, or its migrations have not run). Nothing to show."
+                strong { (ui.t(Msg::NotAvailable)) }
+                " (" (what) ") " (ui.t(Msg::NotAvailableText))
             }
         }
         @for t in &tables {
-            h2 {
-                code { (t.name) }
-                " (" (t.total) " rows"
-                @if t.total > t.rows.len() as i64 { ", first " (t.rows.len()) }
+            h2 class="area-table" {
+                code dir="ltr" { (t.name) }
+                " (" (lang.num(t.total)) " " (ui.t(Msg::Rows))
+                @if t.total > t.rows.len() as i64 { (comma) (ui.t(Msg::First)) " " (lang.num(t.rows.len())) }
                 ")"
             }
             (generic_table(t))
@@ -1487,34 +1705,38 @@ fn generic_table(t: &data::GenericTable) -> Markup {
     table(&headers, &rows)
 }
 
-async fn stock(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers).await {
+async fn stock(State(st): State<ConsoleState>, ui: Ui, headers: HeaderMap) -> Response {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     area(
         &st,
+        &ui,
         &s,
         "stock",
-        "Blank-card stock and quality control",
-        "blank-card stock or quality-control",
+        ui.t(Msg::StockTitle),
+        ui.t(Msg::StockWhat),
     )
     .await
 }
 
 async fn shipments(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Query(f): Query<Flash>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match session(&st, &ui, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     let list = match cardpipe_common::discrepancies::list(&st.services, false).await {
         Ok(l) => l,
-        Err(e) => return internal(e),
+        Err(e) => return internal(&ui, e),
     };
+    let lang = ui.lang;
+    let t = |m| lang.t(m);
     let supervisor = s.operator.role.is_supervisor();
     let csrf = csrf_field(&s);
     let rows: Vec<Vec<Markup>> = list
@@ -1522,10 +1744,10 @@ async fn shipments(
         .map(|d| {
             let action = if !d.is_open() {
                 html! {
-                    strong { (d.resolution.as_deref().unwrap_or("")) }
-                    " by " (d.resolved_by.as_deref().unwrap_or(""))
-                    " at " (d.resolved_at.as_deref().unwrap_or(""))
-                    @if let Some(r) = d.reprint_id.as_deref() { " (reprint " code { (r) } ")" }
+                    strong dir="ltr" { (d.resolution.as_deref().unwrap_or("")) }
+                    " " (t(Msg::By)) " " (ltr(d.resolved_by.as_deref().unwrap_or("")))
+                    " " (t(Msg::At)) " " (lang.stored_time(d.resolved_at.as_deref().unwrap_or("")))
+                    @if let Some(r) = d.reprint_id.as_deref() { " (" (t(Msg::Reprint)) " " code dir="ltr" { (r) } ")" }
                     br;
                     span class="muted" { (d.resolution_note.as_deref().unwrap_or("")) }
                 }
@@ -1538,59 +1760,55 @@ async fn shipments(
                         select name="outcome" {
                             @for o in options { option value=(o.as_str()) { (o.as_str()) } }
                         }
-                        input type="text" name="note" placeholder="note" required maxlength="500";
-                        button type="submit" { "Resolve" }
+                        input type="text" name="note" placeholder=(t(Msg::Note)) required maxlength="500";
+                        button type="submit" { (t(Msg::Resolve)) }
                     }
                 }
             } else {
-                html! { span class="muted" { "open (a supervisor resolves it)" } }
+                html! { span class="muted" { (t(Msg::SupervisorResolves)) } }
             };
             vec![
-                html! { code { (d.id) } },
-                d.kind.render(),
-                html! { code { (d.box_id) } },
-                d.office_code.render(),
+                html! { code dir="ltr" { (d.id) } },
+                state_code(&d.kind),
+                html! { code dir="ltr" { (d.box_id) } },
+                ltr(&d.office_code),
                 html! {
-                    a href=(format!("/console/applications/{}", url(&d.application_id))) {
+                    a href=(format!("/console/applications/{}", url(&d.application_id))) dir="ltr" {
                         (d.application_id)
                     }
                 },
-                d.reported_by.render(),
-                d.reported_at.render(),
+                ltr(&d.reported_by),
+                lang.stored_time(&d.reported_at).render(),
                 action,
             ]
         })
         .collect();
     let open = list.iter().filter(|d| d.is_open()).count();
-    let title = "Shipments and office discrepancies";
-    let tables = match area_tables(&st, "shipments", "shipping or delivery").await {
+    let title = t(Msg::ShipmentsTitle);
+    let tables = match area_tables(&st, &ui, "shipments", t(Msg::ShipmentsWhat)).await {
         Ok(t) => t,
         Err(r) => return r,
     };
     let body = html! {
         h1 { (title) }
         (flash(f.ok.as_deref(), f.error.as_deref()))
-        h2 id="discrepancies" { "Office discrepancies (" (open) " open)" }
-        p class="muted" {
-            "A missing card is " em { "found" } " (the office can then receive it) or "
-            em { "lost" } " in transit (its certificates are revoked and a reprint is requested); \
-             an extra card is " em { "returned" } " to the centre or its own office. Supervisors \
-             resolve."
-        }
+        h2 id="discrepancies" data-open=(open) { (i18n::discrepancies_heading(lang, open)) }
+        p class="muted" { (t(Msg::DiscrepancyHelp)) }
         @if rows.is_empty() {
-            p id="no-discrepancies" { "No discrepancy has been reported." }
+            p id="no-discrepancies" { (t(Msg::NoDiscrepancies)) }
         } @else {
             div id="discrepancy-list" {
-                (table(
+                (ttable(
+                    lang,
                     &[
-                        "id",
-                        "kind",
-                        "box",
-                        "office",
-                        "card",
-                        "reported by",
-                        "reported at",
-                        "resolution",
+                        Msg::Id,
+                        Msg::Kind,
+                        Msg::BoxCol,
+                        Msg::Office,
+                        Msg::Card,
+                        Msg::ReportedBy,
+                        Msg::ReportedAt,
+                        Msg::Resolution,
                     ],
                     &rows,
                 ))
@@ -1598,7 +1816,7 @@ async fn shipments(
         }
         (tables)
     };
-    frame(&s, title, body)
+    frame(&ui, &s, title, body)
 }
 
 #[derive(Deserialize)]
@@ -1611,27 +1829,27 @@ struct ResolveForm {
 
 async fn resolve_discrepancy(
     State(st): State<ConsoleState>,
+    ui: Ui,
     headers: HeaderMap,
     Path(id): Path<String>,
     Form(f): Form<ResolveForm>,
 ) -> Response {
-    let s = match form_session(&st, &headers, &f.csrf).await {
+    let s = match form_session(&st, &ui, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
     match actions::resolve_discrepancy(&st.services, &s.operator, &id, &f.outcome, &f.note).await {
         Ok(r) => back(
             "/console/shipments",
-            Ok(format!(
-                "discrepancy {id} resolved: {}{}",
+            Ok(i18n::discrepancy_resolved(
+                ui.lang,
+                &id,
                 r.discrepancy.resolution.as_deref().unwrap_or(""),
-                r.reprint_id
-                    .map(|id| format!(" (reprint {id} requested)"))
-                    .unwrap_or_default()
+                r.reprint_id.as_deref(),
             )),
         ),
-        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&s, &m),
-        Err(e) => back("/console/shipments", Err(action_error(e))),
+        Err(ActionError::Auth(AuthError::Forbidden(m))) => forbidden(&ui, &s, &m),
+        Err(e) => back("/console/shipments", Err(action_error(ui.lang, e))),
     }
 }
 
@@ -1679,6 +1897,7 @@ mod tests {
             csrf: QUOTED.into(),
         };
         let parked = parked_rows(
+            Lang::En,
             &session,
             &[parked::ParkedJob {
                 job_id: QUOTED.into(),
@@ -1690,17 +1909,20 @@ mod tests {
             }],
         )
         .into_string();
-        let batches = batch_table(&[data::BatchProgress {
-            id: QUOTED.into(),
-            client: HOSTILE.into(),
-            state: "received".into(),
-            priority: "normal".into(),
-            records: 2,
-            accepted: 1,
-            rejected: 1,
-            created_at: HOSTILE.into(),
-            states: Default::default(),
-        }])
+        let batches = batch_table(
+            Lang::En,
+            &[data::BatchProgress {
+                id: QUOTED.into(),
+                client: HOSTILE.into(),
+                state: "received".into(),
+                priority: "normal".into(),
+                records: 2,
+                accepted: 1,
+                rejected: 1,
+                created_at: HOSTILE.into(),
+                states: Default::default(),
+            }],
+        )
         .into_string();
         let generic = generic_table(&data::GenericTable {
             name: "t".into(),
@@ -1730,12 +1952,14 @@ mod tests {
             "{parked}"
         );
         assert!(
-            parked.contains("<td><code>&lt;script&gt;alert(1)&lt;/script&gt;</code></td>"),
+            parked.contains(
+                "<td><code dir=\"ltr\">&lt;script&gt;alert(1)&lt;/script&gt;</code></td>"
+            ),
             "{parked}"
         );
         assert!(
             batches.contains(
-                "<a href=\"/console/batches/j%22%20onclick%3D%22alert%282%29\" class=\"batch-link\">\
+                "<a href=\"/console/batches/j%22%20onclick%3D%22alert%282%29\" class=\"batch-link\" dir=\"ltr\">\
                  j&quot; onclick=&quot;alert(2)</a>"
             ),
             "{batches}"

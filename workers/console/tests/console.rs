@@ -1,7 +1,8 @@
 //! The console over HTTP on both backends (SQLite + in-process broker + files, and
 //! PostgreSQL + RabbitMQ + S3): the first supervisor, roles, CSRF, the login rate limit,
 //! parked work retry / drop / force-fail, encoder service, "not available" pages, office
-//! discrepancies resolved by supervisors only, and an audit entry for every action.
+//! discrepancies resolved by supervisors only, and an audit entry for every action; the
+//! console in Persian and English, the language switch, the font and the dashboard.
 
 use cardpipe_common::audit;
 use cardpipe_common::broker::{Job, RetryPolicy};
@@ -112,7 +113,21 @@ async fn serve(services: &Services, data_dir: &std::path::Path) -> Console {
     Console { base, stop }
 }
 
-fn client() -> reqwest::Client {
+/// A browser-like client that has chosen English (the console's default is Persian).
+fn client(base: &str) -> reqwest::Client {
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    jar.add_cookie_str(
+        "cardpipe_lang=en; Path=/console",
+        &base.parse::<reqwest::Url>().unwrap(),
+    );
+    reqwest::Client::builder()
+        .cookie_provider(jar)
+        .build()
+        .unwrap()
+}
+
+/// A client without a language cookie (Persian).
+fn persian_client() -> reqwest::Client {
     reqwest::Client::builder()
         .cookie_store(true)
         .build()
@@ -245,7 +260,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         assert!(dup.unwrap_err().to_string().contains("already exists"));
 
         // Unauthenticated pages redirect to the sign-in form.
-        let anon = client();
+        let anon = client(&base);
         let res = anon
             .get(format!("{base}/console/parked"))
             .send()
@@ -261,7 +276,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         );
 
         // The rate limit: after 3 failures, even the right password is refused.
-        let omid = client();
+        let omid = client(&base);
         for _ in 0..3 {
             let (at, body) = login(&omid, &base, "omid", "wrong-password-x").await;
             assert!(at.ends_with("/console/login"));
@@ -344,7 +359,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         let j3 = park(&services, "keys", a3.as_str()).await;
 
         // An auditor reads (audit log included) and changes nothing.
-        let aida = client();
+        let aida = client(&base);
         let (at, _) = login(&aida, &base, "aida", "auditor-password-1").await;
         assert!(at.ends_with("/console/"), "{at}");
         let (status, body) = page(&aida, &format!("{base}/console/audit")).await;
@@ -361,7 +376,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         assert!(body.contains("needs an operator or supervisor"));
 
         // An operator retries, but may not drop, nor read the audit log; forged forms fail.
-        let omid = client();
+        let omid = client(&base);
         auth::add_operator(
             &services,
             "olga",
@@ -416,7 +431,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         );
 
         // A supervisor drops one (reason required) and force-fails another.
-        let adm = client();
+        let adm = client(&base);
         let (at, _) = login(&adm, &base, "admin", &admin_password).await;
         assert!(at.ends_with("/console/"));
         let (_, parked_page) = page(&adm, &format!("{base}/console/parked")).await;
@@ -494,7 +509,7 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         .await;
         assert!(
             body.contains("taken out of service")
-                && body.contains("out of service: misfeeds blanks"),
+                && body.contains("out of service: <bdi dir=\"ltr\">misfeeds blanks</bdi>"),
             "{body}"
         );
         let (_, _, body) = post(
@@ -667,4 +682,182 @@ async fn console_roles_csrf_rate_limit_and_audited_actions_on_both_backends() {
         assert!(audit::verify(&services.store).await.unwrap().intact());
         drop(console);
     }
+}
+
+/// Persian by default (right to left, Persian digits, Solar Hijri dates), English after the
+/// switch (which goes back only to console pages), the font served from the console itself,
+/// 404 pages in both languages, and the dashboard's SVG charts with the store's figures.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_in_persian_and_english_with_the_dashboard() {
+    let (services, _guard) = testing::services(Mode::Embedded, None).await;
+    let data = tempfile::tempdir().unwrap();
+    let console = serve(&services, data.path()).await;
+    let base = console.base.clone();
+    let admin_password = wait_for_admin(data.path()).await;
+    let a1 = application(
+        &services,
+        &format!("app-{}-1", testing::unique("d")),
+        ApplicationState::KeysIssued,
+    )
+    .await;
+    application(
+        &services,
+        &format!("app-{}-2", testing::unique("d")),
+        ApplicationState::Received,
+    )
+    .await;
+
+    // The sign-in page in Persian, with the switch to English.
+    let fa = persian_client();
+    let (status, body) = page(&fa, &format!("{base}/console/login")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<html lang=\"fa\" dir=\"rtl\">"), "{body}");
+    assert!(body.contains("ورود") && body.contains("گذرواژه"), "{body}");
+    assert!(
+        body.contains("/console/lang?to=en&amp;back=%2Fconsole%2Flogin"),
+        "{body}"
+    );
+    let (_, body) = login(&fa, &base, "admin", "wrong-password-x").await;
+    assert!(body.contains("نام کاربری یا گذرواژه نادرست است"), "{body}");
+    let (at, body) = login(&fa, &base, "admin", &admin_password).await;
+    assert!(at.ends_with("/console/"), "{at}");
+    assert!(body.contains("نمای کلی خط تولید"), "{body}");
+    // Three applications (admin is no application): the count in Persian digits.
+    assert!(body.contains("data-n=\"2\">۲</div>"), "{body}");
+
+    // The dashboard: four SVG charts; the history's state changes of this hour are drawn.
+    let (status, dash) = page(&fa, &format!("{base}/console/dashboard")).await;
+    assert_eq!(status, 200);
+    for id in ["svg-stages", "svg-queues", "svg-overdue"] {
+        assert!(
+            dash.contains(&format!(
+                "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{id}\""
+            )),
+            "{id}: {dash}"
+        );
+    }
+    assert!(
+        dash.contains("<rect") && dash.contains("received"),
+        "{dash}"
+    );
+    assert!(dash.contains("keys_issued"), "{dash}");
+    assert!(!dash.contains("id=\"no-changes\""), "{dash}");
+    // No card yet: said, not drawn as zero.
+    assert!(dash.contains("id=\"no-cards\""), "{dash}");
+    // Solar Hijri "as of" date (14xx/..), and the in-process broker's queue depth.
+    assert!(dash.contains("تا ۱۴"), "{dash}");
+    assert!(dash.contains("data-15d=\"0\" data-1m=\"0\""), "{dash}");
+
+    // The application page: identifiers stay Latin, left to right.
+    let (_, body) = page(&fa, &format!("{base}/console/applications/{}", a1.as_str())).await;
+    assert!(
+        body.contains(&format!("<code dir=\"ltr\">{}</code>", a1.as_str())),
+        "{body}"
+    );
+    assert!(body.contains("تاریخچه") && body.contains("۱۴"), "{body}");
+
+    // Unknown pages: 404 in Persian.
+    let (status, body) = page(&fa, &format!("{base}/console/no-such-page")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("پیدا نشد"), "{body}");
+
+    // The switch: a cookie, then back to the page; never off the console.
+    let res = fa
+        .get(format!("{base}/console/lang?to=en&back=/console/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.url().path().ends_with("/console/dashboard"),
+        "{}",
+        res.url()
+    );
+    let dash = res.text().await.unwrap();
+    assert!(dash.contains("<html lang=\"en\" dir=\"ltr\">"), "{dash}");
+    assert!(
+        dash.contains("Applications per stage, last 24 hours"),
+        "{dash}"
+    );
+    assert!(dash.contains(" Tehran"), "{dash}");
+    let (status, body) = page(&fa, &format!("{base}/console/no-such-page")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("Not found"), "{body}");
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for evil in [
+        "//evil.example/",
+        "https://evil.example/console/",
+        "/console/..%2F..%2Fmetrics",
+    ] {
+        let res = no_follow
+            .get(format!(
+                "{base}/console/lang?to=en&back={}",
+                evil.replace('/', "%2F").replace(':', "%3A")
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 303, "{evil}");
+        assert_eq!(
+            res.headers()[reqwest::header::LOCATION],
+            "/console/",
+            "{evil}"
+        );
+        let cookie = res.headers()[reqwest::header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            cookie.starts_with("cardpipe_lang=en;") && cookie.contains("Path=/console"),
+            "{cookie}"
+        );
+    }
+
+    // The font: from the console itself, cached, allowed by the CSP.
+    let res = no_follow
+        .get(format!("{base}/console/assets/Vazirmatn-Regular.woff2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(res.headers()[reqwest::header::CONTENT_TYPE], "font/woff2");
+    assert!(
+        res.headers()[reqwest::header::CACHE_CONTROL]
+            .to_str()
+            .unwrap()
+            .contains("max-age=31536000")
+    );
+    assert!(
+        res.headers()[reqwest::header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("font-src 'self'")
+    );
+    assert_eq!(&res.bytes().await.unwrap()[..4], b"wOF2");
+    let licence = page(
+        &no_follow,
+        &format!("{base}/console/assets/Vazirmatn-OFL.txt"),
+    )
+    .await;
+    assert!(licence.0 == 200 && licence.1.contains("SIL Open Font License"));
+    assert_eq!(
+        page(
+            &no_follow,
+            &format!("{base}/console/assets/..%2Fsrc%2Fweb.rs")
+        )
+        .await
+        .0,
+        404
+    );
+
+    // The dashboard needs a session.
+    let res = persian_client()
+        .get(format!("{base}/console/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.url().path().ends_with("/console/login"));
+    drop(console);
 }
