@@ -303,8 +303,8 @@ fn nice_max(max: i64) -> i64 {
 
 /// (a) stacked bars, one per hour.
 fn stage_chart(lang: Lang, d: &Dashboard) -> Markup {
-    let (w, h) = (760.0, 280.0);
-    let (left, right, top, bottom) = (52.0, 12.0, 14.0, 46.0);
+    let (w, h) = (760.0, 296.0);
+    let (left, right, top, bottom) = (52.0, 12.0, 30.0, 46.0);
     let mut c = Canvas::new(lang, w, h);
     let totals: Vec<i64> = (0..24)
         .map(|i| d.changes.values().map(|v| v[i]).sum())
@@ -361,7 +361,7 @@ fn stage_chart(lang: Lang, d: &Dashboard) -> Markup {
     );
     c.text(
         4.0,
-        top - 2.0,
+        12.0,
         Anchor::Start,
         11,
         lang.t(Msg::ChangesAxis),
