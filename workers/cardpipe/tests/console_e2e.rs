@@ -2,10 +2,13 @@
 //! (chromedriver, raw W3C WebDriver JSON), against `cardpipe run --demo` after it has carried
 //! a generated nightly batch through every stage on embedded backends.
 //!
-//! Signs in as the first supervisor (password from `var/console-admin-password`), visits every
-//! main page, adjudicates the planted duplicate with both photos shown, retries parked work,
-//! verifies the audit chain; screenshots go to `<target>/console-screenshots/*.png`. Then
-//! `cardpipe audit verify` passes, and catches an entry edited behind the triggers' back.
+//! Signs in as the first supervisor (password from `var/console-admin-password`) on the
+//! Persian sign-in page, visits every page in Persian and in English (right to left, Persian
+//! digits and Solar Hijri dates in Persian; the dashboard's SVG charts drawn with the demo's
+//! figures), then in English adjudicates the planted duplicate with both photos shown,
+//! retries parked work, verifies the audit chain. Screenshots go to
+//! `<target>/console-screenshots/<page>-fa.png` and `<page>-en.png`. Then `cardpipe audit
+//! verify` passes, and catches an entry edited behind the triggers' back.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (tests/services.sh installs them): without
 //! them the test fails and says so.
@@ -287,6 +290,25 @@ async fn count(store: &Store, sql: &str) -> i64 {
         .get::<i64, _>(0)
 }
 
+/// Does `text` hold a numeric Solar Hijri date in Persian digits (`۱۴۰۵/۰۹/۱۵`)?
+fn has_persian_date(text: &str) -> bool {
+    let digit = |c: char| ('۰'..='۹').contains(&c);
+    let chars: Vec<char> = text.chars().collect();
+    chars.windows(10).any(|w| {
+        w[0] == '۱'
+            && w[1] == '۴'
+            && w[..4].iter().all(|c| digit(*c))
+            && w[4] == '/'
+            && w[5..7].iter().all(|c| digit(*c))
+            && w[7] == '/'
+            && w[8..].iter().all(|c| digit(*c))
+    })
+}
+
+fn has_persian_digits(text: &str) -> bool {
+    text.chars().any(|c| ('۰'..='۹').contains(&c))
+}
+
 fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
     cli_with_input(dir, args, "")
 }
@@ -360,14 +382,36 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     let shots = target_dir().join("console-screenshots");
     let b = Browser::open(&driver, shots.clone()).await;
 
-    // Unauthenticated: redirected to sign in.
+    // Unauthenticated: redirected to sign in, in Persian (the default), with the switch.
     b.go(&format!("{base}/console/")).await;
     assert!(
         b.url().await.ends_with("/console/login"),
         "{}",
         b.url().await
     );
-    b.screenshot("01-login").await;
+    let src = b.source().await;
+    assert!(src.contains("lang=\"fa\" dir=\"rtl\""), "{src}");
+    assert!(b.text("h1").await.contains("ورود"), "{src}");
+    // The Vazirmatn font is loaded from the console itself (the CSP allows only that).
+    let fonts = b
+        .script(
+            "return document.fonts.ready.then(() => Array.from(document.fonts)\
+             .filter(f => f.family.includes('Vazirmatn') && f.status === 'loaded').length)",
+        )
+        .await;
+    assert!(
+        fonts.as_i64().unwrap_or(0) >= 1,
+        "Vazirmatn not loaded: {fonts}"
+    );
+    b.screenshot("login-fa").await;
+    b.click_and_wait("#lang-switch").await;
+    assert!(
+        b.url().await.ends_with("/console/login"),
+        "{}",
+        b.url().await
+    );
+    assert!(b.source().await.contains("lang=\"en\" dir=\"ltr\""));
+    b.screenshot("login-en").await;
 
     // A wrong password is refused (and counted).
     b.type_into("#login-name", "admin").await;
@@ -385,13 +429,123 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
         "overview counts {total} applications"
     );
     assert!(b.source().await.contains("possible_duplicate"));
-    b.screenshot("02-overview").await;
 
     // Batch detail with its progress.
     b.click_and_wait("a.batch-link").await;
-    assert!(b.url().await.contains("/console/batches/"));
+    let batch_url = b.url().await;
+    assert!(batch_url.contains("/console/batches/"));
     assert!(b.source().await.contains("class=\"bar\""));
-    b.screenshot("03-batch").await;
+
+    // Every page in both languages, before anything is changed (the duplicate waits, the
+    // parked job is there).
+    let pages: Vec<(&str, String)> = vec![
+        ("overview", "/console/".into()),
+        ("dashboard", "/console/dashboard".into()),
+        (
+            "batch",
+            batch_url[batch_url.find("/console/").unwrap()..].to_owned(),
+        ),
+        ("search", "/console/search".into()),
+        ("application", format!("/console/applications/{duplicate}")),
+        ("adjudications", "/console/adjudications".into()),
+        (
+            "adjudication",
+            format!("/console/adjudications/{duplicate}"),
+        ),
+        ("parked", "/console/parked".into()),
+        ("encoders", "/console/encoders".into()),
+        ("stock", "/console/stock".into()),
+        ("shipments", "/console/shipments".into()),
+        ("audit", "/console/audit?verify=1".into()),
+        ("not-found", "/console/no-such-page".into()),
+    ];
+    for lang in ["fa", "en"] {
+        for (name, path) in &pages {
+            // The switch sets the cookie and comes back to the page.
+            b.go(&format!(
+                "{base}/console/lang?to={lang}&back={}",
+                path.replace('?', "%3F")
+                    .replace('=', "%3D")
+                    .replace('&', "%26")
+            ))
+            .await;
+            let at = b.url().await;
+            assert!(at.ends_with(path.as_str()), "{name}: at {at}, not {path}");
+            let src = b.source().await;
+            if lang == "fa" {
+                assert!(
+                    src.contains("lang=\"fa\" dir=\"rtl\""),
+                    "{name} is not Persian RTL"
+                );
+                assert!(
+                    *name == "not-found" || src.contains("<bdi dir=\"ltr\">admin</bdi> (سرپرست)"),
+                    "{name}: no Persian header"
+                );
+                let h1 = b.text("h1").await;
+                assert!(
+                    h1.chars().any(|c| ('\u{0600}'..='\u{06FF}').contains(&c)),
+                    "{name}: heading {h1:?} is not Persian"
+                );
+            } else {
+                assert!(
+                    src.contains("lang=\"en\" dir=\"ltr\""),
+                    "{name} is not English"
+                );
+                assert!(
+                    *name == "not-found" || src.contains("Sign out"),
+                    "{name}: no English header"
+                );
+            }
+            match (*name, lang) {
+                ("overview", "fa") => {
+                    assert!(src.contains("نمای کلی خط تولید"));
+                    assert!(has_persian_digits(&b.text("#total-applications").await));
+                    assert!(has_persian_date(&src), "overview: no Solar Hijri date");
+                }
+                ("dashboard", _) => {
+                    for id in ["svg-stages", "svg-queues", "svg-yield", "svg-overdue"] {
+                        assert!(src.contains(&format!("id=\"{id}\"")), "dashboard: no {id}");
+                    }
+                    // The demo's state changes are drawn as bars, its cards as yield.
+                    assert!(!src.contains("id=\"no-changes\""), "dashboard: no history");
+                    assert!(!src.contains("id=\"no-cards\""), "dashboard: no cards");
+                    let bars = b
+                        .script("return document.querySelectorAll('#svg-stages rect').length")
+                        .await;
+                    assert!(bars.as_i64().unwrap() > 0, "dashboard: {bars} bars");
+                    assert!(src.contains("encoder-01"));
+                    if lang == "fa" {
+                        assert!(src.contains("درخواست‌ها بر حسب مرحله"));
+                        assert!(has_persian_date(&src), "dashboard: no Solar Hijri date");
+                    } else {
+                        assert!(src.contains("Applications per stage, last 24 hours"));
+                        assert!(src.contains(" Tehran"));
+                    }
+                }
+                ("application", "fa") => {
+                    assert!(src.contains("تاریخچه") && has_persian_date(&src));
+                    assert!(src.contains(&format!("<code dir=\"ltr\">{duplicate}</code>")));
+                    assert!(
+                        src.contains("dir=\"rtl\" lang=\"fa\""),
+                        "names not marked RTL"
+                    );
+                }
+                ("adjudication", "fa") => assert!(src.contains("شست راست")),
+                ("adjudication", "en") => assert!(src.contains("right thumb")),
+                ("parked", _) => assert!(src.contains("job-e2e-1")),
+                ("audit", "fa") => {
+                    assert!(b.text("#verify-result").await.contains("زنجیره سالم است"));
+                    assert!(has_persian_date(&src), "audit: no Solar Hijri date");
+                }
+                ("audit", "en") => assert!(b.text("#verify-result").await.contains("intact")),
+                ("not-found", "fa") => assert!(src.contains("پیدا نشد")),
+                ("not-found", "en") => assert!(src.contains("Not found")),
+                _ => {}
+            }
+            b.screenshot(&format!("{name}-{lang}")).await;
+        }
+    }
+    // English from here on.
 
     // Search by registry id → application detail: history, Persian names RTL, national code masked.
     b.go(&format!("{base}/console/search")).await;
@@ -415,11 +569,9 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
         "names not marked RTL"
     );
     assert!(b.text("#history").await.contains("possible_duplicate"));
-    b.screenshot("04-application").await;
 
     // Adjudication: both photos side by side (loaded from the object store), per-finger scores.
     b.go(&format!("{base}/console/adjudications")).await;
-    b.screenshot("05-adjudications").await;
     b.click_and_wait(&format!("a.adjudicate-link[href$=\"{duplicate}\"]"))
         .await;
     let widths = b
@@ -436,7 +588,6 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
         "photos not shown: {widths:?}"
     );
     assert!(b.source().await.contains("right thumb"));
-    b.screenshot("06-adjudication").await;
     b.click("#decision-cleared").await;
     b.type_into(
         "#decision-reason",
@@ -445,7 +596,7 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     .await;
     b.click_and_wait("#decision-submit").await;
     assert!(b.text("#flash").await.contains("decided: cleared"));
-    b.screenshot("07-adjudicated").await;
+    b.screenshot("adjudicated-en").await;
     // The console records the decision; dedup applies it through the outbox (topic
     // dedup.adjudication) within a relay round or two.
     let sql = format!(
@@ -464,7 +615,6 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     // Parked work: retry.
     b.go(&format!("{base}/console/parked")).await;
     assert!(b.source().await.contains("job-e2e-1"));
-    b.screenshot("08-parked").await;
     b.click_and_wait("form[action$=\"/job-e2e-1/retry\"] button")
         .await;
     assert!(
@@ -485,15 +635,13 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     // Encoders, stock, shipments.
     b.go(&format!("{base}/console/encoders")).await;
     assert!(b.source().await.contains("personalized"));
-    b.screenshot("09-encoders").await;
-    for (page, shot) in [("stock", "10-stock"), ("shipments", "11-shipments")] {
+    for page in ["stock", "shipments"] {
         b.go(&format!("{base}/console/{page}")).await;
         let src = b.source().await;
         assert!(
             src.contains("id=\"not-available\"") || src.contains("rows"),
             "{page} page shows neither tables nor 'not available'"
         );
-        b.screenshot(shot).await;
     }
 
     // The audit log: every action above, and an intact chain.
@@ -509,7 +657,7 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     ] {
         assert!(src.contains(action), "audit log shows no {action}");
     }
-    b.screenshot("12-audit").await;
+    b.screenshot("audit-after-actions-en").await;
 
     // Forms without the session's CSRF token are refused.
     let cookie_less = reqwest::Client::new()
@@ -664,7 +812,26 @@ async fn the_console_in_headless_chromium_after_a_generated_batch() {
     assert!(out.contains(&format!("entry {seq} was edited")), "{out}");
     db.close().await;
 
-    let pngs = std::fs::read_dir(&shots).unwrap().count();
-    assert!(pngs >= 12, "{pngs} screenshots in {}", shots.display());
+    for lang in ["fa", "en"] {
+        for name in [
+            "login",
+            "overview",
+            "dashboard",
+            "batch",
+            "search",
+            "application",
+            "adjudications",
+            "adjudication",
+            "parked",
+            "encoders",
+            "stock",
+            "shipments",
+            "audit",
+            "not-found",
+        ] {
+            let png = shots.join(format!("{name}-{lang}.png"));
+            assert!(png.exists(), "no screenshot {}", png.display());
+        }
+    }
     println!("screenshots in {}", shots.display());
 }
