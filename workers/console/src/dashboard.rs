@@ -334,7 +334,7 @@ fn stage_chart(lang: Lang, d: &Dashboard) -> Markup {
                 "{} {}: {} — {}",
                 lang.t(Msg::HourAxis),
                 lang.hour(*hour),
-                state,
+                crate::i18n::state_name(state).map_or(state.as_str(), |m| m.text(lang)),
                 lang.num(n)
             );
             c.rect(x + 2.0, y, slot - 4.0, bh, state_colour(state), &title);
@@ -375,7 +375,7 @@ fn stage_chart(lang: Lang, d: &Dashboard) -> Markup {
                 @for (state, counts) in &d.changes {
                     li {
                         i style=(format!("background:{}", state_colour(state))) {}
-                        code dir="ltr" { (state) } " " (lang.num(counts.iter().sum::<i64>()))
+                        (crate::web::state(lang, state)) " " (lang.num(counts.iter().sum::<i64>()))
                     }
                 }
             }

@@ -420,6 +420,52 @@ messages! {
     Over15Days => "over 15 days", "بیش از ۱۵ روز";
     Over1Month => "over 1 month", "بیش از یک ماه";
     AsOf => "As of", "تا";
+    // Application states (English: the stored name, as in logs, metrics and `cardpipe ops`)
+    StReceived => "received", "دریافت‌شده";
+    StRejected => "rejected", "ردشده";
+    StDedupPending => "dedup_pending", "در انتظار تکرارزدایی";
+    StDedupClear => "dedup_clear", "بدون تکرار";
+    StPossibleDuplicate => "possible_duplicate", "تکراری احتمالی";
+    StConfirmedDuplicate => "confirmed_duplicate", "تکراری تأییدشده";
+    StCleared => "cleared", "پاک‌شده در داوری";
+    StKeysIssued => "keys_issued", "کلیدها صادر شد";
+    StPersonalized => "personalized", "شخصی‌سازی‌شده";
+    StQcPassed => "qc_passed", "قبول در کنترل کیفیت";
+    StQcFailed => "qc_failed", "رد در کنترل کیفیت";
+    StReprintRequested => "reprint_requested", "چاپ دوباره درخواست‌شده";
+    StPacked => "packed", "بسته‌بندی‌شده";
+    StShipped => "shipped", "ارسال‌شده";
+    StAtOffice => "at_office", "در دفتر تحویل";
+    StInTransit => "in_transit", "در راه دفتر دیگر";
+    StCollected => "collected", "تحویل‌شده به متقاضی";
+    StVoided => "voided", "باطل‌شده";
+    StCancelled => "cancelled", "لغوشده";
+}
+
+/// The name of an application state (`received`, …) in both languages, if it is one.
+pub fn state_name(code: &str) -> Option<Msg> {
+    Some(match code {
+        "received" => Msg::StReceived,
+        "rejected" => Msg::StRejected,
+        "dedup_pending" => Msg::StDedupPending,
+        "dedup_clear" => Msg::StDedupClear,
+        "possible_duplicate" => Msg::StPossibleDuplicate,
+        "confirmed_duplicate" => Msg::StConfirmedDuplicate,
+        "cleared" => Msg::StCleared,
+        "keys_issued" => Msg::StKeysIssued,
+        "personalized" => Msg::StPersonalized,
+        "qc_passed" => Msg::StQcPassed,
+        "qc_failed" => Msg::StQcFailed,
+        "reprint_requested" => Msg::StReprintRequested,
+        "packed" => Msg::StPacked,
+        "shipped" => Msg::StShipped,
+        "at_office" => Msg::StAtOffice,
+        "in_transit" => Msg::StInTransit,
+        "collected" => Msg::StCollected,
+        "voided" => Msg::StVoided,
+        "cancelled" => Msg::StCancelled,
+        _ => return None,
+    })
 }
 
 /// "job J sent back to S as job N".
@@ -566,6 +612,15 @@ mod tests {
                 "{m:?}: {en:?} is not English"
             );
         }
+    }
+
+    #[test]
+    fn every_application_state_has_a_name() {
+        for state in cardpipe_common::domain::state::ALL_STATES {
+            let m = state_name(state.as_str()).unwrap_or_else(|| panic!("{state:?}"));
+            assert_eq!(m.text(Lang::En), state.as_str());
+        }
+        assert_eq!(state_name("no_such_state"), None);
     }
 
     #[test]

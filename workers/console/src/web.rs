@@ -629,7 +629,7 @@ async fn overview(State(st): State<ConsoleState>, ui: Ui, headers: HeaderMap) ->
         .states
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| vec![state_code(s.as_str()), lang.num(n).render()])
+        .map(|(s, n)| vec![state(lang, s.as_str()), lang.num(n).render()])
         .collect();
     let queue_rows: Vec<Vec<Markup>> = o
         .queues
@@ -647,7 +647,7 @@ async fn overview(State(st): State<ConsoleState>, ui: Ui, headers: HeaderMap) ->
     let throughput_rows: Vec<Vec<Markup>> = o
         .throughput_last_hour
         .iter()
-        .map(|(s, n)| vec![state_code(s), lang.num(n).render()])
+        .map(|(s, n)| vec![state(lang, s), lang.num(n).render()])
         .collect();
     let body = html! {
         h1 { (ui.t(Msg::PipelineOverview)) }
@@ -684,6 +684,17 @@ fn state_code(code: &str) -> Markup {
     html! { code dir="ltr" { (code) } }
 }
 
+/// An application state: in English its stored name (as everywhere else), in Persian its
+/// Persian name with the stored name after it.
+pub(crate) fn state(lang: Lang, code: &str) -> Markup {
+    match (lang, i18n::state_name(code)) {
+        (Lang::Fa, Some(m)) => html! {
+            span class="state" { (m.text(lang)) } " " code dir="ltr" class="muted" { (code) }
+        },
+        _ => state_code(code),
+    }
+}
+
 fn batch_table(lang: Lang, batches: &[data::BatchProgress]) -> Markup {
     let rows: Vec<Vec<Markup>> = batches
         .iter()
@@ -693,7 +704,7 @@ fn batch_table(lang: Lang, batches: &[data::BatchProgress]) -> Markup {
                     a href=(format!("/console/batches/{}", url(&b.id))) class="batch-link" dir="ltr" { (b.id) }
                 },
                 ltr(&b.client),
-                state_code(&b.state),
+                state(lang, &b.state),
                 state_code(&b.priority),
                 lang.num(b.records).render(),
                 lang.num(b.accepted).render(),
@@ -743,15 +754,15 @@ async fn batch(
     let state_rows: Vec<Vec<Markup>> = b
         .states
         .iter()
-        .map(|(s, n)| vec![state_code(s), lang.num(n).render()])
+        .map(|(s, n)| vec![state(lang, s), lang.num(n).render()])
         .collect();
     let app_rows: Vec<Vec<Markup>> = apps
         .iter()
-        .map(|(id, reg, state, at)| {
+        .map(|(id, reg, st, at)| {
             vec![
                 html! { a href=(format!("/console/applications/{}", url(id))) dir="ltr" { (id) } },
                 ltr(reg),
-                state_code(state),
+                state(lang, st),
                 lang.stored_time(at).render(),
             ]
         })
@@ -855,7 +866,7 @@ async fn application(
         vec![t(Msg::RegistryId).render(), ltr(&v.app.registry_id)],
         vec![
             t(Msg::State).render(),
-            html! { strong id="app-state" dir="ltr" { (v.app.state.as_str()) } },
+            html! { strong id="app-state" { (state(lang, v.app.state.as_str())) } },
         ],
         vec![
             t(Msg::Name).render(),
@@ -892,8 +903,8 @@ async fn application(
             vec![
                 lang.datetime(h.at).render(),
                 h.from_state
-                    .map_or("—".render(), |s| state_code(s.as_str())),
-                state_code(h.to_state.as_str()),
+                    .map_or("—".render(), |s| state(lang, s.as_str())),
+                state(lang, h.to_state.as_str()),
                 state_code(&h.stage),
                 lang.num(h.attempt).render(),
                 ltr(&h.actor),
@@ -1072,7 +1083,7 @@ async fn adjudication(
         h1 { (t(Msg::PossibleDuplicate)) " " code dir="ltr" { (id) } }
         (flash(f.ok.as_deref(), f.error.as_deref()))
         p {
-            (t(Msg::State)) ": " strong id="adj-state" dir="ltr" { (app.state.as_str()) } " · "
+            (t(Msg::State)) ": " strong id="adj-state" { (state(lang, app.state.as_str())) } " · "
             a href=(format!("/console/applications/{here}")) { (t(Msg::ApplicationDetail)) }
         }
         @for (c, applicant_name, candidate_name) in &shown {
@@ -1392,7 +1403,7 @@ async fn parked_action(
         "fail" => actions::parked_fail(&st.services, &s.operator, &job, &f.reason)
             .await
             .map(|to| i18n::job_failed(ui.lang, &job, to.as_str())),
-        _ => return StatusCode::NOT_FOUND.into_response(),
+        _ => return page_not_found(ui).await,
     };
     match outcome {
         Ok(m) => back("/console/parked", Ok(m)),
@@ -1419,7 +1430,7 @@ async fn dead_letter_action(
         "discard" => actions::dead_letter_discard(&st.services, &s.operator, seq, &f.reason)
             .await
             .map(|d| i18n::dead_letter_done(ui.lang, seq, &d.topic, &d.subject, false)),
-        _ => return StatusCode::NOT_FOUND.into_response(),
+        _ => return page_not_found(ui).await,
     };
     match outcome {
         Ok(m) => back("/console/parked", Ok(m)),
