@@ -852,6 +852,47 @@ async fn console_in_persian_and_english_with_the_dashboard() {
         404
     );
 
+    // A refusal (403) and an action's error in Persian: an operator may not read the audit
+    // log; a CSRF-less form is refused with the Persian "form expired" page.
+    auth::add_operator(
+        &services,
+        "parisa",
+        Role::Operator,
+        "operator-password-2",
+        ("admin", "supervisor"),
+    )
+    .await
+    .unwrap();
+    let op = persian_client();
+    let (at, _) = login(&op, &base, "parisa", "operator-password-2").await;
+    assert!(at.ends_with("/console/"), "{at}");
+    let (status, body) = page(&op, &format!("{base}/console/audit")).await;
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("مجاز نیست") && body.contains("نقش شما اجازهٔ این کار را ندارد"),
+        "{body}"
+    );
+    let (status, _, body) = post(
+        &op,
+        &format!("{base}/console/parked/no-such-job/retry"),
+        &[("csrf", "forged")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(body.contains("فرم منقضی شده است"), "{body}");
+    let (_, parked) = page(&op, &format!("{base}/console/parked")).await;
+    let (_, at, body) = post(
+        &op,
+        &format!("{base}/console/parked/no-such-job/retry"),
+        &[("csrf", &csrf_of(&parked))],
+    )
+    .await;
+    assert!(at.contains("error="), "{at}");
+    assert!(
+        body.contains("پیدا نشد (جزئیات: no parked job no-such-job)"),
+        "{body}"
+    );
+
     // The dashboard needs a session.
     let res = persian_client()
         .get(format!("{base}/console/dashboard"))
