@@ -174,21 +174,23 @@ pub fn render(lang: Lang, d: &Dashboard) -> Markup {
     }
 }
 
-/// Colours for the states, in pipeline order (and grey for anything else).
-const PALETTE: [&str; 12] = [
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-    "#9c755f", "#2f4b7c", "#a05195", "#665191",
+/// Colours for the states, one each, in pipeline order (and grey for anything else).
+const PALETTE: [&str; 19] = [
+    "#4e79a7", "#9c9c9c", "#f28e2b", "#59a14f", "#e15759", "#7b1e1e", "#76b7b2", "#edc948",
+    "#b07aa1", "#2f4b7c", "#d4a6c8", "#ff9da7", "#9c755f", "#86bcb6", "#1b7837", "#f1ce63",
+    "#3a3a98", "#bab0ac", "#555555",
 ];
 
 fn state_colour(state: &str) -> &'static str {
     ALL_STATES
         .iter()
         .position(|s| s.as_str() == state)
-        .map_or("#8c8c8c", |i| PALETTE[i % PALETTE.len()])
+        .and_then(|i| PALETTE.get(i).copied())
+        .unwrap_or("#8c8c8c")
 }
 
-/// Escapes text for SVG (the chart is assembled as text, then escaped as a whole by nothing:
-/// every piece of text goes through here).
+/// Escapes text for SVG: the chart is assembled as text, so every piece of text from data or
+/// from the message table goes through here.
 fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -611,6 +613,16 @@ mod tests {
         assert!(out.contains("id=\"no-changes\""));
         assert!(out.contains("id=\"no-cards\""));
         assert!(out.contains("id=\"no-queues\""));
+    }
+
+    #[test]
+    fn every_state_has_its_own_colour() {
+        let colours: std::collections::BTreeSet<&str> = ALL_STATES
+            .iter()
+            .map(|s| state_colour(s.as_str()))
+            .collect();
+        assert_eq!(colours.len(), ALL_STATES.len());
+        assert_eq!(state_colour("not_a_state"), "#8c8c8c");
     }
 
     #[test]
