@@ -426,6 +426,19 @@ impl LoadedConfig {
         Self::load(self.file.as_deref())
     }
 
+    /// Sets the text at the dotted `key` to `value` where every layer leaves it empty: the
+    /// demo's own defaults (e.g. its SMS outbox file), which a configured value overrides.
+    pub fn default_if_empty(&mut self, key: &str, value: &str) {
+        let current = self
+            .figment
+            .extract_inner::<String>(key)
+            .unwrap_or_default();
+        if current.is_empty() {
+            self.figment = std::mem::replace(&mut self.figment, Figment::new())
+                .merge(figment::providers::Serialized::default(key, value));
+        }
+    }
+
     /// Reads a stage crate's own section (`[registry]`, `[dedup]`, ...);
     /// errors name the key and its source like every other.
     pub fn section<T: serde::de::DeserializeOwned>(

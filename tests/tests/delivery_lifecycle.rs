@@ -1394,7 +1394,12 @@ async fn unsent_messages_go_out_when_a_gateway_comes(mode: Mode) {
     )
     .unwrap();
     let text = line["text"].as_str().unwrap();
-    assert_eq!(line["to"], "09120000021");
+    // Masked: the operator prefix and the last two digits, the name by its initials.
+    assert_eq!(line["to"], "0912•••••21");
+    assert!(
+        text.contains("م. ا.") && !text.contains("مریم"),
+        "the name by its initials: {text}"
+    );
     assert!(
         text.contains("کارت ملی قبلی"),
         "group 3 brings the previous card: {text}"

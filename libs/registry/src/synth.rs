@@ -231,6 +231,7 @@ struct Person {
 /// Produces records one by one.
 pub struct Generator {
     spec: SynthSpec,
+    population: PopulationSpec,
     pool: Vec<Person>,
     /// (position among emitted lines, bad kind) planned for bad mode.
     plan: Vec<(usize, BadKind)>,
@@ -288,7 +289,22 @@ impl Generator {
         } else {
             Vec::new()
         };
-        Self { spec, pool, plan }
+        Self {
+            spec,
+            population,
+            pool,
+            plan,
+        }
+    }
+
+    /// A fresh impression of finger `position` (1–10) of valid record `i`'s person, as a
+    /// live scanner at a pickup office would capture it (another session than the enrolled
+    /// templates; `session` > 0 picks which). ISO/IEC 19794-2 bytes.
+    pub fn live_impression(&self, i: usize, position: u8, session: u64) -> Vec<u8> {
+        let person = (i % self.pool.len()) as u64;
+        let mut prints = self.population.impressions(person, 1_000_000_007 + session);
+        let index = usize::from(position.clamp(1, 10)) - 1;
+        prints.swap_remove(index)
     }
 
     /// Lines this generator emits.

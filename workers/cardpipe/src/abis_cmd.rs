@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cardpipe_common::backends;
-use cardpipe_common::clock::{Clock, SystemClock};
+use cardpipe_common::clock::{self, Clock};
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::telemetry;
 use cardpipe_dedup::mosip::{self, MosipAbis, config::AbisConfig};
@@ -42,7 +42,7 @@ async fn serve(loaded: LoadedConfig) -> anyhow::Result<()> {
         pipeline.telemetry.log_format,
         &pipeline.telemetry.log_filter,
     );
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = clock::for_data_dir(&pipeline.data_dir)?;
     let services = backends::connect(pipeline, clock.clone()).await?;
     let holder = format!("abis-serve:{}:{}", std::process::id(), uuid::Uuid::new_v4());
     take_lease(&services, &holder).await?;

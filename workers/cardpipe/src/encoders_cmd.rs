@@ -146,15 +146,27 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
     let sim = tokio::task::spawn_blocking(move || Simulation::start(sim_cfg)).await??;
     sim.auto_feed(stock);
     match sim.pcscd_pid() {
-        Some(pid) => println!("{} virtual encoders up (pcscd process {pid}):", args.count),
-        None => println!("{} virtual encoders up (the system's pcscd):", args.count),
+        Some(pid) => println!(
+            "{} virtual encoder{} up (pcscd process {pid}):",
+            args.count,
+            if args.count == 1 { "" } else { "s" }
+        ),
+        None => println!(
+            "{} virtual encoder{} up (the system's pcscd):",
+            args.count,
+            if args.count == 1 { "" } else { "s" }
+        ),
     }
     for r in sim.readers() {
         println!("  {r}");
     }
     if let Some(line) = sim.line() {
         let addr = line.serve(args.line_listen)?;
-        println!("{} QC stations on the line:", sim.stations().len());
+        let n = sim.stations().len();
+        println!(
+            "{n} QC station{} on the line:",
+            if n == 1 { "" } else { "s" }
+        );
         for s in sim.stations() {
             println!("  {}", s.reader);
         }

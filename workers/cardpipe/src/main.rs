@@ -69,6 +69,11 @@ enum Command {
         /// Seed of the generated batch; the same seed resumes the same batch after a restart.
         #[arg(long, default_value_t = 1, requires = "demo")]
         demo_seed: u64,
+        /// Speed of the demo's calendar once the batch is packed: simulated days per real
+        /// second while it plays the cards' life (dispatch at the cut-off, office receipt,
+        /// handovers, reminders, the six-month voiding). 0 stops the demo at packing.
+        #[arg(long, default_value_t = 10.0, requires = "demo", value_name = "DAYS")]
+        days_per_second: f64,
     },
     /// Run one stage (for distributed deployment; run any number of replicas).
     Worker {
@@ -283,7 +288,7 @@ fn report(errors: &[cardpipe_common::config::ConfigError]) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match load(cli.config.as_deref()) {
+    let mut loaded = match load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
@@ -314,10 +319,26 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { demo, demo_seed } => {
+            Command::Run {
+                demo,
+                demo_seed,
+                days_per_second,
+            } => {
+                if !(days_per_second.is_finite() && (0.0..=1000.0).contains(&days_per_second)) {
+                    anyhow::bail!(
+                        "--days-per-second must be between 0 (no card life) and 1000, not {days_per_second}"
+                    );
+                }
+                if demo.is_some() {
+                    // The citizens' messages of the demo's card life, readable without a
+                    // gateway (names and mobile numbers masked).
+                    let outbox = loaded.config.data_dir.join(demo::SMS_OUTBOX);
+                    loaded.default_if_empty("delivery.sms.log_file", &outbox.to_string_lossy());
+                }
                 let demo = demo.map(|records| demo::DemoSpec {
                     records,
                     seed: demo_seed,
+                    days_per_second,
                     console_url: format!("http://{}/", loaded.config.http.listen),
                 });
                 let names = stages::names(&loaded);

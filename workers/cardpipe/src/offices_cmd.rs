@@ -4,7 +4,7 @@
 //! digest. Adding and revoking need `--as LOGIN` of a console supervisor and are audited.
 
 use cardpipe_common::backends;
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::clock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_delivery::clients;
 use clap::Subcommand;
@@ -52,7 +52,11 @@ pub enum ClientsCommand {
 
 /// Runs `cardpipe offices`.
 pub async fn run(loaded: LoadedConfig, command: OfficesCommand) -> anyhow::Result<()> {
-    let services = backends::connect(&loaded.config, std::sync::Arc::new(SystemClock)).await?;
+    let services = backends::connect(
+        &loaded.config,
+        clock::for_data_dir(&loaded.config.data_dir)?,
+    )
+    .await?;
     let OfficesCommand::Clients { command } = command;
     let supervisor = |login: String| {
         let services = services.clone();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cardpipe_common::audit;
 use cardpipe_common::backends;
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::clock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::runtime::Services;
 use cardpipe_common::runtime::parked;
@@ -311,7 +311,11 @@ pub enum EncoderAction {
 
 async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
     // Quiet logs: the tables are the output.
-    backends::connect(&loaded.config, std::sync::Arc::new(SystemClock)).await
+    backends::connect(
+        &loaded.config,
+        clock::for_data_dir(&loaded.config.data_dir)?,
+    )
+    .await
 }
 
 fn new_table(headers: &[&str]) -> Table {

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cardpipe_common::backends;
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::clock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_keys::ops::{self, RotationOutcome};
 use cardpipe_pki::settings::{KeystoreKind, Pki, PkiConfig};
@@ -64,7 +64,7 @@ async fn open(
     loaded: &LoadedConfig,
 ) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
     let config = &loaded.config;
-    let services = backends::connect(config, Arc::new(SystemClock)).await?;
+    let services = backends::connect(config, clock::for_data_dir(&config.data_dir)?).await?;
     let pki = cardpipe_pki::settings::open_loaded(loaded)?;
     Ok((services, pki))
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cardpipe_common::backends;
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::clock::{self, Clock, ShiftedClock};
 use cardpipe_common::config::{LoadedConfig, PipelineConfig};
 use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::domain::state::ALL_STATES;
@@ -82,7 +82,27 @@ pub async fn run(
     } else {
         telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
     }
-    let services = backends::connect(config, Arc::new(SystemClock)).await?;
+    // The demo plays months of card life on an accelerated calendar: a clock it moves ahead,
+    // saved in the data dir so every later process there reads the same calendar.
+    let demo_clock = match &demo {
+        Some(_) => Some(ShiftedClock::in_data_dir(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the demo clock in {}: {e}",
+                config.data_dir.display()
+            )
+        })?),
+        None => None,
+    };
+    let clock: Arc<dyn Clock> = match &demo_clock {
+        Some(shifted) => Arc::new(shifted.clone()),
+        None => clock::for_data_dir(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the demo clock in {}: {e}",
+                config.data_dir.display()
+            )
+        })?,
+    };
+    let services = backends::connect(config, clock).await?;
     tracing::info!(
         store = %describe_store(config),
         broker = services.broker.kind(),
@@ -175,9 +195,17 @@ pub async fn run(
     let demo_task = demo.map(|spec| {
         let (services, stop) = (services.clone(), demo_stop.clone());
         let registry = cardpipe_registry::config::load(&loaded);
+        let life = match (&demo_clock, ctx.delivery()) {
+            (Some(clock), Ok(delivery)) => Some(crate::demo::CardLife {
+                clock: clock.clone(),
+                delivery,
+            }),
+            _ => None,
+        };
         tokio::spawn(async move {
             if let Err(err) =
-                async { crate::demo::run(services, registry?, spec, resting, stop).await }.await
+                async { crate::demo::run(services, registry?, spec, resting, life, stop).await }
+                    .await
             {
                 eprintln!("demo: {err:#}");
             }

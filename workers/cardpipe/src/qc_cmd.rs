@@ -5,10 +5,8 @@
 //! operator HTTP API): `--operator` must be an enabled console operator (`cardpipe operators
 //! list`) who may act; the destruction witness and reprints need a supervisor.
 
-use std::sync::Arc;
-
 use cardpipe_common::backends;
-use cardpipe_common::clock::SystemClock;
+use cardpipe_common::clock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_common::domain::ApplicationId;
 use cardpipe_common::runtime::Services;
@@ -116,7 +114,11 @@ pub struct BenchQcArgs {
 }
 
 async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
-    let services = backends::connect(&loaded.config, Arc::new(SystemClock)).await?;
+    let services = backends::connect(
+        &loaded.config,
+        clock::for_data_dir(&loaded.config.data_dir)?,
+    )
+    .await?;
     Ok(services)
 }
 

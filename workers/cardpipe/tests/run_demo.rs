@@ -1,7 +1,9 @@
 //! The README's run command, as a newcomer runs it: `cardpipe run --demo N` on embedded
 //! defaults in an empty directory carries a generated batch through every stage, serves
-//! /healthz and /metrics, stops cleanly on SIGTERM, and a second start resumes the same batch
-//! instead of submitting it again.
+//! /healthz and /metrics, plays the card life on its accelerated calendar (cards collected,
+//! cards voided and their certificates revoked, Persian messages in the SMS outbox file),
+//! stops cleanly on SIGTERM, and a second start resumes the same batch instead of submitting
+//! it again.
 
 use std::time::Duration;
 
@@ -43,7 +45,36 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
     );
     let received = run.wait_for("demo: batch", Duration::from_secs(120));
     assert!(received.contains("received:"), "{received}");
-    run.wait_for("demo: done", Duration::from_secs(240));
+    run.wait_for("demo: done", Duration::from_secs(420));
+    // The whole card life on the accelerated calendar: dispatch, office receipt with the one
+    // planted discrepancy, handovers with a refused attempt, messages, six-month voiding.
+    let said = run.stderr_so_far();
+    for needle in [
+        "(1 card reported missing by its office",
+        "attempts refused",
+        "demo: after the card life",
+        "certificates of the voided cards revoked; CRL number",
+        "sms-outbox.ndjson",
+    ] {
+        assert!(said.contains(needle), "{needle:?} not in:\n{said}");
+    }
+    let outbox = std::fs::read_to_string(dir.path().join("var/sms-outbox.ndjson")).unwrap();
+    let messages: Vec<serde_json::Value> = outbox
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["text"].as_str().unwrap().contains("باطل شد")),
+        "a voiding notice in Persian: {outbox}"
+    );
+    assert!(
+        messages
+            .iter()
+            .all(|m| m["to"].as_str().unwrap().contains('•')),
+        "mobile numbers masked: {outbox}"
+    );
 
     let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
         .await
@@ -90,6 +121,10 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
             "applications left in flight in {state}: {states:?}"
         );
     }
+    // The summary's two ends of the card life: cards collected and cards voided.
+    for end in ["collected", "voided"] {
+        assert!(states.iter().any(|(s, n)| s == end && *n > 0), "{states:?}");
+    }
     // The planted re-enrolment is caught by deduplication.
     assert!(
         states
@@ -108,7 +143,7 @@ async fn the_readme_run_command_carries_a_generated_batch_through_every_stage() 
     );
     let line = again.wait_for("demo: batch", Duration::from_secs(120));
     assert!(line.contains("already received"), "{line}");
-    again.wait_for("demo: done", Duration::from_secs(240));
+    again.wait_for("demo: done", Duration::from_secs(420));
     assert!(again.terminate().success());
     assert_eq!(per_state(dir.path()).await, states);
 }

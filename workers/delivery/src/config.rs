@@ -120,9 +120,12 @@ pub struct SmsConfig {
     pub timeout_secs: u64,
     /// Without a gateway (`url` empty): append each message to this file (NDJSON), so its
     /// text can be read and sent by other means; the message stays `unsent` and goes out
-    /// when a gateway is configured. It holds citizens' names and mobile numbers in clear:
-    /// for development and the demo, never on a production machine. Empty: no file.
+    /// when a gateway is configured. Names and mobile numbers are masked in it unless
+    /// `log_personal_data`. Empty: no file.
     pub log_file: String,
+    /// Write names and mobile numbers to `log_file` in clear (to send them by other means):
+    /// for development only, never on a production machine.
+    pub log_personal_data: bool,
 }
 
 impl std::fmt::Debug for SmsConfig {
@@ -144,6 +147,7 @@ impl Default for SmsConfig {
             max_attempts: 8,
             timeout_secs: 10,
             log_file: String::new(),
+            log_personal_data: false,
         }
     }
 }

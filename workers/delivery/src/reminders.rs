@@ -517,11 +517,15 @@ impl SmsSink {
         Ok(())
     }
 
+    /// The message's recipient and text. `masked` (the no-gateway log file, unless
+    /// `log_personal_data`): the name by its initials and the mobile number by its operator
+    /// prefix and last two digits, so the file holds no personal data in clear.
     async fn text(
         &self,
         app: &ApplicationId,
         kind: &str,
         office_code: &str,
+        masked: bool,
     ) -> anyhow::Result<(String, String)> {
         let record = records::load_record(&self.services, app).await?;
         let office = offices::get(&self.services.store, office_code)
@@ -558,7 +562,15 @@ impl SmsSink {
             &[
                 (
                     "name",
-                    format!("{} {}", record.first_name, record.last_name),
+                    if masked {
+                        format!(
+                            "{} {}",
+                            initial(&record.first_name),
+                            initial(&record.last_name)
+                        )
+                    } else {
+                        format!("{} {}", record.first_name, record.last_name)
+                    },
                 ),
                 ("office_name", office.name.clone()),
                 ("office_address", office.address.clone()),
@@ -575,8 +587,40 @@ impl SmsSink {
                 ("double_issuance", rial(fees::issuance_due(true))),
             ],
         );
-        Ok((record.mobile, text))
+        let to = if masked {
+            masked_mobile(&record.mobile)
+        } else {
+            record.mobile
+        };
+        Ok((to, text))
     }
+}
+
+/// A name by its first letter: `علی` → `ع.`.
+fn initial(name: &str) -> String {
+    name.chars()
+        .find(|c| c.is_alphabetic())
+        .map(|c| format!("{c}."))
+        .unwrap_or_default()
+}
+
+/// A mobile number by its operator prefix and last two digits: `09121234567` → `0912•••••67`.
+fn masked_mobile(mobile: &str) -> String {
+    let chars: Vec<char> = mobile.chars().collect();
+    if chars.len() < 8 {
+        return "•".repeat(chars.len());
+    }
+    chars
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if i < 4 || i + 2 >= chars.len() {
+                *c
+            } else {
+                '•'
+            }
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -649,7 +693,8 @@ impl OutboxSink for SmsSink {
         if sms.url.is_empty() {
             let mut why = "no SMS gateway configured ([delivery.sms] url)".to_owned();
             if !sms.log_file.is_empty() {
-                let (mobile, text) = self.text(&app, &kind, &office).await?;
+                let masked = !sms.log_personal_data;
+                let (mobile, text) = self.text(&app, &kind, &office, masked).await?;
                 append_to_log(
                     &sms.log_file,
                     &payload.reminder_id,
@@ -665,7 +710,7 @@ impl OutboxSink for SmsSink {
             self.delivery.metrics.sms_held(metric, "unconfigured");
             return Ok(());
         }
-        let (mobile, text) = self.text(&app, &kind, &office).await?;
+        let (mobile, text) = self.text(&app, &kind, &office, false).await?;
         let body = render(
             &sms.body_template,
             &[
@@ -759,5 +804,13 @@ mod tests {
         assert_eq!(json_escaped("a\"b\n"), "a\\\"b\\n");
         assert_eq!(label("arrival:TEH-001"), "ready_for_pickup");
         assert_eq!(label("after_30d"), "reminder");
+    }
+
+    #[test]
+    fn the_log_file_masks_names_and_mobile_numbers() {
+        assert_eq!(initial("علی"), "ع.");
+        assert_eq!(initial(""), "");
+        assert_eq!(masked_mobile("09121234567"), "0912•••••67");
+        assert_eq!(masked_mobile("12345"), "•••••");
     }
 }

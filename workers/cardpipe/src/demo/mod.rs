@@ -15,6 +15,12 @@
 //! state. When everything rests (or nothing has moved for a while), the demo prints the
 //! final counts and leaves the process serving the console and API until ctrl-c.
 //!
+//! Then, unless `--days-per-second 0`, the demo plays the cards' life on an accelerated
+//! calendar ([`life`]): dispatch at the cut-off, office receipt with one planted
+//! discrepancy, handovers with live fingerprints (one refused attempt), reminders, and the
+//! six-month voiding of the uncollected cards with revocation and CRL; it closes with the
+//! count per state.
+//!
 //! The idempotency key is derived from the seed, so restarting `cardpipe run --demo` after a
 //! crash or ctrl-c resumes the same batch instead of submitting a second one.
 
@@ -31,6 +37,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
+mod life;
+
+pub use life::CardLife;
+
+/// The file in the data dir the demo's citizen messages are written to without an SMS
+/// gateway (`[delivery.sms] log_file`, names and mobile numbers masked).
+pub const SMS_OUTBOX: &str = "sms-outbox.ndjson";
+
 /// The registry client name the demo submits as.
 pub const DEMO_CLIENT: &str = "demo-registry";
 
@@ -41,6 +55,8 @@ pub struct DemoSpec {
     pub records: usize,
     /// Generator seed; the same seed resumes the same batch.
     pub seed: u64,
+    /// Simulated days per real second of the card life (0: stop at packing).
+    pub days_per_second: f64,
     /// Where the console is, for the closing message.
     pub console_url: String,
 }
@@ -60,6 +76,7 @@ pub async fn run(
     registry: RegistryConfig,
     spec: DemoSpec,
     resting: Vec<ApplicationState>,
+    life: Option<CardLife>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let today = intake::tehran_today(services.clock.now());
@@ -80,6 +97,7 @@ pub async fn run(
     );
     let generator = std::sync::Arc::new(Generator::new(synth));
     let lines = generator.total_lines();
+    let live = generator.clone();
     let body = futures::stream::iter((0..lines).map(move |n| {
         let (mut line, _) = generator.line(n);
         line.push('\n');
@@ -157,6 +175,28 @@ pub async fn run(
         &stop,
     )
     .await?;
+    if let Some(life) = life.filter(|_| spec.days_per_second > 0.0)
+        && !stop.is_cancelled()
+    {
+        let played = life::play(
+            &services,
+            &life,
+            &live,
+            &report.batch_id,
+            spec.days_per_second,
+            &stop,
+        )
+        .await?;
+        eprintln!(
+            "demo: card life: {} days played; {} boxes received ({} card reported missing by its office: an open discrepancy in the console), {} cards handed over after a live fingerprint check ({} attempts refused: a wrong finger or a poor capture)",
+            played.days,
+            played.boxes_received,
+            played.reported_missing,
+            played.handovers,
+            played.refused_attempts
+        );
+        closing_summary(&services, &life, &report.batch_id, &stop).await?;
+    }
     eprintln!(
         "demo: done. The console is at {} ; the process keeps serving until ctrl-c.",
         spec.console_url
@@ -191,6 +231,124 @@ async fn parked(services: &Services, batch_id: &str) -> anyhow::Result<i64> {
     .fetch_one(services.store.pool())
     .await?;
     Ok(row.try_get("n")?)
+}
+
+/// The closing lines: the count per state and what the calendar produced.
+async fn closing_summary(
+    services: &Services,
+    life: &CardLife,
+    batch_id: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    eprintln!("demo: after the card life, applications per state:");
+    for (state, n) in counts(services, batch_id).await? {
+        eprintln!("  {state:<20} {n:>7}");
+    }
+    // The last messages (the voiding notices) leave through the outbox relay: let them go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
+        let pending: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM delivery_reminders r
+             JOIN applications a ON a.id = r.application_id
+             WHERE a.batch_id = $1 AND r.state = 'pending'",
+        )
+        .bind(batch_id)
+        .fetch_one(services.store.pool())
+        .await?
+        .try_get("n")?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let reminders = sqlx::query(
+        "SELECT r.kind, COUNT(*) AS n FROM delivery_reminders r
+         JOIN applications a ON a.id = r.application_id
+         WHERE a.batch_id = $1 GROUP BY r.kind ORDER BY r.kind",
+    )
+    .bind(batch_id)
+    .fetch_all(services.store.pool())
+    .await?;
+    // Arrival messages are kinded per office ("arrival:TEH-001"): counted together.
+    let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+    for r in &reminders {
+        let kind: String = r.try_get("kind")?;
+        let kind = kind.split(':').next().unwrap_or_default().to_owned();
+        *by_kind.entry(kind).or_default() += r.try_get::<i64, _>("n")?;
+    }
+    let said: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    eprintln!(
+        "demo: citizen messages: {}",
+        if said.is_empty() {
+            "none".into()
+        } else {
+            said.join(" · ")
+        }
+    );
+    let sms = &life.delivery.cfg.sms;
+    if sms.url.is_empty() && !sms.log_file.is_empty() {
+        eprintln!(
+            "demo: no SMS gateway: their Persian texts are in {} (names and mobile numbers masked)",
+            sms.log_file
+        );
+    }
+    revocations_summary(services, batch_id, stop).await
+}
+
+/// The voided cards' certificates revoked, and the CRL that lists them: the CA revokes and
+/// publishes on its own (through the outbox and its CRL loop), so this waits for it a little.
+async fn revocations_summary(
+    services: &Services,
+    batch_id: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = sqlx::query(
+            "SELECT
+               SUM(CASE WHEN c.status = 'revoked' THEN 1 ELSE 0 END) AS revoked,
+               SUM(CASE WHEN c.status <> 'revoked' THEN 1 ELSE 0 END) AS pending
+             FROM certificates c JOIN applications a ON a.id = c.application_id
+             WHERE a.batch_id = $1 AND a.state = 'voided'",
+        )
+        .bind(batch_id)
+        .fetch_one(services.store.pool())
+        .await?;
+        let revoked = row.try_get::<Option<i64>, _>("revoked")?.unwrap_or(0);
+        let pending = row.try_get::<Option<i64>, _>("pending")?.unwrap_or(0);
+        let latest = sqlx::query(
+            "SELECT number, revoked_count, object_key FROM crl_state ORDER BY number DESC LIMIT 1",
+        )
+        .fetch_optional(services.store.pool())
+        .await?;
+        let listed = match &latest {
+            Some(row) => row.try_get::<i64, _>("revoked_count")? >= revoked,
+            None => false,
+        };
+        let settled = revoked + pending == 0 || (pending == 0 && listed);
+        if settled || tokio::time::Instant::now() >= deadline || stop.is_cancelled() {
+            if revoked + pending == 0 {
+                return Ok(());
+            }
+            let crl = match latest {
+                Some(row) => format!(
+                    "CRL number {} lists {} revoked certificates ({})",
+                    row.try_get::<i64, _>("number")?,
+                    row.try_get::<i64, _>("revoked_count")?,
+                    row.try_get::<String, _>("object_key")?
+                ),
+                None => "no CRL published yet".into(),
+            };
+            let waiting = if pending > 0 {
+                format!(" ({pending} still waiting for the CA)")
+            } else {
+                String::new()
+            };
+            eprintln!("demo: {revoked} certificates of the voided cards revoked{waiting}; {crl}");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn summary(counts: &BTreeMap<String, i64>) -> String {
