@@ -127,6 +127,30 @@ impl std::fmt::Debug for FileKeyStore {
     }
 }
 
+/// Holds an exclusive lock on `<keystore>.lock` (a sibling file, so the atomic rename of the
+/// keystore itself never drops it) for a read-modify-write of the file: processes sharing one
+/// data_dir — `serve` and `cardpipe worker`s on one machine — add keys to the same file
+/// without losing each other's. Released when the returned file is dropped.
+fn lock(keystore: &Path) -> Result<fs::File> {
+    let path = keystore.with_extension("lock");
+    let io = |source| KeysError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?
+    };
+    file.lock().map_err(io)?;
+    Ok(file)
+}
+
 fn derive_key(passphrase: &SecretString, salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>> {
     if !(10..=22).contains(&p.log_n) || p.r == 0 || p.p == 0 {
         return Err(KeysError::Format("scrypt parameters out of range".into()));
@@ -292,6 +316,9 @@ impl FileKeyStore {
         params: KdfParams,
     ) -> Result<Self> {
         let path = path.into();
+        // Under the keystore's lock: processes starting together in one data_dir must not
+        // each create (and rename over one another) a keystore of their own.
+        let _locked = lock(&path)?;
         if path.exists() {
             Self::open(path, passphrase)
         } else {
@@ -302,6 +329,56 @@ impl FileKeyStore {
     /// The file this keystore lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn lock_file(&self) -> Result<fs::File> {
+        lock(&self.path)
+    }
+
+    /// Re-reads the file and takes in the keys another process added since this one read it
+    /// (the file only grows: keys are never removed from it).
+    fn reload(&self, inner: &mut Inner) -> Result<()> {
+        let text = fs::read_to_string(&self.path).map_err(|source| KeysError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let file: KeystoreFile = serde_json::from_str(&text)
+            .map_err(|e| KeysError::Format(format!("{}: {e}", self.path.display())))?;
+        if file.kdf.salt != self.kdf.salt {
+            return Err(KeysError::Format(format!(
+                "{}: replaced by another keystore while open",
+                self.path.display()
+            )));
+        }
+        for entry in &file.keys {
+            if inner.keys.contains_key(&entry.label) {
+                continue;
+            }
+            let scalar = open_sealed(
+                &self.key,
+                &entry_aad(&entry.label, &entry.public_key),
+                &entry.sealed,
+            )?;
+            let ec = key_from_scalar(&scalar, &entry.public_key)?;
+            inner.keys.insert(entry.label.clone(), ec);
+            inner.entries.push(entry.clone());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the in-memory keys, re-reading the file once if `f` misses a key another
+    /// process may have added.
+    fn with_reload<T>(&self, f: impl Fn(&Inner) -> Result<T>) -> Result<T> {
+        {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            match f(&inner) {
+                Err(KeysError::KeyNotFound(_)) => {}
+                other => return other,
+            }
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        self.reload(&mut inner)?;
+        f(&inner)
     }
 
     /// Writes the whole file to a sibling temp file, fsyncs it and renames it over the
@@ -353,6 +430,8 @@ impl CaKeyStore for FileKeyStore {
             return Err(KeysError::Invalid("empty key label".into()));
         }
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let _locked = self.lock_file()?;
+        self.reload(&mut inner)?;
         if inner.keys.contains_key(label) {
             return Err(KeysError::KeyExists(label.to_owned()));
         }
@@ -374,26 +453,29 @@ impl CaKeyStore for FileKeyStore {
     }
 
     fn public_key(&self, label: &str) -> Result<PublicKey> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .entries
-            .iter()
-            .find(|e| e.label == label)
-            .map(|e| e.public_key.clone())
-            .ok_or_else(|| KeysError::KeyNotFound(label.to_owned()))
+        self.with_reload(|inner| {
+            inner
+                .entries
+                .iter()
+                .find(|e| e.label == label)
+                .map(|e| e.public_key.clone())
+                .ok_or_else(|| KeysError::KeyNotFound(label.to_owned()))
+        })
     }
 
     fn sign_digest(&self, label: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let key = inner
-            .keys
-            .get(label)
-            .ok_or_else(|| KeysError::KeyNotFound(label.to_owned()))?;
-        Ok(EcdsaSig::sign(digest, key)?.to_der()?)
+        self.with_reload(|inner| {
+            let key = inner
+                .keys
+                .get(label)
+                .ok_or_else(|| KeysError::KeyNotFound(label.to_owned()))?;
+            Ok(EcdsaSig::sign(digest, key)?.to_der()?)
+        })
     }
 
     fn list(&self) -> Result<Vec<KeyInfo>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        self.reload(&mut inner)?;
         let mut out: Vec<KeyInfo> = inner
             .entries
             .iter()
@@ -413,6 +495,39 @@ impl CaKeyStore for FileKeyStore {
 mod tests {
     use super::*;
     use crate::pkix::sha256;
+
+    /// `serve` and the workers of one machine share a data_dir: a key one process adds is
+    /// usable at once by another that opened the file earlier, and keys added by two
+    /// processes at once are both kept.
+    #[test]
+    fn processes_sharing_the_file_see_and_keep_each_others_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.json");
+        let pass = SecretString::from("shared passphrase");
+        FileKeyStore::create(&path, &pass, KdfParams::for_tests()).unwrap();
+        let a = FileKeyStore::open(&path, &pass).unwrap();
+        let b = FileKeyStore::open(&path, &pass).unwrap();
+        let pk = a.generate("ds-from-a").unwrap();
+        let digest = sha256(b"EF.SOD");
+        let sig = b.sign_digest("ds-from-a", &digest).unwrap();
+        assert!(pk.verify_digest(&digest, &sig).unwrap());
+        assert_eq!(b.public_key("ds-from-a").unwrap(), pk);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..5 {
+                    a.generate(&format!("a-{i}")).unwrap();
+                }
+            });
+            s.spawn(|| {
+                for i in 0..5 {
+                    b.generate(&format!("b-{i}")).unwrap();
+                }
+            });
+        });
+        assert!(matches!(b.generate("a-0"), Err(KeysError::KeyExists(_))));
+        let reopened = FileKeyStore::open(&path, &pass).unwrap();
+        assert_eq!(reopened.list().unwrap().len(), 11, "no key lost");
+    }
 
     #[test]
     fn keys_survive_reopen_and_sign_verifiably() {

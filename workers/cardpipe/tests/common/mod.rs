@@ -37,13 +37,38 @@ impl Drop for Running {
 impl Running {
     /// `cardpipe <args>` in `dir` on embedded defaults, serving on `port`, with `env` set.
     pub fn start(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_reading(dir, port, args, env, false)
+    }
+
+    /// Like [`Running::start`], with standard output read too (interleaved with stderr in
+    /// [`Running::wait_for`]): for commands that print what the user needs on stdout.
+    pub fn start_reading_stdout(
+        dir: &Path,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_reading(dir, port, args, env, true)
+    }
+
+    fn start_reading(
+        dir: &Path,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: bool,
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cardpipe"));
         command
             .args(args)
             .current_dir(dir)
             .env("CARDPIPE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env_remove("CARDPIPE_CONFIG")
-            .stdout(Stdio::null())
+            .stdout(if stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
@@ -51,6 +76,14 @@ impl Running {
         let mut child = command.spawn().expect("start cardpipe");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
@@ -87,6 +120,11 @@ impl Running {
     pub fn stderr_so_far(&mut self) -> String {
         self.seen.extend(self.lines.try_iter());
         self.seen.join("\n")
+    }
+
+    /// The exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Sends a signal by name (`HUP`, `TERM`...).
