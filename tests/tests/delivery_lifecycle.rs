@@ -290,7 +290,15 @@ async fn env(mode: Mode) -> Env {
     cfg.sms.max_attempts = 4;
     let delivery = Delivery::new(&services, cfg).unwrap();
     let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
-        (Arc::new(KeysStage::new(pki.clone())), fast()),
+        // A stand-in personalizes below, so the keys stage issues the certificates itself
+        // (off-card generation): voiding has certificates to revoke.
+        (
+            Arc::new(
+                KeysStage::new(pki.clone())
+                    .with_generation(cardpipe_pki::custody::KeyOrigin::OffCard),
+            ),
+            fast(),
+        ),
         (
             Arc::new(StepStage::new(
                 "personalize",

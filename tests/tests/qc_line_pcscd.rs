@@ -252,7 +252,8 @@ fn qc_reads_cards_at_the_line_station_through_pcscd() {
                     pins: encoders.pins(),
                 };
                 let personalize =
-                    PersonalizeStage::new(farm.clone(), secrets, ScriptOptions::extended(), 6);
+                    PersonalizeStage::new(farm.clone(), secrets, ScriptOptions::extended(), 6)
+                        .with_ca(pki.clone());
                 // QC knows only the controller's address (and pcscd, through the environment).
                 let qc_config = QcConfig {
                     max_attempts: 3,

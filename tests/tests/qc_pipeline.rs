@@ -5,6 +5,10 @@
 //! (tampered DG, SOD signed by a rogue Document Signer, a key that is not the certified one,
 //! an unlocked card, a missing file), and the QC stage.
 //!
+//! The embedded batch runs with the keys generated on the chips (`[keys] generation =
+//! "on_card"`, certified during personalization), the distributed one with keys generated
+//! off the card and imported.
+//!
 //! A batch ends with every good card passed, every bad one spoiled and re-made, the wrapped
 //! keys destroyed, and the stock reconciliation balanced to the card; a reprint revokes the
 //! old certificates, recalls the card and makes a new one; destruction needs two operators.
@@ -33,6 +37,7 @@ use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_keys::stage::KeysStage;
 use cardpipe_personalize::stage::PersonalizeStage;
+use cardpipe_pki::custody::KeyOrigin;
 use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
 use cardpipe_pki::lds::DataGroup;
 use cardpipe_pki::settings::{Pki, PkiConfig};
@@ -114,6 +119,7 @@ struct Rig {
     farm: Arc<Farm>,
     personalize: Option<PersonalizeStage>,
     qc: Option<QcStage>,
+    origin: KeyOrigin,
 }
 
 /// Blank n: every 7th a dead chip, every 11th torn mid-write, else healthy.
@@ -126,6 +132,10 @@ fn faulty(n: u32) -> Faults {
 }
 
 async fn rig(mode: Mode, max_attempts: u32) -> Rig {
+    let origin = match mode {
+        Mode::Embedded => KeyOrigin::OnCard,
+        Mode::Distributed => KeyOrigin::OffCard,
+    };
     let (services, guard) = testing::services(mode, None).await;
     let data = tempfile::tempdir().unwrap();
     let config = PkiConfig {
@@ -155,7 +165,8 @@ async fn rig(mode: Mode, max_attempts: u32) -> Rig {
         .with_blank_source(StockSource::new(StockConfig {
             auto_lot: AutoLot::Never,
             ..StockConfig::default()
-        }));
+        }))
+        .with_ca(pki.clone());
     let qc = QcStage::new(
         farm.tray().clone(),
         pki.clone(),
@@ -175,6 +186,7 @@ async fn rig(mode: Mode, max_attempts: u32) -> Rig {
         farm,
         personalize: Some(personalize),
         qc: Some(qc),
+        origin,
     }
 }
 
@@ -190,7 +202,10 @@ async fn start(rig: &mut Rig) -> RunningPipeline {
             .unwrap();
     }
     let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
-        (Arc::new(KeysStage::new(rig.pki.clone())), settings()),
+        (
+            Arc::new(KeysStage::new(rig.pki.clone()).with_generation(rig.origin)),
+            settings(),
+        ),
         (Arc::new(rig.personalize.take().unwrap()), settings()),
         (Arc::new(rig.qc.take().unwrap()), settings()),
     ];
@@ -273,6 +288,7 @@ async fn count(services: &Services, sql: &'static str, bind: &str) -> i64 {
 async fn batch_with_faults_then_reprint(mode: Mode) {
     const APPS: usize = 12;
     let mut rig = rig(mode, 3).await;
+    let rig_origin = rig.origin;
     let services = rig.services.clone();
     let lot = stock::receive(
         &services,
@@ -392,6 +408,28 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         assert!(report.checks.len() >= 10 && report.checks.iter().all(|c| c.passed));
         assert_eq!(report.blank_serial, good[0].blank_serial);
         assert!(report.revoked_certificates.is_empty());
+        assert_eq!(
+            report.key_origin, rig_origin,
+            "the QC report says where the keys were born"
+        );
+        let history: Vec<String> = sqlx::query(
+            "SELECT reason FROM application_history WHERE application_id = $1 \
+             AND to_state IN ('keys_issued', 'personalized') ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(services.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<Option<String>, _>("reason").unwrap_or_default())
+        .collect();
+        assert!(
+            !history.is_empty()
+                && history
+                    .iter()
+                    .all(|r| r.contains(&format!("key_origin={rig_origin}"))),
+            "the history records where the keys were born: {history:?}"
+        );
 
         // One chip per private key (issue 14 item 2): every refused card's two certificates
         // are revoked as `spoiled` and named in its QC report; the remake holds fresh ones.
@@ -408,9 +446,16 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
         let certs = cardpipe_pki::store::certificates_of(&services.store, id)
             .await
             .unwrap();
+        // On-card: a blank that failed during personalization after its keys were certified
+        // has its two certificates too (revoked before the next blank); QC names only the
+        // certificates of the cards it refused.
+        let at_personalization = match rig_origin {
+            KeyOrigin::OffCard => 0,
+            KeyOrigin::OnCard => certs.len().saturating_sub(2 * (failed_reports.len() + 1)),
+        };
         assert_eq!(
             certs.len(),
-            2 * (failed_reports.len() + 1),
+            2 * (failed_reports.len() + 1) + at_personalization,
             "fresh certificates per card: {certs:?}"
         );
         let valid: Vec<_> = certs.iter().filter(|c| c.status == "valid").collect();
@@ -427,7 +472,16 @@ async fn batch_with_faults_then_reprint(mode: Mode) {
             .filter(|c| c.status == "revoked" && c.revocation_cause.as_deref() == Some("spoiled"))
             .map(|c| c.serial.clone())
             .collect();
-        assert_eq!(spoiled, named, "revoked = the refused cards' certificates");
+        assert!(
+            named.is_subset(&spoiled),
+            "the refused cards' certificates are revoked"
+        );
+        assert_eq!(
+            spoiled.len(),
+            named.len() + at_personalization,
+            "revoked = the refused cards' certificates and those of blanks spoiled in the encoder"
+        );
+
         assert!(valid.iter().all(|c| !named.contains(&c.serial)));
     }
     assert!(spoiled_total > 0);

@@ -711,17 +711,19 @@ pub async fn drive(
     master: Arc<crate::scp03::MasterKeys>,
     opts: crate::script::ScriptOptions,
     concurrency: usize,
+    certifier: Option<Arc<dyn crate::script::Certifier + Send + Sync>>,
 ) -> (usize, Duration) {
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (farm, image, master, opts, next) = (
+        let (farm, image, master, opts, next, certifier) = (
             farm.clone(),
             image.clone(),
             master.clone(),
             opts.clone(),
             next.clone(),
+            certifier.clone(),
         );
         tasks.spawn(async move {
             let mut ok = 0usize;
@@ -730,10 +732,20 @@ pub async fn drive(
                     continue;
                 };
                 let (image, master, opts) = (image.clone(), master.clone(), opts.clone());
+                let certifier = certifier.clone();
                 let r = lease
                     .run(move |enc| {
                         enc.insert()?;
-                        let r = crate::script::personalize(&mut *enc, &image, &master, &opts);
+                        let r = match &certifier {
+                            None => crate::script::personalize(&mut *enc, &image, &master, &opts),
+                            Some(ca) => crate::script::personalize_generating_keys(
+                                &mut *enc,
+                                &image,
+                                ca.as_ref(),
+                                &master,
+                                &opts,
+                            ),
+                        };
                         let _ = enc.eject();
                         r
                     })

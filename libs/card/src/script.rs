@@ -11,6 +11,15 @@
 //! 5. transport PINs (ID PIN, signature PIN, PUK) and the fingerprint reference,
 //! 6. SET STATUS: lock into the operational state.
 //!
+//! [`personalize_generating_keys`] is the same card with its keys born on the chip
+//! (`[keys] generation = "on_card"`): inside the secure channel the chip generates both key
+//! pairs (GENERATE ASYMMETRIC KEY PAIR), the transport PINs are set, and the chip proves
+//! possession of each new key by signing the [`Certifier`]'s challenge (INTERNAL
+//! AUTHENTICATE with key 01; VERIFY signature PIN + PSO COMPUTE DIGITAL SIGNATURE with key
+//! 02). The certification request then runs beside the card — on its own thread, while the
+//! LDS files and the fingerprint reference are written — so a slow CA costs the encoder
+//! only what exceeds that writing time; the certificates are written last, then the lock.
+//!
 //! [`read_back`] is what any outside PC/SC client can do afterwards: plain SELECT / READ
 //! BINARY of EF.COM, DG1, DG2, DG11 and EF.SOD, plus the chip serial. [`internal_authenticate`]
 //! asks the chip to sign a challenge with key 01 so QC can verify it against the certificate
@@ -21,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use sha2::Digest;
 use zeroize::Zeroizing;
 
 use crate::apdu::{Command, Response, sw};
@@ -44,14 +54,9 @@ pub struct CardImage {
     pub dg11: Vec<u8>,
     /// EF.SOD (CMS SignedData).
     pub sod: Vec<u8>,
-    /// Authentication key (01): P-256 private scalar, big-endian.
-    pub auth_key: Zeroizing<[u8; 32]>,
-    /// Signature key (02): P-256 private scalar, big-endian.
-    pub sign_key: Zeroizing<[u8; 32]>,
-    /// DER X.509 certificate of the authentication key (EF C001).
-    pub auth_cert: Vec<u8>,
-    /// DER X.509 certificate of the signature key (EF C002).
-    pub sign_cert: Vec<u8>,
+    /// Off-card key generation: the two private keys to import and their certificates.
+    /// `None`: the chip generates both key pairs ([`personalize_generating_keys`]).
+    pub imported: Option<ImportedKeys>,
     /// Transport ID PIN (81).
     pub id_pin: Zeroizing<Vec<u8>>,
     /// Transport signature PIN (82).
@@ -62,19 +67,45 @@ pub struct CardImage {
     pub fingerprint_reference: Zeroizing<Vec<u8>>,
 }
 
+/// Keys generated off the card, imported into it with their certificates.
+#[derive(Clone)]
+pub struct ImportedKeys {
+    /// Authentication key (01): P-256 private scalar, big-endian.
+    pub auth_key: Zeroizing<[u8; 32]>,
+    /// Signature key (02): P-256 private scalar, big-endian.
+    pub sign_key: Zeroizing<[u8; 32]>,
+    /// DER X.509 certificate of the authentication key (EF C001).
+    pub auth_cert: Vec<u8>,
+    /// DER X.509 certificate of the signature key (EF C002).
+    pub sign_cert: Vec<u8>,
+}
+
+impl fmt::Debug for ImportedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ImportedKeys(certs {}+{} B, keys redacted)",
+            self.auth_cert.len(),
+            self.sign_cert.len()
+        )
+    }
+}
+
 impl fmt::Debug for CardImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CardImage(EF.COM {} B, DG1 {} B, DG2 {} B, DG3 {} B, DG11 {} B, SOD {} B, certs {}+{} B, keys/PINs/fingerprint redacted)",
+            "CardImage(EF.COM {} B, DG1 {} B, DG2 {} B, DG3 {} B, DG11 {} B, SOD {} B, {}, PINs/fingerprint redacted)",
             self.ef_com.len(),
             self.dg1.len(),
             self.dg2.len(),
             self.dg3.len(),
             self.dg11.len(),
             self.sod.len(),
-            self.auth_cert.len(),
-            self.sign_cert.len()
+            match &self.imported {
+                Some(k) => format!("{k:?}"),
+                None => "keys generated on the card".to_owned(),
+            }
         )
     }
 }
@@ -103,10 +134,11 @@ impl CardImage {
         ]
     }
 
-    /// Checks the image before a blank is spent on it: sizes, PIN lengths, valid key
-    /// scalars, and each certificate carrying its key's public point. Returns the two public
-    /// keys (authentication, signature), SEC1 uncompressed.
-    pub fn validate(&self) -> Result<[Vec<u8>; 2], PersoError> {
+    /// Checks the image before a blank is spent on it: sizes, PIN lengths, the fingerprint
+    /// reference and, for imported keys, valid key scalars with each certificate carrying its
+    /// key's public point. Returns the imported keys' public keys (authentication,
+    /// signature), SEC1 uncompressed.
+    pub fn validate(&self) -> Result<Option<[Vec<u8>; 2]>, PersoError> {
         for (fid, data) in self.lds_files() {
             if data.is_empty() || data.len() > MAX_EF_SIZE {
                 return Err(PersoError::Image(format!(
@@ -124,30 +156,38 @@ impl CardImage {
                 return Err(PersoError::Image(format!("{name} length out of range")));
             }
         }
+        if crate::card_os::bio::parse_iso19794_2(&self.fingerprint_reference).is_none() {
+            return Err(PersoError::Image(
+                "fingerprint reference is not an ISO/IEC 19794-2 record".into(),
+            ));
+        }
+        let Some(keys) = &self.imported else {
+            return Ok(None);
+        };
         let mut publics = [Vec::new(), Vec::new()];
         for (i, (name, key, cert)) in [
-            ("authentication", &self.auth_key, &self.auth_cert),
-            ("signature", &self.sign_key, &self.sign_cert),
+            ("authentication", &keys.auth_key, &keys.auth_cert),
+            ("signature", &keys.sign_key, &keys.sign_cert),
         ]
         .into_iter()
         .enumerate()
         {
             let public = public_key_of(key)
                 .ok_or_else(|| PersoError::Image(format!("{name} key is not a P-256 scalar")))?;
-            if !cert.windows(public.len()).any(|w| w == public.as_slice()) {
+            if !carries(cert, &public) {
                 return Err(PersoError::Image(format!(
                     "{name} certificate does not carry the {name} key"
                 )));
             }
             publics[i] = public;
         }
-        if crate::card_os::bio::parse_iso19794_2(&self.fingerprint_reference).is_none() {
-            return Err(PersoError::Image(
-                "fingerprint reference is not an ISO/IEC 19794-2 record".into(),
-            ));
-        }
-        Ok(publics)
+        Ok(Some(publics))
     }
+}
+
+/// Whether a DER certificate contains this public point (its subjectPublicKeyInfo does).
+fn carries(cert: &[u8], public: &[u8]) -> bool {
+    !public.is_empty() && cert.windows(public.len()).any(|w| w == public)
 }
 
 /// Why personalization or read-back failed.
@@ -176,6 +216,14 @@ pub enum PersoError {
     /// The card image is unusable (no blank was touched).
     #[error("card image: {0}")]
     Image(String),
+    /// The certification of keys generated on the chip failed at the CA (not the card's
+    /// fault: the job is retried; the half-written blank is spoiled).
+    #[error("certification: {0}")]
+    Certification(String),
+    /// The chip's proof of possession of a key it generated did not verify, or the CA's
+    /// certificate does not carry that key (the card is at fault).
+    #[error("key {0:02X}: {1}")]
+    Possession(u8, String),
 }
 
 impl PersoError {
@@ -184,7 +232,7 @@ impl PersoError {
     pub fn spoils_blank(&self) -> bool {
         match self {
             PersoError::Reader(e) => e.is_card_fault(),
-            PersoError::Image(_) => false,
+            PersoError::Image(_) | PersoError::Certification(_) => false,
             _ => true,
         }
     }
@@ -254,6 +302,8 @@ pub struct PersoRecord {
     pub auth_public_key: Vec<u8>,
     /// Public key of key 02 as the card reported it.
     pub sign_public_key: Vec<u8>,
+    /// Keys generated on the chip: the certificates written to it (DER: C001, C002).
+    pub certificates: Option<[Vec<u8>; 2]>,
 }
 
 fn expect_ok(step: &'static str, r: Response) -> Result<Response, PersoError> {
@@ -396,42 +446,32 @@ impl SecureChannel {
     }
 }
 
-/// Personalizes the blank in `ch` with `image` and locks it.
+/// Personalizes the blank in `ch` with `image` (whose keys were generated off the card and
+/// are imported) and locks it.
 pub fn personalize(
     ch: &mut dyn CardChannel,
     image: &CardImage,
     master: &MasterKeys,
     opts: &ScriptOptions,
 ) -> Result<PersoRecord, PersoError> {
-    let expected = image.validate()?;
+    let expected = image.validate()?.ok_or_else(|| {
+        PersoError::Image("no keys to import (the chip generates them: use a Certifier)".into())
+    })?;
+    let keys = image.imported.as_ref().expect("validated");
     let started = Instant::now();
     let mut sc = SecureChannel::open(ch, master, opts.level)?;
     let channel_open = started.elapsed();
-    let mut bytes_written = 0;
-
-    sc.send_ok(
-        ch,
-        "SELECT LDS",
-        &Command::new(0x00, 0xA4, 0x04, 0x0C).with_data(LDS_AID.to_vec()),
-    )?;
-    for (fid, data) in image.lds_files() {
-        sc.write_file(ch, fid, data, opts)?;
-        bytes_written += data.len();
-    }
-    sc.send_ok(
-        ch,
-        "SELECT eID",
-        &Command::new(0x00, 0xA4, 0x04, 0x0C).with_data(EID_AID.to_vec()),
-    )?;
+    let mut bytes_written = write_lds(&mut sc, ch, image, opts)?;
+    select_eid(&mut sc, ch)?;
     for (fid, data) in [
-        (EF_CERT_AUTH, &image.auth_cert),
-        (EF_CERT_SIGN, &image.sign_cert),
+        (EF_CERT_AUTH, &keys.auth_cert),
+        (EF_CERT_SIGN, &keys.sign_cert),
     ] {
         sc.write_file(ch, fid, data, opts)?;
         bytes_written += data.len();
     }
-    let keys = [(KEY_AUTH, &image.auth_key), (KEY_SIGN, &image.sign_key)];
-    for ((key_ref, scalar), public) in keys.into_iter().zip(&expected) {
+    let imports = [(KEY_AUTH, &keys.auth_key), (KEY_SIGN, &keys.sign_key)];
+    for ((key_ref, scalar), public) in imports.into_iter().zip(&expected) {
         let cmd = Command::new(0x80, 0xDA, 0x00, key_ref)
             .with_data(scalar.to_vec())
             .with_le(256);
@@ -440,25 +480,9 @@ pub fn personalize(
             return Err(PersoError::KeyMismatch(key_ref));
         }
     }
-    for (pin_ref, value) in [
-        (PIN_ID, &image.id_pin),
-        (PIN_SIGN, &image.sign_pin),
-        (PUK, &image.puk),
-    ] {
-        sc.send_ok(
-            ch,
-            "CHANGE REFERENCE DATA",
-            &Command::new(0x00, 0x24, 0x01, pin_ref).with_data(value.to_vec()),
-        )?;
-    }
-    let fp =
-        Command::new(0x80, 0xDA, 0x00, BIO_FINGER).with_data(image.fingerprint_reference.to_vec());
-    sc.send_ok(ch, "PUT DATA fingerprint reference", &fp)?;
-    sc.send_ok(
-        ch,
-        "SET STATUS (lock)",
-        &Command::new(0x80, 0xF0, 0x80, 0x0F),
-    )?;
+    set_transport_pins(&mut sc, ch, image)?;
+    put_fingerprint(&mut sc, ch, image)?;
+    lock(&mut sc, ch)?;
 
     let [auth_public_key, sign_public_key] = expected;
     Ok(PersoRecord {
@@ -470,7 +494,247 @@ pub fn personalize(
         bytes_written,
         auth_public_key,
         sign_public_key,
+        certificates: None,
     })
+}
+
+/// The CA as the personalization script sees it when the chip generates its keys.
+pub trait Certifier: Sync {
+    /// The challenge the chip must sign with the key it just generated in slot `key_ref`
+    /// (public key `public_key`, SEC1 uncompressed) to prove it holds the private key.
+    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8>;
+
+    /// Checks both proofs and issues the two certificates (DER: authentication, signature).
+    /// Runs on its own thread while the script goes on writing the card; an error is the
+    /// CA's ([`PersoError::Certification`]) unless it is a proof that failed
+    /// ([`CertifyError::Possession`]).
+    fn certify(
+        &self,
+        chip_serial: ChipSerial,
+        proofs: [KeyProof; 2],
+    ) -> Result<[Vec<u8>; 2], CertifyError>;
+}
+
+/// A key pair the chip generated and its proof of possession.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyProof {
+    /// Key reference on the chip (01 authentication, 02 signature).
+    pub key_ref: u8,
+    /// Public key, SEC1 uncompressed, as the chip answered it.
+    pub public_key: Vec<u8>,
+    /// The challenge ([`Certifier::challenge`]).
+    pub challenge: Vec<u8>,
+    /// The chip's ECDSA P-256 signature over SHA-256(challenge), raw r ‖ s.
+    pub signature: Vec<u8>,
+}
+
+/// Why a [`Certifier`] issued nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    /// A proof of possession did not verify: the chip is at fault.
+    #[error("key {0:02X}: {1}")]
+    Possession(u8, String),
+    /// The CA (keystore, HSM, database) failed.
+    #[error("{0}")]
+    Ca(String),
+}
+
+/// Personalizes the blank in `ch` with the keys born on the chip: GENERATE both key pairs,
+/// set the transport PINs, prove possession of each key to `certifier`, write the LDS and
+/// the fingerprint reference while the certification runs, then the certificates, then
+/// lock. `image.imported` must be `None`. No private key crosses the card's interface.
+pub fn personalize_generating_keys(
+    ch: &mut dyn CardChannel,
+    image: &CardImage,
+    certifier: &dyn Certifier,
+    master: &MasterKeys,
+    opts: &ScriptOptions,
+) -> Result<PersoRecord, PersoError> {
+    if image.validate()?.is_some() {
+        return Err(PersoError::Image(
+            "the image carries imported keys: the chip generates them in this mode".into(),
+        ));
+    }
+    let started = Instant::now();
+    let mut sc = SecureChannel::open(ch, master, opts.level)?;
+    let channel_open = started.elapsed();
+    select_eid(&mut sc, ch)?;
+    let mut publics = [Vec::new(), Vec::new()];
+    for (slot, key_ref) in [KEY_AUTH, KEY_SIGN].into_iter().enumerate() {
+        let r = sc.send_ok(
+            ch,
+            "GENERATE ASYMMETRIC KEY PAIR",
+            &Command::new(0x00, 0x46, 0x80, key_ref).with_le(256),
+        )?;
+        let point = crate::card_os::parse_public_key_do(&r.data)
+            .filter(|p| VerifyingKey::from_sec1_bytes(p).is_ok())
+            .ok_or(PersoError::Possession(
+                key_ref,
+                "the chip answered no valid P-256 public key".into(),
+            ))?;
+        publics[slot] = point.to_vec();
+    }
+    set_transport_pins(&mut sc, ch, image)?;
+
+    // Proofs of possession, before anything is certified.
+    let auth_challenge = certifier.challenge(KEY_AUTH, &publics[0]);
+    let auth_signature = sc
+        .send_ok(
+            ch,
+            "INTERNAL AUTHENTICATE (proof of possession)",
+            &Command::new(0x00, 0x88, 0x00, KEY_AUTH)
+                .with_data(auth_challenge.clone())
+                .with_le(256),
+        )?
+        .data;
+    let sign_challenge = certifier.challenge(KEY_SIGN, &publics[1]);
+    sc.send_ok(
+        ch,
+        "VERIFY signature PIN",
+        &Command::new(0x00, 0x20, 0x00, PIN_SIGN).with_data(image.sign_pin.to_vec()),
+    )?;
+    let digest: [u8; 32] = sha2::Sha256::digest(&sign_challenge).into();
+    let sign_signature = sc
+        .send_ok(
+            ch,
+            "PSO COMPUTE DIGITAL SIGNATURE (proof of possession)",
+            &Command::new(0x00, 0x2A, 0x9E, 0x9A)
+                .with_data(digest.to_vec())
+                .with_le(256),
+        )?
+        .data;
+    let proofs = [
+        KeyProof {
+            key_ref: KEY_AUTH,
+            public_key: publics[0].clone(),
+            challenge: auth_challenge,
+            signature: auth_signature,
+        },
+        KeyProof {
+            key_ref: KEY_SIGN,
+            public_key: publics[1].clone(),
+            challenge: sign_challenge,
+            signature: sign_signature,
+        },
+    ];
+    let serial = sc.serial();
+
+    // The CA works while the card is written.
+    let (written, certified) = std::thread::scope(|scope| {
+        let request = scope.spawn(move || certifier.certify(serial, proofs));
+        let written = write_lds(&mut sc, ch, image, opts)
+            .and_then(|n| put_fingerprint(&mut sc, ch, image).map(|()| n));
+        let certified = request
+            .join()
+            .unwrap_or_else(|_| Err(CertifyError::Ca("the certification thread panicked".into())));
+        (written, certified)
+    });
+    let mut bytes_written = written?;
+    let certificates = certified.map_err(|e| match e {
+        CertifyError::Possession(key_ref, why) => PersoError::Possession(key_ref, why),
+        CertifyError::Ca(why) => PersoError::Certification(why),
+    })?;
+    for (cert, (key_ref, public)) in certificates
+        .iter()
+        .zip([KEY_AUTH, KEY_SIGN].iter().zip(&publics))
+    {
+        if !carries(cert, public) {
+            return Err(PersoError::Possession(
+                *key_ref,
+                "the CA's certificate does not carry the key the chip generated".into(),
+            ));
+        }
+    }
+    select_eid(&mut sc, ch)?;
+    for (fid, data) in [
+        (EF_CERT_AUTH, &certificates[0]),
+        (EF_CERT_SIGN, &certificates[1]),
+    ] {
+        sc.write_file(ch, fid, data, opts)?;
+        bytes_written += data.len();
+    }
+    lock(&mut sc, ch)?;
+
+    let [auth_public_key, sign_public_key] = publics;
+    Ok(PersoRecord {
+        chip_serial: sc.serial(),
+        reader: ch.reader_name().to_string(),
+        elapsed: started.elapsed(),
+        channel_open,
+        apdus: sc.apdus(),
+        bytes_written,
+        auth_public_key,
+        sign_public_key,
+        certificates: Some(certificates),
+    })
+}
+
+fn select_eid(sc: &mut SecureChannel, ch: &mut dyn CardChannel) -> Result<(), PersoError> {
+    sc.send_ok(
+        ch,
+        "SELECT eID",
+        &Command::new(0x00, 0xA4, 0x04, 0x0C).with_data(EID_AID.to_vec()),
+    )
+    .map(drop)
+}
+
+/// SELECT LDS and every LDS file; returns the bytes written.
+fn write_lds(
+    sc: &mut SecureChannel,
+    ch: &mut dyn CardChannel,
+    image: &CardImage,
+    opts: &ScriptOptions,
+) -> Result<usize, PersoError> {
+    sc.send_ok(
+        ch,
+        "SELECT LDS",
+        &Command::new(0x00, 0xA4, 0x04, 0x0C).with_data(LDS_AID.to_vec()),
+    )?;
+    let mut bytes_written = 0;
+    for (fid, data) in image.lds_files() {
+        sc.write_file(ch, fid, data, opts)?;
+        bytes_written += data.len();
+    }
+    Ok(bytes_written)
+}
+
+fn set_transport_pins(
+    sc: &mut SecureChannel,
+    ch: &mut dyn CardChannel,
+    image: &CardImage,
+) -> Result<(), PersoError> {
+    for (pin_ref, value) in [
+        (PIN_ID, &image.id_pin),
+        (PIN_SIGN, &image.sign_pin),
+        (PUK, &image.puk),
+    ] {
+        sc.send_ok(
+            ch,
+            "CHANGE REFERENCE DATA",
+            &Command::new(0x00, 0x24, 0x01, pin_ref).with_data(value.to_vec()),
+        )?;
+    }
+    Ok(())
+}
+
+fn put_fingerprint(
+    sc: &mut SecureChannel,
+    ch: &mut dyn CardChannel,
+    image: &CardImage,
+) -> Result<(), PersoError> {
+    let fp =
+        Command::new(0x80, 0xDA, 0x00, BIO_FINGER).with_data(image.fingerprint_reference.to_vec());
+    sc.send_ok(ch, "PUT DATA fingerprint reference", &fp)
+        .map(drop)
+}
+
+fn lock(sc: &mut SecureChannel, ch: &mut dyn CardChannel) -> Result<(), PersoError> {
+    sc.send_ok(
+        ch,
+        "SET STATUS (lock)",
+        &Command::new(0x80, 0xF0, 0x80, 0x0F),
+    )
+    .map(drop)
 }
 
 /// Reads one EF with plain SELECT / READ BINARY, as any PC/SC client can (256-byte short
@@ -563,7 +827,8 @@ pub struct ReadBack {
 }
 
 impl ReadBack {
-    /// Names of the files that differ from the image (empty when everything matches).
+    /// Names of the files that differ from the image (empty when everything matches); C001
+    /// only when the image carried it (keys imported).
     pub fn mismatches(&self, image: &CardImage) -> Vec<&'static str> {
         let mut out = Vec::new();
         for (name, got, want) in [
@@ -572,11 +837,15 @@ impl ReadBack {
             ("DG2", &self.dg2, &image.dg2),
             ("DG11", &self.dg11, &image.dg11),
             ("EF.SOD", &self.sod, &image.sod),
-            ("C001", &self.auth_cert, &image.auth_cert),
         ] {
             if got != want {
                 out.push(name);
             }
+        }
+        if let Some(keys) = &image.imported
+            && self.auth_cert != keys.auth_cert
+        {
+            out.push("C001");
         }
         out
     }
@@ -625,6 +894,14 @@ pub fn verify_internal_authenticate(public_key: &[u8], challenge: &[u8], signatu
     vk.verify(challenge, &sig).is_ok()
 }
 
+/// [`sample_image`] for a chip that generates its own keys (no keys, no certificates).
+pub fn sample_image_without_keys(dg2_len: usize, seed: u8) -> CardImage {
+    CardImage {
+        imported: None,
+        ..sample_image(dg2_len, seed)
+    }
+}
+
 /// A complete synthetic card image for tests and benchmarks: realistic sizes (DG2 `dg2_len`
 /// bytes of "JPEG", DG3 ten templates), fresh random keys and fake certificates that embed
 /// the public keys.
@@ -666,10 +943,12 @@ pub fn sample_image(dg2_len: usize, seed: u8) -> CardImage {
         dg3: pattern(10 * 300, 3),
         dg11: pattern(220, 11),
         sod: pattern(1800, 29),
-        auth_cert: cert(&auth_key, b"auth"),
-        sign_cert: cert(&sign_key, b"sign"),
-        auth_key,
-        sign_key,
+        imported: Some(ImportedKeys {
+            auth_cert: cert(&auth_key, b"auth"),
+            sign_cert: cert(&sign_key, b"sign"),
+            auth_key,
+            sign_key,
+        }),
         id_pin: Zeroizing::new(b"123456".to_vec()),
         sign_pin: Zeroizing::new(b"654321".to_vec()),
         puk: Zeroizing::new(b"12345678".to_vec()),

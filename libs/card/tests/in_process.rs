@@ -33,14 +33,14 @@ fn personalize_and_read_back_40kb_image() {
         assert!(rec.bytes_written > 40_000);
         assert_eq!(
             rec.auth_public_key,
-            script::public_key_of(&image.auth_key).unwrap()
+            script::public_key_of(&image.imported.as_ref().unwrap().auth_key).unwrap()
         );
         let card = enc.card().unwrap();
         assert_eq!(card.lifecycle(), Lifecycle::Operational);
         assert_eq!(card.file(App::Lds, EF_DG2).unwrap(), image.dg2.as_slice());
         assert_eq!(
             card.file(App::Eid, EF_CERT_SIGN).unwrap(),
-            image.sign_cert.as_slice()
+            image.imported.as_ref().unwrap().sign_cert.as_slice()
         );
 
         let rb = script::read_back(&mut enc).unwrap();
@@ -128,7 +128,8 @@ fn a_bad_image_is_refused_before_touching_the_blank() {
     let mut enc = encoder(5);
     enc.insert().unwrap();
     let mut image = sample_image(1000, 6);
-    image.auth_cert = image.sign_cert.clone();
+    let keys = image.imported.as_mut().unwrap();
+    keys.auth_cert = keys.sign_cert.clone();
     let err = script::personalize(
         &mut enc,
         &image,
@@ -167,4 +168,126 @@ fn wrong_master_keys_fail_without_writing() {
     let card = enc.card().unwrap();
     assert_eq!(card.lifecycle(), Lifecycle::PrePersonalization);
     assert!(card.file(App::Lds, EF_DG1).unwrap().is_empty());
+}
+
+/// A CA stand-in for the script tests: checks each proof of possession the way a CA does
+/// and answers certificate-shaped blobs carrying the public keys.
+struct TestCa {
+    fail: Option<&'static str>,
+}
+
+impl script::Certifier for TestCa {
+    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8> {
+        let mut c = vec![key_ref];
+        c.extend_from_slice(&public_key[..8]);
+        c.extend_from_slice(&rand::random::<[u8; 16]>());
+        c
+    }
+
+    fn certify(
+        &self,
+        _chip: ChipSerial,
+        proofs: [script::KeyProof; 2],
+    ) -> Result<[Vec<u8>; 2], script::CertifyError> {
+        match self.fail {
+            Some("ca") => return Err(script::CertifyError::Ca("HSM unreachable".into())),
+            Some("wrong key") => return Ok([vec![0x30; 300], vec![0x30; 300]]),
+            _ => {}
+        }
+        let mut out = Vec::new();
+        for p in &proofs {
+            if !script::verify_internal_authenticate(&p.public_key, &p.challenge, &p.signature) {
+                return Err(script::CertifyError::Possession(
+                    p.key_ref,
+                    "does not verify".into(),
+                ));
+            }
+            let mut cert = vec![0x30, 0x82, 0x01, 0x00, p.key_ref];
+            cert.extend_from_slice(&p.public_key);
+            cert.resize(500, 0x5A);
+            out.push(cert);
+        }
+        Ok([out[0].clone(), out[1].clone()])
+    }
+}
+
+#[test]
+fn keys_generated_on_the_chip_are_proven_certified_and_never_leave_it() {
+    let mut enc = encoder(7);
+    enc.insert().unwrap();
+    let image = script::sample_image_without_keys(20_000, 4);
+    let rec = script::personalize_generating_keys(
+        &mut enc,
+        &image,
+        &TestCa { fail: None },
+        &MasterKeys::test_keys(),
+        &ScriptOptions::extended(),
+    )
+    .unwrap();
+    let card = enc.card().unwrap();
+    assert_eq!(card.lifecycle(), Lifecycle::Operational);
+    assert_eq!(card.public_key(KEY_AUTH), Some(rec.auth_public_key.clone()));
+    assert_eq!(card.public_key(KEY_SIGN), Some(rec.sign_public_key.clone()));
+    let [c1, c2] = rec.certificates.clone().expect("certificates written");
+    assert_eq!(card.file(App::Eid, EF_CERT_AUTH).unwrap(), c1.as_slice());
+    assert_eq!(card.file(App::Eid, EF_CERT_SIGN).unwrap(), c2.as_slice());
+    assert_eq!(card.file(App::Lds, EF_DG2).unwrap(), image.dg2.as_slice());
+    assert!(
+        script::read_back(&mut enc)
+            .unwrap()
+            .mismatches(&image)
+            .is_empty()
+    );
+    // QC's challenge: the chip's key 01 answers under the certified key.
+    let challenge = rand::random::<[u8; 32]>();
+    let sig = script::internal_authenticate(&mut enc, &challenge).unwrap();
+    assert!(script::verify_internal_authenticate(
+        &rec.auth_public_key,
+        &challenge,
+        &sig
+    ));
+    // The image had no key to import, and off-card personalization refuses it.
+    enc.insert().unwrap();
+    let err = script::personalize(
+        &mut enc,
+        &image,
+        &MasterKeys::test_keys(),
+        &ScriptOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PersoError::Image(_)), "{err}");
+    // An image with keys is refused in on-card mode.
+    let err = script::personalize_generating_keys(
+        &mut enc,
+        &sample_image(1000, 1),
+        &TestCa { fail: None },
+        &MasterKeys::test_keys(),
+        &ScriptOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PersoError::Image(_)), "{err}");
+}
+
+#[test]
+fn a_failed_certification_leaves_the_card_unlocked_and_says_whose_fault() {
+    for (fail, card_fault) in [("ca", false), ("wrong key", true)] {
+        let mut enc = encoder(8);
+        enc.insert().unwrap();
+        let err = script::personalize_generating_keys(
+            &mut enc,
+            &script::sample_image_without_keys(2000, 2),
+            &TestCa { fail: Some(fail) },
+            &MasterKeys::test_keys(),
+            &ScriptOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.spoils_blank(), card_fault, "{fail}: {err}");
+        match fail {
+            "ca" => assert!(matches!(err, PersoError::Certification(_)), "{err}"),
+            _ => assert!(matches!(err, PersoError::Possession(KEY_AUTH, _)), "{err}"),
+        }
+        let card = enc.card().unwrap();
+        assert_eq!(card.lifecycle(), Lifecycle::PrePersonalization, "{fail}");
+        assert!(card.file(App::Eid, EF_CERT_AUTH).unwrap().is_empty());
+    }
 }

@@ -233,8 +233,63 @@ impl WrappedKey {
     }
 }
 
+/// Where a card's two key pairs are generated (`[keys] generation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrigin {
+    /// On the chip (GENERATE ASYMMETRIC KEY PAIR during personalization): the private keys
+    /// never exist anywhere else; the certificates are issued for the public keys the chip
+    /// answers, after it proved possession.
+    #[default]
+    OnCard,
+    /// In the keys stage, in software; the private keys travel to the encoder wrapped under
+    /// the site's transport key and are imported into the chip (for chips that cannot
+    /// generate keys).
+    OffCard,
+}
+
+impl KeyOrigin {
+    /// The configuration / report spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::OnCard => "on_card",
+            KeyOrigin::OffCard => "off_card",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Artifact kind of the certificates written to the card of an application whose keys the
+/// chip generated (personalization records it; QC checks the card against it).
+pub const CARD_CERTIFICATES_ARTIFACT: &str = "card_certificates";
+
+/// What was written to the card of an application whose keys the chip generated
+/// (`applications/<id>/card-certificates-<serial>.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardCertificates {
+    /// Where the keys were generated (`on_card`).
+    pub key_origin: KeyOrigin,
+    /// The chip's serial.
+    pub chip_serial: String,
+    /// The blank's serial.
+    pub blank_serial: String,
+    /// C001.
+    pub authentication: IssuedCertificate,
+    /// C002.
+    pub signature: IssuedCertificate,
+}
+
 /// The personalization package: everything the personalization stage writes to one chip.
 /// Serialises to JSON (binary fields base64) for the object store. `Debug` is redacted.
+///
+/// With off-card key generation it also carries both certificates and both private keys
+/// (wrapped) in [`CardCredentials::off_card`]; with on-card generation it carries no key
+/// material at all, and the certificates are issued while the card is in the encoder.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardCredentials {
     /// Card / application reference everything is bound to.
@@ -257,6 +312,17 @@ pub struct CardCredentials {
     /// EF.SOD (011D), with the 77 wrapper.
     #[serde(with = "b64_bytes")]
     pub ef_sod: Vec<u8>,
+    /// Keystore label of the Document Signer that signed EF.SOD (for usage counting).
+    pub document_signer_label: String,
+    /// Off-card generation only: the keys and their certificates (the package's JSON keeps
+    /// the field names of packages written before on-card generation existed).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub off_card: Option<OffCardKeys>,
+}
+
+/// The key material of an off-card package.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffCardKeys {
     /// Authentication certificate (EF C001).
     pub authentication_certificate: IssuedCertificate,
     /// Signature certificate (EF C002).
@@ -265,14 +331,11 @@ pub struct CardCredentials {
     pub authentication_key: WrappedKey,
     /// Signature private key (key reference 02), wrapped.
     pub signature_key: WrappedKey,
-    /// Keystore label of the Document Signer that signed EF.SOD (for usage counting).
-    pub document_signer_label: String,
 }
 
-impl std::fmt::Debug for CardCredentials {
+impl std::fmt::Debug for OffCardKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CardCredentials")
-            .field("card_ref", &self.card_ref)
+        f.debug_struct("OffCardKeys")
             .field(
                 "authentication_serial",
                 &self.authentication_certificate.serial,
@@ -280,12 +343,45 @@ impl std::fmt::Debug for CardCredentials {
             .field("signature_serial", &self.signature_certificate.serial)
             .field("authentication_key", &self.authentication_key)
             .field("signature_key", &self.signature_key)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CardCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardCredentials")
+            .field("card_ref", &self.card_ref)
+            .field("key_origin", &self.key_origin())
+            .field("off_card", &self.off_card)
             .field("document_signer_label", &self.document_signer_label)
             .finish_non_exhaustive()
     }
 }
 
 impl CardCredentials {
+    /// Where this package's card keys are generated.
+    pub fn key_origin(&self) -> KeyOrigin {
+        if self.off_card.is_some() {
+            KeyOrigin::OffCard
+        } else {
+            KeyOrigin::OnCard
+        }
+    }
+
+    /// Serials of the certificates issued with the package (none for on-card generation:
+    /// those are issued during personalization).
+    pub fn certificate_serials(&self) -> Vec<String> {
+        self.off_card
+            .iter()
+            .flat_map(|k| {
+                [
+                    k.authentication_certificate.serial.clone(),
+                    k.signature_certificate.serial.clone(),
+                ]
+            })
+            .collect()
+    }
+
     /// The LDS files as one value (for [`crate::sod::verify_sod`] and [`crate::lds::decode`]).
     pub fn lds(&self) -> EncodedLds {
         EncodedLds {

@@ -92,8 +92,21 @@ fn write_cert(f: &Fixture, name: &str, der: &[u8]) {
 fn openssl_verifies_every_citizen_certificate_against_the_chain() {
     let f = fixture();
     let creds = issue(&f, "APP-1", 11);
-    write_cert(&f, "auth.pem", &creds.authentication_certificate.der);
-    write_cert(&f, "sign.pem", &creds.signature_certificate.der);
+    write_cert(
+        &f,
+        "auth.pem",
+        &creds
+            .off_card
+            .as_ref()
+            .unwrap()
+            .authentication_certificate
+            .der,
+    );
+    write_cert(
+        &f,
+        "sign.pem",
+        &creds.off_card.as_ref().unwrap().signature_certificate.der,
+    );
 
     let out = openssl(
         &[
@@ -240,16 +253,46 @@ fn openssl_shows_a_revoked_certificate_as_revoked_and_a_good_one_as_ok() {
     let f = fixture();
     let lost = issue(&f, "APP-3", 33);
     let good = issue(&f, "APP-4", 44);
-    write_cert(&f, "lost.pem", &lost.authentication_certificate.der);
-    write_cert(&f, "good.pem", &good.authentication_certificate.der);
+    write_cert(
+        &f,
+        "lost.pem",
+        &lost
+            .off_card
+            .as_ref()
+            .unwrap()
+            .authentication_certificate
+            .der,
+    );
+    write_cert(
+        &f,
+        "good.pem",
+        &good
+            .off_card
+            .as_ref()
+            .unwrap()
+            .authentication_certificate
+            .der,
+    );
     let revoked = vec![
         RevokedCertificate {
-            serial: lost.authentication_certificate.serial.clone(),
+            serial: lost
+                .off_card
+                .as_ref()
+                .unwrap()
+                .authentication_certificate
+                .serial
+                .clone(),
             revoked_at: f.now,
             cause: RevocationCause::Lost,
         },
         RevokedCertificate {
-            serial: lost.signature_certificate.serial.clone(),
+            serial: lost
+                .off_card
+                .as_ref()
+                .unwrap()
+                .signature_certificate
+                .serial
+                .clone(),
             revoked_at: f.now,
             cause: RevocationCause::Lost,
         },
@@ -298,7 +341,14 @@ fn openssl_shows_a_revoked_certificate_as_revoked_and_a_good_one_as_ok() {
         "{dump}"
     );
     assert!(
-        dump.contains(&lost.authentication_certificate.serial),
+        dump.contains(
+            &lost
+                .off_card
+                .as_ref()
+                .unwrap()
+                .authentication_certificate
+                .serial
+        ),
         "{dump}"
     );
 }

@@ -84,8 +84,11 @@ fn hsm_generates_non_extractable_ca_keys_and_issues_cards() {
                 Some(&h.root.certificate),
             )
             .unwrap();
-            verify_certificate_signature(&creds.signature_certificate.der, &h.issuing.certificate)
-                .unwrap();
+            verify_certificate_signature(
+                &creds.off_card.as_ref().unwrap().signature_certificate.der,
+                &h.issuing.certificate,
+            )
+            .unwrap();
 
             let report = status(store.as_ref(), &h, UsageCounts::default(), now).unwrap();
             assert!(report.entries.iter().all(|e| e.key_ok));

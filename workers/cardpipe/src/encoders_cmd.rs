@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cardpipe_card::config::{EncodersConfig, SECTION};
 use cardpipe_card::farm::{self, Farm, FarmSettings, InProcessSource, PcscSource};
@@ -87,9 +87,94 @@ pub struct BenchArgs {
     /// Through real pcscd + vpcd (re-runs cardpipe with PCSCLITE_CSOCK_NAME set).
     #[arg(long)]
     pub pcscd: bool,
+    /// Where card keys are generated: "on_card", "off_card", or "both" (one run after the
+    /// other on the same farm and timings, so the figures compare).
+    #[arg(long, default_value = "both", value_parser = ["on_card", "off_card", "both"])]
+    pub generation: String,
+    /// On-card runs: chip time to generate one P-256 key pair, ms (scaled like the encode
+    /// time; real chips take about 100-200 ms).
+    #[arg(long, default_value_t = 150)]
+    pub keygen_ms: u64,
+    /// On-card runs: CA time per certification request on top of its signing work, ms
+    /// (a network hop to an HSM; scaled like the encode time).
+    #[arg(long, default_value_t = 50)]
+    pub ca_latency_ms: u64,
     /// Internal: the simulation work directory of a re-run.
     #[arg(long, hide = true)]
     pub sim_dir: Option<PathBuf>,
+}
+
+/// The benchmark's CA for keys generated on the chip: a throw-away hierarchy in a temporary
+/// file keystore, the same proof-of-possession checks and certificate issuance as the
+/// personalize stage's, plus a configurable latency.
+struct BenchCertifier {
+    _dir: tempfile::TempDir,
+    issuer: cardpipe_pki::issue::CardIssuer,
+    dg1: Vec<u8>,
+    latency: Duration,
+}
+
+impl BenchCertifier {
+    fn new(latency: Duration) -> anyhow::Result<Self> {
+        use cardpipe_pki::keystore::{FileKeyStore, KdfParams};
+        let dir = tempfile::Builder::new()
+            .prefix("cardpipe-bench-ca-")
+            .tempdir()?;
+        let store = Arc::new(FileKeyStore::create(
+            dir.path().join("ca.keystore"),
+            &secrecy::SecretString::from(uuid::Uuid::new_v4().simple().to_string()),
+            KdfParams::for_tests(),
+        )?);
+        let now = time::OffsetDateTime::now_utc();
+        let hierarchy =
+            cardpipe_pki::ca::init(store.as_ref(), &cardpipe_pki::ca::CaConfig::default(), now)?;
+        let issuer = cardpipe_pki::issue::CardIssuer::new(
+            store,
+            &hierarchy,
+            &cardpipe_pki::citizen::CitizenProfiles::default(),
+        )?;
+        let dg1 = cardpipe_pki::lds::encode(&cardpipe_pki::lds::sample_input(1))?.dg1;
+        Ok(Self {
+            _dir: dir,
+            issuer,
+            dg1,
+            latency,
+        })
+    }
+}
+
+impl cardpipe_card::script::Certifier for BenchCertifier {
+    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8> {
+        let role = if key_ref == 2 {
+            cardpipe_pki::citizen::CardKeyRole::Signature
+        } else {
+            cardpipe_pki::citizen::CardKeyRole::Authentication
+        };
+        cardpipe_pki::issue::possession_challenge("bench", role, public_key)
+    }
+
+    fn certify(
+        &self,
+        _chip: cardpipe_card::cplc::ChipSerial,
+        proofs: [cardpipe_card::script::KeyProof; 2],
+    ) -> Result<[Vec<u8>; 2], cardpipe_card::script::CertifyError> {
+        let to_pki = |p: &cardpipe_card::script::KeyProof| cardpipe_pki::issue::ChipKeyProof {
+            public_key: p.public_key.clone(),
+            challenge: p.challenge.clone(),
+            signature: p.signature.clone(),
+        };
+        std::thread::sleep(self.latency);
+        let [a, s] = self
+            .issuer
+            .certify_on_card(
+                "bench",
+                &self.dg1,
+                &[to_pki(&proofs[0]), to_pki(&proofs[1])],
+                time::OffsetDateTime::now_utc(),
+            )
+            .map_err(|e| cardpipe_card::script::CertifyError::Ca(e.to_string()))?;
+        Ok([a.der, s.der])
+    }
 }
 
 fn section(loaded: &LoadedConfig) -> anyhow::Result<EncodersConfig> {
@@ -194,20 +279,25 @@ async fn simulate(loaded: &LoadedConfig, args: SimulateArgs) -> anyhow::Result<(
 async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
     let mut cfg = section(loaded)?;
     let master = Arc::new(cfg.master_keys()?);
-    let scaled = Duration::from_secs_f64(args.encode_time_ms as f64 / 1000.0 * args.time_scale);
+    let scale = |ms: u64| Duration::from_secs_f64(ms as f64 / 1000.0 * args.time_scale);
+    let scaled = scale(args.encode_time_ms);
     cfg.encode_time_ms = 0;
     cfg.dead_rate = 0.0;
     cfg.tear_rate = 0.0;
     cfg.write_failure_rate = 0.0;
     let image = Arc::new(cardpipe_card::script::sample_image(20_000, 1));
     let opts = cfg.script();
+    // The EEPROM's time per APDU comes from the off-card script (t spread over its APDUs);
+    // the on-card script sends a few more APDUs and the chip spends keygen_ms per key pair.
     let (apdus, _) = cardpipe_card::bench::apdus_per_card(&image, &master, &opts)?;
     let latency = scaled / apdus.max(1) as u32;
+    let keygen = scale(args.keygen_ms);
     let stock = Arc::new(cardpipe_card::reader::BlankStock::new(
         (*master).clone(),
         0xB0,
         move |_| cardpipe_card::card_os::Faults {
             apdu_latency: latency,
+            keygen_latency: keygen,
             ..cardpipe_card::card_os::Faults::none()
         },
     ));
@@ -251,20 +341,9 @@ async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
     let n = farm.in_service();
     anyhow::ensure!(n == args.count, "{n} encoders found, {} wanted", args.count);
     let cards = args.count * args.cards_per_encoder;
-    let started = Instant::now();
-    let (ok, wall) = farm::drive(&farm, cards, image, master, opts, args.count * 2).await;
-    let _ = started;
-    let busy: f64 = farm
-        .status()
-        .iter()
-        .map(|s| s.busy_time.as_secs_f64())
-        .sum();
-    let utilisation = busy / (n as f64 * wall.as_secs_f64());
-    let real_wall = wall.as_secs_f64() / args.time_scale;
-    let per_hour = ok as f64 * 3600.0 / real_wall;
     let limit = n as f64 * 3600.0 / (args.encode_time_ms as f64 / 1000.0);
     println!(
-        "encoder farm ({}): {n} encoders, t = {} ms (scale {}), {apdus} APDUs/card, {ok}/{cards} cards",
+        "encoder farm ({}): {n} encoders, t = {} ms (scale {}), {apdus} APDUs/card off-card, {cards} cards per run",
         if args.pcscd {
             "pcscd + vpcd"
         } else {
@@ -273,10 +352,74 @@ async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
         args.encode_time_ms,
         args.time_scale
     );
-    println!(
-        "  {per_hour:.0} cards/hour vs physical limit {limit:.0} ({:.1} %), encoder utilisation {:.1} % (busy incl. insert/eject)",
-        100.0 * per_hour / limit,
-        100.0 * utilisation
-    );
+    let runs: &[&str] = match args.generation.as_str() {
+        "both" => &["off_card", "on_card"],
+        one => std::slice::from_ref(match one {
+            "on_card" => &"on_card",
+            _ => &"off_card",
+        }),
+    };
+    let mut figures = Vec::new();
+    for &generation in runs {
+        let (run_image, certifier): (
+            _,
+            Option<Arc<dyn cardpipe_card::script::Certifier + Send + Sync>>,
+        ) = if generation == "on_card" {
+            let certifier = tokio::task::spawn_blocking({
+                let latency = scale(args.ca_latency_ms);
+                move || BenchCertifier::new(latency)
+            })
+            .await??;
+            let mut without = cardpipe_card::script::sample_image_without_keys(20_000, 1);
+            without.dg1 = certifier.dg1.clone();
+            (Arc::new(without), Some(Arc::new(certifier) as _))
+        } else {
+            (image.clone(), None)
+        };
+        let busy_before: f64 = farm
+            .status()
+            .iter()
+            .map(|s| s.busy_time.as_secs_f64())
+            .sum();
+        let (ok, wall) = farm::drive(
+            &farm,
+            cards,
+            run_image,
+            master.clone(),
+            opts.clone(),
+            args.count * 2,
+            certifier,
+        )
+        .await;
+        let busy: f64 = farm
+            .status()
+            .iter()
+            .map(|s| s.busy_time.as_secs_f64())
+            .sum::<f64>()
+            - busy_before;
+        let utilisation = busy / (n as f64 * wall.as_secs_f64());
+        let per_hour = ok as f64 * 3600.0 / (wall.as_secs_f64() / args.time_scale);
+        println!(
+            "  {generation:<8} {ok}/{cards} cards: {per_hour:.0} cards/hour vs physical limit {limit:.0} ({:.1} %), encoder utilisation {:.1} % (busy incl. insert/eject{})",
+            100.0 * per_hour / limit,
+            100.0 * utilisation,
+            if generation == "on_card" {
+                format!(
+                    "; keygen {} ms/pair, CA {} ms + signing, overlapped with writing",
+                    args.keygen_ms, args.ca_latency_ms
+                )
+            } else {
+                String::new()
+            }
+        );
+        figures.push((generation, per_hour, utilisation));
+    }
+    if let [(_, off_rate, off_util), (_, on_rate, on_util)] = figures[..] {
+        println!(
+            "  on-card / off-card: {:.1} % of the cards per hour, {:.1} % of the utilisation",
+            100.0 * on_rate / off_rate,
+            100.0 * on_util / off_util
+        );
+    }
     Ok(())
 }

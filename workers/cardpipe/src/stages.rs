@@ -31,7 +31,7 @@ pub fn names(config: &LoadedConfig) -> Vec<String> {
 
 /// Extra top-level configuration sections read by stage crates.
 pub const SECTIONS: &[&str] = &[
-    "pki", "dedup", "encoders", "registry", "console", "delivery", "qc", "stock", "abis",
+    "pki", "keys", "dedup", "encoders", "registry", "console", "delivery", "qc", "stock", "abis",
 ];
 
 /// Builds the named stages.
@@ -44,7 +44,10 @@ pub fn build(names: &[String], ctx: &Context) -> anyhow::Result<Vec<Arc<dyn Stag
         anyhow::bail!("unknown stage {unknown:?}");
     }
     if names.iter().any(|n| n == cardpipe_keys::stage::STAGE_NAME) {
-        stages.push(Arc::new(cardpipe_keys::stage::KeysStage::new(ctx.pki()?)));
+        let keys = cardpipe_keys::config::load(_config)?;
+        stages.push(Arc::new(
+            cardpipe_keys::stage::KeysStage::new(ctx.pki()?).with_generation(keys.generation),
+        ));
     }
     {
         // Dedup: the searching stage and, with the broker scatter, one stage per shard; the
@@ -72,7 +75,7 @@ pub fn build(names: &[String], ctx: &Context) -> anyhow::Result<Vec<Arc<dyn Stag
         // [encoders]: in-process card OS encoders (embedded) or PC/SC readers; the farm
         // re-scans readers in the background.
         let cfg = encoders_config(_config)?;
-        let stage = cardpipe_personalize::stage::PersonalizeStage::from_config(
+        let mut stage = cardpipe_personalize::stage::PersonalizeStage::from_config(
             &cfg,
             &_config.config.data_dir,
             _services,
@@ -81,6 +84,13 @@ pub fn build(names: &[String], ctx: &Context) -> anyhow::Result<Vec<Arc<dyn Stag
         .with_blank_source(cardpipe_qc::stock::StockSource::new(
             cardpipe_qc::stock::load(_config)?,
         ));
+        // [keys] generation = "on_card": the chips' public keys are certified here, while
+        // each card is in its encoder (the same keystore / HSM as the keys stage).
+        if cardpipe_keys::config::load(_config)?.generation
+            == cardpipe_pki::custody::KeyOrigin::OnCard
+        {
+            stage = stage.with_ca(ctx.pki()?);
+        }
         tray = Some(stage.farm().tray().clone());
         // Console: show this farm's live state, apply operators' service decisions to it.
         ctx.set_farm(stage.farm().clone());
@@ -150,7 +160,7 @@ fn encoders_config(config: &LoadedConfig) -> anyhow::Result<cardpipe_card::confi
         .map_err(|e| anyhow::anyhow!("{}", cardpipe_common::config::describe(&e)))
 }
 
-/// Parses every section the stages and the HTTP side read (`[registry]`, `[dedup]`, `[pki]`,
+/// Parses every section the stages and the HTTP side read (`[registry]`, `[dedup]`, `[pki]`, `[keys]`,
 /// `[encoders]`, `[qc]`, `[stock]`, `[console]`, `[delivery]`) without building anything, so a
 /// bad value anywhere is reported, all at once, before a process starts work (and by
 /// `cardpipe config check`) rather than when the stage that reads it is built.
@@ -165,6 +175,7 @@ pub fn check_sections(config: &LoadedConfig) -> anyhow::Result<()> {
     note(cardpipe_dedup::stage::DedupConfig::from_loaded(config).map(drop));
     note(cardpipe_dedup::mosip::config::AbisConfig::from_loaded(config).map(drop));
     note(cardpipe_pki::settings::PkiConfig::from_loaded(config).map(drop));
+    note(cardpipe_keys::config::load(config).map(drop));
     note(encoders_config(config).map(drop));
     note(cardpipe_qc::stage::load(config).map(drop));
     note(cardpipe_qc::stock::load(config).map(drop));

@@ -5,6 +5,7 @@
 //!
 //! - [`stage`] — the keys [`Stage`](cardpipe_common::runtime::Stage):
 //!   `dedup_clear | cleared | reprint_requested → keys_issued`.
+//! - [`config`] — `[keys] generation`: key pairs born on the chip (default) or in software.
 //! - [`ops`] — revocation, CRL publication, Document Signer rotation exactly once,
 //!   crypto-shredding, and the background loop.
 //!
@@ -12,5 +13,6 @@
 //! and PINs in [`secrecy::SecretString`]; no `Debug` impl, log line or error message in this
 //! crate carries a private key, PIN, national code or biometric.
 
+pub mod config;
 pub mod ops;
 pub mod stage;

@@ -14,6 +14,11 @@
 //! in `ds_usage`, the package in `wrapped_key_custody`, and for a reprint the revocation
 //! (`reprinted`) of the previous card's certificates.
 //!
+//! With `[keys] generation = "on_card"` (the default) the package carries the LDS and EF.SOD
+//! only ([`CardIssuer::prepare_on_card`](cardpipe_pki::issue::CardIssuer::prepare_on_card)):
+//! no key, no certificate, no custody of key material. The chip generates its key pairs in
+//! the encoder and personalization has them certified.
+//!
 //! Before issuing it checks the Document Signer rotation policy and rolls the DS when due
 //! (exactly once across replicas, see [`crate::ops::rotate_document_signer`]).
 
@@ -29,6 +34,7 @@ use futures::future::BoxFuture;
 
 use crate::ops::{RotationOutcome, rotate_document_signer};
 use cardpipe_common::contract::RevocationCause;
+use cardpipe_pki::custody::KeyOrigin;
 use cardpipe_pki::lds;
 use cardpipe_pki::rotation::{RotationDecision, decide_for};
 use cardpipe_pki::settings::Pki;
@@ -52,12 +58,22 @@ const ACCEPTS: &[ApplicationState] = &[
 #[derive(Debug, Clone)]
 pub struct KeysStage {
     pki: Arc<Pki>,
+    generation: KeyOrigin,
 }
 
 impl KeysStage {
-    /// A stage issuing through `pki`.
+    /// A stage issuing through `pki`, the chips generating their keys (the default).
     pub fn new(pki: Arc<Pki>) -> Self {
-        Self { pki }
+        Self {
+            pki,
+            generation: KeyOrigin::OnCard,
+        }
+    }
+
+    /// Where card key pairs are generated (`[keys] generation`).
+    pub fn with_generation(mut self, generation: KeyOrigin) -> Self {
+        self.generation = generation;
+        self
     }
 }
 
@@ -119,10 +135,12 @@ impl Stage for KeysStage {
         let pki = self.pki.clone();
         let card_ref = app.id.to_string();
         let issuing = current.clone();
-        let credentials = tokio::task::spawn_blocking(move || {
-            issuing
+        let generation = self.generation;
+        let credentials = tokio::task::spawn_blocking(move || match generation {
+            KeyOrigin::OffCard => issuing
                 .issuer
-                .issue(&card_ref, &chip, pki.transport_key(), now)
+                .issue(&card_ref, &chip, pki.transport_key(), now),
+            KeyOrigin::OnCard => issuing.issuer.prepare_on_card(&card_ref, &chip),
         })
         .await?
         .map_err(|e| match e {
@@ -134,11 +152,13 @@ impl Stage for KeysStage {
 
         // Sealed: the package holds DG1, DG2, DG3 and DG11.
         let issuance = store::committed_packages(&services.store, &app.id).await? + 1;
-        let key = cardpipe_common::contract::credentials_object_key(
-            &app.id,
-            issuance,
-            &credentials.authentication_certificate.serial,
-        );
+        // Named after the package's authentication certificate, or (on-card: no certificate
+        // yet) a fresh id, so two deliveries of one job never write the same object.
+        let distinct = match &credentials.off_card {
+            Some(keys) => keys.authentication_certificate.serial.clone(),
+            None => format!("oncard{}", uuid::Uuid::now_v7().simple()),
+        };
+        let key = cardpipe_common::contract::credentials_object_key(&app.id, issuance, &distinct);
         let json = zeroize::Zeroizing::new(serde_json::to_vec(&credentials)?);
         let sealed = cardpipe_common::contract::seal_credentials(services, &app.id, &json);
         drop(json);
@@ -152,16 +172,29 @@ impl Stage for KeysStage {
             ApplicationState::QcFailed => Some(RevocationCause::Spoiled),
             _ => None,
         };
-        let certs = [
-            credentials.authentication_certificate.clone(),
-            credentials.signature_certificate.clone(),
-        ];
+        let certs: Vec<_> = credentials
+            .off_card
+            .iter()
+            .flat_map(|k| {
+                [
+                    k.authentication_certificate.clone(),
+                    k.signature_certificate.clone(),
+                ]
+            })
+            .collect();
         let ds_label = credentials.document_signer_label.clone();
-        let transport_key_id = credentials.authentication_key.key_id.clone();
+        // The custody row records the package object (destroyed after QC like any other);
+        // an on-card package wraps nothing under a transport key.
+        let transport_key_id = match &credentials.off_card {
+            Some(keys) => keys.authentication_key.key_id.clone(),
+            None => String::new(),
+        };
+        let key_origin = credentials.key_origin();
         let object_key = key.clone();
         drop(credentials);
         Ok(Completion::to(ApplicationState::KeysIssued)
             .then(NEXT_STAGE)
+            .because(format!("key_origin={key_origin}"))
             .artifact(CREDENTIALS_ARTIFACT, key)
             .with_writes(extra_writes(move |tx| {
                 Box::pin(async move {

@@ -3,7 +3,10 @@
 //! the `openssl` command line: certificates against the chain, EF.SOD with `cms -verify`,
 //! a revoked card against the published CRL. Also: Document Signer rotation exactly once
 //! with concurrent rotators, revocation through the outbox sink, crypto-shredding, and
-//! SoftHSM2 holding the CA keys in a distributed run.
+//! SoftHSM2 holding the CA keys in a distributed run. These runs issue the keys off the card
+//! (`[keys] generation = "off_card"`: the package carries certificates and wrapped keys);
+//! on-card packages (no key material) are checked in tests/on_card_keys.rs of
+//! `cardpipe-tests` with the personalize and QC stages.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,7 +32,7 @@ use cardpipe_keys::stage::{CREDENTIALS_ARTIFACT, KeysStage};
 use cardpipe_pki::ca::CaHierarchy;
 use cardpipe_pki::citizen::CardKeyRole;
 use cardpipe_pki::crl::parse_crl;
-use cardpipe_pki::custody::{CardCredentials, TransportKey, unwrap};
+use cardpipe_pki::custody::{CardCredentials, KeyOrigin, TransportKey, unwrap};
 use cardpipe_pki::keystore::softhsm::SOFTHSM2_MODULE;
 use cardpipe_pki::keystore::{Backend, CaKeyStore, Pkcs11Config, Pkcs11KeyStore};
 use cardpipe_pki::pkix::to_pem;
@@ -135,7 +138,10 @@ async fn start(services: &Services, pki: Arc<Pki>) -> RunningPipeline {
         None,
     );
     let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
-        (Arc::new(KeysStage::new(pki)), settings()),
+        (
+            Arc::new(KeysStage::new(pki).with_generation(KeyOrigin::OffCard)),
+            settings(),
+        ),
         (Arc::new(personalize), settings()),
     ];
     let relay = Relay::new(services.clone())
@@ -203,12 +209,25 @@ fn openssl_verifies(dir: &Path, tag: &str, creds: &CardCredentials) {
     let sign = format!("{tag}-sign.pem");
     std::fs::write(
         dir.join(&auth),
-        to_pem("CERTIFICATE", &creds.authentication_certificate.der).unwrap(),
+        to_pem(
+            "CERTIFICATE",
+            &creds
+                .off_card
+                .as_ref()
+                .unwrap()
+                .authentication_certificate
+                .der,
+        )
+        .unwrap(),
     )
     .unwrap();
     std::fs::write(
         dir.join(&sign),
-        to_pem("CERTIFICATE", &creds.signature_certificate.der).unwrap(),
+        to_pem(
+            "CERTIFICATE",
+            &creds.off_card.as_ref().unwrap().signature_certificate.der,
+        )
+        .unwrap(),
     )
     .unwrap();
     let out = openssl(
@@ -329,12 +348,30 @@ async fn keys_stage_end_to_end(mode: Mode) {
         assert_eq!(certs.len(), 2);
         assert!(certs.iter().all(|c| c.status == "valid"));
         let serials: Vec<_> = certs.iter().map(|c| c.serial.clone()).collect();
-        assert!(serials.contains(&creds.authentication_certificate.serial));
-        assert!(serials.contains(&creds.signature_certificate.serial));
+        assert!(
+            serials.contains(
+                &creds
+                    .off_card
+                    .as_ref()
+                    .unwrap()
+                    .authentication_certificate
+                    .serial
+            )
+        );
+        assert!(
+            serials.contains(
+                &creds
+                    .off_card
+                    .as_ref()
+                    .unwrap()
+                    .signature_certificate
+                    .serial
+            )
+        );
         // The package holds the keys wrapped (usable by the encoder site), never clear.
         unwrap(
             pki.transport_key(),
-            &creds.authentication_key,
+            &creds.off_card.as_ref().unwrap().authentication_key,
             id.as_str(),
             CardKeyRole::Authentication,
         )
@@ -457,14 +494,14 @@ async fn keys_stage_end_to_end(mode: Mode) {
     let scalars = [
         unwrap(
             pki.transport_key(),
-            &creds0.authentication_key,
+            &creds0.off_card.as_ref().unwrap().authentication_key,
             ids[0].as_str(),
             CardKeyRole::Authentication,
         )
         .unwrap(),
         unwrap(
             pki.transport_key(),
-            &creds0.signature_key,
+            &creds0.off_card.as_ref().unwrap().signature_key,
             ids[0].as_str(),
             CardKeyRole::Signature,
         )
@@ -478,8 +515,13 @@ async fn keys_stage_end_to_end(mode: Mode) {
         .iter()
         .flat_map(|s| [hex::encode(&s[..]), hex::encode_upper(&s[..]), b64(&s[..])])
         .chain([
-            b64(&creds0.authentication_key.ciphertext),
-            b64(&creds0.signature_key.ciphertext),
+            b64(&creds0
+                .off_card
+                .as_ref()
+                .unwrap()
+                .authentication_key
+                .ciphertext),
+            b64(&creds0.off_card.as_ref().unwrap().signature_key.ciphertext),
         ])
         .collect();
     for key in services.objects.list("").await.unwrap() {
@@ -488,8 +530,14 @@ async fn keys_stage_end_to_end(mode: Mode) {
             assert!(!key.contains("credentials-"), "{key} survived shredding");
             if let Ok(pkg) = serde_json::from_slice::<CardCredentials>(&bytes) {
                 for (w, role) in [
-                    (&pkg.authentication_key, CardKeyRole::Authentication),
-                    (&pkg.signature_key, CardKeyRole::Signature),
+                    (
+                        &pkg.off_card.as_ref().unwrap().authentication_key,
+                        CardKeyRole::Authentication,
+                    ),
+                    (
+                        &pkg.off_card.as_ref().unwrap().signature_key,
+                        CardKeyRole::Signature,
+                    ),
                 ] {
                     assert!(unwrap(pki.transport_key(), w, ids[0].as_str(), role).is_err());
                 }

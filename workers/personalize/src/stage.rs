@@ -19,6 +19,16 @@
 //! 4. complete with, in ONE transaction, the state change and the blank's row set to
 //!    `personalized` (refused if the row is no longer `in_progress`).
 //!
+//! Keys born on the chip (an on-card package, `[keys] generation = "on_card"`): step 2 has
+//! no key to unwrap; in step 3 the script has the chip generate both key pairs and prove
+//! possession, and this stage's [`Certifier`] — the CA of this process, behind the same
+//! keystore or PKCS#11 HSM as the keys stage — checks the proofs, issues both certificates
+//! and records them (own transaction, before they reach the card) while the encoder goes on
+//! writing the LDS. A blank that fails after its certificates were issued has them revoked
+//! (`spoiled`, with a CRL) before the next blank; the completion records the certificates
+//! written to the card as the artifact `card_certificates` (what QC checks against) and
+//! `key_origin=on_card` in the history.
+//!
 //! Private keys, PINs and the fingerprint reference live in zeroizing buffers and never
 //! reach logs, errors or `Debug`.
 
@@ -31,12 +41,16 @@ use cardpipe_common::domain::{Application, ApplicationState};
 use cardpipe_common::records::{self, RecordError};
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
 use cardpipe_pki::citizen::CardKeyRole;
-use cardpipe_pki::custody::{self, CardCredentials};
+use cardpipe_pki::custody::{self, CardCredentials, KeyOrigin};
+use cardpipe_pki::settings::Pki;
 use zeroize::Zeroizing;
 
 use cardpipe_card::config::{EncodersConfig, SiteSecrets};
 use cardpipe_card::farm::{Farm, Outcome};
-use cardpipe_card::script::{self, CardImage, PersoError, ScriptOptions};
+use cardpipe_card::script::{self, CardImage, ImportedKeys, PersoError, ScriptOptions};
+
+use crate::certify::StageCertifier;
+use cardpipe_pki::custody::{CARD_CERTIFICATES_ARTIFACT, CardCertificates};
 
 /// The stage name.
 pub const STAGE_NAME: &str = cardpipe_common::contract::stage_names::PERSONALIZE;
@@ -56,6 +70,7 @@ pub struct PersonalizeStage {
     max_blanks: u32,
     in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     blanks: Option<Arc<dyn cardpipe_card::tray::BlankSource>>,
+    ca: Option<Arc<Pki>>,
 }
 
 /// Marks an application as being handled in this process; removed on drop.
@@ -89,7 +104,14 @@ impl PersonalizeStage {
             max_blanks: max_blanks.max(1),
             in_flight: Default::default(),
             blanks: None,
+            ca: None,
         }
+    }
+
+    /// Certifies keys generated on the chip with `pki` (needed for on-card packages).
+    pub fn with_ca(mut self, pki: Arc<Pki>) -> Self {
+        self.ca = Some(pki);
+        self
     }
 
     /// Takes blanks from `source` (the blank-card stock) instead of numbering them itself.
@@ -125,7 +147,12 @@ impl PersonalizeStage {
         &self.farm
     }
 
-    async fn image(&self, services: &Services, app: &Application) -> anyhow::Result<CardImage> {
+    /// The card image, the package (for on-card certification) and its object key.
+    async fn image(
+        &self,
+        services: &Services,
+        app: &Application,
+    ) -> anyhow::Result<(CardImage, CardCredentials, String)> {
         let key = services
             .store
             .artifact(&app.id, CREDENTIALS_ARTIFACT)
@@ -134,25 +161,41 @@ impl PersonalizeStage {
         let bytes = cardpipe_common::contract::load_credentials(services, &app.id, &key)
             .await?
             .ok_or_else(|| Permanent(format!("credentials package {key} missing")))?;
-        let creds: CardCredentials = serde_json::from_slice(&bytes)
+        let mut creds: CardCredentials = serde_json::from_slice(&bytes)
             .map_err(|e| Permanent(format!("credentials package {key} unreadable: {e}")))?;
         drop(bytes);
         if creds.card_ref != app.id.as_str() {
             return Err(Permanent("credentials package is for another application".into()).into());
         }
-        // The package must carry the certificates recorded with it: a duplicate delivery of a
-        // keys job that lost its commit could have rewritten the object afterwards.
-        let mut serials = vec![
-            creds.authentication_certificate.serial.clone(),
-            creds.signature_certificate.serial.clone(),
-        ];
-        serials.sort();
-        if cardpipe_pki::store::package_serials(&services.store, &key).await? != serials {
-            return Err(Permanent(format!(
-                "credentials package {key} does not carry the certificates recorded for it; reprint"
-            ))
-            .into());
-        }
+        // An off-card package must carry the certificates recorded with it: a duplicate
+        // delivery of a keys job that lost its commit could have rewritten the object
+        // afterwards. (An on-card package has none; its certificates are issued here.)
+        let imported = match creds.off_card.take() {
+            Some(keys) => {
+                let mut serials = vec![
+                    keys.authentication_certificate.serial.clone(),
+                    keys.signature_certificate.serial.clone(),
+                ];
+                serials.sort();
+                if cardpipe_pki::store::package_serials(&services.store, &key).await? != serials {
+                    return Err(Permanent(format!(
+                        "credentials package {key} does not carry the certificates recorded for it; reprint"
+                    ))
+                    .into());
+                }
+                let unwrap = |w, role| {
+                    custody::unwrap(&self.secrets.transport, w, &creds.card_ref, role)
+                        .map_err(|e| Permanent(format!("unwrapping a card key: {e}")))
+                };
+                Some(ImportedKeys {
+                    auth_key: unwrap(&keys.authentication_key, CardKeyRole::Authentication)?,
+                    sign_key: unwrap(&keys.signature_key, CardKeyRole::Signature)?,
+                    auth_cert: keys.authentication_certificate.der.clone(),
+                    sign_cert: keys.signature_certificate.der.clone(),
+                })
+            }
+            None => None,
+        };
         let biometrics = records::load_biometrics(services, &app.id)
             .await
             .map_err(record_error)?;
@@ -164,12 +207,6 @@ impl PersonalizeStage {
             .map(Zeroizing::new)
             .ok_or_else(|| Permanent("no usable ISO/IEC 19794-2 fingerprint template".into()))?;
         drop(biometrics);
-        let unwrap = |w, role| {
-            custody::unwrap(&self.secrets.transport, w, &creds.card_ref, role)
-                .map_err(|e| Permanent(format!("unwrapping a card key: {e}")))
-        };
-        let auth_key = unwrap(&creds.authentication_key, CardKeyRole::Authentication)?;
-        let sign_key = unwrap(&creds.signature_key, CardKeyRole::Signature)?;
         let pins = self.secrets.pins.clone();
         let image = CardImage {
             ef_com: creds.ef_com.clone(),
@@ -178,10 +215,7 @@ impl PersonalizeStage {
             dg3: creds.dg3.clone(),
             dg11: creds.dg11.clone(),
             sod: creds.ef_sod.clone(),
-            auth_key,
-            sign_key,
-            auth_cert: creds.authentication_certificate.der.clone(),
-            sign_cert: creds.signature_certificate.der.clone(),
+            imported,
             id_pin: pins.id_pin,
             sign_pin: pins.sign_pin,
             puk: pins.puk,
@@ -190,7 +224,7 @@ impl PersonalizeStage {
         image
             .validate()
             .map_err(|e| Permanent(format!("card image: {e}")))?;
-        Ok(image)
+        Ok((image, creds, key))
     }
 }
 
@@ -257,9 +291,27 @@ impl Stage for PersonalizeStage {
         if interrupted > 0 {
             tracing::warn!(application = %app.id, blanks = interrupted, "blank(s) left in progress by an earlier attempt recorded spoiled");
         }
-        let image = Arc::new(self.image(services, app).await?);
+        let (image, package, package_key) = self.image(services, app).await?;
+        let image = Arc::new(image);
+        let origin = if image.imported.is_some() {
+            KeyOrigin::OffCard
+        } else {
+            KeyOrigin::OnCard
+        };
+        let ca = match (origin, &self.ca) {
+            (KeyOrigin::OffCard, _) => None,
+            (KeyOrigin::OnCard, Some(pki)) => Some(pki.current(services).await?),
+            (KeyOrigin::OnCard, None) => anyhow::bail!(
+                "an on-card package needs the CA in the personalize process ([keys] generation = \"on_card\"); retrying"
+            ),
+        };
         let mut encoder_failures = 0u32;
         loop {
+            // Certificates issued for a blank that never became this application's card (a
+            // failed or interrupted attempt) are revoked before another blank is spent.
+            if origin == KeyOrigin::OnCard {
+                crate::certify::revoke_unwritten(store, &app.id, &package_key, now()).await?;
+            }
             let spoiled = cardpipe_card::cards::counted_spoils(store, &app.id).await?;
             if spoiled >= i64::from(self.max_blanks) {
                 return Err(Permanent(format!(
@@ -332,8 +384,24 @@ impl Stage for PersonalizeStage {
                 self.secrets.master.clone(),
                 self.script.clone(),
             );
+            let certifier = ca.as_ref().map(|ca| {
+                Arc::new(StageCertifier::new(
+                    ca.clone(),
+                    services.clone(),
+                    &app.id,
+                    &package,
+                    &package_key,
+                    now(),
+                ))
+            });
+            let in_script = certifier.clone();
             let result = lease
-                .run(move |enc| script::personalize(enc, &img, &master, &opts))
+                .run(move |enc| match &in_script {
+                    None => script::personalize(enc, &img, &master, &opts),
+                    Some(ca) => {
+                        script::personalize_generating_keys(enc, &img, ca.as_ref(), &master, &opts)
+                    }
+                })
                 .await?;
             match result {
                 Ok(rec) => {
@@ -354,15 +422,41 @@ impl Stage for PersonalizeStage {
                     tracing::info!(application = %app.id, %encoder, %blank, chip = %rec.chip_serial, apdus = rec.apdus, elapsed_ms = rec.elapsed.as_millis() as u64, "card personalized");
                     let id = app.id.clone();
                     let at = now();
-                    return Ok(Completion::to(ApplicationState::Personalized)
+                    let mut completion = Completion::to(ApplicationState::Personalized)
                         .then(NEXT_STAGE)
                         .holding(guard)
-                        .because(format!("chip {chip} (blank {blank}) on {encoder}"))
-                        .with_writes(Box::new(move |tx| {
-                            Box::pin(async move {
-                                cardpipe_card::cards::mark_personalized(tx, &blank, &id, at).await
-                            })
-                        })));
+                        .because(format!(
+                            "chip {chip} (blank {blank}) on {encoder}; key_origin={origin}"
+                        ));
+                    if let Some(certifier) = &certifier {
+                        let issued = certifier.issued().ok_or_else(|| {
+                            anyhow::anyhow!("the card was written without recorded certificates")
+                        })?;
+                        let record = CardCertificates {
+                            key_origin: origin,
+                            chip_serial: chip.clone(),
+                            blank_serial: blank.clone(),
+                            authentication: issued[0].clone(),
+                            signature: issued[1].clone(),
+                        };
+                        let key = format!(
+                            "applications/{}/card-certificates-{}.json",
+                            app.id, issued[0].serial
+                        );
+                        services
+                            .objects
+                            .put(
+                                &key,
+                                bytes::Bytes::from(serde_json::to_vec_pretty(&record)?),
+                            )
+                            .await?;
+                        completion = completion.artifact(CARD_CERTIFICATES_ARTIFACT, key);
+                    }
+                    return Ok(completion.with_writes(Box::new(move |tx| {
+                        Box::pin(async move {
+                            cardpipe_card::cards::mark_personalized(tx, &blank, &id, at).await
+                        })
+                    })));
                 }
                 Err(e) => {
                     let card_fault = e.spoils_blank();
@@ -374,6 +468,12 @@ impl Stage for PersonalizeStage {
                     cardpipe_card::cards::spoil(store, &blank, &reason, now()).await?;
                     tracing::warn!(application = %app.id, %encoder, %blank, %chip, %reason, "blank spoiled");
                     match &e {
+                        PersoError::Certification(_) => {
+                            // The CA, not the card or the encoder: the next delivery retries
+                            // (with backoff) on a fresh blank.
+                            eject(&mut lease).await;
+                            return Err(anyhow::anyhow!("{e}; retrying"));
+                        }
                         _ if card_fault => lease.report(Outcome::Spoiled),
                         PersoError::Reader(r) => lease.report_reader_error(r),
                         PersoError::Image(_) => {

@@ -3,6 +3,13 @@
 //! spoiled), the application ends on a good card, and pyscard — a tool we did not write —
 //! reads back what the pipeline wrote.
 //!
+//! The second test makes a card whose keys the chip generates (`[keys] generation =
+//! "on_card"`) and then, with tools we did not write, checks it as any relying party could:
+//! pyscard reads both certificates and asks the chip for an INTERNAL AUTHENTICATE (key 01)
+//! and, after VERIFY of the signature PIN, a PSO COMPUTE DIGITAL SIGNATURE (key 02) over a
+//! fresh challenge; `openssl dgst -verify` checks each signature under its certificate's key
+//! and `openssl verify` accepts both certificates under the CA hierarchy.
+//!
 //! Like tests/pcscd.rs, the body runs in a re-executed child with `PCSCLITE_CSOCK_NAME` set
 //! (pcsc-lite reads it once per process), which starts its own private pcscd.
 
@@ -219,10 +226,209 @@ fn pcscd_stage_on_the_farm_with_faults_then_pyscard_readback() {
             }
             assert!(
                 pyscard_read(&reader_name, &EID_AID, EF_CERT_AUTH)
-                    == creds.authentication_certificate.der,
+                    == creds
+                        .off_card
+                        .as_ref()
+                        .unwrap()
+                        .authentication_certificate
+                        .der,
                 "pyscard read of C001"
             );
             println!("pyscard read back EF.COM, DG1, DG2, DG11, EF.SOD, C001: match");
+        },
+    );
+}
+
+/// Reads C001/C002 and has the chip sign `challenge` with both keys; prints JSON.
+const PYSCARD_PROVE: &str = r#"
+import sys, json, hashlib
+from smartcard.System import readers
+name, eid, pin, chal = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3].encode(), bytes.fromhex(sys.argv[4])
+r = [x for x in readers() if str(x) == name][0]
+c = r.createConnection(); c.connect()
+def tx(apdu):
+    data, sw1, sw2 = c.transmit(list(apdu))
+    return bytes(data), (sw1 << 8) | sw2
+_, s = tx(b"\x00\xa4\x04\x0c" + bytes([len(eid)]) + eid); assert s == 0x9000, hex(s)
+def read(fid):
+    fcp, s = tx(b"\x00\xa4\x02\x04\x02" + fid + b"\x00"); assert s == 0x9000, hex(s)
+    size = int.from_bytes(fcp[4:6], "big")
+    out = b""
+    while len(out) < size:
+        off = len(out)
+        d, s = tx(bytes([0, 0xB0, off >> 8, off & 0xFF, min(256, size - off) & 0xFF]))
+        assert s in (0x9000, 0x6282), hex(s)
+        out += d
+    return out
+c001, c002 = read(b"\xc0\x01"), read(b"\xc0\x02")
+ia, s = tx(b"\x00\x88\x00\x01" + bytes([len(chal)]) + chal + b"\x00"); assert s == 0x9000, hex(s)
+_, s = tx(b"\x00\x20\x00\x82" + bytes([len(pin)]) + pin); assert s == 0x9000, hex(s)
+h = hashlib.sha256(chal).digest()
+pso, s = tx(b"\x00\x2a\x9e\x9a\x20" + h + b"\x00"); assert s == 0x9000, hex(s)
+print(json.dumps({"c001": c001.hex(), "c002": c002.hex(), "ia": ia.hex(), "pso": pso.hex()}))
+"#;
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openssl {args:?}: {text}");
+    text
+}
+
+#[test]
+fn pcscd_on_card_keys_verified_by_pyscard_and_openssl() {
+    with_private_pcscd(
+        &pcsc("pcscd_on_card_keys_verified_by_pyscard_and_openssl"),
+        |dir| {
+            let sim = Simulation::start(SimConfig::new(1, dir)).expect("pcscd with vpcd starts");
+            sim.check_client_env()
+                .expect("child talks to its own pcscd");
+            let stock = Arc::new(BlankStock::new(MasterKeys::test_keys(), 62, |_| {
+                Faults::none()
+            }));
+            let source = HopperSource {
+                readers: sim
+                    .encoders()
+                    .iter()
+                    .map(|e| (e.reader.clone(), e.slot().clone()))
+                    .collect(),
+                stock,
+            };
+            let farm = Farm::new(Box::new(source), FarmSettings::default());
+            let reader_name = sim.readers()[0].clone();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let pki_dir = tempfile::tempdir().unwrap();
+            let (hierarchy, history) = rt.block_on(async {
+                let (services, _guard) = testing::services(Mode::Embedded, None).await;
+                let pki = Arc::new(
+                    cardpipe_pki::settings::Pki::open(
+                        cardpipe_pki::settings::PkiConfig {
+                            kdf_log_n: 10,
+                            ..Default::default()
+                        },
+                        pki_dir.path(),
+                    )
+                    .unwrap(),
+                );
+                let ca = pki.current(&services).await.unwrap();
+                let apps = common::seed_with(&services, &ca.issuer, None, 1).await;
+                let id = apps[0].0.clone();
+                let test_pki = common::pki();
+                let stage = common::stage(farm.clone(), &test_pki, 4).with_ca(pki.clone());
+                let running = common::start(&services, stage).await;
+                common::wait_personalized(&services, std::slice::from_ref(&id)).await;
+                running.shutdown().await.unwrap();
+                common::one_good_card(&services, &id).await;
+                let history: Vec<String> = services
+                    .store
+                    .history(&id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter_map(|h| h.reason.clone())
+                    .collect();
+                (ca.hierarchy.clone(), history)
+            });
+            assert!(
+                history.iter().any(|r| r.contains("key_origin=on_card")),
+                "{history:?}"
+            );
+
+            // Outside tools only from here.
+            let challenge: [u8; 32] = rand::random();
+            let out = Command::new(PYTHON)
+                .args([
+                    "-c",
+                    PYSCARD_PROVE,
+                    &reader_name,
+                    &hex::encode(EID_AID),
+                    // common::pki()'s transport signature PIN
+                    "222222",
+                    &hex::encode(challenge),
+                ])
+                .output()
+                .expect("python3 runs");
+            assert!(
+                out.status.success(),
+                "pyscard: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let field = |k: &str| hex::decode(answer[k].as_str().unwrap()).unwrap();
+            let work = tempfile::tempdir().unwrap();
+            let w = work.path();
+            let write = |name: &str, bytes: &[u8]| std::fs::write(w.join(name), bytes).unwrap();
+            write("c001.der", &field("c001"));
+            write("c002.der", &field("c002"));
+            write("root.der", &hierarchy.root.certificate);
+            write("issuing.der", &hierarchy.issuing.certificate);
+            write("challenge.bin", &challenge);
+            for (raw, der) in [("ia", "ia.sig"), ("pso", "pso.sig")] {
+                write(
+                    der,
+                    &cardpipe_pki::pkix::ecdsa_raw_to_der(&field(raw)).unwrap(),
+                );
+            }
+            for name in ["c001", "c002", "root", "issuing"] {
+                openssl(
+                    w,
+                    &[
+                        "x509",
+                        "-inform",
+                        "DER",
+                        "-in",
+                        &format!("{name}.der"),
+                        "-out",
+                        &format!("{name}.pem"),
+                    ],
+                );
+            }
+            let verified = openssl(
+                w,
+                &[
+                    "verify",
+                    "-CAfile",
+                    "root.pem",
+                    "-untrusted",
+                    "issuing.pem",
+                    "c001.pem",
+                    "c002.pem",
+                ],
+            );
+            assert!(
+                verified.contains("c001.pem: OK") && verified.contains("c002.pem: OK"),
+                "{verified}"
+            );
+            for (cert, sig) in [("c001", "ia.sig"), ("c002", "pso.sig")] {
+                let public = openssl(
+                    w,
+                    &["x509", "-in", &format!("{cert}.pem"), "-pubkey", "-noout"],
+                );
+                write(&format!("{cert}.pub"), public.as_bytes());
+                let ok = openssl(
+                    w,
+                    &[
+                        "dgst",
+                        "-sha256",
+                        "-verify",
+                        &format!("{cert}.pub"),
+                        "-signature",
+                        sig,
+                        "challenge.bin",
+                    ],
+                );
+                assert!(ok.contains("Verified OK"), "{cert}: {ok}");
+            }
+            println!("pyscard + openssl: both chip keys answer under their certificates; chain OK");
         },
     );
 }

@@ -324,6 +324,7 @@ async fn health_takes_a_failing_encoder_out_and_operators_put_it_back() {
         Arc::new(MasterKeys::test_keys()),
         opts.clone(),
         1,
+        None,
     )
     .await;
     assert_eq!(ok, 0);
@@ -369,7 +370,8 @@ async fn farm_throughput_against_the_physical_limit() {
         FarmSettings::default(),
     );
     let (ok, wall) =
-        cardpipe_card::farm::drive(&farm, n * per, image, Arc::new(master), opts, 2 * n).await;
+        cardpipe_card::farm::drive(&farm, n * per, image, Arc::new(master), opts, 2 * n, None)
+            .await;
     let real = wall.as_secs_f64() / scale;
     let per_hour = ok as f64 * 3600.0 / real;
     let limit = n as f64 * 3600.0 / t;

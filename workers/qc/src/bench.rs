@@ -16,7 +16,7 @@ use cardpipe_card::card_os::profile::*;
 use cardpipe_card::card_os::{Card, Defect};
 use cardpipe_card::reader::{BlankStock, Encoder, InProcessEncoder};
 use cardpipe_card::scp03::MasterKeys;
-use cardpipe_card::script::{self, CardImage, ScriptOptions};
+use cardpipe_card::script::{self, CardImage, ImportedKeys, ScriptOptions};
 use cardpipe_pki::ca::{CaConfig, CaHierarchy, init};
 use cardpipe_pki::citizen::{CardKeyRole, CitizenProfiles};
 use cardpipe_pki::custody::{self, CardCredentials, TransportKey};
@@ -169,6 +169,10 @@ impl Fixture {
     /// The card image of a package (keys unwrapped with the transport key).
     pub fn image(&self, creds: &CardCredentials) -> anyhow::Result<CardImage> {
         let unwrap = |w, role| custody::unwrap(&self.transport, w, &creds.card_ref, role);
+        let keys = creds
+            .off_card
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bench issues packages with off-card keys"))?;
         Ok(CardImage {
             ef_com: creds.ef_com.clone(),
             dg1: creds.dg1.clone(),
@@ -176,10 +180,12 @@ impl Fixture {
             dg3: creds.dg3.clone(),
             dg11: creds.dg11.clone(),
             sod: creds.ef_sod.clone(),
-            auth_key: unwrap(&creds.authentication_key, CardKeyRole::Authentication)?,
-            sign_key: unwrap(&creds.signature_key, CardKeyRole::Signature)?,
-            auth_cert: creds.authentication_certificate.der.clone(),
-            sign_cert: creds.signature_certificate.der.clone(),
+            imported: Some(ImportedKeys {
+                auth_key: unwrap(&keys.authentication_key, CardKeyRole::Authentication)?,
+                sign_key: unwrap(&keys.signature_key, CardKeyRole::Signature)?,
+                auth_cert: keys.authentication_certificate.der.clone(),
+                sign_cert: keys.signature_certificate.der.clone(),
+            }),
             id_pin: Zeroizing::new(ID_PIN.to_vec()),
             sign_pin: Zeroizing::new(SIGN_PIN.to_vec()),
             puk: Zeroizing::new(PUK_VALUE.to_vec()),
@@ -215,12 +221,18 @@ impl Fixture {
                 checks: Vec::new(),
             };
         }
+        let Some(keys) = creds.off_card.as_ref() else {
+            return check::Inspection {
+                chip_serial: None,
+                checks: Vec::new(),
+            };
+        };
         check::inspect(
             &mut reader,
             &Expectations {
                 chip_serial: Some(chip),
-                auth_cert: &creds.authentication_certificate.der,
-                sign_cert: &creds.signature_certificate.der,
+                auth_cert: &keys.authentication_certificate.der,
+                sign_cert: &keys.signature_certificate.der,
                 hierarchy: &self.hierarchy,
                 id_pin: ID_PIN,
                 sign_pin: SIGN_PIN,

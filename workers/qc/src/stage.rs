@@ -2,9 +2,10 @@
 //! `keys`: fresh keys and certificates, then a fresh blank).
 //!
 //! For one application:
-//! 1. the personalized card row (blank serial, chip serial, encoder) and the credentials package
-//!    (the certificates issued for the application) are loaded; the CA hierarchy is the keys
-//!    stage's;
+//! 1. the personalized card row (blank serial, chip serial, encoder) and the certificates
+//!    issued for the card are loaded — from the credentials package (keys generated off the
+//!    card) or from the `card_certificates` artifact personalization recorded (keys generated
+//!    on the chip); the CA hierarchy is the keys stage's;
 //! 2. the card is brought to a QC station ([`crate::station`]): from the in-process farm's
 //!    output tray into an in-process reader (the card body serial must be the recorded blank
 //!    serial), or by the machine's line controller into a QC station reader reached through
@@ -40,7 +41,10 @@ use cardpipe_common::domain::{Application, ApplicationId, ApplicationState};
 use cardpipe_common::runtime::relay::OutboxSink;
 use cardpipe_common::runtime::{Completion, JobContext, Permanent, Services, Stage};
 use cardpipe_common::store::{OutboxRow, StoreError, StoreTx};
-use cardpipe_pki::custody::CardCredentials;
+use cardpipe_pki::citizen::IssuedCertificate;
+use cardpipe_pki::custody::{
+    CARD_CERTIFICATES_ARTIFACT, CardCertificates, CardCredentials, KeyOrigin,
+};
 use cardpipe_pki::settings::Pki;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -141,6 +145,8 @@ pub struct QcReport {
     pub started_at: String,
     /// Wall time of the inspection, ms.
     pub elapsed_ms: u64,
+    /// Where the card's two key pairs were generated (`on_card` or `off_card`).
+    pub key_origin: KeyOrigin,
     /// A failed card: its certificates (serials), revoked as `spoiled` in the transaction
     /// that spoils it; the remake gets fresh keys and certificates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -265,6 +271,34 @@ impl QcStage {
         Ok(())
     }
 
+    /// The certificates issued for the card (authentication, signature): the package's
+    /// (off-card keys) or those personalization recorded for the chip's own keys.
+    async fn issued_certificates(
+        &self,
+        services: &Services,
+        app: &Application,
+        creds: CardCredentials,
+    ) -> anyhow::Result<[IssuedCertificate; 2]> {
+        if let Some(keys) = creds.off_card {
+            return Ok([keys.authentication_certificate, keys.signature_certificate]);
+        }
+        let key = services
+            .store
+            .artifact(&app.id, CARD_CERTIFICATES_ARTIFACT)
+            .await?
+            .ok_or_else(|| {
+                Permanent("no certificates recorded for the card's on-chip keys".into())
+            })?;
+        let bytes = services
+            .objects
+            .get(&key)
+            .await?
+            .ok_or_else(|| Permanent(format!("card certificates {key} missing")))?;
+        let written: CardCertificates = serde_json::from_slice(&bytes)
+            .map_err(|e| Permanent(format!("card certificates {key} unreadable: {e}")))?;
+        Ok([written.authentication, written.signature])
+    }
+
     async fn credentials(
         &self,
         services: &Services,
@@ -334,10 +368,9 @@ impl Stage for QcStage {
             chip_serial: card.chip_serial.clone(),
         };
         let hierarchy = ca.hierarchy.clone();
-        let (auth, sign) = (
-            creds.authentication_certificate.der.clone(),
-            creds.signature_certificate.der.clone(),
-        );
+        let key_origin = creds.key_origin();
+        let [issued_auth, issued_sign] = self.issued_certificates(services, app, creds).await?;
+        let (auth, sign) = (issued_auth.der.clone(), issued_sign.der.clone());
         let pins = self.pins.clone();
         let recorded = card.chip_serial.clone();
         let stations = self.stations.clone();
@@ -385,11 +418,9 @@ impl Stage for QcStage {
             checks: inspection.checks.clone(),
             started_at: to_rfc3339(started_at),
             elapsed_ms: elapsed.as_millis() as u64,
+            key_origin,
             revoked_certificates: if verdict.is_some() {
-                vec![
-                    creds.authentication_certificate.serial.clone(),
-                    creds.signature_certificate.serial.clone(),
-                ]
+                vec![issued_auth.serial.clone(), issued_sign.serial.clone()]
             } else {
                 Vec::new()
             },

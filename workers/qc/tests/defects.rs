@@ -120,7 +120,13 @@ fn a_certificate_of_another_card_is_refused() {
     card.inject_defect(&cardpipe_card::card_os::Defect::ReplaceFile {
         app: App::Eid,
         fid: EF_CERT_AUTH,
-        data: other.authentication_certificate.der.clone(),
+        data: other
+            .off_card
+            .as_ref()
+            .unwrap()
+            .authentication_certificate
+            .der
+            .clone(),
     });
     let inspection = fx.inspect(card, &creds, &chip);
     assert_eq!(

@@ -20,6 +20,9 @@ pub struct Faults {
     /// Slow EEPROM: time every APDU takes on the chip, so that a whole personalization takes a
     /// realistic encode time.
     pub apdu_latency: Duration,
+    /// Time the chip takes to generate one key pair (GENERATE ASYMMETRIC KEY PAIR), on top of
+    /// the APDU latency: P-256 key generation on a real chip takes on the order of 100 ms.
+    pub keygen_latency: Duration,
 }
 
 impl Faults {
@@ -71,6 +74,7 @@ impl FaultPlan {
             seed: self.seed.wrapping_add(u64::from(n)),
             tear_at_write: hit(self.tear_every).then_some(self.tear_at_write.max(1)),
             apdu_latency: self.apdu_latency,
+            keygen_latency: Duration::ZERO,
         }
     }
 }

@@ -19,6 +19,7 @@
 //! | D6/D7 | UPDATE BINARY | SCP03 session required, only before the lock; D7 takes `54`+`53` |
 //! | CA | GET DATA | `9F7F`: CPLC with the chip serial |
 //! | 50, 82 | INITIALIZE UPDATE, EXTERNAL AUTHENTICATE | SCP03, before the lock only |
+//! | 46 | GENERATE ASYMMETRIC KEY PAIR | ISO/IEC 7816-8, `P1 80`, P2 01/02: a fresh P-256 key pair born on the chip, under SCP03 before the lock only; answers the public key `7F49 { 86 04‖X‖Y }` (the private key never leaves) |
 //! | DA | PUT DATA | P2 01/02: P-256 private key (C-DEC required); P2 91: fingerprint reference |
 //! | 20 | VERIFY | P2 81/82/83; empty data asks for the retry counter |
 //! | 21 | VERIFY (biometric) | P2 91, ISO/IEC 19794-2 probe |
@@ -232,6 +233,20 @@ impl Card {
     /// The chip serial.
     pub fn serial(&self) -> ChipSerial {
         self.serial
+    }
+
+    /// The private scalar in slot `key_ref` — what a real chip never answers to any command.
+    /// Only for tests that prove a key born on the chip exists nowhere else: they look for
+    /// it in every store and log. The personalization and QC code never call it.
+    #[doc(hidden)]
+    pub fn simulator_private_key(&self, key_ref: u8) -> Option<Zeroizing<[u8; 32]>> {
+        let slot = match key_ref {
+            KEY_AUTH => &self.keys[0],
+            KEY_SIGN => &self.keys[1],
+            _ => return None,
+        };
+        slot.as_ref()
+            .map(|KeySlot(k)| Zeroizing::new(<[u8; 32]>::from(k.to_bytes())))
     }
 
     /// The lifecycle state.
@@ -473,6 +488,7 @@ impl Card {
             (_, 0xCA) => self.get_data(cmd),
             (true, 0x50) => self.initialize_update(cmd),
             (true, 0xDA) => self.put_data(cmd, secure),
+            (false, 0x46) => self.generate_key_pair(cmd, secure),
             (true, 0xF0) => self.set_status(cmd, secure),
             (false, 0x20) => self.verify(cmd),
             (false, 0x21) => self.verify_biometric(cmd),
@@ -798,6 +814,40 @@ impl Card {
         }
     }
 
+    /// GENERATE ASYMMETRIC KEY PAIR: the private key is drawn from the OS's generator (not
+    /// the card's fault-plan generator, which is seeded from the serial) and stays in the
+    /// slot; only the public key is answered. Regenerating replaces the slot's key before the
+    /// lock; after the lock, and outside the secure channel, the command is refused.
+    fn generate_key_pair(&mut self, cmd: &Command, secure: bool) -> Outcome {
+        if let Err(s) = self.perso_allowed(secure, false) {
+            return sw_only(s);
+        }
+        if cmd.p1 != 0x80 {
+            return sw_only(sw::WRONG_P1P2);
+        }
+        if !matches!(cmd.p2, KEY_AUTH | KEY_SIGN) {
+            return sw_only(sw::REF_NOT_FOUND);
+        }
+        if !cmd.data.is_empty() {
+            return sw_only(sw::WRONG_LENGTH);
+        }
+        if self.write_fails() {
+            return sw_only(sw::MEMORY_FAILURE);
+        }
+        if !self.faults.keygen_latency.is_zero() {
+            std::thread::sleep(self.faults.keygen_latency);
+        }
+        let key = loop {
+            let candidate = Zeroizing::new(rand::random::<[u8; 32]>());
+            if let Ok(key) = SigningKey::from_slice(&candidate[..]) {
+                break key;
+            }
+        };
+        let point = key.verifying_key().to_encoded_point(false);
+        self.keys[usize::from(cmd.p2 - 1)] = Some(KeySlot(key));
+        Ok(Response::ok(public_key_do(point.as_bytes())))
+    }
+
     // ---- PINs and biometrics ----
 
     fn verified_flag(&mut self, reference: u8) -> Option<&mut bool> {
@@ -1014,6 +1064,20 @@ fn write_at(file: &mut Vec<u8>, offset: usize, data: &[u8]) {
         file.resize(offset + data.len(), 0xFF);
     }
     file[offset..offset + data.len()].copy_from_slice(data);
+}
+
+/// The public key data object of GENERATE ASYMMETRIC KEY PAIR (ISO/IEC 7816-8):
+/// `7F49 L { 86 L point }`, the point SEC1 uncompressed.
+pub fn public_key_do(point: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(point.len() + 6);
+    cardpipe_pki::tlv::put(&mut out, 0x7F49, &wrap_tlv(0x86, point));
+    out
+}
+
+/// The point inside a `7F49` public key data object, if that is what `data` is.
+pub fn parse_public_key_do(data: &[u8]) -> Option<&[u8]> {
+    let inner = cardpipe_pki::tlv::expect(data, 0x7F49, "public key").ok()?;
+    parse_tlv(0x86, inner)
 }
 
 /// BER-TLV with a one-byte tag and definite length (the workspace's one codec,

@@ -252,6 +252,90 @@ fn key_import_needs_c_dec_and_a_valid_scalar() {
 }
 
 #[test]
+fn key_generation_on_the_chip_needs_the_secure_channel_and_ends_with_the_lock() {
+    let mut enc = encoder_with(card());
+    let master = MasterKeys::test_keys();
+    // Plain: refused, nothing generated.
+    assert_eq!(
+        enc.send(&Command::new(0x00, 0x46, 0x80, KEY_AUTH).with_le(256))
+            .unwrap()
+            .sw,
+        sw::SECURITY_STATUS
+    );
+    assert_eq!(card_of(&mut enc).public_key(KEY_AUTH), None);
+
+    // Under SCP03 (C-MAC is enough: nothing secret goes in): the public key comes back as
+    // 7F49 { 86 point }; the chip holds the matching private key.
+    let mut sc = SecureChannel::open(&mut enc, &master, SecurityLevel::C_MAC_R_MAC).unwrap();
+    let generate = |key_ref| Command::new(0x00, 0x46, 0x80, key_ref).with_le(256);
+    let r = sc.send(&mut enc, &generate(KEY_AUTH)).unwrap();
+    assert_eq!(r.sw, sw::OK);
+    let auth = parse_public_key_do(&r.data).expect("7F49/86").to_vec();
+    assert_eq!((auth.len(), auth[0]), (65, 0x04));
+    assert_eq!(card_of(&mut enc).public_key(KEY_AUTH), Some(auth.clone()));
+    let r = sc.send(&mut enc, &generate(KEY_SIGN)).unwrap();
+    let sign = parse_public_key_do(&r.data).unwrap().to_vec();
+    assert_ne!(auth, sign, "two keys, two pairs");
+    // Regenerating before the lock replaces the key.
+    let again = sc.send(&mut enc, &generate(KEY_AUTH)).unwrap();
+    let auth2 = parse_public_key_do(&again.data).unwrap().to_vec();
+    assert_ne!(auth, auth2);
+    // Bad references and parameters.
+    assert_eq!(
+        sc.send(&mut enc, &generate(0x07)).unwrap().sw,
+        sw::REF_NOT_FOUND
+    );
+    assert_eq!(
+        sc.send(
+            &mut enc,
+            &Command::new(0x00, 0x46, 0x81, KEY_AUTH).with_le(256)
+        )
+        .unwrap()
+        .sw,
+        sw::WRONG_P1P2
+    );
+    // The new key signs: INTERNAL AUTHENTICATE verifies against the generated public key.
+    sc.send_ok(
+        &mut enc,
+        "SELECT eID",
+        &Command::new(0, 0xA4, 4, 0x0C).with_data(EID_AID.to_vec()),
+    )
+    .unwrap();
+    let challenge = b"proof of possession".to_vec();
+    let sig = sc
+        .send_ok(
+            &mut enc,
+            "INTERNAL AUTHENTICATE",
+            &Command::new(0, 0x88, 0, KEY_AUTH)
+                .with_data(challenge.clone())
+                .with_le(256),
+        )
+        .unwrap()
+        .data;
+    assert!(script::verify_internal_authenticate(
+        &auth2, &challenge, &sig
+    ));
+
+    // Locked: no more generation, even with a fresh secure channel attempt.
+    sc.send_ok(&mut enc, "lock", &Command::new(0x80, 0xF0, 0x80, 0x0F))
+        .unwrap();
+    let c = card_of(&mut enc);
+    assert_eq!(c.lifecycle(), Lifecycle::Operational);
+    assert_eq!(sw_of(c, "0046800100"), sw::CONDITIONS_NOT_SATISFIED);
+    assert_eq!(c.public_key(KEY_AUTH), Some(auth2));
+}
+
+#[test]
+fn public_key_data_objects_round_trip() {
+    let point = [0x04; 65];
+    let encoded = public_key_do(&point);
+    assert_eq!(&encoded[..5], &[0x7F, 0x49, 0x43, 0x86, 0x41]);
+    assert_eq!(parse_public_key_do(&encoded), Some(&point[..]));
+    assert_eq!(parse_public_key_do(&encoded[..encoded.len() - 1]), None);
+    assert_eq!(parse_public_key_do(&[0x86, 0x01, 0x04]), None);
+}
+
+#[test]
 fn secure_messaging_errors_close_the_session() {
     let mut enc = encoder_with(card());
     let master = MasterKeys::test_keys();
@@ -425,7 +509,7 @@ fn internal_authenticate_and_pso_signature() {
     card_of(&mut enc).power_on();
     let challenge = b"qc challenge 0001";
     let sig = script::internal_authenticate(&mut enc, challenge).unwrap();
-    let public = script::public_key_of(&image.auth_key).unwrap();
+    let public = script::public_key_of(&image.imported.as_ref().unwrap().auth_key).unwrap();
     assert!(script::verify_internal_authenticate(
         &public, challenge, &sig
     ));
@@ -454,7 +538,7 @@ fn internal_authenticate_and_pso_signature() {
     assert_eq!(r.sw, sw::OK);
     use p256::ecdsa::signature::hazmat::PrehashVerifier;
     let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(
-        &script::public_key_of(&image.sign_key).unwrap(),
+        &script::public_key_of(&image.imported.as_ref().unwrap().sign_key).unwrap(),
     )
     .unwrap();
     vk.verify_prehash(&hash, &Signature::from_slice(&r.data).unwrap())
@@ -652,16 +736,19 @@ fn debug_output_hides_secrets() {
     let image = sample_image(100, 5);
     let shown = format!("{image:?}");
     assert!(
-        !shown.contains("123456") && !shown.contains(&hex::encode(&image.auth_key[..4])),
+        !shown.contains("123456")
+            && !shown.contains(&hex::encode(
+                &image.imported.as_ref().unwrap().auth_key[..4]
+            )),
         "{shown}"
     );
     let (enc, image) = personalized();
     let shown = format!("{enc:?}");
     assert!(shown.contains("ChipSerial"), "{shown}");
     assert!(
-        !shown
-            .to_uppercase()
-            .contains(&hex::encode_upper(&image.auth_key[..8])),
+        !shown.to_uppercase().contains(&hex::encode_upper(
+            &image.imported.as_ref().unwrap().auth_key[..8]
+        )),
         "{shown}"
     );
 }

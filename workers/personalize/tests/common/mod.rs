@@ -109,22 +109,34 @@ pub async fn seed(
     pki: &Pki,
     n: usize,
 ) -> Vec<(ApplicationId, CardCredentials)> {
+    seed_with(services, &pki.issuer, Some(&pki.transport()), n).await
+}
+
+/// Like [`seed`] with packages of `issuer`: keys generated off the card and wrapped under
+/// `transport`, or (`None`) on-card packages without key material.
+pub async fn seed_with(
+    services: &Services,
+    issuer: &CardIssuer,
+    transport: Option<&TransportKey>,
+    n: usize,
+) -> Vec<(ApplicationId, CardCredentials)> {
     let now = services.clock.now();
-    let transport = pki.transport();
     let mut out = Vec::new();
     for i in 0..n {
         let id = ApplicationId::generate();
         let (rec, bio) = record(i);
         let chip = cardpipe_pki::lds::chip_input(&rec, &bio);
-        let creds = pki
-            .issuer
-            .issue(
-                id.as_str(),
-                &chip,
-                &transport,
-                OffsetDateTime::now_utc() - time::Duration::minutes(1),
-            )
-            .unwrap();
+        let creds = match transport {
+            Some(transport) => issuer
+                .issue(
+                    id.as_str(),
+                    &chip,
+                    transport,
+                    OffsetDateTime::now_utc() - time::Duration::minutes(1),
+                )
+                .unwrap(),
+            None => issuer.prepare_on_card(id.as_str(), &chip).unwrap(),
+        };
         let key = format!("applications/{id}/credentials-test.json");
         services
             .objects
@@ -154,13 +166,15 @@ pub async fn seed(
             .await
             .unwrap();
         // As the keys stage records them: personalization checks the package against them.
-        for cert in [
-            &creds.authentication_certificate,
-            &creds.signature_certificate,
-        ] {
-            cardpipe_pki::store::insert_certificate(&mut tx, &id, cert, &key, now)
-                .await
-                .unwrap();
+        if let Some(keys) = &creds.off_card {
+            for cert in [
+                &keys.authentication_certificate,
+                &keys.signature_certificate,
+            ] {
+                cardpipe_pki::store::insert_certificate(&mut tx, &id, cert, &key, now)
+                    .await
+                    .unwrap();
+            }
         }
         Store::enqueue_job(&mut tx, &Job::new("personalize", id.as_str()), now)
             .await
