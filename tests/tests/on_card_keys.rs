@@ -3,8 +3,9 @@
 //! encoders, SQLite, local object store). As each card leaves its encoder the test reads the
 //! two private keys the chip generated (a simulator-only accessor: a real chip never answers
 //! them) and afterwards searches for every one of them — raw, hex, base64 — in every byte of
-//! the database, every object (sealed packages opened with the envelope key) and every log
-//! line the stages wrote at debug level. None may appear; no package carries a wrapped key.
+//! the database, every object ever written during the batch (recorded as it was put, so the
+//! packages QC destroys are searched too; sealed ones opened with the envelope key) and every
+//! log line the stages wrote at debug level. None may appear; no package carries a wrapped key.
 //! (The keys read are the certified ones: each certificate written to a card carries the
 //! public key of one of them.) The same batch with off-card generation still passes QC, its
 //! custody rows name the transport key, and its QC reports say `off_card`.
@@ -20,14 +21,12 @@ use cardpipe_card::farm::{Farm, FarmSettings, InProcessSource};
 use cardpipe_card::reader::BlankStock;
 use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::script::ScriptOptions;
-use cardpipe_common::broker::{Job, RetryPolicy};
-use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, FingerprintEntry};
-use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
-use cardpipe_common::records;
+use cardpipe_common::broker::RetryPolicy;
+use cardpipe_common::domain::ApplicationState;
+use cardpipe_common::objects::{ObjectError, ObjectStore};
 use cardpipe_common::runtime::pipeline;
 use cardpipe_common::runtime::relay::Relay;
 use cardpipe_common::runtime::{Services, Stage, StageSettings};
-use cardpipe_common::store::{NewApplication, Store};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_keys::stage::KeysStage;
 use cardpipe_personalize::stage::PersonalizeStage;
@@ -38,7 +37,43 @@ use cardpipe_qc::stock::{AutoLot, StockConfig, StockSource};
 use sqlx::Row;
 use zeroize::Zeroizing;
 
+mod common;
+use common::seed;
+
 const APPS: usize = 6;
+
+/// The object store the stages write to, keeping a copy of every object put, so what a stage
+/// wrote and another later deleted is searched too.
+struct Recording {
+    inner: Arc<dyn ObjectStore>,
+    puts: Mutex<Vec<(String, bytes::Bytes)>>,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Recording {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn put(&self, key: &str, bytes: bytes::Bytes) -> Result<(), ObjectError> {
+        self.puts
+            .lock()
+            .unwrap()
+            .push((key.to_owned(), bytes.clone()));
+        self.inner.put(key, bytes).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, ObjectError> {
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, ObjectError> {
+        self.inner.list(prefix).await
+    }
+    async fn ping(&self) -> Result<(), ObjectError> {
+        self.inner.ping().await
+    }
+}
 
 /// Log lines of every stage, at debug level.
 #[derive(Clone, Default)]
@@ -71,54 +106,6 @@ fn logs() -> &'static Logs {
         .expect("the only subscriber of this test binary");
         logs
     })
-}
-
-fn record(i: usize) -> (ApplicantRecord, Biometrics) {
-    let (record, mut biometrics) =
-        cardpipe_pki::lds::sample_applicant(7100 + i as u32, &format!("REG-K{i}"));
-    biometrics.fingerprints = [2u8, 7]
-        .iter()
-        .map(|&p| FingerprintEntry {
-            position: p,
-            template: Some(cardpipe_card::card_os::bio::example_record()),
-            missing_reason: None,
-        })
-        .collect();
-    (record, biometrics)
-}
-
-async fn seed(services: &Services) -> Vec<ApplicationId> {
-    let now = services.clock.now();
-    let mut ids = Vec::new();
-    for i in 0..APPS {
-        let id = ApplicationId::generate();
-        let (rec, bio) = record(i);
-        let artifacts = records::put_biometrics(services, &id, &bio).await.unwrap();
-        let mut tx = services.store.begin().await.unwrap();
-        Store::insert_application(
-            &mut tx,
-            &NewApplication {
-                id: id.clone(),
-                registry_id: format!("R-K{i}-{id}"),
-                batch_id: None,
-                state: ApplicationState::DedupClear,
-                priority: Priority::Normal,
-            },
-            "registry:test",
-            now,
-        )
-        .await
-        .unwrap();
-        records::insert_record(&mut tx, services, &id, &rec, &artifacts)
-            .await
-            .unwrap();
-        Store::enqueue_job(&mut tx, &Job::new("keys", id.as_str()), now)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        ids.push(id);
-    }
-    ids
 }
 
 fn settings() -> StageSettings {
@@ -175,7 +162,12 @@ struct Run {
 
 async fn batch(origin: KeyOrigin) -> Run {
     logs();
-    let (services, dir) = testing::services(Mode::Embedded, None).await;
+    let (mut services, dir) = testing::services(Mode::Embedded, None).await;
+    let recording = Arc::new(Recording {
+        inner: services.objects.clone(),
+        puts: Mutex::default(),
+    });
+    services.objects = recording.clone();
     let data = tempfile::tempdir().unwrap();
     let pki = Arc::new(
         Pki::open(
@@ -231,7 +223,7 @@ async fn batch(origin: KeyOrigin) -> Run {
         },
         &services,
     );
-    let ids = seed(&services).await;
+    let ids = seed(&services, APPS).await;
     let stages: Vec<(Arc<dyn Stage>, StageSettings)> = vec![
         (
             Arc::new(KeysStage::new(pki.clone()).with_generation(origin)),
@@ -272,23 +264,34 @@ async fn batch(origin: KeyOrigin) -> Run {
         .iter()
         .map(|p| (p.display().to_string(), std::fs::read(p).unwrap()))
         .collect();
-    // Every package, opened (sealed under the envelope key).
+    // Every object written, packages opened (sealed under the envelope key): those QC
+    // destroyed after the card passed included.
     let mut packages = Vec::new();
-    for id in &ids {
-        let prefix = format!("applications/{id}/");
-        for key in services.objects.list(&prefix).await.unwrap() {
-            if key.contains("/credentials-") {
-                // Destroyed after QC: a package still present is opened and checked too.
-                if let Some(bytes) =
-                    cardpipe_common::contract::load_credentials(&services, id, &key)
-                        .await
-                        .unwrap()
-                {
-                    packages.push((key.clone(), bytes.to_vec()));
-                }
-            }
+    let written = recording.puts.lock().unwrap().clone();
+    for (key, bytes) in &written {
+        if key.contains("/credentials-") {
+            let id = key.split('/').nth(1).unwrap();
+            let opened = services
+                .sealer
+                .open(&format!("credentials:{id}"), bytes)
+                .expect("a sealed package");
+            packages.push((key.clone(), opened.to_vec()));
         }
     }
+    // At least one per application (a retried or duplicated keys job writes another).
+    let packaged: std::collections::BTreeSet<&str> = packages
+        .iter()
+        .filter_map(|(k, _): &(String, Vec<u8>)| k.split('/').nth(1))
+        .collect();
+    assert_eq!(packaged.len(), APPS, "a package per application ({origin})");
+    let files: Vec<(String, Vec<u8>)> = files
+        .into_iter()
+        .chain(
+            written
+                .iter()
+                .map(|(k, b)| (format!("object {k}"), b.to_vec())),
+        )
+        .collect();
     let custody_transport_ids = sqlx::query("SELECT transport_key_id FROM wrapped_key_custody")
         .fetch_all(services.store.pool())
         .await
@@ -352,7 +355,7 @@ async fn keys_born_on_the_chip_are_nowhere_else_in_the_store_the_objects_or_the_
         .collect();
     let mut certified = 0;
     for (name, bytes) in &run.files {
-        if name.contains("card-certificates-") {
+        if name.starts_with("object ") && name.contains("card-certificates-") {
             let written: cardpipe_pki::custody::CardCertificates =
                 serde_json::from_slice(bytes).unwrap();
             for cert in [&written.authentication, &written.signature] {

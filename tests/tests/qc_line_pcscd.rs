@@ -27,14 +27,11 @@ use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::script::ScriptOptions;
 use cardpipe_card::simulate::{SimConfig, Simulation};
 use cardpipe_card::vpcd::SlotHandle;
-use cardpipe_common::broker::{Job, RetryPolicy};
-use cardpipe_common::domain::applicant::{ApplicantRecord, Biometrics, FingerprintEntry};
-use cardpipe_common::domain::{ApplicationId, ApplicationState, Priority};
-use cardpipe_common::records;
+use cardpipe_common::broker::RetryPolicy;
+use cardpipe_common::domain::ApplicationState;
 use cardpipe_common::runtime::pipeline;
 use cardpipe_common::runtime::relay::Relay;
-use cardpipe_common::runtime::{Services, Stage, StageSettings};
-use cardpipe_common::store::{NewApplication, Store};
+use cardpipe_common::runtime::{Stage, StageSettings};
 use cardpipe_common::testing::{self, Mode};
 use cardpipe_keys::stage::KeysStage;
 use cardpipe_personalize::stage::PersonalizeStage;
@@ -43,6 +40,9 @@ use cardpipe_qc::check::Reason;
 use cardpipe_qc::stage::{ParkSink, QcConfig, QcStage};
 use cardpipe_qc::station::{LineStations, StationKind, Stations};
 use sqlx::Row;
+
+mod common;
+use common::seed;
 
 /// This file's private-pcscd test settings.
 fn pcsc(name: &str) -> PcscTest<'_> {
@@ -88,57 +88,6 @@ impl EncoderSource for MachineEncoders {
         enc.set_insert_timeout(Duration::from_secs(3));
         Ok(Box::new(enc))
     }
-}
-
-/// A sample application whose DG3 fingers (1 and 6) carry the card OS's example record,
-/// the template match-on-card is personalized with.
-fn record(i: usize) -> (ApplicantRecord, Biometrics) {
-    let (record, mut biometrics) =
-        cardpipe_pki::lds::sample_applicant(4000 + i as u32, &format!("REG-{i}"));
-    biometrics.fingerprints = [1u8, 6]
-        .iter()
-        .map(|&p| FingerprintEntry {
-            position: p,
-            template: Some(cardpipe_card::card_os::bio::example_record()),
-            missing_reason: None,
-        })
-        .collect();
-    (record, biometrics)
-}
-
-/// `n` applications cleared by dedup, with a keys job each.
-async fn seed(services: &Services, n: usize) -> Vec<ApplicationId> {
-    let now = services.clock.now();
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = ApplicationId::generate();
-        let (rec, bio) = record(i);
-        let artifacts = records::put_biometrics(services, &id, &bio).await.unwrap();
-        let mut tx = services.store.begin().await.unwrap();
-        Store::insert_application(
-            &mut tx,
-            &NewApplication {
-                id: id.clone(),
-                registry_id: format!("R-{i}-{id}"),
-                batch_id: None,
-                state: ApplicationState::DedupClear,
-                priority: Priority::Normal,
-            },
-            "registry:test",
-            now,
-        )
-        .await
-        .unwrap();
-        records::insert_record(&mut tx, services, &id, &rec, &artifacts)
-            .await
-            .unwrap();
-        Store::enqueue_job(&mut tx, &Job::new("keys", id.as_str()), now)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        ids.push(id);
-    }
-    ids
 }
 
 fn settings() -> StageSettings {
