@@ -22,7 +22,7 @@ fn bad_values_in_stage_sections_are_named_before_anything_starts() {
 
     std::fs::write(
         dir.path().join("pipeline.toml"),
-        "[dedup]\nshards = \"two\"\n\n[delivery]\nbox_capacity = -3\n",
+        "[dedup]\nshards = \"two\"\n\n[delivery]\nbox_capacity = -3\n\n[keys]\ngeneration = \"in_software\"\n",
     )
     .unwrap();
     for args in [&["config", "check"][..], &["run"][..]] {
@@ -38,6 +38,10 @@ fn bad_values_in_stage_sections_are_named_before_anything_starts() {
         );
         assert!(
             err.contains("delivery.box_capacity (from pipeline.toml)"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("keys.generation (from pipeline.toml)"),
             "{args:?}: {err}"
         );
     }
