@@ -28,6 +28,8 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use cardpipe_pki::citizen::CardKeyRole;
+use cardpipe_pki::issue::ChipKeyProof;
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use sha2::Digest;
@@ -500,43 +502,41 @@ pub fn personalize(
 
 /// The CA as the personalization script sees it when the chip generates its keys.
 pub trait Certifier: Sync {
-    /// The challenge the chip must sign with the key it just generated in slot `key_ref`
-    /// (public key `public_key`, SEC1 uncompressed) to prove it holds the private key.
-    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8>;
+    /// The challenge the chip must sign with the key it just generated for `role` (public
+    /// key `public_key`, SEC1 uncompressed) to prove it holds the private key.
+    fn challenge(&self, role: CardKeyRole, public_key: &[u8]) -> Vec<u8>;
 
-    /// Checks both proofs and issues the two certificates (DER: authentication, signature).
-    /// Runs on its own thread while the script goes on writing the card; an error is the
-    /// CA's ([`PersoError::Certification`]) unless it is a proof that failed
+    /// Checks both proofs (authentication, signature) and issues the two certificates (DER,
+    /// same order). Runs on its own thread while the script goes on writing the card; an
+    /// error is the CA's ([`PersoError::Certification`]) unless a proof failed
     /// ([`CertifyError::Possession`]).
     fn certify(
         &self,
         chip_serial: ChipSerial,
-        proofs: [KeyProof; 2],
+        proofs: [ChipKeyProof; 2],
     ) -> Result<[Vec<u8>; 2], CertifyError>;
-}
-
-/// A key pair the chip generated and its proof of possession.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyProof {
-    /// Key reference on the chip (01 authentication, 02 signature).
-    pub key_ref: u8,
-    /// Public key, SEC1 uncompressed, as the chip answered it.
-    pub public_key: Vec<u8>,
-    /// The challenge ([`Certifier::challenge`]).
-    pub challenge: Vec<u8>,
-    /// The chip's ECDSA P-256 signature over SHA-256(challenge), raw r ‖ s.
-    pub signature: Vec<u8>,
 }
 
 /// Why a [`Certifier`] issued nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum CertifyError {
-    /// A proof of possession did not verify: the chip is at fault.
+    /// A proof of possession did not verify: the chip is at fault (key reference, why).
     #[error("key {0:02X}: {1}")]
     Possession(u8, String),
     /// The CA (keystore, HSM, database) failed.
     #[error("{0}")]
     Ca(String),
+}
+
+impl From<cardpipe_pki::KeysError> for CertifyError {
+    fn from(e: cardpipe_pki::KeysError) -> Self {
+        match e {
+            cardpipe_pki::KeysError::Possession { role, reason } => {
+                CertifyError::Possession(role.key_reference(), reason.to_owned())
+            }
+            other => CertifyError::Ca(other.to_string()),
+        }
+    }
 }
 
 /// Personalizes the blank in `ch` with the keys born on the chip: GENERATE both key pairs,
@@ -577,7 +577,7 @@ pub fn personalize_generating_keys(
     set_transport_pins(&mut sc, ch, image)?;
 
     // Proofs of possession, before anything is certified.
-    let auth_challenge = certifier.challenge(KEY_AUTH, &publics[0]);
+    let auth_challenge = certifier.challenge(CardKeyRole::Authentication, &publics[0]);
     let auth_signature = sc
         .send_ok(
             ch,
@@ -587,7 +587,7 @@ pub fn personalize_generating_keys(
                 .with_le(256),
         )?
         .data;
-    let sign_challenge = certifier.challenge(KEY_SIGN, &publics[1]);
+    let sign_challenge = certifier.challenge(CardKeyRole::Signature, &publics[1]);
     sc.send_ok(
         ch,
         "VERIFY signature PIN",
@@ -604,14 +604,12 @@ pub fn personalize_generating_keys(
         )?
         .data;
     let proofs = [
-        KeyProof {
-            key_ref: KEY_AUTH,
+        ChipKeyProof {
             public_key: publics[0].clone(),
             challenge: auth_challenge,
             signature: auth_signature,
         },
-        KeyProof {
-            key_ref: KEY_SIGN,
+        ChipKeyProof {
             public_key: publics[1].clone(),
             challenge: sign_challenge,
             signature: sign_signature,

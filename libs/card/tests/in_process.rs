@@ -10,6 +10,8 @@ use cardpipe_card::cplc::ChipSerial;
 use cardpipe_card::reader::{BlankStock, CardChannel, Encoder, InProcessEncoder};
 use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::script::{self, PersoError, ScriptOptions, sample_image};
+use cardpipe_pki::citizen::CardKeyRole;
+use cardpipe_pki::issue::ChipKeyProof;
 
 fn encoder(batch: u16) -> InProcessEncoder {
     InProcessEncoder::new(
@@ -177,8 +179,8 @@ struct TestCa {
 }
 
 impl script::Certifier for TestCa {
-    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8> {
-        let mut c = vec![key_ref];
+    fn challenge(&self, role: CardKeyRole, public_key: &[u8]) -> Vec<u8> {
+        let mut c = vec![role.key_reference()];
         c.extend_from_slice(&public_key[..8]);
         c.extend_from_slice(&rand::random::<[u8; 16]>());
         c
@@ -187,7 +189,7 @@ impl script::Certifier for TestCa {
     fn certify(
         &self,
         _chip: ChipSerial,
-        proofs: [script::KeyProof; 2],
+        proofs: [ChipKeyProof; 2],
     ) -> Result<[Vec<u8>; 2], script::CertifyError> {
         match self.fail {
             Some("ca") => return Err(script::CertifyError::Ca("HSM unreachable".into())),
@@ -195,14 +197,14 @@ impl script::Certifier for TestCa {
             _ => {}
         }
         let mut out = Vec::new();
-        for p in &proofs {
+        for (p, key_ref) in proofs.iter().zip([KEY_AUTH, KEY_SIGN]) {
             if !script::verify_internal_authenticate(&p.public_key, &p.challenge, &p.signature) {
                 return Err(script::CertifyError::Possession(
-                    p.key_ref,
+                    key_ref,
                     "does not verify".into(),
                 ));
             }
-            let mut cert = vec![0x30, 0x82, 0x01, 0x00, p.key_ref];
+            let mut cert = vec![0x30, 0x82, 0x01, 0x00, key_ref];
             cert.extend_from_slice(&p.public_key);
             cert.resize(500, 0x5A);
             out.push(cert);

@@ -58,6 +58,15 @@ pub enum KeysError {
     /// EF.SOD did not verify.
     #[error("EF.SOD verification failed: {0}")]
     Sod(String),
+    /// A chip's proof of possession of a key it generated did not verify (or answers another
+    /// card's or key's challenge): nothing was certified.
+    #[error("{role:?} key: {reason}")]
+    Possession {
+        /// The key whose proof failed.
+        role: crate::citizen::CardKeyRole,
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// A certificate did not verify against its issuer.
     #[error("certificate verification failed: {0}")]
     Certificate(String),

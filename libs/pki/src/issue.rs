@@ -30,7 +30,7 @@ use crate::custody::{CardCredentials, OffCardKeys, TransportKey, wrap};
 use crate::keystore::CaKeyStore;
 use crate::lds::{self, ChipDataInput};
 use crate::pkix::{
-    AT_SERIAL_NUMBER, PublicKey, ecdsa_raw_to_der, serial_hex, verify_certificate_signature,
+    AT_SERIAL_NUMBER, PublicKey, ecdsa_raw_to_der, serial_hex, sha256, verify_certificate_signature,
 };
 use crate::sod::SodSigner;
 use crate::sod::verify_sod;
@@ -155,34 +155,34 @@ impl CardIssuer {
             given_name: personal.first_name.clone(),
             surname: personal.last_name.clone(),
         };
-        let mut out = Vec::with_capacity(2);
-        for (proof, role) in keys
-            .iter()
-            .zip([CardKeyRole::Authentication, CardKeyRole::Signature])
-        {
-            let public = PublicKey::from_sec1(&proof.public_key)?;
+        // Both proofs first: nothing is issued for a card that fails either.
+        let roles = [CardKeyRole::Authentication, CardKeyRole::Signature];
+        let mut publics = Vec::with_capacity(2);
+        for (proof, role) in keys.iter().zip(roles) {
+            let bad = |reason| KeysError::Possession { role, reason };
+            let public = PublicKey::from_sec1(&proof.public_key)
+                .map_err(|_| bad("the chip answered no valid P-256 public key"))?;
             let binding = challenge_binding(card_ref, role, &proof.public_key);
             if !proof.challenge.starts_with(&binding)
                 || proof.challenge.len() != binding.len() + CHALLENGE_NONCE
             {
-                return Err(KeysError::Invalid(format!(
-                    "{role:?} key: the proof of possession answers another card's or key's challenge"
-                )));
+                return Err(bad(
+                    "the proof of possession answers another card's or key's challenge",
+                ));
             }
-            let digest: [u8; 32] = sha2::Digest::finalize(
-                <sha2::Sha256 as sha2::Digest>::new_with_prefix(&proof.challenge),
-            )
-            .into();
-            let signature = ecdsa_raw_to_der(&proof.signature)?;
-            if !public.verify_digest(&digest, &signature)? {
-                return Err(KeysError::Invalid(format!(
-                    "{role:?} key: the chip's proof of possession does not verify"
-                )));
+            let signature = ecdsa_raw_to_der(&proof.signature)
+                .map_err(|_| bad("the proof of possession is not a P-256 signature"))?;
+            if !public.verify_digest(&sha256(&proof.challenge), &signature)? {
+                return Err(bad("the chip's proof of possession does not verify"));
             }
-            out.push(self.citizen.issue(&subject, role, &public, now)?);
+            publics.push(public);
         }
-        let signature = out.pop().expect("two certificates");
-        let authentication = out.pop().expect("two certificates");
+        let authentication =
+            self.citizen
+                .issue(&subject, CardKeyRole::Authentication, &publics[0], now)?;
+        let signature = self
+            .citizen
+            .issue(&subject, CardKeyRole::Signature, &publics[1], now)?;
         Ok([authentication, signature])
     }
 }

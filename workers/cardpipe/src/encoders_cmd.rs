@@ -144,35 +144,23 @@ impl BenchCertifier {
 }
 
 impl cardpipe_card::script::Certifier for BenchCertifier {
-    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8> {
-        let role = if key_ref == 2 {
-            cardpipe_pki::citizen::CardKeyRole::Signature
-        } else {
-            cardpipe_pki::citizen::CardKeyRole::Authentication
-        };
+    fn challenge(&self, role: cardpipe_pki::citizen::CardKeyRole, public_key: &[u8]) -> Vec<u8> {
         cardpipe_pki::issue::possession_challenge("bench", role, public_key)
     }
 
     fn certify(
         &self,
         _chip: cardpipe_card::cplc::ChipSerial,
-        proofs: [cardpipe_card::script::KeyProof; 2],
+        proofs: [cardpipe_pki::issue::ChipKeyProof; 2],
     ) -> Result<[Vec<u8>; 2], cardpipe_card::script::CertifyError> {
-        let to_pki = |p: &cardpipe_card::script::KeyProof| cardpipe_pki::issue::ChipKeyProof {
-            public_key: p.public_key.clone(),
-            challenge: p.challenge.clone(),
-            signature: p.signature.clone(),
-        };
+        // The remote CA's round trip (the signing itself is real, below).
         std::thread::sleep(self.latency);
-        let [a, s] = self
-            .issuer
-            .certify_on_card(
-                "bench",
-                &self.dg1,
-                &[to_pki(&proofs[0]), to_pki(&proofs[1])],
-                time::OffsetDateTime::now_utc(),
-            )
-            .map_err(|e| cardpipe_card::script::CertifyError::Ca(e.to_string()))?;
+        let [a, s] = self.issuer.certify_on_card(
+            "bench",
+            &self.dg1,
+            &proofs,
+            time::OffsetDateTime::now_utc(),
+        )?;
         Ok([a.der, s.der])
     }
 }

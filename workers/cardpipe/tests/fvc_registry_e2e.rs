@@ -12,7 +12,7 @@
 //! intake with a reason naming the field.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -22,35 +22,13 @@ use sqlx::Row;
 
 mod common;
 
-use common::{Running, free_port};
+use common::{Running, free_port, fvc, shared_data};
 
 const TOKEN: &str = "fvc-e2e-registry-token-0123456789";
 const DATABASES: u8 = 4;
 const IMPRESSIONS: u8 = 8;
 /// Generous: 34 applicants through every stage on 2 shared cores.
 const SETTLE: Duration = Duration::from_secs(900);
-
-/// ../shared/data relative to the workspace root; a missing directory fails, never skips.
-fn shared_data() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root.join("../shared/data");
-    assert!(
-        dir.join("fvc2002-iso").is_dir() && dir.join("iso-invalid").is_dir(),
-        "shared test data not found at {} (expected fvc2002-iso/ and iso-invalid/ beside the \
-         workspace root {}); this test needs the real FVC2002 ISO templates and is never skipped",
-        dir.display(),
-        root.display()
-    );
-    dir
-}
-
-fn fvc(db: u8, finger: u8, impression: u8) -> Vec<u8> {
-    let path = shared_data()
-        .join("fvc2002-iso")
-        .join(format!("DB{db}_B"))
-        .join(format!("{}_{impression}.iso", 100 + u16::from(finger)));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Applicant `i` of the generator with its fingerprints replaced.
 fn applicant(

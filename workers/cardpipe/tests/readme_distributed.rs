@@ -35,7 +35,7 @@ use sqlx::Row;
 
 mod common;
 
-use common::{Running, free_port};
+use common::{Running, free_port, fvc};
 
 const TOKEN: &str = "readme-distributed-registry-token-42";
 /// Generous: eleven processes and a pcscd line on 2 shared cores.
@@ -272,19 +272,6 @@ fn cli(dir: &Path, env: &[(String, String)], args: &[String], input: &str) -> (b
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
-}
-
-fn fvc(db: u8, finger: u8, impression: u8) -> Vec<u8> {
-    let path = workspace()
-        .join("../shared/data/fvc2002-iso")
-        .join(format!("DB{db}_B"))
-        .join(format!("{}_{impression}.iso", 100 + u16::from(finger)));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (this test needs the shared FVC2002 ISO templates; it is never skipped)",
-            path.display()
-        )
-    })
 }
 
 async fn states(store: &Store) -> BTreeMap<String, String> {

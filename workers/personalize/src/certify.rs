@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use cardpipe_card::cplc::ChipSerial;
-use cardpipe_card::script::{Certifier, CertifyError, KeyProof};
+use cardpipe_card::script::{Certifier, CertifyError};
 use cardpipe_common::contract::{self, RevocationCause};
 use cardpipe_common::domain::ApplicationId;
 use cardpipe_common::runtime::Services;
@@ -75,47 +75,24 @@ impl StageCertifier {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-
-    fn role(key_ref: u8) -> CardKeyRole {
-        if key_ref == CardKeyRole::Signature.key_reference() {
-            CardKeyRole::Signature
-        } else {
-            CardKeyRole::Authentication
-        }
-    }
 }
 
 impl Certifier for StageCertifier {
-    fn challenge(&self, key_ref: u8, public_key: &[u8]) -> Vec<u8> {
-        possession_challenge(self.application.as_str(), Self::role(key_ref), public_key)
+    fn challenge(&self, role: CardKeyRole, public_key: &[u8]) -> Vec<u8> {
+        possession_challenge(self.application.as_str(), role, public_key)
     }
 
     fn certify(
         &self,
         chip: ChipSerial,
-        proofs: [KeyProof; 2],
+        proofs: [ChipKeyProof; 2],
     ) -> Result<[Vec<u8>; 2], CertifyError> {
-        let to_pki = |p: &KeyProof| ChipKeyProof {
-            public_key: p.public_key.clone(),
-            challenge: p.challenge.clone(),
-            signature: p.signature.clone(),
-        };
-        let requests = [to_pki(&proofs[0]), to_pki(&proofs[1])];
-        let issued = self
-            .ca
-            .issuer
-            .certify_on_card(self.application.as_str(), &self.dg1, &requests, self.now)
-            .map_err(|e| match e {
-                cardpipe_pki::KeysError::Invalid(why) if why.contains("proof of possession") => {
-                    let key_ref = if why.starts_with("Signature") {
-                        proofs[1].key_ref
-                    } else {
-                        proofs[0].key_ref
-                    };
-                    CertifyError::Possession(key_ref, why)
-                }
-                other => CertifyError::Ca(other.to_string()),
-            })?;
+        let issued = self.ca.issuer.certify_on_card(
+            self.application.as_str(),
+            &self.dg1,
+            &proofs,
+            self.now,
+        )?;
         // Recorded before the card carries them (own transaction).
         let services = &self.services;
         let (app, key, now) = (&self.application, &self.package_key, self.now);

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -175,4 +175,28 @@ pub fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::O
     stdin.write_all(input.as_bytes()).expect("write stdin");
     drop(stdin);
     child.wait_with_output().expect("cardpipe output")
+}
+
+/// ../shared/data relative to the workspace root; a missing directory fails, never skips.
+pub fn shared_data() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("../shared/data");
+    assert!(
+        dir.join("fvc2002-iso").is_dir() && dir.join("iso-invalid").is_dir(),
+        "shared test data not found at {} (expected fvc2002-iso/ and iso-invalid/ beside the \
+         workspace root {}); this test needs the real FVC2002 ISO templates and is never skipped",
+        dir.display(),
+        root.display()
+    );
+    dir
+}
+
+/// FVC2002 set B record of finger `finger` (1..=10) of database `db`, impression
+/// `impression`, as a capture station writes it.
+pub fn fvc(db: u8, finger: u8, impression: u8) -> Vec<u8> {
+    let path = shared_data()
+        .join("fvc2002-iso")
+        .join(format!("DB{db}_B"))
+        .join(format!("{}_{impression}.iso", 100 + u16::from(finger)));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
