@@ -342,10 +342,8 @@ async fn bench(loaded: &LoadedConfig, args: BenchArgs) -> anyhow::Result<()> {
     );
     let runs: &[&str] = match args.generation.as_str() {
         "both" => &["off_card", "on_card"],
-        one => std::slice::from_ref(match one {
-            "on_card" => &"on_card",
-            _ => &"off_card",
-        }),
+        "on_card" => &["on_card"],
+        _ => &["off_card"],
     };
     let mut figures = Vec::new();
     for &generation in runs {
