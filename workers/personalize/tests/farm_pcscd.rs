@@ -108,6 +108,16 @@ impl EncoderSource for HopperSource {
     }
 }
 
+/// Rescans until the farm has found the simulation's reader (pcscd lists a vpcd reader a
+/// moment after it starts, later on a loaded machine), for at most 10 s.
+fn discover(farm: &Farm) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while farm.in_service() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = farm.rescan();
+    }
+}
+
 const PYSCARD_READ: &str = r#"
 import sys
 from smartcard.System import readers
@@ -183,6 +193,7 @@ fn pcscd_stage_on_the_farm_with_faults_then_pyscard_readback() {
                 stock,
             };
             let farm = Farm::new(Box::new(source), FarmSettings::default());
+            discover(&farm);
             assert_eq!(farm.in_service(), 1, "the farm discovered the reader");
             let reader_name = sim.readers()[0].clone();
 
@@ -300,6 +311,8 @@ fn pcscd_on_card_keys_verified_by_pyscard_and_openssl() {
                 stock,
             };
             let farm = Farm::new(Box::new(source), FarmSettings::default());
+            discover(&farm);
+            assert_eq!(farm.in_service(), 1, "the farm discovered the reader");
             let reader_name = sim.readers()[0].clone();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
