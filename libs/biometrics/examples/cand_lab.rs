@@ -98,50 +98,50 @@ fn phis(a: &Codes, i: usize, b: &Codes, j: usize) -> [f32; 10] {
     out
 }
 
-fn fusions() -> Vec<(
-    &'static str,
-    Box<dyn Fn(&[f32; 10], &[f32; 10]) -> f32 + Sync>,
-)> {
-    // args: raw phi, z-normalised phi (probe-finger cohort)
+type Fusion = Box<dyn Fn(&[f32; 10], &[f32; 10], &[f32; 10]) -> f32 + Sync>;
+
+fn fusions() -> Vec<(&'static str, Fusion)> {
+    // args: raw phi, z-normalised phi (probe-finger cohort), z-normalised phi (gallery-finger
+    // cohort)
     fn topk(v: &[f32; 10], k: usize) -> f32 {
         let mut s = *v;
         s.sort_by(|a, b| b.total_cmp(a));
         s[..k].iter().sum()
     }
     vec![
-        ("sum", Box::new(|r, _| r.iter().sum())),
-        ("top8", Box::new(|r, _| topk(r, 8))),
-        ("top6", Box::new(|r, _| topk(r, 6))),
-        ("top4", Box::new(|r, _| topk(r, 4))),
+        ("sum", Box::new(|r, _, _| r.iter().sum())),
+        ("top8", Box::new(|r, _, _| topk(r, 8))),
+        ("top6", Box::new(|r, _, _| topk(r, 6))),
+        ("top4", Box::new(|r, _, _| topk(r, 4))),
         (
             "sum_pos",
-            Box::new(|r, _| r.iter().map(|x| x.max(0.0)).sum()),
+            Box::new(|r, _, _| r.iter().map(|x| x.max(0.0)).sum()),
         ),
         (
             "sum_sq",
-            Box::new(|r, _| r.iter().map(|x| x * x.abs()).sum()),
+            Box::new(|r, _, _| r.iter().map(|x| x * x.abs()).sum()),
         ),
-        ("z_sum", Box::new(|_, z| z.iter().sum())),
-        ("z_top6", Box::new(|_, z| topk(z, 6))),
+        ("z_sum", Box::new(|_, z, _| z.iter().sum())),
+        ("z_top6", Box::new(|_, z, _| topk(z, 6))),
         (
             "z_sum_pos",
-            Box::new(|_, z| z.iter().map(|x| x.max(0.0)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| x.max(0.0)).sum()),
         ),
         (
             "z_sq",
-            Box::new(|_, z| z.iter().map(|x| x.max(0.0).powi(2)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| x.max(0.0).powi(2)).sum()),
         ),
         (
             "z_p15",
-            Box::new(|_, z| z.iter().map(|x| x.max(0.0).powf(1.5)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| x.max(0.0).powf(1.5)).sum()),
         ),
         (
             "z_p3",
-            Box::new(|_, z| z.iter().map(|x| x.max(0.0).powi(3)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| x.max(0.0).powi(3)).sum()),
         ),
         (
             "z_sq_top8",
-            Box::new(|_, z| {
+            Box::new(|_, z, _| {
                 let mut q = [0f32; 10];
                 for f in 0..10 {
                     q[f] = z[f].max(0.0).powi(2);
@@ -151,11 +151,33 @@ fn fusions() -> Vec<(
         ),
         (
             "z_sp1",
-            Box::new(|_, z| z.iter().map(|x| (x - 1.0).max(0.0).powi(2)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| (x - 1.0).max(0.0).powi(2)).sum()),
+        ),
+        (
+            "max",
+            Box::new(|_, z, _| z.iter().copied().fold(f32::MIN, f32::max)),
+        ),
+        ("z_top2", Box::new(|_, z, _| topk(z, 2))),
+        ("z_top3", Box::new(|_, z, _| topk(z, 3))),
+        (
+            "sym_p15",
+            Box::new(|_, z, g| {
+                (0..10)
+                    .map(|f| (0.5 * (z[f] + g[f])).max(0.0).powf(1.5))
+                    .sum()
+            }),
+        ),
+        (
+            "min_p15",
+            Box::new(|_, z, g| (0..10).map(|f| z[f].min(g[f]).max(0.0).powf(1.5)).sum()),
+        ),
+        (
+            "g_p15",
+            Box::new(|_, _, g| g.iter().map(|x| x.max(0.0).powf(1.5)).sum()),
         ),
         (
             "z_sp2",
-            Box::new(|_, z| z.iter().map(|x| (x - 2.0).max(0.0).powi(2)).sum()),
+            Box::new(|_, z, _| z.iter().map(|x| (x - 2.0).max(0.0).powi(2)).sum()),
         ),
     ]
 }
@@ -201,6 +223,47 @@ fn main() {
         let mut pops: Vec<u32> = g.p.iter().copied().filter(|&x| x > 0).collect();
         pops.sort();
         let q = |f: f64| pops[((pops.len() - 1) as f64 * f) as usize];
+        // gallery-finger cohort stats (T-norm side): each gallery finger against 512 other
+        // gallery subjects
+        let gcoh = 512.min(n - 1);
+        let gstats: Vec<([f32; 10], [f32; 10])> = (0..n)
+            .into_par_iter()
+            .map(|j| {
+                let mut s1 = [0f64; 10];
+                let mut s2 = [0f64; 10];
+                let mut k = 0f64;
+                for c in 0..gcoh {
+                    let o = (j + 1 + c * (n - 1) / gcoh) % n;
+                    if o == j {
+                        continue;
+                    }
+                    let r = phis(&g, j, &g, o);
+                    for f in 0..10 {
+                        s1[f] += r[f] as f64;
+                        s2[f] += (r[f] as f64).powi(2);
+                    }
+                    k += 1.0;
+                }
+                let mut mu = [0f32; 10];
+                let mut isd = [0f32; 10];
+                for f in 0..10 {
+                    let m1 = s1[f] / k;
+                    mu[f] = m1 as f32;
+                    let sd = ((s2[f] / k - m1 * m1).max(0.0))
+                        .sqrt()
+                        .max(1.0 / (cs.bits as f64).sqrt());
+                    isd[f] = (1.0 / sd) as f32;
+                }
+                (mu, isd)
+            })
+            .collect();
+        let zg = |r: &[f32; 10], j: usize| {
+            let mut o = [0f32; 10];
+            for f in 0..10 {
+                o[f] = (r[f] - gstats[j].0[f]) * gstats[j].1[f];
+            }
+            o
+        };
         // per-mate: counts of impostors >= mate for each fusion
         let cohort = n.min(3000);
         let res: Vec<Vec<usize>> = (0..mates)
@@ -233,7 +296,8 @@ fn main() {
                 };
                 let rm = phis(&p, m, &g, gm);
                 let zm = z(&rm);
-                let ms: Vec<f32> = fus.iter().map(|(_, f)| f(&rm, &zm)).collect();
+                let gm_z = zg(&rm, gm);
+                let ms: Vec<f32> = fus.iter().map(|(_, f)| f(&rm, &zm, &gm_z)).collect();
                 let mut cnt = vec![0usize; fus.len()];
                 for j in 0..n {
                     if j == gm {
@@ -241,8 +305,9 @@ fn main() {
                     }
                     let r = phis(&p, m, &g, j);
                     let zr = z(&r);
+                    let gr = zg(&r, j);
                     for (k, (_, f)) in fus.iter().enumerate() {
-                        if f(&r, &zr) >= ms[k] {
+                        if f(&r, &zr, &gr) >= ms[k] {
                             cnt[k] += 1;
                         }
                     }
@@ -280,6 +345,49 @@ fn main() {
                 rec(1e6, 500.0),
                 rec(1e6, 2000.0)
             );
+        }
+        // union of two rankings sharing the 2,000 budget
+        let base = fus.iter().position(|(n, _)| *n == "z_p15").unwrap();
+        let proj = |c: usize| c as f64 / ((n - 1) as f64) * 1e6;
+        for (k, (name, _)) in fus.iter().enumerate() {
+            if k == base {
+                continue;
+            }
+            let mut line = format!("  union z_p15 + {name:<10}");
+            for (da, db) in [(1500.0, 500.0), (1000.0, 1000.0), (1900.0, 100.0)] {
+                let r = res
+                    .iter()
+                    .filter(|c| proj(c[base]) < da || proj(c[k]) < db)
+                    .count() as f64
+                    / mates as f64
+                    * 100.0;
+                line += &format!(" | {da}+{db}: {r:6.2}");
+            }
+            println!("{line}");
+        }
+        if std::env::args().any(|a| a == "--diagnose") {
+            let cal = cardpipe_biometrics::matcher::Calibration::fvc2002();
+            for (m, c) in res.iter().enumerate() {
+                let rank = proj(c[base]);
+                if rank < 2000.0 {
+                    continue;
+                }
+                let gm = mate_idx[m];
+                let rm = phis(&p, m, &g, gm);
+                let mut scores = [None; 10];
+                let mut line = format!("miss mate {m} rank@1M {rank:.0}:");
+                for f in 0..10 {
+                    let (Some(a), Some(b)) = (&probes[m][f], &gallery[gm][f]) else {
+                        line += " --";
+                        continue;
+                    };
+                    let sc = cardpipe_biometrics::matcher::compare(a, b);
+                    scores[f] = Some(sc);
+                    line += &format!(" [{}/{} phi {:.3} s {:.3}]", a.len(), b.len(), rm[f], sc);
+                }
+                let fused = cardpipe_biometrics::matcher::fuse(scores, cal);
+                println!("{line} fused {:.2}", fused.score);
+            }
         }
     }
 }

@@ -610,9 +610,7 @@ pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     let mut start = 0;
     while start < subjects {
         let end = (start + BUILD_CHUNK).min(subjects);
-        for (id, prepared) in generate_prepared(&spec, start..end) {
-            gallery.insert_ready(&id, prepared);
-        }
+        gallery.insert_many(generate_prepared(&spec, start..end));
         if subjects >= 200_000 && (end / 100_000 > start / 100_000 || end == subjects) {
             eprintln!(
                 "dedup bench:   {end}/{subjects} subjects enrolled ({:.0} s, RSS {})",
@@ -1375,10 +1373,7 @@ pub fn shard_run(
     let mut gallery = Gallery::new();
     gallery.reserve(owned.len());
     for (c, chunk) in owned.chunks(BUILD_CHUNK).enumerate() {
-        let prepared = generate_prepared(&spec, chunk.par_iter().copied());
-        for (id, p) in prepared {
-            gallery.insert_ready(&id, p);
-        }
+        gallery.insert_many(generate_prepared(&spec, chunk.par_iter().copied()));
         if (c + 1) % 5 == 0 {
             eprintln!(
                 "dedup shard {index}/{count}: {} of {} subjects ({:.0} s, RSS {})",

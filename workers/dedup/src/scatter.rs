@@ -113,6 +113,37 @@ impl ShardSet {
         Some(guard.gallery.insert_ready(reference_id, prepared))
     }
 
+    /// Enrols many subjects (start-up load, catch-up after a gap): the candidate codes are
+    /// computed on all cores before any lock is taken, then each local shard appends its
+    /// subjects ([`Gallery::insert_many`](cardpipe_biometrics::matcher::Gallery::insert_many)).
+    /// Subjects of shards not held here are skipped. Returns how many ids were new.
+    pub fn insert_many(&self, subjects: &[(String, TenPrint)]) -> usize {
+        let prepared: Vec<(u32, String, PreparedSubject)> = subjects
+            .par_iter()
+            .filter_map(|(id, tp)| {
+                let owner = Shard::owner_of(id, self.count);
+                self.local
+                    .iter()
+                    .any(|s| read(s).index == owner)
+                    .then(|| (owner, id.clone(), PreparedSubject::new(tp)))
+            })
+            .collect();
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<(String, PreparedSubject)>> =
+            Default::default();
+        for (owner, id, p) in prepared {
+            by_shard.entry(owner).or_default().push((id, p));
+        }
+        let mut added = 0;
+        for shard in &self.local {
+            let mut guard = shard.write().unwrap_or_else(|e| e.into_inner());
+            let mine = by_shard.remove(&guard.index).unwrap_or_default();
+            let before = guard.gallery.len();
+            guard.gallery.insert_many(mine);
+            added += guard.gallery.len() - before;
+        }
+        added
+    }
+
     /// Subjects per local shard.
     pub fn sizes(&self) -> Vec<(u32, usize)> {
         self.local
@@ -182,6 +213,40 @@ fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
 mod tests {
     use super::*;
     use cardpipe_biometrics::synth::Population;
+
+    #[test]
+    fn insert_many_enrols_what_one_by_one_enrols_and_skips_foreign_shards() {
+        let pop = Population::generate(22, 30, 0.0);
+        let subjects: Vec<(String, TenPrint)> = pop
+            .subjects
+            .iter()
+            .map(|s| {
+                (
+                    s.reference_id.clone(),
+                    TenPrint::from_iso(&s.templates).unwrap(),
+                )
+            })
+            .collect();
+        let one_by_one = ShardSet::new(3, &[0, 2], IdentifyOptions::default());
+        let expected = subjects
+            .iter()
+            .filter(|(id, tp)| one_by_one.insert(id, tp) == Some(true))
+            .count();
+        let bulk = ShardSet::new(3, &[0, 2], IdentifyOptions::default());
+        assert_eq!(bulk.insert_many(&subjects), expected);
+        assert!(expected > 0 && expected < 30, "shard 1 is held elsewhere");
+        assert_eq!(bulk.sizes(), one_by_one.sizes());
+        // Idempotent: a second load adds nothing.
+        assert_eq!(bulk.insert_many(&subjects), 0);
+        let probe = Probe::new(&TenPrint::from_iso(&pop.fresh_impressions(4, 9)).unwrap());
+        let ids = |set: &ShardSet| {
+            set.scatter_gather(&probe, 1e-3, 5, None)
+                .into_iter()
+                .map(|c| c.reference_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&bulk), ids(&one_by_one));
+    }
 
     #[test]
     fn sharded_search_equals_single_gallery_search() {

@@ -379,10 +379,7 @@ impl DedupEngine {
                         }
                     })
                     .collect();
-                parsed
-                    .iter()
-                    .filter(|(id, tp)| shards.insert(id, tp) == Some(true))
-                    .count()
+                shards.insert_many(&parsed)
             })
             .await?;
             self.last_seq.fetch_max(last, Ordering::SeqCst);

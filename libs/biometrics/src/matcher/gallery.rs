@@ -1,12 +1,15 @@
 //! In-memory ten-print gallery with two-stage 1:N search, shards and 1:1 verification.
 //!
 //! Storage per enrolled subject (struct-of-arrays, indexed by a dense slot number):
-//! * 10 × 768-bit candidate codes, contiguous for all subjects (`codes`), and their popcounts;
+//! * 10 × 768-bit candidate codes, contiguous for all subjects (`codes`), their popcounts
+//!   and each finger's gallery-side normalisation (mean and spread of its code similarity
+//!   to a cohort of 1,024 other subjects, 8 B);
 //! * the minutiae of the ten fingers in one boxed byte blob, bit-packed (x and y with the bit
 //!   widths the finger needs, 8-bit angle: 26 bits per minutia at 500 dpi; [`pack_finger`]);
 //! * the reference id and a hash-map entry from id to slot.
 //!
-//! That is 960 B of codes + ~1.05 KB of minutiae + ~150 B of bookkeeping per subject
+//! That is 960 B of codes + 80 B of norms + ~1.05 KB of minutiae + ~150 B of bookkeeping per
+//! subject
 //! (`BENCH_DEDUP.md` has the measured figures).
 //! Cylinders for the precise stage are rebuilt from the compact minutiae for the shortlisted
 //! subjects only.
@@ -20,7 +23,8 @@
 //! codes against every probe of a batch, block by block (a block of subjects stays in cache
 //! while all probes of the batch are scored against it, so the gallery streams from memory
 //! once per batch rather than once per probe), keeping the best `shortlist` subjects per
-//! probe by a fusion of cohort-standardised per-finger code correlations
+//! probe by a fusion of per-finger code correlations standardised on both sides (probe and
+//! enrolled finger)
 //! ([`Gallery::shortlist`]). Blocks are spread over threads with rayon. The precise
 //! stage is a cascade: two fingers of every shortlisted subject, then all fingers of the best
 //! few, and the per-finger scores are fused ([`super::fuse`]).
@@ -559,8 +563,8 @@ pub struct Candidate {
     pub reference_id: String,
     /// Fused score and per-finger scores.
     pub fused: FusedScore,
-    /// Candidate-stage score (sum over fingers of the positive cohort-standardised code
-    /// correlation to the power 1.5, × 10⁶; see [`Gallery::shortlist`]).
+    /// Candidate-stage score (sum over fingers of the positive standardised code correlation
+    /// to the power 1.5, × 10⁶; see [`Gallery::shortlist`]).
     pub prefilter: i64,
 }
 
@@ -611,8 +615,114 @@ pub struct Gallery {
     index: HashMap<String, u32>,
     codes: Vec<u64>,
     pops: Vec<u16>,
+    /// Gallery-side normalisation of every enrolled finger (10 per slot): mean and inverse
+    /// spread of its code similarity against the cohort ([`GalleryCohort`]); an inverse
+    /// spread of 0 means "not known yet" (galleries smaller than [`MIN_COHORT`]).
+    finger_norms: Vec<FingerNorm>,
+    cohort: GalleryCohort,
     blobs: Vec<Box<[u8]>>,
     calibration: Arc<Calibration>,
+}
+
+/// Mean and inverse standard deviation of one enrolled finger's code similarity to unrelated
+/// subjects (the cohort).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct FingerNorm {
+    mu: f32,
+    inv_sd: f32,
+}
+
+/// Smallest cohort against which gallery-side norms are computed.
+pub const MIN_COHORT: usize = 16;
+
+/// The reference population of the gallery-side normalisation: copies of the codes of the
+/// first [`COHORT`] subjects ever enrolled (kept when they are deleted or re-enrolled, so a
+/// norm never changes under a subject's feet once the cohort is complete).
+///
+/// While the cohort fills, the norms of every enrolled subject are recomputed each time it
+/// doubles (16, 32, …, 1,024 subjects: a few million code comparisons in all); in between, a
+/// new subject is normalised against the cohort as it stood at the last doubling. Once it
+/// is complete a subject's norm depends only on its own codes, so enrolment can compute it
+/// on any thread ([`Gallery::insert_many`]).
+#[derive(Debug)]
+struct GalleryCohort {
+    codes: Vec<u64>,
+    pops: Vec<u16>,
+    /// Members the current norms were computed against (a prefix of the cohort).
+    normed_against: usize,
+    /// Members when complete ([`COHORT`]; smaller in unit tests).
+    size: usize,
+}
+
+impl Default for GalleryCohort {
+    fn default() -> Self {
+        GalleryCohort {
+            codes: Vec::new(),
+            pops: Vec::new(),
+            normed_against: 0,
+            size: COHORT,
+        }
+    }
+}
+
+impl GalleryCohort {
+    fn len(&self) -> usize {
+        self.pops.len() / 10
+    }
+
+    fn is_complete(&self) -> bool {
+        self.normed_against >= self.size
+    }
+
+    /// Norms of one subject's fingers against the first `normed_against` members; a member
+    /// with exactly the subject's codes (the subject itself, or an exact copy) is skipped.
+    fn norms_of(&self, codes: &[u64], pops: &[u16]) -> [FingerNorm; 10] {
+        let mut out = [FingerNorm::default(); 10];
+        let members = self.normed_against;
+        if members < MIN_COHORT {
+            return out;
+        }
+        let own: Vec<bool> = (0..members)
+            .map(|c| self.codes[c * STRIDE..(c + 1) * STRIDE] == *codes)
+            .collect();
+        for (f, norm) in out.iter_mut().enumerate() {
+            if pops[f] == 0 {
+                continue;
+            }
+            let code = &codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
+            let (mut k, mut s1, mut s2) = (0u32, 0f64, 0f64);
+            for (c, &is_own) in own.iter().enumerate() {
+                let cp = self.pops[c * 10 + f];
+                if is_own || cp == 0 {
+                    continue;
+                }
+                let other =
+                    &self.codes[c * STRIDE + f * CODE_WORDS..c * STRIDE + (f + 1) * CODE_WORDS];
+                let v = f64::from(code_similarity(
+                    code,
+                    u32::from(pops[f]),
+                    other,
+                    u32::from(cp),
+                ));
+                k += 1;
+                s1 += v;
+                s2 += v * v;
+            }
+            if k < MIN_COHORT as u32 / 2 {
+                continue;
+            }
+            let mu = s1 / f64::from(k);
+            let sd = (s2 / f64::from(k) - mu * mu)
+                .max(0.0)
+                .sqrt()
+                .max(1.0 / f64::from(CODE_BITS).sqrt());
+            *norm = FingerNorm {
+                mu: mu as f32,
+                inv_sd: (1.0 / sd) as f32,
+            };
+        }
+        out
+    }
 }
 
 impl fmt::Debug for Gallery {
@@ -643,6 +753,8 @@ impl Gallery {
             index: HashMap::new(),
             codes: Vec::new(),
             pops: Vec::new(),
+            finger_norms: Vec::new(),
+            cohort: GalleryCohort::default(),
             blobs: Vec::new(),
             calibration,
         }
@@ -679,6 +791,7 @@ impl Gallery {
         self.index.reserve(additional);
         self.codes.reserve(additional * STRIDE);
         self.pops.reserve(additional * 10);
+        self.finger_norms.reserve(additional * 10);
         self.blobs.reserve(additional);
     }
 
@@ -693,14 +806,66 @@ impl Gallery {
     }
 
     /// Enrols (or re-enrols, replacing the data) a subject prepared beforehand. Returns `true`
-    /// if the id was new; same result as [`Gallery::insert`] on the original ten-print. Only
-    /// copies: the codes into the contiguous code array, the blob and the id into their slot.
+    /// if the id was new; same result as [`Gallery::insert`] on the original ten-print. Copies
+    /// the codes into the contiguous code array, the blob and the id into their slot, and
+    /// normalises the subject's fingers against the cohort (10 × up to [`COHORT`] code
+    /// comparisons, ≈ 0.1 ms; see [`Gallery::shortlist`]).
     pub fn insert_ready(&mut self, reference_id: &str, subject: PreparedSubject) -> bool {
+        let grows_cohort =
+            !self.index.contains_key(reference_id) && self.cohort.len() < self.cohort.size;
+        if grows_cohort {
+            self.cohort.codes.extend_from_slice(&subject.codes);
+            self.cohort.pops.extend_from_slice(&subject.pops);
+        }
+        let len = self.cohort.len();
+        if grows_cohort && len >= MIN_COHORT && (len.is_power_of_two() || len == self.cohort.size) {
+            // The cohort doubled: every norm is recomputed against it, this subject's too.
+            self.cohort.normed_against = len;
+            let norms = self.cohort.norms_of(&subject.codes, &subject.pops);
+            let new = self.append(reference_id, subject, norms);
+            self.renormalise_all();
+            return new;
+        }
+        let norms = self.cohort.norms_of(&subject.codes, &subject.pops);
+        self.append(reference_id, subject, norms)
+    }
+
+    /// Enrols many prepared subjects; the same gallery as [`Gallery::insert_ready`] called for
+    /// each in order, but once the cohort is complete the normalisation of the subjects runs
+    /// on all cores.
+    pub fn insert_many(&mut self, subjects: Vec<(String, PreparedSubject)>) {
+        let mut rest = subjects.into_iter().peekable();
+        while !self.cohort.is_complete() {
+            match rest.next() {
+                Some((id, subject)) => {
+                    self.insert_ready(&id, subject);
+                }
+                None => return,
+            }
+        }
+        let rest: Vec<(String, PreparedSubject)> = rest.collect();
+        let cohort = &self.cohort;
+        let norms: Vec<[FingerNorm; 10]> = rest
+            .par_iter()
+            .map(|(_, s)| cohort.norms_of(&s.codes, &s.pops))
+            .collect();
+        for ((id, subject), norms) in rest.into_iter().zip(norms) {
+            self.append(&id, subject, norms);
+        }
+    }
+
+    fn append(
+        &mut self,
+        reference_id: &str,
+        subject: PreparedSubject,
+        norms: [FingerNorm; 10],
+    ) -> bool {
         let PreparedSubject { codes, pops, blob } = subject;
         if let Some(&slot) = self.index.get(reference_id) {
             let s = slot as usize;
             self.codes[s * STRIDE..(s + 1) * STRIDE].copy_from_slice(&codes);
             self.pops[s * 10..(s + 1) * 10].copy_from_slice(&pops);
+            self.finger_norms[s * 10..(s + 1) * 10].copy_from_slice(&norms);
             self.blobs[s] = blob;
             return false;
         }
@@ -709,8 +874,25 @@ impl Gallery {
         self.index.insert(reference_id.to_owned(), slot);
         self.codes.extend_from_slice(&codes);
         self.pops.extend_from_slice(&pops);
+        self.finger_norms.extend_from_slice(&norms);
         self.blobs.push(blob);
         true
+    }
+
+    /// Recomputes every subject's norms against the current cohort (it doubled).
+    fn renormalise_all(&mut self) {
+        let cohort = &self.cohort;
+        let codes = &self.codes;
+        let pops = &self.pops;
+        self.finger_norms
+            .par_chunks_mut(10)
+            .enumerate()
+            .for_each(|(s, out)| {
+                out.copy_from_slice(&cohort.norms_of(
+                    &codes[s * STRIDE..(s + 1) * STRIDE],
+                    &pops[s * 10..(s + 1) * 10],
+                ));
+            });
     }
 
     /// Removes `reference_id`; returns whether it was present. O(1): the last slot moves in.
@@ -724,6 +906,8 @@ impl Gallery {
             self.codes
                 .copy_within(last * STRIDE..(last + 1) * STRIDE, s * STRIDE);
             self.pops.copy_within(last * 10..(last + 1) * 10, s * 10);
+            self.finger_norms
+                .copy_within(last * 10..(last + 1) * 10, s * 10);
             self.ids.swap(s, last);
             self.blobs.swap(s, last);
             self.index.insert(self.ids[s].clone(), slot);
@@ -732,6 +916,7 @@ impl Gallery {
         self.blobs.pop();
         self.codes.truncate(last * STRIDE);
         self.pops.truncate(last * 10);
+        self.finger_norms.truncate(last * 10);
         true
     }
 
@@ -748,6 +933,9 @@ impl Gallery {
         let ids: usize = self.ids.iter().map(|s| s.capacity()).sum();
         self.codes.capacity() * 8
             + self.pops.capacity() * 2
+            + self.finger_norms.capacity() * std::mem::size_of::<FingerNorm>()
+            + self.cohort.codes.capacity() * 8
+            + self.cohort.pops.capacity() * 2
             + self.blobs.capacity() * 16
             + blobs
             + self.ids.capacity() * 24
@@ -802,14 +990,24 @@ impl Gallery {
     /// best first. `parallel = false` runs on the calling thread (for per-core figures).
     ///
     /// The candidate score of a subject is `Σ_f max(0, z_f)^1.5` over the fingers present in
-    /// both, with `z_f` the code similarity of finger `f` standardised by the probe's
-    /// [`CodeNorm`] (× 10⁶, as an integer). The convex transform of the positive excess makes
-    /// the score behave more like a likelihood ratio than a plain sum: a few fingers far above
-    /// chance (a mate whose other impressions are poor) outweigh many fingers slightly above
-    /// it (an unrelated subject), and fingers at or below chance add nothing instead of
-    /// dragging a mate down. Measured with `examples/cand_lab.rs` (projected recall at 1M from
-    /// a 40k gallery): the plain sum of correlations, top-k sums, squares and cubes of the
-    /// excess all did worse (BENCH_DEDUP.md).
+    /// both, with `z_f` the mean of two standard scores of the finger's code similarity: one
+    /// against the probe's impostor distribution ([`CodeNorm`], a cohort of the gallery
+    /// measured per search) and one against the enrolled finger's own impostor distribution
+    /// (its [`FingerNorm`], measured against the cohort at enrolment) (× 10⁶, as an integer).
+    ///
+    /// Both sides matter: some enrolled fingers have codes that correlate with almost every
+    /// probe (dense or common bit patterns — "hubs"), and a probe-side norm alone ranks those
+    /// above a true mate whose every finger correlates at 0.3–0.5; normalising each enrolled
+    /// finger by its own impostor spread (the T-norm of speaker verification, used together
+    /// with the probe-side Z-norm as a symmetric normalisation) removes the hubs. Measured
+    /// with `examples/cand_lab.rs` (projected recall at 1M from a 40k gallery): 96.5 % → 99.8 %
+    /// in the top 200 (BENCH_DEDUP.md).
+    ///
+    /// The convex transform of the positive excess makes the score behave more like a
+    /// likelihood ratio than a plain sum: a few fingers far above chance (a mate whose other
+    /// impressions are poor) outweigh many fingers slightly above it (an unrelated subject),
+    /// and fingers at or below chance add nothing instead of dragging a mate down. The plain
+    /// sum of correlations, top-k sums, squares and cubes of the excess all did worse.
     pub fn shortlist(
         &self,
         probes: &[&Probe],
@@ -891,40 +1089,49 @@ impl Gallery {
     /// Candidate score of one slot (see [`Gallery::shortlist`]), before fixed-point scaling.
     #[inline(always)]
     fn code_score(&self, probe: &Probe, norm: &CodeNorm, slot: usize) -> f32 {
-        let g = &self.codes[slot * STRIDE..(slot + 1) * STRIDE];
-        let gp = &self.pops[slot * 10..(slot + 1) * 10];
         let mut sum = 0f32;
         for f in 0..10 {
-            let z = (code_similarity(
-                &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                probe.pops[f],
-                &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                u32::from(gp[f]),
-            ) - norm.mu[f])
-                * norm.inv_sd[f];
-            // A finger missing on either side has phi 0; its weight (inv_sd) is 0 on the
-            // probe side, and on the gallery side 0 − mu is not a positive excess.
-            let z = if gp[f] == 0 { 0.0 } else { z.max(0.0) };
+            let z = self.finger_z(probe, norm, slot, f);
+            // A finger missing on either side adds nothing.
+            let z = if z > 0.0 && norm.inv_sd[f] > 0.0 && self.pops[slot * 10 + f] > 0 {
+                z
+            } else {
+                0.0
+            };
             sum += z * z.sqrt();
         }
         sum
     }
 
+    /// Standardised code similarity of finger `f` between a probe and a slot: the mean of
+    /// the probe-side ([`CodeNorm`]) and the gallery-side ([`FingerNorm`]) standard scores
+    /// (the probe-side one alone while the gallery-side norm is unknown).
+    #[inline(always)]
+    fn finger_z(&self, probe: &Probe, norm: &CodeNorm, slot: usize, f: usize) -> f32 {
+        let at = slot * STRIDE + f * CODE_WORDS;
+        let phi = code_similarity(
+            &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
+            probe.pops[f],
+            &self.codes[at..at + CODE_WORDS],
+            u32::from(self.pops[slot * 10 + f]),
+        );
+        let probe_z = (phi - norm.mu[f]) * norm.inv_sd[f];
+        let g = self.finger_norms[slot * 10 + f];
+        let gallery_z = if g.inv_sd > 0.0 {
+            (phi - g.mu) * g.inv_sd
+        } else {
+            probe_z
+        };
+        0.5 * (probe_z + gallery_z)
+    }
+
     /// Per-finger standardised code similarity between a probe and a slot (`f32::MIN` where
     /// a side lacks the finger).
     fn finger_code_similarities(&self, probe: &Probe, norm: &CodeNorm, slot: usize) -> [f32; 10] {
-        let g = &self.codes[slot * STRIDE..(slot + 1) * STRIDE];
-        let gp = &self.pops[slot * 10..(slot + 1) * 10];
         let mut out = [f32::MIN; 10];
         for (f, o) in out.iter_mut().enumerate() {
-            if probe.templates[f].is_some() && gp[f] > 0 {
-                *o = (code_similarity(
-                    &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                    probe.pops[f],
-                    &g[f * CODE_WORDS..(f + 1) * CODE_WORDS],
-                    u32::from(gp[f]),
-                ) - norm.mu[f])
-                    * norm.inv_sd[f];
+            if probe.templates[f].is_some() && self.pops[slot * 10 + f] > 0 {
+                *o = self.finger_z(probe, norm, slot, f);
             }
         }
         out
@@ -1150,7 +1357,69 @@ mod tests {
 
     /// The storage of two galleries, slot by slot.
     fn same_storage(a: &Gallery, b: &Gallery) -> bool {
-        a.ids == b.ids && a.codes == b.codes && a.pops == b.pops && a.blobs == b.blobs
+        a.ids == b.ids
+            && a.codes == b.codes
+            && a.pops == b.pops
+            && a.blobs == b.blobs
+            && a.finger_norms == b.finger_norms
+    }
+
+    #[test]
+    fn gallery_side_norms_follow_the_cohort_as_it_doubles_then_freeze() {
+        let subjects = subjects(48);
+        let mut gallery = Gallery::new();
+        gallery.cohort.size = 32;
+        for (id, tp) in &subjects[..15] {
+            gallery.insert(id, tp);
+        }
+        // Fewer than MIN_COHORT subjects: no gallery-side norm yet (probe side only).
+        assert!(gallery.finger_norms.iter().all(|n| n.inv_sd == 0.0));
+        gallery.insert(&subjects[15].0, &subjects[15].1);
+        let at_16 = gallery.finger_norms[..10].to_vec();
+        for (f, n) in at_16.iter().enumerate() {
+            assert_eq!(n.inv_sd > 0.0, gallery.pops[f] > 0, "finger {f}");
+            assert!(n.mu.abs() < 1.0 && n.inv_sd <= (CODE_BITS as f32).sqrt() * 1.0001);
+        }
+        for (id, tp) in &subjects[16..32] {
+            gallery.insert(id, tp);
+        }
+        // The cohort doubled (and is now complete): subject 0 was renormalised against all 32.
+        assert_ne!(gallery.finger_norms[..10], at_16[..]);
+        assert_eq!(
+            gallery.finger_norms[..10],
+            gallery
+                .cohort
+                .norms_of(&gallery.codes[..STRIDE], &gallery.pops[..10])[..]
+        );
+        let complete = gallery.finger_norms.clone();
+        // Deleting a cohort member changes no norm; later subjects use the frozen cohort.
+        assert!(gallery.delete(&subjects[5].0));
+        for (id, tp) in &subjects[32..] {
+            gallery.insert(id, tp);
+        }
+        assert_eq!(gallery.cohort.len(), 32);
+        let slot0 = gallery.finger_norms[..10].to_vec();
+        assert_eq!(slot0, complete[..10]);
+    }
+
+    #[test]
+    fn insert_many_equals_sequential_inserts() {
+        let subjects = subjects(60);
+        let prepared: Vec<(String, PreparedSubject)> = subjects
+            .iter()
+            .map(|(id, tp)| (id.clone(), PreparedSubject::new(tp)))
+            .collect();
+        let mut sequential = Gallery::new();
+        sequential.cohort.size = 24;
+        for (id, p) in prepared.clone() {
+            sequential.insert_ready(&id, p);
+        }
+        let mut many = Gallery::new();
+        many.cohort.size = 24;
+        many.insert_many(prepared);
+        assert_eq!(many.len(), 60);
+        assert!(same_storage(&sequential, &many));
+        assert!(many.finger_norms.iter().any(|n| n.inv_sd > 0.0));
     }
 
     #[test]
