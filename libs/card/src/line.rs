@@ -200,6 +200,8 @@ struct LineState {
     at_station: HashMap<String, String>,
     leases: HashMap<String, Lease>,
     waiters: VecDeque<u64>,
+    /// Per station, the sequence number of its last grant.
+    granted_at: HashMap<String, u64>,
     next_id: u64,
     status: LineStatus,
     deposited: u64,
@@ -384,12 +386,15 @@ impl CardLine {
         }
     }
 
+    /// The free station granted longest ago: its last card has had the most time to leave
+    /// the reader as pcscd sees it, and the stations wear evenly.
     fn free_station(&self, st: &LineState) -> Option<&str> {
         self.stations
             .iter()
-            .find(|(n, slot)| {
+            .filter(|(n, slot)| {
                 !st.leases.contains_key(n) && !st.at_station.contains_key(n) && !slot.has_card()
             })
+            .min_by_key(|(n, _)| st.granted_at.get(n).copied().unwrap_or(0))
             .map(|(n, _)| n.as_str())
     }
 
@@ -413,6 +418,7 @@ impl CardLine {
                 st.waiters.pop_front();
                 let id = st.next_id;
                 st.next_id += 1;
+                st.granted_at.insert(station.clone(), id);
                 let ttl = self.lease_ttl();
                 st.leases.insert(
                     station.clone(),
