@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use cardpipe_card::line::{CardLine, LineClient};
 use cardpipe_card::pcsc_harness::{PYTHON, PcscTest, with_private_pcscd};
-use cardpipe_card::reader::{BlankStock, CardChannel};
+use cardpipe_card::reader::BlankStock;
 use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::script;
 use cardpipe_card::simulate::{SimConfig, Simulation};
 use cardpipe_qc::check::{CheckResult, Inspection, Reason};
-use cardpipe_qc::station::{LineStations, Stations, Ticket};
+use cardpipe_qc::station::{Inspect, LineStations, Stations, Ticket};
 
 fn pcsc(name: &str) -> PcscTest<'_> {
     PcscTest {
@@ -72,10 +72,7 @@ fn ticket(chip: &str) -> Ticket {
 }
 
 /// What the station reads: the chip serial over PC/SC (GET DATA CPLC), against the ticket.
-fn read_serial(
-    expected: String,
-    seen: Arc<Mutex<Vec<String>>>,
-) -> Box<dyn FnOnce(&mut dyn CardChannel) -> Inspection + Send> {
+fn read_serial(expected: String, seen: Arc<Mutex<Vec<String>>>) -> Inspect<'static> {
     Box::new(move |ch| {
         let read = script::read_chip_serial(ch).map(|s| s.to_hex());
         let ok = read.as_ref().is_ok_and(|s| *s == expected);
