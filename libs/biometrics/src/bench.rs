@@ -593,10 +593,9 @@ where
 ///
 /// Every subject is generated in full (ten master fingers, ten impressions encoded as ISO
 /// 19794-2 records and parsed back) and enrolled through the production path,
-/// [`PreparedSubject::new`] then [`Gallery::insert_ready`] (which is what [`Gallery::insert`]
-/// does). The per-subject work runs on all cores, [`BUILD_CHUNK`] subjects at a time; the
-/// appends stay sequential, in index order, so the gallery is identical to one built by
-/// calling `insert` for each subject. Galleries of 200,000 subjects or more report progress
+/// [`PreparedSubject::new`] then [`Gallery::insert_many`]. The per-subject work runs on all
+/// cores, [`BUILD_CHUNK`] subjects at a time; the appends stay in index order, so the gallery
+/// is identical to one built by calling [`Gallery::insert`] for each subject. Galleries of 200,000 subjects or more report progress
 /// on stderr every 100,000 subjects.
 pub fn build_gallery(seed: u64, subjects: usize) -> (Gallery, PopulationSpec) {
     let spec = PopulationSpec {

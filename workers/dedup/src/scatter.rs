@@ -118,13 +118,13 @@ impl ShardSet {
     /// subjects ([`Gallery::insert_many`](cardpipe_biometrics::matcher::Gallery::insert_many)).
     /// Subjects of shards not held here are skipped. Returns how many ids were new.
     pub fn insert_many(&self, subjects: &[(String, TenPrint)]) -> usize {
+        let owned = self.owned();
         let prepared: Vec<(u32, String, PreparedSubject)> = subjects
             .par_iter()
             .filter_map(|(id, tp)| {
                 let owner = Shard::owner_of(id, self.count);
-                self.local
-                    .iter()
-                    .any(|s| read(s).index == owner)
+                owned
+                    .contains(&owner)
                     .then(|| (owner, id.clone(), PreparedSubject::new(tp)))
             })
             .collect();

@@ -689,40 +689,57 @@ impl GalleryCohort {
             if pops[f] == 0 {
                 continue;
             }
+            let others = own
+                .iter()
+                .enumerate()
+                .filter(|(_, own)| !**own)
+                .map(|(c, _)| {
+                    let at = c * STRIDE + f * CODE_WORDS;
+                    (&self.codes[at..at + CODE_WORDS], self.pops[c * 10 + f])
+                });
             let code = &codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
-            let (mut k, mut s1, mut s2) = (0u32, 0f64, 0f64);
-            for (c, &is_own) in own.iter().enumerate() {
-                let cp = self.pops[c * 10 + f];
-                if is_own || cp == 0 {
-                    continue;
-                }
-                let other =
-                    &self.codes[c * STRIDE + f * CODE_WORDS..c * STRIDE + (f + 1) * CODE_WORDS];
-                let v = f64::from(code_similarity(
-                    code,
-                    u32::from(pops[f]),
-                    other,
-                    u32::from(cp),
-                ));
-                k += 1;
-                s1 += v;
-                s2 += v * v;
+            if let Some((mu, sd)) =
+                similarity_stats(code, u32::from(pops[f]), others, MIN_COHORT as u32 / 2)
+            {
+                *norm = FingerNorm {
+                    mu: mu as f32,
+                    inv_sd: (1.0 / sd) as f32,
+                };
             }
-            if k < MIN_COHORT as u32 / 2 {
-                continue;
-            }
-            let mu = s1 / f64::from(k);
-            let sd = (s2 / f64::from(k) - mu * mu)
-                .max(0.0)
-                .sqrt()
-                .max(1.0 / f64::from(CODE_BITS).sqrt());
-            *norm = FingerNorm {
-                mu: mu as f32,
-                inv_sd: (1.0 / sd) as f32,
-            };
         }
         out
     }
+}
+
+/// Mean and spread of the code similarity of `code` (popcount `pop`) to `others` (codes of
+/// the same finger position with their popcounts; empty ones are skipped), or `None` when
+/// fewer than `min` were compared. The spread is never below that of two independent random
+/// codes (1/√B), so a small or peculiar cohort cannot blow a finger's weight up.
+fn similarity_stats<'a>(
+    code: &[u64],
+    pop: u32,
+    others: impl Iterator<Item = (&'a [u64], u16)>,
+    min: u32,
+) -> Option<(f64, f64)> {
+    let (mut k, mut s1, mut s2) = (0u32, 0f64, 0f64);
+    for (other, other_pop) in others {
+        if other_pop == 0 {
+            continue;
+        }
+        let v = f64::from(code_similarity(code, pop, other, u32::from(other_pop)));
+        k += 1;
+        s1 += v;
+        s2 += v * v;
+    }
+    if k < min {
+        return None;
+    }
+    let mu = s1 / f64::from(k);
+    let sd = (s2 / f64::from(k) - mu * mu)
+        .max(0.0)
+        .sqrt()
+        .max(1.0 / f64::from(CODE_BITS).sqrt());
+    Some((mu, sd))
 }
 
 impl fmt::Debug for Gallery {
@@ -834,7 +851,7 @@ impl Gallery {
     /// each in order, but once the cohort is complete the normalisation of the subjects runs
     /// on all cores.
     pub fn insert_many(&mut self, subjects: Vec<(String, PreparedSubject)>) {
-        let mut rest = subjects.into_iter().peekable();
+        let mut rest = subjects.into_iter();
         while !self.cohort.is_complete() {
             match rest.next() {
                 Some((id, subject)) => {
@@ -957,29 +974,14 @@ impl Gallery {
                 continue;
             }
             let pc = &probe.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
-            let (mut k, mut s1, mut s2) = (0u32, 0f64, 0f64);
-            for c in 0..take {
+            let sample = (0..take).map(|c| {
                 let slot = c * n / take;
-                let gp = u32::from(self.pops[slot * 10 + f]);
-                if gp == 0 {
-                    continue;
-                }
-                let g = &self.codes
-                    [slot * STRIDE + f * CODE_WORDS..slot * STRIDE + (f + 1) * CODE_WORDS];
-                let v = f64::from(code_similarity(pc, probe.pops[f], g, gp));
-                k += 1;
-                s1 += v;
-                s2 += v * v;
-            }
-            let (mu, sd) = if k >= 16 {
-                let mu = s1 / f64::from(k);
-                (mu, (s2 / f64::from(k) - mu * mu).max(0.0).sqrt())
-            } else {
-                (0.0, 0.0)
-            };
-            // Never below the spread of two independent random codes (1/√B), so a small or
-            // peculiar cohort cannot blow a finger's weight up.
-            let sd = sd.max(1.0 / f64::from(CODE_BITS).sqrt());
+                let at = slot * STRIDE + f * CODE_WORDS;
+                (&self.codes[at..at + CODE_WORDS], self.pops[slot * 10 + f])
+            });
+            // Too small a gallery: no centring, and the spread of random codes.
+            let (mu, sd) = similarity_stats(pc, probe.pops[f], sample, 16)
+                .unwrap_or((0.0, 1.0 / f64::from(CODE_BITS).sqrt()));
             norm.mu[f] = mu as f32;
             norm.inv_sd[f] = (1.0 / sd) as f32;
         }
