@@ -17,15 +17,47 @@
 //!   TCP protocol, and [`LineClient`] speaks it, so a QC worker in another process (or on
 //!   another host of the same production line) drives the stations it reads through pcscd.
 //!
-//! Protocol (UTF-8, one request line, one reply line; fields separated by TAB because reader
-//! names contain spaces):
-//! - `STATIONS` → `OK\t<reader>\t<reader>...`
-//! - `LOAD\t<station reader>\t<chip serial hex>` → `OK` or `ERR\t<code>\t<text>`
-//! - `UNLOAD\t<station reader>\t<pass|reject>` → `OK` or `ERR\t<code>\t<text>`
-//! - `STATUS` → `OK\t<on transport>\t<passed>\t<rejected>\t<dropped>`
+//! ## Station grants (several QC replicas on one line)
 //!
-//! Error codes: `not_found` (no such card on the transport), `busy` (the station holds a
-//! card), `empty` (nothing to unload), `unknown_station`, `bad_request`.
+//! QC replicas on one line never pick a station themselves: each asks the controller to
+//! grant one ([`CardLine::acquire`], `ACQUIRE` on the wire). The controller hands out a free
+//! station — one that is neither leased nor holding a card — to the waiters in the order they
+//! asked (FIFO), blocks a waiter up to the wait it gave, and answers `timeout` when none
+//! became free by then. The grant is a lease owned by the asking connection: it ends at the
+//! `UNLOAD` of the station's card or an explicit `RELEASE`, and is reclaimed by the controller
+//! when its owner vanishes — the owner's TCP connection closes (a killed QC process), or the
+//! lease deadline ([`CardLine::lease_ttl`], default [`CardLine::DEFAULT_LEASE_TTL`], a few
+//! times a normal inspection) passes without the owner using or renewing it (a hung one). A
+//! reclaimed station's card goes back onto the transport, so the QC job that is retried finds
+//! it there: a vanished QC process never leaves a station busy forever, nor spoils a card.
+//!
+//! ## Protocol
+//!
+//! UTF-8, one request line, one reply line; fields separated by TAB because reader names
+//! contain spaces. A connection may carry any number of requests; leases belong to the
+//! connection that acquired them.
+//! - `STATIONS` → `OK\t<reader>\t<reader>...`
+//! - `ACQUIRE\t<owner>\t<wait ms>` → `OK\t<station reader>\t<lease ms>`: a free station,
+//!   leased to this connection (`owner` names the QC process in logs); waits up to `wait ms`
+//!   (at most [`MAX_WAIT`]) behind earlier waiters, else `ERR\ttimeout\t<text>`.
+//! - `LOAD\t<station reader>\t<chip serial hex>` → `OK`: moves the card from the transport
+//!   into the station. The station must be leased to this connection, or — the form of
+//!   callers that predate grants — leased to nobody; a station leased to another connection
+//!   is `busy`; one whose lease this connection lost is `lease_lost`. Renews the lease.
+//! - `UNLOAD\t<station reader>\t<pass|reject>` → `OK`: the card to the output stacker
+//!   (pass) or the reject bin, and the station's lease (if this connection holds it) ends.
+//! - `RENEW\t<station reader>` → `OK\t<lease ms>`: pushes the lease deadline back.
+//! - `RELEASE\t<station reader>` → `OK`: ends the lease; a card still in the station goes
+//!   back onto the transport (the QC process gave up without a verdict).
+//! - `STATUS` → `OK\t<on transport>\t<passed>\t<rejected>\t<dropped>\t<leased>\t<waiting>\t<reclaimed>`
+//!
+//! Closing the connection releases every lease it holds, as `RELEASE` would.
+//!
+//! Error replies are `ERR\t<code>\t<text>`, codes: `not_found` (no such card on the
+//! transport), `busy` (the station holds a card or is leased to another connection), `empty`
+//! (nothing to unload), `unknown_station`, `timeout` (no station granted within the wait),
+//! `lease_lost` (this connection's lease on the station expired or was released),
+//! `bad_request`.
 //!
 //! The transport holds at most [`CardLine::CAPACITY`] cards; beyond that the oldest falls off
 //! (counted as dropped, as a jammed or hand-removed card would be), so cards that QC never
@@ -34,11 +66,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::card_os::{Card, Defect};
 use crate::vpcd::SlotHandle;
+
+/// The longest wait an `ACQUIRE` may ask for (longer ones are cut to it).
+pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
 /// Why a line move was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,7 +81,7 @@ pub enum LineError {
     /// No card with that chip serial is on the transport.
     #[error("no card with chip serial {0} on the transport")]
     NotFound(String),
-    /// The station already holds a card.
+    /// The station already holds a card, or is leased to another QC process.
     #[error("QC station {0} is busy")]
     Busy(String),
     /// The station holds no card.
@@ -55,6 +90,15 @@ pub enum LineError {
     /// No such station.
     #[error("no QC station named {0:?}")]
     UnknownStation(String),
+    /// No station was granted within the wait (the text says how long and how busy).
+    #[error("{0}")]
+    Timeout(String),
+    /// The caller's lease on the station expired or was released; any card it held went
+    /// back onto the transport.
+    #[error(
+        "the lease on QC station {0} expired or was released (its card, if any, went back onto the transport)"
+    )]
+    LeaseLost(String),
     /// A malformed request or reply.
     #[error("line protocol: {0}")]
     Protocol(String),
@@ -75,6 +119,8 @@ impl LineError {
             LineError::Busy(_) => "busy",
             LineError::Empty(_) => "empty",
             LineError::UnknownStation(_) => "unknown_station",
+            LineError::Timeout(_) => "timeout",
+            LineError::LeaseLost(_) => "lease_lost",
             LineError::Protocol(_) | LineError::Unreachable { .. } => "bad_request",
         }
     }
@@ -86,6 +132,8 @@ impl LineError {
             "busy" => LineError::Busy(subject),
             "empty" => LineError::Empty(subject),
             "unknown_station" => LineError::UnknownStation(subject),
+            "timeout" => LineError::Timeout(subject),
+            "lease_lost" => LineError::LeaseLost(subject),
             _ => LineError::Protocol(subject),
         }
     }
@@ -96,6 +144,8 @@ impl LineError {
             | LineError::Busy(s)
             | LineError::Empty(s)
             | LineError::UnknownStation(s)
+            | LineError::Timeout(s)
+            | LineError::LeaseLost(s)
             | LineError::Protocol(s) => s.clone(),
             LineError::Unreachable { reason, .. } => reason.clone(),
         }
@@ -113,15 +163,46 @@ pub struct LineStatus {
     pub rejected: u64,
     /// Cards that fell off a full transport.
     pub dropped: u64,
+    /// Stations leased right now.
+    pub leased: usize,
+    /// Callers waiting for a station grant right now.
+    pub waiting: usize,
+    /// Leases the controller took back from an owner that vanished (connection closed or
+    /// deadline passed).
+    pub reclaimed: u64,
+}
+
+/// A station granted by [`CardLine::acquire`], leased to the caller until
+/// [`CardLine::unload_leased`] or [`CardLine::release`] (or until it expires).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The station's reader name.
+    pub station: String,
+    /// The lease's id (what [`CardLine::load_leased`] and friends are given).
+    pub lease: u64,
+    /// How long the lease lasts without being used or renewed.
+    pub ttl: Duration,
 }
 
 type Injector = Box<dyn Fn(u64, &Card) -> Option<Defect> + Send + Sync>;
+
+#[derive(Debug)]
+struct Lease {
+    id: u64,
+    owner: String,
+    expires: Instant,
+}
 
 #[derive(Default)]
 struct LineState {
     order: VecDeque<String>,
     cards: HashMap<String, Card>,
     at_station: HashMap<String, String>,
+    leases: HashMap<String, Lease>,
+    waiters: VecDeque<u64>,
+    /// Per station, the sequence number of its last grant.
+    granted_at: HashMap<String, u64>,
+    next_id: u64,
     status: LineStatus,
     deposited: u64,
 }
@@ -129,8 +210,11 @@ struct LineState {
 /// The transport and QC stations of one machine.
 pub struct CardLine {
     state: Mutex<LineState>,
+    /// Signalled whenever a station may have become free (or the head of the waiters left).
+    changed: Condvar,
     stations: Vec<(String, SlotHandle)>,
     injector: Mutex<Option<Injector>>,
+    lease_ttl: Mutex<Duration>,
 }
 
 impl std::fmt::Debug for CardLine {
@@ -145,16 +229,31 @@ impl std::fmt::Debug for CardLine {
     }
 }
 
+/// Who asks for a line move: a caller that predates grants (no lease), or the holder of a
+/// lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Unleased,
+    Lease(u64),
+}
+
 impl CardLine {
     /// Cards the transport holds before the oldest falls off.
     pub const CAPACITY: usize = 4096;
+
+    /// How long a station lease lasts without its owner using or renewing it: a few times a
+    /// normal inspection at a pcscd station (about a second), so a hung QC process frees the
+    /// station soon, while a live one (which renews while it reads) never loses it.
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
     /// A line whose QC stations are the given readers (name, vpcd slot).
     pub fn new(stations: Vec<(String, SlotHandle)>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(LineState::default()),
+            changed: Condvar::new(),
             stations,
             injector: Mutex::new(None),
+            lease_ttl: Mutex::new(Self::DEFAULT_LEASE_TTL),
         })
     }
 
@@ -165,6 +264,17 @@ impl CardLine {
     /// The QC station reader names.
     pub fn stations(&self) -> Vec<String> {
         self.stations.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// How long a station lease lasts without being used or renewed.
+    pub fn lease_ttl(&self) -> Duration {
+        *self.lease_ttl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the lease time of grants made from now on (not zero).
+    pub fn set_lease_ttl(&self, ttl: Duration) {
+        *self.lease_ttl.lock().unwrap_or_else(|e| e.into_inner()) =
+            ttl.max(Duration::from_millis(1));
     }
 
     /// Simulates faults the encoder did not notice: `f(n, card)` (n = 0-based count of cards
@@ -191,6 +301,10 @@ impl CardLine {
         {
             card.inject_defect(&defect);
         }
+        Self::put_on_transport(&mut st, serial, card);
+    }
+
+    fn put_on_transport(st: &mut LineState, serial: String, card: Card) {
         if st.cards.insert(serial.clone(), card).is_none() {
             st.order.push_back(serial);
         }
@@ -219,53 +333,259 @@ impl CardLine {
             .ok_or_else(|| LineError::UnknownStation(name.to_string()))
     }
 
-    /// Moves the card with `chip_serial` (hex, any case) from the transport into `station`.
+    /// Takes the card out of `station`'s reader back onto the transport (lock held).
+    fn return_to_transport(&self, st: &mut LineState, station: &str) {
+        let Some(serial) = st.at_station.remove(station) else {
+            return;
+        };
+        if let Ok(slot) = self.station(station) {
+            slot.eject();
+            if let Some(card) = slot.take_ejected() {
+                Self::put_on_transport(st, serial.clone(), card);
+                tracing::info!(%station, chip = %serial, "card taken back onto the transport");
+            }
+        }
+    }
+
+    /// Takes back leases whose deadline passed (lock held).
+    fn reclaim_expired(&self, st: &mut LineState) {
+        let now = Instant::now();
+        let expired: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for station in expired {
+            if let Some(lease) = st.leases.remove(&station) {
+                tracing::warn!(%station, owner = %lease.owner, "QC station lease expired (its owner neither used nor renewed it): station taken back");
+                st.status.reclaimed += 1;
+                self.return_to_transport(st, &station);
+                self.changed.notify_all();
+            }
+        }
+    }
+
+    /// Checks that `holder` may act on `station` and refreshes its lease (lock held).
+    fn check_holder(
+        &self,
+        st: &mut LineState,
+        station: &str,
+        holder: Holder,
+    ) -> Result<(), LineError> {
+        self.reclaim_expired(st);
+        let ttl = self.lease_ttl();
+        match (st.leases.get_mut(station), holder) {
+            (Some(l), Holder::Lease(id)) if l.id == id => {
+                l.expires = Instant::now() + ttl;
+                Ok(())
+            }
+            (_, Holder::Lease(_)) => Err(LineError::LeaseLost(station.to_string())),
+            (Some(_), Holder::Unleased) => Err(LineError::Busy(station.to_string())),
+            (None, Holder::Unleased) => Ok(()),
+        }
+    }
+
+    /// The free station granted longest ago: its last card has had the most time to leave
+    /// the reader as pcscd sees it, and the stations wear evenly.
+    fn free_station(&self, st: &LineState) -> Option<&str> {
+        self.stations
+            .iter()
+            .filter(|(n, slot)| {
+                !st.leases.contains_key(n) && !st.at_station.contains_key(n) && !slot.has_card()
+            })
+            .min_by_key(|(n, _)| st.granted_at.get(n).copied().unwrap_or(0))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Grants a free station to `owner` (a name for logs), waiting up to `wait` (at most
+    /// [`MAX_WAIT`]) behind earlier callers; [`LineError::Timeout`] when none became free.
+    /// The lease lasts [`Self::lease_ttl`] past its last use; end it with
+    /// [`Self::unload_leased`] or [`Self::release`].
+    pub fn acquire(&self, owner: &str, wait: Duration) -> Result<Grant, LineError> {
+        let wait = wait.min(MAX_WAIT);
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock();
+        let ticket = st.next_id;
+        st.next_id += 1;
+        st.waiters.push_back(ticket);
+        let ahead = st.waiters.len() - 1;
+        loop {
+            self.reclaim_expired(&mut st);
+            if st.waiters.front() == Some(&ticket)
+                && let Some(station) = self.free_station(&st).map(str::to_string)
+            {
+                st.waiters.pop_front();
+                let id = st.next_id;
+                st.next_id += 1;
+                st.granted_at.insert(station.clone(), id);
+                let ttl = self.lease_ttl();
+                st.leases.insert(
+                    station.clone(),
+                    Lease {
+                        id,
+                        owner: owner.to_string(),
+                        expires: Instant::now() + ttl,
+                    },
+                );
+                // The next waiter may find another free station.
+                self.changed.notify_all();
+                return Ok(Grant {
+                    station,
+                    lease: id,
+                    ttl,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.waiters.retain(|t| *t != ticket);
+                self.changed.notify_all();
+                return Err(LineError::Timeout(format!(
+                    "no QC station became free within {} ms: all {} stations busy ({} callers were waiting ahead)",
+                    wait.as_millis(),
+                    self.stations.len(),
+                    ahead
+                )));
+            }
+            // Wake at the deadline, or when the next lease may expire.
+            let until = st
+                .leases
+                .values()
+                .map(|l| l.expires)
+                .min()
+                .map_or(deadline, |e| e.min(deadline));
+            st = self
+                .changed
+                .wait_timeout(st, until.saturating_duration_since(now))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Pushes the deadline of lease `lease` on `station` back; returns the lease time.
+    pub fn renew(&self, station: &str, lease: u64) -> Result<Duration, LineError> {
+        self.station(station)?;
+        let mut st = self.lock();
+        self.check_holder(&mut st, station, Holder::Lease(lease))?;
+        Ok(self.lease_ttl())
+    }
+
+    /// Ends lease `lease` on `station`; a card still in it goes back onto the transport.
+    pub fn release(&self, station: &str, lease: u64) -> Result<(), LineError> {
+        self.station(station)?;
+        let mut st = self.lock();
+        self.check_holder(&mut st, station, Holder::Lease(lease))?;
+        st.leases.remove(station);
+        self.return_to_transport(&mut st, station);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// A connection that held leases closed (its owner vanished): their stations are taken
+    /// back, all at once.
+    fn reclaim(&self, held: HashMap<String, u64>) {
+        if held.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for (station, lease) in held {
+            if st.leases.get(&station).is_some_and(|l| l.id == lease) {
+                let owner = st
+                    .leases
+                    .remove(&station)
+                    .map(|l| l.owner)
+                    .unwrap_or_default();
+                tracing::warn!(%station, %owner, "QC station lease owner's connection closed: station taken back");
+                st.status.reclaimed += 1;
+                self.return_to_transport(&mut st, &station);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Moves the card with `chip_serial` (hex, any case) from the transport into `station`,
+    /// which must be leased to nobody (callers that predate grants; see
+    /// [`Self::load_leased`]).
     pub fn load(&self, station: &str, chip_serial: &str) -> Result<(), LineError> {
+        self.load_as(station, chip_serial, Holder::Unleased)
+    }
+
+    /// Moves the card with `chip_serial` into `station`, held under lease `lease`.
+    pub fn load_leased(
+        &self,
+        station: &str,
+        chip_serial: &str,
+        lease: u64,
+    ) -> Result<(), LineError> {
+        self.load_as(station, chip_serial, Holder::Lease(lease))
+    }
+
+    fn load_as(&self, station: &str, chip_serial: &str, holder: Holder) -> Result<(), LineError> {
         let slot = self.station(station)?;
         let serial = chip_serial.to_ascii_uppercase();
-        let card = {
-            let mut st = self.lock();
-            if st.at_station.contains_key(station) || slot.has_card() {
-                return Err(LineError::Busy(station.to_string()));
-            }
-            let card = st
-                .cards
-                .remove(&serial)
-                .ok_or_else(|| LineError::NotFound(serial.clone()))?;
-            st.order.retain(|s| s != &serial);
-            st.at_station.insert(station.to_string(), serial);
-            card
-        };
+        let mut st = self.lock();
+        self.check_holder(&mut st, station, holder)?;
+        if st.at_station.contains_key(station) || slot.has_card() {
+            return Err(LineError::Busy(station.to_string()));
+        }
+        let card = st
+            .cards
+            .remove(&serial)
+            .ok_or_else(|| LineError::NotFound(serial.clone()))?;
+        st.order.retain(|s| s != &serial);
+        st.at_station.insert(station.to_string(), serial);
+        // Under the line lock, so a reclaim cannot run between the two.
         slot.insert(card);
         Ok(())
     }
 
-    /// Takes the card out of `station`: to the output stacker when `passed`, else the reject
-    /// bin. Returns its chip serial.
+    /// Takes the card out of `station` (leased to nobody): to the output stacker when
+    /// `passed`, else the reject bin. Returns its chip serial.
     pub fn unload(&self, station: &str, passed: bool) -> Result<String, LineError> {
+        self.unload_as(station, passed, Holder::Unleased)
+    }
+
+    /// Takes the card out of `station`, held under lease `lease`, and ends the lease.
+    pub fn unload_leased(
+        &self,
+        station: &str,
+        passed: bool,
+        lease: u64,
+    ) -> Result<String, LineError> {
+        self.unload_as(station, passed, Holder::Lease(lease))
+    }
+
+    fn unload_as(&self, station: &str, passed: bool, holder: Holder) -> Result<String, LineError> {
         let slot = self.station(station)?;
-        let serial = self
-            .lock()
+        let mut st = self.lock();
+        self.check_holder(&mut st, station, holder)?;
+        let serial = st
             .at_station
             .remove(station)
             .ok_or_else(|| LineError::Empty(station.to_string()))?;
         slot.eject();
         // The card leaves the machine: the stacker and the bin are outside the simulation.
         let _ = slot.take_ejected();
-        let mut st = self.lock();
         if passed {
             st.status.passed += 1;
         } else {
             st.status.rejected += 1;
         }
+        if let Holder::Lease(_) = holder {
+            st.leases.remove(station);
+        }
+        self.changed.notify_all();
         Ok(serial)
     }
 
     /// The counters.
     pub fn status(&self) -> LineStatus {
-        let st = self.lock();
+        let mut st = self.lock();
+        self.reclaim_expired(&mut st);
         LineStatus {
             on_transport: st.cards.len(),
+            leased: st.leases.len(),
+            waiting: st.waiters.len(),
             ..st.status
         }
     }
@@ -290,28 +610,34 @@ impl CardLine {
     }
 
     fn session(&self, conn: TcpStream) {
+        // The leases this connection holds, by station; taken back when it ends.
+        let mut held: HashMap<String, u64> = HashMap::new();
         let _ = conn.set_read_timeout(Some(Duration::from_secs(300)));
-        let Ok(write_half) = conn.try_clone() else {
-            return;
-        };
-        let mut out = write_half;
-        let mut reader = BufReader::new(conn);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let reply = self.answer(line.trim_end_matches(['\r', '\n']));
-            if out.write_all(reply.as_bytes()).is_err() || out.write_all(b"\n").is_err() {
-                return;
+        if let Ok(write_half) = conn.try_clone() {
+            let mut out = write_half;
+            let mut reader = BufReader::new(conn);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let reply = self.answer(line.trim_end_matches(['\r', '\n']), &mut held);
+                if out.write_all(reply.as_bytes()).is_err() || out.write_all(b"\n").is_err() {
+                    break;
+                }
             }
         }
+        self.reclaim(held);
     }
 
-    fn answer(&self, request: &str) -> String {
+    fn answer(&self, request: &str, held: &mut HashMap<String, u64>) -> String {
         let fields: Vec<&str> = request.split('\t').collect();
+        let holder = |held: &HashMap<String, u64>, station: &str| match held.get(station) {
+            Some(id) => Holder::Lease(*id),
+            None => Holder::Unleased,
+        };
         let result = match fields.as_slice() {
             ["STATIONS"] => Ok(std::iter::once("OK".to_string())
                 .chain(self.stations())
@@ -320,14 +646,46 @@ impl CardLine {
             ["STATUS"] => {
                 let s = self.status();
                 Ok(format!(
-                    "OK\t{}\t{}\t{}\t{}",
-                    s.on_transport, s.passed, s.rejected, s.dropped
+                    "OK\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    s.on_transport,
+                    s.passed,
+                    s.rejected,
+                    s.dropped,
+                    s.leased,
+                    s.waiting,
+                    s.reclaimed
                 ))
             }
-            ["LOAD", station, serial] => self.load(station, serial).map(|()| "OK".to_string()),
-            ["UNLOAD", station, verdict @ ("pass" | "reject")] => self
-                .unload(station, *verdict == "pass")
-                .map(|_| "OK".to_string()),
+            ["ACQUIRE", owner, wait_ms] if !owner.is_empty() => match wait_ms.parse::<u64>() {
+                Ok(ms) => self.acquire(owner, Duration::from_millis(ms)).map(|g| {
+                    held.insert(g.station.clone(), g.lease);
+                    format!("OK\t{}\t{}", g.station, g.ttl.as_millis())
+                }),
+                Err(_) => Err(LineError::Protocol(format!("bad wait {wait_ms:?}"))),
+            },
+            ["LOAD", station, serial] => self
+                .load_as(station, serial, holder(held, station))
+                .map(|()| "OK".to_string()),
+            ["UNLOAD", station, verdict @ ("pass" | "reject")] => {
+                let r = self.unload_as(station, *verdict == "pass", holder(held, station));
+                if matches!(r, Ok(_) | Err(LineError::LeaseLost(_))) {
+                    held.remove(*station);
+                }
+                r.map(|_| "OK".to_string())
+            }
+            ["RENEW", station] => match held.get(*station) {
+                Some(id) => self
+                    .renew(station, *id)
+                    .map(|ttl| format!("OK\t{}", ttl.as_millis()))
+                    .inspect_err(|_| {
+                        held.remove(*station);
+                    }),
+                None => Err(LineError::LeaseLost(station.to_string())),
+            },
+            ["RELEASE", station] => match held.remove(*station) {
+                Some(id) => self.release(station, id).map(|()| "OK".to_string()),
+                None => Err(LineError::LeaseLost(station.to_string())),
+            },
             _ => Err(LineError::Protocol(format!(
                 "unknown request {:?}",
                 fields.first().copied().unwrap_or("")
@@ -340,8 +698,31 @@ impl CardLine {
     }
 }
 
+fn read_reply(
+    reader: &mut impl BufRead,
+    unreachable: impl Fn(String) -> LineError,
+) -> Result<Vec<String>, LineError> {
+    let mut reply = String::new();
+    match reader.read_line(&mut reply) {
+        Ok(0) => return Err(unreachable("connection closed".into())),
+        Ok(_) => {}
+        Err(e) => return Err(unreachable(e.to_string())),
+    }
+    let fields: Vec<String> = reply
+        .trim_end_matches(['\r', '\n'])
+        .split('\t')
+        .map(str::to_string)
+        .collect();
+    match fields.first().map(String::as_str) {
+        Some("OK") => Ok(fields[1..].to_vec()),
+        Some("ERR") if fields.len() >= 3 => Err(LineError::from_code(&fields[1], &fields[2])),
+        _ => Err(LineError::Protocol(format!("unexpected reply {reply:?}"))),
+    }
+}
+
 /// A client of a line controller ([`CardLine::serve`]). Blocking; one connection per request,
-/// so it is cheap to share and survives a controller restart.
+/// so it is cheap to share and survives a controller restart. Station grants need a
+/// connection that lives as long as the lease: [`Self::session`].
 #[derive(Debug, Clone)]
 pub struct LineClient {
     addr: String,
@@ -369,7 +750,7 @@ impl LineClient {
         }
     }
 
-    fn request(&self, request: &str) -> Result<Vec<String>, LineError> {
+    fn connect(&self) -> Result<TcpStream, LineError> {
         use std::net::ToSocketAddrs;
         let addr = self
             .addr
@@ -377,26 +758,30 @@ impl LineClient {
             .map_err(|e| self.unreachable(e))?
             .next()
             .ok_or_else(|| self.unreachable("address resolves to nothing"))?;
-        let mut conn =
+        let conn =
             TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| self.unreachable(e))?;
         conn.set_read_timeout(Some(self.timeout))
             .map_err(|e| self.unreachable(e))?;
+        let _ = conn.set_nodelay(true);
+        Ok(conn)
+    }
+
+    fn request(&self, request: &str) -> Result<Vec<String>, LineError> {
+        let mut conn = self.connect()?;
         conn.write_all(format!("{request}\n").as_bytes())
             .map_err(|e| self.unreachable(e))?;
-        let mut reply = String::new();
-        BufReader::new(conn)
-            .read_line(&mut reply)
-            .map_err(|e| self.unreachable(e))?;
-        let fields: Vec<String> = reply
-            .trim_end_matches(['\r', '\n'])
-            .split('\t')
-            .map(str::to_string)
-            .collect();
-        match fields.first().map(String::as_str) {
-            Some("OK") => Ok(fields[1..].to_vec()),
-            Some("ERR") if fields.len() >= 3 => Err(LineError::from_code(&fields[1], &fields[2])),
-            _ => Err(LineError::Protocol(format!("unexpected reply {reply:?}"))),
-        }
+        read_reply(&mut BufReader::new(conn), |r| self.unreachable(r))
+    }
+
+    /// A connection for station grants: the leases it acquires end when it is dropped.
+    pub fn session(&self) -> Result<LineSession, LineError> {
+        let conn = self.connect()?;
+        let write = conn.try_clone().map_err(|e| self.unreachable(e))?;
+        Ok(LineSession {
+            client: self.clone(),
+            write,
+            read: BufReader::new(conn),
+        })
     }
 
     /// The QC station readers of the line.
@@ -404,7 +789,7 @@ impl LineClient {
         self.request("STATIONS")
     }
 
-    /// Moves the card with `chip_serial` into `station`.
+    /// Moves the card with `chip_serial` into `station` (one leased to nobody).
     pub fn load(&self, station: &str, chip_serial: &str) -> Result<(), LineError> {
         check_field(station)?;
         check_field(chip_serial)?;
@@ -433,7 +818,86 @@ impl LineClient {
             passed: num(1)?,
             rejected: num(2)?,
             dropped: num(3)?,
+            leased: num(4)? as usize,
+            waiting: num(5)? as usize,
+            reclaimed: num(6)?,
         })
+    }
+}
+
+/// One connection to a line controller, holding the station leases it acquires; dropping it
+/// (or the process dying) closes the connection, and the controller takes those stations
+/// back.
+#[derive(Debug)]
+pub struct LineSession {
+    client: LineClient,
+    write: TcpStream,
+    read: BufReader<TcpStream>,
+}
+
+impl LineSession {
+    fn request(&mut self, request: &str, wait: Duration) -> Result<Vec<String>, LineError> {
+        let client = &self.client;
+        self.read
+            .get_ref()
+            .set_read_timeout(Some(client.timeout + wait))
+            .map_err(|e| client.unreachable(e))?;
+        self.write
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(|e| client.unreachable(e))?;
+        read_reply(&mut self.read, |r| client.unreachable(r))
+    }
+
+    /// Asks for a station for `owner` (a name for the controller's logs), waiting up to
+    /// `wait` behind earlier callers; returns the station and the lease time.
+    pub fn acquire(
+        &mut self,
+        owner: &str,
+        wait: Duration,
+    ) -> Result<(String, Duration), LineError> {
+        check_field(owner)?;
+        let wait = wait.min(MAX_WAIT);
+        let f = self.request(&format!("ACQUIRE\t{owner}\t{}", wait.as_millis()), wait)?;
+        match f.as_slice() {
+            [station, ttl] => Ok((
+                station.clone(),
+                Duration::from_millis(ttl.parse().map_err(|_| {
+                    LineError::Protocol(format!("malformed ACQUIRE reply: lease {ttl:?}"))
+                })?),
+            )),
+            _ => Err(LineError::Protocol("malformed ACQUIRE reply".into())),
+        }
+    }
+
+    /// Moves the card with `chip_serial` into `station` (leased to this session).
+    pub fn load(&mut self, station: &str, chip_serial: &str) -> Result<(), LineError> {
+        check_field(station)?;
+        check_field(chip_serial)?;
+        self.request(&format!("LOAD\t{station}\t{chip_serial}"), Duration::ZERO)
+            .map(|_| ())
+    }
+
+    /// Takes the card out of `station` (stacker when `passed`, else reject bin) and ends the
+    /// lease.
+    pub fn unload(&mut self, station: &str, passed: bool) -> Result<(), LineError> {
+        check_field(station)?;
+        let verdict = if passed { "pass" } else { "reject" };
+        self.request(&format!("UNLOAD\t{station}\t{verdict}"), Duration::ZERO)
+            .map(|_| ())
+    }
+
+    /// Pushes the lease deadline on `station` back.
+    pub fn renew(&mut self, station: &str) -> Result<(), LineError> {
+        check_field(station)?;
+        self.request(&format!("RENEW\t{station}"), Duration::ZERO)
+            .map(|_| ())
+    }
+
+    /// Ends the lease on `station` (a card still in it goes back onto the transport).
+    pub fn release(&mut self, station: &str) -> Result<(), LineError> {
+        check_field(station)?;
+        self.request(&format!("RELEASE\t{station}"), Duration::ZERO)
+            .map(|_| ())
     }
 }
 
@@ -488,7 +952,7 @@ mod tests {
                 on_transport: 0,
                 passed: 1,
                 rejected: 1,
-                dropped: 0
+                ..LineStatus::default()
             }
         );
         assert_eq!(
@@ -542,6 +1006,149 @@ mod tests {
         assert!(matches!(
             line.load("QC Station 01 00 00", &first_serial),
             Err(LineError::NotFound(_))
+        ));
+    }
+
+    fn line_with_stations(n: usize) -> (Arc<CardLine>, Vec<VpcdSlot>) {
+        let slots: Vec<VpcdSlot> = (0..n)
+            .map(|_| VpcdSlot::start(SocketAddr::from(([127, 0, 0, 1], 9))))
+            .collect();
+        let line = CardLine::new(
+            slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("QC Station 01 00 {i:02}"), s.handle().clone()))
+                .collect(),
+        );
+        (line, slots)
+    }
+
+    /// Waits (bounded) until `n` callers queue for a station.
+    fn until_waiting(line: &CardLine, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while line.status().waiting < n {
+            assert!(Instant::now() < deadline, "{n} waiters never queued");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn stations_are_granted_to_waiters_in_order() {
+        let (line, _slots) = line_with_stations(1);
+        let stock = BlankStock::healthy(MasterKeys::test_keys(), 11);
+        let card = stock.take();
+        let chip = card.serial().to_hex();
+        line.deposit(card);
+        let a = line.acquire("qc-a", Duration::ZERO).unwrap();
+        assert_eq!(a.station, "QC Station 01 00 00");
+        // The station is leased: neither a second grant nor a caller without a lease gets it.
+        assert!(matches!(
+            line.acquire("qc-x", Duration::from_millis(10)),
+            Err(LineError::Timeout(t)) if t.contains("busy")
+        ));
+        assert_eq!(
+            line.load(&a.station, &chip),
+            Err(LineError::Busy(a.station.clone()))
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut waiters = Vec::new();
+        for (i, name) in ["qc-b", "qc-c"].into_iter().enumerate() {
+            let (shared, tx) = (line.clone(), tx.clone());
+            waiters.push(std::thread::spawn(move || {
+                let g = shared.acquire(name, Duration::from_secs(60)).unwrap();
+                tx.send((name, g.clone())).unwrap();
+                g
+            }));
+            until_waiting(&line, i + 1);
+        }
+        line.load_leased(&a.station, &chip, a.lease).unwrap();
+        // Releasing with the card still in: it goes back onto the transport.
+        line.release(&a.station, a.lease).unwrap();
+        assert_eq!(line.status().on_transport, 1);
+        let (first, b) = rx.recv().unwrap();
+        assert_eq!(first, "qc-b", "the first waiter gets the station");
+        assert!(rx.try_recv().is_err(), "the second still waits");
+        assert_eq!(
+            line.load_leased(&b.station, &chip, a.lease),
+            Err(LineError::LeaseLost(b.station.clone())),
+            "a released lease is gone"
+        );
+        line.load_leased(&b.station, &chip, b.lease).unwrap();
+        assert_eq!(line.unload_leased(&b.station, true, b.lease).unwrap(), chip);
+        let (second, c) = rx.recv().unwrap();
+        assert_eq!(second, "qc-c");
+        line.release(&c.station, c.lease).unwrap();
+        for w in waiters {
+            w.join().unwrap();
+        }
+        let s = line.status();
+        assert_eq!((s.passed, s.leased, s.waiting, s.reclaimed), (1, 0, 0, 0));
+    }
+
+    #[test]
+    fn an_unrenewed_lease_expires_and_its_card_returns_to_the_transport() {
+        let (line, slots) = line_with_stations(1);
+        line.set_lease_ttl(Duration::from_millis(300));
+        let stock = BlankStock::healthy(MasterKeys::test_keys(), 12);
+        let card = stock.take();
+        let chip = card.serial().to_hex();
+        line.deposit(card);
+        let hung = line.acquire("qc-hung", Duration::ZERO).unwrap();
+        line.load_leased(&hung.station, &chip, hung.lease).unwrap();
+        line.renew(&hung.station, hung.lease).unwrap();
+        assert_eq!(line.status().on_transport, 0);
+        // The owner never comes back: the next caller gets the station once the lease ran out.
+        let next = line.acquire("qc-next", Duration::from_secs(60)).unwrap();
+        assert_eq!(next.station, hung.station);
+        assert!(!slots[0].handle().has_card());
+        let s = line.status();
+        assert_eq!((s.on_transport, s.reclaimed, s.rejected), (1, 1, 0));
+        assert_eq!(
+            line.unload_leased(&hung.station, true, hung.lease),
+            Err(LineError::LeaseLost(hung.station.clone()))
+        );
+        line.load_leased(&next.station, &chip, next.lease).unwrap();
+        line.unload_leased(&next.station, true, next.lease).unwrap();
+        assert_eq!(line.status().passed, 1);
+    }
+
+    #[test]
+    fn a_closed_connection_gives_its_stations_back() {
+        let (line, _slots) = line_with_stations(2);
+        let stock = BlankStock::healthy(MasterKeys::test_keys(), 13);
+        let card = stock.take();
+        let chip = card.serial().to_hex();
+        line.deposit(card);
+        let addr = line.serve(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let client = LineClient::new(addr.to_string());
+        let mut gone = client.session().unwrap();
+        let (s1, ttl) = gone.acquire("qc-gone", Duration::ZERO).unwrap();
+        assert_eq!(ttl, CardLine::DEFAULT_LEASE_TTL);
+        let (s2, _) = gone.acquire("qc-gone", Duration::ZERO).unwrap();
+        assert_ne!(s1, s2);
+        gone.load(&s1, &chip).unwrap();
+        gone.renew(&s1).unwrap();
+        // Another connection can neither use nor unload those stations.
+        let mut other = client.session().unwrap();
+        assert!(matches!(other.load(&s2, &chip), Err(LineError::Busy(_))));
+        assert!(matches!(client.unload(&s1, true), Err(LineError::Busy(_))));
+        assert!(matches!(other.release(&s1), Err(LineError::LeaseLost(_))));
+        let s = client.status().unwrap();
+        assert_eq!((s.on_transport, s.leased), (0, 2));
+        drop(gone);
+        let (granted, _) = other.acquire("qc-other", Duration::from_secs(60)).unwrap();
+        assert!(granted == s1 || granted == s2);
+        other.load(&granted, &chip).unwrap();
+        other.unload(&granted, true).unwrap();
+        assert!(matches!(
+            other.renew(&granted),
+            Err(LineError::LeaseLost(_))
+        ));
+        let s = client.status().unwrap();
+        assert_eq!((s.passed, s.leased, s.reclaimed), (1, 0, 2));
+        assert!(matches!(
+            other.acquire("bad\towner", Duration::ZERO),
+            Err(LineError::Protocol(_))
         ));
     }
 }

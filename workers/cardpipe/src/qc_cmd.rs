@@ -111,6 +111,23 @@ pub struct BenchQcArgs {
     /// Plant a defect (the six kinds in turn) on every n-th card; 0 = none.
     #[arg(long, default_value_t = 5)]
     pub defect_every: usize,
+    /// Instead: QC replicas sharing one simulated line (pcscd + vpcd station readers, the
+    /// line controller granting stations), cards/s for each replica count and the ratio to
+    /// N × one replica. Needs pcscd and vsmartcard-vpcd.
+    #[arg(long)]
+    pub line: bool,
+    /// --line: QC stations on the line.
+    #[arg(long, default_value_t = 4)]
+    pub stations: usize,
+    /// --line: replica counts to run, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4])]
+    pub replicas: Vec<usize>,
+    /// --line: job threads per replica.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// --line: cards per replica in each run.
+    #[arg(long, default_value_t = 12)]
+    pub cards_per_replica: usize,
 }
 
 async fn connect(loaded: &LoadedConfig) -> anyhow::Result<Services> {
@@ -239,8 +256,14 @@ pub async fn reprint(loaded: LoadedConfig, args: ReprintArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// Set in the re-executed `bench qc --line` process: its simulated machine's directory.
+const LINE_DIR_ENV: &str = "CARDPIPE_BENCH_LINE_DIR";
+
 /// `cardpipe bench qc`.
 pub fn bench(args: BenchQcArgs) -> anyhow::Result<()> {
+    if args.line {
+        return bench_line(args);
+    }
     eprintln!(
         "bench qc: issuing and personalizing {} cards (a defect on every {}th), then inspecting them",
         args.cards, args.defect_every
@@ -252,6 +275,57 @@ pub fn bench(args: BenchQcArgs) -> anyhow::Result<()> {
             "{} cards got a verdict other than the defect planted",
             report.misjudged
         );
+    }
+    Ok(())
+}
+
+/// `cardpipe bench qc --line`. pcsc-lite reads `PCSCLITE_CSOCK_NAME` once per process, before
+/// the simulated machine's pcscd exists, so the bench re-runs itself with it pointing at the
+/// machine's socket (as the PC/SC tests do).
+fn bench_line(args: BenchQcArgs) -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os(LINE_DIR_ENV) else {
+        cardpipe_card::pcsc::library().map_err(|e| anyhow::anyhow!("bench qc --line: {e}"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("cardpipe-bench-line-")
+            .tempdir()?;
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(LINE_DIR_ENV, dir.path())
+            .env("PCSCLITE_CSOCK_NAME", dir.path().join("run/pcscd.comm"))
+            .status()?;
+        anyhow::ensure!(status.success(), "bench qc --line failed ({status})");
+        return Ok(());
+    };
+    eprintln!(
+        "bench qc --line: {} QC stations, replicas {:?} ({} job thread(s) each), {} cards per replica per run (personalized before each run)",
+        args.stations, args.replicas, args.concurrency, args.cards_per_replica
+    );
+    let report = cardpipe_qc::bench::run_line(&cardpipe_qc::bench::LineBench {
+        work_dir: dir.into(),
+        stations: args.stations,
+        replicas: args.replicas,
+        concurrency: args.concurrency,
+        cards_per_replica: args.cards_per_replica,
+        station_timeout: std::time::Duration::from_secs(5),
+    })?;
+    print(&report)?;
+    for r in &report.runs {
+        eprintln!(
+            "  {} replica(s) x {} thread(s), {} stations: {} cards in {:.1} s = {:.2} cards/s{}",
+            r.replicas,
+            r.concurrency,
+            r.stations,
+            r.cards,
+            r.seconds,
+            r.cards_per_second,
+            r.ratio_to_linear
+                .map(|x| format!(", {x:.2} x (N x single replica)"))
+                .unwrap_or_default()
+        );
+    }
+    let bad: usize = report.runs.iter().map(|r| r.failed).sum();
+    if bad > 0 {
+        anyhow::bail!("{bad} good cards failed QC at the line");
     }
     Ok(())
 }

@@ -342,3 +342,194 @@ pub fn run(cards: usize, defect_every: usize) -> anyhow::Result<BenchReport> {
         misjudged,
     })
 }
+
+/// `cardpipe bench qc --line`: QC replicas sharing one simulated line.
+#[derive(Debug, Clone)]
+pub struct LineBench {
+    /// Directory for the simulated machine's pcscd (its socket must be this process's
+    /// `PCSCLITE_CSOCK_NAME`: `<work_dir>/run/pcscd.comm`).
+    pub work_dir: std::path::PathBuf,
+    /// QC stations on the line.
+    pub stations: usize,
+    /// Replica counts to run, one after the other (e.g. 1, 2, 4).
+    pub replicas: Vec<usize>,
+    /// Job threads per replica (cards one replica reads at once).
+    pub concurrency: usize,
+    /// Cards per replica in each run (a run with N replicas reads N times as many).
+    pub cards_per_replica: usize,
+    /// pcscd / station timeout (a grant is waited for six times as long).
+    pub station_timeout: Duration,
+}
+
+/// One run of [`run_line`]: N replicas on the line.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineBenchRun {
+    /// QC replicas (each its own [`crate::station::LineStations`], controller connections
+    /// and job threads).
+    pub replicas: usize,
+    /// Job threads per replica.
+    pub concurrency: usize,
+    /// Stations on the line.
+    pub stations: usize,
+    /// Cards read.
+    pub cards: usize,
+    /// Wall time from the first job to the last verdict.
+    pub seconds: f64,
+    /// Cards read per second, all replicas together.
+    pub cards_per_second: f64,
+    /// `cards_per_second / (replicas × the single-replica run's cards_per_second)` (1.0 for
+    /// the single-replica run; absent when no single-replica run was made).
+    pub ratio_to_linear: Option<f64>,
+    /// Cards each replica read.
+    pub per_replica: Vec<u64>,
+    /// Jobs that got no station in time and were retried (collisions; should be 0).
+    pub unavailable: u64,
+    /// Cards whose inspection failed (all are good cards: must be 0).
+    pub failed: usize,
+    /// Leases the controller had to take back (must be 0: no replica vanished).
+    pub reclaimed: u64,
+}
+
+/// What `cardpipe bench qc --line` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineBenchReport {
+    /// One entry per replica count.
+    pub runs: Vec<LineBenchRun>,
+}
+
+/// Personalizes `cards` real cards (credentials from the fixture's CA), puts them on a
+/// simulated line with `stations` QC stations read through pcscd, and for each replica
+/// count N has N [`crate::station::LineStations`] — each with its own controller
+/// connections and `concurrency` job threads, competing for jobs from one queue as QC
+/// consumers of one broker queue do — inspect them with the full [`check::inspect`].
+pub fn run_line(cfg: &LineBench) -> anyhow::Result<LineBenchReport> {
+    use crate::station::{LineStations, Stations, Ticket};
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    anyhow::ensure!(
+        cfg.stations > 0 && cfg.concurrency > 0 && cfg.cards_per_replica > 0,
+        "stations, concurrency and cards per replica must be positive"
+    );
+    let mut sim_cfg = cardpipe_card::simulate::SimConfig::new(1, &cfg.work_dir);
+    sim_cfg.qc_stations = cfg.stations;
+    let sim = cardpipe_card::simulate::Simulation::start(sim_cfg)?;
+    sim.check_client_env()?;
+    let line = sim
+        .line()
+        .ok_or_else(|| anyhow::anyhow!("the simulated machine has no line"))?
+        .clone();
+    let addr = line
+        .serve(SocketAddr::from(([127, 0, 0, 1], 0)))?
+        .to_string();
+
+    let fx = Fixture::new()?;
+    let hierarchy = &fx.hierarchy;
+    let mut runs: Vec<LineBenchRun> = Vec::new();
+    let mut serial = 0u32;
+    for &n in &cfg.replicas {
+        anyhow::ensure!(n > 0, "a run needs at least one replica");
+        // Cards for this run, personalized before the clock starts.
+        let total = n * cfg.cards_per_replica;
+        let mut jobs = VecDeque::with_capacity(total);
+        for _ in 0..total {
+            let creds = fx.credentials(&format!("LINE-{serial:06}"), 5000 + serial)?;
+            serial += 1;
+            let card = fx.personalize(&creds)?;
+            let chip = card.serial().to_hex();
+            let keys = creds
+                .off_card
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("the bench issues packages with off-card keys"))?;
+            jobs.push_back((
+                chip,
+                keys.authentication_certificate.der.clone(),
+                keys.signature_certificate.der.clone(),
+            ));
+            line.deposit(card);
+        }
+        let reclaimed0 = line.status().reclaimed;
+        let replicas: Vec<Arc<LineStations>> = (0..n)
+            .map(|_| LineStations::connect(&addr, cfg.station_timeout))
+            .collect::<Result<_, _>>()?;
+        let queue = Mutex::new(jobs);
+        let failed = AtomicUsize::new(0);
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for replica in &replicas {
+                for _ in 0..cfg.concurrency {
+                    let (queue, failed) = (&queue, &failed);
+                    scope.spawn(move || {
+                        loop {
+                            let Some((chip, auth, sign)) =
+                                queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+                            else {
+                                return;
+                            };
+                            let ticket = Ticket {
+                                application_id: format!("bench-{chip}"),
+                                blank_serial: format!("bench-{chip}"),
+                                chip_serial: Some(chip.clone()),
+                            };
+                            let expect_chip = chip.clone();
+                            let (a, s) = (auth.clone(), sign.clone());
+                            let result = Stations::Line(replica.clone()).inspect(
+                                &ticket,
+                                Box::new(move |channel| {
+                                    check::inspect(
+                                        channel,
+                                        &Expectations {
+                                            chip_serial: Some(&expect_chip),
+                                            auth_cert: &a,
+                                            sign_cert: &s,
+                                            hierarchy,
+                                            id_pin: ID_PIN,
+                                            sign_pin: SIGN_PIN,
+                                        },
+                                    )
+                                }),
+                            );
+                            match result {
+                                Ok((inspection, _)) => {
+                                    if let Some(reason) = inspection.verdict() {
+                                        tracing::warn!(%chip, reason = reason.as_str(), "bench card failed QC");
+                                        failed.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                // No station in time: the job goes back in the queue, as a
+                                // retried QC job would.
+                                Err(_) => queue
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push_back((chip, auth, sign)),
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        let seconds = start.elapsed().as_secs_f64();
+        let cards_per_second = total as f64 / seconds.max(1e-9);
+        let single = runs
+            .iter()
+            .find(|r| r.replicas == 1)
+            .map(|r| r.cards_per_second)
+            .or((n == 1).then_some(cards_per_second));
+        runs.push(LineBenchRun {
+            replicas: n,
+            concurrency: cfg.concurrency,
+            stations: cfg.stations,
+            cards: total,
+            seconds,
+            cards_per_second,
+            ratio_to_linear: single.map(|s| cards_per_second / (n as f64 * s)),
+            per_replica: replicas.iter().map(|r| r.inspected()).collect(),
+            unavailable: replicas.iter().map(|r| r.unavailable()).sum(),
+            failed: failed.load(Ordering::Relaxed),
+            reclaimed: line.status().reclaimed - reclaimed0,
+        });
+    }
+    Ok(LineBenchReport { runs })
+}

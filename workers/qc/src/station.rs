@@ -4,8 +4,9 @@
 //!   personalize and QC share one process). The card OS chip is inserted into an in-process
 //!   reader.
 //! - [`Stations::Line`]: the QC station readers of the production machine's line. The line
-//!   controller ([`cardpipe_card::line`]) brings the card — found on the transport by
-//!   its recorded chip serial — into a free station; QC talks to it through pcscd like any
+//!   controller ([`cardpipe_card::line`]) grants this process a station (coordinated with
+//!   every other QC replica on the line) and brings the card — found on the transport by
+//!   its recorded chip serial — into it; QC talks to it through pcscd like any
 //!   reader, then sends it to the stacker (passed) or the reject bin. Nothing is shared in
 //!   memory with the personalize worker, so QC can run in its own process.
 //!
@@ -13,10 +14,11 @@
 //! known on the tray path (the job ticket travels with the card). At a line station the card
 //! is located by its chip serial and the body serial is reported as not machine-readable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use cardpipe_card::line::{LineClient, LineError};
+use cardpipe_card::line::{LineClient, LineError, LineSession};
 use cardpipe_card::reader::{self, BlankStock, CardChannel, Encoder, InProcessEncoder};
 use cardpipe_card::scp03::MasterKeys;
 use cardpipe_card::tray::{OutputTray, TrayCard};
@@ -55,7 +57,8 @@ pub enum Stations {
     Line(Arc<LineStations>),
 }
 
-type Inspect = Box<dyn FnOnce(&mut dyn CardChannel) -> Inspection + Send>;
+/// What a station runs over the card's channel.
+pub type Inspect<'a> = Box<dyn FnOnce(&mut dyn CardChannel) -> Inspection + Send + 'a>;
 
 impl Stations {
     /// Brings the card of `ticket` into a station, runs `inspect` over its channel, sends the
@@ -63,13 +66,13 @@ impl Stations {
     /// inspection (its first check: how the card was identified) and the station's name.
     /// Blocking: run it on a blocking thread.
     ///
-    /// A station that is busy (another QC process's card is in it), none becoming free, or a
-    /// line controller that does not answer is [`StationUnavailable`]: the card was not read,
+    /// No station granted in time (every one busy with this or another QC process's cards),
+    /// a lease lost, or a line controller that does not answer is [`StationUnavailable`]: the card was not read,
     /// so it is no reason to spoil it — the job is retried later.
     pub fn inspect(
         &self,
         ticket: &Ticket,
-        inspect: Inspect,
+        inspect: Inspect<'_>,
     ) -> Result<(Inspection, String), StationUnavailable> {
         match self {
             Stations::Tray(tray) => Ok(tray_inspect(tray, ticket, inspect)),
@@ -98,7 +101,7 @@ fn single(name: &str, reason: Reason, detail: String) -> Inspection {
 
 const TRAY_STATION: &str = "qc-station-01";
 
-fn tray_inspect(tray: &OutputTray, ticket: &Ticket, inspect: Inspect) -> (Inspection, String) {
+fn tray_inspect(tray: &OutputTray, ticket: &Ticket, inspect: Inspect<'_>) -> (Inspection, String) {
     let Some(tc) = tray.take(&ticket.application_id) else {
         return (
             single(
@@ -137,30 +140,41 @@ fn tray_inspect(tray: &OutputTray, ticket: &Ticket, inspect: Inspect) -> (Inspec
 }
 
 /// The QC station readers of a line, shared by this process's QC jobs.
+///
+/// No station is this process's own: every inspection asks the line controller for a grant
+/// ([`cardpipe_card::line`]), so any number of QC replicas share one line without ever
+/// loading a card into a station another replica is using. A line whose stations are all in
+/// use is waited for (up to six station timeouts, FIFO with the other replicas' jobs), then
+/// the job is [`StationUnavailable`] and retried — the card stays on the transport.
 #[derive(Debug)]
 pub struct LineStations {
     client: LineClient,
-    free: Mutex<Vec<String>>,
-    available: std::sync::Condvar,
+    stations: Vec<String>,
+    owner: String,
     timeout: Duration,
+    inspected: AtomicU64,
+    unavailable: AtomicU64,
 }
 
 impl LineStations {
-    /// Asks the controller at `addr` for its stations.
+    /// Asks the controller at `addr` for its stations. `timeout` bounds how long pcscd may
+    /// take to see a card come or go at a station; a station grant is waited for up to six
+    /// times that.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Arc<Self>, LineError> {
         let client = LineClient::new(addr);
-        let mut stations = client.stations()?;
+        let stations = client.stations()?;
         if stations.is_empty() {
             return Err(LineError::Protocol(format!(
                 "line controller {addr} has no QC stations"
             )));
         }
-        stations.reverse();
         Ok(Arc::new(Self {
             client,
-            free: Mutex::new(stations),
-            available: std::sync::Condvar::new(),
+            stations,
+            owner: default_owner(),
             timeout,
+            inspected: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
         }))
     }
 
@@ -169,34 +183,36 @@ impl LineStations {
         &self.client
     }
 
-    fn take_station(&self) -> Option<String> {
-        let deadline = Instant::now() + self.timeout * 6;
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(s) = free.pop() {
-                return Some(s);
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            free = self
-                .available
-                .wait_timeout(free, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    /// The line's station readers, as the controller listed them at connect.
+    pub fn stations(&self) -> &[String] {
+        &self.stations
     }
 
-    fn give_back(&self, station: String) {
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(station);
-        self.available.notify_one();
+    /// The owner name this process gives the controller with its grants (in its logs).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// How long a job waits for a station grant.
+    pub fn grant_wait(&self) -> Duration {
+        self.timeout * 6
+    }
+
+    /// Cards this process brought into a station and read (whatever the verdict).
+    pub fn inspected(&self) -> u64 {
+        self.inspected.load(Ordering::Relaxed)
+    }
+
+    /// Inspections that ended [`StationUnavailable`] (no grant in time, lease lost,
+    /// controller unreachable).
+    pub fn unavailable(&self) -> u64 {
+        self.unavailable.load(Ordering::Relaxed)
     }
 
     fn inspect(
         &self,
         ticket: &Ticket,
-        inspect: Inspect,
+        inspect: Inspect<'_>,
     ) -> Result<(Inspection, String), StationUnavailable> {
         let Some(chip) = ticket.chip_serial.clone() else {
             return Ok((
@@ -208,27 +224,102 @@ impl LineStations {
                 "line".into(),
             ));
         };
-        let Some(station) = self.take_station() else {
-            return Err(StationUnavailable(format!(
-                "none of this process's QC stations became free within {:?}",
-                self.timeout * 6
-            )));
+        let result = self.granted(&chip, ticket, inspect);
+        match &result {
+            Ok(_) => self.inspected.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.unavailable.fetch_add(1, Ordering::Relaxed),
         };
-        let inspection = self.at_station(&station, &chip, ticket, inspect);
-        self.give_back(station.clone());
-        Ok((inspection?, station))
+        result
+    }
+
+    /// Gets a station granted, keeps the lease alive while the card is read there, and lets
+    /// the session go (ending any lease left) whatever happens.
+    fn granted(
+        &self,
+        chip: &str,
+        ticket: &Ticket,
+        inspect: Inspect<'_>,
+    ) -> Result<(Inspection, String), StationUnavailable> {
+        let controller_failed = |e: LineError| {
+            tracing::warn!(error = %e, "line controller failed; the job will be retried");
+            StationUnavailable(format!("line controller: {e}"))
+        };
+        let mut session = self.client.session().map_err(controller_failed)?;
+        let (station, ttl) = match session.acquire(&self.owner, self.grant_wait()) {
+            Ok(g) => g,
+            // Every station is in use (by this or another replica): the card stays on the
+            // transport; try again later.
+            Err(e @ LineError::Timeout(_)) => {
+                tracing::warn!(error = %e, "no QC station granted; the job will be retried");
+                return Err(StationUnavailable(e.to_string()));
+            }
+            Err(e) => return Err(controller_failed(e)),
+        };
+        let session = Mutex::new(session);
+        let done = (Mutex::new(false), Condvar::new());
+        std::thread::scope(|scope| {
+            // Renews the lease while the card is read, so only a vanished or hung process
+            // loses its station.
+            scope.spawn(|| {
+                let (lock, cv) = &done;
+                let mut finished = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !*finished {
+                    finished = cv
+                        .wait_timeout(finished, ttl / 3)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if !*finished
+                        && let Err(e) = lock_session(&session).renew(&station)
+                    {
+                        tracing::warn!(%station, error = %e, "renewing the QC station lease failed");
+                        return;
+                    }
+                }
+            });
+            let result = self.at_station(&session, &station, chip, ticket, inspect);
+            *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            done.1.notify_all();
+            result.map(|inspection| (inspection, station.clone()))
+        })
     }
 
     fn at_station(
         &self,
+        session: &Mutex<LineSession>,
         station: &str,
         chip: &str,
         ticket: &Ticket,
-        inspect: Inspect,
+        inspect: Inspect<'_>,
     ) -> Result<Inspection, StationUnavailable> {
-        match self.client.load(station, chip) {
+        let give_up = |why: String| {
+            if let Err(e) = lock_session(session).release(station) {
+                tracing::warn!(%station, error = %e, "releasing the QC station failed");
+            }
+            tracing::warn!(%station, "{why}; the job will be retried");
+            StationUnavailable(why)
+        };
+        let mut enc = reader::establish()
+            .and_then(|ctx| reader::PcscEncoder::new(ctx, station, None))
+            .map_err(|e| give_up(format!("PC/SC at QC station {station}: {e}")))?;
+        enc.set_insert_timeout(self.timeout);
+        // Like the station's card sensor: wait until pcscd sees the station empty (the card
+        // read there before may have left it a moment ago), so the card loaded next is not
+        // taken for that one.
+        let deadline = Instant::now() + self.timeout;
+        while matches!(enc.card_present(), Ok(true)) {
+            if Instant::now() >= deadline {
+                return Err(give_up(format!(
+                    "pcscd still sees a card at QC station {station} after {:?}",
+                    self.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match lock_session(session).load(station, chip) {
             Ok(()) => {}
             Err(LineError::NotFound(_)) => {
+                // The machine lost the card: a verdict (it is re-made), not a retry.
+                let _ = lock_session(session).release(station);
                 return Ok(single(
                     "card_on_line",
                     Reason::CardNotFound,
@@ -238,16 +329,7 @@ impl LineStations {
                     ),
                 ));
             }
-            // Another QC process's card is in the station (replicas share the line), or the
-            // controller did not answer: the card stays on the transport; try again later.
-            Err(e @ LineError::Busy(_)) => {
-                tracing::warn!(%station, "QC station busy; the job will be retried");
-                return Err(StationUnavailable(e.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!(%station, error = %e, "line controller failed; the job will be retried");
-                return Err(StationUnavailable(format!("line controller: {e}")));
-            }
+            Err(e) => return Err(give_up(format!("loading QC station {station}: {e}"))),
         }
         let located = CheckResult {
             name: "blank_serial".into(),
@@ -259,34 +341,40 @@ impl LineStations {
             ),
             micros: 0,
         };
-        let mut inspection = match reader::establish()
-            .and_then(|ctx| reader::PcscEncoder::new(ctx, station, None))
-        {
-            Ok(mut enc) => {
-                enc.set_insert_timeout(self.timeout);
-                let result = match enc.insert() {
-                    Ok(()) => inspect(&mut enc),
-                    Err(e) => single("power_on", Reason::CardUnreadable, e.to_string()),
-                };
-                let _ = enc.eject();
-                let passed = result.verdict().is_none();
-                if let Err(e) = self.client.unload(station, passed) {
-                    tracing::warn!(%station, error = %e, "unloading the QC station failed");
-                }
-                // Like the stacker's sensor: wait until pcscd sees the station empty, so the
-                // next card loaded here is not taken for this one.
-                let deadline = Instant::now() + self.timeout;
-                while matches!(enc.card_present(), Ok(true)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                result
-            }
-            Err(e) => {
-                let _ = self.client.unload(station, false);
-                single("power_on", Reason::CardUnreadable, e.to_string())
-            }
+        let mut inspection = match enc.insert() {
+            Ok(()) => inspect(&mut enc),
+            Err(e) => single("power_on", Reason::CardUnreadable, e.to_string()),
         };
+        let _ = enc.eject();
+        let passed = inspection.verdict().is_none();
+        // The verdict counts only if the card was still ours when it went to the stacker or
+        // the bin; a lease lost meanwhile (the controller took the station back and the card
+        // onto the transport) or a controller that cannot confirm voids the reading.
+        if let Err(e) = lock_session(session).unload(station, passed) {
+            tracing::warn!(%station, error = %e, "unloading the QC station failed; the reading is void");
+            return Err(StationUnavailable(format!(
+                "unloading QC station {station}: {e}"
+            )));
+        }
         inspection.checks.insert(0, located);
         Ok(inspection)
     }
+}
+
+fn lock_session(session: &Mutex<LineSession>) -> std::sync::MutexGuard<'_, LineSession> {
+    session.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `qc-<host>-<pid>-<random>`: unique per [`LineStations`], readable in the controller's log.
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && !h.contains(['\t', '\n', '\r']))
+        .unwrap_or_else(|| "host".into());
+    format!(
+        "qc-{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
