@@ -24,7 +24,8 @@
 //! station — one that is neither leased nor holding a card — to the waiters in the order they
 //! asked (FIFO), blocks a waiter up to the wait it gave, and answers `timeout` when none
 //! became free by then. The grant is a lease owned by the asking connection: it ends at the
-//! `UNLOAD` of the station's card or an explicit `RELEASE`, and is reclaimed by the controller
+//! explicit `RELEASE` (after the `UNLOAD` of the station's card, once the holder's reader
+//! reports the station empty), and is reclaimed by the controller
 //! when its owner vanishes — the owner's TCP connection closes (a killed QC process), or the
 //! lease deadline ([`CardLine::lease_ttl`], default [`CardLine::DEFAULT_LEASE_TTL`], a few
 //! times a normal inspection) passes without the owner using or renewing it (a hung one). A
@@ -45,7 +46,8 @@
 //!   callers that predate grants — leased to nobody; a station leased to another connection
 //!   is `busy`; one whose lease this connection lost is `lease_lost`. Renews the lease.
 //! - `UNLOAD\t<station reader>\t<pass|reject>` → `OK`: the card to the output stacker
-//!   (pass) or the reject bin, and the station's lease (if this connection holds it) ends.
+//!   (pass) or the reject bin. A lease on the station goes on (the holder `RELEASE`s it once
+//!   pcscd reports the station empty, so the next grantee never sees this card).
 //! - `RENEW\t<station reader>` → `OK\t<lease ms>`: pushes the lease deadline back.
 //! - `RELEASE\t<station reader>` → `OK`: ends the lease; a card still in the station goes
 //!   back onto the transport (the QC process gave up without a verdict).
@@ -172,8 +174,19 @@ pub struct LineStatus {
     pub reclaimed: u64,
 }
 
+/// A station granted to a [`LineSession`] (the wire form of [`Grant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StationGrant {
+    /// The station's reader name.
+    pub station: String,
+    /// How long the lease lasts without being used or renewed.
+    pub ttl: Duration,
+    /// See [`Grant::settled`].
+    pub settled: bool,
+}
+
 /// A station granted by [`CardLine::acquire`], leased to the caller until
-/// [`CardLine::unload_leased`] or [`CardLine::release`] (or until it expires).
+/// [`CardLine::release`] (or until it expires).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// The station's reader name.
@@ -182,6 +195,10 @@ pub struct Grant {
     pub lease: u64,
     /// How long the lease lasts without being used or renewed.
     pub ttl: Duration,
+    /// False when the controller itself last took a card out of the station (a lease
+    /// reclaimed or released with its card inside): pcscd may still see that card there, so
+    /// the grantee waits until its reader reports the station empty before the `LOAD`.
+    pub settled: bool,
 }
 
 type Injector = Box<dyn Fn(u64, &Card) -> Option<Defect> + Send + Sync>;
@@ -202,6 +219,8 @@ struct LineState {
     waiters: VecDeque<u64>,
     /// Per station, the sequence number of its last grant.
     granted_at: HashMap<String, u64>,
+    /// Stations the controller itself emptied (see [`Grant::settled`]), until their next LOAD.
+    unsettled: std::collections::HashSet<String>,
     next_id: u64,
     status: LineStatus,
     deposited: u64,
@@ -340,6 +359,7 @@ impl CardLine {
         };
         if let Ok(slot) = self.station(station) {
             slot.eject();
+            st.unsettled.insert(station.to_string());
             if let Some(card) = slot.take_ejected() {
                 Self::put_on_transport(st, serial.clone(), card);
                 tracing::info!(%station, chip = %serial, "card taken back onto the transport");
@@ -386,22 +406,26 @@ impl CardLine {
         }
     }
 
-    /// The free station granted longest ago: its last card has had the most time to leave
-    /// the reader as pcscd sees it, and the stations wear evenly.
+    /// A free station: a settled one first (no wait for pcscd), then the one granted
+    /// longest ago, so the stations wear evenly.
     fn free_station(&self, st: &LineState) -> Option<&str> {
         self.stations
             .iter()
             .filter(|(n, slot)| {
                 !st.leases.contains_key(n) && !st.at_station.contains_key(n) && !slot.has_card()
             })
-            .min_by_key(|(n, _)| st.granted_at.get(n).copied().unwrap_or(0))
+            .min_by_key(|(n, _)| {
+                (
+                    st.unsettled.contains(n),
+                    st.granted_at.get(n).copied().unwrap_or(0),
+                )
+            })
             .map(|(n, _)| n.as_str())
     }
 
     /// Grants a free station to `owner` (a name for logs), waiting up to `wait` (at most
     /// [`MAX_WAIT`]) behind earlier callers; [`LineError::Timeout`] when none became free.
-    /// The lease lasts [`Self::lease_ttl`] past its last use; end it with
-    /// [`Self::unload_leased`] or [`Self::release`].
+    /// The lease lasts [`Self::lease_ttl`] past its last use; end it with [`Self::release`].
     pub fn acquire(&self, owner: &str, wait: Duration) -> Result<Grant, LineError> {
         let wait = wait.min(MAX_WAIT);
         let deadline = Instant::now() + wait;
@@ -430,10 +454,12 @@ impl CardLine {
                 );
                 // The next waiter may find another free station.
                 self.changed.notify_all();
+                let settled = !st.unsettled.contains(&station);
                 return Ok(Grant {
                     station,
                     lease: id,
                     ttl,
+                    settled,
                 });
             }
             let now = Instant::now();
@@ -533,6 +559,7 @@ impl CardLine {
             .remove(&serial)
             .ok_or_else(|| LineError::NotFound(serial.clone()))?;
         st.order.retain(|s| s != &serial);
+        st.unsettled.remove(station);
         st.at_station.insert(station.to_string(), serial);
         // Under the line lock, so a reclaim cannot run between the two.
         slot.insert(card);
@@ -545,7 +572,9 @@ impl CardLine {
         self.unload_as(station, passed, Holder::Unleased)
     }
 
-    /// Takes the card out of `station`, held under lease `lease`, and ends the lease.
+    /// Takes the card out of `station`, held under lease `lease`. The lease goes on until
+    /// [`Self::release`] (or its deadline): the holder first waits until pcscd reports the
+    /// station empty, so the card loaded next is never taken for this one.
     pub fn unload_leased(
         &self,
         station: &str,
@@ -571,9 +600,8 @@ impl CardLine {
         } else {
             st.status.rejected += 1;
         }
-        if let Holder::Lease(_) = holder {
-            st.leases.remove(station);
-        }
+        // A leased station stays leased: its holder releases it once its own reader reports
+        // the station empty, so the next grantee never has to wait for pcscd to notice.
         self.changed.notify_all();
         Ok(serial)
     }
@@ -659,7 +687,8 @@ impl CardLine {
             ["ACQUIRE", owner, wait_ms] if !owner.is_empty() => match wait_ms.parse::<u64>() {
                 Ok(ms) => self.acquire(owner, Duration::from_millis(ms)).map(|g| {
                     held.insert(g.station.clone(), g.lease);
-                    format!("OK\t{}\t{}", g.station, g.ttl.as_millis())
+                    let settled = if g.settled { "settled" } else { "unsettled" };
+                    format!("OK\t{}\t{}\t{settled}", g.station, g.ttl.as_millis())
                 }),
                 Err(_) => Err(LineError::Protocol(format!("bad wait {wait_ms:?}"))),
             },
@@ -668,7 +697,7 @@ impl CardLine {
                 .map(|()| "OK".to_string()),
             ["UNLOAD", station, verdict @ ("pass" | "reject")] => {
                 let r = self.unload_as(station, *verdict == "pass", holder(held, station));
-                if matches!(r, Ok(_) | Err(LineError::LeaseLost(_))) {
+                if matches!(r, Err(LineError::LeaseLost(_))) {
                     held.remove(*station);
                 }
                 r.map(|_| "OK".to_string())
@@ -849,24 +878,26 @@ impl LineSession {
     }
 
     /// Asks for a station for `owner` (a name for the controller's logs), waiting up to
-    /// `wait` behind earlier callers; returns the station and the lease time.
-    pub fn acquire(
-        &mut self,
-        owner: &str,
-        wait: Duration,
-    ) -> Result<(String, Duration), LineError> {
+    /// `wait` behind earlier callers.
+    pub fn acquire(&mut self, owner: &str, wait: Duration) -> Result<StationGrant, LineError> {
         check_field(owner)?;
         let wait = wait.min(MAX_WAIT);
         let f = self.request(&format!("ACQUIRE\t{owner}\t{}", wait.as_millis()), wait)?;
-        match f.as_slice() {
-            [station, ttl] => Ok((
-                station.clone(),
-                Duration::from_millis(ttl.parse().map_err(|_| {
-                    LineError::Protocol(format!("malformed ACQUIRE reply: lease {ttl:?}"))
-                })?),
-            )),
-            _ => Err(LineError::Protocol("malformed ACQUIRE reply".into())),
-        }
+        let (station, ttl, settled) = match f.as_slice() {
+            [station, ttl] => (station, ttl, true),
+            [station, ttl, settled] if settled == "settled" || settled == "unsettled" => {
+                (station, ttl, settled == "settled")
+            }
+            _ => return Err(LineError::Protocol("malformed ACQUIRE reply".into())),
+        };
+        let ttl = ttl
+            .parse()
+            .map_err(|_| LineError::Protocol(format!("malformed ACQUIRE reply: lease {ttl:?}")))?;
+        Ok(StationGrant {
+            station: station.clone(),
+            ttl: Duration::from_millis(ttl),
+            settled,
+        })
     }
 
     /// Moves the card with `chip_serial` into `station` (leased to this session).
@@ -877,8 +908,8 @@ impl LineSession {
             .map(|_| ())
     }
 
-    /// Takes the card out of `station` (stacker when `passed`, else reject bin) and ends the
-    /// lease.
+    /// Takes the card out of `station` (stacker when `passed`, else reject bin); the lease
+    /// goes on until [`Self::release`].
     pub fn unload(&mut self, station: &str, passed: bool) -> Result<(), LineError> {
         check_field(station)?;
         let verdict = if passed { "pass" } else { "reject" };
@@ -1067,6 +1098,10 @@ mod tests {
         assert_eq!(line.status().on_transport, 1);
         let (first, b) = rx.recv().unwrap();
         assert_eq!(first, "qc-b", "the first waiter gets the station");
+        assert!(
+            !b.settled,
+            "the controller emptied it: the grantee must let pcscd see that"
+        );
         assert!(rx.try_recv().is_err(), "the second still waits");
         assert_eq!(
             line.load_leased(&b.station, &chip, a.lease),
@@ -1075,6 +1110,8 @@ mod tests {
         );
         line.load_leased(&b.station, &chip, b.lease).unwrap();
         assert_eq!(line.unload_leased(&b.station, true, b.lease).unwrap(), chip);
+        assert!(rx.try_recv().is_err(), "an unloaded station stays leased");
+        line.release(&b.station, b.lease).unwrap();
         let (second, c) = rx.recv().unwrap();
         assert_eq!(second, "qc-c");
         line.release(&c.station, c.lease).unwrap();
@@ -1109,7 +1146,9 @@ mod tests {
         );
         line.load_leased(&next.station, &chip, next.lease).unwrap();
         line.unload_leased(&next.station, true, next.lease).unwrap();
-        assert_eq!(line.status().passed, 1);
+        line.release(&next.station, next.lease).unwrap();
+        let s = line.status();
+        assert_eq!((s.passed, s.leased), (1, 0));
     }
 
     #[test]
@@ -1122,9 +1161,11 @@ mod tests {
         let addr = line.serve(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
         let client = LineClient::new(addr.to_string());
         let mut gone = client.session().unwrap();
-        let (s1, ttl) = gone.acquire("qc-gone", Duration::ZERO).unwrap();
+        let first = gone.acquire("qc-gone", Duration::ZERO).unwrap();
+        let (s1, ttl) = (first.station, first.ttl);
+        assert!(first.settled, "a station never used is settled");
         assert_eq!(ttl, CardLine::DEFAULT_LEASE_TTL);
-        let (s2, _) = gone.acquire("qc-gone", Duration::ZERO).unwrap();
+        let s2 = gone.acquire("qc-gone", Duration::ZERO).unwrap().station;
         assert_ne!(s1, s2);
         gone.load(&s1, &chip).unwrap();
         gone.renew(&s1).unwrap();
@@ -1136,10 +1177,17 @@ mod tests {
         let s = client.status().unwrap();
         assert_eq!((s.on_transport, s.leased), (0, 2));
         drop(gone);
-        let (granted, _) = other.acquire("qc-other", Duration::from_secs(60)).unwrap();
+        let grant = other.acquire("qc-other", Duration::from_secs(60)).unwrap();
+        let granted = grant.station;
+        // The station that held the gone connection's card was emptied by the controller
+        // (pcscd may still see that card): the one that never held a card goes first.
+        assert_eq!((granted.as_str(), grant.settled), (s2.as_str(), true));
         assert!(granted == s1 || granted == s2);
         other.load(&granted, &chip).unwrap();
         other.unload(&granted, true).unwrap();
+        // Unloaded, the station stays leased until released.
+        other.renew(&granted).unwrap();
+        other.release(&granted).unwrap();
         assert!(matches!(
             other.renew(&granted),
             Err(LineError::LeaseLost(_))

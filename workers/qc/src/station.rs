@@ -245,7 +245,7 @@ impl LineStations {
             StationUnavailable(format!("line controller: {e}"))
         };
         let mut session = self.client.session().map_err(controller_failed)?;
-        let (station, ttl) = match session.acquire(&self.owner, self.grant_wait()) {
+        let grant = match session.acquire(&self.owner, self.grant_wait()) {
             Ok(g) => g,
             // Every station is in use (by this or another replica): the card stays on the
             // transport; try again later.
@@ -255,6 +255,7 @@ impl LineStations {
             }
             Err(e) => return Err(controller_failed(e)),
         };
+        let (station, ttl) = (grant.station, grant.ttl);
         let session = Mutex::new(session);
         let done = (Mutex::new(false), Condvar::new());
         std::thread::scope(|scope| {
@@ -276,61 +277,103 @@ impl LineStations {
                     }
                 }
             });
-            let result = self.at_station(&session, &station, chip, ticket, inspect);
+            let result =
+                self.at_station(&session, &station, grant.settled, chip, ticket, inspect);
             *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             done.1.notify_all();
-            result.map(|inspection| (inspection, station.clone()))
+            result
+        })
+        .map(|(inspection, settling)| {
+            let session = session.into_inner().unwrap_or_else(|e| e.into_inner());
+            match settling {
+                // The card went to the stacker or the bin: the station is handed back once
+                // pcscd sees it empty — on a thread of its own, so this job's verdict (and
+                // its thread's next card, at another station) need not wait for that.
+                Some(enc) => {
+                    let (station, timeout) = (station.clone(), self.timeout);
+                    let spawned = std::thread::Builder::new()
+                        .name("qc-station-settle".into())
+                        .spawn(move || settle_then_release(session, enc, &station, timeout));
+                    if let Err(e) = spawned {
+                        // The session went with the closure: its connection closed, which
+                        // releases the lease all the same.
+                        tracing::warn!(error = %e, "no thread to hand the QC station back; the controller takes it back");
+                    }
+                }
+                None => release(session, &station),
+            }
+            (inspection, station.clone())
         })
     }
 
+    /// Runs the inspection at the granted `station`: the card is loaded (a card the line
+    /// lost is a verdict without touching PC/SC), read through pcscd, then unloaded; the
+    /// encoder is returned so that the station is released once pcscd sees it empty.
+    /// A station the controller emptied itself (not `settled`: its last holder vanished) is
+    /// first waited for until pcscd sees it empty, so its old card is not taken for this one.
     fn at_station(
         &self,
         session: &Mutex<LineSession>,
         station: &str,
+        settled: bool,
         chip: &str,
         ticket: &Ticket,
         inspect: Inspect<'_>,
-    ) -> Result<Inspection, StationUnavailable> {
+    ) -> Result<(Inspection, Option<reader::PcscEncoder>), StationUnavailable> {
         let give_up = |why: String| {
+            // The card (if loaded) goes back onto the transport for the retry.
             if let Err(e) = lock_session(session).release(station) {
-                tracing::warn!(%station, error = %e, "releasing the QC station failed");
+                tracing::warn!(%station, error = %e, "releasing the QC station failed (the controller takes it back when this connection closes)");
             }
             tracing::warn!(%station, "{why}; the job will be retried");
             StationUnavailable(why)
         };
-        let mut enc = reader::establish()
-            .and_then(|ctx| reader::PcscEncoder::new(ctx, station, None))
-            .map_err(|e| give_up(format!("PC/SC at QC station {station}: {e}")))?;
-        enc.set_insert_timeout(self.timeout);
-        // Like the station's card sensor: wait until pcscd sees the station empty (the card
-        // read there before may have left it a moment ago), so the card loaded next is not
-        // taken for that one.
-        let deadline = Instant::now() + self.timeout;
-        while matches!(enc.card_present(), Ok(true)) {
-            if Instant::now() >= deadline {
-                return Err(give_up(format!(
-                    "pcscd still sees a card at QC station {station} after {:?}",
-                    self.timeout
-                )));
+        let mut prepared = None;
+        if !settled {
+            let enc = reader::establish()
+                .and_then(|ctx| reader::PcscEncoder::new(ctx, station, None))
+                .map_err(|e| give_up(format!("PC/SC at QC station {station}: {e}")))?;
+            let deadline = Instant::now() + self.timeout;
+            while matches!(enc.card_present(), Ok(true)) {
+                if Instant::now() >= deadline {
+                    return Err(give_up(format!(
+                        "pcscd still sees a card at QC station {station} after {:?}",
+                        self.timeout
+                    )));
+                }
+                // Keeps the lease (its deadline is renewed while we wait).
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            prepared = Some(enc);
         }
         match lock_session(session).load(station, chip) {
             Ok(()) => {}
             Err(LineError::NotFound(_)) => {
-                // The machine lost the card: a verdict (it is re-made), not a retry.
-                let _ = lock_session(session).release(station);
-                return Ok(single(
-                    "card_on_line",
-                    Reason::CardNotFound,
-                    format!(
-                        "no card with chip {chip} on the line's transport (blank {})",
-                        ticket.blank_serial
+                // The machine lost the card: a verdict (it is re-made), not a retry. The
+                // station never held a card: it is free at once.
+                return Ok((
+                    single(
+                        "card_on_line",
+                        Reason::CardNotFound,
+                        format!(
+                            "no card with chip {chip} on the line's transport (blank {})",
+                            ticket.blank_serial
+                        ),
                     ),
+                    None,
                 ));
             }
             Err(e) => return Err(give_up(format!("loading QC station {station}: {e}"))),
         }
+        // From here the card is in the station: any failure before the verdict releases the
+        // station, which puts the card back onto the transport for the retry.
+        let mut enc = match prepared {
+            Some(enc) => enc,
+            None => reader::establish()
+                .and_then(|ctx| reader::PcscEncoder::new(ctx, station, None))
+                .map_err(|e| give_up(format!("PC/SC at QC station {station}: {e}")))?,
+        };
+        enc.set_insert_timeout(self.timeout);
         let located = CheckResult {
             name: "blank_serial".into(),
             passed: true,
@@ -352,13 +395,44 @@ impl LineStations {
         // onto the transport) or a controller that cannot confirm voids the reading.
         if let Err(e) = lock_session(session).unload(station, passed) {
             tracing::warn!(%station, error = %e, "unloading the QC station failed; the reading is void");
-            return Err(StationUnavailable(format!(
-                "unloading QC station {station}: {e}"
-            )));
+            return Err(give_up(format!("unloading QC station {station}: {e}")));
         }
         inspection.checks.insert(0, located);
-        Ok(inspection)
+        Ok((inspection, Some(enc)))
     }
+}
+
+/// Ends the lease on `station` (a card still in it goes back onto the transport). A lease
+/// already lost needs no release; a controller that does not answer takes the station back
+/// when the session's connection closes.
+fn release(mut session: LineSession, station: &str) {
+    match session.release(station) {
+        Ok(()) | Err(LineError::LeaseLost(_)) => {}
+        Err(e) => {
+            tracing::warn!(%station, error = %e, "releasing the QC station failed (the controller takes it back when this connection closes)")
+        }
+    }
+}
+
+/// Like the stacker's sensor: a station whose card just left is handed back only once pcscd
+/// sees it empty, so the card the next grantee loads there is never taken for this one.
+/// The verdict already stands (the card left the station at the `UNLOAD`).
+fn settle_then_release(
+    session: LineSession,
+    enc: reader::PcscEncoder,
+    station: &str,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    while matches!(enc.card_present(), Ok(true)) {
+        if Instant::now() >= deadline {
+            tracing::warn!(%station, "pcscd still sees a card at the QC station after the unload");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(enc);
+    release(session, station);
 }
 
 fn lock_session(session: &Mutex<LineSession>) -> std::sync::MutexGuard<'_, LineSession> {

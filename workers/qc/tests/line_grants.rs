@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cardpipe_card::line::{CardLine, LineClient};
+use cardpipe_card::line::{CardLine, LineClient, LineStatus};
 use cardpipe_card::pcsc_harness::{PYTHON, PcscTest, with_private_pcscd};
 use cardpipe_card::reader::BlankStock;
 use cardpipe_card::scp03::MasterKeys;
@@ -90,6 +90,19 @@ fn read_serial(expected: String, seen: Arc<Mutex<Vec<String>>>) -> Inspect<'stat
             }],
         }
     })
+}
+
+/// The line's counters once every station was handed back: a replica releases a station on
+/// a thread of its own after pcscd saw its card leave, shortly after the inspection returned.
+fn settled(line: &CardLine) -> LineStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = line.status();
+        if s.leased == 0 || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits (bounded) until `n` callers queue at the controller for a station.
@@ -175,7 +188,7 @@ fn two_replicas_share_a_line_without_collisions() {
                 replicas.iter().map(|r| r.inspected()).sum::<u64>(),
                 CARDS as u64
             );
-            let s = line.status();
+            let s = settled(&line);
             assert_eq!(
                 (s.passed, s.rejected, s.on_transport, s.leased, s.reclaimed),
                 (CARDS as u64, 0, 0, 0, 0),
@@ -252,7 +265,7 @@ fn station_comes_back(dir: &Path, lease_ttl: Option<Duration>, vanish: impl FnOn
     assert_eq!(at, station);
     assert_eq!(inspection.verdict(), None, "{inspection:?}");
     assert_eq!(*seen.lock().unwrap(), chips, "the held card was read");
-    let s = line.status();
+    let s = settled(&line);
     assert_eq!(
         (s.reclaimed, s.passed, s.rejected, s.on_transport, s.leased),
         (1, 1, 0, 0, 0),
@@ -292,7 +305,7 @@ fn a_waiter_gets_the_station_as_soon_as_it_is_released() {
             let chips = deposit(&line, 0x63, 1);
             let client = LineClient::new(addr.clone());
             let mut other = client.session().unwrap();
-            let (held, _) = other.acquire("qc-other", Duration::ZERO).unwrap();
+            let held = other.acquire("qc-other", Duration::ZERO).unwrap().station;
             // Grants are waited for up to 6 × 20 s.
             let replica = LineStations::connect(&addr, Duration::from_secs(20)).unwrap();
             assert_eq!(replica.grant_wait(), Duration::from_secs(120));
@@ -316,7 +329,7 @@ fn a_waiter_gets_the_station_as_soon_as_it_is_released() {
                 "the waiter took {took:?} after the release"
             );
             // The other process's connection is still open but it holds nothing any more.
-            let s = line.status();
+            let s = settled(&line);
             assert_eq!((s.passed, s.leased, s.reclaimed), (1, 0, 0));
             drop(other);
         },
