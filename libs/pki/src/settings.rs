@@ -496,8 +496,7 @@ impl Pki {
                 self.install(version, hierarchy)
             }
             (None, _)
-                if self.config.auto_init
-                    && self.config.provisioning == Provisioning::Create =>
+                if self.config.auto_init && self.config.provisioning == Provisioning::Create =>
             {
                 Ok(self.init(services).await?.0)
             }
@@ -529,4 +528,82 @@ pub fn open_loaded_with(
     std::fs::create_dir_all(&loaded.config.data_dir)
         .with_context(|| format!("creating data_dir {}", loaded.config.data_dir.display()))?;
     Ok(Arc::new(Pki::open(config, &loaded.config.data_dir)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(provisioning: Provisioning) -> PkiConfig {
+        PkiConfig {
+            kdf_log_n: 10, // fast in tests
+            provisioning,
+            ..PkiConfig::default()
+        }
+    }
+
+    fn message(e: anyhow::Error) -> String {
+        format!("{e:#}")
+    }
+
+    /// Open-only finds nothing to open in a fresh data_dir: each piece is refused, named,
+    /// with what to run, and nothing is written.
+    #[test]
+    fn open_only_refuses_to_generate_and_names_pki_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_only = config(Provisioning::OpenOnly);
+        let err = message(open_only.open_keystore(dir.path()).err().unwrap());
+        assert!(err.contains("the file keystore's passphrase"), "{err}");
+        assert!(err.contains("cardpipe pki init"), "{err}");
+        assert!(err.contains("CARDPIPE__PKI__PASSPHRASE"), "{err}");
+        let err = message(open_only.transport_key(dir.path()).err().unwrap());
+        assert!(err.contains("transport key"), "{err}");
+        assert!(err.contains("CARDPIPE__PKI__TRANSPORT_KEY_HEX"), "{err}");
+        // With the passphrase configured, the keystore itself is still not created.
+        let mut with_passphrase = config(Provisioning::OpenOnly);
+        with_passphrase.passphrase = SecretString::from("a shared passphrase");
+        let err = message(with_passphrase.open_keystore(dir.path()).err().unwrap());
+        assert!(err.contains("the CA keystore"), "{err}");
+        assert!(err.contains("cardpipe pki init"), "{err}");
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                left.push(path);
+            }
+        }
+        assert!(left.is_empty(), "files written: {left:?}");
+    }
+
+    /// What `pki init` (Create) made, an open-only process opens: the same transport key and
+    /// the keystore with the same keys.
+    #[test]
+    fn open_only_opens_what_create_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = config(Provisioning::Create);
+        created.open_keystore(dir.path()).unwrap();
+        created.transport_key(dir.path()).unwrap();
+        let mut before = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                before.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+        assert!(
+            before.len() >= 2,
+            "passphrase and transport key: {before:?}"
+        );
+        let open_only = config(Provisioning::OpenOnly);
+        open_only.open_keystore(dir.path()).unwrap();
+        open_only.transport_key(dir.path()).unwrap();
+        for (path, bytes) in before {
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "{} changed",
+                path.display()
+            );
+        }
+    }
 }

@@ -69,12 +69,12 @@ async fn open(
 ) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
     let config = &loaded.config;
     let services = backends::connect(config, clock::for_data_dir(&config.data_dir)?).await?;
-    let provisioning =
-        if init || config.broker.kind == cardpipe_common::config::BrokerKind::Memory {
-            Provisioning::Create
-        } else {
-            Provisioning::OpenOnly
-        };
+    let provisioning = if init || config.broker.kind == cardpipe_common::config::BrokerKind::Memory
+    {
+        Provisioning::Create
+    } else {
+        Provisioning::OpenOnly
+    };
     let pki = cardpipe_pki::settings::open_loaded_with(loaded, provisioning)?;
     Ok((services, pki))
 }

@@ -128,14 +128,20 @@ struct Replica {
 
 impl World {
     fn pg_name(&self, compose_name: &str) -> String {
-        self.pg_names
-            .get(compose_name)
-            .cloned()
-            .unwrap_or_else(|| panic!("PostgreSQL name {compose_name:?} is not the postgres service's"))
+        self.pg_names.get(compose_name).cloned().unwrap_or_else(|| {
+            panic!("PostgreSQL name {compose_name:?} is not the postgres service's")
+        })
     }
 
     /// `value` of `service`'s environment as seen from replica root `root` on port `port`.
-    fn translate(&self, service: &Service, root: &Path, port: u16, key: &str, value: &str) -> String {
+    fn translate(
+        &self,
+        service: &Service,
+        root: &Path,
+        port: u16,
+        key: &str,
+        value: &str,
+    ) -> String {
         if value.starts_with('/') {
             return root.join(&value[1..]).to_string_lossy().into_owned();
         }
@@ -172,7 +178,10 @@ impl World {
                 }
                 Some("minio") => return testing::s3_endpoint(),
                 Some(host) if PLAYED.contains(&host) => {
-                    panic!("{}: {key} names {host}, which this test does not map", service.name)
+                    panic!(
+                        "{}: {key} names {host}, which this test does not map",
+                        service.name
+                    )
                 }
                 _ => {}
             }
@@ -188,8 +197,14 @@ impl World {
         let has = |list: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
             defs[list].as_array().is_some_and(|a| a.iter().any(pred))
         };
-        assert!(has("users", &|u| u["name"] == user), "definitions.json: no user {user}");
-        assert!(has("vhosts", &|v| v["name"] == vhost), "definitions.json: no vhost {vhost}");
+        assert!(
+            has("users", &|u| u["name"] == user),
+            "definitions.json: no user {user}"
+        );
+        assert!(
+            has("vhosts", &|v| v["name"] == vhost),
+            "definitions.json: no vhost {vhost}"
+        );
         assert!(
             has("permissions", &|p| p["user"] == user && p["vhost"] == vhost),
             "definitions.json: {user} has no rights on {vhost}"
@@ -215,7 +230,12 @@ impl World {
                 std::fs::create_dir_all(&dir).unwrap();
                 dir
             };
-            assert!(host.exists(), "{}: volume source {} missing", service.name, host.display());
+            assert!(
+                host.exists(),
+                "{}: volume source {} missing",
+                service.name,
+                host.display()
+            );
             let at = root.join(target.trim_start_matches('/'));
             std::fs::create_dir_all(at.parent().unwrap()).unwrap();
             std::os::unix::fs::symlink(&host, &at).unwrap();
@@ -235,7 +255,10 @@ impl World {
             .collect();
         // What a second deployment on the same broker would set anyway: its own queues (the
         // test broker is shared with other tests).
-        env.push(("CARDPIPE__BROKER__QUEUE_PREFIX".into(), self.queue_prefix.clone()));
+        env.push((
+            "CARDPIPE__BROKER__QUEUE_PREFIX".into(),
+            self.queue_prefix.clone(),
+        ));
         Replica {
             name,
             workdir,
@@ -272,7 +295,11 @@ impl World {
                 self.pg_name(user),
                 quote(env["POSTGRES_PASSWORD"])
             ),
-            format!("CREATE DATABASE {} OWNER {}", self.pg_name(db), self.pg_name(user)),
+            format!(
+                "CREATE DATABASE {} OWNER {}",
+                self.pg_name(db),
+                self.pg_name(user)
+            ),
         ] {
             sqlx::query(sqlx::AssertSqlSafe(statement))
                 .execute(admin.pool())
@@ -286,7 +313,10 @@ impl World {
         let sql = sql
             .replace(":'app_password'", &quote(env["POSTGRES_APP_PASSWORD"]))
             .replace("cardpipe_app", &self.pg_name("cardpipe_app"))
-            .replace(&format!("DATABASE {db}"), &format!("DATABASE {}", self.pg_name(db)));
+            .replace(
+                &format!("DATABASE {db}"),
+                &format!("DATABASE {}", self.pg_name(db)),
+            );
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
                 .execute(store.pool())
@@ -305,7 +335,10 @@ impl World {
             .collect();
         let admin = Store::connect(self.admin.as_str(), 1).await.unwrap();
         for statement in [
-            format!("DROP DATABASE {} WITH (FORCE)", self.pg_name(env["POSTGRES_DB"])),
+            format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.pg_name(env["POSTGRES_DB"])
+            ),
             format!("DROP ROLE {}", self.pg_name("cardpipe_app")),
             format!("DROP ROLE {}", self.pg_name(env["POSTGRES_USER"])),
         ] {
@@ -364,7 +397,9 @@ fn every_required_variable_is_in_the_env_example_and_a_missing_one_fails_with_it
     ComposeFile::parse(&compose, &vars).expect("compose.yaml with the filled .env");
     let mut missing = vars.clone();
     missing.remove("PKI_KEYSTORE_PASSPHRASE");
-    let err = ComposeFile::parse(&compose, &missing).err().expect("refused");
+    let err = ComposeFile::parse(&compose, &missing)
+        .err()
+        .expect("refused");
     assert!(
         err.contains("PKI_KEYSTORE_PASSPHRASE")
             && err.contains("set PKI_KEYSTORE_PASSPHRASE in deploy/.env"),
@@ -377,7 +412,10 @@ async fn the_compose_file_runs_as_written() {
     let deploy = deploy();
     let image = runtime_image(&read(&deploy.join("Dockerfile")));
     assert!(
-        image.entrypoint.last().is_some_and(|e| e.ends_with("/cardpipe")),
+        image
+            .entrypoint
+            .last()
+            .is_some_and(|e| e.ends_with("/cardpipe")),
         "the image's entry point is not cardpipe: {:?}",
         image.entrypoint
     );
@@ -407,7 +445,10 @@ async fn the_compose_file_runs_as_written() {
         // The test S3 server is shared with other tests: a bucket of this run.
         ("S3_BUCKET", testing::unique("cardpipe-compose-")),
         ("REGISTRY_CLIENTS", registry_clients),
-        ("QC_LINE_CONTROLLER", format!("host.docker.internal:{line_port}")),
+        (
+            "QC_LINE_CONTROLLER",
+            format!("host.docker.internal:{line_port}"),
+        ),
         (
             "PCSCD_SOCKET_DIR",
             line_dir.join("run").to_string_lossy().into_owned(),
@@ -421,9 +462,15 @@ async fn the_compose_file_runs_as_written() {
     // The production line: encoders and QC stations behind pcscd, and its controller. Its
     // blanks carry the card issuer's keys of .env.
     let line_env: Vec<(String, String)> = [
-        ("ENCODERS_MASTER_KEYS_HEX", "CARDPIPE__ENCODERS__MASTER_KEYS_HEX"),
+        (
+            "ENCODERS_MASTER_KEYS_HEX",
+            "CARDPIPE__ENCODERS__MASTER_KEYS_HEX",
+        ),
         ("TRANSPORT_ID_PIN", "CARDPIPE__ENCODERS__TRANSPORT_ID_PIN"),
-        ("TRANSPORT_SIGN_PIN", "CARDPIPE__ENCODERS__TRANSPORT_SIGN_PIN"),
+        (
+            "TRANSPORT_SIGN_PIN",
+            "CARDPIPE__ENCODERS__TRANSPORT_SIGN_PIN",
+        ),
         ("TRANSPORT_PUK", "CARDPIPE__ENCODERS__TRANSPORT_PUK"),
     ]
     .iter()
@@ -468,7 +515,11 @@ async fn the_compose_file_runs_as_written() {
         .root
         .get("volumes")
         .and_then(|v| v.as_mapping())
-        .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let (cardpipe, played): (Vec<&Service>, Vec<&Service>) = services
         .iter()
@@ -483,7 +534,11 @@ async fn the_compose_file_runs_as_written() {
         );
         for (source, _) in &s.volumes {
             if let Some(rel) = source.strip_prefix("./") {
-                assert!(deploy.join(rel).exists(), "{}: {source} does not exist", s.name);
+                assert!(
+                    deploy.join(rel).exists(),
+                    "{}: {source} does not exist",
+                    s.name
+                );
             }
         }
     }
@@ -530,7 +585,10 @@ async fn the_compose_file_runs_as_written() {
         let job = one_shots.remove(next);
         if job.name == "pki-init" {
             // Before it: a worker refuses to start rather than make PKI material of its own.
-            let keys = cardpipe.iter().find(|s| s.name == "keys").expect("a keys service");
+            let keys = cardpipe
+                .iter()
+                .find(|s| s.name == "keys")
+                .expect("a keys service");
             let mut early = start(&world.replica(keys, 99));
             let by = Instant::now() + Duration::from_secs(120);
             let status = loop {
@@ -547,7 +605,12 @@ async fn the_compose_file_runs_as_written() {
         }
         let replica = world.replica(job, 0);
         let (ok, out) = cli_env(&replica.workdir, &replica.env, &replica.args, "");
-        assert!(ok, "{}: cardpipe {}: {out}", job.name, replica.args.join(" "));
+        assert!(
+            ok,
+            "{}: cardpipe {}: {out}",
+            job.name,
+            replica.args.join(" ")
+        );
         done.insert(job.name.clone());
     }
     assert!(ran_keys_early);
@@ -580,7 +643,11 @@ async fn the_compose_file_runs_as_written() {
     let exec = |args: &[&str], input: &str| {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let (ok, out) = cli_env(&serve.workdir, &serve.env, &args, input);
-        assert!(ok, "docker compose exec serve cardpipe {}: {out}", args.join(" "));
+        assert!(
+            ok,
+            "docker compose exec serve cardpipe {}: {out}",
+            args.join(" ")
+        );
     };
     // serve made the first supervisor, `admin`, with its password in serve's data_dir.
     let admin_password = std::fs::read_to_string(serve.workdir.join("var/console-admin-password"))
@@ -588,8 +655,20 @@ async fn the_compose_file_runs_as_written() {
     exec(&["login", "admin"], &format!("{}\n", admin_password.trim()));
     exec(
         &[
-            "stock", "receive", "--supplier", "Acme Cards", "--chip-type", "P-256 eID",
-            "--prefix", "BLK-", "--first", "1", "--last", "500", "--operator", "admin",
+            "stock",
+            "receive",
+            "--supplier",
+            "Acme Cards",
+            "--chip-type",
+            "P-256 eID",
+            "--prefix",
+            "BLK-",
+            "--first",
+            "1",
+            "--last",
+            "500",
+            "--operator",
+            "admin",
         ],
         "",
     );
@@ -603,9 +682,17 @@ async fn the_compose_file_runs_as_written() {
         .1
         .clone();
     let store = Store::connect(&store_url, 2).await.unwrap();
+    let submitted = Instant::now();
     let states = settle_people(&store, &mut processes, SETTLE).await;
+    eprintln!(
+        "replicas started: {started:?}; batch at rest after {:.1} s: {states:?}",
+        submitted.elapsed().as_secs_f64()
+    );
     assert_eq!(
-        states.values().filter(|s| *s == "possible_duplicate").count(),
+        states
+            .values()
+            .filter(|s| *s == "possible_duplicate")
+            .count(),
         1,
         "{states:#?}"
     );
@@ -618,10 +705,15 @@ async fn the_compose_file_runs_as_written() {
         .iter()
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy();
-            name.contains("passphrase") || name.starts_with("pki-transport") || name.ends_with(".keystore")
+            name.contains("passphrase")
+                || name.starts_with("pki-transport")
+                || name.ends_with(".keystore")
         })
         .collect();
-    assert!(generated.is_empty(), "PKI material in a replica's own files: {generated:?}");
+    assert!(
+        generated.is_empty(),
+        "PKI material in a replica's own files: {generated:?}"
+    );
     assert!(
         world.dir.path().join("volumes/pki/ca.keystore").is_file(),
         "the CA keystore is not on the pki volume"

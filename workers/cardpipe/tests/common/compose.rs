@@ -153,7 +153,9 @@ fn braced(inner: &str, vars: &Vars) -> Result<String, String> {
         return if set_nonempty {
             Ok(value.unwrap().clone())
         } else {
-            Err(format!("required variable {name} is missing a value: {message}"))
+            Err(format!(
+                "required variable {name} is missing a value: {message}"
+            ))
         };
     }
     if let Some(alt) = op(":+") {

@@ -227,12 +227,19 @@ pub fn random_hex(bytes: usize) -> String {
 
 /// `n` fresh random decimal digits.
 pub fn random_digits(n: usize) -> String {
-    (0..n).map(|_| char::from(b'0' + rand_byte() % 10)).collect()
+    (0..n)
+        .map(|_| char::from(b'0' + rand_byte() % 10))
+        .collect()
 }
 
 /// A one-shot `cardpipe` command in `dir` with `env`, `input` on stdin; (success, stdout +
 /// stderr).
-pub fn cli_env(dir: &Path, env: &[(String, String)], args: &[String], input: &str) -> (bool, String) {
+pub fn cli_env(
+    dir: &Path,
+    env: &[(String, String)],
+    args: &[String],
+    input: &str,
+) -> (bool, String) {
     use std::io::Write;
     let mut command = Command::new(env!("CARGO_BIN_EXE_cardpipe"));
     command
