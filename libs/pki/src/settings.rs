@@ -8,6 +8,12 @@
 //! first process to need the hierarchy creates it (`cardpipe pki init` does the same on
 //! demand). An empty `transport_key_hex` likewise generates the simulated encoder site's
 //! key into `data_dir/pki-transport-<transport_key_id>.key`.
+//!
+//! A long-running service of a distributed deployment (`cardpipe worker`, `cardpipe serve`
+//! on a shared broker) opens this material but never creates it ([`Provisioning::OpenOnly`]):
+//! replicas with a data_dir each would otherwise each generate a passphrase, a keystore and a
+//! transport key of their own, and cards made under one replica's keys would not open under
+//! another's. `cardpipe pki init` creates it once, from the same settings.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -33,6 +39,18 @@ pub enum KeystoreKind {
     File,
     /// PKCS#11 token (HSM; SoftHSM2 in tests).
     Pkcs11,
+}
+
+/// Whether a process may create PKI material that is missing: the keystore file, its
+/// generated passphrase, the generated transport key and the CA hierarchy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Create what is missing: embedded mode (`cardpipe run`) and `cardpipe pki init`.
+    #[default]
+    Create,
+    /// Open only; anything missing is an error naming `cardpipe pki init`. Long-running
+    /// services of a distributed deployment.
+    OpenOnly,
 }
 
 /// The `[pki]` section of pipeline.toml.
@@ -71,6 +89,10 @@ pub struct PkiConfig {
     pub transport_key_id: String,
     /// The transport key, 64 hex digits; empty = generated into `data_dir`.
     pub transport_key_hex: SecretString,
+    /// Whether missing material may be created: set by the command opening the PKI, not a
+    /// configuration key.
+    #[serde(skip)]
+    pub provisioning: Provisioning,
 }
 
 impl std::fmt::Debug for PkiConfig {
@@ -84,6 +106,7 @@ impl std::fmt::Debug for PkiConfig {
             .field("rotation", &self.rotation)
             .field("crl_interval_seconds", &self.crl_interval_seconds)
             .field("transport_key_id", &self.transport_key_id)
+            .field("provisioning", &self.provisioning)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +130,7 @@ impl Default for PkiConfig {
             crl_validity_hours: 48,
             transport_key_id: "encoder-site-01".into(),
             transport_key_hex: SecretString::from(""),
+            provisioning: Provisioning::Create,
         }
     }
 }
@@ -162,6 +186,11 @@ impl PkiConfig {
             KeystoreKind::File => {
                 let passphrase = if self.passphrase.expose_secret().is_empty() {
                     let path = Self::under(data_dir, &self.passphrase_file);
+                    self.may_create(
+                        &path,
+                        "the file keystore's passphrase",
+                        "pki.passphrase (CARDPIPE__PKI__PASSPHRASE)",
+                    )?;
                     read_or_generate_secret(&path, || {
                         let mut bytes = [0u8; 32];
                         openssl::rand::rand_bytes(&mut bytes)?;
@@ -179,8 +208,21 @@ impl PkiConfig {
                     log_n: self.kdf_log_n,
                     ..KdfParams::default()
                 };
-                let store = FileKeyStore::open_or_create(&path, &passphrase, params)
-                    .with_context(|| format!("opening the file keystore {}", path.display()))?;
+                let store = match self.provisioning {
+                    Provisioning::Create => {
+                        FileKeyStore::open_or_create(&path, &passphrase, params)
+                    }
+                    Provisioning::OpenOnly => {
+                        self.may_create(
+                            &path,
+                            "the CA keystore",
+                            "pki.keystore_path to the keystore `pki init` wrote (on a volume \
+                             every replica mounts)",
+                        )?;
+                        FileKeyStore::open(&path, &passphrase)
+                    }
+                }
+                .with_context(|| format!("opening the file keystore {}", path.display()))?;
                 Ok(Arc::new(store))
             }
             KeystoreKind::Pkcs11 => {
@@ -208,6 +250,11 @@ impl PkiConfig {
                 "pki-transport-{}.key",
                 self.transport_key_id.replace(['/', '\\'], "_")
             ));
+            self.may_create(
+                &path,
+                "the encoder site's transport key",
+                "pki.transport_key_hex (CARDPIPE__PKI__TRANSPORT_KEY_HEX)",
+            )?;
             read_or_generate_secret(&path, || {
                 let mut bytes = [0u8; 32];
                 openssl::rand::rand_bytes(&mut bytes)?;
@@ -218,6 +265,23 @@ impl PkiConfig {
         };
         TransportKey::from_hex(self.transport_key_id.clone(), &hex_key)
             .context("pki.transport_key_hex")
+    }
+}
+
+impl PkiConfig {
+    /// With [`Provisioning::OpenOnly`], refuses to go on when `path` does not exist (it
+    /// would be generated for this process alone), naming what to run or set instead.
+    fn may_create(&self, path: &Path, what: &str, setting: &str) -> anyhow::Result<()> {
+        if self.provisioning == Provisioning::OpenOnly && !path.exists() {
+            anyhow::bail!(
+                "{what} is missing ({} does not exist) and a service of a distributed \
+                 deployment does not generate PKI material (each replica would have its own): \
+                 run `cardpipe pki init` once with the same settings (compose: the pki-init \
+                 service), or set {setting}",
+                path.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -431,7 +495,15 @@ impl Pki {
                     .context("CA hierarchy missing")?;
                 self.install(version, hierarchy)
             }
-            (None, _) if self.config.auto_init => Ok(self.init(services).await?.0),
+            (None, _)
+                if self.config.auto_init && self.config.provisioning == Provisioning::Create =>
+            {
+                Ok(self.init(services).await?.0)
+            }
+            (None, _) if self.config.provisioning == Provisioning::OpenOnly => anyhow::bail!(
+                "no CA hierarchy: a service of a distributed deployment does not create one; \
+                 run `cardpipe pki init` once (compose: the pki-init service)"
+            ),
             (None, _) => anyhow::bail!(
                 "no CA hierarchy: run `cardpipe pki init` (or set pki.auto_init = true)"
             ),
@@ -443,8 +515,95 @@ impl Pki {
 /// once and shares the handle (the `cardpipe` binary's context does), so a key generated by
 /// a rotation is at once usable by the keys stage.
 pub fn open_loaded(loaded: &cardpipe_common::config::LoadedConfig) -> anyhow::Result<Arc<Pki>> {
-    let config = PkiConfig::from_loaded(loaded)?;
+    open_loaded_with(loaded, Provisioning::Create)
+}
+
+/// [`open_loaded`], creating missing material only if `provisioning` allows it.
+pub fn open_loaded_with(
+    loaded: &cardpipe_common::config::LoadedConfig,
+    provisioning: Provisioning,
+) -> anyhow::Result<Arc<Pki>> {
+    let mut config = PkiConfig::from_loaded(loaded)?;
+    config.provisioning = provisioning;
     std::fs::create_dir_all(&loaded.config.data_dir)
         .with_context(|| format!("creating data_dir {}", loaded.config.data_dir.display()))?;
     Ok(Arc::new(Pki::open(config, &loaded.config.data_dir)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(provisioning: Provisioning) -> PkiConfig {
+        PkiConfig {
+            kdf_log_n: 10, // fast in tests
+            provisioning,
+            ..PkiConfig::default()
+        }
+    }
+
+    fn message(e: anyhow::Error) -> String {
+        format!("{e:#}")
+    }
+
+    /// Open-only finds nothing to open in a fresh data_dir: each piece is refused, named,
+    /// with what to run, and nothing is written.
+    #[test]
+    fn open_only_refuses_to_generate_and_names_pki_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_only = config(Provisioning::OpenOnly);
+        let err = message(open_only.open_keystore(dir.path()).err().unwrap());
+        assert!(err.contains("the file keystore's passphrase"), "{err}");
+        assert!(err.contains("cardpipe pki init"), "{err}");
+        assert!(err.contains("CARDPIPE__PKI__PASSPHRASE"), "{err}");
+        let err = message(open_only.transport_key(dir.path()).err().unwrap());
+        assert!(err.contains("transport key"), "{err}");
+        assert!(err.contains("CARDPIPE__PKI__TRANSPORT_KEY_HEX"), "{err}");
+        // With the passphrase configured, the keystore itself is still not created.
+        let mut with_passphrase = config(Provisioning::OpenOnly);
+        with_passphrase.passphrase = SecretString::from("a shared passphrase");
+        let err = message(with_passphrase.open_keystore(dir.path()).err().unwrap());
+        assert!(err.contains("the CA keystore"), "{err}");
+        assert!(err.contains("cardpipe pki init"), "{err}");
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                left.push(path);
+            }
+        }
+        assert!(left.is_empty(), "files written: {left:?}");
+    }
+
+    /// What `pki init` (Create) made, an open-only process opens: the same transport key and
+    /// the keystore with the same keys.
+    #[test]
+    fn open_only_opens_what_create_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = config(Provisioning::Create);
+        created.open_keystore(dir.path()).unwrap();
+        created.transport_key(dir.path()).unwrap();
+        let mut before = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                before.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+        assert!(
+            before.len() >= 2,
+            "passphrase and transport key: {before:?}"
+        );
+        let open_only = config(Provisioning::OpenOnly);
+        open_only.open_keystore(dir.path()).unwrap();
+        open_only.transport_key(dir.path()).unwrap();
+        for (path, bytes) in before {
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "{} changed",
+                path.display()
+            );
+        }
+    }
 }

@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cardpipe_common::config::LoadedConfig;
+use cardpipe_pki::settings::Provisioning;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -342,7 +343,7 @@ fn main() -> ExitCode {
                     console_url: format!("http://{}/", loaded.config.http.listen),
                 });
                 let names = stages::names(&loaded);
-                process::run(loaded, names, true, demo).await
+                process::run(loaded, names, true, demo, Provisioning::Create).await
             }
             Command::Worker { stage } => {
                 let known = stages::names(&loaded);
@@ -368,9 +369,21 @@ fn main() -> ExitCode {
                          with `cardpipe run`."
                     );
                 }
-                process::run(loaded, vec![stage], false, None).await
+                // A worker is always one of several processes: it opens the PKI material
+                // `cardpipe pki init` made and never generates its own.
+                process::run(loaded, vec![stage], false, None, Provisioning::OpenOnly).await
             }
-            Command::Serve => process::run(loaded, Vec::new(), true, None).await,
+            Command::Serve => {
+                // Beside workers on a shared broker, `serve` is one service of a distributed
+                // deployment and likewise only opens the PKI material.
+                let provisioning =
+                    if loaded.config.broker.kind == cardpipe_common::config::BrokerKind::Memory {
+                        Provisioning::Create
+                    } else {
+                        Provisioning::OpenOnly
+                    };
+                process::run(loaded, Vec::new(), true, None, provisioning).await
+            }
             Command::Migrate => process::migrate(loaded).await,
             Command::Abis { command } => abis_cmd::run(loaded, command).await,
             Command::Pki { command } => pki_cmd::run(loaded, command).await,

@@ -12,7 +12,7 @@ use cardpipe_common::backends;
 use cardpipe_common::clock;
 use cardpipe_common::config::LoadedConfig;
 use cardpipe_keys::ops::{self, RotationOutcome};
-use cardpipe_pki::settings::{KeystoreKind, Pki, PkiConfig};
+use cardpipe_pki::settings::{KeystoreKind, Pki, PkiConfig, Provisioning};
 use clap::{Args, Subcommand};
 
 /// `cardpipe pki ...`.
@@ -60,18 +60,28 @@ pub struct BenchPkiArgs {
     pub softhsm_sandbox: bool,
 }
 
+/// Opens the backends and the PKI. `init` creates what is missing (the keystore, its
+/// generated passphrase, the transport key, the hierarchy); the other subcommands, on a
+/// distributed deployment's shared broker, open only what `init` made.
 async fn open(
     loaded: &LoadedConfig,
+    init: bool,
 ) -> anyhow::Result<(cardpipe_common::runtime::Services, Arc<Pki>)> {
     let config = &loaded.config;
     let services = backends::connect(config, clock::for_data_dir(&config.data_dir)?).await?;
-    let pki = cardpipe_pki::settings::open_loaded(loaded)?;
+    let provisioning = if init || config.broker.kind == cardpipe_common::config::BrokerKind::Memory
+    {
+        Provisioning::Create
+    } else {
+        Provisioning::OpenOnly
+    };
+    let pki = cardpipe_pki::settings::open_loaded_with(loaded, provisioning)?;
     Ok((services, pki))
 }
 
 /// Runs a `pki` subcommand.
 pub async fn run(loaded: LoadedConfig, command: PkiCommand) -> anyhow::Result<()> {
-    let (services, pki) = open(&loaded).await?;
+    let (services, pki) = open(&loaded, matches!(command, PkiCommand::Init)).await?;
     match command {
         PkiCommand::Init => {
             let (current, created) = pki.init(&services).await?;

@@ -59,12 +59,14 @@ pub async fn migrate(loaded: LoadedConfig) -> anyhow::Result<()> {
 
 /// Runs `stage_names` until ctrl-c or SIGTERM, then shuts down gracefully.
 /// Every process serves /metrics, /healthz and /readyz; with `full_http` it
-/// also serves the API and console and runs the time-driven loops.
+/// also serves the API and console and runs the time-driven loops. `provisioning` says
+/// whether the process may create missing PKI material (not as a distributed service).
 pub async fn run(
     loaded: LoadedConfig,
     stage_names: Vec<String>,
     full_http: bool,
     demo: Option<crate::demo::DemoSpec>,
+    provisioning: cardpipe_pki::settings::Provisioning,
 ) -> anyhow::Result<()> {
     let loaded = Arc::new(loaded);
     let config = &loaded.config;
@@ -113,7 +115,8 @@ pub async fn run(
         // Before any stage or relay writes to the store (SQLite allows one writer).
         stages::prepare_routes(&services, &loaded).await?;
     }
-    let ctx = Context::new(services.clone(), loaded.clone(), &stage_names);
+    let ctx = Context::new(services.clone(), loaded.clone(), &stage_names)
+        .with_provisioning(provisioning);
     if full_http {
         // The pickup offices register, before the registry API takes batches: intake refuses
         // records naming an office that is not in it.

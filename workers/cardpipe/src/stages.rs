@@ -75,6 +75,23 @@ pub fn build(names: &[String], ctx: &Context) -> anyhow::Result<Vec<Arc<dyn Stag
         // [encoders]: in-process card OS encoders (embedded) or PC/SC readers; the farm
         // re-scans readers in the background.
         let cfg = encoders_config(_config)?;
+        if ctx.provisioning() == cardpipe_pki::settings::Provisioning::OpenOnly
+            && cfg.transport_key_hex.expose_secret().is_empty()
+        {
+            // The encoders read the transport key file [pki] generates: as a distributed
+            // service, open it only (never make one of this replica's own).
+            cardpipe_pki::settings::PkiConfig {
+                transport_key_id: cfg.transport_key_id.clone(),
+                provisioning: cardpipe_pki::settings::Provisioning::OpenOnly,
+                ..Default::default()
+            }
+            .transport_key(&_config.config.data_dir)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "[encoders] transport_key_hex is empty (CARDPIPE__ENCODERS__TRANSPORT_KEY_HEX): {e:#}"
+                )
+            })?;
+        }
         let mut stage = cardpipe_personalize::stage::PersonalizeStage::from_config(
             &cfg,
             &_config.config.data_dir,

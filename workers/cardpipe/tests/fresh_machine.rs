@@ -272,6 +272,8 @@ fn pcsc_encoders_without_pcsc_lite_name_what_to_install() {
         .env("CARDPIPE__ENCODERS__TRANSPORT_ID_PIN", "271828")
         .env("CARDPIPE__ENCODERS__TRANSPORT_SIGN_PIN", "314159")
         .env("CARDPIPE__ENCODERS__TRANSPORT_PUK", "16180339")
+        // A worker opens the transport key, never generates one (`cardpipe pki init` would).
+        .env("CARDPIPE__ENCODERS__TRANSPORT_KEY_HEX", "5a".repeat(32))
         .env("CARDPIPE_PCSC_LIB", "/nonexistent/libpcsclite.so.1")
         .env("CARDPIPE__HTTP__LISTEN", "127.0.0.1:0")
         .stdin(std::process::Stdio::null())

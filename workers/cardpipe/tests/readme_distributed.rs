@@ -5,8 +5,9 @@
 //! * "Running distributed": the `export` lines (placeholders such as `...`, `<64 hex digits>`
 //!   and the compose host names `db`, `mq`, `minio` filled with this machine's PostgreSQL,
 //!   RabbitMQ and S3 server and fresh secrets; every other value kept as written), then
-//!   `cardpipe migrate`, `cardpipe worker <stage>` for the stages the other examples do not
-//!   start (keys, shipping) and `cardpipe serve`;
+//!   `cardpipe migrate`, `cardpipe pki init` (the PKI material every process opens; the
+//!   workers and `serve` refuse to generate it), `cardpipe worker <stage>` for the stages the
+//!   other examples do not start (keys, shipping) and `cardpipe serve`;
 //! * "Quality control": `cardpipe encoders simulate --count 8 --qc-stations 2` and the two
 //!   worker lines with `PCSCLITE_CSOCK_NAME=...` set to the socket the simulator printed (the
 //!   line controller address kept as written, checked against what the simulator printed);
@@ -24,18 +25,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::Engine;
 use cardpipe_common::store::Store;
 use cardpipe_common::testing;
-use serde_json::{Value, json};
-use sqlx::Row;
 
 mod common;
 
-use common::{Running, free_port, fvc};
+use common::{
+    Running, Started, cli_env as cli, free_port, random_digits, random_hex, settle_people,
+    simulator_started, stop_all, submit_people, wait_ready,
+};
 
 const TOKEN: &str = "readme-distributed-registry-token-42";
 /// Generous: eleven processes and a pcscd line on 2 shared cores.
@@ -193,16 +193,7 @@ struct Machine {
 
 impl Machine {
     async fn new() -> Self {
-        let hex = |n: usize| -> String {
-            (0..n)
-                .map(|_| format!("{:02x}", rand_byte()))
-                .collect::<String>()
-        };
-        let digits = |n: usize| -> String {
-            (0..n)
-                .map(|_| char::from(b'0' + rand_byte() % 10))
-                .collect()
-        };
+        let (hex, digits) = (random_hex, random_digits);
         let store_url = testing::fresh_postgres_url().await;
         let s3 = testing::s3_settings();
         let values = BTreeMap::from([
@@ -240,64 +231,6 @@ impl Machine {
             written.to_owned()
         }
     }
-}
-
-/// A random byte (v4 UUIDs come from the OS's generator).
-fn rand_byte() -> u8 {
-    uuid::Uuid::new_v4().as_bytes()[0]
-}
-
-/// A one-shot `cardpipe` command with `env`, `input` on stdin; (success, stdout + stderr).
-fn cli(dir: &Path, env: &[(String, String)], args: &[String], input: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cardpipe"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CARDPIPE_CONFIG")
-        .env_remove("CARDPIPE_OPERATOR")
-        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("run cardpipe");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-async fn states(store: &Store) -> BTreeMap<String, String> {
-    sqlx::query("SELECT registry_id, state FROM applications")
-        .fetch_all(store.pool())
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get("registry_id"), r.get("state")))
-        .collect()
-}
-
-async fn parked(store: &Store) -> Vec<(String, String, String)> {
-    sqlx::query("SELECT stage, subject, error FROM parked_jobs")
-        .fetch_all(store.pool())
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get("stage"), r.get("subject"), r.get("error")))
-        .collect()
-}
-
-/// A process started from a README line, with the name the failure messages use.
-struct Started {
-    line: String,
-    process: Running,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -344,6 +277,7 @@ async fn the_readme_distributed_line_qc_and_sharded_dedup_examples_run_as_writte
         commands,
         [
             vec!["migrate".to_owned()],
+            vec!["pki".to_owned(), "init".to_owned()],
             vec!["worker".to_owned(), "<stage>".to_owned()],
             vec!["serve".to_owned()],
         ],
@@ -402,6 +336,9 @@ async fn the_readme_distributed_line_qc_and_sharded_dedup_examples_run_as_writte
     // cardpipe migrate; the first operator; blank stock received as the README writes it.
     let (ok, out) = cli(dir.path(), &env, &commands[0], "");
     assert!(ok, "cardpipe migrate: {out}");
+    // cardpipe pki init: the PKI material every process opens (none of them generates it).
+    let (ok, out) = cli(dir.path(), &env, &commands[1], "");
+    assert!(ok, "cardpipe pki init: {out}");
     let password = "a long enough vault password\n";
     let add = ["operators", "add", &operator, "--role", "supervisor"].map(String::from);
     let (ok, out) = cli(dir.path(), &env, &add, password);
@@ -427,21 +364,7 @@ async fn the_readme_distributed_line_qc_and_sharded_dedup_examples_run_as_writte
     let (sim_env, sim_args) = split_command(&line_qc[0]);
     assert!(sim_env.is_empty(), "{}", line_qc[0]);
     let mut simulator = start(&line_qc[0], &[], &sim_args);
-    let socket_line = simulator
-        .process
-        .wait_for("export PCSCLITE_CSOCK_NAME=", Duration::from_secs(120));
-    let socket = socket_line
-        .split_once("PCSCLITE_CSOCK_NAME=")
-        .unwrap()
-        .1
-        .trim()
-        .to_owned();
-    let printed = simulator.process.stderr_so_far();
-    let pcscd_pid: u32 = printed
-        .split_once("(pcscd process ")
-        .and_then(|(_, rest)| rest.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("simulator did not print its pcscd process: {printed}"));
+    let (socket, pcscd_pid, printed) = simulator_started(&mut simulator.process);
     assert!(
         printed.contains("2 QC stations on the line"),
         "{}: {printed}",
@@ -484,110 +407,13 @@ async fn the_readme_distributed_line_qc_and_sharded_dedup_examples_run_as_writte
     processes.push(serve);
 
     let base = format!("http://127.0.0.1:{serve_port}");
-    let http = reqwest::Client::new();
-    let ready_by = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        if Instant::now() > ready_by {
-            let logs: Vec<String> = processes
-                .iter_mut()
-                .map(|p| format!("== {}\n{}", p.line, p.process.stderr_so_far()))
-                .collect();
-            panic!(
-                "cardpipe serve not ready within 180 s:\n{}",
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_ready(&base, &mut processes, Duration::from_secs(180)).await;
 
-    // Four people and one of them again, real fingerprints, through the registry API.
-    let today = cardpipe_intake::intake::tehran_today(time::OffsetDateTime::now_utc());
-    let generator = cardpipe_registry::synth::Generator::new(cardpipe_registry::synth::spec(
-        0x5EAD, 8, false, today,
-    ));
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let people = [(1u8, 1u8), (2, 1), (3, 1), (4, 1), (1, 2)];
-    let mut lines = Vec::new();
-    for (i, (db, impression)) in people.iter().enumerate() {
-        let mut v = generator.valid(i);
-        v["priority"] = json!("normal");
-        v["fingerprints"] = Value::Array(
-            (1..=10u8)
-                .map(|p| json!({ "position": p, "template": b64.encode(fvc(*db, p, *impression)) }))
-                .collect(),
-        );
-        lines.push(v.to_string());
-    }
-    let submitted = http
-        .post(format!("{base}/api/v1/batches"))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "readme-distributed-1")
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n") + "\n")
-        .send()
-        .await
-        .unwrap();
-    let status = submitted.status();
-    let report: Value = submitted.json().await.unwrap();
-    assert!(status.is_success(), "{status}: {report}");
-    assert_eq!(report["accepted"], 5, "{report:#}");
-    let batch_id = report["batch_id"].as_str().unwrap();
-    let scheduled = http
-        .put(format!("{base}/api/v1/batches/{batch_id}/schedule"))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "release_at": "now" }))
-        .send()
-        .await
-        .unwrap();
-    assert!(scheduled.status().is_success());
-
+    // Four people and one of them again, real fingerprints, through the registry API; four
+    // cards made on the line and passed at its QC stations, the fifth a possible duplicate.
+    submit_people(&base, TOKEN, "readme-distributed-1").await;
     let store = Store::connect(&machine.store_url, 2).await.unwrap();
-    let past_packed = |s: &str| matches!(s, "packed" | "shipped" | "at_office");
-    let deadline = Instant::now() + SETTLE;
-    let final_states = loop {
-        let now = states(&store).await;
-        let parked_jobs = parked(&store).await;
-        let exited: Vec<String> = processes
-            .iter_mut()
-            .filter_map(|p| p.process.exited().map(|s| format!("{} ({s})", p.line)))
-            .collect();
-        if !parked_jobs.is_empty() || !exited.is_empty() || Instant::now() > deadline {
-            let logs: Vec<String> = processes
-                .iter_mut()
-                .map(|p| format!("== {}\n{}", p.line, p.process.stderr_so_far()))
-                .collect();
-            panic!(
-                "parked: {parked_jobs:#?}\nexited: {exited:?}\nstates: {now:#?}\n{}",
-                logs.join("\n")
-            );
-        }
-        let resting = now
-            .values()
-            .filter(|s| past_packed(s) || *s == "possible_duplicate")
-            .count();
-        if now.len() == people.len() && resting == people.len() {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let packed = final_states.values().filter(|s| past_packed(s)).count();
-    assert_eq!(
-        packed, 4,
-        "four people, four cards (DB1's person once): {final_states:#?}"
-    );
-
-    // The cards were read at the line's QC stations and passed.
-    let passed: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM application_history WHERE to_state = 'qc_passed'")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    assert_eq!(passed, 4, "QC passes");
+    settle_people(&store, &mut processes, SETTLE).await;
     store.close().await;
 
     // The stock books balance: every blank issued is a card or spoiled.
@@ -595,17 +421,5 @@ async fn the_readme_distributed_line_qc_and_sharded_dedup_examples_run_as_writte
     assert!(ok, "cardpipe stock report: {out}");
 
     // Every process stops cleanly; the simulator takes its pcscd with it.
-    for Started { line, process } in processes.into_iter().rev() {
-        let status = process.terminate();
-        assert!(status.success(), "{line}: exited with {status}");
-    }
-    let pcscd = PathBuf::from(format!("/proc/{pcscd_pid}"));
-    let gone_by = Instant::now() + Duration::from_secs(10);
-    while pcscd.exists() && Instant::now() < gone_by {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        !pcscd.exists(),
-        "the simulator's pcscd (process {pcscd_pid}) still runs after SIGTERM"
-    );
+    stop_all(processes, pcscd_pid);
 }
