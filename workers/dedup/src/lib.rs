@@ -16,6 +16,8 @@
 //! * [`scatter`], [`distributed`] — shard ownership with the scatter-gather merge, and its
 //!   broker form (`dedup-shard-<k>` stages and the gallery lock serialising enrolment across
 //!   processes).
+//! * [`batcher`] — the probes of a process's concurrent dedup jobs searched together, in one
+//!   pass over the gallery.
 //! * [`adjudication`] — an adjudicator's decision on a possible duplicate, applied by this
 //!   stage.
 //!
@@ -24,6 +26,7 @@
 
 pub mod abis;
 pub mod adjudication;
+pub mod batcher;
 pub mod distributed;
 pub mod mosip;
 pub mod scatter;

@@ -187,6 +187,52 @@ impl ShardSet {
         })
     }
 
+    /// Answers many probes over every local shard in one candidate-stage pass per shard
+    /// ([`Gallery::identify_batch`](cardpipe_biometrics::matcher::Gallery::identify_batch)):
+    /// the gallery's codes are read once for the whole batch instead of once per probe.
+    /// `excludes[i]` (probe `i`'s own id) is dropped from its answers, whose candidates are
+    /// then what [`ShardSet::answer`] gives (the shortlist keeps one slot for it).
+    /// Returns, per probe, one answer per local shard.
+    pub fn answer_batch(
+        &self,
+        probes: &[&Probe],
+        excludes: &[Option<&str>],
+        max_results: usize,
+    ) -> Vec<Vec<ShardAnswer>> {
+        assert_eq!(probes.len(), excludes.len(), "one exclude per probe");
+        let opts = IdentifyOptions {
+            shortlist: self.options.shortlist + 1,
+            max_results: max_results + 1,
+            min_score: 0.0,
+            ..self.options
+        };
+        let mut out: Vec<Vec<ShardAnswer>> = vec![Vec::new(); probes.len()];
+        for shard in &self.local {
+            let s = read(shard);
+            let found = s.gallery.identify_batch(probes, &opts);
+            for ((answers, mut candidates), exclude) in out.iter_mut().zip(found).zip(excludes) {
+                if let Some(own) = exclude {
+                    candidates.retain(|c| c.reference_id != *own);
+                }
+                candidates.truncate(max_results);
+                answers.push(ShardAnswer {
+                    shard: s.index,
+                    size: s.gallery.len(),
+                    candidates,
+                });
+            }
+        }
+        out
+    }
+
+    /// The score calibration of the local shards (all shards share one), for 1:1
+    /// comparisons outside a shard search; `None` when no shard is held here.
+    pub fn calibration(&self) -> Option<cardpipe_biometrics::matcher::Calibration> {
+        self.local
+            .first()
+            .map(|s| read(s).gallery.calibration().clone())
+    }
+
     /// Scatter-gather over the local shards (in parallel), thresholded for `target_fpir`
     /// over their total size.
     pub fn scatter_gather(

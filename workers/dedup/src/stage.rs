@@ -17,14 +17,20 @@
 //!   `dedup_enrolled.application_id` is unique and `dedup_candidates` rows are written only
 //!   with the compare-and-set transition, so a redelivered job neither enrols twice nor
 //!   creates a second candidate set.
-//! * **Races**: identify + insert run under the gallery lock (`dedup_gallery_lock`, see
-//!   [`crate::distributed`]), released in the commit of the decision: two enrolments of the
-//!   same person handled concurrently, by one process or by several, catch each other.
+//! * **Races**: the decision and the enrolment run under the gallery lock
+//!   (`dedup_gallery_lock`, see [`crate::distributed`]), released in the commit of the
+//!   decision: two enrolments of the same person handled concurrently, by one process or by
+//!   several, catch each other. With `scatter = "local"` the 1:N search itself runs *before*
+//!   the lock, over everything enrolled up to a snapshot (`dedup_enrolled.seq`), batched with
+//!   the searches of the process's other jobs ([`crate::batcher`]); under the lock only the
+//!   subjects enrolled since that snapshot are compared ([`DedupEngine::late_enrolments`]), so
+//!   searches run in parallel and the lock is held for milliseconds, not for a whole search.
 //! * **Scatter**: `[dedup] scatter = "local"` searches the shards of this process;
 //!   `"broker"` sends one sub-job per shard to the `dedup-shard-<k>` stages and gathers their
 //!   answers ([`crate::distributed`]); both decide with [`crate::scatter::gather`].
 //! * **Metrics**: `cardpipe_dedup_search_duration_seconds`, `cardpipe_dedup_gallery_subjects{shard}`,
-//!   `cardpipe_dedup_possible_duplicates_total`.
+//!   `cardpipe_dedup_possible_duplicates_total`, `cardpipe_dedup_search_batch_probes`,
+//!   `cardpipe_dedup_late_enrolments_compared_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -46,7 +52,8 @@ use serde::Deserialize;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::scatter::ShardSet;
+use crate::batcher::SearchBatcher;
+use crate::scatter::{ShardAnswer, ShardSet};
 use cardpipe_biometrics::matcher::{
     Candidate, IdentifyOptions, PositionedTemplate, Probe, Shard, TenPrint, TenPrintError,
     ViewChoice,
@@ -84,6 +91,9 @@ pub struct DedupConfig {
     /// How long a job waits for the gallery lock (one search + enrolment at a time across
     /// every dedup worker) before it is retried.
     pub lock_wait_ms: u64,
+    /// Local scatter: most probes of concurrent jobs searched in one pass over the gallery
+    /// ([`crate::batcher`]).
+    pub batch_max: usize,
 }
 
 /// Where a dedup search runs (`[dedup] scatter`).
@@ -108,6 +118,7 @@ impl Default for DedupConfig {
             scatter: ScatterMode::Local,
             shard_timeout_ms: 10_000,
             lock_wait_ms: 60_000,
+            batch_max: 64,
         }
     }
 }
@@ -165,6 +176,10 @@ impl DedupConfig {
             (10..=3_600_000).contains(&self.lock_wait_ms),
             "[dedup] lock_wait_ms must be 10..=3600000"
         );
+        anyhow::ensure!(
+            (1..=1024).contains(&self.batch_max),
+            "[dedup] batch_max must be 1..=1024"
+        );
         Ok(())
     }
 
@@ -189,6 +204,8 @@ impl DedupConfig {
 
 pub(crate) struct DedupMetrics {
     pub(crate) search: Histogram,
+    batch_probes: Histogram,
+    late_compared: Counter,
     pub(crate) lock_wait: Histogram,
     pub(crate) shard_answers: Counter,
     subjects: Family<Vec<(String, String)>, Gauge>,
@@ -200,6 +217,8 @@ impl DedupMetrics {
     fn new() -> Self {
         DedupMetrics {
             search: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            batch_probes: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            late_compared: Counter::default(),
             lock_wait: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             shard_answers: Counter::default(),
             subjects: Family::default(),
@@ -218,6 +237,16 @@ impl DedupMetrics {
                 "dedup_search_duration_seconds",
                 "Time of one 1:N dedup search (scatter-gather over every shard)",
                 self.search.clone(),
+            );
+            r.register(
+                "dedup_search_batch_probes",
+                "Probes of concurrent jobs searched in one pass over the gallery (local scatter)",
+                self.batch_probes.clone(),
+            );
+            r.register(
+                "dedup_late_enrolments_compared",
+                "Subjects enrolled while a search ran, compared 1:1 under the gallery lock",
+                self.late_compared.clone(),
             );
             r.register(
                 "dedup_gallery_subjects",
@@ -249,7 +278,9 @@ pub struct DedupEngine {
     shards: Arc<ShardSet>,
     loaded: tokio::sync::OnceCell<()>,
     last_seq: AtomicI64,
-    enrol_lock: tokio::sync::Mutex<()>,
+    /// One refresh at a time (concurrent jobs would decrypt the same rows twice).
+    refresh_lock: tokio::sync::Mutex<()>,
+    batcher: std::sync::OnceLock<SearchBatcher>,
     pub(crate) metrics: DedupMetrics,
 }
 
@@ -288,7 +319,8 @@ impl DedupEngine {
             config,
             loaded: tokio::sync::OnceCell::new(),
             last_seq: AtomicI64::new(0),
-            enrol_lock: tokio::sync::Mutex::new(()),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            batcher: std::sync::OnceLock::new(),
             metrics: DedupMetrics::new(),
         }))
     }
@@ -339,6 +371,7 @@ impl DedupEngine {
         if self.shards.owned().is_empty() {
             return Ok(0);
         }
+        let _one_at_a_time = self.refresh_lock.lock().await;
         loop {
             let after = self.last_seq.load(Ordering::SeqCst);
             let rows = sqlx::query(
@@ -423,6 +456,119 @@ impl DedupEngine {
         .await?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
         Ok(found)
+    }
+
+    /// The highest `dedup_enrolled.seq` loaded into the local shards: every subject enrolled
+    /// up to it is in memory (enrolments are committed one at a time, under the gallery lock).
+    pub fn seen_seq(&self) -> i64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// Searches `tenprint` over every local shard together with the probes of this process's
+    /// other jobs ([`crate::batcher`]); one unthresholded answer per shard, for
+    /// [`crate::scatter::gather`]. No lock is held: subjects enrolled meanwhile are compared
+    /// afterwards by [`DedupEngine::late_enrolments`].
+    pub async fn search_batched(
+        &self,
+        tenprint: &TenPrint,
+        exclude: &str,
+    ) -> anyhow::Result<Vec<ShardAnswer>> {
+        anyhow::ensure!(
+            self.shards.is_complete(),
+            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
+             scatter-gather ([dedup] scatter = \"broker\")",
+            self.shards.owned(),
+            self.shards.count()
+        );
+        let started = Instant::now();
+        let batcher = self.batcher.get_or_init(|| {
+            SearchBatcher::start(
+                self.shards.clone(),
+                self.config.batch_max,
+                self.config.max_candidates,
+                self.metrics.batch_probes.clone(),
+            )
+        });
+        let tp = tenprint.clone();
+        let probe = tokio::task::spawn_blocking(move || Probe::new(&tp)).await?;
+        let answers = batcher.search(probe, Some(exclude.to_owned())).await?;
+        self.metrics.search.observe(started.elapsed().as_secs_f64());
+        Ok(answers)
+    }
+
+    /// Compares `tenprint` 1:1 with every subject enrolled after `since` (a
+    /// [`DedupEngine::seen_seq`] taken before a search), except `exclude`: what a search that
+    /// ran without the gallery lock could not see. Called under the lock, where no enrolment
+    /// can be in flight, so these are exactly the subjects the search missed. The answer
+    /// joins the shards' answers in [`crate::scatter::gather`].
+    pub async fn late_enrolments(
+        &self,
+        services: &Services,
+        since: i64,
+        exclude: &str,
+        tenprint: &TenPrint,
+    ) -> anyhow::Result<ShardAnswer> {
+        let rows = sqlx::query(
+            "SELECT application_id, sealed_templates FROM dedup_enrolled
+             WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(since)
+        .fetch_all(services.store.pool())
+        .await
+        .context("reading enrolments made during the search")?;
+        let mut late = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("application_id")?;
+            if id == exclude {
+                continue;
+            }
+            let sealed: Vec<u8> = row.try_get("sealed_templates")?;
+            let plain = services
+                .sealer
+                .open(&templates_context(&id), &sealed)
+                .with_context(|| format!("opening enrolled templates of {id}"))?;
+            let stored = decode_templates(&plain)
+                .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
+            late.push((id, stored));
+        }
+        self.metrics.late_compared.inc_by(late.len() as u64);
+        let calibration = self
+            .shards
+            .calibration()
+            .ok_or_else(|| anyhow::anyhow!("no dedup shard held here to compare with"))?;
+        let tp = tenprint.clone();
+        let size = late.len();
+        let candidates = tokio::task::spawn_blocking(move || {
+            let probe = Probe::new(&tp);
+            late.into_iter()
+                .filter_map(|(id, stored)| match stored.tenprint() {
+                    Ok(reference) => {
+                        let v = cardpipe_biometrics::matcher::verify(
+                            &probe,
+                            &reference,
+                            1.0,
+                            &calibration,
+                        );
+                        Some(Candidate {
+                            reference_id: id,
+                            fused: v.fused,
+                            prefilter: 0,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::error!(application = %id, error = %e, "enrolled templates refused");
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        Ok(ShardAnswer {
+            // Not a shard: the subjects enrolled during the search, wherever they belong.
+            shard: u32::MAX,
+            size,
+            candidates,
+        })
     }
 
     /// Enrols in memory (if the owning shard is held here); idempotent.
@@ -586,9 +732,20 @@ impl Stage for DedupStage {
             tenprint,
             choices,
         } = probe_of(services, &app.id).await?;
-        // One search + enrolment at a time across every dedup worker (the gallery lock,
-        // released in the commit below): a second enrolment of the same person searches
-        // a gallery that holds the first.
+        // Local scatter: the 1:N search runs first, without the gallery lock, over
+        // everything enrolled up to `seen` (batched with this process's other jobs).
+        let unlocked = match engine.config.scatter {
+            ScatterMode::Local => {
+                engine.refresh(services).await?;
+                let seen = engine.seen_seq();
+                let answers = engine.search_batched(&tenprint, app.id.as_str()).await?;
+                Some((seen, answers))
+            }
+            ScatterMode::Broker => None,
+        };
+        // One decision + enrolment at a time across every dedup worker (the gallery lock,
+        // released in the commit below): a second enrolment of the same person is compared
+        // with the first.
         let waited = Instant::now();
         let lock =
             crate::distributed::GalleryLock::acquire(services, engine.config(), app.id.as_str())
@@ -609,22 +766,29 @@ impl Stage for DedupStage {
                 return Err(e.into());
             }
         }
-        let searched = match engine.config.scatter {
-            ScatterMode::Local => {
-                let _enrolling = engine.enrol_lock.lock().await;
-                match engine.refresh(services).await {
-                    Ok(_) => engine
-                        .search(&tenprint, app.id.as_str())
-                        .await
-                        .map(|found| (found, engine.shards.len(), None)),
+        let searched = match unlocked {
+            Some((seen, mut answers)) => {
+                // Under the lock: only who was enrolled while the search ran.
+                match engine
+                    .late_enrolments(services, seen, app.id.as_str(), &tenprint)
+                    .await
+                {
+                    Ok(late) => {
+                        answers.push(late);
+                        let size = answers.iter().map(|a| a.size).sum();
+                        let found = crate::scatter::gather(
+                            answers,
+                            engine.config.target_fpir,
+                            engine.config.max_candidates,
+                        );
+                        Ok((found, size, None))
+                    }
                     Err(e) => Err(e),
                 }
             }
-            ScatterMode::Broker => {
-                crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
-                    .await
-                    .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id)))
-            }
+            None => crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
+                .await
+                .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id))),
         };
         let (found, gallery_size, scatter_id) = match searched {
             Ok(s) => s,

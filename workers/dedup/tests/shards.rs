@@ -796,3 +796,8 @@ async fn latency_figures_embedded() {
 async fn latency_figures_distributed() {
     latency(Mode::Distributed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_twins_embedded_local() {
+    concurrent_twins(Mode::Embedded, ScatterMode::Local).await;
+}

@@ -491,3 +491,81 @@ async fn dedup_stage_embedded() {
 async fn dedup_stage_distributed() {
     scenario(Mode::Distributed).await;
 }
+
+/// The unlocked search of a twin misses its sibling when the sibling is enrolled while the
+/// search runs; the 1:1 comparison under the lock with everything enrolled since the search's
+/// snapshot finds it, and only it.
+async fn late_enrolment_is_caught(mode: Mode) {
+    let (services, _guard) = testing::services(mode, None).await;
+    let engine = DedupEngine::new(DedupConfig::default()).expect("engine");
+    let pop = Population::generate(5151, 3, 0.0);
+    let first = apply(&services, 0, &pop.subjects[0].templates, Vec::new(), false).await;
+    let twin_prints = pop.fresh_impressions(0, 99);
+    let twin = apply(&services, 1, &twin_prints, Vec::new(), false).await;
+    let other = apply(&services, 2, &pop.subjects[1].templates, Vec::new(), false).await;
+    engine.ready(&services).await.expect("ready");
+    let twin_tp = cardpipe_biometrics::matcher::TenPrint::from_iso(&twin_prints).expect("prints");
+
+    // The twin's search runs over an empty gallery: nothing.
+    engine.refresh(&services).await.expect("refresh");
+    let seen = engine.seen_seq();
+    let answers = engine
+        .search_batched(&twin_tp, twin.as_str())
+        .await
+        .expect("search");
+    let config = engine.config().clone();
+    assert!(
+        cardpipe_dedup::scatter::gather(answers.clone(), config.target_fpir, config.max_candidates)
+            .is_empty()
+    );
+
+    // Meanwhile the first enrolment and an unrelated one are committed.
+    for id in [&first, &other] {
+        let templates = stage::load_templates(&services, id)
+            .await
+            .expect("templates");
+        let mut tx = services.store.begin().await.expect("begin");
+        stage::insert_enrolled(&mut tx, &services, id, &templates, services.clock.now())
+            .await
+            .expect("enrol");
+        tx.commit().await.expect("commit");
+    }
+    let late = engine
+        .late_enrolments(&services, seen, twin.as_str(), &twin_tp)
+        .await
+        .expect("late enrolments");
+    assert_eq!(
+        late.size, 2,
+        "both enrolments made during the search are compared"
+    );
+    let mut all = answers;
+    all.push(late);
+    let found = cardpipe_dedup::scatter::gather(all, config.target_fpir, config.max_candidates);
+    let ids: Vec<&str> = found.iter().map(|c| c.reference_id.as_str()).collect();
+    assert_eq!(ids, vec![first.as_str()], "the twin's sibling, and only it");
+
+    // An application's own enrolment is never compared with itself (a redelivered job).
+    let own = engine
+        .late_enrolments(&services, seen, first.as_str(), &twin_tp)
+        .await
+        .expect("own");
+    assert_eq!(own.size, 1);
+    assert!(own.candidates.iter().all(|c| c.reference_id != first.0));
+    // Nothing enrolled after the latest snapshot: nothing to compare.
+    engine.refresh(&services).await.expect("refresh");
+    let none = engine
+        .late_enrolments(&services, engine.seen_seq(), twin.as_str(), &twin_tp)
+        .await
+        .expect("none");
+    assert_eq!((none.size, none.candidates.len()), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_enrolment_is_caught_embedded() {
+    late_enrolment_is_caught(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_enrolment_is_caught_distributed() {
+    late_enrolment_is_caught(Mode::Distributed).await;
+}
