@@ -51,6 +51,11 @@ pub struct BenchNightArgs {
     /// Keep the data dirs (their paths are printed) for inspection or profiling.
     #[arg(long)]
     pub keep: bool,
+    /// Stop a night that has not come to rest after this many minutes (the process is
+    /// killed, which loses nothing) and report the figures of what it packed so far, marked
+    /// incomplete: on a loaded machine a large night can take hours.
+    #[arg(long, value_name = "MINUTES")]
+    pub max_minutes: Option<f64>,
 }
 
 /// One stage's share of a night.
@@ -72,6 +77,9 @@ struct NightFigures {
     apps_per_second: f64,
     /// The child process from start to exit (generation and intake included).
     wall_seconds: f64,
+    /// False when the night was stopped by `--max-minutes` before it came to rest: the
+    /// figures are those of the applications packed until then.
+    complete: bool,
     states: BTreeMap<String, i64>,
     stages: Vec<StageFigures>,
 }
@@ -152,20 +160,39 @@ async fn run_night(
         )
         .kill_on_drop(true);
     let started = Instant::now();
-    let status = command
-        .status()
-        .await
+    let mut child = command
+        .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
+    let budget = args
+        .max_minutes
+        .filter(|m| m.is_finite() && *m > 0.0)
+        .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
+    let status = match budget {
+        Some(budget) => match tokio::time::timeout(budget, child.wait()).await {
+            Ok(status) => Some(status?),
+            Err(_) => {
+                eprintln!(
+                    "bench night: {records} applicants: stopped after {:.0} minutes (--max-minutes); figures of what was packed until then",
+                    budget.as_secs_f64() / 60.0
+                );
+                child.kill().await.context("stopping the night")?;
+                None
+            }
+        },
+        None => Some(child.wait().await?),
+    };
     let wall_seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        status.success(),
-        "the night of {records} applicants failed ({status}); its log is {}",
-        data.join("cardpipe.log").display()
-    );
+    if let Some(status) = status {
+        anyhow::ensure!(
+            status.success(),
+            "the night of {records} applicants failed ({status}); its log is {}",
+            data.join("cardpipe.log").display()
+        );
+    }
     let store = Store::connect(&url, 1)
         .await
         .with_context(|| format!("opening the night's database {url}"))?;
-    let figures = read_figures(&store, records, wall_seconds).await;
+    let figures = read_figures(&store, records, wall_seconds, status.is_some()).await;
     store.close().await;
     figures
 }
@@ -183,6 +210,7 @@ async fn read_figures(
     store: &Store,
     records: usize,
     wall_seconds: f64,
+    complete: bool,
 ) -> anyhow::Result<NightFigures> {
     let pool = store.pool();
     let mut states = BTreeMap::new();
@@ -242,6 +270,7 @@ async fn read_figures(
         seconds,
         apps_per_second: packed as f64 / seconds,
         wall_seconds,
+        complete,
         states,
         stages,
     })
@@ -249,8 +278,17 @@ async fn read_figures(
 
 fn print_night(night: &NightFigures) {
     eprintln!(
-        "bench night: {} applicants: {} packed in {:.1} s from the first release: {:.2} applications/s (child process {:.1} s in all)",
-        night.records, night.packed, night.seconds, night.apps_per_second, night.wall_seconds
+        "bench night: {} applicants{}: {} packed in {:.1} s from the first release: {:.2} applications/s (child process {:.1} s in all)",
+        night.records,
+        if night.complete {
+            ""
+        } else {
+            " (stopped early)"
+        },
+        night.packed,
+        night.seconds,
+        night.apps_per_second,
+        night.wall_seconds
     );
     for s in &night.stages {
         eprintln!(
