@@ -38,7 +38,7 @@ struct Inner {
 
 struct StageQueues {
     policy: RetryPolicy,
-    ready: VecDeque<(Job, bool)>,
+    ready: Ready,
     /// tag -> (consumer id, job)
     unacked: HashMap<u64, (u64, Job)>,
     retrying: u64,
@@ -46,19 +46,43 @@ struct StageQueues {
     notify: Arc<Notify>,
 }
 
+/// A stage's ready jobs in three lanes, taken in this order: redeliveries (at the very
+/// front, as they were taken first; the last given back first), priority jobs, normal jobs
+/// (each FIFO). Lanes rather than one queue with priority jobs inserted before the first
+/// normal one: that insertion looked through the whole queue, and a night released as
+/// urgent made every publish cost the length of the queue (issue 16).
+#[derive(Default)]
+struct Ready {
+    redelivered: VecDeque<Job>,
+    priority: VecDeque<Job>,
+    normal: VecDeque<Job>,
+}
+
+impl Ready {
+    fn len(&self) -> usize {
+        self.redelivered.len() + self.priority.len() + self.normal.len()
+    }
+
+    /// The next job to deliver and whether it is a redelivery.
+    fn pop_front(&mut self) -> Option<(Job, bool)> {
+        if let Some(job) = self.redelivered.pop_front() {
+            return Some((job, true));
+        }
+        self.priority
+            .pop_front()
+            .or_else(|| self.normal.pop_front())
+            .map(|job| (job, false))
+    }
+}
+
 impl StageQueues {
     /// Appends a job to its lane: priority jobs queue behind earlier priority jobs but ahead
     /// of every normal one (redeliveries stay at the very front, as they were taken first).
     fn enqueue(&mut self, job: Job) {
         if job.priority {
-            let at = self
-                .ready
-                .iter()
-                .position(|(j, redelivered)| !j.priority && !redelivered)
-                .unwrap_or(self.ready.len());
-            self.ready.insert(at, (job, false));
+            self.ready.priority.push_back(job);
         } else {
-            self.ready.push_back((job, false));
+            self.ready.normal.push_back(job);
         }
     }
 }
@@ -103,7 +127,7 @@ impl Broker for MemoryBroker {
             .and_modify(|q| q.policy = policy.clone())
             .or_insert_with(|| StageQueues {
                 policy: policy.clone(),
-                ready: VecDeque::new(),
+                ready: Ready::default(),
                 unacked: HashMap::new(),
                 retrying: 0,
                 parked: VecDeque::new(),
@@ -138,7 +162,7 @@ impl Broker for MemoryBroker {
                 let _ = with_stage(&inner, &job.stage.clone(), |q| {
                     q.retrying = q.retrying.saturating_sub(1);
                     // As on RabbitMQ, a retry comes back in the normal lane.
-                    q.ready.push_back((job, false));
+                    q.ready.normal.push_back(job);
                     q.notify.notify_waiters();
                 });
             }
@@ -250,7 +274,7 @@ impl Drop for MemoryStream {
             tags.sort_unstable_by(|a, b| b.cmp(a));
             for tag in tags {
                 if let Some((_, job)) = q.unacked.remove(&tag) {
-                    q.ready.push_front((job, true));
+                    q.ready.redelivered.push_front(job);
                 }
             }
             q.notify.notify_waiters();
@@ -272,7 +296,7 @@ impl MemoryAcker {
         with_stage(&inner, &self.stage, |q| match q.unacked.remove(&self.tag) {
             Some((_, job)) => {
                 if requeue {
-                    q.ready.push_front((job, true));
+                    q.ready.redelivered.push_front(job);
                 }
                 q.notify.notify_waiters();
                 true

@@ -17,7 +17,9 @@ Options:
   --fvc-only            only the real-template report (accuracy, held-out split,
                         calibration cross-validation, synthetic vs real)
   --fit-calibration OUT fit the shipped calibration on --fvc-dir and write it to OUT
-  --shortlist N         candidate-stage shortlist (default: IdentifyOptions::default())
+  --shortlist N         candidate-stage shortlist at 1M subjects (default: IdentifyOptions::default());
+                        smaller galleries use it scaled to their size, at least --min-shortlist
+  --min-shortlist N     shortest shortlist of a small gallery (default: IdentifyOptions::default())
   --lead N              fingers compared per shortlisted subject in the first precise pass
   --full N              subjects compared on all fingers in the second precise pass
   --shard K/N           build only shard K of N of a --population subjects population, answer
@@ -72,6 +74,9 @@ fn main() {
     }
     if let Some(n) = arg("--shortlist") {
         opts.search.shortlist = n;
+    }
+    if let Some(n) = arg("--min-shortlist") {
+        opts.search.min_shortlist = n;
     }
     if let Some(n) = arg("--lead") {
         opts.search.lead_fingers = n;

@@ -423,9 +423,12 @@ pub struct GalleryReport {
     /// the number of searches, ms, and its inverse in searches per second.
     pub batched_probe_ms: f64,
     pub batched_searches_per_sec: f64,
-    /// Share of mated searches whose mate is in the candidate-stage shortlist of the
-    /// configured depth (`search.shortlist`, 2000 by default).
+    /// Share of mated searches whose mate is in the candidate-stage shortlist the searches
+    /// used: [`IdentifyOptions::shortlist_for`] this gallery's size (`shortlist`).
     pub candidate_recall: f64,
+    /// The shortlist depth of this gallery's searches (`search.shortlist` scaled to the
+    /// gallery size, at least `search.min_shortlist`).
+    pub shortlist: usize,
     /// The same at each of [`RECALL_DEPTHS`]: (depth, recall).
     pub recall_at: Vec<(usize, f64)>,
     pub rank1_identification: f64,
@@ -449,7 +452,8 @@ pub struct BenchReport {
     pub scan: ScanReport,
     pub galleries: Vec<GalleryReport>,
     pub threads: usize,
-    /// Candidate-stage shortlist of the searches (`search.shortlist`).
+    /// Candidate-stage shortlist at 1M subjects (`search.shortlist`; smaller galleries search
+    /// [`IdentifyOptions::shortlist_for`] their size, [`GalleryReport::shortlist`]).
     pub shortlist: usize,
     /// Peak RSS of the process at the end of the run (`VmHWM`), if known.
     pub peak_rss: Option<u64>,
@@ -839,7 +843,8 @@ pub fn gallery_report(
     let searches = (mated.len() + nonmated.len()).max(1);
     let batched_probe_ms = batched_secs * 1e3 / searches as f64;
 
-    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(opts.search.shortlist);
+    let depth = opts.search.shortlist_for(gallery.len());
+    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(depth);
     let mut mate_ranks: Vec<Option<usize>> = Vec::with_capacity(mated.len());
     for (chunk, want) in mated.chunks(64).zip(wanted.chunks(64)) {
         let refs: Vec<&Probe> = chunk.iter().collect();
@@ -879,7 +884,8 @@ pub fn gallery_report(
         single_p95_ms: percentile(&single_ms, 0.95),
         batched_probe_ms,
         batched_searches_per_sec: searches as f64 / batched_secs.max(f64::MIN_POSITIVE),
-        candidate_recall: recall_by_depth(&mate_ranks, &[opts.search.shortlist])[0].1,
+        candidate_recall: recall_by_depth(&mate_ranks, &[depth])[0].1,
+        shortlist: depth,
         recall_at: recall_by_depth(&mate_ranks, &RECALL_DEPTHS),
         rank1_identification: rank1 as f64 / mated.len().max(1) as f64,
         fnir_at_fpir_1e3: fnir,
@@ -1238,14 +1244,14 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall (top {}) | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |",
+            "| subjects | build s | bytes/subject (gallery) | RSS growth/subject | RSS after build | peak RSS so far | latency 1 probe ms mean / p50 / p95 | batched ms/probe | batched searches/s | candidate recall (gallery's shortlist; {} at 1M) | rank-1 | FNIR @ FPIR 0.1 % | searches (mated/non-mated) |",
             self.shortlist
         )?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for g in &self.galleries {
             writeln!(
                 f,
-                "| {} | {:.1} | {:.0} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} % | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
+                "| {} | {:.1} | {:.0} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} % (top {}) | {:.2} % | {:.2} % (threshold {:.2}) | {}/{} |",
                 g.subjects,
                 g.build_secs,
                 g.bytes_per_subject,
@@ -1259,6 +1265,7 @@ impl fmt::Display for BenchReport {
                 g.batched_probe_ms,
                 g.batched_searches_per_sec,
                 g.candidate_recall * 100.0,
+                g.shortlist,
                 g.rank1_identification * 100.0,
                 g.fnir_at_fpir_1e3 * 100.0,
                 g.threshold_at_fpir_1e3,
@@ -1432,7 +1439,8 @@ pub fn shard_run(
     };
     let mated_lists = lists(&mated);
     let nonmated_lists = lists(&nonmated);
-    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(opts.search.shortlist);
+    let depth = opts.search.shortlist_for(shard.gallery.len());
+    let deepest = RECALL_DEPTHS[RECALL_DEPTHS.len() - 1].max(depth);
     let mut mate_ranks = Vec::with_capacity(mated.len());
     for (chunk, want) in mated.chunks(64).zip(mated_ids.chunks(64)) {
         let refs: Vec<&Probe> = chunk.iter().collect();
@@ -1465,7 +1473,7 @@ pub fn shard_run(
         mate_ranks,
         mated: mated_lists,
         nonmated: nonmated_lists,
-        shortlist: opts.search.shortlist,
+        shortlist: depth,
     }
 }
 

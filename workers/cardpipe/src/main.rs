@@ -11,6 +11,7 @@
 //! * `cardpipe synth batch` — a generated registry batch (NDJSON) for demos and tests;
 //! * `cardpipe bench pki|qc|dedup` — PKI credential sets, QC cards and dedup figures
 //!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
+//!   `cardpipe bench night` — embedded nights of several sizes, apps/s each (bench_night.rs);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
 //! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs);
@@ -21,6 +22,7 @@
 
 mod abis_cmd;
 mod bench_cmd;
+mod bench_night;
 mod context;
 mod dedup_cmd;
 mod demo;
@@ -75,6 +77,10 @@ enum Command {
         /// handovers, reminders, the six-month voiding). 0 stops the demo at packing.
         #[arg(long, default_value_t = 10.0, requires = "demo", value_name = "DAYS")]
         days_per_second: f64,
+        /// Exit once the demo has finished (its batch at rest, and its card life if played)
+        /// instead of serving until ctrl-c: for benchmarks and scripts (`cardpipe bench night`).
+        #[arg(long, requires = "demo")]
+        demo_exit: bool,
     },
     /// Run one stage (for distributed deployment; run any number of replicas).
     Worker {
@@ -169,6 +175,10 @@ enum BenchCommand {
     Intake(bench_cmd::BenchIntakeArgs),
     /// Sign-in: a flood of parallel wrong guesses; password checks run and peak RSS.
     SignIn(bench_cmd::BenchSignInArgs),
+    /// Nights of several sizes run embedded, each on a fresh data dir: applications/s to
+    /// packing per size and per stage, and the ratio of the largest night's rate to the
+    /// smallest's (cost per application flat in the size of the night).
+    Night(bench_night::BenchNightArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +334,7 @@ fn main() -> ExitCode {
                 demo,
                 demo_seed,
                 days_per_second,
+                demo_exit,
             } => {
                 if !(days_per_second.is_finite() && (0.0..=1000.0).contains(&days_per_second)) {
                     anyhow::bail!(
@@ -340,6 +351,7 @@ fn main() -> ExitCode {
                     records,
                     seed: demo_seed,
                     days_per_second,
+                    exit_when_done: demo_exit,
                     console_url: format!("http://{}/", loaded.config.http.listen),
                 });
                 let names = stages::names(&loaded);
@@ -411,6 +423,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::SignIn(args),
             } => bench_cmd::sign_in(args).await,
+            Command::Bench {
+                command: BenchCommand::Night(args),
+            } => bench_night::run(cli.config.as_deref(), args).await,
             Command::Synth {
                 command:
                     SynthCommand::Batch {

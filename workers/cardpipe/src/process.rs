@@ -195,6 +195,7 @@ pub async fn run(
     tracing::info!(listen = %config.http.listen, stages = ?stage_names, "cardpipe running; /metrics /healthz /readyz served");
 
     let demo_stop = CancellationToken::new();
+    let exit_when_done = demo.as_ref().is_some_and(|d| d.exit_when_done);
     let demo_task = demo.map(|spec| {
         let (services, stop) = (services.clone(), demo_stop.clone());
         let registry = cardpipe_registry::config::load(&loaded);
@@ -215,10 +216,24 @@ pub async fn run(
         })
     });
 
-    wait_for_signal().await;
-    demo_stop.cancel();
-    if let Some(task) = demo_task {
-        let _ = task.await;
+    match demo_task {
+        // `--demo-exit`: the process ends when the demo does (or on a signal before).
+        Some(mut task) if exit_when_done => {
+            tokio::select! {
+                _ = wait_for_signal() => {
+                    demo_stop.cancel();
+                    let _ = task.await;
+                }
+                _ = &mut task => {}
+            }
+        }
+        task => {
+            wait_for_signal().await;
+            demo_stop.cancel();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        }
     }
     tracing::info!("shutting down: no new work; finishing in-flight jobs and flushing the outbox");
     background_stop.cancel();

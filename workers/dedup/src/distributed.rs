@@ -527,4 +527,21 @@ mod tests {
                 .contains("shard_timeout_ms")
         );
     }
+
+    /// The shortlist floor must lie between 1 and the configured shortlist; the error names
+    /// the key.
+    #[test]
+    fn min_shortlist_is_checked_against_the_shortlist() {
+        DedupConfig::default()
+            .validate()
+            .expect("defaults are valid");
+        for bad in [0, 2001] {
+            let config = DedupConfig {
+                min_shortlist: bad,
+                ..DedupConfig::default()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("[dedup] min_shortlist"), "{err}");
+        }
+    }
 }

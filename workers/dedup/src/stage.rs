@@ -79,8 +79,13 @@ pub struct DedupConfig {
     /// Target false positive identification rate of a search (sets the score threshold
     /// over the current gallery size).
     pub target_fpir: f64,
-    /// Candidate-stage shortlist per probe (subjects sent to the precise comparator).
+    /// Candidate-stage shortlist per probe (subjects sent to the precise comparator) in a
+    /// shard of 1M subjects; smaller shards scale it to their size
+    /// ([`IdentifyOptions::shortlist_for`]), down to `min_shortlist`.
     pub shortlist: usize,
+    /// The shortest shortlist of a small shard: the precise stage's cost per search while
+    /// the gallery grows from nothing (a first night) up to `min_shortlist / shortlist × 1M`.
+    pub min_shortlist: usize,
     /// Where a search runs: `local` (every shard in the searching process) or `broker`
     /// (one sub-job per shard to the `dedup-shard-<k>` stages, answers gathered from
     /// `dedup_shard_answers`; see [`crate::distributed`]).
@@ -115,6 +120,7 @@ impl Default for DedupConfig {
             max_candidates: 10,
             target_fpir: 1e-3,
             shortlist: IdentifyOptions::default().shortlist,
+            min_shortlist: IdentifyOptions::default().min_shortlist,
             scatter: ScatterMode::Local,
             shard_timeout_ms: 10_000,
             lock_wait_ms: 60_000,
@@ -168,6 +174,12 @@ impl DedupConfig {
             "[dedup] target_fpir must be in (0, 1]"
         );
         anyhow::ensure!(self.shortlist >= 1, "[dedup] shortlist must be >= 1");
+        anyhow::ensure!(
+            (1..=self.shortlist).contains(&self.min_shortlist),
+            "[dedup] min_shortlist must be 1..=shortlist ({}), not {}",
+            self.shortlist,
+            self.min_shortlist
+        );
         anyhow::ensure!(
             (10..=600_000).contains(&self.shard_timeout_ms),
             "[dedup] shard_timeout_ms must be 10..=600000"
@@ -312,6 +324,7 @@ impl DedupEngine {
         }
         let options = IdentifyOptions {
             shortlist: config.shortlist,
+            min_shortlist: config.min_shortlist,
             ..IdentifyOptions::default()
         };
         Ok(Arc::new(DedupEngine {

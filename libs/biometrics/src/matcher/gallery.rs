@@ -528,11 +528,18 @@ pub struct CodeNorm {
     pub inv_sd: [f32; 10],
 }
 
+/// Gallery size at which [`IdentifyOptions::shortlist`] applies in full: a smaller gallery
+/// (or shard) gets a proportionally shorter shortlist ([`IdentifyOptions::shortlist_for`]).
+pub const SHORTLIST_REFERENCE_SUBJECTS: usize = 1_000_000;
+
 /// Search parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IdentifyOptions {
-    /// Candidate-stage shortlist size per probe (subjects sent to the precise stage).
+    /// Candidate-stage shortlist size per probe (subjects sent to the precise stage) in a
+    /// gallery of [`SHORTLIST_REFERENCE_SUBJECTS`] or more; see [`Self::shortlist_for`].
     pub shortlist: usize,
+    /// The shortest shortlist of a small gallery ([`Self::shortlist_for`]).
+    pub min_shortlist: usize,
     /// Fingers compared per shortlisted subject in the first precise pass.
     pub lead_fingers: usize,
     /// Subjects compared on all fingers in the second precise pass.
@@ -549,11 +556,38 @@ impl Default for IdentifyOptions {
             // Deep enough for the candidate stage at a million subjects (BENCH_DEDUP.md:
             // recall by shortlist depth); the precise cascade compares 2 fingers of each.
             shortlist: 2000,
+            // Candidate recall at 500 equals recall at 2,000 at 10k, 100k and 1M
+            // (BENCH_DEDUP.md), and at 100k a depth of 500 reaches as deep into the impostor
+            // distribution as 5,000 would at 1M.
+            min_shortlist: 500,
             lead_fingers: 2,
             full_compare: 12,
             max_results: 10,
             min_score: 0.0,
         }
+    }
+}
+
+impl IdentifyOptions {
+    /// The shortlist of a search in a gallery (or shard) of `subjects`: `shortlist` scaled by
+    /// `subjects / SHORTLIST_REFERENCE_SUBJECTS`, never below `min_shortlist` nor above
+    /// `shortlist`.
+    ///
+    /// Why scale: a mate is lost by the candidate stage when more impostors outscore it than
+    /// the shortlist holds, and the expected number of impostors above a given score is
+    /// proportional to the gallery size. A depth of `d` in a gallery of `N` therefore keeps
+    /// the mate as often as a depth of `d × 1M / N` does at 1M, and the full `shortlist`
+    /// over a small gallery buys no recall, only precise comparisons: at 20,000 subjects the
+    /// full 2,000 is a tenth of the gallery (0.3 core-s per search), which made the cost per
+    /// application of a night grow with the night (issue 16). With the scaled depth the
+    /// precise stage costs at most `min_shortlist` subjects per search below
+    /// `min_shortlist × 1M / shortlist` subjects (250,000 by default) and the configured
+    /// depth at 1M, where recall was measured.
+    pub fn shortlist_for(&self, subjects: usize) -> usize {
+        let scaled = (self.shortlist as u128 * subjects as u128)
+            .div_ceil(SHORTLIST_REFERENCE_SUBJECTS as u128);
+        let scaled = usize::try_from(scaled).unwrap_or(usize::MAX);
+        scaled.clamp(self.min_shortlist.min(self.shortlist), self.shortlist)
     }
 }
 
@@ -1213,7 +1247,7 @@ impl Gallery {
         let short = self.shortlist_normed(
             &[probe],
             std::slice::from_ref(&norm),
-            opts.shortlist + usize::from(exclude.is_some()),
+            opts.shortlist_for(self.len()) + usize::from(exclude.is_some()),
             true,
         );
         self.rank(probe, &short[0], &norm, opts, exclude)
@@ -1222,7 +1256,7 @@ impl Gallery {
     /// Two-stage search of many probes in one candidate-stage pass.
     pub fn identify_batch(&self, probes: &[&Probe], opts: &IdentifyOptions) -> Vec<Vec<Candidate>> {
         let norms: Vec<CodeNorm> = probes.iter().map(|p| self.code_norm(p)).collect();
-        let short = self.shortlist_normed(probes, &norms, opts.shortlist, true);
+        let short = self.shortlist_normed(probes, &norms, opts.shortlist_for(self.len()), true);
         probes
             .par_iter()
             .zip(short.par_iter().zip(&norms))
@@ -1341,6 +1375,29 @@ pub fn merge_candidates<I: IntoIterator<Item = Vec<Candidate>>>(
 mod tests {
     use super::*;
     use crate::synth::PopulationSpec;
+
+    /// The shortlist follows the gallery size between the floor and the configured depth,
+    /// so the precise stage's work per search stops growing once the floor is reached.
+    #[test]
+    fn shortlist_scales_with_the_gallery_between_floor_and_depth() {
+        let opts = IdentifyOptions::default();
+        assert_eq!((opts.shortlist, opts.min_shortlist), (2000, 500));
+        assert_eq!(opts.shortlist_for(0), 500);
+        assert_eq!(opts.shortlist_for(2_000), 500);
+        assert_eq!(opts.shortlist_for(20_000), 500);
+        assert_eq!(opts.shortlist_for(250_000), 500);
+        assert_eq!(opts.shortlist_for(250_001), 501);
+        assert_eq!(opts.shortlist_for(600_000), 1200);
+        assert_eq!(opts.shortlist_for(SHORTLIST_REFERENCE_SUBJECTS), 2000);
+        assert_eq!(opts.shortlist_for(50_000_000), 2000);
+        assert_eq!(opts.shortlist_for(usize::MAX), 2000);
+        // A floor above the depth is the depth (a small configured shortlist is kept).
+        let small = IdentifyOptions {
+            shortlist: 5,
+            ..IdentifyOptions::default()
+        };
+        assert_eq!(small.shortlist_for(10), 5);
+    }
 
     fn subjects(n: usize) -> Vec<(String, TenPrint)> {
         let spec = PopulationSpec {

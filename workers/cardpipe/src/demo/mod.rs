@@ -57,6 +57,8 @@ pub struct DemoSpec {
     pub seed: u64,
     /// Simulated days per real second of the card life (0: stop at packing).
     pub days_per_second: f64,
+    /// End the process when the demo is done instead of serving until ctrl-c.
+    pub exit_when_done: bool,
     /// Where the console is, for the closing message.
     pub console_url: String,
 }
