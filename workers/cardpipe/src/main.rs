@@ -11,6 +11,8 @@
 //! * `cardpipe synth batch` — a generated registry batch (NDJSON) for demos and tests;
 //! * `cardpipe bench pki|qc|dedup` — PKI credential sets, QC cards and dedup figures
 //!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
+//! * `cardpipe bench pipeline` — a batch through the whole pipeline, embedded and distributed,
+//!   on processes it starts itself (bench_pipeline.rs on topology.rs);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
 //! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs);
@@ -21,6 +23,7 @@
 
 mod abis_cmd;
 mod bench_cmd;
+mod bench_pipeline;
 mod context;
 mod dedup_cmd;
 mod demo;
@@ -32,6 +35,7 @@ mod pki_cmd;
 mod process;
 mod qc_cmd;
 mod stages;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -168,6 +172,10 @@ enum BenchCommand {
     Intake(bench_cmd::BenchIntakeArgs),
     /// Sign-in: a flood of parallel wrong guesses; password checks run and peak RSS.
     SignIn(bench_cmd::BenchSignInArgs),
+    /// The whole pipeline: one generated batch through the registry API on a topology this
+    /// command starts (embedded `cardpipe run`, and distributed workers on PostgreSQL,
+    /// RabbitMQ, S3 and a simulated line); apps/s per stage and end to end.
+    Pipeline(bench_pipeline::BenchPipelineArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,6 +406,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::SignIn(args),
             } => bench_cmd::sign_in(args).await,
+            Command::Bench {
+                command: BenchCommand::Pipeline(args),
+            } => bench_pipeline::run(args).await,
             Command::Synth {
                 command:
                     SynthCommand::Batch {
