@@ -47,6 +47,11 @@ pub struct BenchPipelineArgs {
     /// Distributed: QC station readers on the simulated line (at least 1).
     #[arg(long, default_value_t = 4)]
     pub qc_stations: usize,
+    /// Jobs one process handles at once per stage, e.g. `personalize=8,qc=8` (default:
+    /// personalize as many as --encoders, QC as many as --qc-stations, at least 4; other
+    /// stages `[stage_defaults]`). Applied in both modes.
+    #[arg(long, value_delimiter = ',', value_parser = parse_concurrency)]
+    pub concurrency: Vec<(String, usize)>,
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -66,20 +71,29 @@ pub enum Mode {
 }
 
 fn parse_replica(text: &str) -> Result<(String, usize), String> {
+    parse_stage_count("--replicas", text, 16)
+}
+
+fn parse_concurrency(text: &str) -> Result<(String, usize), String> {
+    parse_stage_count("--concurrency", text, 64)
+}
+
+/// `stage=count` with a known stage and 1 ≤ count ≤ `max`.
+fn parse_stage_count(flag: &str, text: &str, max: usize) -> Result<(String, usize), String> {
     let (stage, n) = text
         .split_once('=')
-        .ok_or_else(|| format!("--replicas takes stage=count, got {text:?}"))?;
+        .ok_or_else(|| format!("{flag} takes stage=count, got {text:?}"))?;
     if !crate::stages::NAMES.contains(&stage) {
         return Err(format!(
-            "--replicas: unknown stage {stage:?}; stages: {}",
+            "{flag}: unknown stage {stage:?}; stages: {}",
             crate::stages::NAMES.join(", ")
         ));
     }
     let n: usize = n
         .parse()
         .ok()
-        .filter(|n| (1..=16).contains(n))
-        .ok_or_else(|| format!("--replicas {stage}: the count must be 1 to 16, got {n:?}"))?;
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| format!("{flag} {stage}: the count must be 1 to {max}, got {n:?}"))?;
     Ok((stage.to_owned(), n))
 }
 
@@ -174,6 +188,14 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         replicas: args.replicas.iter().cloned().collect(),
         // Room for every card twice (QC remakes) and a margin.
         blanks: (2 * args.records as u64 + 100).max(10_000),
+        concurrency: {
+            let mut c = BTreeMap::from([
+                ("personalize".to_owned(), args.encoders.max(4)),
+                ("qc".to_owned(), args.qc_stations.max(4)),
+            ]);
+            c.extend(args.concurrency.iter().cloned());
+            c
+        },
     };
     let mut reports = Vec::new();
     for mode in &args.mode {
@@ -208,6 +230,7 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         "encoders": args.encoders,
         "qc_stations": args.qc_stations,
         "replicas": spec.replicas,
+        "concurrency": spec.concurrency,
         "modes": reports,
         "distributed_over_embedded": ratio,
     });

@@ -39,6 +39,26 @@ pub struct TopologySpec {
     pub replicas: BTreeMap<String, usize>,
     /// Blank cards in the lot received at start.
     pub blanks: u64,
+    /// Jobs one process handles at once, per stage (`[stages.<name>] concurrency`; the
+    /// broker's prefetch is twice that). A personalize process can use only as many encoders,
+    /// a QC process as many stations, as it runs jobs at once.
+    pub concurrency: BTreeMap<String, usize>,
+}
+
+impl TopologySpec {
+    /// `CARDPIPE__STAGES__<STAGE>__CONCURRENCY` / `__PREFETCH` for [`TopologySpec::concurrency`].
+    fn stage_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        for (stage, n) in &self.concurrency {
+            let key = format!(
+                "CARDPIPE__STAGES__{}",
+                stage.to_uppercase().replace('-', "_")
+            );
+            env.push((format!("{key}__CONCURRENCY"), n.to_string()));
+            env.push((format!("{key}__PREFETCH"), (2 * n).min(1000).to_string()));
+        }
+        env
+    }
 }
 
 /// One started process and how to start it again.
@@ -233,6 +253,7 @@ impl Topology {
                 spec.blanks.to_string(),
             ),
         ]);
+        t.env.extend(spec.stage_env());
         let port = t.spawn("run", &["run"], &[], true)?;
         t.base_url = format!("http://127.0.0.1:{port}");
         t.wait_ready(Duration::from_secs(180)).await?;
@@ -292,6 +313,7 @@ impl Topology {
                 spec.blanks.to_string(),
             ),
         ]);
+        t.env.extend(spec.stage_env());
         t.run_once("migrate", &["migrate"]).await?;
 
         // The simulated line: its pcscd socket and line controller from what it prints.
