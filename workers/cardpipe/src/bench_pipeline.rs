@@ -99,7 +99,7 @@ fn parse_stage_count(flag: &str, text: &str, max: usize) -> Result<(String, usiz
 
 /// States where an application of the batch rests when no operator acts: its card is packed
 /// (or further on), or it is refused, or it waits for a duplicate adjudication.
-const END_STATES: &[&str] = &[
+pub(crate) const END_STATES: &[&str] = &[
     "packed",
     "shipped",
     "at_office",
@@ -188,6 +188,7 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         replicas: args.replicas.iter().cloned().collect(),
         // Room for every card twice (QC remakes) and a margin.
         blanks: (2 * args.records as u64 + 100).max(10_000),
+        line_args: Vec::new(),
         concurrency: {
             let mut c = BTreeMap::from([
                 ("personalize".to_owned(), args.encoders.max(4)),
@@ -245,7 +246,8 @@ async fn one_mode(
     args: &BenchPipelineArgs,
 ) -> anyhow::Result<ModeReport> {
     let http = reqwest::Client::new();
-    let (batch_id, accepted, submit_s, released_at) = submit(&topology, &http, args).await?;
+    let (batch_id, accepted, submit_s, released_at) =
+        submit(&topology, &http, args.records, args.seed).await?;
     eprintln!("bench pipeline: batch of {accepted} accepted in {submit_s:.1} s; released now");
     let store = Store::connect(&topology.store_url, 2)
         .await
@@ -337,24 +339,25 @@ async fn one_mode(
 
 /// The generated batch through `POST /api/v1/batches`, then released now; (batch id,
 /// accepted, seconds to submit, when the release was asked for).
-async fn submit(
+pub(crate) async fn submit(
     topology: &Topology,
     http: &reqwest::Client,
-    args: &BenchPipelineArgs,
+    records: usize,
+    seed: u64,
 ) -> anyhow::Result<(String, i64, f64, time::OffsetDateTime)> {
     let today = cardpipe_intake::intake::tehran_today(time::OffsetDateTime::now_utc());
     // As `cardpipe run --demo`: about 2 % of the applicants re-enrol earlier ones.
-    let duplicates = if args.records < 10 {
+    let duplicates = if records < 10 {
         0
     } else {
-        (args.records / 50).max(1)
+        (records / 50).max(1)
     };
     let generator = cardpipe_registry::synth::Generator::new(cardpipe_registry::synth::SynthSpec {
-        seed: args.seed,
-        records: args.records,
+        seed,
+        records,
         bad: false,
         applied_on: today,
-        distinct_persons: (args.records - duplicates).max(1),
+        distinct_persons: (records - duplicates).max(1),
     });
     let mut body = Vec::new();
     for n in 0..generator.total_lines() {
@@ -403,7 +406,10 @@ async fn submit(
     Ok((batch_id, accepted, submit_s, released_at))
 }
 
-async fn state_counts(store: &Store, batch_id: &str) -> anyhow::Result<BTreeMap<String, i64>> {
+pub(crate) async fn state_counts(
+    store: &Store,
+    batch_id: &str,
+) -> anyhow::Result<BTreeMap<String, i64>> {
     let rows = sqlx::query(
         "SELECT state, COUNT(*) AS n FROM applications WHERE batch_id = $1 GROUP BY state",
     )
@@ -416,7 +422,7 @@ async fn state_counts(store: &Store, batch_id: &str) -> anyhow::Result<BTreeMap<
 }
 
 /// Applications of the batch with a parked job (not in an end state).
-async fn parked_count(store: &Store, batch_id: &str) -> anyhow::Result<i64> {
+pub(crate) async fn parked_count(store: &Store, batch_id: &str) -> anyhow::Result<i64> {
     let row = sqlx::query(
         "SELECT COUNT(DISTINCT p.subject) AS n FROM parked_jobs p
          JOIN applications a ON a.id = p.subject WHERE a.batch_id = $1",

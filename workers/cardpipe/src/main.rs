@@ -12,7 +12,8 @@
 //! * `cardpipe bench pki|qc|dedup` — PKI credential sets, QC cards and dedup figures
 //!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
 //! * `cardpipe bench pipeline` — a batch through the whole pipeline, embedded and distributed,
-//!   on processes it starts itself (bench_pipeline.rs on topology.rs);
+//!   on processes it starts itself (bench_pipeline.rs on topology.rs); `cardpipe bench chaos`
+//!   crashes its workers while a batch runs and checks the invariants (bench_chaos.rs);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
 //! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs);
@@ -22,6 +23,7 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 
 mod abis_cmd;
+mod bench_chaos;
 mod bench_cmd;
 mod bench_pipeline;
 mod context;
@@ -176,6 +178,9 @@ enum BenchCommand {
     /// command starts (embedded `cardpipe run`, and distributed workers on PostgreSQL,
     /// RabbitMQ, S3 and a simulated line); apps/s per stage and end to end.
     Pipeline(bench_pipeline::BenchPipelineArgs),
+    /// Chaos: a batch through the distributed topology while random workers are SIGKILLed and
+    /// restarted, on a line with encoder faults; exits non-zero on any violated invariant.
+    Chaos(bench_chaos::BenchChaosArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +414,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::Pipeline(args),
             } => bench_pipeline::run(args).await,
+            Command::Bench {
+                command: BenchCommand::Chaos(args),
+            } => bench_chaos::run(args).await,
             Command::Synth {
                 command:
                     SynthCommand::Batch {

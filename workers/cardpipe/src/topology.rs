@@ -43,6 +43,8 @@ pub struct TopologySpec {
     /// broker's prefetch is twice that). A personalize process can use only as many encoders,
     /// a QC process as many stations, as it runs jobs at once.
     pub concurrency: BTreeMap<String, usize>,
+    /// Extra arguments of `cardpipe encoders simulate` (fault rates: `--tear-rate 0.02`...).
+    pub line_args: Vec<String>,
 }
 
 impl TopologySpec {
@@ -331,6 +333,7 @@ impl Topology {
         if spec.qc_stations > 0 {
             sim_args.extend(["--qc-stations", &stations]);
         }
+        sim_args.extend(spec.line_args.iter().map(String::as_str));
         t.spawn("line", &sim_args, &[], false)?;
         let socket = t
             .wait_for_output(
@@ -430,17 +433,20 @@ impl Topology {
 
     /// Runs `cardpipe <args>` to completion; an error carries the end of its output.
     async fn run_once(&self, name: &str, args: &[&str]) -> anyhow::Result<()> {
+        let (ok, output) = self.run_command(name, args).await?;
+        if !ok {
+            bail!("cardpipe {} failed:\n{output}", args.join(" "));
+        }
+        Ok(())
+    }
+
+    /// Runs `cardpipe <args>` on this topology's configuration to completion: (exit status
+    /// success, the end of its output).
+    pub async fn run_command(&self, name: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let mut child = self.start(name, &args, &[])?;
         let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-        if !status.success() {
-            bail!(
-                "cardpipe {} failed ({status}):\n{}",
-                args.join(" "),
-                self.log_tail(name, 20)
-            );
-        }
-        Ok(())
+        Ok((status.success(), self.log_tail(name, 20)))
     }
 
     /// The last `lines` lines of a process's log.
@@ -531,13 +537,11 @@ impl Topology {
         Ok(())
     }
 
-    #[allow(dead_code)] // for runs that crash workers on purpose (issue 16 item 6)
     /// Names of the started processes (`line`, `serve`, `dedup-0`, ... or `run`).
     pub fn process_names(&self) -> Vec<String> {
         self.procs.iter().map(|p| p.name.clone()).collect()
     }
 
-    #[allow(dead_code)] // for runs that crash workers on purpose (issue 16 item 6)
     /// SIGKILLs process `name` (a crash: no shutdown, in-flight work lost to redelivery).
     pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
         let p = self
@@ -550,7 +554,6 @@ impl Topology {
         Ok(())
     }
 
-    #[allow(dead_code)] // for runs that crash workers on purpose (issue 16 item 6)
     /// Starts process `name` again as it was first started (after [`Topology::kill`] or a
     /// crash).
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
