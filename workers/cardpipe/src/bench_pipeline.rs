@@ -296,9 +296,9 @@ async fn one_mode(
         if last_change.elapsed() > Duration::from_secs(args.stall_seconds) {
             bar.abandon();
             bail!(
-                "{mode:?}: nothing moved for {} s; states {last:?}, {parked} parked (logs in {})",
+                "{mode:?}: nothing moved for {} s; states {last:?}, {parked} parked (process logs kept in {})",
                 args.stall_seconds,
-                topology.work_dir().join("logs").display()
+                topology.keep_work_dir().join("logs").display()
             );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -365,20 +365,34 @@ pub(crate) async fn submit(
         body.push(b'\n');
     }
     let started = Instant::now();
-    let response = http
-        .post(format!("{}/api/v1/batches", topology.base_url))
-        .bearer_auth(&topology.registry_token)
-        .header("idempotency-key", format!("bench-{}", uuid::Uuid::new_v4()))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .context("submitting the batch")?;
-    let status = response.status();
-    let report: serde_json::Value = response.json().await.context("the batch report")?;
-    if !status.is_success() {
-        bail!("the registry API refused the batch ({status}): {report}");
-    }
+    // The same idempotency key on every try: a retried submission is the same batch.
+    let key = format!("bench-{}", uuid::Uuid::new_v4());
+    let body = bytes::Bytes::from(body);
+    let mut tries = 0;
+    let report: serde_json::Value = loop {
+        tries += 1;
+        let response = http
+            .post(format!("{}/api/v1/batches", topology.base_url))
+            .bearer_auth(&topology.registry_token)
+            .header("idempotency-key", &key)
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await
+            .context("submitting the batch")?;
+        let status = response.status();
+        let text = response.text().await.context("the batch report")?;
+        if status.is_success() {
+            break serde_json::from_str(&text)
+                .with_context(|| format!("the batch report is not JSON: {text:?}"))?;
+        }
+        // Busy (429) or not ready (503), e.g. just after a restart: the same key again.
+        let transient = status.as_u16() == 429 || status.is_server_error();
+        if !transient || tries >= 10 {
+            bail!("the registry API refused the batch ({status}): {text}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
     let submit_s = started.elapsed().as_secs_f64();
     let released_at = time::OffsetDateTime::now_utc();
     let batch_id = report["batch_id"]

@@ -82,7 +82,9 @@ pub struct Topology {
     pub store_url: String,
     /// Whether to drop the PostgreSQL database when the topology stops.
     drop_database: Option<(String, String)>,
-    work: tempfile::TempDir,
+    /// `None` once [`Topology::keep_work_dir`] kept it.
+    work: Option<tempfile::TempDir>,
+    work_path: PathBuf,
     env: Vec<(String, String)>,
     procs: Vec<Proc>,
 }
@@ -222,26 +224,32 @@ impl Topology {
                 work.path().join("var").to_string_lossy().into_owned(),
             ),
         ];
+        let work_path = work.path().to_path_buf();
         Ok(Self {
             base_url: String::new(),
             registry_token,
             store_url: String::new(),
             drop_database: None,
-            work,
+            work: Some(work),
+            work_path,
             env,
             procs: Vec::new(),
         })
     }
 
-    /// The working directory (configuration, data dir, logs).
-    pub fn work_dir(&self) -> &Path {
-        self.work.path()
+    /// Keeps the working directory (logs, configuration, data dir) after the topology stops,
+    /// for a run that failed; returns where it is.
+    pub fn keep_work_dir(&mut self) -> &Path {
+        if let Some(dir) = self.work.take() {
+            let _ = dir.keep();
+        }
+        &self.work_path
     }
 
     /// One `cardpipe run` on a fresh data dir: every stage in one process.
     pub async fn embedded(spec: &TopologySpec) -> anyhow::Result<Self> {
         let mut t = Self::new("embedded")?;
-        let db = t.work.path().join("var").join("cardpipe.db");
+        let db = t.work_path.join("var").join("cardpipe.db");
         t.store_url = format!("sqlite:{}", db.display());
         t.env.extend([
             ("CARDPIPE__STORE__URL".to_owned(), t.store_url.clone()),
@@ -401,7 +409,7 @@ impl Topology {
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
-        self.work.path().join("logs").join(format!("{name}.log"))
+        self.work_path.join("logs").join(format!("{name}.log"))
     }
 
     fn start(
@@ -418,7 +426,7 @@ impl Topology {
         let mut command = Command::new(exe);
         command
             .args(args)
-            .current_dir(self.work.path())
+            .current_dir(&self.work_path)
             .env_remove("CARDPIPE_OPERATOR")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
