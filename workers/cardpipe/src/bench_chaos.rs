@@ -18,8 +18,8 @@
 //! Any violation is listed, the processes' logs are kept, and the command exits non-zero.
 //! Found so far (7 December): a personalize worker SIGKILLed mid-card strands that card on the
 //! simulated line; the encoders then get no blanks ("no card in Encoder ..."), and an
-//! application stays `keys_issued` — the short version in CI spares personalize
-//! (`--spare personalize`) until the line recovers such cards. Not yet here (item 6's rest):
+//! application stays `keys_issued` — `--spare personalize` leaves that worker alone until the
+//! line recovers such cards. Not yet here (item 6's rest):
 //! restarting RabbitMQ and PostgreSQL, and the object-store outage — they stop services other
 //! people's tests share on this machine, so they belong in a separate, late run.
 
