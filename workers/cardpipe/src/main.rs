@@ -12,6 +12,9 @@
 //! * `cardpipe bench pki|qc|dedup` — PKI credential sets, QC cards and dedup figures
 //!   (accuracy, comparisons/s/core, 1:N latency and recall) (dedup_cmd.rs for dedup);
 //!   `cardpipe bench night` — embedded nights of several sizes, apps/s each (bench_night.rs);
+//! * `cardpipe bench pipeline` — a batch through the whole pipeline, embedded and distributed,
+//!   on processes it starts itself (bench_pipeline.rs on topology.rs); `cardpipe bench chaos`
+//!   crashes its workers while a batch runs and checks the invariants (bench_chaos.rs);
 //! * `cardpipe audit verify|list`, `cardpipe operators add|list`, `cardpipe ops ...` — the
 //!   console's operations on the command line (ops_cmd.rs);
 //! * `cardpipe offices clients add|list|revoke` — delivery API clients (offices_cmd.rs);
@@ -21,8 +24,10 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 
 mod abis_cmd;
+mod bench_chaos;
 mod bench_cmd;
 mod bench_night;
+mod bench_pipeline;
 mod context;
 mod dedup_cmd;
 mod demo;
@@ -34,6 +39,7 @@ mod pki_cmd;
 mod process;
 mod qc_cmd;
 mod stages;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -179,6 +185,13 @@ enum BenchCommand {
     /// packing per size and per stage, and the ratio of the largest night's rate to the
     /// smallest's (cost per application flat in the size of the night).
     Night(bench_night::BenchNightArgs),
+    /// The whole pipeline: one generated batch through the registry API on a topology this
+    /// command starts (embedded `cardpipe run`, and distributed workers on PostgreSQL,
+    /// RabbitMQ, S3 and a simulated line); apps/s per stage and end to end.
+    Pipeline(bench_pipeline::BenchPipelineArgs),
+    /// Chaos: a batch through the distributed topology while random workers are SIGKILLed and
+    /// restarted, on a line with encoder faults; exits non-zero on any violated invariant.
+    Chaos(bench_chaos::BenchChaosArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -426,6 +439,11 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::Night(args),
             } => bench_night::run(cli.config.as_deref(), args).await,
+                command: BenchCommand::Pipeline(args),
+            } => bench_pipeline::run(args).await,
+            Command::Bench {
+                command: BenchCommand::Chaos(args),
+            } => bench_chaos::run(args).await,
             Command::Synth {
                 command:
                     SynthCommand::Batch {

@@ -1,0 +1,278 @@
+//! `cardpipe bench chaos`: a batch through the distributed topology while workers crash, then
+//! the invariants (issue 16 item 6, first part).
+//!
+//! The topology is the benchmark's (topology.rs): PostgreSQL, RabbitMQ, S3, a worker per stage
+//! and replica, `cardpipe serve` and the simulated line with encoder faults (dead chips,
+//! tearing). A generated batch goes in through the registry API and is released; every
+//! `--kill-every` seconds a random process other than the line (any worker, or serve) is
+//! SIGKILLed — no shutdown, its in-flight jobs lost to redelivery — and started again a
+//! moment later, until the batch rests. Then:
+//!
+//! * every application of the batch is in an end state (packed, rejected, a possible
+//!   duplicate) and no job of any application is parked;
+//! * no card was personalized twice: per application, personalizations = QC failures + 1 for
+//!   a card that exists (a crash mid-card must be redone on a fresh blank only through the
+//!   spoiled path, never silently);
+//! * `cardpipe stock report` balances (exit 0) and `cardpipe audit verify` passes (exit 0).
+//!
+//! Any violation is listed, the processes' logs are kept, and the command exits non-zero.
+//! Found so far (7 December): a personalize worker SIGKILLed mid-card strands that card on the
+//! simulated line; the encoders then get no blanks ("no card in Encoder ..."), and an
+//! application stays `keys_issued` — `--spare personalize` leaves that worker alone until the
+//! line recovers such cards. Not yet here (item 6's rest):
+//! restarting RabbitMQ and PostgreSQL, and the object-store outage — they stop services other
+//! people's tests share on this machine, so they belong in a separate, late run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use cardpipe_common::store::Store;
+use sqlx::Row;
+
+use crate::bench_pipeline::{END_STATES, parked_count, state_counts, submit};
+use crate::topology::{Topology, TopologySpec};
+
+/// `cardpipe bench chaos`.
+#[derive(Debug, clap::Args)]
+pub struct BenchChaosArgs {
+    /// Applicants in the batch.
+    #[arg(long, default_value_t = 200)]
+    pub records: usize,
+    /// Seconds between two crashes.
+    #[arg(long, default_value_t = 5)]
+    pub kill_every: u64,
+    /// Crashes at most this many processes (0: no limit): the batch then finishes undisturbed,
+    /// which bounds a short run's time on a loaded machine.
+    #[arg(long, default_value_t = 0)]
+    pub max_kills: usize,
+    /// Seconds a crashed process stays down before it is started again.
+    #[arg(long, default_value_t = 1)]
+    pub down_for: u64,
+    /// Encoders on the simulated line.
+    #[arg(long, default_value_t = 4)]
+    pub encoders: usize,
+    /// QC stations on the simulated line.
+    #[arg(long, default_value_t = 2)]
+    pub qc_stations: usize,
+    /// Share of blanks with a dead chip, and share pulled out mid-write (encoder faults).
+    #[arg(long, default_value_t = 0.02)]
+    pub fault_rate: f64,
+    /// Give up (a violation) when no application changed state for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub stall_seconds: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Stages whose workers are never crashed (comma-separated), e.g. `personalize`.
+    #[arg(long, value_delimiter = ',')]
+    pub spare: Vec<String>,
+}
+
+/// A random index below `n` (v4 UUIDs come from the OS's generator).
+fn random_below(n: usize) -> usize {
+    let b = uuid::Uuid::new_v4().as_u128();
+    (b % n.max(1) as u128) as usize
+}
+
+/// Runs the chaos proving ground; an error (non-zero exit) on any violated invariant.
+pub async fn run(args: BenchChaosArgs) -> anyhow::Result<()> {
+    tokio::select! {
+        result = chaos(&args) => result,
+        () = crate::process::wait_for_signal() => bail!("interrupted: every process started was stopped"),
+    }
+}
+
+async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
+    if let Some(unknown) = args
+        .spare
+        .iter()
+        .find(|s| !crate::stages::NAMES.contains(&s.as_str()) && *s != "serve")
+    {
+        bail!(
+            "--spare: unknown stage {unknown:?}; stages: {}, serve",
+            crate::stages::NAMES.join(", ")
+        );
+    }
+    if args.records == 0 || args.kill_every == 0 {
+        bail!("--records and --kill-every must be at least 1");
+    }
+    if !(0.0..=0.2).contains(&args.fault_rate) {
+        bail!(
+            "--fault-rate must be between 0 and 0.2, got {}",
+            args.fault_rate
+        );
+    }
+    let rate = args.fault_rate.to_string();
+    let spec = TopologySpec {
+        encoders: args.encoders,
+        qc_stations: args.qc_stations.max(1),
+        replicas: [("dedup".to_owned(), 2), ("personalize".to_owned(), 1)].into(),
+        blanks: (3 * args.records as u64 + 100).max(10_000),
+        concurrency: [
+            ("personalize".to_owned(), args.encoders.max(4)),
+            ("qc".to_owned(), args.qc_stations.max(4)),
+        ]
+        .into(),
+        line_args: vec![
+            "--dead-rate".into(),
+            rate.clone(),
+            "--tear-rate".into(),
+            rate,
+        ],
+    };
+    eprintln!("bench chaos: starting the distributed topology");
+    let mut topology = Topology::distributed(&spec).await?;
+    let victims: Vec<String> = topology
+        .process_names()
+        .into_iter()
+        .filter(|n| n != "line")
+        .filter(|n| {
+            !args.spare.iter().any(|stage| {
+                n.strip_prefix(stage.as_str())
+                    .is_some_and(|r| r.starts_with('-'))
+            })
+        })
+        .collect();
+    if victims.is_empty() {
+        bail!("--spare leaves no process to crash");
+    }
+    let http = reqwest::Client::new();
+    let (batch_id, accepted, _, _) = submit(&topology, &http, args.records, args.seed).await?;
+    eprintln!(
+        "bench chaos: {accepted} applications released; a crash every {} s among {}",
+        args.kill_every,
+        victims.join(", ")
+    );
+    let store = Store::connect(&topology.store_url, 2)
+        .await
+        .context("connecting to the topology's store")?;
+    let mut violations = Vec::new();
+    let mut kills = 0usize;
+    let mut next_kill = Instant::now() + Duration::from_secs(args.kill_every);
+    let mut last = Default::default();
+    let mut last_change = Instant::now();
+    loop {
+        topology.check_alive()?;
+        let counts = state_counts(&store, &batch_id).await?;
+        let parked = parked_count(&store, &batch_id).await?;
+        let resting: i64 = counts
+            .iter()
+            .filter(|(s, _)| END_STATES.contains(&s.as_str()))
+            .map(|(_, n)| n)
+            .sum();
+        if resting + parked >= accepted {
+            break;
+        }
+        if counts != last {
+            last = counts;
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() > Duration::from_secs(args.stall_seconds) {
+            violations.push(format!(
+                "nothing moved for {} s: states {last:?}, {parked} parked",
+                args.stall_seconds
+            ));
+            break;
+        }
+        if Instant::now() >= next_kill && (args.max_kills == 0 || kills < args.max_kills) {
+            let victim = &victims[random_below(victims.len())];
+            topology.kill(victim)?;
+            kills += 1;
+            eprintln!("bench chaos: SIGKILL {victim} (crash {kills})");
+            tokio::time::sleep(Duration::from_secs(args.down_for)).await;
+            topology.restart(victim)?;
+            next_kill = Instant::now() + Duration::from_secs(args.kill_every);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Restarted processes must be up again before the checks (their outbox rows flushed).
+    topology.wait_ready(Duration::from_secs(120)).await?;
+    violations.extend(check_invariants(&store, &batch_id, accepted).await?);
+    for (name, args) in [
+        ("stock-report", ["stock", "report"]),
+        ("audit-verify", ["audit", "verify"]),
+    ] {
+        let (ok, output) = topology.run_command(name, &args).await?;
+        if !ok {
+            violations.push(format!("cardpipe {} failed:\n{output}", args.join(" ")));
+        }
+    }
+    store.close().await;
+    let unclean = topology.stop();
+    eprintln!(
+        "bench chaos: {kills} crashes; {} processes did not stop cleanly at the end{}",
+        unclean.len(),
+        if unclean.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", unclean.join(", "))
+        }
+    );
+    if violations.is_empty() {
+        println!(
+            "bench chaos: {accepted} applications, {kills} crashes: every invariant holds \
+             (all at rest, none parked, no card made twice, stock balanced, audit verified)"
+        );
+        Ok(())
+    } else {
+        let kept = topology.keep_work_dir().join("logs");
+        bail!(
+            "{} invariant violation(s) after {kills} crashes (process logs kept in {}):\n- {}",
+            violations.len(),
+            kept.display(),
+            violations.join("\n- ")
+        )
+    }
+}
+
+/// The store-side invariants of the batch; each violation as a sentence.
+async fn check_invariants(
+    store: &Store,
+    batch_id: &str,
+    accepted: i64,
+) -> anyhow::Result<Vec<String>> {
+    let mut violations = Vec::new();
+    let counts = state_counts(store, batch_id).await?;
+    let total: i64 = counts.values().sum();
+    if total != accepted {
+        violations.push(format!(
+            "{total} applications in the batch, {accepted} accepted"
+        ));
+    }
+    for (state, n) in &counts {
+        if !END_STATES.contains(&state.as_str()) {
+            violations.push(format!("{n} applications still {state}"));
+        }
+    }
+    let parked: i64 = sqlx::query("SELECT COUNT(*) AS n FROM parked_jobs")
+        .fetch_one(store.pool())
+        .await?
+        .try_get("n")?;
+    if parked > 0 {
+        violations.push(format!("{parked} jobs parked"));
+    }
+    let twice = sqlx::query(
+        "SELECT a.id AS id,
+                SUM(CASE WHEN h.to_state = 'personalized' THEN 1 ELSE 0 END) AS made,
+                SUM(CASE WHEN h.to_state = 'qc_failed' THEN 1 ELSE 0 END) AS failed
+         FROM applications a JOIN application_history h ON h.application_id = a.id
+         WHERE a.batch_id = $1 GROUP BY a.id",
+    )
+    .bind(batch_id)
+    .fetch_all(store.pool())
+    .await?;
+    let mut made_twice = 0;
+    for row in &twice {
+        let made: i64 = row.try_get("made")?;
+        let failed: i64 = row.try_get("failed")?;
+        if made > failed + 1 {
+            made_twice += 1;
+        }
+    }
+    if made_twice > 0 {
+        violations.push(format!(
+            "{made_twice} applications personalized more often than QC failures + 1"
+        ));
+    }
+    Ok(violations)
+}
