@@ -439,6 +439,7 @@ fn main() -> ExitCode {
             Command::Bench {
                 command: BenchCommand::Night(args),
             } => bench_night::run(cli.config.as_deref(), args).await,
+            Command::Bench {
                 command: BenchCommand::Pipeline(args),
             } => bench_pipeline::run(args).await,
             Command::Bench {
