@@ -4,7 +4,7 @@
 //! broker and encoders). [`Topology::distributed`] is what README "Running distributed"
 //! describes, on this machine's services: a fresh PostgreSQL database, its own RabbitMQ queue
 //! prefix and S3 bucket (the `CARDPIPE_TEST_*` settings, as the tests use), fresh secrets,
-//! `cardpipe migrate`, the simulated production line (`cardpipe encoders simulate`: pcscd,
+//! `cardpipe migrate`, `cardpipe pki init`, the simulated production line (`cardpipe encoders simulate`: pcscd,
 //! vpcd encoders and QC stations), `cardpipe worker <stage>` per stage and replica, and
 //! `cardpipe serve`. Services already running are used, never started: a missing one is an
 //! error saying which and how to start it.
@@ -325,6 +325,8 @@ impl Topology {
         ]);
         t.env.extend(spec.stage_env());
         t.run_once("migrate", &["migrate"]).await?;
+        // PKI material once, shared by every process (workers refuse to generate their own).
+        t.run_once("pki-init", &["pki", "init"]).await?;
 
         // The simulated line: its pcscd socket and line controller from what it prints.
         let listen = format!("127.0.0.1:{}", free_port()?);
