@@ -403,13 +403,7 @@ impl DedupEngine {
                 if !self.shards.owns(&id) || self.shards.contains(&id) {
                     continue;
                 }
-                let sealed: Vec<u8> = row.try_get("sealed_templates")?;
-                let plain = services
-                    .sealer
-                    .open(&templates_context(&id), &sealed)
-                    .with_context(|| format!("opening enrolled templates of {id}"))?;
-                let stored = decode_templates(&plain)
-                    .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
+                let stored = open_enrolled(services, &id, row)?;
                 batch.push((id, stored));
             }
             let shards = self.shards.clone();
@@ -450,13 +444,7 @@ impl DedupEngine {
         tenprint: &TenPrint,
         exclude: &str,
     ) -> anyhow::Result<Vec<Candidate>> {
-        anyhow::ensure!(
-            self.shards.is_complete(),
-            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
-             scatter-gather ([dedup] scatter = \"broker\")",
-            self.shards.owned(),
-            self.shards.count()
-        );
+        self.ensure_every_shard_here()?;
         let started = Instant::now();
         let shards = self.shards.clone();
         let tp = tenprint.clone();
@@ -469,6 +457,18 @@ impl DedupEngine {
         .await?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
         Ok(found)
+    }
+
+    /// A local search needs every shard in this process.
+    fn ensure_every_shard_here(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.shards.is_complete(),
+            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
+             scatter-gather ([dedup] scatter = \"broker\")",
+            self.shards.owned(),
+            self.shards.count()
+        );
+        Ok(())
     }
 
     /// The highest `dedup_enrolled.seq` loaded into the local shards: every subject enrolled
@@ -486,13 +486,7 @@ impl DedupEngine {
         tenprint: &TenPrint,
         exclude: &str,
     ) -> anyhow::Result<Vec<ShardAnswer>> {
-        anyhow::ensure!(
-            self.shards.is_complete(),
-            "dedup worker holds shards {:?} of {}: searching other shards needs the broker \
-             scatter-gather ([dedup] scatter = \"broker\")",
-            self.shards.owned(),
-            self.shards.count()
-        );
+        self.ensure_every_shard_here()?;
         let started = Instant::now();
         let batcher = self.batcher.get_or_init(|| {
             SearchBatcher::start(
@@ -535,13 +529,7 @@ impl DedupEngine {
             if id == exclude {
                 continue;
             }
-            let sealed: Vec<u8> = row.try_get("sealed_templates")?;
-            let plain = services
-                .sealer
-                .open(&templates_context(&id), &sealed)
-                .with_context(|| format!("opening enrolled templates of {id}"))?;
-            let stored = decode_templates(&plain)
-                .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))?;
+            let stored = open_enrolled(services, &id, row)?;
             late.push((id, stored));
         }
         self.metrics.late_compared.inc_by(late.len() as u64);
@@ -589,6 +577,21 @@ impl DedupEngine {
         self.shards.insert(id, tenprint);
         self.update_gauges();
     }
+}
+
+/// The templates of a `dedup_enrolled` row (`sealed_templates` column) of application `id`.
+fn open_enrolled(
+    services: &Services,
+    id: &str,
+    row: &sqlx::any::AnyRow,
+) -> anyhow::Result<StoredTemplates> {
+    let sealed: Vec<u8> = row.try_get("sealed_templates")?;
+    let plain = services
+        .sealer
+        .open(&templates_context(id), &sealed)
+        .with_context(|| format!("opening enrolled templates of {id}"))?;
+    decode_templates(&plain)
+        .ok_or_else(|| anyhow::anyhow!("enrolled templates of {id} do not decode"))
 }
 
 fn templates_context(id: &str) -> String {
