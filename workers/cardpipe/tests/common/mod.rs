@@ -159,6 +159,17 @@ impl Running {
 /// Runs the `cardpipe` binary in `dir` with `input` on standard input (a password) and the
 /// token file `dir/sessions.json`, as an operator at a terminal of their own would.
 pub fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
+    run_cardpipe(dir, &[], args, input)
+}
+
+/// `cardpipe args` in `dir` with `env` added, `input` on stdin, the token file
+/// `dir/sessions.json` and no configuration or operator inherited from the test's environment.
+fn run_cardpipe<A: AsRef<std::ffi::OsStr>>(
+    dir: &Path,
+    env: &[(String, String)],
+    args: &[A],
+    input: &str,
+) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_cardpipe"))
         .args(args)
@@ -166,6 +177,7 @@ pub fn cli_with_input(dir: &Path, args: &[&str], input: &str) -> std::process::O
         .env_remove("CARDPIPE_CONFIG")
         .env_remove("CARDPIPE_OPERATOR")
         .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -240,25 +252,7 @@ pub fn cli_env(
     args: &[String],
     input: &str,
 ) -> (bool, String) {
-    use std::io::Write;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cardpipe"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CARDPIPE_CONFIG")
-        .env_remove("CARDPIPE_OPERATOR")
-        .env("CARDPIPE_TOKEN_FILE", dir.join("sessions.json"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("run cardpipe");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = run_cardpipe(dir, env, args, input);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
