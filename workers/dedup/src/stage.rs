@@ -437,28 +437,6 @@ impl DedupEngine {
         }
     }
 
-    /// Searches `tenprint` over every shard, excluding `exclude` (the application's own
-    /// id), thresholded at the configured FPIR.
-    pub async fn search(
-        &self,
-        tenprint: &TenPrint,
-        exclude: &str,
-    ) -> anyhow::Result<Vec<Candidate>> {
-        self.ensure_every_shard_here()?;
-        let started = Instant::now();
-        let shards = self.shards.clone();
-        let tp = tenprint.clone();
-        let exclude = exclude.to_owned();
-        let (fpir, max) = (self.config.target_fpir, self.config.max_candidates);
-        let found = tokio::task::spawn_blocking(move || {
-            let probe = Probe::new(&tp);
-            shards.scatter_gather(&probe, fpir, max, Some(&exclude))
-        })
-        .await?;
-        self.metrics.search.observe(started.elapsed().as_secs_f64());
-        Ok(found)
-    }
-
     /// A local search needs every shard in this process.
     fn ensure_every_shard_here(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
