@@ -257,6 +257,8 @@ enum End {
     Changed,
     PeerClosed,
     Torn,
+    /// The feeder took an abandoned card out; it is in `ejected` already.
+    Rejected,
 }
 
 fn run(shared: &Shared) {
@@ -308,6 +310,12 @@ fn run(shared: &Shared) {
             End::Changed => {}
             End::Torn => {
                 st.ejected = st.card.take();
+                absent_until = Some(std::time::Instant::now() + ABSENCE_AFTER_TEAR);
+            }
+            End::Rejected => {
+                // Taken out during pcscd's reset or power-down: like a tear, pcscd must see
+                // the slot empty before the next card, or it keeps the old card's state and
+                // every later power-up fails ("SCARD_W_REMOVED_CARD", chaos run).
                 absent_until = Some(std::time::Instant::now() + ABSENCE_AFTER_TEAR);
             }
             End::PeerClosed => {
@@ -390,6 +398,7 @@ fn serve(shared: &Shared, stream: &TcpStream, generation: u64) -> End {
                 }
                 Reply::Tear => return End::Torn,
                 Reply::Gone => return End::Changed,
+                Reply::Rejected => return End::Rejected,
             }
         }
     }
@@ -400,6 +409,8 @@ enum Reply {
     Frame(Vec<u8>),
     Tear,
     Gone,
+    /// The card was taken out in the middle of pcscd's command (see `handle_frame`).
+    Rejected,
 }
 
 fn handle_frame(shared: &Shared, payload: &[u8]) -> Reply {
@@ -410,6 +421,22 @@ fn handle_frame(shared: &Shared, payload: &[u8]) -> Reply {
         return Reply::Gone;
     };
     if let [ctrl] = payload {
+        // Standalone feeder: a card personalization started on and did not finish, reset or
+        // powered down, was abandoned - its worker failed it, or died and pcscd reset the card
+        // on cleaning up after it. No one will eject it (the worker has no feed): the feeder
+        // moves it to the reject tray, and `refill` puts a blank in.
+        let abandoned = matches!(*ctrl, CTRL_OFF | CTRL_RESET)
+            && card.lifecycle() == Lifecycle::PrePersonalization
+            && card.personalization_started();
+        // Likewise a dead chip, as soon as pcscd tries to power it: it gives no ATR, and pcscd
+        // would show the slot as holding a card it cannot power, forever.
+        let dead = matches!(*ctrl, CTRL_ON | CTRL_RESET | CTRL_ATR) && card.faults().dead;
+        if auto_feed && (abandoned || dead) {
+            card.power_off();
+            st.ejected = st.card.take();
+            st.generation += 1;
+            return Reply::Rejected;
+        }
         return match *ctrl {
             CTRL_OFF => {
                 card.power_off();

@@ -291,6 +291,143 @@ fn pcscd_auto_feed_for_an_outside_worker() {
     });
 }
 
+/// A channel that stops talking after `left` commands: the worker process dies mid-card.
+struct DiesAfter<'a> {
+    enc: &'a mut cardpipe_card::reader::PcscEncoder,
+    left: u32,
+}
+
+impl CardChannel for DiesAfter<'_> {
+    fn reader_name(&self) -> &str {
+        self.enc.reader_name()
+    }
+
+    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, ReaderError> {
+        if self.left == 0 {
+            return Err(ReaderError::Unresponsive("worker killed".into()));
+        }
+        self.left -= 1;
+        self.enc.transmit(apdu)
+    }
+}
+
+/// Standalone mode, a worker killed mid-card: the half-written card is left powered in the
+/// encoder with nobody to eject it. The feeder must reject it once its worker is gone, so the
+/// next worker gets a blank, not a card it cannot personalize (chaos run, 7 December: the
+/// encoder kept that card and every later job on it failed).
+#[test]
+fn pcscd_auto_feed_rejects_a_card_its_worker_abandoned() {
+    with_private_pcscd(
+        &pcsc("pcscd_auto_feed_rejects_a_card_its_worker_abandoned"),
+        |dir| {
+            let sim = start_sim(dir, 1);
+            sim.auto_feed(stock(29, Faults::none()));
+            let reader = sim.readers()[0].clone();
+            let image = sample_image(3000, 4);
+            {
+                // The first worker writes part of the card, then its process dies: its
+                // context and card handle go away without an eject.
+                let mut enc = cardpipe_card::reader::PcscEncoder::new(
+                    reader::establish().unwrap(),
+                    &reader,
+                    None,
+                )
+                .unwrap();
+                enc.connect().unwrap();
+                let err = script::personalize(
+                    &mut DiesAfter {
+                        enc: &mut enc,
+                        left: 30,
+                    },
+                    &image,
+                    &MasterKeys::test_keys(),
+                    &ScriptOptions::default(),
+                )
+                .unwrap_err();
+                println!("first worker stopped: {err}");
+                assert!(
+                    sim.encoders()[0]
+                        .slot()
+                        .with_card(|c| c.lifecycle() == Lifecycle::PrePersonalization)
+                        .unwrap(),
+                    "the card is half written"
+                );
+            }
+            // The next worker gets a fresh blank and makes a card of it.
+            let mut enc = cardpipe_card::reader::PcscEncoder::new(
+                reader::establish().unwrap(),
+                &reader,
+                None,
+            )
+            .unwrap();
+            enc.connect().unwrap();
+            let rec = script::personalize(
+                &mut enc,
+                &image,
+                &MasterKeys::test_keys(),
+                &ScriptOptions::default(),
+            )
+            .unwrap();
+            assert_eq!(rec.chip_serial, ChipSerial::simulated(29, 2));
+            let rejected = sim.encoders()[0]
+                .slot()
+                .with_ejected(|c| (c.serial(), c.lifecycle()))
+                .expect("the abandoned card in the reject tray");
+            assert_eq!(
+                rejected,
+                (ChipSerial::simulated(29, 1), Lifecycle::PrePersonalization)
+            );
+        },
+    );
+}
+
+/// Standalone mode, a dead blank: the feeder swaps it for the next blank, and pcscd must see
+/// the slot empty in between, or it keeps the dead card's state and every later connect fails
+/// "no card" (chaos run: an encoder out of service from its first card on).
+#[test]
+fn pcscd_auto_feed_replaces_a_dead_blank() {
+    with_private_pcscd(&pcsc("pcscd_auto_feed_replaces_a_dead_blank"), |dir| {
+        let sim = start_sim(dir, 1);
+        // Blanks 1 and 2 are dead, then good ones (`n` counts from 0).
+        sim.auto_feed(Arc::new(BlankStock::new(
+            MasterKeys::test_keys(),
+            30,
+            |n| Faults {
+                dead: n < 2,
+                ..Faults::none()
+            },
+        )));
+        let reader = sim.readers()[0].clone();
+        let mut enc =
+            cardpipe_card::reader::PcscEncoder::new(reader::establish().unwrap(), &reader, None)
+                .unwrap();
+        enc.set_insert_timeout(Duration::from_millis(1500));
+        // A worker without a feed retries the connect as its jobs come; the dead blanks go.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rec = loop {
+            match enc.connect() {
+                Ok(()) => {
+                    break script::personalize(
+                        &mut enc,
+                        &sample_image(3000, 4),
+                        &MasterKeys::test_keys(),
+                        &ScriptOptions::default(),
+                    )
+                    .unwrap();
+                }
+                Err(e) => {
+                    println!("connect: {e}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "no usable blank within 20 s: {e}"
+                    );
+                }
+            }
+        };
+        assert_eq!(rec.chip_serial, ChipSerial::simulated(30, 3));
+    });
+}
+
 /// The farm benchmark through real pcscd with 8 encoders (t = 8 s scaled to 800 ms).
 #[test]
 fn pcscd_bench_eight_encoders() {

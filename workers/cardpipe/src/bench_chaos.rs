@@ -16,12 +16,16 @@
 //! * `cardpipe stock report` balances (exit 0) and `cardpipe audit verify` passes (exit 0).
 //!
 //! Any violation is listed, the processes' logs are kept, and the command exits non-zero.
-//! Found so far (7 December): a personalize worker SIGKILLed mid-card strands that card on the
-//! simulated line; the encoders then get no blanks ("no card in Encoder ..."), and an
-//! application stays `keys_issued` — `--spare personalize` leaves that worker alone until the
-//! line recovers such cards. Not yet here (item 6's rest):
-//! restarting RabbitMQ and PostgreSQL, and the object-store outage — they stop services other
-//! people's tests share on this machine, so they belong in a separate, late run.
+//! Service faults: the processes reach PostgreSQL, RabbitMQ and the S3 server through a
+//! [`FaultProxy`] each (fault_proxy.rs). When a fifth of the batch is at rest RabbitMQ goes
+//! away for `--restart-seconds` (every connection cut, reconnects refused: what a restart
+//! looks like to a client), at two fifths PostgreSQL does, and at three fifths the object
+//! store is out for `--outage-seconds` (30 s). The servers themselves, shared with everything
+//! else on the machine, are never stopped. A process that exits on its own (a fault it did
+//! not ride out) is started again like a supervisor would, and named in the report.
+//!
+//! A personalize worker SIGKILLed mid-card leaves a half-written card in its encoder; the
+//! simulated feeder rejects it once its worker is gone (vpcd.rs), so no encoder starves.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +34,8 @@ use cardpipe_common::store::Store;
 use sqlx::Row;
 
 use crate::bench_pipeline::{END_STATES, parked_count, state_counts, submit};
-use crate::topology::{Topology, TopologySpec};
+use crate::fault_proxy::FaultProxy;
+use crate::topology::{ServiceAddrs, Topology, TopologySpec};
 
 /// `cardpipe bench chaos`.
 #[derive(Debug, clap::Args)]
@@ -41,8 +46,9 @@ pub struct BenchChaosArgs {
     /// Seconds between two crashes.
     #[arg(long, default_value_t = 5)]
     pub kill_every: u64,
-    /// Crashes at most this many processes (0: no limit): the batch then finishes undisturbed,
-    /// which bounds a short run's time on a loaded machine.
+    /// Crashes exactly this many processes (0: one every `--kill-every` seconds until the
+    /// batch is at rest): the batch then finishes undisturbed, which bounds a short run's
+    /// time on a loaded machine.
     #[arg(long, default_value_t = 0)]
     pub max_kills: usize,
     /// Seconds a crashed process stays down before it is started again.
@@ -66,6 +72,29 @@ pub struct BenchChaosArgs {
     /// Stages whose workers are never crashed (comma-separated), e.g. `personalize`.
     #[arg(long, value_delimiter = ',')]
     pub spare: Vec<String>,
+    /// How long RabbitMQ and PostgreSQL are each away (their "restart"), in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub restart_seconds: u64,
+    /// How long the object store is out, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub outage_seconds: u64,
+    /// No service faults: only process crashes and encoder faults.
+    #[arg(long)]
+    pub no_service_faults: bool,
+}
+
+/// The service faults of a run, in order: (share of the batch at rest that triggers it, the
+/// service, how long it is away).
+fn service_fault_plan(args: &BenchChaosArgs) -> Vec<(f64, &'static str, Duration)> {
+    if args.no_service_faults {
+        return Vec::new();
+    }
+    let restart = Duration::from_secs(args.restart_seconds);
+    vec![
+        (0.2, "rabbitmq", restart),
+        (0.4, "postgresql", restart),
+        (0.6, "s3", Duration::from_secs(args.outage_seconds)),
+    ]
 }
 
 /// A random index below `n` (v4 UUIDs come from the OS's generator).
@@ -103,6 +132,24 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         );
     }
     let rate = args.fault_rate.to_string();
+    let proxies = [
+        FaultProxy::start(
+            "postgresql",
+            host_port(&cardpipe_common::testing::postgres_admin_url()),
+        )
+        .await?,
+        FaultProxy::start("rabbitmq", host_port(&cardpipe_common::testing::amqp_url())).await?,
+        FaultProxy::start("s3", host_port(&cardpipe_common::testing::s3_endpoint())).await?,
+    ];
+    let proxies: Vec<std::sync::Arc<FaultProxy>> =
+        proxies.into_iter().map(std::sync::Arc::new).collect();
+    let proxy = |name: &str| {
+        proxies
+            .iter()
+            .find(|p| p.name() == name)
+            .expect("a proxy per service")
+            .clone()
+    };
     let spec = TopologySpec {
         encoders: args.encoders,
         qc_stations: args.qc_stations.max(1),
@@ -119,6 +166,11 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
             "--tear-rate".into(),
             rate,
         ],
+        via: Some(ServiceAddrs {
+            postgres: proxy("postgresql").addr(),
+            rabbitmq: proxy("rabbitmq").addr(),
+            s3: proxy("s3").addr(),
+        }),
     };
     eprintln!("bench chaos: starting the distributed topology");
     let mut topology = Topology::distributed(&spec).await?;
@@ -147,12 +199,23 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to the topology's store")?;
     let mut violations = Vec::new();
+    let mut plan = service_fault_plan(args).into_iter().peekable();
+    let mut outages: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut faults_done: Vec<String> = Vec::new();
+    let mut exited: Vec<String> = Vec::new();
     let mut kills = 0usize;
     let mut next_kill = Instant::now() + Duration::from_secs(args.kill_every);
     let mut last = Default::default();
     let mut last_change = Instant::now();
     loop {
-        topology.check_alive()?;
+        for name in topology.exited() {
+            if name == "line" {
+                topology.check_alive()?;
+            }
+            eprintln!("bench chaos: {name} exited on its own; starting it again");
+            exited.push(name.clone());
+            topology.restart(&name)?;
+        }
         let counts = state_counts(&store, &batch_id).await?;
         let parked = parked_count(&store, &batch_id).await?;
         let resting: i64 = counts
@@ -160,8 +223,24 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
             .filter(|(s, _)| END_STATES.contains(&s.as_str()))
             .map(|(_, n)| n)
             .sum();
-        if resting + parked >= accepted {
+        // A short run (`--max-kills`) does every crash and every service fault it promises,
+        // even when the batch is at rest before them: they then hit idle processes.
+        let crashes_done = args.max_kills == 0 || kills >= args.max_kills;
+        if resting + parked >= accepted && plan.peek().is_none() && crashes_done {
             break;
+        }
+        while let Some((share, service, length)) = plan.peek().copied() {
+            if (resting + parked) as f64 / accepted as f64 + 1e-9 < share {
+                break;
+            }
+            plan.next();
+            eprintln!(
+                "bench chaos: {service} away for {} s ({resting} of {accepted} at rest)",
+                length.as_secs()
+            );
+            faults_done.push(format!("{service} away {} s", length.as_secs()));
+            let p = proxy(service);
+            outages.push(tokio::spawn(async move { p.outage(length).await }));
         }
         if counts != last {
             last = counts;
@@ -185,7 +264,14 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    for outage in outages {
+        outage.await?;
+    }
     // Restarted processes must be up again before the checks (their outbox rows flushed).
+    for name in topology.exited() {
+        exited.push(name.clone());
+        topology.restart(&name)?;
+    }
     topology.wait_ready(Duration::from_secs(120)).await?;
     violations.extend(check_invariants(&store, &batch_id, accepted).await?);
     for (name, args) in [
@@ -199,6 +285,24 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
     }
     store.close().await;
     let unclean = topology.stop();
+    let cut: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("{} {}", p.name(), p.connections_cut()))
+        .collect();
+    eprintln!(
+        "bench chaos: service faults: {}; connections cut: {}; processes that exited on their own: {}",
+        if faults_done.is_empty() {
+            "none".to_owned()
+        } else {
+            faults_done.join(", ")
+        },
+        cut.join(", "),
+        if exited.is_empty() {
+            "none".to_owned()
+        } else {
+            exited.join(", ")
+        },
+    );
     eprintln!(
         "bench chaos: {kills} crashes; {} processes did not stop cleanly at the end{}",
         unclean.len(),
@@ -210,8 +314,10 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
     );
     if violations.is_empty() {
         println!(
-            "bench chaos: {accepted} applications, {kills} crashes: every invariant holds \
-             (all at rest, none parked, no card made twice, stock balanced, audit verified)"
+            "bench chaos: {accepted} applications, {kills} crashes, {} service faults: every \
+             invariant holds (all at rest, none parked, no card made twice, stock balanced, \
+             audit verified)",
+            faults_done.len()
         );
         Ok(())
     } else {
@@ -223,6 +329,14 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
             violations.join("\n- ")
         )
     }
+}
+
+/// The `host:port` of a service URL (`postgres://u@h:p/db`, `amqp://...`, `http://h:p`).
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    rest[..end].to_owned()
 }
 
 /// The store-side invariants of the batch; each violation as a sentence.

@@ -189,6 +189,7 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         // Room for every card twice (QC remakes) and a margin.
         blanks: (2 * args.records as u64 + 100).max(10_000),
         line_args: Vec::new(),
+        via: None,
         concurrency: {
             let mut c = BTreeMap::from([
                 ("personalize".to_owned(), args.encoders.max(4)),

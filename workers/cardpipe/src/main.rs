@@ -32,6 +32,7 @@ mod context;
 mod dedup_cmd;
 mod demo;
 mod encoders_cmd;
+mod fault_proxy;
 mod identity;
 mod offices_cmd;
 mod ops_cmd;

@@ -45,6 +45,21 @@ pub struct TopologySpec {
     pub concurrency: BTreeMap<String, usize>,
     /// Extra arguments of `cardpipe encoders simulate` (fault rates: `--tear-rate 0.02`...).
     pub line_args: Vec<String>,
+    /// Distributed: the processes reach the services through these `host:port`s instead of
+    /// directly (the chaos run's fault proxies); the caller's [`Topology::store_url`] stays
+    /// direct.
+    pub via: Option<ServiceAddrs>,
+}
+
+/// Where the processes of a distributed topology reach PostgreSQL, RabbitMQ and S3.
+#[derive(Debug, Clone)]
+pub struct ServiceAddrs {
+    /// PostgreSQL `host:port`.
+    pub postgres: String,
+    /// RabbitMQ (AMQP) `host:port`.
+    pub rabbitmq: String,
+    /// The S3 server's `host:port`.
+    pub s3: String,
 }
 
 impl TopologySpec {
@@ -78,7 +93,8 @@ pub struct Topology {
     pub base_url: String,
     /// The bearer token of the registry client configured in this topology.
     pub registry_token: String,
-    /// The store every process uses (for the caller's own queries).
+    /// The store every process uses (for the caller's own queries; direct, not through
+    /// [`TopologySpec::via`]).
     pub store_url: String,
     /// Whether to drop the PostgreSQL database when the topology stops.
     drop_database: Option<(String, String)>,
@@ -277,11 +293,17 @@ impl Topology {
         let (url, admin, name) = fresh_database().await?;
         t.store_url = url.clone();
         t.drop_database = Some((admin, name));
-        let s3 = testing::s3_settings();
+        let mut s3 = testing::s3_settings();
+        let (mut url, mut amqp) = (url, testing::amqp_url());
+        if let Some(via) = &spec.via {
+            url = crate::fault_proxy::rewrite_host(&url, &via.postgres);
+            amqp = crate::fault_proxy::rewrite_host(&amqp, &via.rabbitmq);
+            s3.endpoint = crate::fault_proxy::rewrite_host(&s3.endpoint, &via.s3);
+        }
         t.env.extend([
             ("CARDPIPE__STORE__URL".to_owned(), url),
             ("CARDPIPE__BROKER__KIND".to_owned(), "rabbitmq".to_owned()),
-            ("CARDPIPE__BROKER__URL".to_owned(), testing::amqp_url()),
+            ("CARDPIPE__BROKER__URL".to_owned(), amqp),
             (
                 "CARDPIPE__BROKER__QUEUE_PREFIX".to_owned(),
                 testing::unique("bench-"),
@@ -487,6 +509,18 @@ impl Topology {
             })
             .collect();
         bail!("{}", text.join("\n"))
+    }
+
+    /// Names of the processes that have exited (a crash, or an exit on an error), for a
+    /// caller that restarts them like a supervisor.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut exited = Vec::new();
+        for p in &mut self.procs {
+            if matches!(p.child.try_wait(), Ok(Some(_))) {
+                exited.push(p.name.clone());
+            }
+        }
+        exited
     }
 
     /// Waits for a line containing `needle` in a process's output and returns it.

@@ -264,6 +264,15 @@ impl Card {
         self.removed
     }
 
+    /// Whether personalization has changed this chip: a file written, a key made or imported,
+    /// a fingerprint reference stored, or the lock. A chip that is still a blank is not.
+    pub fn personalization_started(&self) -> bool {
+        self.writes > 0
+            || self.keys.iter().any(Option::is_some)
+            || self.finger.is_some()
+            || self.lifecycle != Lifecycle::PrePersonalization
+    }
+
     /// Command APDUs processed so far.
     pub fn apdu_count(&self) -> u64 {
         self.apdus
