@@ -3,32 +3,39 @@
 //!
 //! ```text
 //! dedup job (application X, dedup_pending)
-//!   ├─ gallery lock (dedup_gallery_lock, holder = X)           one search + enrolment at a time
-//!   ├─ dedup_scatters row (X, scatter id)            committed
+//!   ├─ since = MAX(dedup_enrolled.seq)                          what the shards must have seen
+//!   ├─ dedup_scatters row (X, scatter id, since)     committed (or the open one joined)
 //!   ├─ publish job "dedup-shard-k" / subject X, k = 0..N-1     message = application id only
 //!   │     dedup-shard-k worker: refresh shard k from dedup_enrolled, load X's templates
 //!   │     from the object store, search shard k (unthresholded best candidates)
 //!   │     └─ Completion::stay(): dedup_shard_answers (scatter, k, size, candidates)
 //!   ├─ wait until N answers (or shard_timeout_ms → retry, then park, naming the shards)
+//!   ├─ gallery lock (dedup_gallery_lock, holder = X)           one decision + enrolment at a time
+//!   ├─ subjects enrolled after `since`, compared 1:1 (DedupEngine::late_enrolments)
 //!   └─ scatter::gather (threshold over the summed sizes) → clear / possible duplicate,
 //!      committed with the enrolment row, the lock release and the scatter closed
 //! ```
 //!
-//! * **Why the searching job waits** instead of being woken by the answers: the lock is held
-//!   from the scatter to the commit of the decision, and the decision is committed by the
-//!   runner when the handler returns. Waiting needs no timer for the timeout, and lock
-//!   waiters never starve the holder (the holder needs no second dedup job slot).
-//! * **Crash safety**: the scatter row is committed before the sub-jobs are published; a
-//!   crash before publishing leaves the dedup job unacknowledged, and its redelivery (same
-//!   holder: it re-enters the lock) publishes the sub-jobs of every shard that has not
-//!   answered yet. A shard answer is idempotent per (scatter, shard) (primary key, and the
-//!   shard skips a scatter it already answered); a sub-job for an application that has
-//!   already been decided is skipped by the runner (the application left dedup_pending).
-//! * **Twin enrolments**: the lock is released in the transaction that writes the
-//!   enrolment row, and shard workers refresh from `dedup_enrolled` after the scatter row is
-//!   committed, so the next search sees every earlier decision. A lock whose holder crashed
-//!   and was never redelivered is taken over after `2 × shard_timeout_ms + 5 s` (service
-//!   clock); a scatter from before such a takeover is closed and started again.
+//! * **Why the search runs outside the lock**: the lock serialises decisions across every
+//!   dedup worker; held over a scatter it serialised the searches too, so shards and
+//!   replicas could not search in parallel. The shards search what was enrolled up to the
+//!   scatter (everything up to `since` at least: they refresh after the scatter row is
+//!   committed, and enrolments commit one at a time under the lock); under the lock only the
+//!   subjects enrolled since are compared, so two applications of the same person in one
+//!   batch still catch each other. A candidate both ways is merged by
+//!   [`cardpipe_biometrics::matcher::merge_candidates`].
+//! * **Why the searching job waits** instead of being woken by the answers: the decision is
+//!   committed by the runner when the handler returns. Waiting needs no timer for the
+//!   timeout.
+//! * **Crash safety and redelivery**: the scatter row, with its snapshot `since`, is
+//!   committed before the sub-jobs are published; a crash leaves the dedup job
+//!   unacknowledged, and its redelivery (or a second delivery running at the same time)
+//!   joins the open scatter and asks again only the shards that have not answered. A shard
+//!   answer is idempotent per (scatter, shard) (primary key, and
+//!   the shard skips a scatter it already answered or that was closed); a sub-job for an
+//!   application that has already been decided is skipped by the runner (the application
+//!   left dedup_pending). A lock whose holder crashed and was never redelivered is taken
+//!   over after `2 × shard_timeout_ms + 5 s` (service clock).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::scatter::{self, ShardAnswer};
+use crate::scatter::ShardAnswer;
 use crate::stage::{self, DedupConfig, DedupEngine};
 use cardpipe_biometrics::matcher::{Candidate, FusedScore, Probe};
 
@@ -236,27 +243,52 @@ pub async fn open_scatter(services: &Services, id: &str) -> Result<Option<String
     })
 }
 
-/// Opens a scatter for `id` unless one is open; returns the open one.
-async fn start_scatter(services: &Services, id: &str, shards: u32) -> anyhow::Result<String> {
+/// Opens a scatter for `id` with enrolment snapshot `since` unless one is open; returns the
+/// open one and its snapshot (a second delivery of the same job joins the first's scatter).
+async fn start_scatter(
+    services: &Services,
+    id: &str,
+    shards: u32,
+    since: i64,
+) -> anyhow::Result<(String, i64)> {
     let now = to_rfc3339(services.clock.now());
-    sqlx::query(
-        "INSERT INTO dedup_scatters (application_id, scatter_id, shards, created_at)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (application_id) DO UPDATE
-         SET scatter_id = excluded.scatter_id, shards = excluded.shards,
-             created_at = excluded.created_at, finished_at = NULL
-         WHERE dedup_scatters.finished_at IS NOT NULL",
-    )
-    .bind(id)
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(shards as i64)
-    .bind(&now)
-    .execute(services.store.pool())
-    .await
-    .context("opening the dedup scatter")?;
-    open_scatter(services, id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("dedup scatter of {id} closed while opening it"))
+    for _ in 0..2 {
+        sqlx::query(
+            "INSERT INTO dedup_scatters (application_id, scatter_id, shards, created_at, since_seq)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (application_id) DO UPDATE
+             SET scatter_id = excluded.scatter_id, shards = excluded.shards,
+                 created_at = excluded.created_at, since_seq = excluded.since_seq,
+                 finished_at = NULL
+             WHERE dedup_scatters.finished_at IS NOT NULL",
+        )
+        .bind(id)
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(shards as i64)
+        .bind(&now)
+        .bind(since)
+        .execute(services.store.pool())
+        .await
+        .context("opening the dedup scatter")?;
+        let row = sqlx::query(
+            "SELECT scatter_id, since_seq FROM dedup_scatters
+             WHERE application_id = $1 AND finished_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(services.store.pool())
+        .await?;
+        let Some(row) = row else {
+            // Closed (decided, or timed out) between the two statements: open another.
+            continue;
+        };
+        let scatter_id: String = row.try_get("scatter_id")?;
+        match row.try_get::<Option<i64>, _>("since_seq")? {
+            Some(open_since) => return Ok((scatter_id, open_since)),
+            // Opened before the snapshot was recorded: its answers cannot be joined safely.
+            None => close_scatter(services, &scatter_id).await?,
+        }
+    }
+    anyhow::bail!("dedup scatter of {id} closed while opening it; retrying")
 }
 
 async fn close_scatter(services: &Services, scatter_id: &str) -> Result<(), StoreError> {
@@ -295,35 +327,59 @@ pub async fn answers(services: &Services, scatter_id: &str) -> anyhow::Result<Ve
         .collect()
 }
 
-/// What a broker scatter-gather found.
+/// What a broker scatter brought back: every shard's answer, not yet thresholded (the
+/// subjects enrolled meanwhile join them under the lock).
 #[derive(Debug)]
-pub struct Gathered {
-    /// Thresholded, merged candidates (best first), as the local path gives them.
-    pub candidates: Vec<Candidate>,
-    /// Subjects over every shard when they answered.
-    pub gallery_size: usize,
+pub struct Scattered {
+    /// One answer per shard.
+    pub answers: Vec<ShardAnswer>,
     /// The scatter (closed when the decision commits).
     pub scatter_id: String,
+    /// Every subject enrolled up to this `dedup_enrolled.seq` was searched by the shards.
+    pub since: i64,
 }
 
-/// Scatters the search of application `id` to every shard stage and gathers the answers.
-/// The caller holds the gallery lock; `reentered` says whether it already held it (then an
-/// open scatter of `id` is still valid and only unanswered shards are asked again).
+/// The last enrolment committed: a broker scatter opened after this read is answered by
+/// shards that have seen at least every subject up to it.
+pub async fn enrolled_up_to(services: &Services) -> Result<i64, StoreError> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM dedup_enrolled")
+        .fetch_one(services.store.pool())
+        .await?;
+    Ok(row.try_get::<i64, _>("seq")?)
+}
+
+/// Whether application `id` is still in `state` (another delivery of its job may have
+/// decided it while this one searched).
+async fn still_in(
+    services: &Services,
+    id: &ApplicationId,
+    state: ApplicationState,
+) -> anyhow::Result<bool> {
+    Ok(services
+        .store
+        .application(id)
+        .await?
+        .is_some_and(|a| a.state == state))
+}
+
+/// Scatters the search of application `id` (delivered in `state`) to every shard stage and
+/// waits for every answer. No gallery lock is held: a scatter of `id` left open by another
+/// delivery of its job (running, or crashed) is joined with its snapshot, and only the shards
+/// that have not answered it are asked. `None` when the application left `state` meanwhile
+/// (decided by another delivery of its job): nothing to search for.
 pub async fn scatter_gather(
     services: &Services,
     engine: &DedupEngine,
     id: &ApplicationId,
-    reentered: bool,
-) -> anyhow::Result<Gathered> {
+    state: ApplicationState,
+) -> anyhow::Result<Option<Scattered>> {
     let config = engine.config();
     let started = Instant::now();
-    if !reentered {
-        // Answers computed before this lock was taken may miss enrolments made since.
-        if let Some(stale) = open_scatter(services, id.as_str()).await? {
-            close_scatter(services, &stale).await?;
-        }
+    if !still_in(services, id, state).await? {
+        return Ok(None);
     }
-    let scatter_id = start_scatter(services, id.as_str(), config.shards).await?;
+    let since = enrolled_up_to(services).await?;
+    let (scatter_id, since) = start_scatter(services, id.as_str(), config.shards, since).await?;
     let answered: Vec<u32> = answers(services, &scatter_id)
         .await?
         .iter()
@@ -339,6 +395,7 @@ pub async fn scatter_gather(
     }
     let deadline = started + Duration::from_millis(config.shard_timeout_ms);
     let mut pause = Duration::from_millis(1);
+    let mut last_check = Instant::now();
     loop {
         let got: Vec<ShardAnswer> = answers(services, &scatter_id)
             .await?
@@ -346,23 +403,29 @@ pub async fn scatter_gather(
             .filter(|a| a.shard < config.shards)
             .collect();
         if got.len() == config.shards as usize {
-            let gallery_size = got.iter().map(|a| a.size).sum();
-            let candidates = scatter::gather(got, config.target_fpir, config.max_candidates);
             engine
                 .metrics
                 .search
                 .observe(started.elapsed().as_secs_f64());
-            return Ok(Gathered {
-                candidates,
-                gallery_size,
+            return Ok(Some(Scattered {
+                answers: got,
                 scatter_id,
-            });
+                since,
+            }));
+        }
+        // Shards skip a decided application's sub-jobs: stop waiting for them.
+        if last_check.elapsed() >= Duration::from_millis(250) {
+            last_check = Instant::now();
+            if !still_in(services, id, state).await? {
+                close_scatter(services, &scatter_id).await?;
+                return Ok(None);
+            }
         }
         if Instant::now() >= deadline {
             let missing: Vec<u32> = (0..config.shards)
                 .filter(|k| !got.iter().any(|a| a.shard == *k))
                 .collect();
-            // A retry starts a fresh scatter (the gallery may change once the lock is free).
+            // A retry starts a fresh scatter.
             close_scatter(services, &scatter_id).await?;
             anyhow::bail!(
                 "dedup scatter: shard(s) {missing:?} of {} did not answer within {} ms \

@@ -20,11 +20,12 @@
 //! * **Races**: the decision and the enrolment run under the gallery lock
 //!   (`dedup_gallery_lock`, see [`crate::distributed`]), released in the commit of the
 //!   decision: two enrolments of the same person handled concurrently, by one process or by
-//!   several, catch each other. With `scatter = "local"` the 1:N search itself runs *before*
-//!   the lock, over everything enrolled up to a snapshot (`dedup_enrolled.seq`), batched with
-//!   the searches of the process's other jobs ([`crate::batcher`]); under the lock only the
-//!   subjects enrolled since that snapshot are compared ([`DedupEngine::late_enrolments`]), so
-//!   searches run in parallel and the lock is held for milliseconds, not for a whole search.
+//!   several, catch each other. The 1:N search itself runs *before* the lock, over everything
+//!   enrolled up to a snapshot (`dedup_enrolled.seq`) — with `scatter = "local"` batched with
+//!   the searches of the process's other jobs ([`crate::batcher`]), with `"broker"` on the
+//!   shard workers; under the lock only the subjects enrolled since that snapshot are compared
+//!   ([`DedupEngine::late_enrolments`]), so searches run in parallel and the lock is held for
+//!   milliseconds, not for a whole search.
 //! * **Scatter**: `[dedup] scatter = "local"` searches the shards of this process;
 //!   `"broker"` sends one sub-job per shard to the `dedup-shard-<k>` stages and gathers their
 //!   answers ([`crate::distributed`]); both decide with [`crate::scatter::gather`].
@@ -511,10 +512,12 @@ impl DedupEngine {
             late.push((id, stored));
         }
         self.metrics.late_compared.inc_by(late.len() as u64);
+        // A broker-scatter searcher may hold no shard: every gallery uses the shipped
+        // calibration.
         let calibration = self
             .shards
             .calibration()
-            .ok_or_else(|| anyhow::anyhow!("no dedup shard held here to compare with"))?;
+            .unwrap_or_else(|| cardpipe_biometrics::matcher::Calibration::fvc2002().clone());
         let tp = tenprint.clone();
         let size = late.len();
         let candidates = tokio::task::spawn_blocking(move || {
@@ -726,16 +729,30 @@ impl Stage for DedupStage {
             tenprint,
             choices,
         } = probe_of(services, &app.id).await?;
-        // Local scatter: the 1:N search runs first, without the gallery lock, over
-        // everything enrolled up to `seen` (batched with this process's other jobs).
-        let unlocked = match engine.config.scatter {
+        // The 1:N search runs first, without the gallery lock, over everything enrolled up
+        // to `since`: local scatter batched with this process's other jobs, broker scatter
+        // over the shard workers.
+        let (since, answers, scatter_id) = match engine.config.scatter {
             ScatterMode::Local => {
                 engine.refresh(services).await?;
                 let seen = engine.seen_seq();
                 let answers = engine.search_batched(&tenprint, app.id.as_str()).await?;
-                Some((seen, answers))
+                (seen, answers, None)
             }
-            ScatterMode::Broker => None,
+            ScatterMode::Broker => {
+                let Some(scattered) =
+                    crate::distributed::scatter_gather(services, engine, &app.id, app.state)
+                        .await?
+                else {
+                    // Decided meanwhile by another delivery: nothing to do.
+                    return Ok(Completion::stay());
+                };
+                (
+                    scattered.since,
+                    scattered.answers,
+                    Some(scattered.scatter_id),
+                )
+            }
         };
         // One decision + enrolment at a time across every dedup worker (the gallery lock,
         // released in the commit below): a second enrolment of the same person is compared
@@ -760,30 +777,21 @@ impl Stage for DedupStage {
                 return Err(e.into());
             }
         }
-        let searched = match unlocked {
-            Some((seen, mut answers)) => {
-                // Under the lock: only who was enrolled while the search ran.
-                match engine
-                    .late_enrolments(services, seen, app.id.as_str(), &tenprint)
-                    .await
-                {
-                    Ok(late) => {
-                        answers.push(late);
-                        let size = answers.iter().map(|a| a.size).sum();
-                        let found = crate::scatter::gather(
-                            answers,
-                            engine.config.target_fpir,
-                            engine.config.max_candidates,
-                        );
-                        Ok((found, size, None))
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            None => crate::distributed::scatter_gather(services, engine, &app.id, lock.reentered())
-                .await
-                .map(|g| (g.candidates, g.gallery_size, Some(g.scatter_id))),
-        };
+        // Under the lock: only who was enrolled while the search ran.
+        let searched = engine
+            .late_enrolments(services, since, app.id.as_str(), &tenprint)
+            .await
+            .map(|late| {
+                let mut answers = answers;
+                answers.push(late);
+                let size = answers.iter().map(|a| a.size).sum();
+                let found = crate::scatter::gather(
+                    answers,
+                    engine.config.target_fpir,
+                    engine.config.max_candidates,
+                );
+                (found, size, scatter_id)
+            });
         let (found, gallery_size, scatter_id) = match searched {
             Ok(s) => s,
             Err(e) => {
