@@ -237,6 +237,7 @@ impl EncodersConfig {
                 tear_at_write: (u(2) < tear).then_some(3 + (u(3) * 8.0) as u32),
                 apdu_latency: latency,
                 keygen_latency: Duration::ZERO,
+                pulled_before_first_command: false,
             }
         }))
     }

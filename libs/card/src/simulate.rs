@@ -20,8 +20,9 @@
 //! workspace forbids the `unsafe` that `set_var` needs. [`SocketMode::System`] serves on the
 //! default socket instead (only when no other pcscd runs there), for unmodified clients.
 //!
-//! pcsc-lite caps a daemon at 16 reader entries, so one simulation serves at most 32
-//! encoders.
+//! pcsc-lite caps a daemon at 16 readers (each slot of an entry is one), so one simulation
+//! serves at most 16 encoders and QC stations together ([`MAX_READERS`]); more are refused
+//! with that reason instead of a pcscd that never comes up.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -38,10 +39,14 @@ use crate::vpcd::{SlotHandle, VpcdSlot};
 pub const DEFAULT_DRIVER: &str = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so.0.8";
 /// pcsc-lite's compiled-in socket.
 pub const SYSTEM_SOCKET: &str = "/run/pcscd/pcscd.comm";
-/// Reader entries per pcscd (pcsc-lite's PCSCLITE_MAX_READERS_CONTEXTS).
-pub const MAX_ENTRIES: usize = 16;
-/// Encoders per simulation (two slots per entry).
-pub const MAX_ENCODERS: usize = MAX_ENTRIES * 2;
+/// Readers per pcscd (pcsc-lite's PCSCLITE_MAX_READERS_CONTEXTS): each slot of a vpcd entry
+/// counts as one reader. Measured on Debian 12 (pcsc-lite 1.9.9), 7 December: 16 readers
+/// start, a 17th leaves pcscd never serving the rest.
+pub const MAX_READERS: usize = 16;
+/// Reader entries per pcscd (two slots each).
+pub const MAX_ENTRIES: usize = MAX_READERS / 2;
+/// Encoders and QC stations per simulation.
+pub const MAX_ENCODERS: usize = MAX_READERS;
 
 /// Where the simulated pcscd listens for clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +63,7 @@ pub struct SimConfig {
     /// Number of virtual encoders (1..=32).
     pub encoders: usize,
     /// Number of QC station readers on the machine's line (0 = no line: cards leave the
-    /// encoders into their slots' trays). Encoders + stations ≤ 32.
+    /// encoders into their slots' trays). Encoders + stations ≤ [`MAX_READERS`].
     pub qc_stations: usize,
     /// Directory for the reader config, driver copies, socket and pcscd log.
     pub work_dir: PathBuf,
@@ -94,8 +99,11 @@ impl SimConfig {
 /// Why a simulation could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// Zero encoders, or more than 32 readers in all.
-    #[error("{0} readers requested; one pcscd serves 1 to {MAX_ENCODERS}")]
+    /// Zero encoders, or more readers in all than one pcscd serves.
+    #[error(
+        "{0} readers requested (encoders + QC stations); one pcscd serves 1 to {MAX_READERS} \
+         (pcsc-lite's PCSCLITE_MAX_READERS_CONTEXTS): run another simulation for more"
+    )]
     EncoderCount(usize),
     /// A required program or file is missing (package not installed).
     #[error("{what} not found ({hint})")]
@@ -520,5 +528,26 @@ impl Simulation {
 impl Drop for Simulation {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More readers than one pcscd serves are refused at once, with the reason, instead of a
+    /// pcscd that never comes up ("not ready after 10s").
+    #[test]
+    fn more_readers_than_pcscd_serves_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = SimConfig::new(8, dir.path());
+        cfg.qc_stations = MAX_READERS - 8 + 1;
+        let err = Simulation::start(cfg).err().expect("refused");
+        assert!(matches!(err, SimError::EncoderCount(17)), "{err:?}");
+        assert!(err.to_string().contains("1 to 16"), "{err}");
+        let err = Simulation::start(SimConfig::new(0, dir.path()))
+            .err()
+            .expect("refused");
+        assert!(matches!(err, SimError::EncoderCount(0)), "{err:?}");
     }
 }

@@ -48,7 +48,7 @@ pub struct FaultArgs {
 /// `cardpipe encoders simulate`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Number of virtual encoders (1..=32).
+    /// Number of virtual encoders; with --qc-stations at most 16 readers in all (pcsc-lite).
     #[arg(long, default_value_t = 4)]
     pub count: usize,
     /// Working directory (reader config, driver copies, socket, pcscd.log); default: a

@@ -334,6 +334,31 @@ impl Stage for PersonalizeStage {
                 .await?;
             let chip = match inserted {
                 Ok(chip) => chip.to_string(),
+                Err(PersoError::Reader(r @ cardpipe_card::reader::ReaderError::RemovedCard(_))) => {
+                    // The blank left the encoder before anything was written to it (pulled,
+                    // jammed, or swapped by the feeder under a stale reader state): spoiled
+                    // for the stock count, an encoder fault for the application's budget —
+                    // nothing about this application spoiled it (chaos run: three such in
+                    // 15 ms after a restart parked an application).
+                    cardpipe_card::cards::insert_spoiled(
+                        store,
+                        &blank,
+                        None,
+                        &app.id,
+                        &encoder,
+                        &format!("encoder: {r} before writing"),
+                        now(),
+                    )
+                    .await?;
+                    tracing::warn!(application = %app.id, %encoder, %blank, reason = %r, "blank spoiled before writing");
+                    lease.report_reader_error(&r);
+                    eject(&mut lease).await;
+                    encoder_failures += 1;
+                    if encoder_failures > 8 {
+                        anyhow::bail!("encoders keep failing: {r}");
+                    }
+                    continue;
+                }
                 Err(e) if e.spoils_blank() => {
                     cardpipe_card::cards::insert_spoiled(
                         store,

@@ -187,6 +187,40 @@ async fn exhausting_the_blank_budget_parks_the_job() {
     assert!(rows.iter().all(|r| r.state == "spoiled"));
 }
 
+/// Blanks that leave the encoder before anything is written to them (a feed jam) are spoiled
+/// for the stock count but are encoder faults, not the application's: they do not use up its
+/// budget, and the application gets its card on the next good blank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blanks_pulled_before_writing_do_not_use_up_the_budget() {
+    let (services, _guard) = testing::services(Mode::Embedded, None).await;
+    let pki = pki();
+    // Blanks 0..3 jam (more than the budget of 3), then good ones.
+    let (farm, _) = farm_with(1, |n| Faults {
+        pulled_before_first_command: n < 4,
+        ..Faults::none()
+    });
+    let apps = seed(&services, &pki, 1).await;
+    let id = apps[0].0.clone();
+    let running = start(&services, stage(farm.clone(), &pki, 3)).await;
+    wait_personalized(&services, std::slice::from_ref(&id)).await;
+    running.shutdown().await.unwrap();
+    let rows = cards::for_application(&services.store, &id).await.unwrap();
+    let spoiled: Vec<_> = rows.iter().filter(|r| r.state == "spoiled").collect();
+    assert_eq!(spoiled.len(), 4, "{rows:?}");
+    assert!(
+        spoiled.iter().all(|r| r
+            .spoil_reason
+            .as_deref()
+            .is_some_and(|s| s.starts_with("encoder: ") && s.contains("before writing"))),
+        "{rows:?}"
+    );
+    assert_eq!(
+        cards::counted_spoils(&services.store, &id).await.unwrap(),
+        0
+    );
+    assert_eq!(rows.iter().filter(|r| r.state == "personalized").count(), 1);
+}
+
 /// The runner crashes after the handler wrote a card but before the commit: the redelivery
 /// records that card spoiled ("interrupted") before it writes a new one, so there is never
 /// more than one good card for the application.

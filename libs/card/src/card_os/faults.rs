@@ -23,6 +23,9 @@ pub struct Faults {
     /// Time the chip takes to generate one key pair (GENERATE ASYMMETRIC KEY PAIR), on top of
     /// the APDU latency: P-256 key generation on a real chip takes on the order of 100 ms.
     pub keygen_latency: Duration,
+    /// The card leaves the reader before its first command: a feed jam, or a card pulled as
+    /// it went in. Nothing was written to it.
+    pub pulled_before_first_command: bool,
 }
 
 impl Faults {
@@ -75,6 +78,7 @@ impl FaultPlan {
             tear_at_write: hit(self.tear_every).then_some(self.tear_at_write.max(1)),
             apdu_latency: self.apdu_latency,
             keygen_latency: Duration::ZERO,
+            pulled_before_first_command: false,
         }
     }
 }

@@ -369,6 +369,9 @@ impl Card {
         if self.faults.dead {
             return Err(CardFault::Dead);
         }
+        if self.faults.pulled_before_first_command && self.apdus == 0 {
+            self.removed = true;
+        }
         if self.removed {
             return Err(CardFault::Removed);
         }
