@@ -542,12 +542,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = SimConfig::new(8, dir.path());
         cfg.qc_stations = MAX_READERS - 8 + 1;
-        let err = Simulation::start(cfg).err().expect("refused");
+        let Err(err) = Simulation::start(cfg) else {
+            panic!("17 readers accepted");
+        };
         assert!(matches!(err, SimError::EncoderCount(17)), "{err:?}");
         assert!(err.to_string().contains("1 to 16"), "{err}");
-        let err = Simulation::start(SimConfig::new(0, dir.path()))
-            .err()
-            .expect("refused");
+        let Err(err) = Simulation::start(SimConfig::new(0, dir.path())) else {
+            panic!("0 encoders accepted");
+        };
         assert!(matches!(err, SimError::EncoderCount(0)), "{err:?}");
     }
 }
