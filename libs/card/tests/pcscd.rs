@@ -250,6 +250,25 @@ fn pcscd_personalize_then_independent_readback() {
     );
 }
 
+/// A personalization worker in another process than the simulation: its own PC/SC
+/// context, no feed of its own (the simulation's feeder refills the slot).
+fn outside_worker(reader: &str) -> cardpipe_card::reader::PcscEncoder {
+    cardpipe_card::reader::PcscEncoder::new(reader::establish().unwrap(), reader, None).unwrap()
+}
+
+/// Personalizes the card in `ch` with the test keys and default options.
+fn personalize_test_card(
+    ch: &mut dyn CardChannel,
+    image: &script::CardImage,
+) -> Result<script::PersoRecord, PersoError> {
+    script::personalize(
+        ch,
+        image,
+        &MasterKeys::test_keys(),
+        &ScriptOptions::default(),
+    )
+}
+
 /// Standalone mode (`cardpipe encoders simulate` in its own process): the slots refill
 /// themselves, the client only connects, personalizes and releases the card.
 #[test]
@@ -260,20 +279,9 @@ fn pcscd_auto_feed_for_an_outside_worker() {
         let reader = sim.readers()[0].clone();
         let mut serials = Vec::new();
         for _ in 0..2 {
-            let mut enc = cardpipe_card::reader::PcscEncoder::new(
-                reader::establish().unwrap(),
-                &reader,
-                None,
-            )
-            .unwrap();
+            let mut enc = outside_worker(&reader);
             enc.connect().unwrap();
-            let rec = script::personalize(
-                &mut enc,
-                &sample_image(3000, 4),
-                &MasterKeys::test_keys(),
-                &ScriptOptions::default(),
-            )
-            .unwrap();
+            let rec = personalize_test_card(&mut enc, &sample_image(3000, 4)).unwrap();
             serials.push(rec.chip_serial);
             enc.eject().unwrap();
             // The locked card is swapped for a blank once the worker powers it down.
@@ -327,21 +335,14 @@ fn pcscd_auto_feed_rejects_a_card_its_worker_abandoned() {
             {
                 // The first worker writes part of the card, then its process dies: its
                 // context and card handle go away without an eject.
-                let mut enc = cardpipe_card::reader::PcscEncoder::new(
-                    reader::establish().unwrap(),
-                    &reader,
-                    None,
-                )
-                .unwrap();
+                let mut enc = outside_worker(&reader);
                 enc.connect().unwrap();
-                let err = script::personalize(
+                let err = personalize_test_card(
                     &mut DiesAfter {
                         enc: &mut enc,
                         left: 30,
                     },
                     &image,
-                    &MasterKeys::test_keys(),
-                    &ScriptOptions::default(),
                 )
                 .unwrap_err();
                 println!("first worker stopped: {err}");
@@ -354,20 +355,9 @@ fn pcscd_auto_feed_rejects_a_card_its_worker_abandoned() {
                 );
             }
             // The next worker gets a fresh blank and makes a card of it.
-            let mut enc = cardpipe_card::reader::PcscEncoder::new(
-                reader::establish().unwrap(),
-                &reader,
-                None,
-            )
-            .unwrap();
+            let mut enc = outside_worker(&reader);
             enc.connect().unwrap();
-            let rec = script::personalize(
-                &mut enc,
-                &image,
-                &MasterKeys::test_keys(),
-                &ScriptOptions::default(),
-            )
-            .unwrap();
+            let rec = personalize_test_card(&mut enc, &image).unwrap();
             assert_eq!(rec.chip_serial, ChipSerial::simulated(29, 2));
             let rejected = sim.encoders()[0]
                 .slot()
@@ -398,23 +388,13 @@ fn pcscd_auto_feed_replaces_a_dead_blank() {
             },
         )));
         let reader = sim.readers()[0].clone();
-        let mut enc =
-            cardpipe_card::reader::PcscEncoder::new(reader::establish().unwrap(), &reader, None)
-                .unwrap();
+        let mut enc = outside_worker(&reader);
         enc.set_insert_timeout(Duration::from_millis(1500));
         // A worker without a feed retries the connect as its jobs come; the dead blanks go.
         let deadline = Instant::now() + Duration::from_secs(20);
         let rec = loop {
             match enc.connect() {
-                Ok(()) => {
-                    break script::personalize(
-                        &mut enc,
-                        &sample_image(3000, 4),
-                        &MasterKeys::test_keys(),
-                        &ScriptOptions::default(),
-                    )
-                    .unwrap();
-                }
+                Ok(()) => break personalize_test_card(&mut enc, &sample_image(3000, 4)).unwrap(),
                 Err(e) => {
                     println!("connect: {e}");
                     assert!(

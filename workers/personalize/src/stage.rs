@@ -334,45 +334,43 @@ impl Stage for PersonalizeStage {
                 .await?;
             let chip = match inserted {
                 Ok(chip) => chip.to_string(),
-                Err(PersoError::Reader(r @ cardpipe_card::reader::ReaderError::RemovedCard(_))) => {
-                    // The blank left the encoder before anything was written to it (pulled,
-                    // jammed, or swapped by the feeder under a stale reader state): spoiled
-                    // for the stock count, an encoder fault for the application's budget —
-                    // nothing about this application spoiled it (chaos run: three such in
-                    // 15 ms after a restart parked an application).
-                    cardpipe_card::cards::insert_spoiled(
-                        store,
-                        &blank,
-                        None,
-                        &app.id,
-                        &encoder,
-                        &format!("encoder: {r} before writing"),
-                        now(),
-                    )
-                    .await?;
-                    tracing::warn!(application = %app.id, %encoder, %blank, reason = %r, "blank spoiled before writing");
-                    lease.report_reader_error(&r);
-                    eject(&mut lease).await;
-                    encoder_failures += 1;
-                    if encoder_failures > 8 {
-                        anyhow::bail!("encoders keep failing: {r}");
-                    }
-                    continue;
-                }
                 Err(e) if e.spoils_blank() => {
+                    // A blank that left the encoder before anything was written to it (pulled,
+                    // jammed, or swapped by the feeder under a stale reader state) is spoiled
+                    // for the stock count but is an encoder fault, not the application's: it
+                    // does not use up the budget (chaos run: three such in 15 ms after a
+                    // restart parked an application).
+                    let pulled = matches!(
+                        &e,
+                        PersoError::Reader(cardpipe_card::reader::ReaderError::RemovedCard(_))
+                    );
+                    let reason = if pulled {
+                        format!("encoder: {e} before writing")
+                    } else {
+                        e.to_string()
+                    };
                     cardpipe_card::cards::insert_spoiled(
                         store,
                         &blank,
                         None,
                         &app.id,
                         &encoder,
-                        &e.to_string(),
+                        &reason,
                         now(),
                     )
                     .await?;
-                    tracing::warn!(application = %app.id, %encoder, %blank, reason = %e, "blank spoiled");
-                    lease.report(Outcome::Spoiled);
+                    tracing::warn!(application = %app.id, %encoder, %blank, %reason, "blank spoiled");
+                    match &e {
+                        PersoError::Reader(r) if pulled => lease.report_reader_error(r),
+                        _ => lease.report(Outcome::Spoiled),
+                    }
                     eject(&mut lease).await;
+                    if pulled {
+                        encoder_failures += 1;
+                        if encoder_failures > 8 {
+                            anyhow::bail!("encoders keep failing: {e}");
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
