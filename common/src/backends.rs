@@ -1,7 +1,9 @@
 //! Builds the configured backends. The only place that knows which
 //! implementation stands behind each trait.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
@@ -18,20 +20,83 @@ use crate::runtime::Services;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
-/// Connects the store (applying migrations), the broker and the object store.
+/// Connects the store (applying migrations), the broker and the object store; the first
+/// failure to reach one of them is the error (one-shot commands: an operator wants the
+/// answer now).
 pub async fn connect(config: &PipelineConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Services> {
+    connect_within(config, clock, Duration::ZERO).await
+}
+
+/// [`connect`] for a long-running process: a backend not reachable yet is waited for, up to
+/// `[runtime] startup_wait_seconds`, retrying with growing pauses ([`retry_until`]). A worker
+/// started while the object store restarts then comes up when it is back, instead of
+/// exiting and relying on a supervisor to start it again.
+pub async fn connect_waiting(
+    config: &PipelineConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Services> {
+    let wait = Duration::from_secs(config.runtime.startup_wait_seconds);
+    connect_within(config, clock, wait).await
+}
+
+/// Calls `attempt` until it succeeds or `wait` has passed since the first call, pausing
+/// 0.5 s after the first failure and doubling up to 5 s; each failure is logged as a warning
+/// naming `what` is awaited. The error is the last attempt's.
+pub async fn retry_until<T, F, Fut>(what: &str, wait: Duration, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(500);
+    let mut attempts = 1u32;
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                if attempts > 1 {
+                    tracing::info!(dependency = what, attempts, "reached at start-up");
+                }
+                return Ok(value);
+            }
+            Err(e) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    dependency = what,
+                    attempt = attempts,
+                    error = format!("{e:#}"),
+                    "not reachable yet; waiting for it at start-up"
+                );
+                tokio::time::sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                attempts += 1;
+            }
+        }
+    }
+}
+
+async fn connect_within(
+    config: &PipelineConfig,
+    clock: Arc<dyn Clock>,
+    wait: Duration,
+) -> anyhow::Result<Services> {
     use anyhow::Context;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let store_url = config.store.url.expose_secret();
-    let store = Store::connect(store_url, config.store.max_connections)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the store at {}",
-                crate::store::redact_url(store_url)
-            )
-        })?;
+    let store = retry_until("store", wait, || async {
+        Store::connect(store_url, config.store.max_connections)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the store at {}",
+                    crate::store::redact_url(store_url)
+                )
+            })
+    })
+    .await?;
     if config.store.migrate_at_start {
         store.migrate().await.context("applying migrations")?;
     } else {
@@ -40,17 +105,20 @@ pub async fn connect(config: &PipelineConfig, clock: Arc<dyn Clock>) -> anyhow::
     let broker: Arc<dyn Broker> = match config.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::new()),
         BrokerKind::Rabbitmq => Arc::new(
-            RabbitBroker::connect(
-                config.broker.url.expose_secret(),
-                &config.broker.queue_prefix,
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to RabbitMQ at {}",
-                    crate::store::redact_url(config.broker.url.expose_secret())
+            retry_until("broker", wait, || async {
+                RabbitBroker::connect(
+                    config.broker.url.expose_secret(),
+                    &config.broker.queue_prefix,
                 )
-            })?,
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to RabbitMQ at {}",
+                        crate::store::redact_url(config.broker.url.expose_secret())
+                    )
+                })
+            })
+            .await?,
         ),
     };
     let objects: Arc<dyn ObjectStore> = match config.objects.kind {
@@ -58,15 +126,18 @@ pub async fn connect(config: &PipelineConfig, clock: Arc<dyn Clock>) -> anyhow::
             Arc::new(FsObjectStore::open(config.data_path(&config.objects.root)).await?)
         }
         ObjectsKind::S3 => Arc::new(
-            S3ObjectStore::connect(&S3Settings {
-                endpoint: config.objects.endpoint.clone(),
-                region: config.objects.region.clone(),
-                bucket: config.objects.bucket.clone(),
-                access_key: config.objects.access_key.clone(),
-                secret_key: config.objects.secret_key.clone(),
+            retry_until("object store", wait, || async {
+                S3ObjectStore::connect(&S3Settings {
+                    endpoint: config.objects.endpoint.clone(),
+                    region: config.objects.region.clone(),
+                    bucket: config.objects.bucket.clone(),
+                    access_key: config.objects.access_key.clone(),
+                    secret_key: config.objects.secret_key.clone(),
+                })
+                .await
+                .with_context(|| format!("connecting to S3 at {}", config.objects.endpoint))
             })
-            .await
-            .with_context(|| format!("connecting to S3 at {}", config.objects.endpoint))?,
+            .await?,
         ),
     };
     let sealer = Arc::new(sealer(config)?);
@@ -126,4 +197,55 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options.open(path)?.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_backend_that_comes_up_within_the_wait_is_waited_for() {
+        let calls = AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let value = retry_until("object store", Duration::from_secs(60), || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=1 => anyhow::bail!("connection refused"),
+                _ => Ok(7),
+            }
+        })
+        .await
+        .expect("up on the third attempt");
+        assert_eq!(value, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Pauses of 0.5 and 1 s between the three attempts.
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+    }
+
+    #[tokio::test]
+    async fn a_backend_still_down_at_the_deadline_fails_with_its_last_error() {
+        let calls = AtomicU32::new(0);
+        let err = retry_until("broker", Duration::from_millis(1200), || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(anyhow::anyhow!("connection refused (attempt {n})"))
+        })
+        .await
+        .expect_err("never up");
+        // Attempts at 0, 0.5 and 1.2 s (the second pause cut at the deadline).
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(err.to_string(), "connection refused (attempt 2)");
+    }
+
+    #[tokio::test]
+    async fn no_wait_means_one_attempt() {
+        let calls = AtomicU32::new(0);
+        let result = retry_until("store", Duration::ZERO, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(anyhow::anyhow!("refused"))
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }

@@ -201,6 +201,9 @@ pub struct RuntimeConfig {
     pub relay_max_attempts: u32,
     /// How often the API process signs a checkpoint of the audit chain (and once at shutdown).
     pub audit_checkpoint_seconds: u64,
+    /// How long a long-running process waits at start-up for a backend that is not reachable
+    /// yet ([`crate::backends::connect_waiting`]); 0: no waiting.
+    pub startup_wait_seconds: u64,
 }
 
 /// `[stage_defaults]`: knobs every stage has.
@@ -596,6 +599,15 @@ impl LoadedConfig {
         }
         if c.runtime.relay_poll_ms == 0 {
             err("runtime.relay_poll_ms", "must be at least 1".into());
+        }
+        if c.runtime.startup_wait_seconds > 3_600 {
+            err(
+                "runtime.startup_wait_seconds",
+                format!(
+                    "must be at most 3600 (an hour), not {}",
+                    c.runtime.startup_wait_seconds
+                ),
+            );
         }
         if !(1..=86_400).contains(&c.runtime.audit_checkpoint_seconds) {
             err(

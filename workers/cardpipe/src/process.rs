@@ -104,7 +104,7 @@ pub async fn run(
             )
         })?,
     };
-    let services = backends::connect(config, clock).await?;
+    let services = backends::connect_waiting(config, clock).await?;
     tracing::info!(
         store = %describe_store(config),
         broker = services.broker.kind(),
