@@ -20,9 +20,14 @@
 //! [`FaultProxy`] each (fault_proxy.rs). When a fifth of the batch is at rest RabbitMQ goes
 //! away for `--restart-seconds` (every connection cut, reconnects refused: what a restart
 //! looks like to a client), at two fifths PostgreSQL does, and at three fifths the object
-//! store is out for `--outage-seconds` (30 s). The servers themselves, shared with everything
-//! else on the machine, are never stopped. A process that exits on its own (a fault it did
-//! not ride out) is started again like a supervisor would, and named in the report.
+//! store is out for `--outage-seconds` (30 s). By default the servers themselves, shared with
+//! everything else on the machine, are never stopped; `--restart-rabbitmq CMD` and
+//! `--restart-postgresql CMD` replace those two cuts with a real restart of the server by a
+//! shell command (e.g. `rabbitmqctl stop_app && rabbitmqctl start_app`, `pg_ctlcluster 15 main
+//! restart`): the server's own shutdown and recovery, for a run on a machine where nothing
+//! else uses it (the CI test keeps the proxies). A command that fails is a violation. A
+//! process that exits on its own (a fault it did not ride out) is started again like a
+//! supervisor would, and named in the report.
 //!
 //! A personalize worker SIGKILLed mid-card leaves a half-written card in its encoder; the
 //! simulated feeder rejects it once its worker is gone (vpcd.rs), so no encoder starves.
@@ -81,20 +86,76 @@ pub struct BenchChaosArgs {
     /// No service faults: only process crashes and encoder faults.
     #[arg(long)]
     pub no_service_faults: bool,
+    /// Restart RabbitMQ for real with this shell command instead of cutting its proxy.
+    #[arg(long, value_name = "CMD")]
+    pub restart_rabbitmq: Option<String>,
+    /// Restart PostgreSQL for real with this shell command instead of cutting its proxy.
+    #[arg(long, value_name = "CMD")]
+    pub restart_postgresql: Option<String>,
+}
+
+/// How a service fault is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FaultKind {
+    /// The service's proxy cuts every connection and refuses new ones for this long.
+    Outage(Duration),
+    /// This shell command restarts the server itself.
+    Restart(String),
+}
+
+impl FaultKind {
+    fn describe(&self, service: &str) -> String {
+        match self {
+            FaultKind::Outage(length) => format!("{service} away {} s", length.as_secs()),
+            FaultKind::Restart(command) => format!("{service} restarted (`{command}`)"),
+        }
+    }
 }
 
 /// The service faults of a run, in order: (share of the batch at rest that triggers it, the
-/// service, how long it is away).
-fn service_fault_plan(args: &BenchChaosArgs) -> Vec<(f64, &'static str, Duration)> {
+/// service, how the fault is made).
+fn service_fault_plan(args: &BenchChaosArgs) -> Vec<(f64, &'static str, FaultKind)> {
     if args.no_service_faults {
         return Vec::new();
     }
-    let restart = Duration::from_secs(args.restart_seconds);
+    let restart = |command: &Option<String>| match command {
+        Some(command) => FaultKind::Restart(command.clone()),
+        None => FaultKind::Outage(Duration::from_secs(args.restart_seconds)),
+    };
     vec![
-        (0.2, "rabbitmq", restart),
-        (0.4, "postgresql", restart),
-        (0.6, "s3", Duration::from_secs(args.outage_seconds)),
+        (0.2, "rabbitmq", restart(&args.restart_rabbitmq)),
+        (0.4, "postgresql", restart(&args.restart_postgresql)),
+        (
+            0.6,
+            "s3",
+            FaultKind::Outage(Duration::from_secs(args.outage_seconds)),
+        ),
     ]
+}
+
+/// Runs a restart command to its end; its failure, or output on standard error, described.
+async fn run_restart(service: &'static str, command: String) -> Result<(), String> {
+    let started = Instant::now();
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("restarting {service}: cannot run `{command}`: {e}"))?;
+    if output.status.success() {
+        eprintln!(
+            "bench chaos: {service} restarted by `{command}` in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "restarting {service}: `{command}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
 }
 
 /// A random index below `n` (v4 UUIDs come from the OS's generator).
@@ -200,7 +261,7 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         .context("connecting to the topology's store")?;
     let mut violations = Vec::new();
     let mut plan = service_fault_plan(args).into_iter().peekable();
-    let mut outages: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut outages: Vec<tokio::task::JoinHandle<Result<(), String>>> = Vec::new();
     let mut faults_done: Vec<String> = Vec::new();
     let mut exited: Vec<String> = Vec::new();
     let mut kills = 0usize;
@@ -229,18 +290,26 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         if resting + parked >= accepted && plan.peek().is_none() && crashes_done {
             break;
         }
-        while let Some((share, service, length)) = plan.peek().copied() {
-            if (resting + parked) as f64 / accepted as f64 + 1e-9 < share {
+        while let Some((share, _, _)) = plan.peek() {
+            if (resting + parked) as f64 / accepted as f64 + 1e-9 < *share {
                 break;
             }
-            plan.next();
-            eprintln!(
-                "bench chaos: {service} away for {} s ({resting} of {accepted} at rest)",
-                length.as_secs()
-            );
-            faults_done.push(format!("{service} away {} s", length.as_secs()));
-            let p = proxy(service);
-            outages.push(tokio::spawn(async move { p.outage(length).await }));
+            let Some((_, service, kind)) = plan.next() else {
+                break;
+            };
+            let what = kind.describe(service);
+            eprintln!("bench chaos: {what} ({resting} of {accepted} at rest)");
+            faults_done.push(what);
+            outages.push(match kind {
+                FaultKind::Outage(length) => {
+                    let p = proxy(service);
+                    tokio::spawn(async move {
+                        p.outage(length).await;
+                        Ok(())
+                    })
+                }
+                FaultKind::Restart(command) => tokio::spawn(run_restart(service, command)),
+            });
         }
         if counts != last {
             last = counts;
@@ -265,7 +334,9 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for outage in outages {
-        outage.await?;
+        if let Err(failed) = outage.await? {
+            violations.push(failed);
+        }
     }
     // Restarted processes must be up again before the checks (their outbox rows flushed).
     for name in topology.exited() {
@@ -389,4 +460,60 @@ async fn check_invariants(
         ));
     }
     Ok(violations)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        chaos: BenchChaosArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchChaosArgs {
+        Cli::parse_from(std::iter::once("chaos").chain(extra.iter().copied())).chaos
+    }
+
+    #[test]
+    fn service_faults_are_proxy_cuts_unless_a_restart_command_is_given() {
+        let plan = service_fault_plan(&args(&[]));
+        assert_eq!(
+            plan,
+            vec![
+                (0.2, "rabbitmq", FaultKind::Outage(Duration::from_secs(5))),
+                (0.4, "postgresql", FaultKind::Outage(Duration::from_secs(5))),
+                (0.6, "s3", FaultKind::Outage(Duration::from_secs(30))),
+            ]
+        );
+        let plan = service_fault_plan(&args(&[
+            "--restart-rabbitmq",
+            "rabbitmqctl stop_app && rabbitmqctl start_app",
+            "--restart-postgresql",
+            "pg_ctlcluster 15 main restart",
+        ]));
+        assert_eq!(
+            plan[0].2,
+            FaultKind::Restart("rabbitmqctl stop_app && rabbitmqctl start_app".into())
+        );
+        assert_eq!(
+            plan[1].2.describe("postgresql"),
+            "postgresql restarted (`pg_ctlcluster 15 main restart`)"
+        );
+        assert_eq!(plan[2].2, FaultKind::Outage(Duration::from_secs(30)));
+        assert!(service_fault_plan(&args(&["--no-service-faults"])).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_restart_command_is_reported_with_its_error() {
+        assert_eq!(run_restart("rabbitmq", "true".into()).await, Ok(()));
+        let failed = run_restart("postgresql", "echo no such cluster >&2; exit 3".into())
+            .await
+            .expect_err("exit 3 is a failure");
+        assert!(failed.contains("restarting postgresql"), "{failed}");
+        assert!(failed.contains("no such cluster"), "{failed}");
+    }
 }
