@@ -27,8 +27,9 @@ pub async fn connect(config: &PipelineConfig, clock: Arc<dyn Clock>) -> anyhow::
     connect_within(config, clock, Duration::ZERO).await
 }
 
-/// [`connect`] for a long-running process: a backend not reachable yet is waited for, up to
-/// `[runtime] startup_wait_seconds`, retrying with growing pauses ([`retry_until`]). A worker
+/// [`connect`] for a long-running process: a server not reachable yet (PostgreSQL, RabbitMQ,
+/// S3; never the embedded backends) is waited for, up to `[runtime] startup_wait_seconds`,
+/// retrying with growing pauses ([`retry_until`]). A worker
 /// started while the object store restarts then comes up when it is back, instead of
 /// exiting and relying on a supervisor to start it again.
 pub async fn connect_waiting(
@@ -77,6 +78,16 @@ where
     }
 }
 
+/// How long to wait for the store at `url`: an embedded store is a file, and failing to open
+/// it will not pass by waiting.
+fn store_wait(url: &str, wait: Duration) -> Duration {
+    if url.starts_with("sqlite:") {
+        Duration::ZERO
+    } else {
+        wait
+    }
+}
+
 async fn connect_within(
     config: &PipelineConfig,
     clock: Arc<dyn Clock>,
@@ -86,7 +97,7 @@ async fn connect_within(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let store_url = config.store.url.expose_secret();
-    let store = retry_until("store", wait, || async {
+    let store = retry_until("store", store_wait(store_url, wait), || async {
         Store::connect(store_url, config.store.max_connections)
             .await
             .with_context(|| {
@@ -235,6 +246,17 @@ mod tests {
         // Attempts at 0, 0.5 and 1.2 s (the second pause cut at the deadline).
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(err.to_string(), "connection refused (attempt 2)");
+    }
+
+    #[test]
+    fn only_a_database_server_is_waited_for() {
+        let wait = Duration::from_secs(120);
+        assert_eq!(store_wait("postgres://cardpipe@db/cardpipe", wait), wait);
+        assert_eq!(store_wait("sqlite:var/cardpipe.db", wait), Duration::ZERO);
+        assert_eq!(
+            store_wait("sqlite:///srv/cardpipe.db", wait),
+            Duration::ZERO
+        );
     }
 
     #[tokio::test]
