@@ -245,12 +245,15 @@ pub async fn open_scatter(services: &Services, id: &str) -> Result<Option<String
 
 /// Opens a scatter for `id` with enrolment snapshot `since` unless one is open; returns the
 /// open one and its snapshot (a second delivery of the same job joins the first's scatter).
+/// A closed scatter is replaced only while the application is still in `state`: a late
+/// delivery must not overwrite the scatter that decided it (`None`: decided meanwhile).
 async fn start_scatter(
     services: &Services,
-    id: &str,
+    id: &ApplicationId,
+    state: ApplicationState,
     shards: u32,
     since: i64,
-) -> anyhow::Result<(String, i64)> {
+) -> anyhow::Result<Option<(String, i64)>> {
     let now = to_rfc3339(services.clock.now());
     for _ in 0..2 {
         sqlx::query(
@@ -260,13 +263,15 @@ async fn start_scatter(
              SET scatter_id = excluded.scatter_id, shards = excluded.shards,
                  created_at = excluded.created_at, since_seq = excluded.since_seq,
                  finished_at = NULL
-             WHERE dedup_scatters.finished_at IS NOT NULL",
+             WHERE dedup_scatters.finished_at IS NOT NULL
+               AND EXISTS (SELECT 1 FROM applications WHERE id = $1 AND state = $6)",
         )
-        .bind(id)
+        .bind(id.as_str())
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(shards as i64)
         .bind(&now)
         .bind(since)
+        .bind(state.as_str())
         .execute(services.store.pool())
         .await
         .context("opening the dedup scatter")?;
@@ -274,16 +279,19 @@ async fn start_scatter(
             "SELECT scatter_id, since_seq FROM dedup_scatters
              WHERE application_id = $1 AND finished_at IS NULL",
         )
-        .bind(id)
+        .bind(id.as_str())
         .fetch_optional(services.store.pool())
         .await?;
         let Some(row) = row else {
-            // Closed (decided, or timed out) between the two statements: open another.
+            if !still_in(services, id, state).await? {
+                return Ok(None);
+            }
+            // Closed (timed out) between the two statements: open another.
             continue;
         };
         let scatter_id: String = row.try_get("scatter_id")?;
         match row.try_get::<Option<i64>, _>("since_seq")? {
-            Some(open_since) => return Ok((scatter_id, open_since)),
+            Some(open_since) => return Ok(Some((scatter_id, open_since))),
             // Opened before the snapshot was recorded: its answers cannot be joined safely.
             None => close_scatter(services, &scatter_id).await?,
         }
@@ -379,7 +387,11 @@ pub async fn scatter_gather(
         return Ok(None);
     }
     let since = enrolled_up_to(services).await?;
-    let (scatter_id, since) = start_scatter(services, id.as_str(), config.shards, since).await?;
+    let Some((scatter_id, since)) =
+        start_scatter(services, id, state, config.shards, since).await?
+    else {
+        return Ok(None);
+    };
     let answered: Vec<u32> = answers(services, &scatter_id)
         .await?
         .iter()
