@@ -540,6 +540,23 @@ def dedup():
     l.add(timeseries("Gallery subjects per shard",
                      [("max by (shard) (cardpipe_dedup_gallery_subjects)", "shard {{shard}}")],
                      stack=True), 12, 8)
+    l.add(timeseries("Expanded-template cache per shard",
+                     [("max by (shard) (cardpipe_dedup_expanded_cache_bytes)", "shard {{shard}}")],
+                     unit="bytes",
+                     desc="Cylinders kept for later searches ([dedup] expanded_cache_mib, split between a process's shards). "
+                          "Flat below the budget while the gallery is smaller than it; at the budget, subjects first compared "
+                          "after it filled are expanded at every search."), 12, 8)
+    l.add(timeseries("Late enrolments compared",
+                     [(f"sum(rate(cardpipe_dedup_late_enrolments_compared_total[{RATE}]))", "per second")],
+                     unit="ops",
+                     desc="Subjects enrolled while an unlocked search ran, compared 1:1 under the gallery lock, per second. "
+                          "It grows with the search time and the enrolment rate; the lock is held for these comparisons."), 12, 8)
+    l.add(timeseries("Probes per search pass",
+                     [(f"sum(rate(cardpipe_dedup_search_batch_probes_sum[{RATE}])) / sum(rate(cardpipe_dedup_search_batch_probes_count[{RATE}]))", "mean"),
+                      (f"histogram_quantile(0.95, sum by (le) (rate(cardpipe_dedup_search_batch_probes_bucket[{RATE}])))", "p95")],
+                     unit="short",
+                     desc="Concurrent dedup jobs' probes searched in one pass over the gallery (scatter = local): mean and p95. "
+                          "Near 1 with work queued means too few jobs at once ([stages.dedup] concurrency)."), 12, 8)
     l.add(timeseries("Dedup stage duration",
                      [(f'histogram_quantile(0.95, sum by (le) (rate(cardpipe_job_duration_seconds_bucket{{stage="dedup"}}[{RATE}])))', "p95"),
                       (f'histogram_quantile(0.5, sum by (le) (rate(cardpipe_job_duration_seconds_bucket{{stage="dedup"}}[{RATE}])))', "p50")],

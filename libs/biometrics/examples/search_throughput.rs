@@ -11,6 +11,11 @@
 //! For each: searches/s, the candidate stage's share of the time (the same batches through
 //! `Gallery::shortlist` alone) and rank-1 of the mates. Every variant searches the same
 //! probes in the same process, so their ratios compare.
+//!
+//! Each depth runs without the expanded-template cache, then with `--cache-mib` (default
+//! 4096, the shipped `[dedup] expanded_cache_mib`; 0 skips these rows) twice: the first pass
+//! fills the cache with the subjects it shortlists, the second finds them there (a gallery
+//! that has served a while). The cache is emptied between depths.
 
 use std::time::Instant;
 
@@ -32,6 +37,7 @@ fn main() {
     let n: usize = arg("--n", 100_000);
     let count: usize = arg("--probes", 256);
     let seed: u64 = arg("--seed", 2026);
+    let cache_mib: usize = arg("--cache-mib", 4096);
     let shortlists: Vec<usize> = arg("--shortlists", "2000,500".to_owned())
         .split(',')
         .map(|s| {
@@ -42,7 +48,7 @@ fn main() {
         })
         .collect();
     let t0 = Instant::now();
-    let (gallery, spec) = build_gallery(seed, n);
+    let (mut gallery, spec) = build_gallery(seed, n);
     eprintln!(
         "gallery of {n} built in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -67,12 +73,27 @@ fn main() {
         "gallery {n} (seed {seed}), {count} probes ({mates} mated), batches of 64, {} threads",
         rayon::current_num_threads()
     );
-    println!("| shortlist at 1M (here) | searches/s | candidate stage share | rank-1 of mates |");
-    println!("|---|---|---|---|");
+    println!(
+        "| shortlist at 1M (here) | expanded-template cache | searches/s | candidate stage share | rank-1 of mates | cache MiB after |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut variants = Vec::new();
     for depth in shortlists {
+        variants.push((depth, 0, "none"));
+        if cache_mib > 0 {
+            variants.push((depth, cache_mib << 20, "filling"));
+            variants.push((depth, cache_mib << 20, "filled"));
+        }
+    }
+    for (depth, cache_bytes, cache) in variants {
+        if cache == "none" {
+            // Every depth starts from an empty cache.
+            gallery.clear_expanded_cache();
+        }
         let opts = IdentifyOptions {
             shortlist: depth,
             min_shortlist: IdentifyOptions::default().min_shortlist.min(depth),
+            expanded_cache_bytes: cache_bytes,
             ..IdentifyOptions::default()
         };
         let here = opts.shortlist_for(n);
@@ -97,10 +118,11 @@ fn main() {
         }
         let candidates = start.elapsed().as_secs_f64();
         println!(
-            "| {depth} ({here}) | {:.1} | {:.0} % | {:.2} % |",
+            "| {depth} ({here}) | {cache} | {:.1} | {:.0} % | {:.2} % | {:.0} |",
             count as f64 / whole,
             candidates / whole * 100.0,
-            first as f64 * 100.0 / mates.max(1) as f64
+            first as f64 * 100.0 / mates.max(1) as f64,
+            gallery.expanded_cache_bytes() as f64 / f64::from(1 << 20)
         );
     }
 }

@@ -155,6 +155,18 @@ impl ShardSet {
             .collect()
     }
 
+    /// Bytes of expanded templates kept per local shard
+    /// ([`IdentifyOptions::expanded_cache_bytes`]).
+    pub fn expanded_cache_bytes(&self) -> Vec<(u32, usize)> {
+        self.local
+            .iter()
+            .map(|s| {
+                let s = read(s);
+                (s.index, s.gallery.expanded_cache_bytes())
+            })
+            .collect()
+    }
+
     /// Subjects over the local shards.
     pub fn len(&self) -> usize {
         self.sizes().iter().map(|(_, n)| n).sum()

@@ -31,7 +31,11 @@
 //!   answers ([`crate::distributed`]); both decide with [`crate::scatter::gather`].
 //! * **Metrics**: `cardpipe_dedup_search_duration_seconds`, `cardpipe_dedup_gallery_subjects{shard}`,
 //!   `cardpipe_dedup_possible_duplicates_total`, `cardpipe_dedup_search_batch_probes`,
-//!   `cardpipe_dedup_late_enrolments_compared_total`.
+//!   `cardpipe_dedup_late_enrolments_compared_total`, `cardpipe_dedup_expanded_cache_bytes{shard}`.
+//! * **Expanded-template cache**: each shard's gallery keeps the cylinders of the subjects
+//!   its searches compared, up to `[dedup] expanded_cache_mib` for the process, so a subject
+//!   shortlisted again is not expanded again (identical results; see
+//!   [`IdentifyOptions::expanded_cache_bytes`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -87,6 +91,10 @@ pub struct DedupConfig {
     /// The shortest shortlist of a small shard: the precise stage's cost per search while
     /// the gallery grows from nothing (a first night) up to `min_shortlist / shortlist × 1M`.
     pub min_shortlist: usize,
+    /// MiB of expanded templates (the precise stage's cylinders) this process keeps for the
+    /// subjects its searches compared, shared out evenly between the shards it holds
+    /// ([`IdentifyOptions::expanded_cache_bytes`]); 0 = rebuild at every comparison.
+    pub expanded_cache_mib: usize,
     /// Where a search runs: `local` (every shard in the searching process) or `broker`
     /// (one sub-job per shard to the `dedup-shard-<k>` stages, answers gathered from
     /// `dedup_shard_answers`; see [`crate::distributed`]).
@@ -122,6 +130,7 @@ impl Default for DedupConfig {
             target_fpir: 1e-3,
             shortlist: IdentifyOptions::default().shortlist,
             min_shortlist: IdentifyOptions::default().min_shortlist,
+            expanded_cache_mib: 4096,
             scatter: ScatterMode::Local,
             shard_timeout_ms: 10_000,
             lock_wait_ms: 60_000,
@@ -182,6 +191,11 @@ impl DedupConfig {
             self.min_shortlist
         );
         anyhow::ensure!(
+            self.expanded_cache_mib <= 1 << 24,
+            "[dedup] expanded_cache_mib must be 0..=16777216 (16 TiB), not {}",
+            self.expanded_cache_mib
+        );
+        anyhow::ensure!(
             (10..=600_000).contains(&self.shard_timeout_ms),
             "[dedup] shard_timeout_ms must be 10..=600000"
         );
@@ -222,6 +236,7 @@ pub(crate) struct DedupMetrics {
     pub(crate) lock_wait: Histogram,
     pub(crate) shard_answers: Counter,
     subjects: Family<Vec<(String, String)>, Gauge>,
+    expanded_cache: Family<Vec<(String, String)>, Gauge>,
     possible: Counter,
     registered: AtomicBool,
 }
@@ -235,6 +250,7 @@ impl DedupMetrics {
             lock_wait: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             shard_answers: Counter::default(),
             subjects: Family::default(),
+            expanded_cache: Family::default(),
             possible: Counter::default(),
             registered: AtomicBool::new(false),
         }
@@ -265,6 +281,11 @@ impl DedupMetrics {
                 "dedup_gallery_subjects",
                 "Subjects enrolled in each gallery shard held by this process",
                 self.subjects.clone(),
+            );
+            r.register(
+                "dedup_expanded_cache_bytes",
+                "Bytes of expanded templates kept in each gallery shard held by this process ([dedup] expanded_cache_mib)",
+                self.expanded_cache.clone(),
             );
             r.register(
                 "dedup_gallery_lock_wait_seconds",
@@ -326,6 +347,7 @@ impl DedupEngine {
         let options = IdentifyOptions {
             shortlist: config.shortlist,
             min_shortlist: config.min_shortlist,
+            expanded_cache_bytes: (config.expanded_cache_mib << 20) / owned.len().max(1),
             ..IdentifyOptions::default()
         };
         Ok(Arc::new(DedupEngine {
@@ -435,6 +457,12 @@ impl DedupEngine {
                 .subjects
                 .get_or_create(&vec![("shard".to_owned(), shard.to_string())])
                 .set(n as i64);
+        }
+        for (shard, bytes) in self.shards.expanded_cache_bytes() {
+            self.metrics
+                .expanded_cache
+                .get_or_create(&vec![("shard".to_owned(), shard.to_string())])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 

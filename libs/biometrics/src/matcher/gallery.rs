@@ -12,7 +12,9 @@
 //! subject
 //! (`BENCH_DEDUP.md` has the measured figures).
 //! Cylinders for the precise stage are rebuilt from the compact minutiae for the shortlisted
-//! subjects only.
+//! subjects only, and kept (about 40 KB a subject) up to a byte budget the search names
+//! ([`IdentifyOptions::expanded_cache_bytes`]), so a subject shortlisted again is not
+//! rebuilt again.
 //!
 //! **Enrolment** is split in two ([`PreparedSubject::new`], then [`Gallery::insert_ready`]):
 //! deriving the candidate codes needs the cylinders of every finger and is by far the costly
@@ -36,7 +38,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
@@ -548,6 +551,11 @@ pub struct IdentifyOptions {
     pub max_results: usize,
     /// Minimum fused score (−log10 FMR) for a candidate to be returned.
     pub min_score: f64,
+    /// Bytes of expanded templates a gallery (each shard) may keep for later searches: the
+    /// cylinders of every subject the precise stage compared, built once instead of at every
+    /// search that shortlists the subject (see [`Gallery::expanded_cache_bytes`]). 0 keeps
+    /// none.
+    pub expanded_cache_bytes: usize,
 }
 
 impl Default for IdentifyOptions {
@@ -564,6 +572,9 @@ impl Default for IdentifyOptions {
             full_compare: 12,
             max_results: 10,
             min_score: 0.0,
+            // A library gallery stays at its compact size unless asked; the dedup stage
+            // configures this (`[dedup] expanded_cache_mib`).
+            expanded_cache_bytes: 0,
         }
     }
 }
@@ -640,8 +651,56 @@ pub fn verify(
 }
 
 /// A shortlisted subject after the first precise pass: (partial fused score, prefilter
-/// score, slot, decoded ten-print, finger scores so far).
-type Partial = (f64, i64, u32, TenPrint, [Option<f32>; 10]);
+/// score, slot, its templates, finger scores so far).
+type Partial<'a> = (f64, i64, u32, Reference<'a>, [Option<f32>; 10]);
+
+/// A subject's ten fingers in expanded form (geometry and cylinders), kept by the gallery's
+/// expanded-template cache.
+struct ExpandedSubject {
+    fingers: [Option<FingerTemplate>; 10],
+    /// What keeping it costs ([`FingerTemplate::memory_bytes`] of each finger and the box).
+    bytes: usize,
+}
+
+impl ExpandedSubject {
+    fn new(tenprint: &TenPrint) -> Self {
+        let fingers: [Option<FingerTemplate>; 10] =
+            std::array::from_fn(|f| tenprint.fingers[f].as_ref().map(FingerTemplate::new));
+        let bytes = std::mem::size_of::<Self>()
+            + fingers
+                .iter()
+                .flatten()
+                .map(|t| t.memory_bytes() - std::mem::size_of::<FingerTemplate>())
+                .sum::<usize>();
+        ExpandedSubject { fingers, bytes }
+    }
+}
+
+/// A shortlisted subject's fingers as the precise stage reads them: expanded once and kept
+/// by the gallery, or the stored compact form, expanded for each comparison.
+enum Reference<'a> {
+    Expanded(&'a ExpandedSubject),
+    Compact(Box<TenPrint>),
+}
+
+impl Reference<'_> {
+    fn has(&self, f: usize) -> bool {
+        match self {
+            Reference::Expanded(e) => e.fingers[f].is_some(),
+            Reference::Compact(tp) => tp.fingers[f].is_some(),
+        }
+    }
+
+    /// Score of finger `f` against the probe's template of it (`None` if the subject lacks it).
+    fn compare(&self, probe: &FingerTemplate, f: usize) -> Option<f32> {
+        match self {
+            Reference::Expanded(e) => e.fingers[f].as_ref().map(|r| compare(probe, r)),
+            Reference::Compact(tp) => tp.fingers[f]
+                .as_ref()
+                .map(|r| compare(probe, &FingerTemplate::new(r))),
+        }
+    }
+}
 
 /// The in-memory gallery.
 pub struct Gallery {
@@ -655,6 +714,16 @@ pub struct Gallery {
     finger_norms: Vec<FingerNorm>,
     cohort: GalleryCohort,
     blobs: Vec<Box<[u8]>>,
+    /// The expanded-template cache, one cell per slot: filled the first time the precise
+    /// stage compares the subject while [`Self::expanded_bytes`] is under the search's
+    /// [`IdentifyOptions::expanded_cache_bytes`], emptied when the subject is re-enrolled or
+    /// deleted. Rebuilding cylinders from the compact minutiae is four fifths of the precise
+    /// stage's cost (BENCH_DEDUP.md), and in a gallery of up to a few hundred thousand
+    /// subjects every subject is shortlisted again and again (a 500-subject shortlist is a
+    /// quarter of a 2,000-subject gallery).
+    expanded: Vec<OnceLock<Box<ExpandedSubject>>>,
+    /// Bytes held by `expanded`.
+    expanded_bytes: AtomicUsize,
     calibration: Arc<Calibration>,
 }
 
@@ -807,6 +876,8 @@ impl Gallery {
             finger_norms: Vec::new(),
             cohort: GalleryCohort::default(),
             blobs: Vec::new(),
+            expanded: Vec::new(),
+            expanded_bytes: AtomicUsize::new(0),
             calibration,
         }
     }
@@ -914,6 +985,7 @@ impl Gallery {
         let PreparedSubject { codes, pops, blob } = subject;
         if let Some(&slot) = self.index.get(reference_id) {
             let s = slot as usize;
+            self.forget_expansion(s);
             self.codes[s * STRIDE..(s + 1) * STRIDE].copy_from_slice(&codes);
             self.pops[s * 10..(s + 1) * 10].copy_from_slice(&pops);
             self.finger_norms[s * 10..(s + 1) * 10].copy_from_slice(&norms);
@@ -927,7 +999,47 @@ impl Gallery {
         self.pops.extend_from_slice(&pops);
         self.finger_norms.extend_from_slice(&norms);
         self.blobs.push(blob);
+        self.expanded.push(OnceLock::new());
         true
+    }
+
+    /// Drops the kept expansion of slot `s`, if any (its subject changes or leaves).
+    fn forget_expansion(&mut self, s: usize) {
+        if let Some(gone) = self.expanded[s].take() {
+            *self.expanded_bytes.get_mut() -= gone.bytes;
+        }
+    }
+
+    /// The expanded templates of slot `s`: kept from an earlier search, or built now and kept
+    /// while the cache holds less than `budget` bytes (it may end up to one subject per
+    /// searching thread over). `None` over budget: the caller expands only the fingers it
+    /// compares, as with no cache.
+    fn expansion(&self, s: usize, budget: usize) -> Option<&ExpandedSubject> {
+        let cell = &self.expanded[s];
+        if let Some(kept) = cell.get() {
+            return Some(kept);
+        }
+        if budget == 0 || self.expanded_bytes.load(Ordering::Relaxed) >= budget {
+            return None;
+        }
+        Some(cell.get_or_init(|| {
+            let e = ExpandedSubject::new(&TenPrint::from_blob(&self.blobs[s]));
+            self.expanded_bytes.fetch_add(e.bytes, Ordering::Relaxed);
+            Box::new(e)
+        }))
+    }
+
+    /// Drops every kept expansion (benchmarks comparing with and without the cache).
+    pub fn clear_expanded_cache(&mut self) {
+        for cell in &mut self.expanded {
+            cell.take();
+        }
+        *self.expanded_bytes.get_mut() = 0;
+    }
+
+    /// Bytes of expanded templates the gallery keeps ([`IdentifyOptions::expanded_cache_bytes`]).
+    pub fn expanded_cache_bytes(&self) -> usize {
+        self.expanded_bytes.load(Ordering::Relaxed)
     }
 
     /// Recomputes every subject's norms against the current cohort (it doubled).
@@ -953,6 +1065,9 @@ impl Gallery {
         };
         let s = slot as usize;
         let last = self.ids.len() - 1;
+        self.forget_expansion(s);
+        self.expanded.swap(s, last);
+        self.expanded.pop();
         if s != last {
             self.codes
                 .copy_within(last * STRIDE..(last + 1) * STRIDE, s * STRIDE);
@@ -993,6 +1108,8 @@ impl Gallery {
             + 2 * ids
             // hashbrown: key (24 B) + value (4 B, padded to 8) + 1 control byte per bucket
             + self.index.capacity() * 33
+            + self.expanded.capacity() * std::mem::size_of::<OnceLock<Box<ExpandedSubject>>>()
+            + self.expanded_cache_bytes()
     }
 
     /// Cohort normalisation of a probe's code similarities (see [`CodeNorm`]): for every
@@ -1190,31 +1307,42 @@ impl Gallery {
             .par_iter()
             .filter(|(_, s)| exclude != Some(self.ids[*s as usize].as_str()))
             .map(|&(pre, s)| {
-                let tp = TenPrint::from_blob(&self.blobs[s as usize]);
+                let reference = match self.expansion(s as usize, opts.expanded_cache_bytes) {
+                    Some(kept) => Reference::Expanded(kept),
+                    None => {
+                        Reference::Compact(Box::new(TenPrint::from_blob(&self.blobs[s as usize])))
+                    }
+                };
                 let sims = self.finger_code_similarities(probe, norm, s as usize);
                 let mut order: Vec<usize> = (0..10)
-                    .filter(|&f| sims[f] > f32::MIN && tp.fingers[f].is_some())
+                    .filter(|&f| sims[f] > f32::MIN && reference.has(f))
                     .collect();
                 order.sort_by(|&x, &y| sims[y].total_cmp(&sims[x]));
                 let mut scores = [None; 10];
                 for &f in order.iter().take(opts.lead_fingers) {
-                    if let (Some(p), Some(r)) = (&probe.templates[f], &tp.fingers[f]) {
-                        scores[f] = Some(compare(p, &FingerTemplate::new(r)));
+                    if let Some(p) = &probe.templates[f] {
+                        scores[f] = reference.compare(p, f);
                     }
                 }
-                (fuse(scores, &self.calibration).score, pre, s, tp, scores)
+                (
+                    fuse(scores, &self.calibration).score,
+                    pre,
+                    s,
+                    reference,
+                    scores,
+                )
             })
             .collect();
         partial.sort_by(|a, b| b.0.total_cmp(&a.0));
         partial.truncate(opts.full_compare);
         let mut out: Vec<Candidate> = partial
             .into_par_iter()
-            .map(|(_, pre, s, tp, mut scores)| {
+            .map(|(_, pre, s, reference, mut scores)| {
                 for (f, slot) in scores.iter_mut().enumerate() {
                     if slot.is_none()
-                        && let (Some(p), Some(r)) = (&probe.templates[f], &tp.fingers[f])
+                        && let Some(p) = &probe.templates[f]
                     {
-                        *slot = Some(compare(p, &FingerTemplate::new(r)));
+                        *slot = reference.compare(p, f);
                     }
                 }
                 Candidate {
@@ -1421,6 +1549,128 @@ mod tests {
             && a.pops == b.pops
             && a.blobs == b.blobs
             && a.finger_norms == b.finger_norms
+    }
+
+    /// Mated probes: fresh impressions (session 1) of the first `n` subjects of `subjects`.
+    fn fresh_probes(n: usize) -> Vec<Probe> {
+        let spec = PopulationSpec {
+            seed: 11,
+            subjects: n,
+            duplicate_rate: 0.0,
+        };
+        (0..n)
+            .map(|i| {
+                let records = spec.impressions(spec.person_of(i), 1);
+                Probe::new(&TenPrint::from_iso(&records).expect("generated records parse"))
+            })
+            .collect()
+    }
+
+    fn kept_subjects(g: &Gallery) -> usize {
+        g.expanded.iter().filter(|c| c.get().is_some()).count()
+    }
+
+    /// Keeping expanded templates changes no score: the same candidates, scores and order as
+    /// expanding every reference at every search, on the first search (cache filling) and on
+    /// the next (cache read).
+    #[test]
+    fn expanded_cache_changes_no_result() {
+        let mut g = Gallery::new();
+        for (id, tp) in subjects(40) {
+            g.insert(&id, &tp);
+        }
+        let probes = fresh_probes(6);
+        let refs: Vec<&Probe> = probes.iter().collect();
+        let plain = IdentifyOptions::default();
+        let cached = IdentifyOptions {
+            expanded_cache_bytes: 1 << 30,
+            ..plain
+        };
+        let expected = g.identify_batch(&refs, &plain);
+        assert_eq!(g.expanded_cache_bytes(), 0, "no budget, nothing kept");
+        assert!(expected.iter().all(|c| !c.is_empty()), "mates are found");
+        assert_eq!(g.identify_batch(&refs, &cached), expected, "filling");
+        assert_eq!(kept_subjects(&g), 40, "all shortlisted subjects kept");
+        let bytes = g.expanded_cache_bytes();
+        assert!(bytes > 40 * 10 * 1000, "{bytes} B for 400 fingers");
+        assert_eq!(g.identify_batch(&refs, &cached), expected, "reading");
+        assert_eq!(g.expanded_cache_bytes(), bytes, "nothing kept twice");
+        // Read-only use of what is kept, under a zero budget, is still the same.
+        assert_eq!(g.identify_batch(&refs, &plain), expected);
+        for p in &refs {
+            assert_eq!(g.identify(p, &cached, None), g.identify(p, &plain, None));
+        }
+    }
+
+    /// The budget bounds what is kept (up to one subject per searching thread over it).
+    #[test]
+    fn expanded_cache_stays_within_its_budget() {
+        let mut g = Gallery::new();
+        for (id, tp) in subjects(40) {
+            g.insert(&id, &tp);
+        }
+        let probes = fresh_probes(3);
+        let refs: Vec<&Probe> = probes.iter().collect();
+        let tight = IdentifyOptions {
+            expanded_cache_bytes: 1,
+            ..IdentifyOptions::default()
+        };
+        let expected = g.identify_batch(&refs, &IdentifyOptions::default());
+        assert_eq!(g.identify_batch(&refs, &tight), expected);
+        let kept = kept_subjects(&g);
+        assert!(
+            (1..=rayon::current_num_threads()).contains(&kept),
+            "{kept} subjects kept under a 1-byte budget"
+        );
+        assert_eq!(
+            g.expanded_cache_bytes(),
+            g.expanded
+                .iter()
+                .filter_map(|c| c.get())
+                .map(|e| e.bytes)
+                .sum::<usize>()
+        );
+    }
+
+    /// A re-enrolled or deleted subject's kept templates go with it: searches after either
+    /// answer as a gallery that never kept anything.
+    #[test]
+    fn expanded_cache_follows_re_enrolment_and_deletion() {
+        let people = subjects(30);
+        let mut g = Gallery::new();
+        for (id, tp) in &people {
+            g.insert(id, tp);
+        }
+        let probes = fresh_probes(4);
+        let refs: Vec<&Probe> = probes.iter().collect();
+        let cached = IdentifyOptions {
+            expanded_cache_bytes: 1 << 30,
+            ..IdentifyOptions::default()
+        };
+        g.identify_batch(&refs, &cached);
+        assert_eq!(kept_subjects(&g), 30);
+        // Subject 0 re-enrolled with subject 1's fingers; subject 2 deleted (the last slot
+        // moves into its place).
+        g.insert(&people[0].0, &people[1].1);
+        assert!(g.delete(&people[2].0));
+        assert_eq!(kept_subjects(&g), 28);
+        let mut fresh = Gallery::new();
+        for (id, tp) in &people {
+            fresh.insert(id, tp);
+        }
+        fresh.insert(&people[0].0, &people[1].1);
+        fresh.delete(&people[2].0);
+        let expected = fresh.identify_batch(&refs, &IdentifyOptions::default());
+        assert_eq!(g.identify_batch(&refs, &cached), expected);
+        assert_eq!(kept_subjects(&g), 29);
+        assert_eq!(
+            g.expanded_cache_bytes(),
+            g.expanded
+                .iter()
+                .filter_map(|c| c.get())
+                .map(|e| e.bytes)
+                .sum::<usize>()
+        );
     }
 
     #[test]

@@ -320,6 +320,21 @@ fn convex_hull(pts: &[(f32, f32)]) -> Vec<(f32, f32)> {
 }
 
 impl FingerTemplate {
+    /// Bytes this template holds on the heap plus its own size (what keeping it costs; the
+    /// gallery's expanded-template cache counts with it).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.x.capacity() * 4
+            + self.y.capacity() * 4
+            + self.theta.capacity() * 4
+            + self.angle8.capacity()
+            + self.cyl.capacity() * std::mem::size_of::<[u64; ND]>()
+            + self.planes.capacity() * std::mem::size_of::<[u64; 3]>()
+            + self.mask.capacity() * 8
+            + self.valid.capacity() * 2
+            + self.count.capacity() * 4
+    }
+
     /// Builds geometry and cylinders. Cost is O(n·k·cells) with k the neighbours within reach.
     pub fn new(finger: &Finger) -> Self {
         let n = finger.minutiae.len();
