@@ -152,3 +152,28 @@ async fn credentials_key_and_parked_subject_lookups_use_their_indexes() {
         "{parked:?}"
     );
 }
+
+/// The relay's claim walks the undelivered rows in `seq` order through the partial index of
+/// migration 0023; before it, SQLite read the whole outbox (every row delivered that day) on
+/// every claim to satisfy `ORDER BY seq`, and a 100,000-applicant night slowed down as the
+/// table grew.
+#[tokio::test]
+async fn the_outbox_claim_reads_only_undelivered_rows() {
+    let (store, _dir) = testing::sqlite_store().await;
+    let sql = cardpipe_common::store::claim_outbox_sql(store.dialect(), &["job", "revocation"]);
+    let lines = plan(&store, &sql).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("INDEX outbox_unpublished_by_seq")),
+        "{lines:?}"
+    );
+    let whole: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("SCAN ") && !l.contains(" USING "))
+        .collect();
+    assert!(
+        whole.is_empty(),
+        "whole-table scans in the claim: {lines:?}"
+    );
+}

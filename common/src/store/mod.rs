@@ -16,7 +16,7 @@ mod leases;
 mod outbox;
 
 pub use applications::{NewApplication, Transition};
-pub use outbox::{DeadLetter, JOB_TOPIC, OutboxRow};
+pub use outbox::{DeadLetter, JOB_TOPIC, OutboxRow, claim_outbox_sql};
 
 use std::str::FromStr;
 use std::time::Duration;

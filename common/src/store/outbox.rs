@@ -134,33 +134,7 @@ impl Store {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let now_text = to_rfc3339(now);
         let until = to_rfc3339(now + lease);
-        let topic_list = topics
-            .iter()
-            .map(|t| format!("'{}'", t.replace('\'', "")))
-            .collect::<Vec<_>>()
-            .join(",");
-        // PostgreSQL: lock the chosen rows, skipping rows another relay is claiming right
-        // now, so concurrent claims never wait on each other (they deadlocked under load).
-        // A row is due only when it is the oldest undelivered one of its subject and topic:
-        // written as `seq = MIN(...)`, an index lookup per row on `outbox_pending_by_subject`
-        // whatever the planner's statistics (an anti-join on a freshly filled, not yet
-        // analyzed table was planned as a nested loop over every pair of rows).
-        let lock = match self.dialect {
-            Dialect::Postgres => "FOR UPDATE OF o SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE outbox SET claimed_by = $1, claimed_until = $2
-             WHERE seq IN (
-                 SELECT o.seq FROM outbox o
-                 WHERE o.published_at IS NULL AND o.available_at <= $3 AND o.topic IN ({topic_list})
-                   AND (o.claimed_until IS NULL OR o.claimed_until < $3)
-                   AND o.seq = (SELECT MIN(e.seq) FROM outbox e WHERE e.subject = o.subject
-                                AND e.topic = o.topic AND e.published_at IS NULL)
-                 ORDER BY o.seq LIMIT $4 {lock})
-               AND published_at IS NULL AND (claimed_until IS NULL OR claimed_until < $3)
-             RETURNING seq, id, topic, subject, payload, attempts, created_at"
-        );
+        let sql = claim_outbox_sql(self.dialect, topics);
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(holder)
             .bind(&until)
@@ -388,4 +362,37 @@ impl Store {
                 .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The claim statement of [`Store::claim_outbox`] for `topics` (`$1` holder, `$2` claimed
+/// until, `$3` now, `$4` limit); public for the query-plan test (`common/tests/store_plans.rs`:
+/// the walk in `seq` order reads only undelivered rows, through `outbox_unpublished_by_seq`).
+pub fn claim_outbox_sql(dialect: Dialect, topics: &[&str]) -> String {
+    let topic_list = topics
+        .iter()
+        .map(|t| format!("'{}'", t.replace('\'', "")))
+        .collect::<Vec<_>>()
+        .join(",");
+    // PostgreSQL: lock the chosen rows, skipping rows another relay is claiming right
+    // now, so concurrent claims never wait on each other (they deadlocked under load).
+    // A row is due only when it is the oldest undelivered one of its subject and topic:
+    // written as `seq = MIN(...)`, an index lookup per row on `outbox_pending_by_subject`
+    // whatever the planner's statistics (an anti-join on a freshly filled, not yet
+    // analyzed table was planned as a nested loop over every pair of rows).
+    let lock = match dialect {
+        Dialect::Postgres => "FOR UPDATE OF o SKIP LOCKED",
+        Dialect::Sqlite => "",
+    };
+    format!(
+        "UPDATE outbox SET claimed_by = $1, claimed_until = $2
+             WHERE seq IN (
+                 SELECT o.seq FROM outbox o
+                 WHERE o.published_at IS NULL AND o.available_at <= $3 AND o.topic IN ({topic_list})
+                   AND (o.claimed_until IS NULL OR o.claimed_until < $3)
+                   AND o.seq = (SELECT MIN(e.seq) FROM outbox e WHERE e.subject = o.subject
+                                AND e.topic = o.topic AND e.published_at IS NULL)
+                 ORDER BY o.seq LIMIT $4 {lock})
+               AND published_at IS NULL AND (claimed_until IS NULL OR claimed_until < $3)
+             RETURNING seq, id, topic, subject, payload, attempts, created_at"
+    )
 }
