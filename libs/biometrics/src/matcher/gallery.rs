@@ -1570,6 +1570,15 @@ mod tests {
         g.expanded.iter().filter(|c| c.get().is_some()).count()
     }
 
+    /// What the kept expansions weigh, counted one by one (the gallery keeps a running sum).
+    fn kept_bytes(g: &Gallery) -> usize {
+        g.expanded
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|e| e.bytes)
+            .sum()
+    }
+
     /// Keeping expanded templates changes no score: the same candidates, scores and order as
     /// expanding every reference at every search, on the first search (cache filling) and on
     /// the next (cache read).
@@ -1622,14 +1631,7 @@ mod tests {
             (1..=rayon::current_num_threads()).contains(&kept),
             "{kept} subjects kept under a 1-byte budget"
         );
-        assert_eq!(
-            g.expanded_cache_bytes(),
-            g.expanded
-                .iter()
-                .filter_map(|c| c.get())
-                .map(|e| e.bytes)
-                .sum::<usize>()
-        );
+        assert_eq!(g.expanded_cache_bytes(), kept_bytes(&g));
     }
 
     /// A re-enrolled or deleted subject's kept templates go with it: searches after either
@@ -1663,14 +1665,7 @@ mod tests {
         let expected = fresh.identify_batch(&refs, &IdentifyOptions::default());
         assert_eq!(g.identify_batch(&refs, &cached), expected);
         assert_eq!(kept_subjects(&g), 29);
-        assert_eq!(
-            g.expanded_cache_bytes(),
-            g.expanded
-                .iter()
-                .filter_map(|c| c.get())
-                .map(|e| e.bytes)
-                .sum::<usize>()
-        );
+        assert_eq!(g.expanded_cache_bytes(), kept_bytes(&g));
     }
 
     #[test]
