@@ -177,3 +177,22 @@ async fn the_outbox_claim_reads_only_undelivered_rows() {
         "whole-table scans in the claim: {lines:?}"
     );
 }
+
+/// A batch's per-state counts (registry batch status, console batch view, the demo's progress
+/// twice a second) are answered from the `(batch_id, state)` index of migration 0024, not by
+/// reading every row of the batch from the table.
+#[tokio::test]
+async fn batch_state_counts_read_only_the_index() {
+    let (store, _dir) = testing::sqlite_store().await;
+    let lines = plan(
+        &store,
+        "SELECT state, COUNT(*) AS n FROM applications WHERE batch_id = $1 GROUP BY state",
+    )
+    .await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("COVERING INDEX applications_by_batch_and_state")),
+        "{lines:?}"
+    );
+}

@@ -21,7 +21,8 @@
 //! * **ratio**: the largest night's steady rate over the smallest's (the issue asks ≥ 0.8).
 //!
 //! The embedded default lot of blanks is sized to the night (`[stock] auto_lot_size` =
-//! applicants + 10 % + 1,000), so a night over 10,000 is not stopped by an empty vault.
+//! applicants + 10 % + 1,000): one lot received before the night instead of one every 10,000
+//! cards in the middle of it.
 //!
 //! The release scheduler's throttle (`[registry] release_per_minute`, 2,000 by default) would
 //! cap both nights at the same rate and hide the stages' cost; the bench lifts it unless
@@ -170,9 +171,8 @@ async fn run_night(
             "CARDPIPE__REGISTRY__RELEASE_PER_MINUTE",
             release.to_string(),
         )
-        // The embedded default blank lot (`[stock] auto_lot_size`, 10,000) would run out in
-        // a larger night and stop personalization with "stock exhausted" (correctly: blanks
-        // are controlled stock); the bench receives one lot that covers the night.
+        // One automatic blank lot that covers the night (`[stock] auto_lot_size`, 10,000 by
+        // default, would receive a lot every 10,000 cards).
         .env(
             "CARDPIPE__STOCK__AUTO_LOT_SIZE",
             (records + records / 10 + 1_000).to_string(),

@@ -133,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         let tasks: Vec<_> = probes
             .iter()
             .map(|(_, p)| {
-                let (batcher, p) = (batcher.clone(), p.clone());
+                let (batcher, p) = (batcher.clone(), Arc::new(p.clone()));
                 tokio::spawn(async move { batcher.search(p, None).await })
             })
             .collect();

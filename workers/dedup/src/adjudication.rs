@@ -410,7 +410,7 @@ pub async fn decide_as(
     if let (Some(engine), Some(t)) = (engine, &templates)
         && let Ok((tp, _)) = TenPrint::from_templates(t)
     {
-        engine.enrol_local(app_id.as_str(), &tp);
+        engine.enrol_local(app_id.as_str(), &tp, None);
     }
     tracing::info!(application = %app_id, decision = to.as_str(), %operator, "possible duplicate decided");
     Ok(to)

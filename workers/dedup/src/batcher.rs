@@ -25,7 +25,7 @@ use crate::scatter::{ShardAnswer, ShardSet};
 
 /// One queued search.
 struct Request {
-    probe: Probe,
+    probe: Arc<Probe>,
     exclude: Option<String>,
     reply: oneshot::Sender<Vec<ShardAnswer>>,
 }
@@ -70,7 +70,7 @@ impl SearchBatcher {
                 batch_sizes.observe(batch.len() as f64);
                 let shards = shards.clone();
                 let searched = tokio::task::spawn_blocking(move || {
-                    let probes: Vec<&Probe> = batch.iter().map(|r| &r.probe).collect();
+                    let probes: Vec<&Probe> = batch.iter().map(|r| &*r.probe).collect();
                     let excludes: Vec<Option<&str>> =
                         batch.iter().map(|r| r.exclude.as_deref()).collect();
                     let answers = shards.answer_batch(&probes, &excludes, max_results);
@@ -96,7 +96,7 @@ impl SearchBatcher {
     /// whichever other probes are queued by then. Returns one unthresholded answer per shard.
     pub async fn search(
         &self,
-        probe: Probe,
+        probe: Arc<Probe>,
         exclude: Option<String>,
     ) -> anyhow::Result<Vec<ShardAnswer>> {
         let (reply, answer) = oneshot::channel();
@@ -141,7 +141,7 @@ mod tests {
             .iter()
             .map(|(k, tp)| {
                 let batcher = batcher.clone();
-                let probe = Probe::new(tp);
+                let probe = Arc::new(Probe::new(tp));
                 // Subject 0's own id is excluded from its search: it must not be found.
                 let exclude = (*k == 0).then(|| pop.subjects[0].reference_id.clone());
                 tokio::spawn(async move { batcher.search(probe, exclude).await })

@@ -113,6 +113,17 @@ impl ShardSet {
         Some(guard.gallery.insert_ready(reference_id, prepared))
     }
 
+    /// Enrols the subject `probe` was built from into the owning shard if it is held here
+    /// (`None` otherwise); idempotent. The same gallery as [`ShardSet::insert`] of its
+    /// ten-print, without expanding its fingers again; the probe's expanded templates seed
+    /// the shard's expanded-template cache while it has room.
+    pub fn insert_probe(&self, reference_id: &str, probe: &Probe) -> Option<bool> {
+        let shard = self.local_shard(reference_id)?;
+        let mut guard = shard.write().unwrap_or_else(|e| e.into_inner());
+        let budget = self.options.expanded_cache_bytes;
+        Some(guard.gallery.insert_probe(reference_id, probe, budget))
+    }
+
     /// Enrols many subjects (start-up load, catch-up after a gap): the candidate codes are
     /// computed on all cores before any lock is taken, then each local shard appends its
     /// subjects ([`Gallery::insert_many`](cardpipe_biometrics::matcher::Gallery::insert_many)).

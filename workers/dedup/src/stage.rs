@@ -487,12 +487,13 @@ impl DedupEngine {
     /// Searches `tenprint` over every local shard together with the probes of this process's
     /// other jobs ([`crate::batcher`]); one unthresholded answer per shard, for
     /// [`crate::scatter::gather`]. No lock is held: subjects enrolled meanwhile are compared
-    /// afterwards by [`DedupEngine::late_enrolments`].
+    /// afterwards by [`DedupEngine::late_enrolments`]. The probe is returned with the answers:
+    /// the comparison with late enrolments and the enrolment reuse its expanded fingers.
     pub async fn search_batched(
         &self,
         tenprint: &TenPrint,
         exclude: &str,
-    ) -> anyhow::Result<Vec<ShardAnswer>> {
+    ) -> anyhow::Result<(Vec<ShardAnswer>, Arc<Probe>)> {
         self.ensure_every_shard_here()?;
         let started = Instant::now();
         let batcher = self.batcher.get_or_init(|| {
@@ -504,23 +505,27 @@ impl DedupEngine {
             )
         });
         let tp = tenprint.clone();
-        let probe = tokio::task::spawn_blocking(move || Probe::new(&tp)).await?;
-        let answers = batcher.search(probe, Some(exclude.to_owned())).await?;
+        let probe = Arc::new(tokio::task::spawn_blocking(move || Probe::new(&tp)).await?);
+        let answers = batcher
+            .search(probe.clone(), Some(exclude.to_owned()))
+            .await?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
-        Ok(answers)
+        Ok((answers, probe))
     }
 
     /// Compares `tenprint` 1:1 with every subject enrolled after `since` (a
     /// [`DedupEngine::seen_seq`] taken before a search), except `exclude`: what a search that
     /// ran without the gallery lock could not see. Called under the lock, where no enrolment
     /// can be in flight, so these are exactly the subjects the search missed. The answer
-    /// joins the shards' answers in [`crate::scatter::gather`].
+    /// joins the shards' answers in [`crate::scatter::gather`]. `probe`, the search's probe of
+    /// `tenprint` if this process built one, saves expanding its fingers again.
     pub async fn late_enrolments(
         &self,
         services: &Services,
         since: i64,
         exclude: &str,
         tenprint: &TenPrint,
+        probe: Option<Arc<Probe>>,
     ) -> anyhow::Result<ShardAnswer> {
         let rows = sqlx::query(
             "SELECT application_id, sealed_templates FROM dedup_enrolled
@@ -540,6 +545,14 @@ impl DedupEngine {
             late.push((id, stored));
         }
         self.metrics.late_compared.inc_by(late.len() as u64);
+        if late.is_empty() {
+            // The usual case: nobody was enrolled during the search.
+            return Ok(ShardAnswer {
+                shard: u32::MAX,
+                size: 0,
+                candidates: Vec::new(),
+            });
+        }
         // A broker-scatter searcher may hold no shard: every gallery uses the shipped
         // calibration.
         let calibration = self
@@ -549,7 +562,7 @@ impl DedupEngine {
         let tp = tenprint.clone();
         let size = late.len();
         let candidates = tokio::task::spawn_blocking(move || {
-            let probe = Probe::new(&tp);
+            let probe = probe.unwrap_or_else(|| Arc::new(Probe::new(&tp)));
             late.into_iter()
                 .filter_map(|(id, stored)| match stored.tenprint() {
                     Ok(reference) => {
@@ -581,9 +594,13 @@ impl DedupEngine {
         })
     }
 
-    /// Enrols in memory (if the owning shard is held here); idempotent.
-    pub fn enrol_local(&self, id: &str, tenprint: &TenPrint) {
-        self.shards.insert(id, tenprint);
+    /// Enrols in memory (if the owning shard is held here); idempotent. From the search's
+    /// probe when there is one (no finger expanded again, and its expansions seed the cache).
+    pub fn enrol_local(&self, id: &str, tenprint: &TenPrint, probe: Option<&Probe>) {
+        match probe {
+            Some(probe) => self.shards.insert_probe(id, probe),
+            None => self.shards.insert(id, tenprint),
+        };
         self.update_gauges();
     }
 }
@@ -760,12 +777,12 @@ impl Stage for DedupStage {
         // The 1:N search runs first, without the gallery lock, over everything enrolled up
         // to `since`: local scatter batched with this process's other jobs, broker scatter
         // over the shard workers.
-        let (since, answers, scatter_id) = match engine.config.scatter {
+        let (since, answers, scatter_id, probe) = match engine.config.scatter {
             ScatterMode::Local => {
                 engine.refresh(services).await?;
                 let seen = engine.seen_seq();
-                let answers = engine.search_batched(&tenprint, app.id.as_str()).await?;
-                (seen, answers, None)
+                let (answers, probe) = engine.search_batched(&tenprint, app.id.as_str()).await?;
+                (seen, answers, None, Some(probe))
             }
             ScatterMode::Broker => {
                 let Some(scattered) =
@@ -779,6 +796,7 @@ impl Stage for DedupStage {
                     scattered.since,
                     scattered.answers,
                     Some(scattered.scatter_id),
+                    None,
                 )
             }
         };
@@ -807,7 +825,7 @@ impl Stage for DedupStage {
         }
         // Under the lock: only who was enrolled while the search ran.
         let searched = engine
-            .late_enrolments(services, since, app.id.as_str(), &tenprint)
+            .late_enrolments(services, since, app.id.as_str(), &tenprint, probe.clone())
             .await
             .map(|late| {
                 let mut answers = answers;
@@ -835,6 +853,7 @@ impl Stage for DedupStage {
             &app.id,
             &records,
             &tenprint,
+            probe.as_deref(),
             &choices,
             found,
             gallery_size,
@@ -911,6 +930,7 @@ fn decide(
     id: &ApplicationId,
     records: &[PositionedTemplate],
     tenprint: &TenPrint,
+    probe: Option<&Probe>,
     choices: &[ViewChoice],
     found: Vec<Candidate>,
     gallery_size: usize,
@@ -919,7 +939,7 @@ fn decide(
 ) -> Completion {
     let now = services.clock.now();
     if found.is_empty() {
-        engine.enrol_local(id.as_str(), tenprint);
+        engine.enrol_local(id.as_str(), tenprint, probe);
         let sealed = services
             .sealer
             .seal(&templates_context(id.as_str()), &encode_templates(records));

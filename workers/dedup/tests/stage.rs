@@ -509,7 +509,7 @@ async fn late_enrolment_is_caught(mode: Mode) {
     // The twin's search runs over an empty gallery: nothing.
     engine.refresh(&services).await.expect("refresh");
     let seen = engine.seen_seq();
-    let answers = engine
+    let (answers, probe) = engine
         .search_batched(&twin_tp, twin.as_str())
         .await
         .expect("search");
@@ -531,7 +531,7 @@ async fn late_enrolment_is_caught(mode: Mode) {
         tx.commit().await.expect("commit");
     }
     let late = engine
-        .late_enrolments(&services, seen, twin.as_str(), &twin_tp)
+        .late_enrolments(&services, seen, twin.as_str(), &twin_tp, Some(probe))
         .await
         .expect("late enrolments");
     assert_eq!(
@@ -546,7 +546,7 @@ async fn late_enrolment_is_caught(mode: Mode) {
 
     // An application's own enrolment is never compared with itself (a redelivered job).
     let own = engine
-        .late_enrolments(&services, seen, first.as_str(), &twin_tp)
+        .late_enrolments(&services, seen, first.as_str(), &twin_tp, None)
         .await
         .expect("own");
     assert_eq!(own.size, 1);
@@ -554,7 +554,7 @@ async fn late_enrolment_is_caught(mode: Mode) {
     // Nothing enrolled after the latest snapshot: nothing to compare.
     engine.refresh(&services).await.expect("refresh");
     let none = engine
-        .late_enrolments(&services, engine.seen_seq(), twin.as_str(), &twin_tp)
+        .late_enrolments(&services, engine.seen_seq(), twin.as_str(), &twin_tp, None)
         .await
         .expect("none");
     assert_eq!((none.size, none.candidates.len()), (0, 0));

@@ -487,6 +487,8 @@ impl StockSource {
         })
     }
 
+    /// With automatic lots on, makes sure the vault holds blanks, receiving the next
+    /// automatic lot if it is empty; `false` when automatic lots are off.
     async fn ensure_auto_lot(&self, services: &Services) -> anyhow::Result<bool> {
         let wanted = match self.config.auto_lot {
             AutoLot::Never => false,
@@ -497,16 +499,31 @@ impl StockSource {
             return Ok(false);
         }
         let _guard = self.auto_lock.lock().await;
-        if has_stock(services).await? {
+        let in_vault = sqlx::query("SELECT 1 FROM stock_serials WHERE state = 'in_vault' LIMIT 1")
+            .fetch_optional(services.store.pool())
+            .await?;
+        if in_vault.is_some() {
+            // Another job of this process received a lot meanwhile.
             return Ok(true);
         }
+        // The vault is empty: the next automatic lot (LOT-AUTO-0001, -0002, …), numbered on
+        // from the last one, so a night longer than one lot does not stop at its size.
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS lots, MAX(last_number) AS last FROM stock_lots
+             WHERE lot_id LIKE 'LOT-AUTO-%'",
+        )
+        .fetch_one(services.store.pool())
+        .await?;
+        let received: i64 = row.try_get("lots")?;
+        let last: Option<i64> = row.try_get("last")?;
+        let first = last.unwrap_or(0).max(0) as u64 + 1;
         let lot = NewLot {
-            lot_id: Some("LOT-AUTO-0001".into()),
+            lot_id: Some(format!("LOT-AUTO-{:04}", received + 1)),
             supplier: "embedded default lot".into(),
             chip_type: "cardpipe-sim P-256".into(),
             serial_prefix: "BLK-".into(),
-            first: 1,
-            last: self.config.auto_lot_size,
+            first,
+            last: first + self.config.auto_lot_size - 1,
         };
         match receive(services, &lot, "system").await {
             Ok(_) | Err(StockError::Overlap(_)) => Ok(true),
@@ -527,13 +544,13 @@ impl BlankSource for StockSource {
         if let Some(serial) = issue_to_encoder(services, encoder).await? {
             return Ok(serial);
         }
-        if !has_stock(services).await? {
-            if !self.ensure_auto_lot(services).await? {
-                return Err(StockError::NoStock.into());
-            }
+        // The vault is empty.
+        if self.ensure_auto_lot(services).await? {
             if let Some(serial) = issue_to_encoder(services, encoder).await? {
                 return Ok(serial);
             }
+        } else if !has_stock(services).await? {
+            return Err(StockError::NoStock.into());
         }
         Err(StockError::Exhausted.into())
     }

@@ -429,11 +429,17 @@ fn unpack_finger(data: &[u8]) -> (Finger, usize) {
 }
 
 /// A ten-print prepared for searching: codes and expanded templates, built once per probe.
+///
+/// It also keeps the ten-print's compact storage form, so that an applicant found to be new
+/// is enrolled from its probe ([`Gallery::insert_probe`]) without expanding its fingers
+/// again: the codes are the probe's, and the expanded templates can seed the gallery's
+/// expanded-template cache.
 #[derive(Clone)]
 pub struct Probe {
     codes: [u64; STRIDE],
     pops: [u32; 10],
     templates: [Option<FingerTemplate>; 10],
+    blob: Box<[u8]>,
 }
 
 impl fmt::Debug for Probe {
@@ -461,6 +467,21 @@ impl Probe {
             codes,
             pops,
             templates,
+            blob: tp.to_blob(),
+        }
+    }
+
+    /// The subject this probe enrols as: the same codes and storage form as
+    /// [`PreparedSubject::new`] of the probe's ten-print, without expanding a finger.
+    pub fn prepared_subject(&self) -> PreparedSubject {
+        let mut pops = [0u16; 10];
+        for (p, &q) in pops.iter_mut().zip(&self.pops) {
+            *p = q as u16;
+        }
+        PreparedSubject {
+            codes: self.codes,
+            pops,
+            blob: self.blob.clone(),
         }
     }
 }
@@ -664,8 +685,12 @@ struct ExpandedSubject {
 
 impl ExpandedSubject {
     fn new(tenprint: &TenPrint) -> Self {
-        let fingers: [Option<FingerTemplate>; 10] =
-            std::array::from_fn(|f| tenprint.fingers[f].as_ref().map(FingerTemplate::new));
+        Self::of(std::array::from_fn(|f| {
+            tenprint.fingers[f].as_ref().map(FingerTemplate::new)
+        }))
+    }
+
+    fn of(fingers: [Option<FingerTemplate>; 10]) -> Self {
         let bytes = std::mem::size_of::<Self>()
             + fingers
                 .iter()
@@ -950,6 +975,26 @@ impl Gallery {
         }
         let norms = self.cohort.norms_of(&subject.codes, &subject.pops);
         self.append(reference_id, subject, norms)
+    }
+
+    /// Enrols (or re-enrols) the subject a probe was built from: the same gallery as
+    /// [`Gallery::insert`] of its ten-print, without expanding its fingers again. While the
+    /// expanded-template cache holds less than `cache_budget` bytes
+    /// ([`IdentifyOptions::expanded_cache_bytes`]), the probe's expanded templates are kept
+    /// for the searches that will shortlist this subject. Returns `true` if the id was new.
+    pub fn insert_probe(&mut self, reference_id: &str, probe: &Probe, cache_budget: usize) -> bool {
+        let new = self.insert_ready(reference_id, probe.prepared_subject());
+        let s = self.index[reference_id] as usize;
+        if cache_budget > 0 && *self.expanded_bytes.get_mut() < cache_budget {
+            let kept = ExpandedSubject::of(probe.templates.clone());
+            let bytes = kept.bytes;
+            // The cell is empty: a new slot, or a re-enrolment whose old expansion `append`
+            // dropped.
+            if self.expanded[s].set(Box::new(kept)).is_ok() {
+                *self.expanded_bytes.get_mut() += bytes;
+            }
+        }
+        new
     }
 
     /// Enrols many prepared subjects; the same gallery as [`Gallery::insert_ready`] called for
@@ -1666,6 +1711,51 @@ mod tests {
         assert_eq!(g.identify_batch(&refs, &cached), expected);
         assert_eq!(kept_subjects(&g), 29);
         assert_eq!(g.expanded_cache_bytes(), kept_bytes(&g));
+    }
+
+    /// Enrolling from the probe a search used stores what enrolling the ten-print stores,
+    /// and the expansions it keeps are those a search would have built: same answers.
+    #[test]
+    fn enrolling_from_the_probe_equals_enrolling_the_tenprint() {
+        let people = subjects(36);
+        let budget = 1 << 30;
+        let mut from_tenprints = Gallery::new();
+        let mut from_probes = Gallery::new();
+        for (id, tp) in &people {
+            assert!(from_tenprints.insert(id, tp));
+            assert!(from_probes.insert_probe(id, &Probe::new(tp), budget));
+        }
+        assert!(same_storage(&from_tenprints, &from_probes));
+        assert_eq!(
+            kept_subjects(&from_probes),
+            36,
+            "every probe's expansion kept"
+        );
+        assert_eq!(from_probes.expanded_cache_bytes(), kept_bytes(&from_probes));
+        let probes = fresh_probes(5);
+        let refs: Vec<&Probe> = probes.iter().collect();
+        let cached = IdentifyOptions {
+            expanded_cache_bytes: budget,
+            ..IdentifyOptions::default()
+        };
+        let expected = from_tenprints.identify_batch(&refs, &IdentifyOptions::default());
+        assert!(expected.iter().all(|c| !c.is_empty()), "mates are found");
+        assert_eq!(from_probes.identify_batch(&refs, &cached), expected);
+        // The searches would have kept the same subjects (the probes' copies weigh a little
+        // less: a clone holds no spare vector capacity).
+        from_tenprints.identify_batch(&refs, &cached);
+        assert_eq!(kept_subjects(&from_tenprints), kept_subjects(&from_probes));
+        assert!(from_probes.expanded_cache_bytes() <= from_tenprints.expanded_cache_bytes());
+        // Re-enrolment from a probe replaces the data and the kept expansion; without a
+        // budget nothing is kept.
+        assert!(!from_probes.insert_probe(&people[0].0, &Probe::new(&people[1].1), budget));
+        from_tenprints.insert(&people[0].0, &people[1].1);
+        assert!(same_storage(&from_tenprints, &from_probes));
+        assert_eq!(from_probes.expanded_cache_bytes(), kept_bytes(&from_probes));
+        let mut uncached = Gallery::new();
+        uncached.insert_probe(&people[0].0, &Probe::new(&people[0].1), 0);
+        assert_eq!(uncached.expanded_cache_bytes(), 0);
+        assert_eq!(kept_subjects(&uncached), 0);
     }
 
     #[test]
