@@ -124,6 +124,19 @@ impl ShardSet {
         Some(guard.gallery.insert_probe(reference_id, probe, budget))
     }
 
+    /// 1:1 comparison of `probe` with `reference_id` if it is enrolled in a local shard
+    /// (`None` otherwise), from the shard's kept expansion when there is one
+    /// ([`Gallery::verify`](cardpipe_biometrics::matcher::Gallery::verify)).
+    pub fn verify(&self, reference_id: &str, probe: &Probe) -> Option<Candidate> {
+        let shard = read(self.local_shard(reference_id)?);
+        let v = shard.gallery.verify(probe, reference_id, 1.0)?;
+        Some(Candidate {
+            reference_id: reference_id.to_owned(),
+            fused: v.fused,
+            prefilter: 0,
+        })
+    }
+
     /// Enrols many subjects (start-up load, catch-up after a gap): the candidate codes are
     /// computed on all cores before any lock is taken, then each local shard appends its
     /// subjects ([`Gallery::insert_many`](cardpipe_biometrics::matcher::Gallery::insert_many)).

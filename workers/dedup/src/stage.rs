@@ -535,17 +535,26 @@ impl DedupEngine {
         .fetch_all(services.store.pool())
         .await
         .context("reading enrolments made during the search")?;
+        // Subjects already in a local shard (enrolled by this process's own decisions, or
+        // loaded by a refresh) are compared there, from their kept expansion; the others are
+        // read from their row.
+        let mut in_gallery = Vec::new();
         let mut late = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: String = row.try_get("application_id")?;
             if id == exclude {
                 continue;
             }
-            let stored = open_enrolled(services, &id, row)?;
-            late.push((id, stored));
+            if self.shards.contains(&id) {
+                in_gallery.push(id);
+            } else {
+                let stored = open_enrolled(services, &id, row)?;
+                late.push((id, stored));
+            }
         }
-        self.metrics.late_compared.inc_by(late.len() as u64);
-        if late.is_empty() {
+        let size = late.len() + in_gallery.len();
+        self.metrics.late_compared.inc_by(size as u64);
+        if size == 0 {
             // The usual case: nobody was enrolled during the search.
             return Ok(ShardAnswer {
                 shard: u32::MAX,
@@ -560,9 +569,15 @@ impl DedupEngine {
             .calibration()
             .unwrap_or_else(|| cardpipe_biometrics::matcher::Calibration::fvc2002().clone());
         let tp = tenprint.clone();
-        let size = late.len();
+        let shards = self.shards.clone();
         let candidates = tokio::task::spawn_blocking(move || {
             let probe = probe.unwrap_or_else(|| Arc::new(Probe::new(&tp)));
+            // A subject deleted from the shard meanwhile is simply not compared: it left the
+            // gallery.
+            let kept = in_gallery
+                .iter()
+                .filter_map(|id| shards.verify(id, &probe))
+                .collect::<Vec<_>>();
             late.into_iter()
                 .filter_map(|(id, stored)| match stored.tenprint() {
                     Ok(reference) => {
@@ -583,6 +598,7 @@ impl DedupEngine {
                         None
                     }
                 })
+                .chain(kept)
                 .collect::<Vec<_>>()
         })
         .await?;

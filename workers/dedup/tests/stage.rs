@@ -538,11 +538,31 @@ async fn late_enrolment_is_caught(mode: Mode) {
         late.size, 2,
         "both enrolments made during the search are compared"
     );
+    let score_of = |a: &cardpipe_dedup::scatter::ShardAnswer| {
+        a.candidates
+            .iter()
+            .find(|c| c.reference_id == first.0)
+            .map(|c| c.fused.score)
+    };
+    let from_row = score_of(&late);
     let mut all = answers;
     all.push(late);
     let found = cardpipe_dedup::scatter::gather(all, config.target_fpir, config.max_candidates);
     let ids: Vec<&str> = found.iter().map(|c| c.reference_id.as_str()).collect();
     assert_eq!(ids, vec![first.as_str()], "the twin's sibling, and only it");
+
+    // Once in this process's gallery (as its own decisions enrol), a late subject is compared
+    // there, from its kept expansion: the same answer as from its row.
+    let first_tp =
+        cardpipe_biometrics::matcher::TenPrint::from_iso(&pop.subjects[0].templates).unwrap();
+    engine.enrol_local(first.as_str(), &first_tp, None);
+    let from_gallery = engine
+        .late_enrolments(&services, seen, twin.as_str(), &twin_tp, None)
+        .await
+        .expect("late enrolments from the gallery");
+    assert_eq!(from_gallery.size, 2);
+    assert!(from_row.is_some(), "the sibling is compared");
+    assert_eq!(score_of(&from_gallery), from_row);
 
     // An application's own enrolment is never compared with itself (a redelivered job).
     let own = engine

@@ -1437,15 +1437,33 @@ impl Gallery {
             .collect()
     }
 
-    /// 1:1 verification against an enrolled reference.
+    /// 1:1 verification against an enrolled reference: the same result as [`verify`] with
+    /// its ten-print, read from the expanded-template cache when the subject's expansion is
+    /// kept (no cylinder rebuilt).
     pub fn verify(
         &self,
         probe: &Probe,
         reference_id: &str,
         target_fmr: f64,
     ) -> Option<Verification> {
-        let tp = self.get(reference_id)?;
-        Some(verify(probe, &tp, target_fmr, &self.calibration))
+        let s = *self.index.get(reference_id)? as usize;
+        let scores = match self.expanded[s].get() {
+            Some(kept) => {
+                let mut scores = [None; 10];
+                for (f, score) in scores.iter_mut().enumerate() {
+                    if let (Some(p), Some(r)) = (&probe.templates[f], &kept.fingers[f]) {
+                        *score = Some(compare(p, r));
+                    }
+                }
+                scores
+            }
+            None => finger_scores(probe, &TenPrint::from_blob(&self.blobs[s])),
+        };
+        let fused = fuse(scores, &self.calibration);
+        Some(Verification {
+            is_match: fused.fmr <= target_fmr,
+            fused,
+        })
     }
 
     /// Reference id of a slot returned by [`Gallery::shortlist`].
@@ -1756,6 +1774,38 @@ mod tests {
         uncached.insert_probe(&people[0].0, &Probe::new(&people[0].1), 0);
         assert_eq!(uncached.expanded_cache_bytes(), 0);
         assert_eq!(kept_subjects(&uncached), 0);
+    }
+
+    /// 1:1 verification reads kept expansions and answers as the stored ten-print does.
+    #[test]
+    fn verify_with_a_kept_expansion_equals_verify_of_the_tenprint() {
+        let people = subjects(12);
+        let mut g = Gallery::new();
+        for (id, tp) in &people {
+            g.insert_probe(id, &Probe::new(tp), 1 << 30);
+        }
+        assert_eq!(kept_subjects(&g), 12);
+        let probes = fresh_probes(3);
+        for probe in &probes {
+            for (id, tp) in &people {
+                let kept = g.verify(probe, id, 1e-3).expect("enrolled");
+                let plain = verify(probe, tp, 1e-3, g.calibration());
+                assert_eq!(kept.fused.score, plain.fused.score, "{id}");
+                assert_eq!(kept.fused.fingers, plain.fused.fingers, "{id}");
+                assert_eq!(kept.is_match, plain.is_match, "{id}");
+            }
+        }
+        // Mates verify (the probes are fresh impressions of the first subjects).
+        assert!(g.verify(&probes[0], &people[0].0, 1e-3).unwrap().is_match);
+        g.clear_expanded_cache();
+        let again = g.verify(&probes[0], &people[0].0, 1e-3).unwrap();
+        assert_eq!(
+            again.fused.score,
+            verify(&probes[0], &people[0].1, 1e-3, g.calibration())
+                .fused
+                .score
+        );
+        assert!(g.verify(&probes[0], "nobody", 1e-3).is_none());
     }
 
     #[test]
