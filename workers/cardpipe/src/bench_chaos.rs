@@ -232,6 +232,8 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
             rabbitmq: proxy("rabbitmq").addr(),
             s3: proxy("s3").addr(),
         }),
+        // The configured throttle: the chaos run checks what survives, not how fast.
+        release_per_minute: None,
     };
     eprintln!("bench chaos: starting the distributed topology");
     let mut topology = Topology::distributed(&spec).await?;

@@ -55,6 +55,11 @@ pub struct BenchPipelineArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Applications released per minute (`[registry] release_per_minute`); default: no
+    /// throttle, so the stages set the pace (at the configured 2,000 a minute the release
+    /// alone caps a run at 33 applications/s).
+    #[arg(long)]
+    pub release_per_minute: Option<u32>,
     /// Give up when no application changed state for this many seconds.
     #[arg(long, default_value_t = 300)]
     pub stall_seconds: u64,
@@ -190,6 +195,7 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         blanks: (2 * args.records as u64 + 100).max(10_000),
         line_args: Vec::new(),
         via: None,
+        release_per_minute: Some(args.release_per_minute.unwrap_or(1_000_000)),
         concurrency: {
             let mut c = BTreeMap::from([
                 ("personalize".to_owned(), args.encoders.max(4)),

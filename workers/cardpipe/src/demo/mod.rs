@@ -199,6 +199,13 @@ pub async fn run(
         );
         closing_summary(&services, &life, &report.batch_id, &stop).await?;
     }
+    if stop.is_cancelled() {
+        // Shut down (ctrl-c, SIGTERM) before the batch came to rest: not "done".
+        eprintln!(
+            "demo: stopped before the batch came to rest; `cardpipe run` on the same data dir carries on where it left off"
+        );
+        return Ok(());
+    }
     eprintln!(
         "demo: done. The console is at {} ; the process keeps serving until ctrl-c.",
         spec.console_url
