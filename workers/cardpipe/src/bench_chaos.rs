@@ -345,7 +345,10 @@ async fn chaos(args: &BenchChaosArgs) -> anyhow::Result<()> {
         exited.push(name.clone());
         topology.restart(&name)?;
     }
-    topology.wait_ready(Duration::from_secs(120)).await?;
+    // A process that does not come back after the faults is a violation: its log is kept.
+    if let Err(e) = topology.wait_ready(Duration::from_secs(120)).await {
+        violations.push(format!("{e:#}"));
+    }
     violations.extend(check_invariants(&store, &batch_id, accepted).await?);
     for (name, args) in [
         ("stock-report", ["stock", "report"]),

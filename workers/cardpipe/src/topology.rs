@@ -571,18 +571,24 @@ impl Topology {
             .collect();
         for (name, port) in ports {
             loop {
-                let ready = http
+                // What /readyz said last (which backend is down), for the error.
+                let answer = match http
                     .get(format!("http://127.0.0.1:{port}/readyz"))
                     .send()
                     .await
-                    .is_ok_and(|r| r.status().is_success());
-                if ready {
-                    break;
-                }
+                {
+                    Ok(r) if r.status().is_success() => break,
+                    Ok(r) => {
+                        let status = r.status();
+                        let body = r.text().await.unwrap_or_default();
+                        format!("{status}: {}", body.trim().replace('\n', ", "))
+                    }
+                    Err(e) => format!("no answer: {e}"),
+                };
                 self.check_alive()?;
                 if Instant::now() > deadline {
                     bail!(
-                        "{name} not ready within {within:?}; its log ends:\n{}",
+                        "{name} not ready within {within:?} (/readyz: {answer}); its log ends:\n{}",
                         self.log_tail(&name, 15)
                     );
                 }
