@@ -507,10 +507,11 @@ impl StockSource {
             return Ok(true);
         }
         // The vault is empty: the next automatic lot (LOT-AUTO-0001, -0002, …), numbered on
-        // from the last one, so a night longer than one lot does not stop at its size.
+        // from the highest BLK- serial of any lot (automatic or received by an operator with
+        // the same prefix), so a night longer than one lot does not stop at its size.
         let row = sqlx::query(
-            "SELECT COUNT(*) AS lots, MAX(last_number) AS last FROM stock_lots
-             WHERE lot_id LIKE 'LOT-AUTO-%'",
+            "SELECT (SELECT COUNT(*) FROM stock_lots WHERE lot_id LIKE 'LOT-AUTO-%') AS lots,
+                    (SELECT MAX(last_number) FROM stock_lots WHERE serial_prefix = 'BLK-') AS last",
         )
         .fetch_one(services.store.pool())
         .await?;

@@ -62,20 +62,9 @@ async fn without_automatic_lots_a_dry_vault_says_what_to_do(mode: Mode) {
         none.to_string().contains("cardpipe stock receive"),
         "{none}"
     );
-    stock::receive(
-        &services,
-        &NewLot {
-            lot_id: None,
-            supplier: "Supplier".into(),
-            chip_type: "test-chip".into(),
-            serial_prefix: "BLK-".into(),
-            first: 1,
-            last: 1,
-        },
-        "vault.alice",
-    )
-    .await
-    .expect("receive");
+    stock::receive(&services, &blk_lot(1, 1), "vault.alice")
+        .await
+        .expect("receive");
     assert_eq!(
         source
             .take(&services, "encoder-01")
@@ -90,6 +79,53 @@ async fn without_automatic_lots_a_dry_vault_says_what_to_do(mode: Mode) {
         1,
         "nothing received automatically"
     );
+}
+
+/// An operator's lot with the automatic prefix: the automatic lot after it is numbered on
+/// from its last serial instead of overlapping it.
+async fn an_automatic_lot_follows_an_operator_lot(mode: Mode) {
+    let (services, _guard) = testing::services(mode, None).await;
+    stock::receive(&services, &blk_lot(1, 3), "vault.alice")
+        .await
+        .expect("receive");
+    let source = StockSource::new(StockConfig {
+        auto_lot: AutoLot::Always,
+        auto_lot_size: 2,
+        ..StockConfig::default()
+    });
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        taken.push(source.take(&services, "encoder-01").await.expect("a blank"));
+    }
+    assert_eq!(taken.last().map(String::as_str), Some("BLK-00000004"));
+    let automatic: Vec<_> = lots(&services)
+        .await
+        .into_iter()
+        .filter(|(id, _, _)| id.starts_with("LOT-AUTO-"))
+        .collect();
+    assert_eq!(automatic, vec![("LOT-AUTO-0001".to_owned(), 4, 5)]);
+}
+
+/// An operator's lot of BLK- serials `first..=last`.
+fn blk_lot(first: u64, last: u64) -> NewLot {
+    NewLot {
+        lot_id: None,
+        supplier: "Supplier".into(),
+        chip_type: "test-chip".into(),
+        serial_prefix: "BLK-".into(),
+        first,
+        last,
+    }
+}
+
+#[tokio::test]
+async fn embedded_after_an_operator_lot() {
+    an_automatic_lot_follows_an_operator_lot(Mode::Embedded).await
+}
+
+#[tokio::test]
+async fn distributed_after_an_operator_lot() {
+    an_automatic_lot_follows_an_operator_lot(Mode::Distributed).await
 }
 
 #[tokio::test]

@@ -663,7 +663,15 @@ pub fn verify(
     target_fmr: f64,
     calibration: &Calibration,
 ) -> Verification {
-    let scores = finger_scores(probe, reference);
+    verification(finger_scores(probe, reference), target_fmr, calibration)
+}
+
+/// The fused verdict of per-finger scores at `target_fmr`.
+fn verification(
+    scores: [Option<f32>; 10],
+    target_fmr: f64,
+    calibration: &Calibration,
+) -> Verification {
     let fused = fuse(scores, calibration);
     Verification {
         is_match: fused.fmr <= target_fmr,
@@ -985,7 +993,7 @@ impl Gallery {
     pub fn insert_probe(&mut self, reference_id: &str, probe: &Probe, cache_budget: usize) -> bool {
         let new = self.insert_ready(reference_id, probe.prepared_subject());
         let s = self.index[reference_id] as usize;
-        if cache_budget > 0 && *self.expanded_bytes.get_mut() < cache_budget {
+        if self.cache_has_room(cache_budget) {
             let kept = ExpandedSubject::of(probe.templates.clone());
             let bytes = kept.bytes;
             // The cell is empty: a new slot, or a re-enrolment whose old expansion `append`
@@ -1064,7 +1072,7 @@ impl Gallery {
         if let Some(kept) = cell.get() {
             return Some(kept);
         }
-        if budget == 0 || self.expanded_bytes.load(Ordering::Relaxed) >= budget {
+        if !self.cache_has_room(budget) {
             return None;
         }
         Some(cell.get_or_init(|| {
@@ -1072,6 +1080,11 @@ impl Gallery {
             self.expanded_bytes.fetch_add(e.bytes, Ordering::Relaxed);
             Box::new(e)
         }))
+    }
+
+    /// Whether the expanded-template cache may keep one more subject under `budget` bytes.
+    fn cache_has_room(&self, budget: usize) -> bool {
+        budget > 0 && self.expanded_bytes.load(Ordering::Relaxed) < budget
     }
 
     /// Drops every kept expansion (benchmarks comparing with and without the cache).
@@ -1447,23 +1460,16 @@ impl Gallery {
         target_fmr: f64,
     ) -> Option<Verification> {
         let s = *self.index.get(reference_id)? as usize;
-        let scores = match self.expanded[s].get() {
-            Some(kept) => {
-                let mut scores = [None; 10];
-                for (f, score) in scores.iter_mut().enumerate() {
-                    if let (Some(p), Some(r)) = (&probe.templates[f], &kept.fingers[f]) {
-                        *score = Some(compare(p, r));
-                    }
-                }
-                scores
-            }
-            None => finger_scores(probe, &TenPrint::from_blob(&self.blobs[s])),
+        let reference = match self.expanded[s].get() {
+            Some(kept) => Reference::Expanded(kept),
+            None => Reference::Compact(Box::new(TenPrint::from_blob(&self.blobs[s]))),
         };
-        let fused = fuse(scores, &self.calibration);
-        Some(Verification {
-            is_match: fused.fmr <= target_fmr,
-            fused,
-        })
+        let scores = std::array::from_fn(|f| {
+            probe.templates[f]
+                .as_ref()
+                .and_then(|p| reference.compare(p, f))
+        });
+        Some(verification(scores, target_fmr, &self.calibration))
     }
 
     /// Reference id of a slot returned by [`Gallery::shortlist`].
