@@ -303,3 +303,37 @@ async fn rabbitmq_depths_are_readable_by_a_process_that_did_not_declare_the_stag
         "a stage nobody declared is an error, not zeros"
     );
 }
+
+/// A benchmark's topology deletes its queues when it stops: every queue of a stage (work,
+/// priority lane, parked, retry waits) goes, another prefix's stay.
+#[tokio::test]
+async fn rabbitmq_stage_queues_are_deleted_under_their_prefix_only() {
+    let url = testing::amqp_url();
+    let ours = testing::rabbit_broker_with_prefix(&url, &testing::unique("cardpipe-del-")).await;
+    let theirs = testing::rabbit_broker_with_prefix(&url, &testing::unique("cardpipe-keep-")).await;
+    let policy = RetryPolicy {
+        delays: vec![Duration::from_secs(600), Duration::from_secs(600)],
+        max_attempts: 3,
+    };
+    ours.declare_stage(STAGE, &policy).await.expect("declare");
+    theirs.declare_stage(STAGE, &policy).await.expect("declare");
+    ours.publish(&Job::new(STAGE, "left-over"))
+        .await
+        .expect("publish");
+
+    // work, priority, parked and two retry waits
+    assert_eq!(ours.delete_stage_queues(STAGE).await.expect("delete"), 5);
+    assert!(
+        ours.depth(STAGE).await.is_err(),
+        "the stage's queues are gone"
+    );
+    assert_eq!(
+        ours.delete_stage_queues(STAGE).await.expect("delete again"),
+        0,
+        "deleting again finds nothing"
+    );
+    theirs
+        .depth(STAGE)
+        .await
+        .expect("another prefix's queues stay");
+}

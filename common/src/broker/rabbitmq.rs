@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -96,6 +96,35 @@ impl RabbitBroker {
         // A broker that stopped answering must not hold a shutdown forever.
         let close = self.connection.close(200, "cardpipe shutdown".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+    }
+
+    /// Deletes every queue of `stage` under this broker's prefix: the work queue, the
+    /// priority lane, the parking queue and the retry waits. For a throw-away prefix only
+    /// (a benchmark's topology, once its processes stopped): the messages in them are gone.
+    /// Returns how many of those queues existed.
+    pub async fn delete_stage_queues(&self, stage: &str) -> Result<usize, BrokerError> {
+        let mut names = vec![
+            self.names.work(stage),
+            self.names.priority(stage),
+            self.names.parked(stage),
+        ];
+        names.extend((0..MAX_DISCOVERED_RETRY_STEPS).map(|step| self.names.retry(stage, step)));
+        let mut deleted = 0;
+        for name in names {
+            // A missing queue is skipped (deleting it would close the channel on older
+            // brokers); a broker that went away ends the clean-up below.
+            if self.message_count(&name).await.is_err() {
+                continue;
+            }
+            let channel = self.connection.create_channel().await.map_err(conn_err)?;
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(conn_err)?;
+            let _ = channel.close(200, "".into()).await;
+            deleted += 1;
+        }
+        Ok(deleted)
     }
 
     async fn declare(

@@ -160,6 +160,9 @@ pub struct ModeReport {
     pub peak_waiting: BTreeMap<String, i64>,
     /// The processes the topology ran.
     pub processes: Vec<String>,
+    /// Distributed: the RabbitMQ queue prefix of the run (its queues are deleted at the end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_prefix: Option<String>,
 }
 
 /// Runs the benchmark; ctrl-c or SIGTERM stops it and every process it started.
@@ -318,6 +321,7 @@ async fn one_mode(
         .map(|(_, n)| n)
         .sum();
     let processes = topology.process_names();
+    let queue_prefix = topology.queue_prefix().map(str::to_owned);
     let unclean = topology.stop();
     if !unclean.is_empty() {
         eprintln!(
@@ -341,6 +345,7 @@ async fn one_mode(
         stages,
         peak_waiting,
         processes,
+        queue_prefix,
     })
 }
 

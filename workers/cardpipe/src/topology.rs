@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use cardpipe_common::broker::rabbitmq::RabbitBroker;
 use cardpipe_common::store::Store;
 use cardpipe_common::testing;
 
@@ -109,6 +110,9 @@ pub struct Topology {
     pub store_url: String,
     /// Whether to drop the PostgreSQL database when the topology stops.
     drop_database: Option<(String, String)>,
+    /// Distributed: the RabbitMQ URL and queue prefix whose stage queues are deleted when the
+    /// topology is dropped (quorum queues left behind would pile up run after run).
+    delete_queues: Option<(String, String)>,
     /// `None` once [`Topology::keep_work_dir`] kept it.
     work: Option<tempfile::TempDir>,
     work_path: PathBuf,
@@ -257,6 +261,7 @@ impl Topology {
             registry_token,
             store_url: String::new(),
             drop_database: None,
+            delete_queues: None,
             work: Some(work),
             work_path,
             env,
@@ -306,6 +311,8 @@ impl Topology {
         t.drop_database = Some((admin, name));
         let mut s3 = testing::s3_settings();
         let (mut url, mut amqp) = (url, testing::amqp_url());
+        let queue_prefix = testing::unique("bench-");
+        t.delete_queues = Some((amqp.clone(), queue_prefix.clone()));
         if let Some(via) = &spec.via {
             url = crate::fault_proxy::rewrite_host(&url, &via.postgres);
             amqp = crate::fault_proxy::rewrite_host(&amqp, &via.rabbitmq);
@@ -315,10 +322,7 @@ impl Topology {
             ("CARDPIPE__STORE__URL".to_owned(), url),
             ("CARDPIPE__BROKER__KIND".to_owned(), "rabbitmq".to_owned()),
             ("CARDPIPE__BROKER__URL".to_owned(), amqp),
-            (
-                "CARDPIPE__BROKER__QUEUE_PREFIX".to_owned(),
-                testing::unique("bench-"),
-            ),
+            ("CARDPIPE__BROKER__QUEUE_PREFIX".to_owned(), queue_prefix),
             ("CARDPIPE__OBJECTS__KIND".to_owned(), "s3".to_owned()),
             (
                 "CARDPIPE__OBJECTS__ENDPOINT".to_owned(),
@@ -598,6 +602,13 @@ impl Topology {
         Ok(())
     }
 
+    /// Distributed: the RabbitMQ queue prefix its processes use.
+    pub fn queue_prefix(&self) -> Option<&str> {
+        self.delete_queues
+            .as_ref()
+            .map(|(_, prefix)| prefix.as_str())
+    }
+
     /// Names of the started processes (`line`, `serve`, `dedup-0`, ... or `run`).
     pub fn process_names(&self) -> Vec<String> {
         self.procs.iter().map(|p| p.name.clone()).collect()
@@ -673,10 +684,14 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.stop();
-        if let Some((admin, name)) = self.drop_database.take() {
+        let database = self.drop_database.take();
+        let queues = self.delete_queues.take();
+        if database.is_some() || queues.is_some() {
             // Best effort, on a runtime of its own (Drop may run outside any runtime).
-            let drop_db = async move {
-                if let Ok(store) = Store::connect(&admin, 1).await {
+            let clean_up = async move {
+                if let Some((admin, name)) = database
+                    && let Ok(store) = Store::connect(&admin, 1).await
+                {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                     )))
@@ -684,13 +699,21 @@ impl Drop for Topology {
                     .await;
                     store.close().await;
                 }
+                if let Some((url, prefix)) = queues
+                    && let Ok(broker) = RabbitBroker::connect(&url, &prefix).await
+                {
+                    for stage in crate::stages::NAMES {
+                        let _ = broker.delete_stage_queues(stage).await;
+                    }
+                    broker.close().await;
+                }
             };
             let _ = std::thread::spawn(move || {
                 if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
-                    rt.block_on(drop_db);
+                    rt.block_on(clean_up);
                 }
             })
             .join();

@@ -10,6 +10,8 @@
 
 use std::process::Command;
 
+use cardpipe_common::broker::Broker;
+use cardpipe_common::testing;
 use serde_json::Value;
 
 const RECORDS: i64 = 20;
@@ -143,7 +145,18 @@ fn bench_pipeline_reports_every_application_at_rest_in_both_modes() {
         "the table goes to stderr:\n{stderr}"
     );
 
-    // Nothing the bench started outlives it.
+    // Nothing the bench started outlives it: no process, no queue.
     let left = leftover_processes(&marker);
     assert!(left.is_empty(), "processes left running: {left:?}");
+    let prefix = distributed["queue_prefix"].as_str().expect("queue prefix");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let broker = testing::rabbit_broker_with_prefix(&testing::amqp_url(), prefix).await;
+        for stage in ["keys", "dedup", "personalize", "qc", "shipping"] {
+            assert!(
+                broker.depth(stage).await.is_err(),
+                "the {stage} queues of {prefix} are left in RabbitMQ"
+            );
+        }
+    });
 }
