@@ -160,6 +160,16 @@ pub struct ModeReport {
     pub peak_waiting: BTreeMap<String, i64>,
     /// The processes the topology ran.
     pub processes: Vec<String>,
+    /// Busy CPU time of the whole machine (every process: the topology, PostgreSQL,
+    /// RabbitMQ, the S3 server, pcscd) from the release to the last end state, in
+    /// core-seconds, from `/proc/stat` (absent where there is none). Meaningful only on a
+    /// machine that runs nothing else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_cpu_s: Option<f64>,
+    /// `machine_cpu_s` per application at rest, in milliseconds: what one application costs
+    /// the machine in this mode, whatever the number of cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_cpu_ms_per_application: Option<f64>,
     /// Distributed: the RabbitMQ queue prefix of the run (its queues are deleted at the end).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_prefix: Option<String>,
@@ -232,6 +242,15 @@ async fn bench(args: &BenchPipelineArgs) -> anyhow::Result<()> {
                 "distributed / embedded end to end: {:.2} / {:.2} apps/s = {r:.2}",
                 d.end_to_end_apps_per_s, e.end_to_end_apps_per_s
             );
+            if let (Some(dc), Some(ec)) = (
+                d.machine_cpu_ms_per_application,
+                e.machine_cpu_ms_per_application,
+            ) {
+                eprintln!(
+                    "machine CPU per application: distributed {dc:.1} / embedded {ec:.1} core-ms = {:.2}",
+                    dc / ec
+                );
+            }
             Some(r)
         }
         _ => None,
@@ -259,6 +278,7 @@ async fn one_mode(
     let (batch_id, accepted, submit_s, released_at) =
         submit(&topology, &http, args.records, args.seed).await?;
     eprintln!("bench pipeline: batch of {accepted} accepted in {submit_s:.1} s; released now");
+    let cpu_at_release = machine_busy_seconds();
     let store = Store::connect(&topology.store_url, 2)
         .await
         .context("connecting to the topology's store")?;
@@ -313,6 +333,10 @@ async fn one_mode(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    let machine_cpu_s = match (cpu_at_release, machine_busy_seconds()) {
+        (Some(start), Some(end)) => Some(end - start),
+        _ => None,
+    };
     let (stages, release_to_end_s) = stage_figures(&store, &batch_id, released_at).await?;
     store.close().await;
     let at_rest: i64 = states
@@ -345,6 +369,10 @@ async fn one_mode(
         stages,
         peak_waiting,
         processes,
+        machine_cpu_s,
+        machine_cpu_ms_per_application: machine_cpu_s
+            .filter(|_| at_rest > 0)
+            .map(|s| s * 1000.0 / at_rest as f64),
         queue_prefix,
     })
 }
@@ -593,6 +621,63 @@ fn print_table(report: &ModeReport) {
         report.states,
         report.parked
     );
+    if let (Some(cpu), Some(per_app)) =
+        (report.machine_cpu_s, report.machine_cpu_ms_per_application)
+    {
+        eprintln!(
+            "machine CPU: {cpu:.1} core-s busy ({:.2} cores on average), {per_app:.1} core-ms per application",
+            if report.release_to_end_s > 0.0 {
+                cpu / report.release_to_end_s
+            } else {
+                0.0
+            }
+        );
+    }
     eprintln!("{table}");
     eprintln!("peak waiting per state: {:?}\n", report.peak_waiting);
+}
+
+/// Busy core-seconds of the whole machine since boot: `/proc/stat`'s first line, user, nice,
+/// system, irq and softirq (not idle, iowait, or steal — time a hypervisor gave to another
+/// guest; guest time is already inside user). `None` off Linux.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_seconds(stat.lines().next()?)
+}
+
+fn busy_seconds(cpu_line: &str) -> Option<f64> {
+    let mut fields = cpu_line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    if ticks.len() < 5 {
+        return None;
+    }
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![3, 4, 7].contains(i))
+        .map(|(_, t)| t)
+        .sum();
+    // USER_HZ: 100 on every Linux architecture cardpipe builds for.
+    Some(busy as f64 / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::busy_seconds;
+
+    #[test]
+    fn busy_time_leaves_out_idle_and_iowait() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu  1000 50 300 90000 700 10 20 5 0 0";
+        assert_eq!(busy_seconds(line), Some(13.8));
+        assert_eq!(busy_seconds("cpu0 1 2 3 4 5"), None, "a per-core line");
+        assert_eq!(busy_seconds("cpu  1 x 3 4 5"), None, "not a number");
+        assert_eq!(busy_seconds("cpu  1 2"), None, "too short");
+    }
 }

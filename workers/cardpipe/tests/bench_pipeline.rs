@@ -119,6 +119,12 @@ fn bench_pipeline_reports_every_application_at_rest_in_both_modes() {
             assert!(s["p50_s"].as_f64().unwrap() <= s["p95_s"].as_f64().unwrap());
         }
         assert!(m["end_to_end_apps_per_s"].as_f64().unwrap() > 0.0, "{m:#}");
+        // The machine's CPU over the run, per application (Linux: /proc/stat).
+        assert!(m["machine_cpu_s"].as_f64().unwrap() > 0.0, "{m:#}");
+        assert!(
+            m["machine_cpu_ms_per_application"].as_f64().unwrap() > 0.0,
+            "{m:#}"
+        );
     }
     let distributed = &modes[1];
     let processes: Vec<&str> = distributed["processes"]
