@@ -56,6 +56,34 @@ async fn round_trip(store: Arc<dyn ObjectStore>) {
         .expect("deleting twice is fine");
     assert_eq!(store.get("apps/1/dg1.bin").await.expect("get"), None);
     assert_eq!(store.list("apps/").await.expect("list").len(), 2);
+
+    // Listing is recursive whatever the depth, and a prefix need not end at a "/".
+    for key in [
+        "deep/a/b/c.bin",
+        "deep/a/d.bin",
+        "deep/ab/e.bin",
+        "deep/f.bin",
+    ] {
+        store.put(key, Bytes::from_static(b"x")).await.expect("put");
+    }
+    assert_eq!(
+        store.list("deep/").await.expect("list"),
+        [
+            "deep/a/b/c.bin",
+            "deep/a/d.bin",
+            "deep/ab/e.bin",
+            "deep/f.bin"
+        ]
+    );
+    assert_eq!(
+        store.list("deep/a").await.expect("list"),
+        ["deep/a/b/c.bin", "deep/a/d.bin", "deep/ab/e.bin"]
+    );
+    assert_eq!(
+        store.list("deep/a/").await.expect("list"),
+        ["deep/a/b/c.bin", "deep/a/d.bin"]
+    );
+    assert!(store.list("deep/z").await.expect("list").is_empty());
 }
 
 async fn bad_keys_are_refused(store: Arc<dyn ObjectStore>) {

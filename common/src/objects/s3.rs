@@ -251,21 +251,36 @@ impl ObjectStore for S3ObjectStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, ObjectError> {
+        // Walked level by level with a "/" delimiter, as a directory tree: the same keys as
+        // one flat listing of the prefix, but a server that keeps objects as files (the
+        // s3s-fs server, a filesystem gateway) then reads only the directories under the
+        // prefix instead of every object of the bucket. The keys stage lists one
+        // application's objects after every QC pass; listed flat, s3s-fs spent a whole core
+        // walking the bucket during a 2,000-application distributed run.
         let mut keys = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| backend("list", prefix, e))?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned)),
-            );
+        let mut levels = vec![prefix.to_owned()];
+        while let Some(level) = levels.pop() {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&level)
+                .delimiter("/")
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| backend("list", prefix, e))?;
+                keys.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_owned)),
+                );
+                levels.extend(
+                    page.common_prefixes()
+                        .iter()
+                        .filter_map(|p| p.prefix().map(str::to_owned)),
+                );
+            }
         }
         keys.sort();
         Ok(keys)
