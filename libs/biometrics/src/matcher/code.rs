@@ -77,7 +77,7 @@ fn functions() -> &'static Vec<[(u8, u8); HASH_BITS]> {
 }
 
 /// 1/√(p(B−p)) for every popcount p (0 for empty or full codes).
-fn inverse_norms() -> &'static [f32; CODE_BITS as usize + 1] {
+pub(crate) fn inverse_norms() -> &'static [f32; CODE_BITS as usize + 1] {
     static T: OnceLock<[f32; CODE_BITS as usize + 1]> = OnceLock::new();
     T.get_or_init(|| {
         let mut t = [0f32; CODE_BITS as usize + 1];

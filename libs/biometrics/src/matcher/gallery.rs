@@ -44,7 +44,7 @@ use std::sync::{Arc, OnceLock};
 use rayon::prelude::*;
 
 use super::calibration::{Calibration, FusedScore, fuse};
-use super::code::{CODE_BITS, CODE_WORDS, FingerCode, code_similarity};
+use super::code::{CODE_BITS, CODE_WORDS, FingerCode, code_similarity, inverse_norms};
 use super::compare::compare;
 use super::template::{CanonMinutia, Finger, FingerTemplate};
 use crate::iso19794_2::{self, IsoError};
@@ -760,6 +760,90 @@ pub struct Gallery {
     calibration: Arc<Calibration>,
 }
 
+/// The probe's side of the candidate score ([`Gallery::shortlist`]), worked out once per search
+/// instead of once per enrolled finger.
+struct ScanProbe<'a> {
+    codes: &'a [u64; STRIDE],
+    pops: [u32; 10],
+    /// 1/√(p(B−p)) of each finger's popcount. Lanes 10 and 11 are 0 (see `slot_score`).
+    inverse_norm: [f32; 12],
+    mu: [f32; 12],
+    inv_sd: [f32; 12],
+    table: &'static [f32; CODE_BITS as usize + 1],
+}
+
+impl<'a> ScanProbe<'a> {
+    fn new(probe: &'a Probe, norm: &CodeNorm) -> Self {
+        let table = inverse_norms();
+        ScanProbe {
+            codes: &probe.codes,
+            pops: probe.pops,
+            inverse_norm: pad(probe.pops.map(|p| table[p.min(CODE_BITS) as usize])),
+            mu: pad(norm.mu),
+            inv_sd: pad(norm.inv_sd),
+            table,
+        }
+    }
+}
+
+/// Ten per-finger values and two zeros.
+fn pad(ten: [f32; 10]) -> [f32; 12] {
+    let mut twelve = [0f32; 12];
+    twelve[..10].copy_from_slice(&ten);
+    twelve
+}
+
+/// The best `k` (score, slot) pairs of a scan, exactly (by score, then slot).
+///
+/// Pairs at or above the floor are appended; whenever `2k` have gathered, the best `k` are
+/// selected (`select_nth_unstable`, linear) and the floor rises to the lowest score kept. A
+/// pair below the floor cannot make the shortlist, and after the first few thousand slots
+/// most of a gallery scores below it, so a slot costs one comparison. (A bounded binary heap,
+/// before 8 December, paid a push and a pop for every slot above its floor: in a gallery of
+/// 20,000 split in eight chunks, about half the slots of every chunk with a shortlist of 500.)
+struct TopK {
+    k: usize,
+    kept: Vec<(i64, u32)>,
+    floor: i64,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        TopK {
+            k,
+            kept: Vec::with_capacity(2 * k),
+            floor: i64::MIN,
+        }
+    }
+
+    #[inline(always)]
+    fn admit(&mut self, score: i64, slot: u32) {
+        self.kept.push((score, slot));
+        if self.kept.len() >= 2 * self.k {
+            self.compact();
+        }
+    }
+
+    /// Keeps the best `k` and raises the floor to the lowest score among them.
+    fn compact(&mut self) {
+        if self.kept.len() > self.k {
+            self.kept
+                .select_nth_unstable_by(self.k - 1, |a, b| b.cmp(a));
+            self.kept.truncate(self.k);
+        }
+        if self.kept.len() == self.k {
+            self.floor = self.kept.iter().map(|e| e.0).min().unwrap_or(i64::MIN);
+        }
+    }
+
+    /// The best `k`, best first.
+    fn into_sorted(mut self) -> Vec<(i64, u32)> {
+        self.compact();
+        self.kept.sort_unstable_by(|a, b| b.cmp(a));
+        self.kept
+    }
+}
+
 /// Mean and inverse standard deviation of one enrolled finger's code similarity to unrelated
 /// subjects (the cohort).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -1230,6 +1314,139 @@ impl Gallery {
     }
 
     fn shortlist_normed(
+        &self,
+        probes: &[&Probe],
+        norms: &[CodeNorm],
+        shortlist: usize,
+        parallel: bool,
+    ) -> Vec<Vec<(i64, u32)>> {
+        let n = self.ids.len();
+        if shortlist == 0 || probes.is_empty() {
+            return vec![Vec::new(); probes.len()];
+        }
+        let sides: Vec<ScanProbe<'_>> = probes
+            .iter()
+            .zip(norms)
+            .map(|(p, norm)| ScanProbe::new(p, norm))
+            .collect();
+        let scan = |range: std::ops::Range<usize>| -> Vec<TopK> {
+            let mut tops: Vec<TopK> = (0..probes.len()).map(|_| TopK::new(shortlist)).collect();
+            let mut start = range.start;
+            while start < range.end {
+                let end = (start + BLOCK).min(range.end);
+                for (side, top) in sides.iter().zip(tops.iter_mut()) {
+                    for s in start..end {
+                        let score = self.slot_score(side, s);
+                        if score >= top.floor {
+                            top.admit(score, s as u32);
+                        }
+                    }
+                }
+                start = end;
+            }
+            tops
+        };
+        let tops: Vec<TopK> = if parallel && n > 4 * BLOCK {
+            let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(BLOCK);
+            let parts: Vec<Vec<TopK>> = (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .map(|c| scan(c * chunk..((c + 1) * chunk).min(n)))
+                .collect();
+            let mut merged: Vec<TopK> = (0..probes.len()).map(|_| TopK::new(shortlist)).collect();
+            for part in parts {
+                for (m, top) in merged.iter_mut().zip(part) {
+                    m.kept.extend(top.kept);
+                    m.compact();
+                }
+            }
+            merged
+        } else {
+            scan(0..n)
+        };
+        tops.into_iter().map(TopK::into_sorted).collect()
+    }
+
+    /// Candidate score of slot `s` (see [`Gallery::shortlist`]), × 10⁶ as an integer. The
+    /// same arithmetic, in the same order, as [`Self::code_score`], with the probe's side
+    /// worked out once per search ([`ScanProbe`]) and the slot's codes, popcounts and norms
+    /// read as fixed-size arrays: the scan runs it once per probe and enrolled subject.
+    #[inline(always)]
+    fn slot_score(&self, p: &ScanProbe<'_>, s: usize) -> i64 {
+        let codes: &[u64; STRIDE] = self.codes[s * STRIDE..(s + 1) * STRIDE]
+            .try_into()
+            .expect("a slot holds STRIDE code words");
+        let pops: &[u16; 10] = self.pops[s * 10..(s + 1) * 10]
+            .try_into()
+            .expect("a slot holds ten popcounts");
+        let gallery_norms: &[FingerNorm; 10] = self.finger_norms[s * 10..(s + 1) * 10]
+            .try_into()
+            .expect("a slot holds ten norms");
+        let mut distance = [0u32; 10];
+        for (f, d) in distance.iter_mut().enumerate() {
+            let a = &p.codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
+            let b = &codes[f * CODE_WORDS..(f + 1) * CODE_WORDS];
+            *d = a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum();
+        }
+        // Each finger's term first, with selects instead of branches, so that the ten run
+        // side by side in vector registers; then their sum in finger order, as before.
+        // Lanes 10 and 11 pad the ten fingers to three vectors of four; they stay 0.
+        let mut pb = [0f32; 12];
+        let mut excess = [0f32; 12];
+        let mut gallery_mu = [0f32; 12];
+        let mut gallery_inv_sd = [0f32; 12];
+        let mut scale = [0f32; 12];
+        for f in 0..10 {
+            // Popcounts are at most B = 768 and products at most B², exact in i32 and in f32.
+            let a = p.pops[f] as i32;
+            let b = i32::from(pops[f]);
+            let both = (a + b - distance[f] as i32) / 2;
+            excess[f] = (both * CODE_BITS as i32) as f32 - (a * b) as f32;
+            pb[f] = b as f32;
+            scale[f] = p.table[usize::from(pops[f]).min(CODE_BITS as usize)];
+            gallery_mu[f] = gallery_norms[f].mu;
+            gallery_inv_sd[f] = gallery_norms[f].inv_sd;
+        }
+        let mut terms = [0f32; 12];
+        for f in 0..12 {
+            let phi = excess[f] * p.inverse_norm[f] * scale[f];
+            let probe_z = (phi - p.mu[f]) * p.inv_sd[f];
+            let gallery_z = if gallery_inv_sd[f] > 0.0 {
+                (phi - gallery_mu[f]) * gallery_inv_sd[f]
+            } else {
+                probe_z
+            };
+            let z = 0.5 * (probe_z + gallery_z);
+            // A finger missing on either side adds nothing.
+            let z = if z > 0.0 && p.inv_sd[f] > 0.0 && pb[f] > 0.0 {
+                z
+            } else {
+                0.0
+            };
+            terms[f] = z * z.sqrt();
+        }
+        let mut sum = 0f32;
+        for term in &terms[..10] {
+            sum += term;
+        }
+        (sum * 1e6) as i64
+    }
+
+    /// The candidate scan as it was before 8 December: a bounded heap per probe and chunk.
+    /// Kept to check [`Self::shortlist`] against (its tests) and to measure the two in one
+    /// run (`examples/scan_speed.rs`); the shortlists agree except for which of several
+    /// subjects tied on the last score are kept.
+    #[doc(hidden)]
+    pub fn shortlist_heap_reference(
+        &self,
+        probes: &[&Probe],
+        shortlist: usize,
+        parallel: bool,
+    ) -> Vec<Vec<(i64, u32)>> {
+        let norms: Vec<CodeNorm> = probes.iter().map(|p| self.code_norm(p)).collect();
+        self.shortlist_heap(probes, &norms, shortlist, parallel)
+    }
+
+    fn shortlist_heap(
         &self,
         probes: &[&Probe],
         norms: &[CodeNorm],
@@ -1850,6 +2067,105 @@ mod tests {
         assert_eq!(gallery.cohort.len(), 32);
         let slot0 = gallery.finger_norms[..10].to_vec();
         assert_eq!(slot0, complete[..10]);
+    }
+
+    /// The exact top `k` of `(score, slot)` pairs, best first, by sorting them all.
+    fn top_by_sorting(mut all: Vec<(i64, u32)>, k: usize) -> Vec<(i64, u32)> {
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        all.truncate(k);
+        all
+    }
+
+    /// `TopK` keeps exactly what sorting everything would, ties included, for shortlists
+    /// shorter than, equal to and longer than the input, and whatever the order of arrival.
+    #[test]
+    fn top_k_equals_sorting_everything() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        };
+        for (n, spread) in [(0usize, 10u64), (1, 10), (5_000, 40), (5_000, 1_000_000)] {
+            // A narrow spread of scores makes ties the rule, as zero scores are in a scan.
+            let all: Vec<(i64, u32)> = (0..n as u32)
+                .map(|slot| ((next() % spread) as i64 - 5, slot))
+                .collect();
+            for k in [1, 3, 500, 4_999, 5_000, 9_000] {
+                let mut top = TopK::new(k);
+                for &(score, slot) in &all {
+                    if score >= top.floor {
+                        top.admit(score, slot);
+                    }
+                }
+                assert_eq!(
+                    top.into_sorted(),
+                    top_by_sorting(all.clone(), k),
+                    "n {n} k {k}"
+                );
+                // Two halves kept apart then merged, as the parallel scan does.
+                let (a, b) = all.split_at(n / 3);
+                let mut merged = TopK::new(k);
+                for part in [a, b] {
+                    let mut top = TopK::new(k);
+                    for &(score, slot) in part.iter().rev() {
+                        if score >= top.floor {
+                            top.admit(score, slot);
+                        }
+                    }
+                    merged.kept.extend(top.kept);
+                    merged.compact();
+                }
+                assert_eq!(merged.into_sorted(), top_by_sorting(all.clone(), k));
+            }
+        }
+    }
+
+    /// The candidate scan gives the scores the bounded-heap scan gave, for the same subjects
+    /// (up to which of several subjects tied on the last score are kept), the same on one
+    /// thread as on all, and the score of `code_score` for every slot it keeps.
+    #[test]
+    fn candidate_scan_equals_the_heap_scan_it_replaced() {
+        let mut g = Gallery::new();
+        let enrolled = subjects(1_300);
+        let mut prepared: Vec<(String, PreparedSubject)> = enrolled
+            .iter()
+            .map(|(id, tp)| (id.clone(), PreparedSubject::new(tp)))
+            .collect();
+        // One subject with a finger missing, so that the "missing on a side" rule is crossed.
+        prepared[7].1.pops[3] = 0;
+        prepared[7].1.codes[3 * CODE_WORDS..4 * CODE_WORDS].fill(0);
+        g.insert_many(prepared);
+        let mut probes = fresh_probes(6);
+        probes.extend(
+            subjects(1_310)[1_300..]
+                .iter()
+                .map(|(_, tp)| Probe::new(tp)),
+        );
+        let refs: Vec<&Probe> = probes.iter().collect();
+        for k in [1, 5, 500, 1_300, 2_000] {
+            let new = g.shortlist(&refs, k, true);
+            assert_eq!(new, g.shortlist(&refs, k, false), "k {k}: one thread");
+            let old = g.shortlist_heap_reference(&refs, k, true);
+            for (p, (new, old)) in new.iter().zip(&old).enumerate() {
+                assert_eq!(new.len(), k.min(1_300), "k {k} probe {p}");
+                let scores = |v: &Vec<(i64, u32)>| v.iter().map(|e| e.0).collect::<Vec<_>>();
+                assert_eq!(scores(new), scores(old), "k {k} probe {p}: scores");
+                let last = new.last().map_or(i64::MIN, |e| e.0);
+                let above = |v: &Vec<(i64, u32)>| {
+                    let mut s: Vec<u32> = v.iter().filter(|e| e.0 > last).map(|e| e.1).collect();
+                    s.sort_unstable();
+                    s
+                };
+                assert_eq!(above(new), above(old), "k {k} probe {p}: subjects");
+                let norm = g.code_norm(refs[p]);
+                for &(score, slot) in new {
+                    let expected = (g.code_score(refs[p], &norm, slot as usize) * 1e6) as i64;
+                    assert_eq!(score, expected, "k {k} probe {p} slot {slot}");
+                }
+            }
+        }
     }
 
     #[test]
