@@ -96,3 +96,52 @@ async fn workers_resume_after_the_broker_connection_drops() {
         );
     }
 }
+
+/// lapin's own recovery can give up: its backoff runs out, or a cut lands in the middle of
+/// its re-handshake ("unexpected connection open-ok", seen in a chaos run), and the
+/// connection ends closed or in error with nothing to bring it back. The broker opens a new
+/// connection: a publish goes through, a consumer subscribed before the fault receives the
+/// job published after it, and ping (readiness) is healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lapin_gave_up_on_is_replaced() {
+    use cardpipe_common::broker::{Broker, RetryPolicy};
+
+    let broker = testing::rabbit_broker().await;
+    broker
+        .declare_stage("alpha", &RetryPolicy::default())
+        .await
+        .expect("declare");
+    let mut stream = broker.consume("alpha", 4).await.expect("consume");
+    let mut receive = async || loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(delivery))) => return delivery,
+            Ok(Some(Err(_))) => continue, // not subscribed again yet
+            Ok(None) => panic!("the consumer ended"),
+            Err(_) => panic!("nothing received within 30 s"),
+        }
+    };
+    broker
+        .publish(&Job::new("alpha", "before"))
+        .await
+        .expect("publish");
+    let delivery = receive().await;
+    assert_eq!(delivery.job.subject, "before");
+    delivery.ack().await.expect("ack");
+
+    broker.break_connection().await;
+    assert!(
+        broker.ping().await.is_err(),
+        "the dead connection is not ready"
+    );
+
+    broker
+        .publish(&Job::new("alpha", "after"))
+        .await
+        .expect("a publish after the fault goes out on a new connection");
+    broker.ping().await.expect("ready again");
+    let delivery = receive().await;
+    assert_eq!(delivery.job.subject, "after");
+    assert!(!delivery.redelivered);
+    delivery.ack().await.expect("ack on the new connection");
+    broker.close().await;
+}

@@ -16,7 +16,14 @@
 //!   restart or a dropped connection, channels and consumers come back and
 //!   publishes wait for the recovery; unacknowledged deliveries are redelivered
 //!   by the broker.
+//! * When lapin's recovery itself fails (the connection ends in its error or
+//!   closed state: seen in a chaos run when a cut came in the middle of the
+//!   recovery's own handshake, "unexpected connection open-ok"), nothing would
+//!   ever bring that connection back. The broker then opens a new connection
+//!   ([`Link`]) and the consumers subscribe again on it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,12 +48,99 @@ const MAX_DISCOVERED_RETRY_STEPS: usize = 32;
 
 /// The RabbitMQ broker.
 pub struct RabbitBroker {
-    connection: Connection,
-    publisher: Channel,
+    links: Arc<Links>,
     names: QueueNames,
     retry_steps: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-    ops_channel: OnceCell<Channel>,
     queue_expiry: Option<Duration>,
+}
+
+/// One connection to the broker with its confirming publisher channel.
+struct Link {
+    connection: Connection,
+    publisher: Channel,
+    ops_channel: OnceCell<Channel>,
+}
+
+impl Link {
+    async fn open(url: &str) -> Result<Self, BrokerError> {
+        let connection =
+            Connection::connect(url, ConnectionProperties::default().enable_auto_recover())
+                .await
+                .map_err(conn_err)?;
+        let publisher = connection.create_channel().await.map_err(conn_err)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(conn_err)?;
+        Ok(Link {
+            connection,
+            publisher,
+            ops_channel: OnceCell::new(),
+        })
+    }
+
+    /// lapin will not bring this connection back: it ended in error (its recovery failed)
+    /// or was closed.
+    fn is_dead(&self) -> bool {
+        let status = self.connection.status();
+        status.errored() || status.closed()
+    }
+}
+
+/// The broker's current [`Link`], shared with its consumers so that they can subscribe
+/// again on a new one.
+struct Links {
+    /// Never logged: it holds the credentials.
+    url: String,
+    current: std::sync::RwLock<Arc<Link>>,
+    /// One replacement at a time.
+    replacing: tokio::sync::Mutex<()>,
+    /// Set by [`RabbitBroker::close`]: a connection closed on purpose is not replaced.
+    closed: AtomicBool,
+}
+
+impl Links {
+    fn current(&self) -> Arc<Link> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current link, after replacing it if lapin will not recover it.
+    async fn usable(&self) -> Result<Arc<Link>, BrokerError> {
+        let link = self.current();
+        if link.is_dead() {
+            self.replace(&link).await
+        } else {
+            Ok(link)
+        }
+    }
+
+    /// Replaces `seen` by a new connection, unless another caller already did.
+    async fn replace(&self, seen: &Arc<Link>) -> Result<Arc<Link>, BrokerError> {
+        let _one_at_a_time = self.replacing.lock().await;
+        let now = self.current();
+        if !Arc::ptr_eq(&now, seen) {
+            return Ok(now);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(BrokerError::Connection(
+                "the broker connection was closed".into(),
+            ));
+        }
+        let fresh = Arc::new(Link::open(&self.url).await?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        tracing::warn!("broker connection not recoverable; opened a new one");
+        let old = now;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let close = old.connection.close(200, "replaced".into());
+                let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+            });
+        }
+        Ok(fresh)
+    }
 }
 
 impl std::fmt::Debug for RabbitBroker {
@@ -65,23 +159,35 @@ impl RabbitBroker {
     /// Connects (with auto-recovery) and opens a confirming publisher channel.
     /// The URL's credentials are never logged.
     pub async fn connect(url: &str, queue_prefix: &str) -> Result<Self, BrokerError> {
-        let connection =
-            Connection::connect(url, ConnectionProperties::default().enable_auto_recover())
-                .await
-                .map_err(conn_err)?;
-        let publisher = connection.create_channel().await.map_err(conn_err)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(conn_err)?;
+        let link = Link::open(url).await?;
         Ok(Self {
-            connection,
-            publisher,
+            links: Arc::new(Links {
+                url: url.to_owned(),
+                current: std::sync::RwLock::new(Arc::new(link)),
+                replacing: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+            }),
             names: QueueNames::new(queue_prefix),
             retry_steps: Default::default(),
-            ops_channel: OnceCell::new(),
             queue_expiry: None,
         })
+    }
+
+    /// Closes the current connection without [`Self::close`], as when lapin's recovery
+    /// gives up on it: the fault the broker must get over by itself (tests).
+    #[doc(hidden)]
+    pub async fn break_connection(&self) {
+        let link = self.links.current();
+        let _ = link
+            .connection
+            .close(320, "connection forced (test)".into())
+            .await;
+    }
+
+    /// A new channel on a usable connection.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let link = self.links.usable().await?;
+        link.connection.create_channel().await.map_err(conn_err)
     }
 
     /// Declares queues with `x-expires`: RabbitMQ deletes a queue unused for
@@ -94,7 +200,9 @@ impl RabbitBroker {
     /// Closes the connection (consumers stop; unacked work is redelivered).
     pub async fn close(&self) {
         // A broker that stopped answering must not hold a shutdown forever.
-        let close = self.connection.close(200, "cardpipe shutdown".into());
+        self.links.closed.store(true, Ordering::SeqCst);
+        let link = self.links.current();
+        let close = link.connection.close(200, "cardpipe shutdown".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
 
@@ -116,7 +224,7 @@ impl RabbitBroker {
             if self.message_count(&name).await.is_err() {
                 continue;
             }
-            let channel = self.connection.create_channel().await.map_err(conn_err)?;
+            let channel = self.channel().await?;
             channel
                 .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -160,8 +268,16 @@ impl RabbitBroker {
                         return Err(conn_err(err));
                     }
                     tracing::warn!(queue, error = %err, "publish failed; waiting for broker recovery");
+                    let link = self.links.current();
+                    if link.is_dead() {
+                        if let Err(err) = self.links.replace(&link).await {
+                            tracing::warn!(error = %err, "broker connection not reopened yet");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        continue;
+                    }
                     let recovered =
-                        tokio::time::timeout(RECOVERY_WAIT, self.publisher.wait_for_recovery(err))
+                        tokio::time::timeout(RECOVERY_WAIT, link.publisher.wait_for_recovery(err))
                             .await;
                     if !matches!(recovered, Ok(Ok(()))) {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -183,7 +299,8 @@ impl RabbitBroker {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(id.into());
-        let confirm = self
+        let link = self.links.current();
+        let confirm = link
             .publisher
             .basic_publish(
                 "".into(),
@@ -207,9 +324,10 @@ impl RabbitBroker {
     }
 
     async fn ops(&self) -> Result<Channel, BrokerError> {
-        let channel = self
+        let link = self.links.usable().await?;
+        let channel = link
             .ops_channel
-            .get_or_try_init(|| async { self.connection.create_channel().await.map_err(conn_err) })
+            .get_or_try_init(|| async { link.connection.create_channel().await.map_err(conn_err) })
             .await?;
         Ok(channel.clone())
     }
@@ -217,7 +335,7 @@ impl RabbitBroker {
     async fn message_count(&self, queue: &str) -> Result<u64, BrokerError> {
         // A passive declare of a missing queue closes the channel: use a
         // short-lived one.
-        let channel = self.connection.create_channel().await.map_err(conn_err)?;
+        let channel = self.channel().await?;
         let options = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -237,7 +355,7 @@ impl RabbitBroker {
         queue: &str,
         keep: Option<&str>,
     ) -> Result<(Vec<Job>, Option<Job>), BrokerError> {
-        let channel = self.connection.create_channel().await.map_err(conn_err)?;
+        let channel = self.channel().await?;
         let mut seen = Vec::new();
         let mut taken = None;
         loop {
@@ -348,35 +466,16 @@ impl Broker for RabbitBroker {
     }
 
     async fn consume(&self, stage: &str, prefetch: u16) -> Result<Box<dyn JobStream>, BrokerError> {
-        let channel = self.connection.create_channel().await.map_err(conn_err)?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
-            .await
-            .map_err(conn_err)?;
-        // One consumer per lane on the same channel, each with its own prefetch.
-        let mut lanes = Vec::with_capacity(2);
-        for (queue, lane) in [
-            (self.names.priority(stage), "priority"),
-            (self.names.work(stage), "normal"),
-        ] {
-            lanes.push(
-                channel
-                    .basic_consume(
-                        queue.into(),
-                        format!("cardpipe-{stage}-{lane}-{}", uuid::Uuid::new_v4()).into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(conn_err)?,
-            );
-        }
-        let normal = lanes.pop().expect("two lanes");
-        let priority = lanes.pop().expect("two lanes");
+        let subscription = Subscription {
+            links: self.links.clone(),
+            names: self.names.clone(),
+            stage: stage.to_owned(),
+            prefetch,
+        };
+        let lanes = subscription.open().await?;
         Ok(Box::new(RabbitStream {
-            channel,
-            priority,
-            consumer: normal,
+            subscription,
+            lanes: Some(lanes),
         }))
     }
 
@@ -434,7 +533,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        if self.connection.status().connected() {
+        if self.links.current().connection.status().connected() {
             Ok(())
         } else {
             Err(BrokerError::Connection("not connected".into()))
@@ -442,24 +541,112 @@ impl Broker for RabbitBroker {
     }
 }
 
-struct RabbitStream {
+/// What a consumer needs to subscribe again on a new connection.
+struct Subscription {
+    links: Arc<Links>,
+    names: QueueNames,
+    stage: String,
+    prefetch: u16,
+}
+
+impl Subscription {
+    /// Subscribes to both lanes of the stage on a channel of its own.
+    async fn open(&self) -> Result<Lanes, BrokerError> {
+        let link = self.links.usable().await?;
+        let channel = link.connection.create_channel().await.map_err(conn_err)?;
+        channel
+            .basic_qos(self.prefetch.max(1), BasicQosOptions { global: false })
+            .await
+            .map_err(conn_err)?;
+        // One consumer per lane on the same channel, each with its own prefetch.
+        let stage = &self.stage;
+        let mut lanes = Vec::with_capacity(2);
+        for (queue, lane) in [
+            (self.names.priority(stage), "priority"),
+            (self.names.work(stage), "normal"),
+        ] {
+            lanes.push(
+                channel
+                    .basic_consume(
+                        queue.into(),
+                        format!("cardpipe-{stage}-{lane}-{}", uuid::Uuid::new_v4()).into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(conn_err)?,
+            );
+        }
+        let normal = lanes.pop().expect("two lanes");
+        let priority = lanes.pop().expect("two lanes");
+        Ok(Lanes {
+            channel,
+            priority,
+            normal,
+        })
+    }
+}
+
+struct Lanes {
     channel: Channel,
     priority: lapin::Consumer,
-    consumer: lapin::Consumer,
+    normal: lapin::Consumer,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        // Closing the channel hands unacknowledged deliveries back to the queue.
+        let channel = self.channel.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = channel.close(200, "consumer dropped".into()).await;
+            });
+        }
+    }
+}
+
+struct RabbitStream {
+    subscription: Subscription,
+    /// `None` after the connection under them died, until subscribed again.
+    lanes: Option<Lanes>,
 }
 
 #[async_trait]
 impl JobStream for RabbitStream {
     async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
         loop {
+            let lanes = match &mut self.lanes {
+                Some(lanes) => lanes,
+                None => {
+                    if self.subscription.links.closed.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    match self.subscription.open().await {
+                        Ok(lanes) => {
+                            tracing::warn!(
+                                stage = %self.subscription.stage,
+                                "consumer subscribed again on a new broker connection"
+                            );
+                            self.lanes.insert(lanes)
+                        }
+                        Err(err) => return Some(Err(err)),
+                    }
+                }
+            };
             // Biased: whenever the priority lane has a delivery, it goes first. Polling a
             // lapin consumer stream is cancel-safe (a delivery is only taken when returned).
             let next = tokio::select! {
                 biased;
-                d = self.priority.next() => d,
-                d = self.consumer.next() => d,
+                d = lanes.priority.next() => d,
+                d = lanes.normal.next() => d,
             };
-            match next? {
+            let Some(next) = next else {
+                // The consumer ended: its channel or connection closed for good. Unless the
+                // broker was closed on purpose, subscribe again.
+                self.lanes = None;
+                continue;
+            };
+            match next {
                 Ok(delivery) => {
                     let job = match Job::from_bytes(&delivery.data) {
                         Ok(job) => job,
@@ -479,23 +666,18 @@ impl JobStream for RabbitStream {
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "consumer interrupted; waiting for broker recovery");
-                    if let Err(err) = self.channel.wait_for_recovery(err).await {
-                        return Some(Err(conn_err(err)));
+                    if lanes.channel.wait_for_recovery(err).await.is_err() {
+                        // lapin will not recover this channel: a new subscription, on a new
+                        // connection if the old one is dead.
+                        self.lanes = None;
+                        if !self.subscription.links.current().is_dead()
+                            && !self.subscription.links.closed.load(Ordering::SeqCst)
+                        {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
                     }
                 }
             }
-        }
-    }
-}
-
-impl Drop for RabbitStream {
-    fn drop(&mut self) {
-        // Closing the channel hands unacknowledged deliveries back to the queue.
-        let channel = self.channel.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = channel.close(200, "consumer dropped".into()).await;
-            });
         }
     }
 }
