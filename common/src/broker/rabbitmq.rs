@@ -129,7 +129,16 @@ impl Links {
                 "the broker connection was closed".into(),
             ));
         }
-        let fresh = Arc::new(Link::open(&self.url).await?);
+        // A broker that accepts the socket but never answers must not hold every caller.
+        let fresh = match tokio::time::timeout(RECOVERY_WAIT, Link::open(&self.url)).await {
+            Ok(link) => Arc::new(link?),
+            Err(_) => {
+                return Err(BrokerError::Connection(format!(
+                    "no new broker connection within {} s",
+                    RECOVERY_WAIT.as_secs()
+                )));
+            }
+        };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
         tracing::warn!("broker connection not recoverable; opened a new one");
         let old = now;

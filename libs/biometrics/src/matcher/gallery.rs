@@ -1443,16 +1443,6 @@ impl Gallery {
         parallel: bool,
     ) -> Vec<Vec<(i64, u32)>> {
         let norms: Vec<CodeNorm> = probes.iter().map(|p| self.code_norm(p)).collect();
-        self.shortlist_heap(probes, &norms, shortlist, parallel)
-    }
-
-    fn shortlist_heap(
-        &self,
-        probes: &[&Probe],
-        norms: &[CodeNorm],
-        shortlist: usize,
-        parallel: bool,
-    ) -> Vec<Vec<(i64, u32)>> {
         let n = self.ids.len();
         let scan = |range: std::ops::Range<usize>| -> Vec<BinaryHeap<Reverse<(i64, u32)>>> {
             let mut heaps: Vec<BinaryHeap<Reverse<(i64, u32)>>> = (0..probes.len())
