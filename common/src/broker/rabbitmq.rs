@@ -117,6 +117,12 @@ impl Links {
         }
     }
 
+    /// A new channel on a usable connection.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let link = self.usable().await?;
+        link.connection.create_channel().await.map_err(conn_err)
+    }
+
     /// Replaces `seen` by a new connection, unless another caller already did.
     async fn replace(&self, seen: &Arc<Link>) -> Result<Arc<Link>, BrokerError> {
         let _one_at_a_time = self.replacing.lock().await;
@@ -193,10 +199,8 @@ impl RabbitBroker {
             .await;
     }
 
-    /// A new channel on a usable connection.
     async fn channel(&self) -> Result<Channel, BrokerError> {
-        let link = self.links.usable().await?;
-        link.connection.create_channel().await.map_err(conn_err)
+        self.links.channel().await
     }
 
     /// Declares queues with `x-expires`: RabbitMQ deletes a queue unused for
@@ -561,8 +565,7 @@ struct Subscription {
 impl Subscription {
     /// Subscribes to both lanes of the stage on a channel of its own.
     async fn open(&self) -> Result<Lanes, BrokerError> {
-        let link = self.links.usable().await?;
-        let channel = link.connection.create_channel().await.map_err(conn_err)?;
+        let channel = self.links.channel().await?;
         channel
             .basic_qos(self.prefetch.max(1), BasicQosOptions { global: false })
             .await
